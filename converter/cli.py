@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "converter.status_cmd",
     "converter.monitor_cmd",
     "converter.broker_cmd",
+    "converter.device_cmd",
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
