@@ -1,0 +1,143 @@
+"""Deterministic tiny models and data for tests, the demo and the benchmarks.
+
+Guarantees:
+- :func:`digits_data` always returns the same split of scikit-learn's digits
+  (8x8x1 float32 images scaled to [0, 1], int64 labels 0-9, 25 % held out,
+  stratified, ``random_state=0``).
+- :func:`train_digits_cnn` trains a small CNN on it in a few seconds on one
+  core, with fixed seeds; held-out accuracy is about 97-98 %.
+- Nothing is downloaded: the digits ship inside scikit-learn, and
+  :func:`mobilenet_v2` uses ``weights=None``.
+
+TensorFlow and Keras are imported inside the functions, so importing this
+module is cheap. The Keras backend is whatever ``KERAS_BACKEND`` says (the
+JAX-backend test trains with it set to ``jax`` in a subprocess); it defaults
+to TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DIGITS_SHAPE = (8, 8, 1)
+DIGITS_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class DigitsData:
+    x_train: np.ndarray  # float32 [N, 8, 8, 1] in [0, 1]
+    y_train: np.ndarray  # int64 [N]
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def __iter__(self) -> Any:  # allows `x_train, y_train, x_test, y_test = data`
+        return iter((self.x_train, self.y_train, self.x_test, self.y_test))
+
+
+def digits_data() -> DigitsData:
+    """scikit-learn's 1,797 digits, split 75/25 (stratified, seed 0)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[..., np.newaxis]
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.25, random_state=0, stratify=y
+    )
+    return DigitsData(
+        np.ascontiguousarray(x_train), y_train, np.ascontiguousarray(x_test), y_test
+    )
+
+
+def _keras() -> Any:
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    return keras
+
+
+def build_digits_cnn() -> Any:
+    """The untrained digits CNN: two 3x3 convolutions, pooling, a dense softmax head.
+
+    About 12k parameters: big enough that int8 weights dominate the .tflite
+    file, small enough to train in seconds.
+    """
+    keras = _keras()
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input(shape=DIGITS_SHAPE, name="image"),
+            layers.Conv2D(16, 3, padding="same", activation="relu"),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(DIGITS_CLASSES, activation="softmax", name="probs"),
+        ],
+        name="digits_cnn",
+    )
+
+
+def train_digits_cnn(data: DigitsData | None = None, *, epochs: int = 12, seed: int = 0) -> Any:
+    """Train :func:`build_digits_cnn` with fixed seeds and return the Keras model."""
+    keras = _keras()
+    data = data or digits_data()
+    keras.utils.set_random_seed(seed)
+    model = build_digits_cnn()
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=3e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=32, verbose=0, shuffle=True)
+    return model
+
+
+def keras_accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in percent of a Keras model."""
+    probs = np.asarray(model.predict(x, batch_size=256, verbose=0))
+    return float(np.mean(np.argmax(probs, axis=-1) == y) * 100.0)
+
+
+def save_digits_cnn(path: str | Path, data: DigitsData | None = None) -> Path:
+    """Train the digits CNN and save it as ``.keras`` (or ``.h5`` by suffix)."""
+    path = Path(path)
+    model = train_digits_cnn(data)
+    model.save(path)
+    return path
+
+
+def save_digits_npz(path: str | Path, x: np.ndarray, y: np.ndarray | None = None) -> Path:
+    """Write converter input data: ``x`` and optional integer labels ``y``."""
+    path = Path(path)
+    if y is None:
+        np.savez(path, x=x)
+    else:
+        np.savez(path, x=x, y=y)
+    return path
+
+
+def mobilenet_v2(input_size: int = 224) -> Any:
+    """Keras MobileNetV2 with random weights (``weights=None``: nothing downloaded)."""
+    keras = _keras()
+    keras.utils.set_random_seed(0)
+    return keras.applications.MobileNetV2(
+        input_shape=(input_size, input_size, 3), weights=None, classes=1000
+    )
+
+
+if __name__ == "__main__":  # used by the JAX-backend test: train and save under any backend
+    import sys
+
+    out = Path(sys.argv[1])
+    model = train_digits_cnn(epochs=int(sys.argv[2]) if len(sys.argv) > 2 else 12)
+    model.save(out)
+    import keras
+
+    print(keras.backend.backend())
