@@ -7,6 +7,7 @@ tests can pass a recording fake and integration tests the real client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +35,19 @@ class Publisher(Protocol):
     ) -> Delivery:
         """Queue a message; raise :class:`agent.errors.TransportError` when not connected."""
         ...
+
+
+class Subscriber(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    def subscribe_many(
+        self, filters: list[str], handler: Callable[[Message], None], qos: int = 1
+    ) -> None:
+        """Subscribe now and after every reconnect; ``handler`` runs on the network thread."""
+        ...
+
+    def unsubscribe(self, *topic_filters: str) -> None: ...
 
 
 @dataclass(frozen=True)

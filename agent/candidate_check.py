@@ -1,0 +1,166 @@
+"""Checks a candidate model must pass before it may serve.
+
+1. the runtime loads it;
+2. its inputs and outputs are the ones its card promises (when it has a card),
+   and the card describes this very file (its SHA-256);
+3. it reproduces its golden vectors within their tolerances (when it has
+   them); without golden vectors it must at least run once on zeros.
+
+:func:`check_isolated` runs these checks in a child process
+(``python -m agent.candidate_check``), so a model that crashes the runtime
+kills the child, not the agent. Where a child process cannot be started
+(an embedded interpreter, some emulators) it returns None and the caller
+checks in-process, guarded by the ``checking`` mark in the state file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import InferenceError, ModelLoadError, ModelRejectedError
+from agent.inference import ModelRunner
+from agent.model_card import check_signature, parse_card
+from agent.runtime import load_interpreter
+
+logger = logging.getLogger(__name__)
+
+MAX_GOLDEN_SAMPLES = 64
+CHECK_TIMEOUT_S = 300.0
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_checked(
+    model: Path, card: Path | None, golden: Path | None, *, threads: int = 1,
+    runtime: str = "auto", name: str = "model", version: str = "0",
+) -> ModelRunner:
+    """Load ``model`` and run every check; return the ready runner or raise
+    :class:`ModelRejectedError` saying which check failed."""
+    try:
+        interpreter = load_interpreter(model, threads=threads, runtime=runtime)
+    except ModelLoadError as exc:
+        raise ModelRejectedError("load", str(exc)) from exc
+    runner = ModelRunner(interpreter, name=name, version=version)
+    if card is not None:
+        parsed = parse_card(card.read_bytes())
+        if parsed.tflite_sha256 and parsed.tflite_sha256 != file_sha256(model):
+            raise ModelRejectedError("card", "the card describes a different model file (sha256 differs)")
+        check_signature(parsed, runner.inputs, runner.outputs)
+    if golden is not None:
+        check_golden(runner, golden)
+    else:
+        zeros = [np.zeros(s.shape, dtype=s.dtype) for s in runner.inputs]
+        try:
+            runner.run_raw(zeros)
+        except InferenceError as exc:
+            raise ModelRejectedError("inference", str(exc)) from exc
+    return runner
+
+
+def check_golden(runner: ModelRunner, golden: Path) -> None:
+    """Run every golden input; each output must be within its ``atol``."""
+    try:
+        with np.load(golden, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise ModelRejectedError("golden", f"golden vectors unreadable: {exc}") from exc
+    n_in, n_out = len(runner.inputs), len(runner.outputs)
+    try:
+        xs = [arrays[f"input_{k}"] for k in range(n_in)]
+        ys = [arrays[f"output_{k}"] for k in range(n_out)]
+        atols = [float(arrays[f"atol_{k}"]) for k in range(n_out)]
+    except KeyError as exc:
+        raise ModelRejectedError("golden", f"golden vectors lack {exc}") from exc
+    count = xs[0].shape[0] if xs[0].ndim else 0
+    if not 0 < count <= MAX_GOLDEN_SAMPLES:
+        raise ModelRejectedError("golden", f"golden vectors hold {count} samples")
+    for spec, x in zip(runner.inputs, xs, strict=True):
+        if x.dtype != np.dtype(spec.dtype) or tuple(x.shape[1:]) != spec.shape[1:] or x.shape[0] != count:
+            raise ModelRejectedError(
+                "golden", f"golden input for {spec.name} is {x.dtype}{list(x.shape)}, "
+                f"the model takes {spec.dtype}{list(spec.shape)}")
+    for j in range(count):
+        try:
+            outs = runner.run_raw([x[j : j + 1] for x in xs])
+        except (InferenceError, ValueError) as exc:
+            raise ModelRejectedError("inference", f"golden sample {j}: {exc}") from exc
+        for k, (out, want, atol) in enumerate(zip(outs, ys, atols, strict=True)):
+            diff = np.abs(out.astype(np.float64) - want[j : j + 1].astype(np.float64))
+            worst = float(diff.max()) if diff.size else 0.0
+            if not np.isfinite(worst) or worst > atol:
+                raise ModelRejectedError(
+                    "golden",
+                    f"golden sample {j}, output {k}: differs by {worst:g}, more than the {atol:g} allowed",
+                )
+
+
+def check_isolated(
+    model: Path, card: Path | None, golden: Path | None, *, threads: int, runtime: str,
+    timeout_s: float = CHECK_TIMEOUT_S,
+) -> bool | None:
+    """Check in a child process. True when it passed; raises
+    :class:`ModelRejectedError` when it failed or crashed; None when no child
+    process could be started here."""
+    cmd = [sys.executable, "-m", "agent.candidate_check", "--model", str(model),
+           "--threads", str(threads), "--runtime", runtime]
+    if card is not None:
+        cmd += ["--card", str(card)]
+    if golden is not None:
+        cmd += ["--golden", str(golden)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+    except OSError as exc:
+        logger.info("cannot start a check process here (%s); checking in-process", exc)
+        return None
+    except subprocess.TimeoutExpired as exc:
+        raise ModelRejectedError("timeout", f"checking the model took more than {timeout_s:g} s") from exc
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        raise ModelRejectedError("crashed", f"the runtime crashed ({sig}) running this model")
+    try:
+        result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        if proc.returncode == 127 or b"No module named" in proc.stderr:
+            logger.info("check process cannot import the agent; checking in-process")
+            return None
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise ModelRejectedError("crashed", f"the check process failed: {tail[0][:200]}") from exc
+    if result.get("ok"):
+        return True
+    raise ModelRejectedError(str(result.get("reason", "check")), str(result.get("message", "")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.candidate_check")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--card", type=Path)
+    parser.add_argument("--golden", type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runtime", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        load_checked(args.model, args.card, args.golden, threads=args.threads, runtime=args.runtime)
+        result = {"ok": True}
+    except ModelRejectedError as exc:
+        result = {"ok": False, "reason": exc.reason, "message": str(exc)}
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

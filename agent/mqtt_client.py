@@ -1,0 +1,330 @@
+"""The one module that talks to paho-mqtt.
+
+:class:`MqttClient` connects (MQTT 5, TLS and credentials as configured),
+reconnects on its own, and re-subscribes everything after each reconnect.
+Incoming messages are copied into frozen :class:`agent.transport.Message`
+objects on paho's network thread and handed to the handler registered for the
+matching filter; handlers must only queue work (they run on paho's thread).
+paho's return codes become :class:`agent.errors.TransportError`; paho's own
+log goes through :mod:`logging`; payloads never appear in logs.
+
+Sync barrier: :meth:`MqttClient.wait_synced` returns once every retained
+message of the subscriptions made before it has been handed to its handler.
+After (re)subscribing, the client sends one more SUBSCRIBE and waits for its
+SUBACK: Mosquitto queues a subscription's retained messages while it handles
+that SUBSCRIBE, before it reads the next packet, and one connection delivers
+in order. This is how the agent tells "no such retained message" (MQTT has
+no "not found") without a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.errors import TransportError
+from agent.transport import Message
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Message], None]
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """How to reach the broker. Built from :class:`agent.config.AgentConfig` or the host CLI."""
+
+    host: str
+    port: int
+    client_id: str
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: int = 30
+    will_topic: str | None = None
+    will_payload: bytes = b""
+    will_retain: bool = True
+
+
+class _Delivery:
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    def wait(self, timeout_s: float) -> bool:
+        try:
+            self._info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError):
+            return False  # the connection went away before the broker acknowledged
+        return self._info.is_published()
+
+
+def _describe_rc(rc: Any) -> str:
+    if isinstance(rc, ReasonCode):
+        return str(rc)
+    if isinstance(rc, MQTTErrorCode):
+        return paho.error_string(rc)
+    return str(rc)
+
+
+class MqttClient:
+    """A reconnecting MQTT 5 client. Thread-safe: publish/subscribe from any thread."""
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self.settings = settings
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=paho.MQTTv5,
+        )
+        self._client.enable_logger(logging.getLogger("paho"))
+        self._client.reconnect_delay_set(min_delay=1, max_delay=15)
+        # paho's default of 20 in flight stalls large pushes; the broker allows 50
+        self._client.max_inflight_messages_set(50)
+        self._client.max_queued_messages_set(0)
+        if settings.tls:
+            ctx = ssl.create_default_context(cafile=settings.ca_file or None)
+            if settings.cert_file:
+                ctx.load_cert_chain(settings.cert_file, settings.key_file or None)
+            self._client.tls_set_context(ctx)
+        if settings.username:
+            self._client.username_pw_set(settings.username, settings.password)
+        if settings.will_topic:
+            self._client.will_set(settings.will_topic, settings.will_payload, qos=1,
+                                  retain=settings.will_retain)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._lock = threading.Lock()
+        # filter -> (qos, handler); re-subscribed after every reconnect
+        self._subs: dict[str, tuple[int, Handler]] = {}
+        self._connected = threading.Event()
+        self._synced = threading.Event()
+        self._barrier_mids: set[int] = set()
+        self._connect_error: str | None = None
+        self._on_connected: list[Callable[[], None]] = []
+        self._started = False
+        self._barrier_topic = f"$litefleet-sync/{uuid.uuid4().hex}"
+        self.connects = 0
+
+    # -- lifecycle -------------------------------------------------------------
+    def add_connect_listener(self, fn: Callable[[], None]) -> None:
+        """``fn()`` runs on paho's thread after each (re)connect and re-subscribe."""
+        self._on_connected.append(fn)
+
+    def start(self) -> None:
+        """Connect in the background; keeps retrying until :meth:`stop`."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            self._client.connect_async(self.settings.host, self.settings.port,
+                                       keepalive=self.settings.keepalive_s,
+                                       clean_start=True)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to {self.settings.host}:{self.settings.port}: {exc}") from exc
+        self._client.loop_start()
+
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Start and wait until connected, or raise :class:`TransportError`."""
+        self.start()
+        if not self._connected.wait(timeout_s):
+            self.stop()
+            why = self._connect_error or "no answer"
+            raise TransportError(
+                f"could not connect to the broker at {self.settings.host}:{self.settings.port} "
+                f"within {timeout_s:g} s ({why})"
+            )
+
+    def stop(self, *, publish_will: bool = False) -> None:
+        """Disconnect cleanly (the will is not sent unless ``publish_will``)."""
+        if not self._started:
+            return
+        self._started = False
+        try:
+            if publish_will:
+                self._client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+            else:
+                self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self._connected.clear()
+
+    def replace_will(self, payload: bytes) -> None:
+        """Change the will message. MQTT fixes the will at connect time, so this
+        disconnects cleanly (no will sent) and connects again; subscriptions are
+        restored by the reconnect."""
+        self._client.will_set(self.settings.will_topic, payload, qos=1,
+                              retain=self.settings.will_retain)
+        if self._started:
+            self.stop()
+            self.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def wait_synced(self, timeout_s: float) -> bool:
+        """True once the retained messages of all current subscriptions were handled."""
+        return self._synced.wait(timeout_s)
+
+    # -- publish ---------------------------------------------------------------
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        content_type: str | None = None,
+        user_properties: list[tuple[str, str]] | None = None,
+    ) -> _Delivery:
+        if not self._connected.is_set():
+            raise TransportError("not connected to the broker")
+        props = None
+        if response_topic or correlation_data or content_type or user_properties:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if content_type:
+                props.ContentType = content_type
+            if user_properties:
+                props.UserProperty = user_properties
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransportError(f"publish to {topic} failed: {_describe_rc(info.rc)}")
+        return _Delivery(info)
+
+    # -- subscribe ---------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Subscribe now (if connected) and after every reconnect."""
+        with self._lock:
+            self._subs[topic_filter] = (qos, handler)
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def subscribe_many(self, filters: list[str], handler: Handler, qos: int = 1) -> None:
+        with self._lock:
+            for f in filters:
+                self._subs[f] = (qos, handler)
+        if filters and self._connected.is_set():
+            self._client.subscribe([(f, qos) for f in filters])
+
+    def unsubscribe(self, *topic_filters: str) -> None:
+        with self._lock:
+            gone = [f for f in topic_filters if self._subs.pop(f, None) is not None]
+        if gone and self._connected.is_set():
+            self._client.unsubscribe(gone)
+
+    def sync(self) -> None:
+        """Start a new sync barrier (see module docstring); :meth:`wait_synced` waits for it."""
+        self._synced.clear()
+        if self._connected.is_set():
+            self._send_barrier()
+
+    def _send_barrier(self) -> None:
+        # a filter nobody publishes to; only its SUBACK matters. A broker that
+        # refuses it still answers with a SUBACK, which is all we need.
+        rc, mid = self._client.subscribe(self._barrier_topic, qos=0)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            with self._lock:
+                self._barrier_mids.add(mid)
+
+    # -- paho callbacks (paho's network thread) ---------------------------------------
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,
+                    properties: Any = None) -> None:
+        if rc.is_failure:
+            self._connect_error = str(rc)
+            logger.warning("broker refused the connection: %s", rc)
+            return
+        self.connects += 1
+        self._connect_error = None
+        with self._lock:
+            subs = list(self._subs.items())
+            self._barrier_mids.clear()
+        self._synced.clear()
+        if subs:
+            # one SUBSCRIBE per QoS; paho accepts a list of (filter, qos)
+            client.subscribe([(f, q) for f, (q, _) in subs])
+        self._connected.set()
+        self._send_barrier()
+        logger.info("connected to %s:%s", self.settings.host, self.settings.port)
+        for fn in self._on_connected:
+            try:
+                fn()
+            except Exception:  # a listener's bug must not kill paho's thread
+                logger.exception("connect listener failed")
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,
+                       properties: Any = None) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self._synced.clear()
+        if was:
+            logger.warning("disconnected from the broker: %s", rc)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Any = None) -> None:
+        with self._lock:
+            is_barrier = mid in self._barrier_mids
+            self._barrier_mids.discard(mid)
+        if is_barrier:
+            self._synced.set()
+        elif any(rc.is_failure for rc in reason_codes):
+            logger.warning("broker refused a subscription (mid %s): %s", mid,
+                           ", ".join(str(rc) for rc in reason_codes))
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        message = Message(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            retain=bool(msg.retain),
+            qos=int(msg.qos),
+            response_topic=getattr(props, "ResponseTopic", None) if props else None,
+            correlation_data=getattr(props, "CorrelationData", None) if props else None,
+            content_type=getattr(props, "ContentType", None) if props else None,
+            user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
+        )
+        with self._lock:
+            handlers = [h for f, (_, h) in self._subs.items() if paho.topic_matches_sub(f, msg.topic)]
+        if not handlers:
+            logger.debug("message on %s (%d bytes) matches no subscription", msg.topic, len(message.payload))
+            return
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception:
+                logger.exception("handler for %s failed", msg.topic)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.01) -> bool:
+    """Poll ``predicate`` until true or ``timeout_s`` passes (for CLI and tests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return predicate()

@@ -1,0 +1,173 @@
+"""The agent's state folder: activation state, installed models, downloads.
+
+Layout (all under ``state_dir``)::
+
+    state.json                      activation state, replaced atomically
+    tuf/                            trusted TUF metadata (python-tuf's cache)
+    downloads/<sha256>[.part]       targets being fetched, content-addressed
+    models/<name>/<version>/        installed models: model.tflite, card.json, golden.npz
+    models/<name>/.staging-<v>/     a model being installed (removed on start)
+
+Guarantees: :func:`atomic_write` leaves either the old or the new file after a
+crash or power cut (temp file in the same folder, fsync, rename, fsync of the
+folder). A model folder appears by one ``rename`` of a complete, fsynced
+staging folder, so ``models/<name>/<version>/`` is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from agent.activation import DeviceState
+from agent.errors import StorageError
+from agent.protocol import CARD_FILE, GOLDEN_FILE, MODEL_FILE
+
+logger = logging.getLogger(__name__)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+class StateFile:
+    """``state.json``: the one file that says which model versions are active."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> DeviceState:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return DeviceState.empty()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc.strerror}") from exc
+        try:
+            return DeviceState.from_dict(json.loads(data))
+        except (ValueError, KeyError, TypeError) as exc:
+            # never written half (atomic_write), so this is outside damage: keep a copy
+            broken = self.path.with_suffix(".broken")
+            shutil.copyfile(self.path, broken)
+            logger.error("state file %s is unreadable (%s); kept as %s, starting empty",
+                         self.path, exc, broken)
+            return DeviceState.empty()
+
+    def save(self, state: DeviceState) -> None:
+        atomic_write(self.path, (json.dumps(state.to_dict(), indent=1, sort_keys=True) + "\n").encode())
+
+
+class ModelStore:
+    """Installed models and downloads under the state folder."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.models = state_dir / "models"
+        self.downloads = state_dir / "downloads"
+        self.tuf = state_dir / "tuf"
+        for d in (self.models, self.downloads, self.tuf):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def download_path(self, sha256: str) -> Path:
+        return self.downloads / sha256
+
+    def model_dir(self, name: str, version: int) -> Path:
+        return self.models / name / str(version)
+
+    def files(self, name: str, version: int) -> dict[str, Path]:
+        d = self.model_dir(name, version)
+        out = {"model": d / MODEL_FILE}
+        for role, fname in (("card", CARD_FILE), ("golden", GOLDEN_FILE)):
+            if (d / fname).exists():
+                out[role] = d / fname
+        return out
+
+    def is_installed(self, name: str, version: int) -> bool:
+        return (self.model_dir(name, version) / MODEL_FILE).is_file()
+
+    def install(self, name: str, version: int, files: dict[str, Path]) -> Path:
+        """Move downloaded files (role -> path; roles model, card, golden) into
+        ``models/<name>/<version>/`` in one rename."""
+        names = {"model": MODEL_FILE, "card": CARD_FILE, "golden": GOLDEN_FILE}
+        final = self.model_dir(name, version)
+        staging = final.parent / f".staging-{version}"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(mode=0o700)
+            for role, src in files.items():
+                os.replace(src, staging / names[role])
+            fsync_dir(staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot install {name} v{version}: {exc.strerror or exc}") from exc
+        return final
+
+    def remove(self, name: str, version: int) -> None:
+        shutil.rmtree(self.model_dir(name, version), ignore_errors=True)
+
+    def discard_download(self, sha256: str) -> None:
+        for p in (self.download_path(sha256), self.downloads / f"{sha256}.part"):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def cleanup(self, keep: dict[str, set[int]], keep_downloads: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+        """Remove staging folders, model versions not in ``keep`` and downloads
+        not in ``keep_downloads``; return what was removed (for the log)."""
+        removed: list[str] = []
+        for name_dir in self.models.iterdir() if self.models.exists() else ():
+            if not name_dir.is_dir():
+                continue
+            for vdir in name_dir.iterdir():
+                keep_it = vdir.name.isdigit() and int(vdir.name) in keep.get(name_dir.name, set())
+                if not keep_it:
+                    shutil.rmtree(vdir, ignore_errors=True)
+                    removed.append(str(vdir.relative_to(self.root)))
+        for f in self.downloads.iterdir():
+            sha = f.name.split(".")[0]
+            if sha not in keep_downloads:
+                f.unlink(missing_ok=True)
+                removed.append(str(f.relative_to(self.root)))
+        return removed
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_bytes())

@@ -1,0 +1,431 @@
+"""The model repository: TUF metadata, signing keys and target files on the host.
+
+Layout of a repository folder ``DIR``::
+
+    DIR/root.json              the root a device is given as ``trusted_root``
+    DIR/repo.json              repository state: current versions, settings, pending publishes
+    DIR/keys/<role>/<keyid>.pem  private keys (owner-only; DIR/keys is 0700)
+    DIR/metadata/              signed metadata as devices fetch it:
+                               N.root.json, N.targets.json, N.snapshot.json, timestamp.json
+    DIR/targets/<sha256>       content-addressed copies of the target files
+
+Roles: root (signs the keys of every role), targets (signs which model files
+exist, their hashes, chunk hashes and rollout rules), snapshot (signs which
+targets metadata is current), timestamp (signs which snapshot is current and
+expires soonest). Consistent snapshots are on. Every role may have several
+keys and a threshold (``repo init --keys``/``--threshold``).
+
+All changes are computed in memory, written to the folder (metadata files
+first, ``repo.json`` last, each atomically), then published; ``repo.json``
+records which targets still await publishing, so a push that fails half-way
+is finished by the next push or ``litefleet repo publish``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api.metadata import (
+    TOP_LEVEL_ROLE_NAMES,
+    Metadata,
+    MetaFile,
+    Role,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from agent.protocol import (
+    CARD_FILE,
+    CUSTOM_KEY,
+    DEFAULT_CHUNK_SIZE,
+    GOLDEN_FILE,
+    MODEL_FILE,
+    NAME_RE,
+    Rollout,
+    chunk_hashes,
+    consistent_target_file,
+    target_path,
+)
+from agent.store import atomic_write
+from converter.errors import BadInputError, RepositoryError
+
+logger = logging.getLogger(__name__)
+
+REPO_FORMAT = 1
+DEFAULT_EXPIRY_DAYS = {"root": 365, "targets": 90, "snapshot": 30, "timestamp": 14}
+_SERIALIZER = JSONSerializer(compact=True)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class TargetUpload:
+    """A target file the broker must hold as retained chunks."""
+
+    path: str
+    sha256: str
+    data: bytes
+    chunk_size: int
+
+    @property
+    def file(self) -> str:
+        return consistent_target_file(self.path, self.sha256)
+
+
+@dataclass
+class PublishPlan:
+    """What a repository change asks of the broker, in the order to do it."""
+
+    uploads: list[TargetUpload] = field(default_factory=list)
+    metadata: list[tuple[str, bytes]] = field(default_factory=list)  # timestamp.json last
+    clear_targets: list[tuple[str, int]] = field(default_factory=list)  # (file, chunk count)
+    clear_metadata: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReleaseResult:
+    name: str
+    version: int
+    targets_version: int
+    plan: PublishPlan
+    removed_versions: list[int]
+    unchanged: bool = False
+
+
+def versions_to_keep(releases: dict[int, Rollout]) -> set[int]:
+    """Which versions of one model stay published.
+
+    Every version from the newest one that goes to all devices (no canary) on
+    is kept, since some device may be assigned any of them; below it, only the
+    newest older version stays, as the way back (``push --version`` it to roll
+    the fleet back). With no version for all devices, everything is kept.
+    """
+    full = [v for v, r in releases.items() if r.target == "all" and r.canary_pct >= 100]
+    if not full:
+        return set(releases)
+    floor = max(full)
+    keep = {v for v in releases if v >= floor}
+    older = [v for v in releases if v < floor]
+    if older:
+        keep.add(max(older))
+    return keep
+
+
+class Repository:
+    """A repository folder, loaded. Use :meth:`init` or :meth:`open`."""
+
+    def __init__(self, root_dir: Path, state: dict[str, Any]) -> None:
+        self.dir = root_dir
+        self.state = state
+        self.md_dir = root_dir / "metadata"
+        self.targets_dir = root_dir / "targets"
+        self.keys_dir = root_dir / "keys"
+        self._signers: dict[str, list[Signer]] = {}
+        self.root = self._load_md("root", state["versions"]["root"])
+        self.targets = self._load_md("targets", state["versions"]["targets"])
+        self.snapshot = self._load_md("snapshot", state["versions"]["snapshot"])
+        self.timestamp = self._load_md("timestamp", None)
+
+    # -- creation and loading -------------------------------------------------------
+    @classmethod
+    def init(cls, root_dir: Path, *, keys: int = 1, threshold: int = 1,
+             expiry_days: dict[str, int] | None = None,
+             chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
+        """Create keys and version 1 of every role in an empty or new folder."""
+        if not 1 <= threshold <= keys <= 16:
+            raise BadInputError("need 1 <= --threshold <= --keys <= 16")
+        if root_dir.exists() and any(root_dir.iterdir()):
+            raise BadInputError(f"{root_dir} exists and is not empty; refusing to overwrite a repository")
+        expiry = {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}
+        root_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root_dir, 0o700)
+        for sub in ("metadata", "targets", "keys"):
+            (root_dir / sub).mkdir(mode=0o700, exist_ok=True)
+        root = Root(expires=_now() + timedelta(days=expiry["root"]), consistent_snapshot=True)
+        signers: dict[str, list[Signer]] = {}
+        for role in TOP_LEVEL_ROLE_NAMES:
+            (root_dir / "keys" / role).mkdir(mode=0o700)
+            signers[role] = []
+            for _ in range(keys):
+                signer = CryptoSigner.generate_ed25519()
+                key = signer.public_key
+                root.add_key(key, role)
+                atomic_write(root_dir / "keys" / role / f"{key.keyid}.pem", signer.private_bytes)
+                signers[role].append(signer)
+            root.roles[role].threshold = threshold
+        state: dict[str, Any] = {
+            "format": REPO_FORMAT,
+            "expiry_days": expiry,
+            "chunk_size": chunk_size,
+            "versions": {"root": 1, "targets": 1, "snapshot": 1},
+            "models": {},
+            "pending_uploads": [],
+            "published_metadata": [],
+        }
+        md_root: Metadata[Root] = Metadata(root)
+        md_targets: Metadata[Targets] = Metadata(Targets(expires=_now() + timedelta(days=expiry["targets"])))
+        md_snapshot: Metadata[Snapshot] = Metadata(Snapshot(expires=_now() + timedelta(days=expiry["snapshot"])))
+        md_timestamp: Metadata[Timestamp] = Metadata(Timestamp(expires=_now() + timedelta(days=expiry["timestamp"])))
+        files = cls._sign_chain(signers, md_root, md_targets, md_snapshot, md_timestamp, sign_root=True)
+        for name, data in files:
+            atomic_write(root_dir / "metadata" / name, data, 0o644)
+        atomic_write(root_dir / "root.json", files[0][1], 0o644)
+        state["pending_metadata"] = [name for name, _ in files]
+        atomic_write(root_dir / "repo.json", json.dumps(state, indent=1).encode())
+        return cls.open(root_dir)
+
+    @classmethod
+    def open(cls, root_dir: Path) -> Repository:
+        path = root_dir / "repo.json"
+        try:
+            state = json.loads(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise BadInputError(f"{root_dir} is not a litefleet repository (no repo.json); "
+                                f"create one with `litefleet repo init {root_dir}`") from exc
+        except (OSError, ValueError) as exc:
+            raise RepositoryError(f"cannot read {path}: {exc}") from exc
+        if state.get("format") != REPO_FORMAT:
+            raise RepositoryError(f"{path}: unknown repository format {state.get('format')!r}")
+        return cls(root_dir, state)
+
+    def _load_md(self, role: str, version: int | None) -> Metadata[Any]:
+        name = f"{version}.{role}.json" if version is not None else f"{role}.json"
+        try:
+            return Metadata.from_file(str(self.md_dir / name))
+        except (OSError, ValueError) as exc:
+            raise RepositoryError(f"cannot read {self.md_dir / name}: {exc}") from exc
+
+    def signers(self, role: str) -> list[Signer]:
+        """The private keys of ``role`` found in ``keys/<role>/`` that root lists."""
+        if role not in self._signers:
+            found: list[Signer] = []
+            role_keys = self.root.signed.roles[role].keyids
+            for keyid in role_keys:
+                pem = self.keys_dir / role / f"{keyid}.pem"
+                if pem.exists():
+                    key = self.root.signed.keys[keyid]
+                    found.append(CryptoSigner.from_priv_key_uri(f"file2:{pem}", key))
+            if len(found) < self.root.signed.roles[role].threshold:
+                raise RepositoryError(
+                    f"only {len(found)} of the {self.root.signed.roles[role].threshold} {role} keys "
+                    f"needed are in {self.keys_dir / role}")
+            self._signers[role] = found
+        return self._signers[role]
+
+    @staticmethod
+    def _sign_chain(signers: dict[str, list[Signer]], root: Metadata[Root] | None,
+                    targets: Metadata[Targets], snapshot: Metadata[Snapshot],
+                    timestamp: Metadata[Timestamp], *, sign_root: bool) -> list[tuple[str, bytes]]:
+        """Sign targets -> snapshot -> timestamp (and root), linking each to the
+        one below with version, length and hash. Returns (file name, bytes) in
+        publishing order: root, targets, snapshot, timestamp."""
+        out: list[tuple[str, bytes]] = []
+        if root is not None and sign_root:
+            root.signatures.clear()
+            for s in signers["root"]:
+                root.sign(s, append=True)
+            out.append((f"{root.signed.version}.root.json", root.to_bytes(_SERIALIZER)))
+        targets.signatures.clear()
+        for s in signers["targets"]:
+            targets.sign(s, append=True)
+        t_bytes = targets.to_bytes(_SERIALIZER)
+        out.append((f"{targets.signed.version}.targets.json", t_bytes))
+        snapshot.signed.meta["targets.json"] = MetaFile.from_data(targets.signed.version, t_bytes, ["sha256"])
+        snapshot.signatures.clear()
+        for s in signers["snapshot"]:
+            snapshot.sign(s, append=True)
+        s_bytes = snapshot.to_bytes(_SERIALIZER)
+        out.append((f"{snapshot.signed.version}.snapshot.json", s_bytes))
+        timestamp.signed.snapshot_meta = MetaFile.from_data(snapshot.signed.version, s_bytes, ["sha256"])
+        timestamp.signatures.clear()
+        for s in signers["timestamp"]:
+            timestamp.sign(s, append=True)
+        out.append(("timestamp.json", timestamp.to_bytes(_SERIALIZER)))
+        return out
+
+    # -- queries --------------------------------------------------------------------------
+    def model_releases(self, name: str) -> dict[int, Rollout]:
+        out: dict[int, Rollout] = {}
+        for path, tf in self.targets.signed.targets.items():
+            lf = (tf.unrecognized_fields.get("custom") or {}).get(CUSTOM_KEY) or {}
+            if lf.get("kind") == "model" and lf.get("name") == name:
+                ro = lf.get("rollout") or {}
+                out[int(lf["version"])] = Rollout(ro.get("target", "all"), int(ro.get("canary_pct", 100)))
+        return out
+
+    def next_version(self, name: str) -> int:
+        return int(self.state["models"].get(name, {}).get("latest", 0)) + 1
+
+    def current_metadata(self) -> list[tuple[str, bytes]]:
+        """Every metadata file the broker should hold now, in publishing order."""
+        v = self.state["versions"]
+        names = [f"{i}.root.json" for i in range(1, v["root"] + 1)]
+        names += [f"{v['targets']}.targets.json", f"{v['snapshot']}.snapshot.json", "timestamp.json"]
+        return [(n, (self.md_dir / n).read_bytes()) for n in names]
+
+    def upload_for(self, path: str) -> TargetUpload:
+        tf = self.targets.signed.targets[path]
+        sha = tf.hashes["sha256"]
+        data = (self.targets_dir / sha).read_bytes()
+        lf = tf.unrecognized_fields["custom"][CUSTOM_KEY]
+        return TargetUpload(path, sha, data, int(lf["chunk_size"]))
+
+    def all_uploads(self) -> list[TargetUpload]:
+        return [self.upload_for(p) for p in sorted(self.targets.signed.targets)]
+
+    # -- changes --------------------------------------------------------------------------
+    def add_release(self, name: str, model: bytes, *, card: bytes | None = None,
+                    golden: bytes | None = None, version: int | None = None,
+                    rollout: Rollout | None = None) -> ReleaseResult:
+        """Add (or re-target) a model version and sign new targets, snapshot and timestamp."""
+        if not NAME_RE.match(name):
+            raise BadInputError(f"model name {name!r} must be 1-63 lowercase letters, digits, '.', '_' or '-'")
+        rollout = rollout or Rollout()
+        releases = self.model_releases(name)
+        latest = int(self.state["models"].get(name, {}).get("latest", 0))
+        if version is None:
+            version = latest + 1
+        elif version < 1:
+            raise BadInputError("--version must be at least 1")
+        model_tpath = target_path(name, version, MODEL_FILE)
+        existing = self.targets.signed.targets.get(model_tpath)
+        if existing is not None and existing.hashes["sha256"] != _sha256(model):
+            raise BadInputError(
+                f"{name} version {version} exists with a different model file; push a new version")
+        if existing is None and version <= latest and version not in releases:
+            raise BadInputError(
+                f"{name} version {version} was published before and removed; versions never go back "
+                f"(devices would refuse it): use --version {latest + 1} or leave --version out")
+        chunk_size = int(self.state["chunk_size"])
+        files: dict[str, bytes] = {MODEL_FILE: model}
+        if card is not None:
+            files[CARD_FILE] = card
+        if golden is not None:
+            files[GOLDEN_FILE] = golden
+        new_targets: dict[str, TargetFile] = {}
+        for fname, data in files.items():
+            tpath = target_path(name, version, fname)
+            tf = TargetFile.from_data(tpath, data, ["sha256"])
+            lf: dict[str, Any] = {"kind": fname.split(".")[0], "chunk_size": chunk_size,
+                                  "chunks": chunk_hashes(data, chunk_size)}
+            if fname == MODEL_FILE:
+                lf = {"kind": "model", "name": name, "version": version,
+                      "rollout": rollout.to_dict(), "published": _now().isoformat(), **lf}
+                if card is not None:
+                    lf["card"] = target_path(name, version, CARD_FILE)
+                if golden is not None:
+                    lf["golden"] = target_path(name, version, GOLDEN_FILE)
+            tf.unrecognized_fields["custom"] = {CUSTOM_KEY: lf}
+            new_targets[tpath] = tf
+        # a re-push of the same version may only change the rollout
+        if existing is not None:
+            for tpath, tf in new_targets.items():
+                old = self.targets.signed.targets.get(tpath)
+                if tpath != model_tpath and (old is None or old.hashes != tf.hashes):
+                    raise BadInputError(f"{name} version {version} exists with a different {tpath.rsplit('/', 1)[1]}")
+            old_lf = existing.unrecognized_fields["custom"][CUSTOM_KEY]
+            if old_lf.get("rollout") == rollout.to_dict():
+                return ReleaseResult(name, version, self.targets.signed.version, PublishPlan(), [], unchanged=True)
+            new_lf = dict(old_lf, rollout=rollout.to_dict())
+            new_targets = {model_tpath: TargetFile(existing.length, dict(existing.hashes), model_tpath,
+                                                   {"custom": {CUSTOM_KEY: new_lf}})}
+        # decide what stays
+        releases[version] = rollout
+        keep = versions_to_keep(releases)
+        removed = sorted(set(releases) - keep)
+        targets = Metadata.from_bytes(self.targets.to_bytes(_SERIALIZER))
+        plan = PublishPlan()
+        for tpath in list(targets.signed.targets):
+            parts = tpath.split("/")
+            if len(parts) == 4 and parts[1] == name and int(parts[2]) in removed:
+                old = targets.signed.targets.pop(tpath)
+                lf_old = old.unrecognized_fields["custom"][CUSTOM_KEY]
+                plan.clear_targets.append((consistent_target_file(tpath, old.hashes["sha256"]),
+                                           len(lf_old["chunks"])))
+        for tpath, tf in new_targets.items():
+            targets.signed.targets[tpath] = tf
+            if tpath != model_tpath or existing is None:
+                sha = tf.hashes["sha256"]
+                fname = tpath.rsplit("/", 1)[1]
+                plan.uploads.append(TargetUpload(tpath, sha, files[fname], chunk_size))
+        if existing is None:
+            plan.uploads.insert(0, plan.uploads.pop(next(
+                i for i, u in enumerate(plan.uploads) if u.path == model_tpath)))
+        self._commit(targets, plan, model_state={name: {"latest": max(latest, version)}})
+        return ReleaseResult(name, version, self.targets.signed.version, plan, removed)
+
+    def resign(self) -> PublishPlan:
+        """New targets, snapshot and timestamp versions with fresh expiry dates."""
+        targets = Metadata.from_bytes(self.targets.to_bytes(_SERIALIZER))
+        plan = PublishPlan()
+        self._commit(targets, plan, model_state={})
+        return plan
+
+    def _commit(self, targets: Metadata[Targets], plan: PublishPlan,
+                model_state: dict[str, dict[str, int]]) -> None:
+        expiry = self.state["expiry_days"]
+        now = _now()
+        targets.signed.version += 1
+        targets.signed.expires = now + timedelta(days=expiry["targets"])
+        snapshot = Metadata.from_bytes(self.snapshot.to_bytes(_SERIALIZER))
+        snapshot.signed.version += 1
+        snapshot.signed.expires = now + timedelta(days=expiry["snapshot"])
+        timestamp = Metadata.from_bytes(self.timestamp.to_bytes(_SERIALIZER))
+        timestamp.signed.version += 1
+        timestamp.signed.expires = now + timedelta(days=expiry["timestamp"])
+        signers = {r: self.signers(r) for r in ("targets", "snapshot", "timestamp")}
+        files = self._sign_chain(signers, None, targets, snapshot, timestamp, sign_root=False)
+        # write: target copies, versioned metadata, timestamp, then repo.json
+        for up in plan.uploads:
+            dest = self.targets_dir / up.sha256
+            if not dest.exists():
+                atomic_write(dest, up.data, 0o644)
+        for name, data in files:
+            atomic_write(self.md_dir / name, data, 0o644)
+        old_t, old_s = self.state["versions"]["targets"], self.state["versions"]["snapshot"]
+        # devices mid-refresh may still ask for the previous versions: keep those, clear older
+        if old_t > 1:
+            plan.clear_metadata.append(f"{old_t - 1}.targets.json")
+        if old_s > 1:
+            plan.clear_metadata.append(f"{old_s - 1}.snapshot.json")
+        plan.metadata = files
+        state = json.loads(json.dumps(self.state))
+        state["versions"]["targets"] = targets.signed.version
+        state["versions"]["snapshot"] = snapshot.signed.version
+        for name, st in model_state.items():
+            state["models"].setdefault(name, {}).update(st)
+        pending = {p for p in state.get("pending_uploads", [])}
+        pending.update(up.path for up in plan.uploads)
+        state["pending_uploads"] = sorted(p for p in pending if p in targets.signed.targets)
+        state["pending_metadata"] = sorted(set(state.get("pending_metadata", [])) | {n for n, _ in files})
+        atomic_write(self.dir / "repo.json", json.dumps(state, indent=1).encode())
+        self.state = state
+        self.targets, self.snapshot, self.timestamp = targets, snapshot, timestamp
+
+    def pending_uploads(self) -> list[TargetUpload]:
+        return [self.upload_for(p) for p in self.state.get("pending_uploads", [])
+                if p in self.targets.signed.targets]
+
+    def mark_published(self) -> None:
+        """Everything current is on the broker now."""
+        self.state["pending_uploads"] = []
+        self.state["pending_metadata"] = []
+        atomic_write(self.dir / "repo.json", json.dumps(self.state, indent=1).encode())
