@@ -69,6 +69,10 @@ class ModelRunner:
         self._invoke = interpreter.invoke
         self._get = interpreter.get_tensor
         self._lock = threading.Lock()
+        # runtime successes and failures (not caller mistakes): the activation
+        # code judges a model on trial by these
+        self.calls_ok = 0
+        self.calls_failed = 0
 
     @classmethod
     def from_file(
@@ -89,9 +93,12 @@ class ModelRunner:
                 for idx, x in zip(self._in_idx, inputs, strict=True):
                     self._set(idx, x)
                 self._invoke()
-                return [self._get(idx) for idx in self._out_idx]
+                out = [self._get(idx) for idx in self._out_idx]
             except (ValueError, RuntimeError) as exc:
+                self.calls_failed += 1
                 raise InferenceError(f"{self.name} v{self.version}: runtime failed: {exc}") from exc
+            self.calls_ok += 1
+            return out
 
     def predict(
         self, inputs: ArrayLike | Sequence[ArrayLike] | Mapping[str, ArrayLike],
