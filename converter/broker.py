@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 def find_mosquitto() -> str:
     """Return the path of the ``mosquitto`` binary or raise :class:`TransportError`."""
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+    for candidate in (
+        shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise TransportError(
@@ -66,6 +68,14 @@ class BrokerConfig:
     allow_anonymous: bool = True
     # None: no listener line is written for ``port`` (a secure config writes its own)
     plain_listener: bool = True
+    # true: each listener block carries its own auth settings (allow_anonymous,
+    # password_file, acl_file); the secure broker needs this to keep device and
+    # host identities apart. Then no global allow_anonymous line is written.
+    per_listener_settings: bool = False
+    # bytes; Mosquitto disconnects a client that sends a bigger packet. None: no limit
+    max_packet_size: int | None = None
+    # Mosquitto writes its pid here while it runs (removed on a clean exit)
+    pid_file: Path | None = None
 
     def render(self) -> str:
         lines = [
@@ -73,11 +83,19 @@ class BrokerConfig:
             # stay the invoking user: started as root, Mosquitto would switch to
             # user "mosquitto" and lose access to a private data folder
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-            "per_listener_settings false",
-            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
+            f"per_listener_settings {'true' if self.per_listener_settings else 'false'}",
         ]
+        anonymous = f"allow_anonymous {'true' if self.allow_anonymous else 'false'}"
+        if not self.per_listener_settings:
+            lines.append(anonymous)
         if self.plain_listener:
             lines.append(f"listener {self.port} {self.host}")
+            if self.per_listener_settings:
+                lines.append(anonymous)
+        if self.max_packet_size is not None:
+            lines.append(f"max_packet_size {int(self.max_packet_size)}")
+        if self.pid_file is not None:
+            lines.append(f"pid_file {self.pid_file}")
         if self.persistence:
             lines += [
                 "persistence true",
