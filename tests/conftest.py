@@ -23,3 +23,58 @@ def broker(tmp_path: Path) -> Iterator[object]:
         yield proc
     finally:
         proc.kill()
+
+
+# -- converted models shared by converter, delivery and agent tests (session-wide) -----------
+# (tests.models imports only numpy; TensorFlow loads when a fixture first needs it)
+from tests.models import ConvertedModel, DigitsData  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits_data() -> DigitsData:
+    """scikit-learn digits: ``x_train, y_train, x_test, y_test = digits_data`` (float32 / int64)."""
+    from tests.models import digits_data as load
+
+    return load()
+
+
+@pytest.fixture(scope="session")
+def digits_files(
+    tmp_path_factory: pytest.TempPathFactory, digits_data: DigitsData
+) -> dict[str, Path]:
+    """The trained digits CNN as ``.keras`` plus its calibration and validation ``.npz``."""
+    from tests.models import save_digits_cnn, save_digits_npz
+
+    folder = tmp_path_factory.mktemp("digits")
+    x_train, _, x_test, y_test = digits_data
+    return {
+        "keras": save_digits_cnn(folder / "digits.keras", digits_data),
+        "calibration": save_digits_npz(folder / "calibration.npz", x_train),
+        "validation": save_digits_npz(folder / "validation.npz", x_test, y_test),
+    }
+
+
+@pytest.fixture(scope="session")
+def digits_int8(
+    tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]
+) -> ConvertedModel:
+    """Digits CNN converted to full-integer int8 (int8 I/O): ``.tflite``, ``.card``, ``.golden``."""
+    from tests.models import convert_digits
+
+    out = tmp_path_factory.mktemp("digits_int8") / "digits.tflite"
+    return convert_digits(
+        digits_files["keras"], digits_files["calibration"], digits_files["validation"], out, "int8"
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_float32(
+    tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]
+) -> ConvertedModel:
+    """Digits CNN converted without quantization: ``.tflite``, ``.card``, ``.golden``."""
+    from tests.models import convert_digits
+
+    out = tmp_path_factory.mktemp("digits_float32") / "digits.tflite"
+    return convert_digits(
+        digits_files["keras"], digits_files["calibration"], digits_files["validation"], out, "none"
+    )

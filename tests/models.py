@@ -123,6 +123,43 @@ def save_digits_npz(path: str | Path, x: np.ndarray, y: np.ndarray | None = None
     return path
 
 
+@dataclass(frozen=True)
+class ConvertedModel:
+    """A model converted by ``converter.convert.convert_model`` for tests to use.
+
+    ``tflite``, ``card`` and ``golden`` are the three files ``convert`` writes
+    side by side; ``keras`` is the source; ``calibration``/``validation`` are the
+    ``.npz`` files it was converted and measured with; ``result`` is the
+    :class:`converter.convert.ConversionResult`.
+    """
+
+    tflite: Path
+    card: Path
+    golden: Path
+    keras: Path
+    calibration: Path
+    validation: Path
+    result: Any
+
+
+def convert_digits(
+    keras_path: Path, calibration: Path, validation: Path, out: Path, quantize: str,
+    **options: Any,
+) -> ConvertedModel:
+    """Convert the digits CNN with the converter's API (latency runs kept short)."""
+    from converter.convert import convert_model
+
+    options.setdefault("latency_runs", 50)
+    result = convert_model(
+        keras_path, out, quantize=quantize, calibration=calibration, validate=validation,
+        **options,
+    )
+    paths = result.paths
+    return ConvertedModel(
+        paths.tflite, paths.card, paths.golden, keras_path, calibration, validation, result
+    )
+
+
 def mobilenet_v2(input_size: int = 224) -> Any:
     """Keras MobileNetV2 with random weights (``weights=None``: nothing downloaded)."""
     keras = _keras()
