@@ -1,0 +1,1 @@
+"""Tests and harness that run the device side in an emulated Raspberry Pi userland."""
