@@ -1,0 +1,131 @@
+"""Tiny .tflite models for the agent's inference, REST, MQTT and metrics tests.
+
+The models are built by TensorFlow in a child process (``python
+tests/test_inference_models.py OUTDIR``), once, and cached in pytest's cache
+folder, so test processes never import TensorFlow and reruns are instant.
+Weights are untrained but seeded: the tests check plumbing (shapes, dtypes,
+quantization arithmetic, batching), not accuracy.
+
+- ``int8.tflite``: digits-shaped CNN, int8 input [1,8,8,1], int8 output [1,10]
+- ``float.tflite``: the same network with float32 input and output
+- ``multi.tflite``: two float inputs ``a`` [1,4] and ``b`` [1,3], two outputs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MODELS = ("int8", "float", "multi")
+_STAMP = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    dir: Path
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.tflite"
+
+    @property
+    def int8(self) -> Path:
+        return self.path("int8")
+
+    @property
+    def float(self) -> Path:
+        return self.path("float")
+
+    @property
+    def multi(self) -> Path:
+        return self.path("multi")
+
+
+def ensure_models(cache_dir: Path) -> TinyModels:
+    """Build the models into ``cache_dir/<stamp>`` unless already there."""
+    out = cache_dir / _STAMP
+    if not all((out / f"{m}.tflite").exists() for m in MODELS):
+        out.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+        subprocess.run([sys.executable, __file__, str(out)], check=True, env=env,
+                       capture_output=True, timeout=600)
+    return TinyModels(out)
+
+
+def models_for(request: pytest.FixtureRequest) -> TinyModels:
+    """For a session fixture in each test module: ``return models_for(request)``."""
+    return ensure_models(Path(request.config.cache.mkdir("litefleet-tiny-models")))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(request: pytest.FixtureRequest) -> TinyModels:
+    return models_for(request)
+
+
+def _build(out: Path) -> None:  # pragma: no cover - runs in the child process
+    import tensorflow as tf
+
+    keras = tf.keras
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+
+    def cnn() -> object:
+        return keras.Sequential([
+            keras.Input(shape=(8, 8, 1), name="image"),
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax", name="probs"),
+        ])
+
+    model = cnn()
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    (out / "float.tflite.part").write_bytes(conv.convert())
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: (
+        [rng.random((1, 8, 8, 1), dtype=np.float32)] for _ in range(50)
+    )
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    (out / "int8.tflite.part").write_bytes(conv.convert())
+
+    a = keras.Input(shape=(4,), name="a")
+    b = keras.Input(shape=(3,), name="b")
+    joined = keras.layers.Concatenate()([a, b])
+    sum_out = keras.layers.Dense(2, name="sum")(joined)
+    scaled = keras.layers.Dense(5, name="scaled")(joined)
+    multi = keras.Model([a, b], [sum_out, scaled])
+    conv = tf.lite.TFLiteConverter.from_keras_model(multi)
+    (out / "multi.tflite.part").write_bytes(conv.convert())
+    for m in MODELS:
+        os.replace(out / f"{m}.tflite.part", out / f"{m}.tflite")
+
+
+# -- the models are what the other tests assume ---------------------------------
+def test_int8_model_has_int8_io(tiny_models: TinyModels) -> None:
+    from agent.inference import ModelRunner
+
+    r = ModelRunner.from_file(tiny_models.int8)
+    assert [s.dtype for s in r.inputs] == ["int8"] and [s.dtype for s in r.outputs] == ["int8"]
+    assert r.inputs[0].shape == (1, 8, 8, 1) and r.inputs[0].quantized
+    assert r.outputs[0].shape == (1, 10) and r.outputs[0].quantized
+
+
+def test_multi_model_has_two_inputs_and_outputs(tiny_models: TinyModels) -> None:
+    from agent.inference import ModelRunner
+
+    r = ModelRunner.from_file(tiny_models.multi)
+    assert sorted(s.shape for s in r.inputs) == [(1, 3), (1, 4)]
+    assert len(r.outputs) == 2
+
+
+if __name__ == "__main__":
+    _build(Path(sys.argv[1]))
