@@ -145,21 +145,23 @@ class ModelStore:
             except FileNotFoundError:
                 pass
 
-    def cleanup(self, keep: dict[str, set[int]], keep_downloads: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
-        """Remove staging folders, model versions not in ``keep`` and downloads
-        not in ``keep_downloads``; return what was removed (for the log)."""
+    def cleanup(self, keep: dict[str, set[int]]) -> list[str]:
+        """Remove staging folders and model versions not in ``keep``; return what went."""
         removed: list[str] = []
-        for name_dir in self.models.iterdir() if self.models.exists() else ():
+        for name_dir in self.models.iterdir():
             if not name_dir.is_dir():
                 continue
             for vdir in name_dir.iterdir():
-                keep_it = vdir.name.isdigit() and int(vdir.name) in keep.get(name_dir.name, set())
-                if not keep_it:
+                if not (vdir.name.isdigit() and int(vdir.name) in keep.get(name_dir.name, set())):
                     shutil.rmtree(vdir, ignore_errors=True)
                     removed.append(str(vdir.relative_to(self.root)))
+        return removed
+
+    def prune_downloads(self, wanted_sha256: set[str]) -> list[str]:
+        """Remove downloads (partial or whole) of targets no longer wanted."""
+        removed = []
         for f in self.downloads.iterdir():
-            sha = f.name.split(".")[0]
-            if sha not in keep_downloads:
+            if f.name.split(".")[0] not in wanted_sha256:
                 f.unlink(missing_ok=True)
                 removed.append(str(f.relative_to(self.root)))
         return removed

@@ -1,0 +1,313 @@
+"""The agent daemon: wires the pieces together and runs the work loop.
+
+Threads and what runs on them:
+
+* paho's network thread: copies messages into queues, publishes the
+  ``online`` state after each connect. Nothing slow.
+* the main thread (:meth:`Agent.run`): refreshes metadata, downloads,
+  checks and activates models, judges models on trial, sends metrics, feeds
+  the systemd watchdog. Only this thread changes the state file.
+* REST server threads and the MQTT inference worker: read the registry and
+  run inference; they never change state.
+
+The loop catches only :class:`agent.errors.LitefleetError` subclasses;
+anything else is a bug and ends the process (systemd restarts it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.errors import (
+    ModelRejectedError,
+    StorageError,
+    TransportError,
+)
+from agent.metadata_fetch import RetainedMetadata
+from agent.model_manager import ModelManager
+from agent.mqtt_client import ConnectionSettings, MqttClient
+from agent.protocol import Topics
+from agent.registry import ModelRegistry
+from agent.runtime import resolve_runtime
+from agent.store import ModelStore, StateFile
+from agent.transport import Message
+from agent.updater import ModelUpdater, read_trusted_root
+
+logger = logging.getLogger(__name__)
+
+# refusals that say something about the signed release itself: remembered, never retried.
+# Others (a corrupt chunk on the broker, a full disk) are retried at the next refresh.
+PERMANENT_REASONS = frozenset({
+    "too_large", "invalid_target", "missing_target", "load", "signature", "card",
+    "golden", "inference", "crashed", "timeout",
+})
+
+
+def connection_settings(cfg: AgentConfig, will_payload: bytes) -> ConnectionSettings:
+    addr = cfg.broker_address
+    return ConnectionSettings(
+        host=addr.host,
+        port=addr.port,
+        client_id=cfg.device_id,
+        tls=addr.tls,
+        ca_file=str(cfg.credential_path(cfg.ca_file)) if cfg.ca_file else None,
+        cert_file=str(cfg.credential_path(cfg.cert_file)) if cfg.cert_file else None,
+        key_file=str(cfg.credential_path(cfg.key_file)) if cfg.key_file else None,
+        username=addr.username or cfg.username or None,
+        password=cfg.password(),
+        will_topic=Topics(cfg.topic_prefix).state(cfg.device_id),
+        will_payload=will_payload,
+    )
+
+
+class Agent:
+    """One device agent. ``start()`` then ``run()`` (blocking), or ``start()`` and
+    ``stop()`` around an embedding application's own loop."""
+
+    def __init__(self, cfg: AgentConfig, *, notifier: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.topic_prefix)
+        self.registry = ModelRegistry()
+        self._clock = clock
+        self._notifier = notifier
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = ModelStore(cfg.state_dir)
+        trusted_root = read_trusted_root(cfg.trusted_root)
+        self._work: queue.Queue[str] = queue.Queue()
+        self._stop = threading.Event()
+        self.status = "starting"
+        self.error: str | None = None
+        self._last_reported: tuple[str, str] | None = None
+        self.cache = RetainedMetadata(self.topics, on_change=self._on_metadata_change)
+        self.client = MqttClient(connection_settings(cfg, self._state_payload(online=False)))
+        self.manager = ModelManager(
+            store=self.store,
+            state_file=StateFile(cfg.state_dir / "state.json"),
+            registry=self.registry,
+            threads=cfg.threads,
+            runtime=cfg.runtime,
+            max_crash_restarts=cfg.max_crash_restarts,
+            probation_inferences=cfg.probation_inferences,
+            probation_s=cfg.probation_s,
+            event=self.event,
+            clock=clock,
+        )
+        self.updater = ModelUpdater(
+            device_id=cfg.device_id,
+            groups=cfg.groups,
+            trusted_root=trusted_root,
+            client=self.client,
+            topics=self.topics,
+            store=self.store,
+            cache=self.cache,
+            window=cfg.download_window,
+            max_model_bytes=cfg.max_model_bytes,
+            event=self.event,
+            tick=self._tick,
+            wait_synced=self.client.wait_synced,
+        )
+        self._will_dirty = False
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+
+    # -- events and state ------------------------------------------------------------
+    def event(self, kind: str, **fields: Any) -> None:
+        """Publish an event (best effort: events are not queued while offline)."""
+        payload = {"ts": round(time.time(), 3), "device_id": self.cfg.device_id, "event": kind, **fields}
+        log = logger.warning if kind in ("rejected", "rolled_back") else logger.info
+        log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
+        if kind == "downloading":
+            self._set_status("downloading")
+        try:
+            self.client.publish(self.topics.events(self.cfg.device_id),
+                                json.dumps(payload).encode(), qos=1)
+        except TransportError:
+            pass
+        if kind in ("activated", "rolled_back"):
+            self._will_dirty = True
+
+    def _state_payload(self, *, online: bool) -> bytes:
+        models = self.manager.summary() if hasattr(self, "manager") else {}
+        first = next(iter(models.items()), None)
+        snaps = [m.runner.stats.snapshot() for m in self.registry.snapshot().values()]
+        inferences = sum(s.ok for s in snaps)
+        p50 = snaps[0].quantile_ms(0.5) if snaps else None
+        doc = {
+            "device_id": self.cfg.device_id,
+            "online": online,
+            "model": first[0] if first else None,
+            "version": str(first[1]["version"]) if first else None,
+            "status": self.status if online else "offline",
+            "error": self.error,
+            "models": models,
+            "groups": list(self.cfg.groups),
+            "repo_version": self.updater.repo_version if hasattr(self, "updater") else None,
+            "agent_version": __version__,
+            "inferences": inferences,
+            "latency_ms_p50": round(p50, 3) if p50 is not None else None,
+            "ts": round(time.time(), 3),
+        }
+        return json.dumps(doc).encode()
+
+    def publish_state(self) -> None:
+        try:
+            self.client.publish(self.topics.state(self.cfg.device_id),
+                                self._state_payload(online=True), qos=1, retain=True)
+        except TransportError:
+            pass
+
+    def _set_status(self, status: str, error: str | None = None, *, keep_error: bool = False) -> None:
+        changed = status != self.status or (not keep_error and error != self.error)
+        self.status = status
+        if not keep_error:
+            self.error = error
+        if changed:
+            self.publish_state()
+
+    # -- paho thread -------------------------------------------------------------------
+    def _on_metadata_change(self, name: str) -> None:
+        if name == "timestamp.json" or name.endswith(".root.json"):
+            self._work.put("refresh")
+
+    def _on_connected(self) -> None:
+        self.publish_state()
+
+    def _on_infer(self, message: Message) -> None:
+        self._work_infer(message)
+
+    def _work_infer(self, message: Message) -> None:
+        logger.debug("inference request on %s ignored: MQTT inference not enabled", message.topic)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load active models, connect, start serving. Returns at once."""
+        runtime = resolve_runtime(self.cfg.runtime)
+        logger.info("litefleet-agent %s, device %s, runtime %s %s", __version__, self.cfg.device_id,
+                    runtime.name, runtime.version)
+        self.manager.start()
+        self.status = "serving" if self.registry.names() else "idle"
+        if self.manager.last_error:
+            self.error = ": ".join(self.manager.last_error)
+        self.client.add_connect_listener(self._on_connected)
+        self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=1)
+        self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)
+        self.client.start()
+        self._work.put("refresh")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.put("stop")
+
+    def shutdown(self) -> None:
+        """Say goodbye on the broker (retained state: offline) and disconnect."""
+        try:
+            d = self.client.publish(self.topics.state(self.cfg.device_id),
+                                    self._state_payload(online=False), qos=1, retain=True)
+            d.wait(2.0)
+        except TransportError:
+            pass
+        self.client.stop()
+
+    def _tick(self) -> None:
+        if self._notifier is not None:
+            self._notifier.watchdog()
+
+    def _should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """The work loop; returns after :meth:`stop`."""
+        # start() queued the first refresh
+        next_refresh = self._clock() + self.cfg.refresh_interval_s
+        retry_s = 5.0
+        while not self._stop.is_set():
+            now = self._clock()
+            timeout = max(0.0, min(next_refresh - now, 1.0))
+            try:
+                item = self._work.get(timeout=timeout)
+            except queue.Empty:
+                item = "tick"
+            if item == "stop":
+                break
+            while item == "refresh" and not self._work.empty():
+                nxt = self._work.get_nowait()  # coalesce a burst of metadata changes
+                if nxt == "stop":
+                    item = "stop"
+                    break
+            if item == "stop":
+                break
+            self._tick()
+            if item == "refresh" or self._clock() >= next_refresh:
+                ok = self.refresh_once()
+                next_refresh = self._clock() + (self.cfg.refresh_interval_s if ok else retry_s)
+            self.manager.poll_trials()
+            self._after_changes()
+
+    def _after_changes(self) -> None:
+        if self._will_dirty and self.status != "downloading":
+            self._will_dirty = False
+            self.client.replace_will(self._state_payload(online=False))
+
+    def refresh_once(self) -> bool:
+        """One refresh; False when it should be retried soon."""
+        try:
+            result = self.updater.refresh(self.manager.state, self._should_stop)
+        except ModelRejectedError as exc:
+            if exc.reason == "no_repository":
+                self._set_status(self._serving_status(), None)
+                return False
+            self._report_failure(exc.reason, str(exc))
+            return exc.reason not in ("missing_metadata",)
+        except TransportError as exc:
+            logger.info("refresh postponed: %s", exc)
+            self._set_status(self._serving_status(), keep_error=True)
+            return False
+        except StorageError as exc:
+            self._report_failure("storage", str(exc))
+            return False
+        for name, (reason, message, version, sha) in sorted(result.failures.items()):
+            if reason in PERMANENT_REASONS:
+                self.manager.refuse(name, version, sha, reason, message)
+            else:
+                self._report_failure(reason, message, model=name, version=version)
+        for cand in result.candidates:
+            self._set_status("checking", keep_error=True)
+            self.manager.consider(cand)
+        self.manager.cleanup()
+        if self.manager.last_error and (result.candidates or result.failures):
+            self.error = ": ".join(self.manager.last_error)
+        elif not result.failures:
+            self.error = None
+            self._last_reported = None
+        self._set_status(self._serving_status(), self.error)
+        self.publish_state()
+        return not any(r not in PERMANENT_REASONS for r, *_ in result.failures.values())
+
+    def _serving_status(self) -> str:
+        return "serving" if self.registry.names() else "idle"
+
+    def _report_failure(self, reason: str, message: str, **fields: Any) -> None:
+        key = (reason, message)
+        if key != self._last_reported:
+            self._last_reported = key
+            self.event("rejected", reason=reason, message=message, **fields)
+        self._set_status(self._serving_status(), f"{reason}: {message}")
+
+
+def install_signal_handlers(agent: Agent) -> None:
+    def handle(signum: int, frame: Any) -> None:
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

@@ -1,0 +1,72 @@
+"""How host commands reach the broker: shared flags and a connected client.
+
+Every host command that talks to the broker takes the same flags
+(:func:`add_broker_args`); :func:`connect` turns them into a connected
+:class:`agent.mqtt_client.MqttClient` or raises one clear error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from pathlib import Path
+
+from agent.config import ConfigError, parse_broker_url
+from agent.mqtt_client import ConnectionSettings, MqttClient
+from agent.protocol import DEFAULT_PREFIX, Topics
+from converter.errors import BadInputError
+
+
+def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--broker", required=required,
+                        help="mqtt://[user[:password]@]host[:port] or mqtts://...")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
+    parser.add_argument("--ca-file", help="CA certificate for mqtts:// (PEM)")
+    parser.add_argument("--cert-file", help="client certificate (PEM)")
+    parser.add_argument("--key-file", help="client private key (PEM)")
+    parser.add_argument("--password-file", help="file holding the MQTT password")
+    parser.add_argument("--secure-dir", type=Path,
+                        help="a `litefleet broker --secure` folder: use its host identity")
+
+
+def settings_from_args(args: argparse.Namespace, role: str) -> ConnectionSettings:
+    try:
+        addr = parse_broker_url(args.broker)
+    except ConfigError as exc:
+        raise BadInputError(str(exc)) from exc
+    ca, cert, key = args.ca_file, args.cert_file, args.key_file
+    username, password = addr.username, addr.password
+    secure_dir = getattr(args, "secure_dir", None) or (
+        Path(os.environ["LITEFLEET_SECURE_DIR"]) if os.environ.get("LITEFLEET_SECURE_DIR") else None)
+    if secure_dir is not None:
+        from converter.secure_broker import host_client_settings
+
+        host = host_client_settings(secure_dir)
+        ca = ca or host.get("ca_file")
+        cert = cert or host.get("cert_file")
+        key = key or host.get("key_file")
+        username = username or host.get("username")
+        password = password or host.get("password")
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text().strip()
+        except OSError as exc:
+            raise BadInputError(f"cannot read --password-file: {exc.strerror}") from exc
+    if (ca or cert) and not addr.tls:
+        raise BadInputError("--ca-file/--cert-file need an mqtts:// broker URL")
+    for label, path in (("--ca-file", ca), ("--cert-file", cert), ("--key-file", key)):
+        if path and not Path(path).is_file():
+            raise BadInputError(f"{label} {path} does not exist")
+    return ConnectionSettings(
+        host=addr.host, port=addr.port,
+        client_id=f"litefleet-{role}-{uuid.uuid4().hex[:8]}",
+        tls=addr.tls, ca_file=ca, cert_file=cert, key_file=key,
+        username=username, password=password,
+    )
+
+
+def connect(args: argparse.Namespace, role: str, timeout_s: float = 10.0) -> tuple[MqttClient, Topics]:
+    client = MqttClient(settings_from_args(args, role))
+    client.connect(timeout_s)
+    return client, Topics(args.prefix)

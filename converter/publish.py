@@ -1,0 +1,87 @@
+"""Put a repository change on the broker: target chunks, then metadata, then clean-up.
+
+Order matters and is what makes a half-finished push harmless: every chunk of
+a new target is acknowledged by the broker (QoS 1, retained) before any
+metadata mentions it, and ``timestamp.json`` -- the file devices watch -- goes
+last. Retained messages of versions the repository dropped are cleared
+(zero-length retained messages) only after the new metadata is in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from agent.errors import TransportError
+from agent.mqtt_client import MqttClient
+from agent.protocol import Topics, split_chunks
+from converter.repo import PublishPlan, TargetUpload
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+ACK_TIMEOUT_S = 60.0
+# chunks handed to paho before waiting for acknowledgements (bounds host memory)
+PUBLISH_WINDOW = 64
+
+
+class RepoPublisher:
+    def __init__(self, client: MqttClient, topics: Topics) -> None:
+        self.client = client
+        self.topics = topics
+
+    def _wait(self, deliveries: list[tuple[str, object]]) -> None:
+        for topic, d in deliveries:
+            if not d.wait(ACK_TIMEOUT_S):  # type: ignore[attr-defined]
+                raise TransportError(f"the broker did not acknowledge {topic}")
+
+    def upload(self, uploads: list[TargetUpload], progress: ProgressFn | None = None) -> int:
+        """Publish every chunk of ``uploads`` retained; returns bytes sent."""
+        total = sum(len(u.data) for u in uploads)
+        done = 0
+        inflight: list[tuple[str, object, int]] = []
+        for up in uploads:
+            for i, chunk in enumerate(split_chunks(up.data, up.chunk_size)):
+                topic = self.topics.chunk(up.file, i)
+                inflight.append((topic, self.client.publish(topic, chunk, qos=1, retain=True), len(chunk)))
+                if len(inflight) >= PUBLISH_WINDOW:
+                    topic0, d0, n0 = inflight.pop(0)
+                    self._wait([(topic0, d0)])
+                    done += n0
+                    if progress:
+                        progress(done, total)
+        for topic, d, n in inflight:
+            self._wait([(topic, d)])
+            done += n
+            if progress:
+                progress(done, total)
+        return total
+
+    def publish_metadata(self, files: list[tuple[str, bytes]]) -> None:
+        deliveries = []
+        for name, data in files:
+            topic = self.topics.metadata(name)
+            deliveries.append((topic, self.client.publish(topic, data, qos=1, retain=True)))
+            if name == "timestamp.json" or name.endswith(".root.json"):
+                # root before the rest, timestamp after everything it points to
+                self._wait(deliveries)
+                deliveries = []
+        self._wait(deliveries)
+
+    def clear(self, plan: PublishPlan) -> int:
+        deliveries = []
+        for file, count in plan.clear_targets:
+            for i in range(count):
+                topic = self.topics.chunk(file, i)
+                deliveries.append((topic, self.client.publish(topic, b"", qos=1, retain=True)))
+        for name in plan.clear_metadata:
+            topic = self.topics.metadata(name)
+            deliveries.append((topic, self.client.publish(topic, b"", qos=1, retain=True)))
+        self._wait(deliveries)
+        return len(deliveries)
+
+    def apply(self, plan: PublishPlan, uploads: list[TargetUpload],
+              metadata: list[tuple[str, bytes]], progress: ProgressFn | None = None) -> None:
+        self.upload(uploads, progress)
+        self.publish_metadata(metadata)
+        self.clear(plan)

@@ -1,0 +1,255 @@
+"""Test helpers for end-to-end delivery: a repository, agents as real processes, a fleet watcher.
+
+Everything here drives the real programs: ``litefleet`` commands run
+in-process through :func:`converter.cli.main`, agents run as
+``python -m agent run`` subprocesses (or in-process :class:`agent.daemon.Agent`
+objects where ten of them would be too heavy), and :class:`FleetWatcher`
+listens to the devices' state and events topics on the real broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def litefleet(*args: str) -> tuple[int, str, str]:
+    """Run ``litefleet ARGS`` in this process; return (exit code, stdout, stderr)."""
+    from converter.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse errors
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def must(*args: str) -> str:
+    code, out, err = litefleet(*args)
+    assert code == 0, f"litefleet {' '.join(args)} failed ({code}): {err}"
+    return out
+
+
+def write_agent_config(path: Path, **keys: Any) -> Path:
+    lines = []
+    for k, v in keys.items():
+        if isinstance(v, str):
+            lines.append(f"{k} = {json.dumps(v)}")
+        elif isinstance(v, list | tuple):
+            lines.append(f"{k} = {json.dumps(list(v))}")
+        else:
+            lines.append(f"{k} = {v}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class AgentProcess:
+    """``python -m agent run --config ...`` as a subprocess."""
+
+    def __init__(self, workdir: Path, device_id: str, broker_url: str, trusted_root: Path,
+                 **extra: Any) -> None:
+        self.device_id = device_id
+        self.workdir = workdir
+        self.state_dir = workdir / f"state-{device_id}"
+        self.log_path = workdir / f"agent-{device_id}.log"
+        keys: dict[str, Any] = {
+            "device_id": device_id,
+            "broker": broker_url,
+            "state_dir": str(self.state_dir),
+            "trusted_root": str(trusted_root),
+            "http": "",
+            "probation_s": 1.0,
+            "probation_inferences": 1,
+            "log_level": "debug",
+        }
+        keys.update(extra)
+        self.config = write_agent_config(workdir / f"agent-{device_id}.toml", **keys)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, *, env: dict[str, str] | None = None) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = str(REPO_ROOT)
+        full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if env:
+            full_env.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=full_env, cwd=self.workdir,
+        )
+        log.close()
+        self.starts += 1
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def state_file(self) -> dict[str, Any]:
+        return json.loads((self.state_dir / "state.json").read_text())
+
+
+class FleetWatcher:
+    """Collects every device's retained state and events from the broker."""
+
+    def __init__(self, port: int, prefix: str = "litefleet") -> None:
+        self.prefix = prefix
+        self.states: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:6]}",
+                                  protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        client.subscribe([(f"{self.prefix}/v1/devices/+/state", 1), (f"{self.prefix}/v1/devices/+/events", 1)])
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        parts = msg.topic.split("/")
+        with self._cond:
+            self.raw.append((msg.topic, bytes(msg.payload)))
+            try:
+                doc = json.loads(msg.payload) if msg.payload else None
+            except ValueError:
+                doc = None
+            if parts[-1] == "state" and isinstance(doc, dict):
+                self.states[parts[-2]] = doc
+            elif parts[-1] == "events" and isinstance(doc, dict):
+                self.events.append(doc)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"timed out after {timeout_s:g} s waiting for {what or predicate}; "
+                        f"states={json.dumps(self.states)[:2000]} events={json.dumps(self.events[-10:])[:3000]}")
+                self._cond.wait(min(left, 0.2))
+
+    def active(self, device_id: str) -> tuple[str | None, str | None]:
+        st = self.states.get(device_id) or {}
+        return st.get("model"), st.get("version")
+
+    def wait_active(self, device_id: str, model: str, version: int, timeout_s: float = 30.0) -> None:
+        self.wait_for(lambda: self.active(device_id) == (model, str(version))
+                      and (self.states.get(device_id) or {}).get("online") is True,
+                      timeout_s, f"{device_id} to serve {model} v{version}")
+
+    def events_of(self, device_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events
+                    if e.get("device_id") == device_id and (kind is None or e.get("event") == kind)]
+
+    def wait_event(self, device_id: str, kind: str, timeout_s: float = 30.0,
+                   **match: Any) -> dict[str, Any]:
+        found: list[dict[str, Any]] = []
+
+        def pred() -> bool:
+            for e in self.events:
+                if e.get("device_id") == device_id and e.get("event") == kind and all(
+                        e.get(k) == v for k, v in match.items()):
+                    found.append(e)
+                    return True
+            return False
+
+        self.wait_for(pred, timeout_s, f"{kind} event from {device_id} matching {match}")
+        return found[0]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@contextlib.contextmanager
+def watching(port: int) -> Iterator[FleetWatcher]:
+    w = FleetWatcher(port)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def publish_raw(port: int, topic: str, payload: bytes, *, retain: bool = True, qos: int = 1) -> None:
+    """Publish as an outsider would (no litefleet code involved)."""
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:6]}",
+                    protocol=paho.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        info = c.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(10)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def read_retained(port: int, topic: str, timeout_s: float = 5.0) -> bytes | None:
+    got: list[bytes] = []
+    ev = threading.Event()
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"read-{uuid.uuid4().hex[:6]}",
+                    protocol=paho.MQTTv5)
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        got.append(bytes(msg.payload))
+        ev.set()
+
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.subscribe(topic, 1)
+    c.loop_start()
+    try:
+        ev.wait(timeout_s)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    return got[0] if got else None
