@@ -300,7 +300,7 @@ class Userland:
 # --- building ---------------------------------------------------------------------------
 
 
-def _run_tool(
+def run_build_tool(
     cmd: Sequence[str],
     *,
     what: str,
@@ -329,7 +329,7 @@ def _run_tool(
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -337,6 +337,21 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def optional_suites_failed(apt_stderr: str) -> list[str] | None:
+    """The optional suites whose index ``apt-get update`` could not fetch, or None when a
+    required suite failed or the failure is not a fetch failure. Pure."""
+    failed = re.findall(r"^E: Failed to fetch (\S+)", apt_stderr, re.M)
+    optional = [(m, s) for m, s, required in SUITES if not required]
+
+    def suite_of(url: str) -> str | None:
+        return next((s for m, s in optional if url.startswith(f"{m}/dists/{s}/")), None)
+
+    suites = [suite_of(url) for url in failed]
+    if not failed or None in suites:
+        return None
+    return sorted({s for s in suites if s is not None})
 
 
 class _PrivateApt:
@@ -359,9 +374,7 @@ class _PrivateApt:
             (d / sub).mkdir(parents=True, exist_ok=True)
         (d / "state/status").touch()  # nothing installed: resolve the whole closure
         if not Path(DEBIAN_KEYRING).exists():
-            raise UserlandBuildError(
-                f"{DEBIAN_KEYRING} is missing (apt-get install debian-archive-keyring)"
-            )
+            raise UserlandBuildError(f"{DEBIAN_KEYRING} is missing (apt-get install debian-archive-keyring)")
         sources = "".join(
             f"deb [arch={self.spec.arch} signed-by={DEBIAN_KEYRING}] {mirror} {suite} main\n"
             for mirror, suite, _ in SUITES
@@ -401,29 +414,25 @@ class _PrivateApt:
     def update(self) -> list[str]:
         """Fetch the package lists; return the optional suites that could not be fetched."""
         self._write_config()
-        proc = _run_tool(
+        proc = run_build_tool(
             ["apt-get", "update"], what="apt-get update", env=self._env(), ok_codes=(0, 100)
         )
         if proc.returncode == 0:
             return []
-        failed = re.findall(r"^E: Failed to fetch (\S+)", proc.stderr, re.M)
-        optional = [(m, s) for m, s, required in SUITES if not required]
-        degraded = sorted({s for m, s in optional for url in failed if f"{m}/dists/{s}/" in url})
-        unexplained = [u for u in failed if not any(f"{m}/dists/{s}/" in u for m, s in optional)]
-        if unexplained or not failed:
+        degraded = optional_suites_failed(proc.stderr)
+        if degraded is None:
             tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
             raise UserlandBuildError(f"apt-get update failed:\n{tail}")
         logger.warning(
-            "%s: could not fetch the index of %s (%s); building from the other suites",
+            "%s: could not fetch the index of %s; building from the other suites",
             self.spec.arch,
             ", ".join(degraded),
-            "; ".join(failed),
         )
         return degraded
 
     def resolve(self, roots: Sequence[str]) -> dict[str, str]:
         """Package -> version of ``roots`` and their dependency closure, as apt would install."""
-        proc = _run_tool(
+        proc = run_build_tool(
             ["apt-get", "-s", "install", *roots],
             what="resolving Debian packages",
             env=self._env(),
@@ -450,7 +459,7 @@ class _PrivateApt:
         todo = [f"{n}={v}" for n, v in sorted(packages.items()) if deb_path(n, v) is None]
         if todo:
             logger.info("%s: downloading %d Debian packages", self.spec.arch, len(todo))
-            _run_tool(
+            run_build_tool(
                 ["apt-get", "download", *todo],
                 what="apt-get download",
                 env=self._env(),
@@ -489,7 +498,7 @@ def _download_wheels(spec: ArchSpec, dest: Path) -> list[Path]:
     ]
     for platform in spec.pip_platforms:
         cmd += ["--platform", platform]
-    _run_tool([*cmd, *spec.wheels], what=f"pip download for {spec.arch}")
+    run_build_tool([*cmd, *spec.wheels], what=f"pip download for {spec.arch}")
     wheels = []
     for pin in spec.wheels:
         name, version = pin.split("==")
@@ -567,15 +576,13 @@ def _build_ca_bundle(root: Path) -> int:
     return len(certs)
 
 
-def _build_rootfs(
-    spec: ArchSpec, home: Path, qemu: str, debs: list[Path], wheels: list[Path]
-) -> Path:
+def _build_rootfs(spec: ArchSpec, home: Path, qemu: str, debs: list[Path], wheels: list[Path]) -> Path:
     partial = home / "rootfs.partial"
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     for deb in debs:
-        _run_tool(["dpkg-deb", "-x", str(deb), str(partial)], what=f"dpkg -x {deb.name}")
+        run_build_tool(["dpkg-deb", "-x", str(deb), str(partial)], what=f"dpkg -x {deb.name}")
     site = partial / SITE_PACKAGES
     for folder in SYS_PATH_DIRS:
         (partial / folder).mkdir(parents=True, exist_ok=True)
@@ -605,7 +612,7 @@ def _build_rootfs(
     # byte-compile as dpkg's py3compile and pip would, with the emulated interpreter itself
     # (an emulated import of numpy + LiteRT takes ~4.5 s from source, ~1 s from .pyc)
     folders = [str(partial / d) for d in ("usr/lib/python3.11", *SYS_PATH_DIRS)]
-    _run_tool(
+    run_build_tool(
         _emulated_python(spec, qemu, partial, ["-m", "compileall", "-q", "-j0", *folders]),
         what="byte-compiling the rootfs",
         env=Userland(spec=spec, home=home, qemu=qemu, manifest={}).environment(),
@@ -640,9 +647,7 @@ def _reusable(spec: ArchSpec, home: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def ensure_userland(
-    arch: str = "arm64", *, cache_dir: Path | None = None, rebuild: bool = False
-) -> Userland:
+def ensure_userland(arch: str = "arm64", *, cache_dir: Path | None = None, rebuild: bool = False) -> Userland:
     """The userland for ``arch`` ("arm64" or "armhf"), built unless a matching one exists.
 
     Raises :class:`UserlandBuildError` when qemu is missing or a build step fails.
@@ -654,7 +659,7 @@ def ensure_userland(
     if qemu is None:
         raise UserlandBuildError(f"{spec.qemu} not found (apt-get install qemu-user-static)")
     home = (cache_dir or DEFAULT_CACHE_DIR) / arch
-    with _locked(home / ".lock"):
+    with file_lock(home / ".lock"):
         manifest = None if rebuild else _reusable(spec, home)
         if manifest is not None:
             logger.debug("%s: reusing %s (key %s)", arch, home / "rootfs", manifest["key"])
@@ -718,10 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for arch in ARCHES if opts.arch == "all" else [opts.arch]:
                 started = time.monotonic()
                 land = ensure_userland(arch, cache_dir=opts.cache_dir, rebuild=opts.rebuild)
-                print(
-                    f"{arch}: {land.root} (key {land.manifest['key']}, "
-                    f"{time.monotonic() - started:.1f} s)"
-                )
+                print(f"{arch}: {land.root} (key {land.manifest['key']}, {time.monotonic() - started:.1f} s)")
             return 0
         land = ensure_userland(opts.arch, cache_dir=opts.cache_dir)
         args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args

@@ -1,0 +1,111 @@
+"""The userland builder's own steps, without qemu or network: fast, run by the default suite."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .userland import (
+    ARCHES,
+    _install_wheel,
+    _relativise_symlinks,
+    _reusable,
+    optional_suites_failed,
+)
+
+
+def test_absolute_symlinks_become_relative_inside_the_rootfs(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "etc/python3.11").mkdir(parents=True)
+    (root / "etc/python3.11/sitecustomize.py").write_text("# rootfs\n")
+    (root / "usr/lib/python3.11").mkdir(parents=True)
+    link = root / "usr/lib/python3.11/sitecustomize.py"
+    link.symlink_to("/etc/python3.11/sitecustomize.py")
+    rel = root / "usr/bin"
+    rel.mkdir(parents=True)
+    (rel / "python3").symlink_to("python3.11")
+
+    assert _relativise_symlinks(root) == 1
+    assert not Path(link.readlink()).is_absolute()
+    assert link.resolve() == (root / "etc/python3.11/sitecustomize.py").resolve()
+    assert str((rel / "python3").readlink()) == "python3.11"  # relative ones are left alone
+
+
+def test_wheel_unpacks_like_pip(tmp_path: Path) -> None:
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo/__init__.py", "x = 1\n")
+        info = zipfile.ZipInfo("demo/_native.so")
+        info.external_attr = 0o755 << 16
+        zf.writestr(info, b"\x7fELF")
+        zf.writestr("demo-1.0.data/purelib/demo_extra.py", "y = 2\n")
+        zf.writestr("demo-1.0.data/scripts/demo-cli", "#!python\n")
+        zf.writestr("demo-1.0.dist-info/METADATA", "Name: demo\n")
+    site = tmp_path / "site"
+
+    _install_wheel(wheel, site)
+
+    assert (site / "demo/__init__.py").read_text() == "x = 1\n"
+    assert (site / "demo_extra.py").exists()
+    assert (site / "demo/_native.so").stat().st_mode & 0o111
+    assert not (site / "demo-1.0.data").exists()
+    assert not any(site.rglob("demo-cli"))
+
+
+def test_cache_key_follows_every_input() -> None:
+    spec = ARCHES["arm64"]
+    assert spec.key() == dataclasses.replace(spec).key()
+    changed = [
+        dataclasses.replace(spec, wheels=("numpy==2.4.5", *spec.wheels[1:])),
+        dataclasses.replace(spec, debs=(*spec.debs, "libatomic1")),
+        dataclasses.replace(spec, cpu="cortex-a76"),
+        dataclasses.replace(spec, cpuinfo=spec.cpuinfo.replace("0xd08", "0xd0b")),
+    ]
+    assert len({spec.key(), *(c.key() for c in changed)}) == 1 + len(changed)
+
+
+def test_a_stale_or_half_built_cache_is_not_reused(tmp_path: Path) -> None:
+    spec = ARCHES["arm64"]
+    home = tmp_path / "arm64"
+    (home / "rootfs/usr/bin").mkdir(parents=True)
+    (home / "rootfs/proc").mkdir()
+    assert _reusable(spec, home) is None  # no manifest
+    (home / "manifest.json").write_text(json.dumps({"key": spec.key()}))
+    assert _reusable(spec, home) is None  # no interpreter
+    (home / "rootfs/usr/bin/python3.11").write_bytes(b"")
+    (home / "rootfs/proc/cpuinfo").write_text(spec.cpuinfo)
+    assert _reusable(spec, home) == {"key": spec.key()}
+    (home / "manifest.json").write_text(json.dumps({"key": "0" * 16}))
+    assert _reusable(spec, home) is None  # built from other inputs
+
+
+@pytest.mark.parametrize(
+    ("stderr", "expected"),
+    [
+        (
+            "E: Failed to fetch http://deb.debian.org/debian-security/dists/bookworm-security/"
+            "main/binary-armhf/Packages.xz  File has unexpected size (334084 != 351124).\n"
+            "E: Some index files failed to download. They have been ignored, or old ones used.\n",
+            ["bookworm-security"],
+        ),
+        (
+            "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  404\n",
+            None,
+        ),
+        ("E: Could not get lock\n", None),
+    ],
+)
+def test_only_an_optional_suite_may_fail_to_update(stderr: str, expected: list[str] | None) -> None:
+    assert optional_suites_failed(stderr) == expected
+
+
+def test_cpuinfo_describes_the_emulated_core() -> None:
+    # LiteRT reads the part number; it must be the core qemu emulates for that board
+    parts = {"cortex-a72": "0xd08", "cortex-a7": "0xc07"}
+    for spec in ARCHES.values():
+        assert f"CPU part\t: {parts[spec.cpu]}" in spec.cpuinfo
+        assert spec.cpuinfo.count("processor\t:") == 4
