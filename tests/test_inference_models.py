@@ -9,6 +9,7 @@ quantization arithmetic, batching), not accuracy.
 - ``int8.tflite``: digits-shaped CNN, int8 input [1,8,8,1], int8 output [1,10]
 - ``float.tflite``: the same network with float32 input and output
 - ``multi.tflite``: two float inputs ``a`` [1,4] and ``b`` [1,3], two outputs
+- ``two_out.tflite``: one float input [1,4], two outputs
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-MODELS = ("int8", "float", "multi")
+MODELS = ("int8", "float", "multi", "two_out")
 _STAMP = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
@@ -45,6 +46,10 @@ class TinyModels:
     @property
     def multi(self) -> Path:
         return self.path("multi")
+
+    @property
+    def two_out(self) -> Path:
+        return self.path("two_out")
 
 
 def ensure_models(cache_dir: Path) -> TinyModels:
@@ -105,6 +110,11 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the child process
     multi = keras.Model([a, b], [sum_out, scaled])
     conv = tf.lite.TFLiteConverter.from_keras_model(multi)
     (out / "multi.tflite.part").write_bytes(conv.convert())
+
+    x = keras.Input(shape=(4,), name="x")
+    two = keras.Model(x, [keras.layers.Dense(2)(x), keras.layers.Dense(3)(x)])
+    conv = tf.lite.TFLiteConverter.from_keras_model(two)
+    (out / "two_out.tflite.part").write_bytes(conv.convert())
     for m in MODELS:
         os.replace(out / f"{m}.tflite.part", out / f"{m}.tflite")
 
