@@ -154,7 +154,7 @@ def convert_model(
     src: str | Path,
     out: str | Path,
     *,
-    quantize: str = "int8",
+    quantize: str = "none",
     calibration: str | Path | None = None,
     validate: str | Path | None = None,
     io_type: str = "int8",

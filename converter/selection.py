@@ -69,7 +69,7 @@ def choose_variant(
     by_mode = {c.mode: c for c in candidates}
     base = by_mode.get(BASELINE)
     base_p50 = base.latency_ms_p50 if base is not None and base.error is None else None
-    measure = "accuracy" if source_accuracy is not None else "top-1 disagreement"
+    labelled = source_accuracy is not None
     eligible: list[Candidate] = []
     for c in candidates:
         if c.error is not None:
@@ -81,7 +81,10 @@ def choose_variant(
             continue
         if drop > max_accuracy_drop + 1e-9:
             rejected[c.mode] = (
-                f"loses {drop:.2f} points of {measure}, more than {max_accuracy_drop:g}"
+                f"loses {drop:.2f} points of top-1 accuracy, more than {max_accuracy_drop:g}"
+                if labelled else
+                f"top-1 differs from the source on {drop:.2f} % of samples, "
+                f"more than {max_accuracy_drop:g}"
             )
             continue
         if base_p50 is not None and c.mode != BASELINE and c.latency_ms_p50 > base_p50:
@@ -112,11 +115,15 @@ def choose_variant(
                 f"{best.latency_ms_p50:.4g} ms)"
             )
     drop = accuracy_drop(best, source_accuracy)
+    within = (
+        f"within {max_accuracy_drop:g} point(s) of the source's top-1 accuracy" if labelled
+        else f"whose top-1 differs from the source on at most {max_accuracy_drop:g} % of samples"
+    )
     reason = (
-        f"{best.mode}: fastest of the variants within {max_accuracy_drop:g} point(s) of the "
-        f"source's {measure} (p50 {best.latency_ms_p50:.4g} ms"
+        f"{best.mode}: the fastest variant {within} (p50 {best.latency_ms_p50:.4g} ms"
         + (f" vs float32 {base_p50:.4g} ms"
            if base_p50 is not None and best.mode != BASELINE else "")
-        + f", drop {drop:.2f} points, {best.size_bytes} bytes)"
+        + (f", drop {drop:.2f} points" if labelled else f", differs on {drop:.2f} %")
+        + f", {best.size_bytes} bytes)"
     )
     return Selection(mode=best.mode, reason=reason, rejected=rejected)

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,13 +66,26 @@ def detect_format(path: Path) -> str:
     except OSError as exc:
         raise BadInputError(f"cannot read source {path}: {exc.strerror or exc}") from exc
     if head.startswith(_ZIP_MAGIC):
-        return "keras"
+        if _is_keras_archive(path):
+            return "keras"
+        raise BadInputError(
+            f"source {path} is a zip archive but not a Keras model (no config.json inside; "
+            "expected a .keras file, a legacy .h5 file or a SavedModel folder)"
+        )
     if head == _HDF5_MAGIC:
         return "h5"
     raise BadInputError(
         f"source {path} is not a model litefleet can read "
         "(expected a .keras file, a legacy .h5 file or a SavedModel folder)"
     )
+
+
+def _is_keras_archive(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "config.json" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _sha256_file(path: Path) -> str:
@@ -155,21 +169,20 @@ class SourceModel:
         Returns one float array per output, in :attr:`output_names` order.
         """
         tf = import_tensorflow()
+        if self.format != "saved_model":  # Keras: predict() runs a compiled graph
+            out = self._model.predict(
+                xs[0] if len(xs) == 1 else list(xs), batch_size=batch_size, verbose=0
+            )
+            if isinstance(out, dict):
+                out = [out[k] for k in out]
+            return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]
         n = int(xs[0].shape[0])
         chunks: list[list[np.ndarray]] = []
         for start in range(0, n, batch_size):
             part = [tf.constant(x[start : start + batch_size]) for x in xs]
-            if self.format == "saved_model":
-                fn = self._model.signatures[_SIGNATURE_KEY]
-                out = fn(**{spec.name: t for spec, t in zip(self.inputs, part, strict=True)})
-                outs = [np.asarray(out[name]) for name in self.output_names]
-            else:
-                out = self._model(part[0] if len(part) == 1 else part, training=False)
-                seq = out if isinstance(out, list | tuple) else [out]
-                if isinstance(out, dict):
-                    seq = [out[k] for k in out]
-                outs = [np.asarray(o) for o in seq]
-            chunks.append(outs)
+            fn = self._model.signatures[_SIGNATURE_KEY]
+            out = fn(**{spec.name: t for spec, t in zip(self.inputs, part, strict=True)})
+            chunks.append([np.asarray(out[name]) for name in self.output_names])
         return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
 

@@ -160,13 +160,40 @@ def convert_digits(
     )
 
 
-def mobilenet_v2(input_size: int = 224) -> Any:
-    """Keras MobileNetV2 with random weights (``weights=None``: nothing downloaded)."""
+def synthetic_images(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
+    """Image-like float32 samples in [-1, 1] (MobileNet's input range): smooth random
+    colour fields plus fine noise. Not real photos; for calibration and timing only."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1.0, 1.0, (count, 7, 7, 3))
+    reps = -(-size // 7)
+    smooth = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)[:, :size, :size, :]
+    fine = rng.normal(0.0, 0.15, (count, size, size, 3))
+    return np.clip(smooth + fine, -1.0, 1.0).astype(np.float32)
+
+
+def mobilenet_v2(input_size: int = 224, bn_data: np.ndarray | None = None) -> Any:
+    """Keras MobileNetV2 with random weights (``weights=None``: nothing downloaded).
+
+    With ``weights=None`` every batch-norm layer starts with mean 0 / variance 1,
+    activations shrink about tenfold per block, and every output ends up exactly
+    1/1000: any two models then "agree" trivially. Given ``bn_data``, the
+    batch-norm statistics are set from one pass over it (momentum 0, training
+    mode), so the random network produces varied, input-dependent outputs.
+    """
     keras = _keras()
     keras.utils.set_random_seed(0)
-    return keras.applications.MobileNetV2(
+    model = keras.applications.MobileNetV2(
         input_shape=(input_size, input_size, 3), weights=None, classes=1000
     )
+    if bn_data is not None:
+        bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        saved = [layer.momentum for layer in bns]
+        for layer in bns:
+            layer.momentum = 0.0
+        model(bn_data, training=True)
+        for layer, momentum in zip(bns, saved, strict=True):
+            layer.momentum = momentum
+    return model
 
 
 if __name__ == "__main__":  # used by the JAX-backend test: train and save under any backend
