@@ -46,8 +46,6 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import numpy as np
-
 from agent import npy
 from agent.errors import BadRequestError, InferenceError
 from agent.inference import ModelRunner
@@ -59,6 +57,7 @@ from agent.serving_format import (
     load_json,
     model_metadata,
     model_status,
+    npy_predict,
     parse_predict,
     predict_json,
 )
@@ -70,7 +69,6 @@ MODEL_PATH = re.compile(
     rf"^/v1/models/(?P<name>{NAME})(?:/versions/(?P<version>[0-9A-Za-z_.-]{{1,64}}))?"
     r"(?P<tail>/metadata|:predict|:classify|:regress|)$"
 )
-NPZ_CONTENT_TYPE = "application/x-npz"
 
 
 @dataclass(frozen=True)
@@ -87,25 +85,6 @@ def json_reply(status: int, doc: Any, *, close: bool = False) -> Reply:
 
 def error_reply(status: int, message: str, *, close: bool = False) -> Reply:
     return json_reply(status, {"error": message}, close=close)
-
-
-def npy_predict(runner: ModelRunner, body: bytes | bytearray) -> tuple[bytes, str]:
-    """Run a ``.npy`` body on a single-input model; ``(payload, content_type)``."""
-    if len(runner.inputs) != 1:
-        raise BadRequestError(
-            f"a .npy body feeds single-input models; this one takes {list(runner.input_keys)} (use JSON)"
-        )
-    x = npy.parse_npy(body)
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        raise BadRequestError("input contains NaN or infinity")
-    outs = runner.predict(x)
-    if len(outs) == 1:
-        return npy.to_npy(outs[0]), npy.CONTENT_TYPE
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **dict(zip(runner.output_keys, outs, strict=True)))  # type: ignore[arg-type]
-    return buf.getvalue(), NPZ_CONTENT_TYPE
 
 
 _BUSY_BODY = b'{"error":"too many open connections, try again"}'

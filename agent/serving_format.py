@@ -26,6 +26,7 @@ refused with :class:`agent.errors.BadRequestError` (400).
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,12 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from agent import npy
 from agent.errors import BadRequestError
 from agent.inference import ModelRunner
 from agent.model_card import TensorSpec
 from agent.registry import ActiveModel
 
 JSON_CONTENT_TYPE = "application/json"
+NPZ_CONTENT_TYPE = "application/x-npz"
 SIGNATURE = "serving_default"
 
 
@@ -160,6 +163,23 @@ def predict_json(req: PredictRequest, runner: ModelRunner) -> dict[str, Any]:
     # JSON numbers are values: integer outputs of a quantized model come back as floats
     outs = runner.predict(arrays[0] if len(arrays) == 1 else arrays, dequantize_outputs=True)
     return format_outputs(outs, runner.output_keys, row_format=req.row_format)
+
+
+def npy_predict(runner: ModelRunner, body: bytes | bytearray) -> tuple[bytes, str]:
+    """Run a ``.npy`` body on a single-input model; ``(payload, content_type)``."""
+    if len(runner.inputs) != 1:
+        raise BadRequestError(
+            f"a .npy body feeds single-input models; this one takes {list(runner.input_keys)} (use JSON)"
+        )
+    x = npy.parse_npy(body)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise BadRequestError("input contains NaN or infinity")
+    outs = runner.predict(x)
+    if len(outs) == 1:
+        return npy.to_npy(outs[0]), npy.CONTENT_TYPE
+    buf = io.BytesIO()
+    np.savez(buf, **dict(zip(runner.output_keys, outs, strict=True)))  # type: ignore[arg-type]
+    return buf.getvalue(), NPZ_CONTENT_TYPE
 
 
 def format_outputs(outs: Sequence[np.ndarray], keys: Sequence[str], *, row_format: bool) -> dict[str, Any]:
