@@ -117,16 +117,15 @@ def run(args: argparse.Namespace) -> int:
         data_dir = (args.data or DEFAULT_DATA_DIR).resolve()
         config = BrokerConfig(data_dir=data_dir, port=port, host=args.bind,
                               max_packet_size=MAX_PACKET_SIZE_BYTES)
-        proc = BrokerProcess(config)
-        proc.start()
-        _say(
-            f"litefleet broker running (mosquitto pid {_pid(proc)}), anonymous, loopback only",
-            f"  url:   {proc.url}",
-            f"  data:  {data_dir}",
-            f"  log:   {data_dir / 'mosquitto.log'}",
-            "Ctrl-C stops it.",
-        )
-        return _serve(proc)
+        with _Signals() as signals:
+            proc = BrokerProcess(config)
+            return _serve(proc, signals, [
+                "litefleet broker running, anonymous, loopback only",
+                f"  url:   {proc.url}",
+                f"  data:  {data_dir}",
+                f"  log:   {data_dir / 'mosquitto.log'}",
+                "Ctrl-C stops it.",
+            ])
 
     secure = SecureDir(args.secure)
     pid = secure.running_broker_pid()
@@ -138,21 +137,20 @@ def run(args: argparse.Namespace) -> int:
     for p in (registry.ports.cert, registry.ports.password, registry.ports.host):
         check_port_free(args.bind, p)
     data_dir = (args.data.resolve() if args.data else secure.paths.default_data_dir)
-    proc = BrokerProcess(secure.broker_config(data_dir=data_dir, bind=args.bind,
-                                              registry=registry))
-    proc.start()
-    _say(*_secure_banner(secure, registry, proc, data_dir, args.bind))
-    return _serve(proc)
+    with _Signals() as signals:
+        proc = BrokerProcess(secure.broker_config(data_dir=data_dir, bind=args.bind,
+                                                  registry=registry))
+        return _serve(proc, signals, _secure_banner(secure, registry, data_dir, args.bind))
 
 
-def _secure_banner(secure: SecureDir, registry: Registry, proc: BrokerProcess,
-                   data_dir: Path, bind: str) -> list[str]:
+def _secure_banner(secure: SecureDir, registry: Registry, data_dir: Path,
+                   bind: str) -> list[str]:
     host = registry.public_host
     shown = f"[{host}]" if ":" in host else host
     ports = registry.ports
     where = "loopback only" if is_loopback(bind) else f"on {bind}"
     return [
-        f"litefleet secure broker running (mosquitto pid {_pid(proc)}), TLS only, {where}",
+        f"litefleet secure broker running, TLS only, {where}",
         f"  devices, client certificates:  mqtts://{shown}:{ports.cert}",
         f"  devices, username/password:    mqtts://{shown}:{ports.password}",
         f"  host (push, status, monitor):  mqtts://{HOST_USERNAME}@{shown}:{ports.host}"
@@ -167,41 +165,57 @@ def _secure_banner(secure: SecureDir, registry: Registry, proc: BrokerProcess,
     ]
 
 
-def _pid(proc: BrokerProcess) -> int | None:
-    return proc.proc.pid if proc.proc is not None else None
-
-
 def _say(*lines: str) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
 
 
-def _serve(proc: BrokerProcess) -> int:
-    """Wait for Ctrl-C/SIGTERM (stop Mosquitto cleanly: it saves its data) or for
-    Mosquitto to die (exit 1). Signal handlers run on the main thread and only set
-    flags or forward SIGHUP."""
-    stop = threading.Event()
-    received: list[int] = []
+class _Signals:
+    """Ctrl-C/SIGTERM set a flag, SIGHUP is passed on to Mosquitto. Installed before
+    Mosquitto starts, so a signal that comes early still stops it cleanly (a default
+    SIGTERM would end this process and leave Mosquitto running in its own session).
+    Handlers run on the main thread between bytecodes and only set flags or signal."""
 
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        stop.set()
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.received: list[int] = []
+        self.proc: BrokerProcess | None = None
+        self._old: dict[int, Any] = {}
 
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.proc.send_signal(signal.SIGHUP)
+    def __enter__(self) -> _Signals:
+        for sig, handler in ((signal.SIGINT, self._on_stop), (signal.SIGTERM, self._on_stop),
+                             (signal.SIGHUP, self._on_hup)):
+            self._old[sig] = signal.signal(sig, handler)
+        return self
 
-    old = {s: signal.signal(s, h) for s, h in
-           ((signal.SIGINT, on_stop), (signal.SIGTERM, on_stop), (signal.SIGHUP, on_hup))}
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        self.stop.set()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        if self.proc is not None and self.proc.proc is not None and self.proc.proc.poll() is None:
+            self.proc.proc.send_signal(signal.SIGHUP)
+
+
+def _serve(proc: BrokerProcess, signals: _Signals, banner: list[str]) -> int:
+    """Start Mosquitto, print ``banner``, wait for Ctrl-C/SIGTERM (then stop Mosquitto
+    cleanly: it saves its data) or for Mosquitto to die (exit 1)."""
+    signals.proc = proc
     try:
-        while not stop.wait(0.5):
+        proc.start()
+        if not signals.stop.is_set():
+            pid = proc.proc.pid if proc.proc is not None else "?"
+            _say(f"{banner[0]} (mosquitto pid {pid})", *banner[1:])
+        while not signals.stop.wait(0.5):
             if not proc.running():
                 code = proc.proc.returncode if proc.proc is not None else None
                 log = proc.config.data_dir / "mosquitto.log"
                 raise TransportError(f"mosquitto exited unexpectedly (code {code}); see {log}")
     finally:
         proc.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
-    _say(f"broker stopped ({signal.Signals(received[0]).name}); data kept")
+    _say(f"broker stopped ({signal.Signals(signals.received[0]).name}); data kept")
     return 0
