@@ -131,12 +131,18 @@ def _native_output_hidden(enabled: bool) -> Iterator[int | None]:
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    original_stderr = sys.stderr
     handlers = [
         h for h in logging.getLogger().handlers
-        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stderr
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is original_stderr
     ]
-    with tempfile.TemporaryFile() as scratch:
-        os.dup2(scratch.fileno(), 1)
+    with (
+        tempfile.TemporaryFile() as scratch,
+        open(scratch.fileno(), "w", closefd=False) as scratch_text,
+        contextlib.redirect_stdout(scratch_text),  # Python-level prints (Keras' export)
+        contextlib.redirect_stderr(scratch_text),  # warnings.warn, absl's Python logger
+    ):
+        os.dup2(scratch.fileno(), 1)  # C++ logs of TensorFlow and LiteRT
         os.dup2(scratch.fileno(), 2)
         for h in handlers:
             h.setStream(terminal)
@@ -144,14 +150,13 @@ def _native_output_hidden(enabled: bool) -> Iterator[int | None]:
             yield terminal.fileno()
         finally:
             with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
+                scratch_text.flush()
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
             os.close(saved_out)
             os.close(saved_err)
             for h in handlers:
-                h.setStream(sys.stderr)
+                h.setStream(original_stderr)
             terminal.close()
 
 

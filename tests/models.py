@@ -123,6 +123,22 @@ def save_digits_npz(path: str | Path, x: np.ndarray, y: np.ndarray | None = None
     return path
 
 
+def save_model_with_op(path: str | Path, op: str) -> Path:
+    """A tiny 8-feature classifier with ``keras.ops.<op>`` in the middle, saved as ``.keras``.
+
+    ``sin`` has a float-only TF Lite kernel (int8 cannot express it); ``erf``
+    has no TF Lite kernel at all (it would need TensorFlow Select ops).
+    """
+    keras = _keras()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,), name="features")
+    hidden = getattr(keras.ops, op)(keras.layers.Dense(8)(inputs))
+    outputs = keras.layers.Dense(3, activation="softmax")(hidden)
+    path = Path(path)
+    keras.Model(inputs, outputs, name=f"with_{op}").save(path)
+    return path
+
+
 @dataclass(frozen=True)
 class ConvertedModel:
     """A model converted by ``converter.convert.convert_model`` for tests to use.

@@ -259,3 +259,17 @@ def test_atomic_outputs_leave_nothing_on_failure(tmp_path: Path) -> None:
         outputs.commit()
     assert sorted(p.name for p in out.iterdir()) == ["a.card.json", "a.tflite"]
     assert (out / "a.tflite").read_bytes() == b"model"
+
+
+def test_permission_denied_is_bad_input(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # root (CI) can read any file, so the OS refusal is simulated here; the real
+    # chmod 000 case runs in test_convert_cli when the tests run unprivileged
+    src = tmp_path / "locked.keras"
+    src.write_bytes(b"PK\x03\x04")
+
+    def deny(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("converter.sources.open", deny, raising=False)
+    with pytest.raises(BadInputError, match=r"cannot read source .*locked\.keras: Permission denied"):
+        detect_format(src)
