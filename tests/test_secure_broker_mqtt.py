@@ -594,7 +594,7 @@ def test_reused_device_identity_takes_over_the_older_session(secure: Secure,
 
 def test_device_cannot_take_over_another_devices_session(secure: Secure,
                                                           clients: list[Client]) -> None:
-    victim = secure.device("dev-b")
+    victim = secure.device("dev-b", client_id="dev-b")  # as the agent does
     clients.append(victim)
     for make in (lambda: secure.device("dev-a", client_id="dev-b"),
                  lambda: secure.device("dev-p", client_id="dev-b")):
