@@ -106,9 +106,9 @@ class MetricsQueue:
                     os.replace(src, Path(str(aside) + suffix))
             try:
                 self._db = self._open()
-            except sqlite3.Error as exc2:
+            except (sqlite3.Error, OSError) as exc2:
                 raise StorageError(f"cannot create the metrics queue {path}: {exc2}") from exc2
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open the metrics queue {path}: {exc}") from exc
 
     @classmethod
