@@ -730,7 +730,8 @@ class SecureDir:
                now: dt.datetime | None = None) -> Registry:
         """Create or reuse the authority. Idempotent: keys are never replaced; the
         server certificate is reissued (same CA, so devices need nothing new) when
-        ``sans`` or the CA changed or it expires within 30 days. ``sans`` are
+        ``sans`` or the CA changed or it expires within 30 days; a missing
+        ``host.password`` is made anew (that is how it is rotated). ``sans`` are
         extra names (the loopback ones are always in); empty keeps the stored ones.
         Every derived file is rewritten."""
         for s in sans:
@@ -751,6 +752,12 @@ class SecureDir:
                         (*LOOPBACK_SANS, *sans))))
                 if ports is not None:
                     registry = replace(registry, ports=ports)
+                if not self.paths.host_password.exists():
+                    # deleting host.password is how the host password is rotated
+                    host_password = new_password()
+                    write_private(self.paths.host_password, (host_password + "\n").encode())
+                    registry = replace(registry, host_password_hash=hash_password(host_password))
+                    logger.info("new host password in %s", self.paths.host_password)
             else:
                 host_password = new_password()
                 write_private(self.paths.host_password, (host_password + "\n").encode())

@@ -259,6 +259,18 @@ def test_ensure_is_idempotent_and_reissues_server_cert_for_new_names(tmp_path: P
     assert SecureDir(tmp_path / "s").ensure(now=NOW).sans == reg.sans
 
 
+def test_deleting_the_host_password_rotates_it(tmp_path: Path) -> None:
+    sd = SecureDir(tmp_path / "s")
+    sd.ensure(now=NOW)
+    old = sd.paths.host_password.read_text().strip()
+    sd.paths.host_password.unlink()
+    sd.ensure(now=NOW)
+    new = sd.paths.host_password.read_text().strip()
+    assert new != old and mode(sd.paths.host_password) == 0o600
+    hashed = sd.paths.host_passwd.read_text().strip().split(":", 1)[1]
+    assert verify_password(new, hashed) and not verify_password(old, hashed)
+
+
 def test_server_cert_is_renewed_before_it_expires(tmp_path: Path) -> None:
     sd = SecureDir(tmp_path / "s")
     sd.ensure(now=NOW)
