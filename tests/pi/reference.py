@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from .userland import ARCHES, DEFAULT_CACHE_DIR, UserlandBuildError, file_lock, run_build_tool
+from .rootfs_build import file_lock, run_build_tool
+from .specs import ARCHES, DEFAULT_CACHE_DIR, UserlandBuildError
 
 logger = logging.getLogger(__name__)
 

@@ -337,3 +337,16 @@ def test_mqtt5_round_trip_over_tls(
         body = _round_trip(userland, tls_broker.port, f"pi-test/{request.node.name}", ca)
     assert body["machine"] == userland.spec.machine
     assert body["tls"] is True
+
+
+def test_a_python_child_of_the_emulated_python_is_emulated_too(userland: Userland) -> None:
+    # the agent starts candidate checks as [sys.executable, "-m", ...]; without the
+    # trampoline that exec fails with ENOEXEC (the host cannot run an ARM ELF)
+    code = (
+        "import json, platform, subprocess, sys;"
+        "child = subprocess.run([sys.executable, '-c', 'import platform; print(platform.machine())'],"
+        " capture_output=True, text=True, check=True);"
+        "print(json.dumps({'parent': platform.machine(), 'child': child.stdout.strip()}))"
+    )
+    info = _probe(userland, code)
+    assert info == {"parent": userland.spec.machine, "child": userland.spec.machine}

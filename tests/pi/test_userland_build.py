@@ -9,13 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from .userland import (
-    ARCHES,
-    _install_wheel,
-    _relativise_symlinks,
-    _reusable,
-    optional_suites_failed,
-)
+from .rootfs_build import install_wheel, optional_suites_failed, relativise_symlinks
+from .specs import ARCHES
+from .userland import _reusable
 
 
 def test_absolute_symlinks_become_relative_inside_the_rootfs(tmp_path: Path) -> None:
@@ -29,7 +25,7 @@ def test_absolute_symlinks_become_relative_inside_the_rootfs(tmp_path: Path) -> 
     rel.mkdir(parents=True)
     (rel / "python3").symlink_to("python3.11")
 
-    assert _relativise_symlinks(root) == 1
+    assert relativise_symlinks(root) == 1
     assert not Path(link.readlink()).is_absolute()
     assert link.resolve() == (root / "etc/python3.11/sitecustomize.py").resolve()
     assert str((rel / "python3").readlink()) == "python3.11"  # relative ones are left alone
@@ -47,7 +43,7 @@ def test_wheel_unpacks_like_pip(tmp_path: Path) -> None:
         zf.writestr("demo-1.0.dist-info/METADATA", "Name: demo\n")
     site = tmp_path / "site"
 
-    _install_wheel(wheel, site)
+    install_wheel(wheel, site)
 
     assert (site / "demo/__init__.py").read_text() == "x = 1\n"
     assert (site / "demo_extra.py").exists()
