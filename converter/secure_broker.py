@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -840,37 +841,57 @@ class SecureDir:
             ca_key, ca = self._ensure_ca(now)
             out = self.paths.device_dir(device_id)
             _private_dir(out.parent)
-            _private_dir(out)
-            for stale in out.iterdir():
-                stale.unlink()
-            write_private(out / "ca.pem", _pem_cert(ca), 0o644)
-            files: list[tuple[Path, str]] = [(out / "ca.pem", CRED_CA)]
-            if auth == AUTH_CERT:
-                key = new_key()
-                cert = make_client_cert(ca_key, ca, key, device_id, now)
-                write_private(out / f"{device_id}.key", _pem_key(key))
-                write_private(out / f"{device_id}.pem", _pem_cert(cert), 0o644)
-                files += [(out / f"{device_id}.pem", CRED_CERT),
-                          (out / f"{device_id}.key", CRED_KEY)]
-                record = DeviceRecord(device_id, AUTH_CERT, now.isoformat(),
-                                      serial=cert.serial_number,
-                                      not_after=cert.not_valid_after_utc.isoformat())
+            # the bundle is built aside and swapped in after the registry is saved: a
+            # failure leaves the old identity and its files as they were
+            tmp = out.parent / f".{device_id}.{secrets.token_hex(4)}.tmp"
+            _private_dir(tmp)
+            try:
+                record, names = self._write_credentials(tmp, device_id, auth, ca_key, ca, now)
+                registry = registry.with_device(record)
+                url = device_broker_url(registry, auth)
+                toml = agent_toml_snippet(device_id, auth, url, registry.prefix)
+                dropin = systemd_dropin([name for _, name in names])
+                write_private(tmp / "agent.toml", toml.encode(), 0o644)
+                write_private(tmp / "credentials.conf", dropin.encode(), 0o644)
+                self._save(registry, ca_key, ca, now)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if out.exists():
+                trash = out.parent / f".{device_id}.{secrets.token_hex(4)}.old"
+                os.replace(out, trash)
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
             else:
-                password = new_password()
-                write_private(out / "password", (password + "\n").encode())
-                files.append((out / "password", CRED_PASSWORD))
-                record = DeviceRecord(device_id, AUTH_PASSWORD, now.isoformat(),
-                                      password_hash=hash_password(password))
-            registry = registry.with_device(record)
-            url = device_broker_url(registry, auth)
-            toml = agent_toml_snippet(device_id, auth, url, registry.prefix)
-            dropin = systemd_dropin([name for _, name in files])
-            write_private(out / "agent.toml", toml.encode(), 0o644)
-            write_private(out / "credentials.conf", dropin.encode(), 0o644)
-            self._save(registry, ca_key, ca, now)
+                os.replace(tmp, out)
+            _fsync_dir(out.parent)
             logger.info("device %s added (%s)", device_id, auth)
-            return DeviceBundle(device_id, auth, url, tuple(files), toml, dropin,
+            return DeviceBundle(device_id, auth, url,
+                                tuple((out / f, name) for f, name in names), toml, dropin,
                                 serial=record.serial)
+
+    @staticmethod
+    def _write_credentials(folder: Path, device_id: str, auth: str,
+                           ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
+                           now: dt.datetime) -> tuple[DeviceRecord, list[tuple[str, str]]]:
+        """Write a new identity's files into ``folder``; return its registry record and
+        ``(file name, name on the device)`` pairs."""
+        write_private(folder / "ca.pem", _pem_cert(ca), 0o644)
+        names = [("ca.pem", CRED_CA)]
+        if auth == AUTH_CERT:
+            key = new_key()
+            cert = make_client_cert(ca_key, ca, key, device_id, now)
+            write_private(folder / f"{device_id}.key", _pem_key(key))
+            write_private(folder / f"{device_id}.pem", _pem_cert(cert), 0o644)
+            names += [(f"{device_id}.pem", CRED_CERT), (f"{device_id}.key", CRED_KEY)]
+            return DeviceRecord(device_id, AUTH_CERT, now.isoformat(),
+                                serial=cert.serial_number,
+                                not_after=cert.not_valid_after_utc.isoformat()), names
+        password = new_password()
+        write_private(folder / "password", (password + "\n").encode())
+        names.append(("password", CRED_PASSWORD))
+        return DeviceRecord(device_id, AUTH_PASSWORD, now.isoformat(),
+                            password_hash=hash_password(password)), names
 
     def remove_device(self, device_id: str, *, now: dt.datetime | None = None) -> DeviceRecord:
         """Forget ``device_id``: ACL entries and password go, its certificate is revoked,
@@ -884,11 +905,7 @@ class SecureDir:
             registry = registry.without_device(device_id, now.isoformat())
             ca_key, ca = self._ensure_ca(now)
             self._save(registry, ca_key, ca, now)
-            out = self.paths.device_dir(device_id)
-            if out.is_dir():
-                for f in out.iterdir():
-                    f.unlink()
-                out.rmdir()
+            shutil.rmtree(self.paths.device_dir(device_id), ignore_errors=True)
             logger.info("device %s removed", device_id)
             return record
 

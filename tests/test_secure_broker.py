@@ -348,6 +348,25 @@ def test_device_twice_needs_renew_and_renew_revokes(tmp_path: Path) -> None:
     assert [d.device_id for d in sd.devices()] == ["pi-01"]
 
 
+def test_failed_renew_leaves_the_old_identity(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = SecureDir(tmp_path / "s")
+    first = sd.add_device("pi-01", now=NOW)
+    before = {f.name: f.read_bytes() for f in sd.paths.device_dir("pi-01").iterdir()}
+    registry = sd.paths.registry.read_bytes()
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SecureDir, "_save", disk_full)
+    with pytest.raises(OSError):
+        sd.add_device("pi-01", renew=True, now=NOW)
+    after = {f.name: f.read_bytes() for f in sd.paths.device_dir("pi-01").iterdir()}
+    assert after == before and sd.paths.registry.read_bytes() == registry
+    assert [p.name for p in sd.paths.device_dir("pi-01").parent.iterdir()] == ["pi-01"]
+    assert sd.devices()[0].serial == first.serial
+
+
 def test_remove_device(tmp_path: Path) -> None:
     sd = SecureDir(tmp_path / "s")
     a = sd.add_device("pi-01", now=NOW)
