@@ -22,6 +22,7 @@ import logging
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +110,26 @@ def check_golden(runner: ModelRunner, golden: Path) -> None:
                 )
 
 
+def _limit_cpu(cpu_s: int) -> Callable[[], None]:
+    def apply() -> None:  # runs in the child between fork and exec
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+
+    return apply
+
+
 def check_isolated(
     model: Path, card: Path | None, golden: Path | None, *, threads: int, runtime: str,
     timeout_s: float = CHECK_TIMEOUT_S,
 ) -> bool | None:
     """Check in a child process. True when it passed; raises
     :class:`ModelRejectedError` when it failed or crashed; None when no child
-    process could be started here."""
+    process could be started here.
+
+    The child may use ``timeout_s`` of CPU time (the kernel ends it with
+    SIGXCPU after that: a model that never returns from ``invoke``) and twice
+    that of wall-clock time."""
     cmd = [sys.executable, "-m", "agent.candidate_check", "--model", str(model),
            "--threads", str(threads), "--runtime", runtime]
     if card is not None:
@@ -123,15 +137,18 @@ def check_isolated(
     if golden is not None:
         cmd += ["--golden", str(golden)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+        proc = subprocess.run(cmd, capture_output=True, timeout=2 * timeout_s + 10, check=False,
+                              preexec_fn=_limit_cpu(max(1, int(timeout_s))))
     except OSError as exc:
         logger.info("cannot start a check process here (%s); checking in-process", exc)
         return None
     except subprocess.TimeoutExpired as exc:
-        raise ModelRejectedError("timeout", f"checking the model took more than {timeout_s:g} s") from exc
+        raise ModelRejectedError("timeout", f"checking the model took more than {2 * timeout_s + 10:g} s") from exc
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
-        raise ModelRejectedError("crashed", f"the runtime crashed ({sig}) running this model")
+        why = (f"used more than {int(timeout_s)} s of CPU time (it never returned)"
+               if sig == "SIGXCPU" else "crashed")
+        raise ModelRejectedError("crashed", f"the runtime was killed by {sig} running this model: {why}")
     try:
         result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError) as exc:

@@ -91,6 +91,9 @@ class AgentConfig:
     # without an inference error, whichever comes first
     probation_inferences: int = 20
     probation_s: float = 60.0
+    # CPU seconds a candidate's checks may take (load and golden vectors, in a
+    # child process); a model that never returns is killed after this
+    check_timeout_s: float = 120.0
     # start-ups in a row that may end before a new model is marked good
     max_crash_restarts: int = 2
     # the on-disk metrics queue used while the broker is unreachable
@@ -193,7 +196,7 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {cfg.runtime!r}")
     if not 1 <= cfg.threads <= 64:
         raise ConfigError(f"threads must be between 1 and 64, got {cfg.threads}")
-    positive = ("metrics_interval_s", "refresh_interval_s", "probation_s")
+    positive = ("metrics_interval_s", "refresh_interval_s", "probation_s", "check_timeout_s")
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")

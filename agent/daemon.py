@@ -22,6 +22,7 @@ import queue
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +100,7 @@ class Agent:
             max_crash_restarts=cfg.max_crash_restarts,
             probation_inferences=cfg.probation_inferences,
             probation_s=cfg.probation_s,
+            check_timeout_s=cfg.check_timeout_s,
             event=self.event,
             clock=clock,
         )
@@ -114,16 +116,24 @@ class Agent:
             max_model_bytes=cfg.max_model_bytes,
             event=self.event,
             tick=self._tick,
-            wait_synced=self.client.wait_synced,
+            wait_synced=self._wait_synced,
         )
         self._will_dirty = False
+        # metadata changes seen on paho's thread, and how many the last refresh covered
+        self._meta_changes = 0
+        self._seen_changes = -1
+        # events carry (boot, seq): QoS 1 is at-least-once, consumers drop repeats
+        self.boot_id = uuid.uuid4().hex[:12]
+        self._event_seq = 0
         self.started_at = time.time()
         self.ready_at: float | None = None
 
     # -- events and state ------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
         """Publish an event (best effort: events are not queued while offline)."""
-        payload = {"ts": round(time.time(), 3), "device_id": self.cfg.device_id, "event": kind, **fields}
+        self._event_seq += 1
+        payload = {"ts": round(time.time(), 3), "device_id": self.cfg.device_id, "event": kind,
+                   "seq": self._event_seq, "boot": self.boot_id, **fields}
         log = logger.warning if kind in ("rejected", "rolled_back") else logger.info
         log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
         if kind == "downloading":
@@ -177,6 +187,7 @@ class Agent:
     # -- paho thread -------------------------------------------------------------------
     def _on_metadata_change(self, name: str) -> None:
         if name == "timestamp.json" or name.endswith(".root.json"):
+            self._meta_changes += 1
             self._work.put("refresh")
 
     def _on_connected(self) -> None:
@@ -202,7 +213,7 @@ class Agent:
         self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=1)
         self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)
         self.client.start()
-        self._work.put("refresh")
+        self._work.put("refresh!")
 
     def stop(self) -> None:
         self._stop.set()
@@ -218,6 +229,13 @@ class Agent:
             pass
         self.client.stop()
 
+    def _wait_synced(self, timeout_s: float) -> bool:
+        synced = self.client.wait_synced(timeout_s)
+        if synced:
+            # this refresh reads the cache as it is now: it covers every change so far
+            self._seen_changes = self._meta_changes
+        return synced
+
     def _tick(self) -> None:
         if self._notifier is not None:
             self._notifier.watchdog()
@@ -229,7 +247,7 @@ class Agent:
         """The work loop; returns after :meth:`stop`."""
         # start() queued the first refresh
         next_refresh = self._clock() + self.cfg.refresh_interval_s
-        retry_s = 5.0
+        fails = 0
         while not self._stop.is_set():
             now = self._clock()
             timeout = max(0.0, min(next_refresh - now, 1.0))
@@ -239,17 +257,30 @@ class Agent:
                 item = "tick"
             if item == "stop":
                 break
-            while item == "refresh" and not self._work.empty():
+            while item.startswith("refresh") and not self._work.empty():
                 nxt = self._work.get_nowait()  # coalesce a burst of metadata changes
                 if nxt == "stop":
                     item = "stop"
                     break
+                if nxt == "refresh!":
+                    item = nxt
             if item == "stop":
                 break
             self._tick()
-            if item == "refresh" or self._clock() >= next_refresh:
-                ok = self.refresh_once()
-                next_refresh = self._clock() + (self.cfg.refresh_interval_s if ok else retry_s)
+            # a metadata change already seen by the last refresh needs no other
+            wanted = item == "refresh!" or (item == "refresh" and self._meta_changes != self._seen_changes)
+            if wanted or self._clock() >= next_refresh:
+                outcome = self.refresh_once()
+                if outcome == "ok":
+                    fails = 0
+                    delay = self.cfg.refresh_interval_s
+                else:
+                    # back off: 5, 10, 20 ... s for a broker that is away; 15, 30 ...
+                    # for bad data on the broker (a new timestamp wakes us at once anyway)
+                    base = 5.0 if outcome == "transport" else 15.0
+                    delay = min(self.cfg.refresh_interval_s, base * 2 ** min(fails, 10))
+                    fails += 1
+                next_refresh = self._clock() + delay
             self.manager.poll_trials()
             self._after_changes()
 
@@ -258,23 +289,23 @@ class Agent:
             self._will_dirty = False
             self.client.replace_will(self._state_payload(online=False))
 
-    def refresh_once(self) -> bool:
-        """One refresh; False when it should be retried soon."""
+    def refresh_once(self) -> str:
+        """One refresh: ``"ok"``, ``"transport"`` (retry soon) or ``"failed"`` (back off)."""
         try:
             result = self.updater.refresh(self.manager.state, self._should_stop)
         except ModelRejectedError as exc:
             if exc.reason == "no_repository":
                 self._set_status(self._serving_status(), None)
-                return False
+                return "transport"
             self._report_failure(exc.reason, str(exc))
-            return exc.reason not in ("missing_metadata",)
+            return "transport" if exc.reason == "missing_metadata" else "failed"
         except TransportError as exc:
             logger.info("refresh postponed: %s", exc)
             self._set_status(self._serving_status(), keep_error=True)
-            return False
+            return "transport"
         except StorageError as exc:
             self._report_failure("storage", str(exc))
-            return False
+            return "failed"
         for name, (reason, message, version, sha) in sorted(result.failures.items()):
             if reason in PERMANENT_REASONS:
                 self.manager.refuse(name, version, sha, reason, message)
@@ -284,14 +315,15 @@ class Agent:
             self._set_status("checking", keep_error=True)
             self.manager.consider(cand)
         self.manager.cleanup()
+        transient = any(r not in PERMANENT_REASONS for r, *_ in result.failures.values())
         if self.manager.last_error and (result.candidates or result.failures):
             self.error = ": ".join(self.manager.last_error)
-        elif not result.failures:
+        elif not transient:
             self.error = None
             self._last_reported = None
         self._set_status(self._serving_status(), self.error)
         self.publish_state()
-        return not any(r not in PERMANENT_REASONS for r, *_ in result.failures.values())
+        return "failed" if transient else "ok"
 
     def _serving_status(self) -> str:
         return "serving" if self.registry.names() else "idle"

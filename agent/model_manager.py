@@ -48,6 +48,7 @@ class ModelManager:
         probation_inferences: int = 20,
         probation_s: float = 60.0,
         isolate_checks: bool = True,
+        check_timeout_s: float = 120.0,
         event: EventFn | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -60,6 +61,7 @@ class ModelManager:
         self.probation_inferences = probation_inferences
         self.probation_s = probation_s
         self.isolate_checks = isolate_checks
+        self.check_timeout_s = check_timeout_s
         self._event = event or (lambda kind, **kw: None)
         self._clock = clock
         self.state = act.DeviceState.empty()
@@ -137,7 +139,8 @@ class ModelManager:
             passed = None
             if self.isolate_checks:
                 passed = check_isolated(files["model"], files.get("card"), files.get("golden"),
-                                        threads=self.threads, runtime=self.runtime)
+                                        threads=self.threads, runtime=self.runtime,
+                                        timeout_s=self.check_timeout_s)
             if passed is None:
                 # in-process: mark it first, so a crash here rejects it on restart
                 self._save(self.state.with_model(name, act.begin_check(self.state.get(name), inst)))

@@ -116,11 +116,13 @@ class MqttClient:
         self._connected = threading.Event()
         self._synced = threading.Event()
         self._barrier_mids: set[int] = set()
+        self._acked_mids: set[int] = set()
         self._connect_error: str | None = None
         self._on_connected: list[Callable[[], None]] = []
         self._started = False
         self._barrier_topic = f"$litefleet-sync/{uuid.uuid4().hex}"
         self.connects = 0
+        self._last_delivery: _Delivery | None = None
 
     # -- lifecycle -------------------------------------------------------------
     def add_connect_listener(self, fn: Callable[[], None]) -> None:
@@ -172,6 +174,10 @@ class MqttClient:
         self._client.will_set(self.settings.will_topic, payload, qos=1,
                               retain=self.settings.will_retain)
         if self._started:
+            # let what is in flight be acknowledged first: paho would send it
+            # again on the new connection and subscribers would see it twice
+            if self._last_delivery is not None:
+                self._last_delivery.wait(2.0)
             self.stop()
             self.start()
 
@@ -215,7 +221,10 @@ class MqttClient:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish to {topic} failed: {_describe_rc(info.rc)}")
-        return _Delivery(info)
+        delivery = _Delivery(info)
+        if qos:
+            self._last_delivery = delivery
+        return delivery
 
     # -- subscribe ---------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
@@ -250,7 +259,12 @@ class MqttClient:
         rc, mid = self._client.subscribe(self._barrier_topic, qos=0)
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             with self._lock:
-                self._barrier_mids.add(mid)
+                # the SUBACK may have been handled already, on paho's thread
+                if mid in self._acked_mids:
+                    self._acked_mids.discard(mid)
+                    self._synced.set()
+                else:
+                    self._barrier_mids.add(mid)
 
     # -- paho callbacks (paho's network thread) ---------------------------------------
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,
@@ -264,6 +278,7 @@ class MqttClient:
         with self._lock:
             subs = list(self._subs.items())
             self._barrier_mids.clear()
+            self._acked_mids.clear()
         self._synced.clear()
         if subs:
             # one SUBSCRIBE per QoS; paho accepts a list of (filter, qos)
@@ -290,6 +305,10 @@ class MqttClient:
         with self._lock:
             is_barrier = mid in self._barrier_mids
             self._barrier_mids.discard(mid)
+            if not is_barrier:
+                self._acked_mids.add(mid)
+                if len(self._acked_mids) > 256:
+                    self._acked_mids.pop()
         if is_barrier:
             self._synced.set()
         elif any(rc.is_failure for rc in reason_codes):

@@ -119,6 +119,7 @@ class ModelUpdater:
         self.downloader = ChunkDownloader(client, topics, window=window, tick=self._tick)
         # version of the targets metadata last verified (shown in the device's state)
         self.repo_version: int | None = None
+        self._skipped: set[tuple[str, int]] = set()
 
     # -- step 2 and 3 ----------------------------------------------------------------
     def verified_targets(self) -> tuple[Updater, Targets]:
@@ -136,6 +137,8 @@ class ModelUpdater:
         )
         try:
             updater.refresh()
+        except tuf_errors.DownloadLengthMismatchError as exc:
+            raise ModelRejectedError("too_large", f"repository metadata refused: {exc}") from exc
         except tuf_errors.DownloadError as exc:
             raise ModelRejectedError("missing_metadata", f"repository metadata incomplete: {exc}") from exc
         except tuf_errors.RepositoryError as exc:
@@ -149,6 +152,8 @@ class ModelUpdater:
         return updater, targets
 
     def choose(self, targets: Targets) -> tuple[dict[str, ModelRelease], list[str]]:
+        """The release of each model name for this device, and the problems of
+        signed targets that are not valid litefleet releases."""
         releases: list[ModelRelease] = []
         problems: list[str] = []
         for path, tf in targets.targets.items():
@@ -159,7 +164,20 @@ class ModelUpdater:
                 continue
             if rel is not None:
                 releases.append(rel)
-        return choose_releases(releases, self.device_id, self.groups), problems
+        chosen = choose_releases(releases, self.device_id, self.groups)
+        newest: dict[str, ModelRelease] = {}
+        for rel in releases:
+            if rel.name not in newest or rel.version > newest[rel.name].version:
+                newest[rel.name] = rel
+        for name, rel in newest.items():
+            mine = chosen.get(name)
+            key = (name, rel.version)
+            if (mine is None or mine.version < rel.version) and key not in self._skipped:
+                self._skipped.add(key)
+                self._event("skipped", model=name, version=rel.version, reason="other_target",
+                            message=f"v{rel.version} is for {rel.rollout.target}"
+                            + (f" (canary {rel.rollout.canary_pct}%)" if rel.rollout.canary_pct < 100 else ""))
+        return chosen, problems
 
     # -- the whole refresh ---------------------------------------------------------------
     def refresh(self, state: DeviceState, should_stop: Callable[[], bool] = lambda: False) -> RefreshResult:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from agent.errors import TransportError
 from agent.mqtt_client import MqttClient
 from agent.protocol import Topics, split_chunks
+from agent.transport import Message
 from converter.repo import PublishPlan, TargetUpload
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,33 @@ class RepoPublisher:
                 deliveries = []
         self._wait(deliveries)
 
+    def sweep_metadata(self, keep: set[str], timeout_s: float = 10.0) -> list[str]:
+        """Clear every retained metadata file the repository does not know: junk or
+        an attacker's ``N+1.root.json`` would otherwise stop devices from updating
+        (a root that fails to verify aborts the update, as TUF requires)."""
+        seen: set[str] = set()
+
+        def handle(msg: Message) -> None:  # paho thread
+            name = self.topics.metadata_filename(msg.topic)
+            if name is not None and msg.payload:
+                seen.add(name)
+
+        self.client.subscribe(self.topics.metadata_filter, handle, qos=1)
+        self.client.sync()
+        if not self.client.wait_synced(timeout_s):
+            raise TransportError("the broker did not answer the metadata subscription")
+        self.client.unsubscribe(self.topics.metadata_filter)
+        stray = sorted(seen - keep)
+        deliveries = []
+        for name in stray:
+            topic = self.topics.metadata(name)
+            deliveries.append((topic, self.client.publish(topic, b"", qos=1, retain=True)))
+        self._wait(deliveries)
+        if stray:
+            logger.warning("cleared %d retained metadata files the repository does not know: %s",
+                           len(stray), ", ".join(n[:40] for n in stray[:10]))
+        return stray
+
     def clear(self, plan: PublishPlan) -> int:
         deliveries = []
         for file, count in plan.clear_targets:
@@ -81,7 +109,9 @@ class RepoPublisher:
         return len(deliveries)
 
     def apply(self, plan: PublishPlan, uploads: list[TargetUpload],
-              metadata: list[tuple[str, bytes]], progress: ProgressFn | None = None) -> None:
+              metadata: list[tuple[str, bytes]], keep_metadata: set[str],
+              progress: ProgressFn | None = None) -> None:
         self.upload(uploads, progress)
         self.publish_metadata(metadata)
         self.clear(plan)
+        self.sweep_metadata(keep_metadata)

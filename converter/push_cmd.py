@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         bar = ProgressBar(f"pushing {args.name} v{result.version}")
         publisher = RepoPublisher(client, topics)
         try:
-            publisher.apply(result.plan, repo.pending_uploads(), repo.current_metadata(), bar)
+            publisher.apply(result.plan, repo.pending_uploads(), repo.current_metadata(),
+                            repo.retained_metadata_names(), bar)
         except TransportError as exc:
             raise TransportError(
                 f"{exc}; the repository is signed but not fully published: run "

@@ -37,7 +37,6 @@ from tuf.api.metadata import (
     TOP_LEVEL_ROLE_NAMES,
     Metadata,
     MetaFile,
-    Role,
     Root,
     Snapshot,
     TargetFile,
@@ -280,6 +279,17 @@ class Repository:
         names = [f"{i}.root.json" for i in range(1, v["root"] + 1)]
         names += [f"{v['targets']}.targets.json", f"{v['snapshot']}.snapshot.json", "timestamp.json"]
         return [(n, (self.md_dir / n).read_bytes()) for n in names]
+
+    def retained_metadata_names(self) -> set[str]:
+        """Metadata files that belong on the broker: every root, the current and
+        previous targets and snapshot (for devices mid-refresh), the timestamp."""
+        v = self.state["versions"]
+        names = {n for n, _ in self.current_metadata()}
+        if v["targets"] > 1:
+            names.add(f"{v['targets'] - 1}.targets.json")
+        if v["snapshot"] > 1:
+            names.add(f"{v['snapshot'] - 1}.snapshot.json")
+        return names
 
     def upload_for(self, path: str) -> TargetUpload:
         tf = self.targets.signed.targets[path]

@@ -100,6 +100,7 @@ def _publish(repo: Repository, args: argparse.Namespace, uploads: list, plan=Non
         publisher.publish_metadata(repo.current_metadata())
         if plan is not None:
             publisher.clear(plan)
+        publisher.sweep_metadata(repo.retained_metadata_names())
         repo.mark_published()
     finally:
         client.stop()
