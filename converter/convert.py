@@ -252,8 +252,9 @@ def convert_model(
     selection = None
     chosen = modes[0]
     if quantize == "auto":
+        auto_modes = {BASELINE, *candidates}  # --compare extras are shown, not chosen
         selection = choose_variant(
-            [_candidate(v) for v in variants.values()],
+            [_candidate(v) for m, v in variants.items() if m in auto_modes],
             source_accuracy=source_accuracy, max_accuracy_drop=max_accuracy_drop,
         )
         chosen = selection.mode

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.DEBUG)
     if args.calibration_samples < 1 or args.latency_runs < 1:
         raise BadInputError("--calibration-samples and --latency-runs must be at least 1")
-    with _native_output_hidden(not debug) as terminal, Spinner(terminal) as spinner:
+    with native_output_hidden(not debug) as terminal, Spinner(terminal) as spinner:
         result = convert_model(
             args.src, args.output, quantize=args.quantize, calibration=args.calibration,
             validate=args.validate, io_type=args.io_type, threads=args.threads,
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _native_output_hidden(enabled: bool) -> Iterator[int | None]:
+def native_output_hidden(enabled: bool) -> Iterator[int | None]:
     """Send fds 1 and 2 (TensorFlow's C++ logs, Keras' prints) to a scratch file.
 
     Yields a duplicate of the original stderr for the spinner (None when

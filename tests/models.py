@@ -187,7 +187,10 @@ def synthetic_images(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
     return np.clip(smooth + fine, -1.0, 1.0).astype(np.float32)
 
 
-def mobilenet_v2(input_size: int = 224, bn_data: np.ndarray | None = None) -> Any:
+def mobilenet_v2(
+    input_size: int = 224, bn_data: np.ndarray | None = None,
+    classifier_activation: str | None = "softmax",
+) -> Any:
     """Keras MobileNetV2 with random weights (``weights=None``: nothing downloaded).
 
     With ``weights=None`` every batch-norm layer starts with mean 0 / variance 1,
@@ -195,11 +198,13 @@ def mobilenet_v2(input_size: int = 224, bn_data: np.ndarray | None = None) -> An
     1/1000: any two models then "agree" trivially. Given ``bn_data``, the
     batch-norm statistics are set from one pass over it (momentum 0, training
     mode), so the random network produces varied, input-dependent outputs.
+    ``classifier_activation=None`` gives logits instead of softmax scores.
     """
     keras = _keras()
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(
-        input_shape=(input_size, input_size, 3), weights=None, classes=1000
+        input_shape=(input_size, input_size, 3), weights=None, classes=1000,
+        classifier_activation=classifier_activation,
     )
     if bn_data is not None:
         bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]

@@ -1,0 +1,75 @@
+# Shared, idempotent set-up for scripts/test.sh and scripts/demo.sh (source it, don't run it).
+# - finds a Python >= 3.11 and creates .venv with it if .venv is missing;
+# - installs litefleet with every extra (pip install -e ".[agent,convert,dev]"), again only
+#   when pyproject.toml changed since the last install (a stamp file in .venv remembers);
+# - installs Mosquitto with apt-get (sudo when not root) when it is missing.
+# Every step says what it does; a step that has nothing to do says so in one line.
+
+say() { printf '==> %s\n' "$*"; }
+
+find_python() {
+  local py
+  for py in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$py" ] || continue
+    command -v "$py" >/dev/null 2>&1 || continue
+    if "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+      command -v "$py"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# true when .venv has litefleet (editable, with its console scripts) and every extra's packages
+installed() {
+  [ -x .venv/bin/litefleet ] && [ -x .venv/bin/litefleet-agent ] || return 1
+  .venv/bin/python - <<'PY' 2>/dev/null
+import importlib.util, sys
+mods = ["agent", "converter", "numpy", "paho", "tuf", "ai_edge_litert", "tensorflow", "keras",
+        "cryptography", "pytest", "hypothesis", "sklearn", "jax", "ruff", "mypy"]
+sys.exit(0 if all(importlib.util.find_spec(m) for m in mods) else 1)
+PY
+}
+
+setup_venv() {
+  if [ -x .venv/bin/python ]; then
+    say "using .venv ($(.venv/bin/python -c 'import platform; print("Python", platform.python_version())'))"
+  else
+    local py
+    py=$(find_python) || { echo "error: litefleet needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; return 1; }
+    say "creating .venv with $py"
+    "$py" -m venv .venv
+  fi
+  local stamp=.venv/.litefleet-install-stamp want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && installed; then
+    say "litefleet and its extras are installed (pyproject.toml unchanged since)"
+  elif [ ! -f "$stamp" ] && installed; then
+    say "litefleet and its extras are already installed in .venv"
+    echo "$want" > "$stamp"
+  else
+    say "installing litefleet with extras agent, convert, dev (TensorFlow is large: a few minutes on a cold cache)"
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e ".[agent,convert,dev]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+setup_mosquitto() {
+  if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+    say "mosquitto is installed"
+    return 0
+  fi
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "error: mosquitto is missing and sudo is not available; install mosquitto" >&2; return 1; }
+    sudo="sudo"
+  fi
+  say "installing mosquitto with apt-get${sudo:+ (sudo)}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  # the private brokers litefleet starts are its own; the system service is not needed
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
+    $sudo systemctl disable --now mosquitto >/dev/null 2>&1 || true
+  fi
+}
