@@ -17,9 +17,11 @@ from typing import Any
 from converter.secure_broker import (
     AUTH_CERT,
     AUTH_PASSWORD,
+    CRED_PREFIX,
     DEVICE_CRED_DIR,
     DeviceBundle,
     SecureDir,
+    agent_toml_snippet,
 )
 
 
@@ -56,15 +58,20 @@ def run_add(args: argparse.Namespace) -> int:
     bundle = secure.add_device(args.device_id, auth=AUTH_PASSWORD if args.password else AUTH_CERT,
                                renew=args.renew)
     pid = secure.reload_broker()
-    sys.stdout.write(format_bundle(bundle, secure.paths.device_dir(bundle.device_id), pid))
+    prefix = secure.load().prefix
+    sys.stdout.write(format_bundle(bundle, secure.paths.device_dir(bundle.device_id), pid,
+                                   prefix))
     return 0
 
 
-def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None) -> str:
+def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None,
+                  prefix: str) -> str:
     how = ("client certificate (CN = device id)" if bundle.auth == AUTH_CERT
            else "username/password")
     serial = f", serial {bundle.serial:x}" if bundle.serial is not None else ""
     width = max(len(str(src)) for src, _ in bundle.files)
+    plain = agent_toml_snippet(bundle.device_id, bundle.auth, bundle.broker_url, prefix,
+                               credential_prefix=f"{DEVICE_CRED_DIR}/")
     lines = [
         f"device {bundle.device_id}: {how}{serial}",
         "",
@@ -72,16 +79,16 @@ def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None) ->
         "(owner root, mode 0600):",
         *(f"   {src!s:<{width}}  ->  {DEVICE_CRED_DIR}/{name}" for src, name in bundle.files),
         "",
-        "2. Put this into the device's agent.toml (with state_dir, trusted_root, ... as usual):",
+        "2. Put this into the device's /etc/litefleet/agent.toml (beside state_dir, "
+        "trusted_root, ...):",
         *(f"   {line}" for line in bundle.agent_toml.splitlines()),
+        "   The names are systemd credentials: the packaged litefleet-agent.service hands",
+        f"   each file F of {DEVICE_CRED_DIR} to the agent as {CRED_PREFIX}F "
+        "(LoadCredential=litefleet:...).",
+        "   Without systemd, use the files' paths instead:",
+        *(f"   {line}" for line in plain.splitlines() if "_file" in line),
         "",
-        "3. Hand the files to the agent with systemd (the names above are credential names,",
-        "   found in $CREDENTIALS_DIRECTORY); drop-in "
-        "/etc/systemd/system/litefleet-agent.service.d/credentials.conf:",
-        *(f"   {line}" for line in bundle.systemd_dropin.splitlines()),
-        "   Without systemd, write absolute paths into agent.toml instead.",
-        "",
-        f"All of it is also in {folder}/ (agent.toml, credentials.conf).",
+        f"The same files and agent.toml are in {folder}/.",
         f"The agent connects with client id = {bundle.device_id} (the broker enforces it): "
         "run one agent per identity.",
         f"Running broker reloaded (mosquitto pid {broker_pid})." if broker_pid

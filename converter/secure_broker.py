@@ -15,7 +15,7 @@ keep everything in ``DIR`` (mode 0700):
 * ``devices.acl``, ``devices.passwd``, ``host.acl``, ``host.passwd``: Mosquitto's
   ACL and password files.
 * ``devices/<id>/``: what to copy onto device ``<id>`` (CA, its certificate and
-  key or its password, an ``agent.toml`` snippet, a systemd drop-in).
+  key or its password, an ``agent.toml`` snippet).
 
 Three TLS listeners, each with its own identities (``per_listener_settings``):
 
@@ -53,6 +53,7 @@ import os
 import secrets
 import shutil
 import signal
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -96,12 +97,15 @@ BACKDATE = dt.timedelta(days=1)
 AUTH_CERT = "cert"
 AUTH_PASSWORD = "password"
 
-# file names on the device (systemd LoadCredential= names; the agent resolves
-# relative names in $CREDENTIALS_DIRECTORY)
-CRED_CA = "litefleet-ca.pem"
-CRED_CERT = "litefleet-client.pem"
-CRED_KEY = "litefleet-client.key"
-CRED_PASSWORD = "litefleet-mqtt.password"
+# Files go into DEVICE_CRED_DIR on the device. The packaged unit
+# (systemd/litefleet-agent.service: LoadCredential=litefleet:/etc/litefleet/credentials)
+# hands each file F to the agent as $CREDENTIALS_DIRECTORY/litefleet_F, and the agent
+# resolves relative names there; so agent.toml names them CRED_PREFIX + F.
+CRED_CA = "ca.pem"
+CRED_CERT = "client.pem"
+CRED_KEY = "client.key"
+CRED_PASSWORD = "mqtt-password"
+CRED_PREFIX = "litefleet_"
 DEVICE_CRED_DIR = "/etc/litefleet/credentials"
 
 
@@ -512,24 +516,22 @@ class DeviceBundle:
     broker_url: str
     files: tuple[tuple[Path, str], ...]
     agent_toml: str
-    systemd_dropin: str
     serial: int | None = None
 
 
-def agent_toml_snippet(device_id: str, auth: str, broker_url: str, prefix: str) -> str:
-    lines = [f'device_id = "{device_id}"', f'broker = "{broker_url}"', f'ca_file = "{CRED_CA}"']
+def agent_toml_snippet(device_id: str, auth: str, broker_url: str, prefix: str,
+                       *, credential_prefix: str = CRED_PREFIX) -> str:
+    """The device's agent.toml lines for the broker. File names are systemd credential
+    names (``litefleet_<file>``); ``credential_prefix=DEVICE_CRED_DIR + "/"`` gives
+    absolute paths for an agent run without systemd."""
+    c = credential_prefix
+    lines = [f'device_id = "{device_id}"', f'broker = "{broker_url}"', f'ca_file = "{c}{CRED_CA}"']
     if auth == AUTH_CERT:
-        lines += [f'cert_file = "{CRED_CERT}"', f'key_file = "{CRED_KEY}"']
+        lines += [f'cert_file = "{c}{CRED_CERT}"', f'key_file = "{c}{CRED_KEY}"']
     else:
-        lines += [f'username = "{device_id}"', f'password_file = "{CRED_PASSWORD}"']
+        lines += [f'username = "{device_id}"', f'password_file = "{c}{CRED_PASSWORD}"']
     if prefix != DEFAULT_PREFIX:
         lines.append(f'topic_prefix = "{prefix}"')
-    return "\n".join(lines) + "\n"
-
-
-def systemd_dropin(names: Sequence[str]) -> str:
-    lines = ["[Service]"]
-    lines += [f"LoadCredential={n}:{DEVICE_CRED_DIR}/{n}" for n in names]
     return "\n".join(lines) + "\n"
 
 
@@ -850,9 +852,7 @@ class SecureDir:
                 registry = registry.with_device(record)
                 url = device_broker_url(registry, auth)
                 toml = agent_toml_snippet(device_id, auth, url, registry.prefix)
-                dropin = systemd_dropin([name for _, name in names])
                 write_private(tmp / "agent.toml", toml.encode(), 0o644)
-                write_private(tmp / "credentials.conf", dropin.encode(), 0o644)
                 self._save(registry, ca_key, ca, now)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -867,7 +867,7 @@ class SecureDir:
             _fsync_dir(out.parent)
             logger.info("device %s added (%s)", device_id, auth)
             return DeviceBundle(device_id, auth, url,
-                                tuple((out / f, name) for f, name in names), toml, dropin,
+                                tuple((out / f, name) for f, name in names), toml,
                                 serial=record.serial)
 
     @staticmethod
@@ -962,17 +962,58 @@ class SecureDir:
             return None
         return pid if _proc_is_mosquitto(pid) else None
 
-    def reload_broker(self) -> int | None:
-        """SIGHUP the running broker (it rereads ACL, password and CRL files); returns its pid."""
+    def reload_broker(self, *, timeout_s: float = 5.0) -> int | None:
+        """SIGHUP the running broker so it rereads ACL, password and CRL files, and wait
+        (up to ``timeout_s``) until its log says it did; returns its pid, or None when
+        no broker runs for this folder."""
         pid = self.running_broker_pid()
         if pid is None:
             return None
+        log = _broker_log_file(pid)
+        offset = log.stat().st_size if log is not None and log.exists() else 0
         try:
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:
             return None
+        if log is not None and not _wait_for_log_line(log, offset, RELOADED_LOG_LINE,
+                                                      timeout_s):
+            logger.warning("mosquitto pid %s did not log a reload within %.0f s", pid,
+                           timeout_s)
         logger.info("reloaded mosquitto pid %s", pid)
         return pid
+
+
+RELOADED_LOG_LINE = b"Reloading config."
+
+
+def _broker_log_file(pid: int) -> Path | None:
+    """Mosquitto's log file, from the ``-c CONFIG`` it was started with (``log_dest file``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        conf = Path(os.fsdecode(argv[argv.index(b"-c") + 1]))
+        for line in conf.read_text().splitlines():
+            if line.startswith("log_dest file "):
+                return Path(line[len("log_dest file "):].strip())
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _wait_for_log_line(log: Path, offset: int, needle: bytes, timeout_s: float) -> bool:
+    """Mosquitto logs the reload before it rereads the files and serves no client in
+    between (one thread), so once the line is there new connections see the new files."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                if needle in f.read():
+                    return True
+        except OSError:
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def _pem_cert_crl(crl: x509.CertificateRevocationList) -> bytes:

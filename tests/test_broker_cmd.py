@@ -255,16 +255,15 @@ def test_secure_broker_and_device_add_end_to_end(tmp_path: Path,
     device_root = tmp_path / "device"  # stands in for /etc/litefleet/credentials
     device_root.mkdir()
     copies = re.findall(r"^\s+(\S+)\s+->\s+/etc/litefleet/credentials/(\S+)$", out, re.M)
-    assert [name for _, name in copies] == ["litefleet-ca.pem", "litefleet-client.pem",
-                                           "litefleet-client.key"]
+    assert [name for _, name in copies] == ["ca.pem", "client.pem", "client.key"]
+    # systemd's LoadCredential=litefleet:/etc/litefleet/credentials hands file F over
+    # as litefleet_F: do the same here
     for src, name in copies:
-        shutil.copy(src, device_root / name)
-    toml_lines = re.search(r"agent\.toml.*?:\n((?:   .*\n)+)", out)
+        shutil.copy(src, device_root / f"litefleet_{name}")
+    toml_lines = re.search(r"agent\.toml.*?:\n((?:   \w+ = .*\n)+)", out)
     assert toml_lines, out
     doc = tomllib.loads("\n".join(ln[3:] for ln in toml_lines.group(1).splitlines()))
     assert doc["device_id"] == "pi-01" and doc["broker"] in urls
-    assert "LoadCredential=litefleet-client.key:/etc/litefleet/credentials/" \
-           "litefleet-client.key" in out
     host, port = doc["broker"].removeprefix("mqtts://").rsplit(":", 1)
     dctx = ssl.create_default_context(cafile=str(device_root / doc["ca_file"]))
     dctx.load_cert_chain(str(device_root / doc["cert_file"]), str(device_root / doc["key_file"]))
@@ -275,14 +274,16 @@ def test_secure_broker_and_device_add_end_to_end(tmp_path: Path,
     # a password device, then list and remove
     r = cli("device", "add", "pi-02", "--password", "--secure", str(secure))
     assert r.returncode == 0, r.stderr
-    assert "litefleet-mqtt.password" in r.stdout and 'username = "pi-02"' in r.stdout
+    assert 'password_file = "litefleet_mqtt-password"' in r.stdout
+    assert 'username = "pi-02"' in r.stdout
     r = cli("device", "list", "--secure", str(secure), "--json")
     rows = json.loads(r.stdout)
     assert [(x["device_id"], x["auth"]) for x in rows] == [("pi-01", "cert"),
                                                            ("pi-02", "password")]
     r = cli("device", "remove", "pi-01", "--secure", str(secure))
     assert r.returncode == 0 and "revoked" in r.stdout and "reloaded" in r.stdout
-    assert not can_connect(host, int(port), dctx)  # revoked: the CRL refuses it
+    # revoked: the CRL refuses it (device remove waited for the broker's reload)
+    assert not can_connect(host, int(port), dctx)
 
     # a second broker on the same folder is refused
     r = cli("broker", "--secure", str(secure), "--port", "0")

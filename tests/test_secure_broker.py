@@ -21,6 +21,11 @@ from converter.errors import BadInputError
 from converter.secure_broker import (
     AUTH_CERT,
     AUTH_PASSWORD,
+    CRED_CA,
+    CRED_CERT,
+    CRED_KEY,
+    CRED_PASSWORD,
+    DEVICE_CRED_DIR,
     HOST_USERNAME,
     MAX_PACKET_SIZE_BYTES,
     Grant,
@@ -313,11 +318,10 @@ def test_add_certificate_device(tmp_path: Path) -> None:
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert bundle.serial == cert.serial_number
     assert bundle.broker_url == "mqtts://localhost:8883"
-    assert [name for _, name in bundle.files] == ["litefleet-ca.pem", "litefleet-client.pem",
-                                                 "litefleet-client.key"]
+    assert [name for _, name in bundle.files] == ["ca.pem", "client.pem", "client.key"]
     assert f"user pi-01\ntopic write {B}/devices/pi-01/state\n" in sd.paths.devices_acl.read_text()
     assert "pi-01" not in sd.paths.devices_passwd.read_text()  # certificate only
-    assert "LoadCredential=litefleet-client.key:" in bundle.systemd_dropin
+    assert 'key_file = "litefleet_client.key"' in bundle.agent_toml
     assert (out / "agent.toml").read_text() == bundle.agent_toml
 
 
@@ -332,7 +336,8 @@ def test_add_password_device(tmp_path: Path) -> None:
     assert bundle.broker_url == "mqtts://localhost:8884"
     assert password not in sd.paths.registry.read_text()
     assert 'username = "pi-02"' in bundle.agent_toml
-    assert 'password_file = "litefleet-mqtt.password"' in bundle.agent_toml
+    assert 'password_file = "litefleet_mqtt-password"' in bundle.agent_toml
+    assert [name for _, name in bundle.files] == ["ca.pem", "mqtt-password"]
 
 
 def test_device_twice_needs_renew_and_renew_revokes(tmp_path: Path) -> None:
@@ -409,6 +414,18 @@ def test_host_client_settings(tmp_path: Path) -> None:
     assert s["client_id_prefix"].startswith("_")
 
 
+def test_stale_or_foreign_pid_file_means_no_broker(tmp_path: Path) -> None:
+    import os
+
+    sd = SecureDir(tmp_path / "s")
+    sd.ensure(now=NOW)
+    assert sd.running_broker_pid() is None and sd.reload_broker() is None
+    sd.paths.pid_file.write_text(f"{os.getpid()}\n")  # a live process, but not Mosquitto
+    assert sd.running_broker_pid() is None and sd.reload_broker() is None
+    sd.paths.pid_file.write_text("garbage\n")
+    assert sd.running_broker_pid() is None
+
+
 def test_broker_config_has_no_plain_or_anonymous_listener(tmp_path: Path) -> None:
     sd = SecureDir(tmp_path / "s")
     sd.ensure(now=NOW)
@@ -430,24 +447,31 @@ def test_broker_config_has_no_plain_or_anonymous_listener(tmp_path: Path) -> Non
 
 def test_agent_toml_snippet_is_accepted_by_the_agent(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """What ``device add`` prints must load in the agent's strict config reader."""
+    """What ``device add`` prints must load in the agent's strict config reader, and its
+    file names must resolve the way the packaged unit hands the files over
+    (LoadCredential=litefleet:/etc/litefleet/credentials: file F -> litefleet_F)."""
     import tomllib
 
     from agent.config import config_from_mapping
 
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / "litefleet-agent.service")
+    if unit.exists():
+        assert f"LoadCredential=litefleet:{DEVICE_CRED_DIR}" in unit.read_text()
     creds = tmp_path / "creds"
     creds.mkdir()
-    for name in ("litefleet-ca.pem", "litefleet-client.pem", "litefleet-client.key",
-                 "litefleet-mqtt.password"):
-        (creds / name).write_text("pw\n")
+    for name in (CRED_CA, CRED_CERT, CRED_KEY, CRED_PASSWORD):
+        (creds / f"litefleet_{name}").write_text("pw\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     for auth, prefix in ((AUTH_CERT, "litefleet"), (AUTH_PASSWORD, "acme")):
         doc = tomllib.loads(agent_toml_snippet("pi-01", auth, "mqtts://hub.local:8883", prefix))
         cfg = config_from_mapping({**doc, "state_dir": str(tmp_path), "trusted_root":
                                    str(tmp_path / "root.json")})
         assert cfg.broker_address.tls
-        assert cfg.credential_path(cfg.ca_file) == creds / "litefleet-ca.pem"
+        assert cfg.credential_path(cfg.ca_file) == creds / "litefleet_ca.pem"
         if auth == AUTH_CERT:
-            assert cfg.credential_path(cfg.key_file) == creds / "litefleet-client.key"
+            assert cfg.credential_path(cfg.key_file) == creds / "litefleet_client.key"
         else:
             assert cfg.password() == "pw" and cfg.topic_prefix == "acme"
+    plain = tomllib.loads(agent_toml_snippet("pi-01", AUTH_CERT, "mqtts://h:1", "litefleet",
+                                             credential_prefix=f"{DEVICE_CRED_DIR}/"))
+    assert plain["key_file"] == f"{DEVICE_CRED_DIR}/{CRED_KEY}"
