@@ -181,6 +181,14 @@ def test_plain_broker_starts_serves_and_stops_cleanly(tmp_path: Path,
     mosq = run.mosquitto_pid()
     assert alive(mosq)
     assert round_trip("127.0.0.1", port, retain=True) is not None
+    # SIGHUP is passed on to Mosquitto (reload), not taken as "stop"
+    run.proc.send_signal(signal.SIGHUP)
+    log = tmp_path / ".litefleet-broker" / "mosquitto.log"
+    deadline = time.monotonic() + 10
+    while "Reloading config." not in log.read_text():
+        assert time.monotonic() < deadline, "mosquitto never reloaded"
+        time.sleep(0.05)
+    assert run.proc.poll() is None and alive(mosq)
     code, out, err = run.stop(signal.SIGTERM)
     assert code == 0, err
     assert "broker stopped (SIGTERM)" in out
