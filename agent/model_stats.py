@@ -170,6 +170,12 @@ class ModelStats:
         with self.lock:
             self.acc[1] += 1
 
+    def reset(self) -> None:
+        """Forget everything (e.g. the self-checks run before a model serves)."""
+        with self.lock:
+            self.counts[:] = [0] * N_BUCKETS
+            self.acc[:] = [0, 0]
+
     def snapshot(self) -> StatsSnapshot:
         with self.lock:
             counts = tuple(self.counts)

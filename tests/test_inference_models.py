@@ -18,6 +18,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +57,25 @@ def ensure_models(cache_dir: Path) -> TinyModels:
     """Build the models into ``cache_dir/<stamp>`` unless already there."""
     out = cache_dir / _STAMP
     if not all((out / f"{m}.tflite").exists() for m in MODELS):
-        out.mkdir(parents=True, exist_ok=True)
+        # a private folder per build, so concurrent test runs never see half a file
+        work = out / f".build-{os.getpid()}"
+        work.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-        subprocess.run([sys.executable, __file__, str(out)], check=True, env=env,
+        subprocess.run([sys.executable, __file__, str(work)], check=True, env=env,
                        capture_output=True, timeout=600)
+        for m in MODELS:
+            os.replace(work / f"{m}.tflite", out / f"{m}.tflite")
+        work.rmdir()
     return TinyModels(out)
 
 
 def models_for(request: pytest.FixtureRequest) -> TinyModels:
-    """For a session fixture in each test module: ``return models_for(request)``."""
-    return ensure_models(Path(request.config.cache.mkdir("litefleet-tiny-models")))
+    """For a session fixture in each test module: ``return models_for(request)``.
+    Cached in pytest's cache folder, or the temp folder under ``-p no:cacheprovider``."""
+    cache = getattr(request.config, "cache", None)
+    if cache is None:
+        return ensure_models(Path(tempfile.gettempdir()) / "litefleet-tiny-models")
+    return ensure_models(Path(cache.mkdir("litefleet-tiny-models")))
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +100,7 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the child process
 
     model = cnn()
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    (out / "float.tflite.part").write_bytes(conv.convert())
+    (out / "float.tflite").write_bytes(conv.convert())
 
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -100,7 +110,7 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the child process
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     conv.inference_input_type = tf.int8
     conv.inference_output_type = tf.int8
-    (out / "int8.tflite.part").write_bytes(conv.convert())
+    (out / "int8.tflite").write_bytes(conv.convert())
 
     a = keras.Input(shape=(4,), name="a")
     b = keras.Input(shape=(3,), name="b")
@@ -109,14 +119,12 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the child process
     scaled = keras.layers.Dense(5, name="scaled")(joined)
     multi = keras.Model([a, b], [sum_out, scaled])
     conv = tf.lite.TFLiteConverter.from_keras_model(multi)
-    (out / "multi.tflite.part").write_bytes(conv.convert())
+    (out / "multi.tflite").write_bytes(conv.convert())
 
     x = keras.Input(shape=(4,), name="x")
     two = keras.Model(x, [keras.layers.Dense(2)(x), keras.layers.Dense(3)(x)])
     conv = tf.lite.TFLiteConverter.from_keras_model(two)
-    (out / "two_out.tflite.part").write_bytes(conv.convert())
-    for m in MODELS:
-        os.replace(out / f"{m}.tflite.part", out / f"{m}.tflite")
+    (out / "two_out.tflite").write_bytes(conv.convert())
 
 
 # -- the models are what the other tests assume ---------------------------------

@@ -81,3 +81,7 @@ def test_interval_histogram_is_a_difference() -> None:
     assert estimate is not None and abs(estimate - 2e6) / 2e6 < 0.0625
     assert (after.ok, after.errors, after.bad_requests, after.requests) == (3, 1, 1, 5)
     assert after.mean_ms() is not None
+    counts, acc = s.counts, s.acc
+    s.reset()  # in place: the hot path holds references to these very lists
+    assert s.counts is counts and s.acc is acc
+    assert s.snapshot().requests == 0 and s.snapshot().mean_ms() is None
