@@ -30,6 +30,9 @@ Guarantees:
   unknown content type. A runtime failure is 500. No request can raise out
   of its handler thread: an unexpected exception is logged and answered 500,
   and the server keeps serving.
+- Memory stays bounded: bodies over ``large_body_bytes`` (1 MiB) are read
+  and decoded one at a time (others wait up to ``timeout_s``, then get 503),
+  since JSON takes about ten times its size once parsed.
 """
 
 from __future__ import annotations
@@ -238,7 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _too_large(self, length: int) -> str:
         return f"a body of {length} bytes is larger than the {self.server.app.max_body_bytes} allowed"
 
-    def _read_body(self) -> bytearray:
+    def _body_length(self) -> int:
+        """The declared body length, checked against the limit (before reading anything)."""
         app = self.server.app
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True
@@ -254,10 +258,13 @@ class _Handler(BaseHTTPRequestHandler):
         if length > app.max_body_bytes:
             self.close_connection = True
             raise BadRequestError(self._too_large(length), status=413)
+        return length
+
+    def _read_body(self, length: int) -> bytearray:
         body = bytearray(length)
         view = memoryview(body)
         got = 0
-        deadline = time.monotonic() + app.body_timeout_s
+        deadline = time.monotonic() + self.server.app.body_timeout_s
         while got < length:
             if time.monotonic() > deadline:
                 self.close_connection = True
@@ -295,9 +302,20 @@ class _Handler(BaseHTTPRequestHandler):
         if tail == ":predict":
             if method != "POST":
                 return error_reply(405, "use POST for :predict")
-            body = self._read_body()
-            active = app.registry.get(name, version)
-            return self._predict(active.runner, body)
+            length = self._body_length()
+            # large bodies one at a time: JSON grows ~10x in memory once parsed, and
+            # a small device must survive many clients sending the largest allowed
+            large = length > app.large_body_bytes
+            if large and not app.large_bodies.acquire(timeout=app.timeout_s):
+                self.close_connection = True
+                return error_reply(503, "busy with other large requests; try again", close=True)
+            try:
+                body = self._read_body(length)
+                active = app.registry.get(name, version)
+                return self._predict(active.runner, body)
+            finally:
+                if large:
+                    app.large_bodies.release()
         if method != "GET":
             self.close_connection = bool(self.headers.get("Content-Length"))
             return error_reply(405, f"{method} is not allowed on {path[:200]}")
@@ -335,6 +353,7 @@ class RestServer:
         timeout_s: float = 10.0,
         body_timeout_s: float = 60.0,
         max_connections: int = 32,
+        large_body_bytes: int = 1024 * 1024,
         counters: ApiCounters | None = None,
         ready: Callable[[], bool] | None = None,
     ) -> None:
@@ -347,6 +366,8 @@ class RestServer:
         self.timeout_s = timeout_s
         self.body_timeout_s = body_timeout_s
         self.max_connections = max_connections
+        self.large_body_bytes = large_body_bytes
+        self.large_bodies = threading.Semaphore(1)
         self.counters = counters or ApiCounters()
         self.ready = ready or default_ready(registry)
         self._server: _Server | None = None

@@ -424,3 +424,41 @@ def test_parse_npy_roundtrip_and_byte_order() -> None:
         np.testing.assert_array_equal(back, arr)
         assert back.dtype.isnative and back.flags.c_contiguous
         np.testing.assert_array_equal(np.load(io.BytesIO(npy.to_npy(back))), arr)
+
+
+def test_large_bodies_are_taken_one_at_a_time(tiny_models: TinyModels) -> None:
+    registry = ModelRegistry()
+    registry.activate(ActiveModel("digits", "1", "aa", runner(tiny_models.int8, "digits", "1")))
+    server = RestServer(registry, port=0, large_body_bytes=1000, timeout_s=0.5, body_timeout_s=5.0)
+    server.start()
+    try:
+        # a slow client holds the large-body slot while it trickles its body...
+        slow = socket.create_connection(server.address, timeout=5)
+        slow.sendall(b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{")
+        trickling = threading.Event()
+        trickling.set()
+
+        def trickle() -> None:
+            while trickling.is_set():
+                with contextlib.suppress(OSError):
+                    slow.sendall(b" ")
+                time.sleep(0.1)
+
+        t = threading.Thread(target=trickle)
+        t.start()
+        time.sleep(0.2)
+        big = json.dumps({"instances": digits(2).tolist()}).encode()
+        assert len(big) > 1000
+        code, data, _ = call(server, "POST", "/v1/models/digits:predict", big)
+        assert code == 503 and "large" in json.loads(data)["error"]
+        # ...small requests are not held up
+        small = json.dumps({"instances": [[[[0]] * 8] * 8]}).encode()
+        assert len(small) < 1000
+        assert call(server, "POST", "/v1/models/digits:predict", small)[0] == 200
+        trickling.clear()
+        t.join()
+        slow.close()
+        time.sleep(0.7)  # the slow request ends and frees the slot
+        assert call(server, "POST", "/v1/models/digits:predict", big)[0] == 200
+    finally:
+        server.stop()
