@@ -112,15 +112,33 @@ def test_ca_bundle_is_the_rootfs_own(userland: Userland) -> None:
     assert info["x509_ca"] == count
 
 
-def test_agent_runtime_loader_picks_the_architectures_litert(userland: Userland) -> None:
-    code = (
-        "import json, sys; from agent.runtime import resolve_runtime; rt = resolve_runtime();"
-        "print(json.dumps({'name': rt.name, 'version': rt.version,"
-        " 'host_side': [m for m in ('tensorflow', 'keras', 'converter') if m in sys.modules]}))"
-    )
-    info = _probe(userland, code)
-    expected = {"arm64": "litert", "armhf": "tflite_runtime"}[userland.spec.arch]
-    assert info["name"] == expected
+_AGENT_IMPORTS = r"""
+import importlib, json, pkgutil, sys
+import agent
+names = sorted(m.name for m in pkgutil.iter_modules(agent.__path__) if m.name != "__main__")
+failed = {}
+for name in names:
+    try:
+        importlib.import_module("agent." + name)
+    except Exception as exc:
+        failed[name] = repr(exc)
+from agent.runtime import resolve_runtime
+runtime = resolve_runtime()
+print(json.dumps({
+    "modules": names,
+    "failed": failed,
+    "runtime": runtime.name,
+    "host_side": [m for m in ("tensorflow", "keras", "converter") if m in sys.modules],
+}))
+"""
+
+
+def test_every_agent_module_imports_and_picks_the_architectures_litert(userland: Userland) -> None:
+    info = _probe(userland, _AGENT_IMPORTS)
+    assert "runtime" in info["modules"] and len(info["modules"]) > 5
+    assert info["failed"] == {}
+    assert info["runtime"] == {"arm64": "litert", "armhf": "tflite_runtime"}[userland.spec.arch]
+    # the device side never pulls in the host's packages
     assert info["host_side"] == []
 
 
