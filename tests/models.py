@@ -194,7 +194,7 @@ def mobilenet_v2(
     """Keras MobileNetV2 with random weights (``weights=None``: nothing downloaded).
 
     With ``weights=None`` every batch-norm layer starts with mean 0 / variance 1,
-    activations shrink about tenfold per block, and every output ends up exactly
+    activations shrink about threefold per block, and every output ends up exactly
     1/1000: any two models then "agree" trivially. Given ``bn_data``, the
     batch-norm statistics are set from one pass over it (momentum 0, training
     mode), so the random network produces varied, input-dependent outputs.
