@@ -81,16 +81,25 @@ class Agent:
         self.registry = ModelRegistry()
         self._clock = clock
         self._notifier = notifier
-        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = ModelStore(cfg.state_dir)
-        trusted_root = read_trusted_root(cfg.trusted_root)
         self._work: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self.status = "starting"
         self.error: str | None = None
         self._last_reported: tuple[str, str] | None = None
+        self._will_dirty = False
+        # metadata changes seen on paho's thread, and how many the last refresh covered
+        self._meta_changes = 0
+        self._seen_changes = -1
+        # events carry (boot, seq): QoS 1 is at-least-once, consumers drop repeats
+        self.boot_id = uuid.uuid4().hex[:12]
+        self._event_seq = 0
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = ModelStore(cfg.state_dir)
+        trusted_root = read_trusted_root(cfg.trusted_root)
         self.cache = RetainedMetadata(self.topics, on_change=self._on_metadata_change)
-        self.client = MqttClient(connection_settings(cfg, self._state_payload(online=False)))
         self.manager = ModelManager(
             store=self.store,
             state_file=StateFile(cfg.state_dir / "state.json"),
@@ -104,6 +113,8 @@ class Agent:
             event=self.event,
             clock=clock,
         )
+        # the will is the state message with online false; it is replaced after activations
+        self.client = MqttClient(connection_settings(cfg, b""))
         self.updater = ModelUpdater(
             device_id=cfg.device_id,
             groups=cfg.groups,
@@ -118,15 +129,6 @@ class Agent:
             tick=self._tick,
             wait_synced=self._wait_synced,
         )
-        self._will_dirty = False
-        # metadata changes seen on paho's thread, and how many the last refresh covered
-        self._meta_changes = 0
-        self._seen_changes = -1
-        # events carry (boot, seq): QoS 1 is at-least-once, consumers drop repeats
-        self.boot_id = uuid.uuid4().hex[:12]
-        self._event_seq = 0
-        self.started_at = time.time()
-        self.ready_at: float | None = None
 
     # -- events and state ------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
@@ -147,7 +149,7 @@ class Agent:
             self._will_dirty = True
 
     def _state_payload(self, *, online: bool) -> bytes:
-        models = self.manager.summary() if hasattr(self, "manager") else {}
+        models = self.manager.summary()
         first = next(iter(models.items()), None)
         snaps = [m.runner.stats.snapshot() for m in self.registry.snapshot().values()]
         inferences = sum(s.ok for s in snaps)
@@ -161,8 +163,9 @@ class Agent:
             "error": self.error,
             "models": models,
             "groups": list(self.cfg.groups),
-            "repo_version": self.updater.repo_version if hasattr(self, "updater") else None,
+            "repo_version": self.updater.repo_version,
             "agent_version": __version__,
+            "boot": self.boot_id,
             "inferences": inferences,
             "latency_ms_p50": round(p50, 3) if p50 is not None else None,
             "ts": round(time.time(), 3),
@@ -209,6 +212,7 @@ class Agent:
         self.status = "serving" if self.registry.names() else "idle"
         if self.manager.last_error:
             self.error = ": ".join(self.manager.last_error)
+        self.client.set_will(self._state_payload(online=False))
         self.client.add_connect_listener(self._on_connected)
         self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=1)
         self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)

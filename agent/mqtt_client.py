@@ -103,7 +103,7 @@ class MqttClient:
             self._client.tls_set_context(ctx)
         if settings.username:
             self._client.username_pw_set(settings.username, settings.password)
-        if settings.will_topic:
+        if settings.will_topic and settings.will_payload:
             self._client.will_set(settings.will_topic, settings.will_payload, qos=1,
                                   retain=settings.will_retain)
         self._client.on_connect = self._on_connect
@@ -166,6 +166,12 @@ class MqttClient:
         finally:
             self._client.loop_stop()
             self._connected.clear()
+
+    def set_will(self, payload: bytes) -> None:
+        """Set the will message before :meth:`start`."""
+        if not self.settings.will_topic:
+            raise ValueError("no will_topic in the connection settings")
+        self._client.will_set(self.settings.will_topic, payload, qos=1, retain=self.settings.will_retain)
 
     def replace_will(self, payload: bytes) -> None:
         """Change the will message. MQTT fixes the will at connect time, so this

@@ -30,7 +30,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater
 
 from agent.activation import DeviceState, Installed, Plan, plan_release
-from agent.chunk_fetch import ChunkDownloader
+from agent.chunk_fetch import ChunkDownloader, DownloadStats
 from agent.errors import ModelRejectedError, StorageError, TransportError
 from agent.metadata_fetch import METADATA_URL, MqttMetadataFetcher, RetainedMetadata
 from agent.protocol import (
@@ -228,14 +228,20 @@ class ModelUpdater:
                     and set(files) == set(infos):
                 return Candidate(rel, installed, files)
         files: dict[str, Path] = {}
+        received = present = 0
         for role, info in infos.items():
-            files[role] = self._download(info, rel, role, should_stop)
-        self._event("verified", model=rel.name, version=rel.version, sha256=installed.sha256)
+            files[role], stats = self._download(info, rel, role, should_stop)
+            received += stats.bytes_received
+            present += stats.chunks_present
+        # bytes_received: what this process took off the wire for this release;
+        # chunks_present: verified chunks it found on disk (a resumed download)
+        self._event("verified", model=rel.name, version=rel.version, sha256=installed.sha256,
+                    bytes=total, bytes_received=received, chunks_present=present)
         self._store.install(rel.name, rel.version, files)
         return Candidate(rel, installed, self._store.files(rel.name, rel.version))
 
     def _download(self, info: TargetFile, rel: ModelRelease, role: str,
-                  should_stop: Callable[[], bool]) -> Path:
+                  should_stop: Callable[[], bool]) -> tuple[Path, DownloadStats]:
         sha = info.hashes["sha256"]
         dest = self._store.download_path(sha)
         try:
@@ -252,10 +258,11 @@ class ModelUpdater:
                 self._event("downloading", model=rel.name, version=rel.version,
                             bytes=done, total=total, progress=round(done / total, 3) if total else 1.0)
 
+        stats = DownloadStats()
         try:
             if not dest.exists():
-                self.downloader.download(target_file, info.length, chunks, dest,
-                                         progress=progress, should_stop=should_stop)
+                stats = self.downloader.download(target_file, info.length, chunks, dest,
+                                                 progress=progress, should_stop=should_stop)
             with open(dest, "rb") as f:
                 info.verify_length_and_hashes(f)
         except tuf_errors.LengthOrHashMismatchError as exc:
@@ -267,7 +274,7 @@ class ModelUpdater:
         except StorageError:
             self._store.discard_download(sha)
             raise
-        return dest
+        return dest, stats
 
 
 def read_trusted_root(path: Path) -> bytes:

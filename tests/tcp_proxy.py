@@ -1,0 +1,121 @@
+"""A fault-injecting TCP proxy for tests: throttle, delay, slice and cut connections.
+
+``FaultProxy(upstream_port)`` listens on a free loopback port and forwards
+each accepted connection to the upstream port. While it runs, a test can:
+
+* ``rate_bytes_s``: limit the downstream direction (upstream -> client);
+* ``delay_s``: hold each forwarded piece for a while;
+* ``slice_bytes``: forward in tiny pieces (exercises partial reads);
+* ``cut()``: drop every open connection at once (a network drop);
+* ``refuse``: refuse new connections (the network stays down);
+* ``bytes_down``: count what went to clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+
+class FaultProxy:
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.rate_bytes_s: float | None = None
+        self.delay_s = 0.0
+        self.slice_bytes: int | None = None
+        self.refuse = False
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = int(self._listener.getsockname()[1])
+        self._closed = False
+        threading.Thread(target=self._accept_loop, daemon=True, name="proxy-accept").start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.refuse:
+                client.close()
+                continue
+            try:
+                up = socket.create_connection(self.upstream, timeout=2)
+            except OSError:
+                client.close()
+                continue
+            up.settimeout(None)
+            with self._lock:
+                self._socks.update((client, up))
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(up, client, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, up, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                pieces = [data]
+                if self.slice_bytes:
+                    n = self.slice_bytes
+                    pieces = [data[i : i + n] for i in range(0, len(data), n)]
+                for piece in pieces:
+                    if self.delay_s:
+                        time.sleep(self.delay_s)
+                    if downstream and self.rate_bytes_s:
+                        time.sleep(len(piece) / self.rate_bytes_s)
+                    dst.sendall(piece)
+                    with self._lock:
+                        if downstream:
+                            self.bytes_down += len(piece)
+                        else:
+                            self.bytes_up += len(piece)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+                with self._lock:
+                    self._socks.discard(s)
+
+    def cut(self) -> int:
+        """Drop every open connection; returns how many sockets were closed."""
+        with self._lock:
+            socks = list(self._socks)
+            self._socks.clear()
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+        return len(socks)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        self.cut()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
