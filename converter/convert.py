@@ -188,6 +188,11 @@ def convert_model(
         if existing:
             raise BadInputError(f"{', '.join(existing)} already exist(s); use --force to overwrite")
     modes, strict = _variant_plan(quantize, candidates, compare)
+    if calibration is None and validate is None:  # refuse before loading anything
+        if quantize in CALIBRATED_MODES:
+            raise BadInputError(f"--quantize {quantize} needs calibration data (--calibration DATA)")
+        if quantize == "auto":
+            raise BadInputError("--quantize auto needs --validate DATA (or --calibration DATA)")
     notes: list[str] = []
 
     say("loading the model")
@@ -195,18 +200,10 @@ def convert_model(
     say("reading data")
     cal = load_dataset(calibration, "calibration", source.inputs) if calibration else None
     val = load_dataset(validate, "validation", source.inputs) if validate else None
-    if cal is None and any(m in CALIBRATED_MODES for m in modes):
-        if val is None:
-            if strict and modes[0] in CALIBRATED_MODES:
-                raise BadInputError(
-                    f"--quantize {modes[0]} needs calibration data (--calibration DATA)"
-                )
-        else:
-            cal = val
-            notes.append("no --calibration given: calibrated on the validation data")
+    if cal is None and val is not None and any(m in CALIBRATED_MODES for m in modes):
+        cal = val
+        notes.append("no --calibration given: calibrated on the validation data")
     evaluation = val if val is not None else (cal if quantize == "auto" else None)
-    if quantize == "auto" and evaluation is None:
-        raise BadInputError("--quantize auto needs --validate DATA (or --calibration DATA)")
     if quantize == "auto" and val is None:
         notes.append("no --validate given: auto compared variants on the calibration data")
 

@@ -148,13 +148,20 @@ def test_calibration_that_does_not_fit_is_exit_2(
     assert list(out_dir.iterdir()) == []
 
 
-def test_int8_without_calibration_is_exit_2(
-    capfd: pytest.CaptureFixture[str], digits_files: dict[str, Path], out_dir: Path
+@pytest.mark.parametrize(
+    ("mode", "fragment"),
+    [("int8", "needs calibration data"), ("int16x8", "needs calibration data"),
+     ("auto", "auto needs --validate DATA")],
+)
+def test_modes_that_need_data_refuse_without_it(
+    capfd: pytest.CaptureFixture[str], digits_files: dict[str, Path], out_dir: Path,
+    mode: str, fragment: str,
 ) -> None:
     rc, _, err = run(capfd, str(digits_files["keras"]), "-o", str(out_dir / "m.tflite"),
-                     "--quantize", "int8")
+                     "--quantize", mode)
     assert rc == 2
-    assert_one_line_error(err, "needs calibration data")
+    assert_one_line_error(err, fragment)
+    assert list(out_dir.iterdir()) == []
 
 
 def test_ops_int8_cannot_express_are_named_exit_2(
