@@ -62,15 +62,24 @@ class ConnectionSettings:
 
 
 class _Delivery:
-    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+    """A publish in flight. ``wait`` is True only when the broker accepted it: with
+    MQTT 5 a refused publish (an ACL says no) is acknowledged with a failure
+    reason code (>= 0x80), which counts as not delivered."""
+
+    def __init__(self, info: paho.MQTTMessageInfo, refused: dict[int, str]) -> None:
         self._info = info
+        self._refused = refused
 
     def wait(self, timeout_s: float) -> bool:
         try:
             self._info.wait_for_publish(timeout_s)
         except (RuntimeError, ValueError):
             return False  # the connection went away before the broker acknowledged
-        return self._info.is_published()
+        return self._info.is_published() and self._info.mid not in self._refused
+
+    @property
+    def refused_reason(self) -> str | None:
+        return self._refused.get(self._info.mid)
 
 
 def _describe_rc(rc: Any) -> str:
@@ -110,6 +119,9 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
+        # mid -> reason of publishes the broker refused (bounded)
+        self._refused: dict[int, str] = {}
         self._lock = threading.Lock()
         # filter -> (qos, handler); re-subscribed after every reconnect
         self._subs: dict[str, tuple[int, Handler]] = {}
@@ -227,7 +239,8 @@ class MqttClient:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish to {topic} failed: {_describe_rc(info.rc)}")
-        delivery = _Delivery(info)
+        self._refused.pop(info.mid, None)
+        delivery = _Delivery(info, self._refused)
         if qos:
             self._last_delivery = delivery
         return delivery
@@ -320,6 +333,15 @@ class MqttClient:
         elif any(rc.is_failure for rc in reason_codes):
             logger.warning("broker refused a subscription (mid %s): %s", mid,
                            ", ".join(str(rc) for rc in reason_codes))
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode,
+                    properties: Any = None) -> None:
+        # 0x10 "no matching subscribers" is a success; >= 0x80 is a refusal
+        if isinstance(rc, ReasonCode) and rc.is_failure:
+            if len(self._refused) > 1024:
+                self._refused.pop(next(iter(self._refused)))
+            self._refused[mid] = str(rc)
+            logger.warning("broker refused publish %s: %s", mid, rc)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)

@@ -92,9 +92,22 @@ class Topics:
             return None
         return parts[0], parts[1]
 
-    def reply(self, client_id: str) -> str:
-        """Where the host asks a device to answer an inference request."""
-        return f"{self.base}/replies/{client_id}"
+    def reply(self, client_id: str, device_id: str) -> str:
+        """Where a requester (``client_id``) asks ``device_id`` to answer an inference
+        request; it subscribes to ``replies/<client_id>/#``."""
+        return f"{self.base}/replies/{client_id}/{device_id}"
+
+    def reply_allowed(self, device_id: str, topic: str) -> bool:
+        """Whether a request's response topic is one this device may answer on:
+        ``<base>/replies/<requester>/<device_id>[/...]``, no wildcards. The secure
+        broker's ACL enforces the same rule; checking first saves a refused publish."""
+        if "+" in topic or "#" in topic:
+            return False
+        head = f"{self.base}/replies/"
+        if not topic.startswith(head):
+            return False
+        parts = topic[len(head):].split("/")
+        return len(parts) >= 2 and bool(parts[0]) and parts[1] == device_id
 
 
 # -- target names ----------------------------------------------------------------

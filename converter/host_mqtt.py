@@ -19,8 +19,9 @@ from converter.errors import BadInputError
 
 
 def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    parser.add_argument("--broker", required=required,
-                        help="mqtt://[user[:password]@]host[:port] or mqtts://...")
+    # required in effect: settings_from_args insists on --broker or --secure-dir
+    parser.add_argument("--broker", help="mqtt://[user[:password]@]host[:port] or mqtts://..."
+                        + ("" if required else " (optional)"))
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
     parser.add_argument("--ca-file", help="CA certificate for mqtts:// (PEM)")
     parser.add_argument("--cert-file", help="client certificate (PEM)")
@@ -31,23 +32,28 @@ def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = True) -
 
 
 def settings_from_args(args: argparse.Namespace, role: str) -> ConnectionSettings:
-    try:
-        addr = parse_broker_url(args.broker)
-    except ConfigError as exc:
-        raise BadInputError(str(exc)) from exc
-    ca, cert, key = args.ca_file, args.cert_file, args.key_file
-    username, password = addr.username, addr.password
     secure_dir = getattr(args, "secure_dir", None) or (
         Path(os.environ["LITEFLEET_SECURE_DIR"]) if os.environ.get("LITEFLEET_SECURE_DIR") else None)
+    host: dict[str, object] = {}
     if secure_dir is not None:
         from converter.secure_broker import host_client_settings
 
         host = host_client_settings(secure_dir)
+    url = args.broker or host.get("url")
+    if not url:
+        raise BadInputError("give --broker URL (or --secure-dir DIR of a secure broker)")
+    try:
+        addr = parse_broker_url(str(url))
+    except ConfigError as exc:
+        raise BadInputError(str(exc)) from exc
+    ca, cert, key = args.ca_file, args.cert_file, args.key_file
+    username, password = addr.username, addr.password
+    if host:
         ca = ca or host.get("ca_file")
         cert = cert or host.get("cert_file")
         key = key or host.get("key_file")
-        username = username or host.get("username")
-        password = password or host.get("password")
+        username = username or host.get("username")  # type: ignore[assignment]
+        password = password or host.get("password")  # type: ignore[assignment]
     if args.password_file:
         try:
             password = Path(args.password_file).read_text().strip()
@@ -60,7 +66,8 @@ def settings_from_args(args: argparse.Namespace, role: str) -> ConnectionSetting
             raise BadInputError(f"{label} {path} does not exist")
     return ConnectionSettings(
         host=addr.host, port=addr.port,
-        client_id=f"litefleet-{role}-{uuid.uuid4().hex[:8]}",
+        # "_" never starts a device id: a host client can never take a device's session
+        client_id=f"{host.get('client_id_prefix', '_lf-host-')}{role}-{uuid.uuid4().hex[:8]}",
         tls=addr.tls, ca_file=ca, cert_file=cert, key_file=key,
         username=username, password=password,
     )

@@ -34,6 +34,10 @@ class RepoPublisher:
     def _wait(self, deliveries: list[tuple[str, object]]) -> None:
         for topic, d in deliveries:
             if not d.wait(ACK_TIMEOUT_S):  # type: ignore[attr-defined]
+                refused = getattr(d, "refused_reason", None)
+                if refused:
+                    raise TransportError(f"the broker refused {topic}: {refused} "
+                                         "(is this the host identity?)")
                 raise TransportError(f"the broker did not acknowledge {topic}")
 
     def upload(self, uploads: list[TargetUpload], progress: ProgressFn | None = None) -> int:

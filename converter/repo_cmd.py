@@ -118,9 +118,9 @@ def run_publish(args: argparse.Namespace) -> int:
 def run_resign(args: argparse.Namespace) -> int:
     repo = Repository.open(args.dir)
     plan = repo.resign()
-    if args.broker:
+    if args.broker or args.secure_dir:
         _publish(repo, args, repo.pending_uploads(), plan)
     sys.stdout.write(f"signed targets v{repo.targets.signed.version}; timestamp expires "
                      f"{repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC"
-                     + ("; published\n" if args.broker else "; publish with `litefleet repo publish`\n"))
+                     + ("; published\n" if args.broker or args.secure_dir else "; publish with `litefleet repo publish`\n"))
     return 0
