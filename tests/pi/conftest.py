@@ -14,10 +14,10 @@ from .reference import ensure_host_tflite_runtime
 from .userland import ARCHES, Userland, ensure_userland, qemu_binary
 
 
-def _userland(arch: str) -> Userland:
+def _userland(arch: str, board: str | None = None) -> Userland:
     if qemu_binary(arch) is None:
         pytest.skip(f"{ARCHES[arch].qemu} is not installed (apt-get install qemu-user-static)")
-    return ensure_userland(arch)
+    return ensure_userland(arch, board=board)
 
 
 @pytest.fixture(scope="session", params=sorted(ARCHES))
@@ -30,6 +30,12 @@ def userland(request: pytest.FixtureRequest) -> Userland:
 def arm64_userland() -> Userland:
     """64-bit Raspberry Pi OS userland: Pi 4 (Cortex-A72), ai-edge-litert."""
     return _userland("arm64")
+
+
+@pytest.fixture(scope="session", params=[b.name for b in ARCHES["arm64"].boards])
+def arm64_board_userland(request: pytest.FixtureRequest) -> Userland:
+    """The arm64 userland as each 64-bit board in turn: Pi 4, Pi 5, Pi 3 (their cores)."""
+    return _userland("arm64", request.param)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from .specs import (
     SYS_PATH_DIRS,
     TRAMPOLINE,
     ArchSpec,
+    Board,
     UserlandBuildError,
     emulated_python_command,
     guest_environment,
@@ -36,14 +37,14 @@ from .specs import (
 logger = logging.getLogger(__name__)
 
 
-def write_trampoline(spec: ArchSpec, qemu: str, root: Path) -> None:
+def write_trampoline(cpu: str, qemu: str, root: Path) -> None:
     """(Re)write TRAMPOLINE for this qemu and this rootfs location; a no-op when current."""
     # "$0", not a fixed path: a venv's bin/python linked to the trampoline must see itself
     # as argv[0], or Python would not find the venv's pyvenv.cfg
     text = (
         "#!/bin/sh\n"
         "# written by tests/pi/userland.py: run the rootfs's python3.11 under qemu\n"
-        f'exec {shlex.quote(qemu)} -0 "$0" -cpu {spec.cpu} -L {shlex.quote(str(root))} '
+        f'exec {shlex.quote(qemu)} -0 "$0" -cpu {cpu} -L {shlex.quote(str(root))} '
         f'{shlex.quote(str(root / PYTHON))} "$@"\n'
     )
     path = root / TRAMPOLINE
@@ -350,8 +351,6 @@ def build_rootfs(spec: ArchSpec, home: Path, qemu: str, debs: list[Path], wheels
         path.symlink_to(target)
     relinked = relativise_symlinks(partial)
     certs = build_ca_bundle(partial)
-    (partial / "proc").mkdir(exist_ok=True)
-    (partial / "proc/cpuinfo").write_text(spec.cpuinfo)
     # ld.so reads /etc/ld.so.cache; absent from the rootfs, qemu would hand it the host's
     (partial / "etc/ld.so.cache").write_bytes(b"")
     (home / "home").mkdir(exist_ok=True)
@@ -365,15 +364,31 @@ def build_rootfs(spec: ArchSpec, home: Path, qemu: str, debs: list[Path], wheels
     )
     # byte-compile as dpkg's py3compile and pip would, with the emulated interpreter itself
     # (an emulated import of numpy + LiteRT takes ~4.5 s from source, ~1 s from .pyc)
-    write_trampoline(spec, qemu, partial)
+    cpu = spec.board().cpu
+    write_trampoline(cpu, qemu, partial)
     folders = [str(partial / d) for d in ("usr/lib/python3.11", *SYS_PATH_DIRS)]
     run_build_tool(
-        emulated_python_command(spec, qemu, partial, ["-m", "compileall", "-q", "-j0", *folders]),
+        emulated_python_command(cpu, qemu, partial, ["-m", "compileall", "-q", "-j0", *folders]),
         what="byte-compiling the rootfs",
         env=guest_environment(home),
         timeout_s=900,
     )
+    # each board writes its own (its CPU, its location)
+    (partial / TRAMPOLINE).unlink()
     return partial
+
+
+def clone_for_board(base: Path, board: Board, dest: Path) -> Path:
+    """``dest/rootfs``: ``base`` hard-linked (``cp -al``: instant, no extra space) plus the
+    board's ``/proc/cpuinfo``. Files are shared with ``base``: write only by replacing."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    partial = dest / "rootfs.partial"
+    run_build_tool(["cp", "-al", str(base), str(partial)], what=f"cloning the rootfs for {board.name}")
+    (partial / "proc").mkdir(exist_ok=True)
+    (partial / "proc/cpuinfo").write_text(board.cpuinfo)
+    partial.rename(dest / "rootfs")
+    return dest / "rootfs"
 
 
 def sha256_file(path: Path) -> str:

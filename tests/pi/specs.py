@@ -1,9 +1,11 @@
 """What an emulated Raspberry Pi userland is made of, and how its Python is started.
 
 One :class:`ArchSpec` per Debian architecture fixes everything that goes into a rootfs
-(Debian packages, exact wheel pins, the qemu CPU model, the ``/proc/cpuinfo`` it reads); its
-JSON form, with :data:`SUITES` and :data:`BUILDER_VERSION`, is the cache key, so changing
-any of them rebuilds. Pure data and command lines: nothing here touches the disk or network.
+(Debian packages, exact wheel pins); its JSON form, with :data:`SUITES` and
+:data:`BUILDER_VERSION`, is the cache key, so changing any of them rebuilds. Its
+:class:`Board` list says which Raspberry Pi models the rootfs runs as: the core qemu emulates
+and the ``/proc/cpuinfo`` it reads. Pure data and command lines: nothing here touches the
+disk or network.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "pi"
 
 # Bump when a build step changes what ends up in the rootfs: every cache is rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
@@ -43,62 +45,83 @@ SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
 # path lookup falls back to the host's folder of the same name
 SYS_PATH_DIRS = (SITE_PACKAGES, "usr/lib/python3/dist-packages")
 
-_PI4_CORE = """\
+# /proc/cpuinfo of each board, as its Raspberry Pi OS kernel prints it. LiteRT's CPU
+# detection reads the part number (and segfaults without an ARM one); XNNPACK picks kernels
+# by it, so it must be the core qemu emulates (-cpu).
+_ARM64_CORE = """\
 processor\t: {n}
 BogoMIPS\t: 108.00
-Features\t: fp asimd evtstrm crc32 cpuid
+Features\t: {features}
 CPU implementer\t: 0x41
 CPU architecture: 8
-CPU variant\t: 0x0
-CPU part\t: 0xd08
-CPU revision\t: 3
+CPU variant\t: {variant}
+CPU part\t: {part}
+CPU revision\t: {revision}
 """
-_PI2_CORE = """\
+_ARMV7_CORE = """\
 processor\t: {n}
-model name\t: ARMv7 Processor rev 5 (v7l)
+model name\t: ARMv7 Processor rev {revision} (v7l)
 BogoMIPS\t: 38.40
-Features\t: half thumb fastmult vfp edsp neon vfpv3 tls vfpv4 idiva idivt vfpd32 lpae evtstrm
+Features\t: {features}
 CPU implementer\t: 0x41
 CPU architecture: 7
-CPU variant\t: 0x0
-CPU part\t: 0xc07
-CPU revision\t: 5
+CPU variant\t: {variant}
+CPU part\t: {part}
+CPU revision\t: {revision}
 """
 
 
-def _cpuinfo(core: str, cores: int, revision: str, model: str) -> str:
-    body = "\n".join(core.format(n=n) for n in range(cores))
+def _cpuinfo(core: str, revision_code: str, model: str, **fields: str) -> str:
+    body = "\n".join(core.format(n=n, **fields) for n in range(4))
     return (
-        f"{body}\nHardware\t: BCM2835\nRevision\t: {revision}\n"
+        f"{body}\nHardware\t: BCM2835\nRevision\t: {revision_code}\n"
         f"Serial\t\t: 100000000badc0de\nModel\t\t: {model}\n"
     )
 
 
 @dataclass(frozen=True)
+class Board:
+    """One Raspberry Pi model: the core qemu emulates and the /proc/cpuinfo it reads."""
+
+    name: str  # short id: pi4
+    title: str
+    cpu: str  # qemu -cpu model
+    cpuinfo: str
+
+
+@dataclass(frozen=True)
 class ArchSpec:
-    """Everything that defines one emulated userland; its JSON form is the cache key."""
+    """Everything that defines one rootfs; its JSON form (boards aside) is the cache key."""
 
     arch: str  # Debian architecture name
     triplet: str  # multiarch library folder
     qemu: str  # qemu user-mode binary, run explicitly (no binfmt_misc here)
-    cpu: str  # qemu -cpu model: the CPU the board has (or the closest qemu offers)
     machine: str  # platform.machine() inside
-    board: str  # what /proc/cpuinfo describes
-    cpuinfo: str
+    os_name: str
     runtime_module: str  # module that holds the LiteRT ``Interpreter``
     debs: tuple[str, ...]  # Debian packages to install, with their dependencies
     wheels: tuple[str, ...]  # exact pins, installed with --no-deps (this is the lock)
     pip_platforms: tuple[str, ...]
+    # boards this rootfs runs as; the first is the default. Each is a hard-linked copy of
+    # the rootfs with its own /proc/cpuinfo, so boards do not enter the rootfs's key.
+    boards: tuple[Board, ...]
     # links the packages' install scripts would make (update-alternatives): link -> target,
     # both relative to the rootfs, the target relative to the link's folder
     alternatives: tuple[tuple[str, str], ...] = ()
 
     def key(self) -> str:
-        blob = json.dumps(
-            {"spec": asdict(self), "suites": SUITES, "builder": BUILDER_VERSION},
-            sort_keys=True,
-        )
+        recipe = {k: v for k, v in asdict(self).items() if k != "boards"}
+        blob = json.dumps({"spec": recipe, "suites": SUITES, "builder": BUILDER_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def board(self, name: str | None = None) -> Board:
+        """The board called ``name``, or the default one."""
+        if name is None:
+            return self.boards[0]
+        for board in self.boards:
+            if board.name == name:
+                return board
+        raise ValueError(f"{self.arch} has no board {name!r}; choose from {[b.name for b in self.boards]}")
 
 
 _COMMON_DEBS = (
@@ -115,16 +138,73 @@ _PURE_WHEELS = (
     "urllib3==2.8.0",
 )
 
+# qemu's default -cpu max advertises SVE/SME and int8 results come out wrong: always a real core
+PI4 = Board(
+    name="pi4",
+    title="Raspberry Pi 4 Model B (Cortex-A72)",
+    cpu="cortex-a72",
+    cpuinfo=_cpuinfo(
+        _ARM64_CORE,
+        "c03111",
+        "Raspberry Pi 4 Model B Rev 1.1",
+        features="fp asimd evtstrm crc32 cpuid",
+        variant="0x0",
+        part="0xd08",
+        revision="3",
+    ),
+)
+PI5 = Board(
+    name="pi5",
+    title="Raspberry Pi 5 Model B (Cortex-A76)",
+    cpu="cortex-a76",
+    cpuinfo=_cpuinfo(
+        _ARM64_CORE,
+        "d04170",
+        "Raspberry Pi 5 Model B Rev 1.0",
+        features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
+        "asimdrdm lrcpc dcpop asimddp",
+        variant="0x4",
+        part="0xd0b",
+        revision="1",
+    ),
+)
+PI3 = Board(
+    name="pi3",
+    title="Raspberry Pi 3 Model B (Cortex-A53; also Zero 2 W)",
+    cpu="cortex-a53",
+    cpuinfo=_cpuinfo(
+        _ARM64_CORE,
+        "a02082",
+        "Raspberry Pi 3 Model B Rev 1.2",
+        features="fp asimd evtstrm crc32 cpuid",
+        variant="0x0",
+        part="0xd03",
+        revision="4",
+    ),
+)
+# qemu-arm has no Cortex-A53/A72: the 32-bit OS is emulated on a Pi 2's Cortex-A7 (ARMv7 + NEON)
+PI2 = Board(
+    name="pi2",
+    title="Raspberry Pi 2 Model B (Cortex-A7)",
+    cpu="cortex-a7",
+    cpuinfo=_cpuinfo(
+        _ARMV7_CORE,
+        "a21041",
+        "Raspberry Pi 2 Model B Rev 1.1",
+        features="half thumb fastmult vfp edsp neon vfpv3 tls vfpv4 idiva idivt vfpd32 lpae evtstrm",
+        variant="0x0",
+        part="0xc07",
+        revision="5",
+    ),
+)
+
 ARCHES: dict[str, ArchSpec] = {
     "arm64": ArchSpec(
         arch="arm64",
         triplet="aarch64-linux-gnu",
         qemu="qemu-aarch64-static",
-        # -cpu max advertises SME and int8 results come out wrong; the Pi 4's core is exact
-        cpu="cortex-a72",
         machine="aarch64",
-        board="Raspberry Pi 4 Model B, 64-bit Raspberry Pi OS (Debian 12 bookworm arm64)",
-        cpuinfo=_cpuinfo(_PI4_CORE, 4, "c03111", "Raspberry Pi 4 Model B Rev 1.1"),
+        os_name="64-bit Raspberry Pi OS (Debian 12 bookworm arm64)",
         runtime_module="ai_edge_litert.interpreter",
         debs=_COMMON_DEBS,
         wheels=(
@@ -145,21 +225,20 @@ ARCHES: dict[str, ArchSpec] = {
             "manylinux2014_aarch64",
             "manylinux_2_17_aarch64",
         ),
+        boards=(PI4, PI5, PI3),
     ),
     "armhf": ArchSpec(
         arch="armhf",
         triplet="arm-linux-gnueabihf",
         qemu="qemu-arm-static",
-        # qemu-arm has no Cortex-A53/A72; the Cortex-A7 is a Pi 2's core (ARMv7 + NEON)
-        cpu="cortex-a7",
         machine="armv7l",
-        board="Raspberry Pi 2 Model B, 32-bit Raspberry Pi OS (Debian 12 bookworm armhf)",
-        cpuinfo=_cpuinfo(_PI2_CORE, 4, "a21041", "Raspberry Pi 2 Model B Rev 1.1"),
+        os_name="32-bit Raspberry Pi OS (Debian 12 bookworm armhf)",
         runtime_module="tflite_runtime.interpreter",
         # PyPI has no armv7 numpy wheels: Debian's own, as `apt install python3-numpy` gives
         debs=(*_COMMON_DEBS, "python3-numpy"),
         wheels=("tflite-runtime==2.14.0", *_PURE_WHEELS),
         pip_platforms=("manylinux_2_34_armv7l", "linux_armv7l"),
+        boards=(PI2,),
         alternatives=(
             # libblas3/liblapack3 register these with update-alternatives in postinst
             ("usr/lib/arm-linux-gnueabihf/libblas.so.3", "blas/libblas.so.3"),
@@ -174,7 +253,7 @@ class UserlandBuildError(RuntimeError):
 
 
 def emulated_python_command(
-    spec: ArchSpec, qemu: str, root: Path, args: Sequence[str | os.PathLike[str]]
+    cpu: str, qemu: str, root: Path, args: Sequence[str | os.PathLike[str]]
 ) -> list[str]:
     # qemu opens the program itself on the host (so the rootfs path), and -L makes the
     # guest's every path lookup try ROOTFS/<path> first, then the host's <path>
@@ -183,7 +262,7 @@ def emulated_python_command(
         "-0",
         str(root / TRAMPOLINE),
         "-cpu",
-        spec.cpu,
+        cpu,
         "-L",
         str(root),
         str(root / PYTHON),

@@ -3,8 +3,9 @@
 What these prove, per architecture: the very wheels (and, on armhf, Debian's numpy) a Pi
 installs import in the Pi's own Python; nothing is loaded from the host; the agent's
 runtime loader picks the architecture's LiteRT; the converter's int8 digits model gives
-bit-exact outputs (arm64: vs the host's LiteRT; armhf: vs the host's tflite-runtime of the
-same version, and within the golden vectors' tolerance of the host's LiteRT); MQTT 5
+bit-exact outputs (arm64 as a Pi 4, Pi 5 and Pi 3: vs the host's LiteRT; armhf: vs the
+host's tflite-runtime of the same version, and within the golden vectors' tolerance of the
+host's LiteRT); MQTT 5
 request/response reaches a Mosquitto on the host, in plain TCP and in TLS.
 """
 
@@ -92,7 +93,7 @@ def test_device_stack_imports_inside_the_userland(userland: Userland) -> None:
     assert mapped, "no mapped files reported"
     outside = [p for p in mapped if not p.startswith(str(userland.root) + "/")]
     assert outside == []
-    assert info["cpuinfo_model"] == [userland.spec.cpuinfo.split("Model\t\t: ")[1].strip()]
+    assert info["cpuinfo_model"] == [userland.board.cpuinfo.split("Model\t\t: ")[1].strip()]
     assert info["ca_certs"] > 100
 
 
@@ -180,7 +181,7 @@ def _emulated(userland: Userland, model: Any, inputs: Path, out: Path) -> dict[s
 
 
 def test_int8_digits_is_bit_exact_on_arm64(
-    arm64_userland: Userland, digits_int8: Any, tmp_path: Path
+    arm64_board_userland: Userland, digits_int8: Any, tmp_path: Path
 ) -> None:
     inputs = _digits_inputs(digits_int8, tmp_path / "inputs.npz")
     host = _infer(
@@ -193,7 +194,7 @@ def test_int8_digits_is_bit_exact_on_arm64(
             tmp_path / "host.npz",
         ]
     )
-    guest = _emulated(arm64_userland, digits_int8, inputs, tmp_path / "guest.npz")
+    guest = _emulated(arm64_board_userland, digits_int8, inputs, tmp_path / "guest.npz")
 
     assert guest["version"] == host["version"]
     expected, got = _outputs(tmp_path / "host.npz"), _outputs(tmp_path / "guest.npz")

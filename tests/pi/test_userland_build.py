@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .rootfs_build import install_wheel, optional_suites_failed, relativise_symlinks
+from .rootfs_build import clone_for_board, install_wheel, optional_suites_failed, relativise_symlinks
 from .specs import ARCHES
 from .userland import _reusable
 
@@ -58,22 +58,21 @@ def test_cache_key_follows_every_input() -> None:
     changed = [
         dataclasses.replace(spec, wheels=("numpy==2.4.5", *spec.wheels[1:])),
         dataclasses.replace(spec, debs=(*spec.debs, "libatomic1")),
-        dataclasses.replace(spec, cpu="cortex-a76"),
-        dataclasses.replace(spec, cpuinfo=spec.cpuinfo.replace("0xd08", "0xd0b")),
+        dataclasses.replace(spec, pip_platforms=spec.pip_platforms[:1]),
     ]
     assert len({spec.key(), *(c.key() for c in changed)}) == 1 + len(changed)
+    # boards are hard-linked copies with their own cpuinfo: adding one rebuilds nothing
+    assert dataclasses.replace(spec, boards=spec.boards[:1]).key() == spec.key()
 
 
 def test_a_stale_or_half_built_cache_is_not_reused(tmp_path: Path) -> None:
     spec = ARCHES["arm64"]
     home = tmp_path / "arm64"
     (home / "rootfs/usr/bin").mkdir(parents=True)
-    (home / "rootfs/proc").mkdir()
     assert _reusable(spec, home) is None  # no manifest
     (home / "manifest.json").write_text(json.dumps({"key": spec.key()}))
     assert _reusable(spec, home) is None  # no interpreter
     (home / "rootfs/usr/bin/python3.11").write_bytes(b"")
-    (home / "rootfs/proc/cpuinfo").write_text(spec.cpuinfo)
     assert _reusable(spec, home) == {"key": spec.key()}
     (home / "manifest.json").write_text(json.dumps({"key": "0" * 16}))
     assert _reusable(spec, home) is None  # built from other inputs
@@ -100,8 +99,28 @@ def test_only_an_optional_suite_may_fail_to_update(stderr: str, expected: list[s
 
 
 def test_cpuinfo_describes_the_emulated_core() -> None:
-    # LiteRT reads the part number; it must be the core qemu emulates for that board
-    parts = {"cortex-a72": "0xd08", "cortex-a7": "0xc07"}
+    # LiteRT reads the part number; XNNPACK picks kernels by it: it must be qemu's core
+    parts = {"cortex-a53": "0xd03", "cortex-a72": "0xd08", "cortex-a76": "0xd0b", "cortex-a7": "0xc07"}
     for spec in ARCHES.values():
-        assert f"CPU part\t: {parts[spec.cpu]}" in spec.cpuinfo
-        assert spec.cpuinfo.count("processor\t:") == 4
+        assert len({b.name for b in spec.boards}) == len(spec.boards)
+        for board in spec.boards:
+            assert f"CPU part\t: {parts[board.cpu]}" in board.cpuinfo
+            assert board.cpuinfo.count("processor\t:") == 4
+    assert ARCHES["arm64"].board().name == "pi4"
+    with pytest.raises(ValueError, match="no board"):
+        ARCHES["armhf"].board("pi5")
+
+
+def test_a_board_is_a_hard_linked_copy_with_its_own_cpuinfo(tmp_path: Path) -> None:
+    base = tmp_path / "rootfs"
+    (base / "usr/bin").mkdir(parents=True)
+    (base / "usr/bin/python3.11").write_bytes(b"\x7fELF")
+    (base / "usr/bin/python3").symlink_to("python3.11")
+    board = ARCHES["arm64"].board("pi5")
+
+    root = clone_for_board(base, board, tmp_path / "boards/pi5")
+
+    assert (root / "proc/cpuinfo").read_text() == board.cpuinfo
+    assert not (base / "proc").exists()
+    assert (root / "usr/bin/python3.11").stat().st_ino == (base / "usr/bin/python3.11").stat().st_ino
+    assert str((root / "usr/bin/python3").readlink()) == "python3.11"

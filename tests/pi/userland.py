@@ -16,7 +16,8 @@ exactly the wheels a Pi would install. It guarantees:
 - the traps of a ``dpkg -x`` rootfs under ``qemu -L`` are closed: absolute symlinks are made
   relative (they would resolve on the host), the ``update-alternatives`` links that install
   scripts would make are made, the CA bundle is built from Debian's ``ca-certificates``,
-  ``/proc/cpuinfo`` describes a real Pi (LiteRT segfaults otherwise), an empty
+  ``/proc/cpuinfo`` describes a real Pi (LiteRT segfaults otherwise; each board in
+  ``specs.ARCHES`` gets a hard-linked copy of the rootfs with its own), an empty
   ``/etc/ld.so.cache`` stops the host's being read, every ``sys.path`` folder exists in the
   rootfs (a missing one would fall back to the host's x86-64 packages), and ``.pyc`` files
   are compiled by the emulated interpreter as a Debian install would;
@@ -45,13 +46,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .rootfs_build import (
     PrivateApt,
     build_rootfs,
+    clone_for_board,
     download_wheels,
     file_lock,
     sha256_file,
@@ -65,6 +67,7 @@ from .specs import (
     REPO_ROOT,
     SITE_PACKAGES,
     ArchSpec,
+    Board,
     UserlandBuildError,
     emulated_python_command,
     guest_environment,
@@ -82,16 +85,14 @@ def qemu_binary(arch: str) -> str | None:
 
 @dataclass(frozen=True)
 class Userland:
-    """A built rootfs and how to run its Python under qemu."""
+    """A built rootfs, as one board, and how to run its Python under qemu."""
 
     spec: ArchSpec
+    board: Board
     home: Path  # .cache/pi/<arch>
+    root: Path  # .cache/pi/<arch>/boards/<board>/rootfs
     qemu: str
     manifest: Mapping[str, Any] = field(repr=False)
-
-    @property
-    def root(self) -> Path:
-        return self.home / "rootfs"
 
     @property
     def python(self) -> Path:
@@ -103,7 +104,7 @@ class Userland:
 
     def command(self, args: Sequence[str | os.PathLike[str]]) -> list[str]:
         """The host command that runs ``python3.11 *args`` inside the userland."""
-        return emulated_python_command(self.spec, self.qemu, self.root, args)
+        return emulated_python_command(self.board.cpu, self.qemu, self.root, args)
 
     def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
         """A clean environment (see :func:`.specs.guest_environment`) updated with ``env``."""
@@ -152,20 +153,40 @@ def _reusable(spec: ArchSpec, home: Path) -> dict[str, Any] | None:
     manifest = _read_manifest(home)
     if manifest is None or manifest.get("key") != spec.key():
         return None
-    root = home / "rootfs"
-    if not (root / PYTHON).exists() or not (root / "proc/cpuinfo").exists():
+    if not (home / "rootfs" / PYTHON).exists():
         return None
     return manifest
 
 
-def ensure_userland(arch: str = "arm64", *, cache_dir: Path | None = None, rebuild: bool = False) -> Userland:
-    """The userland for ``arch`` ("arm64" or "armhf"), built unless a matching one exists.
+def _board_rootfs(spec: ArchSpec, board: Board, home: Path, qemu: str, manifest: Mapping[str, Any]) -> Path:
+    """The board's hard-linked copy of the rootfs, made again when the rootfs was rebuilt."""
+    dest = home / "boards" / board.name
+    stamp = {"rootfs": [manifest["key"], manifest["built_at"]], "board": asdict(board)}
+    try:
+        current = json.loads((dest / "board.json").read_text())
+    except (OSError, ValueError):
+        current = None
+    root = dest / "rootfs"
+    if current != stamp or not (root / PYTHON).exists():
+        logger.info("%s: preparing board %s", spec.arch, board.name)
+        clone_for_board(home / "rootfs", board, dest)
+        (dest / "board.json").write_text(json.dumps(stamp, indent=2) + "\n")
+    write_trampoline(board.cpu, qemu, root)
+    return root
+
+
+def ensure_userland(
+    arch: str = "arm64", *, board: str | None = None, cache_dir: Path | None = None, rebuild: bool = False
+) -> Userland:
+    """The userland for ``arch`` ("arm64" or "armhf") as ``board`` (default: the
+    architecture's first, a Pi 4 or a Pi 2), built unless a matching one exists.
 
     Raises :class:`UserlandBuildError` when qemu is missing or a build step fails.
     """
     if arch not in ARCHES:
         raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHES)}")
     spec = ARCHES[arch]
+    chosen = spec.board(board)
     qemu = qemu_binary(arch)
     if qemu is None:
         raise UserlandBuildError(f"{spec.qemu} not found (apt-get install qemu-user-static)")
@@ -174,8 +195,8 @@ def ensure_userland(arch: str = "arm64", *, cache_dir: Path | None = None, rebui
         manifest = None if rebuild else _reusable(spec, home)
         if manifest is not None:
             logger.debug("%s: reusing %s (key %s)", arch, home / "rootfs", manifest["key"])
-            write_trampoline(spec, qemu, home / "rootfs")
-            return Userland(spec=spec, home=home, qemu=qemu, manifest=manifest)
+            root = _board_rootfs(spec, chosen, home, qemu, manifest)
+            return Userland(spec=spec, board=chosen, home=home, root=root, qemu=qemu, manifest=manifest)
         started = time.monotonic()
         logger.info("%s: building the emulated userland in %s", arch, home)
         apt = PrivateApt(spec, home)
@@ -184,17 +205,14 @@ def ensure_userland(arch: str = "arm64", *, cache_dir: Path | None = None, rebui
         debs = apt.download(packages, home / "debs")
         wheels = download_wheels(spec, home / "wheels")
         partial = build_rootfs(spec, home, qemu, debs, wheels)
-        root = home / "rootfs"
-        if root.exists():
-            shutil.rmtree(root)
-        partial.rename(root)
-        write_trampoline(spec, qemu, root)
+        shutil.rmtree(home / "boards", ignore_errors=True)
+        shutil.rmtree(home / "rootfs", ignore_errors=True)
+        partial.rename(home / "rootfs")
         manifest = {
             "key": spec.key(),
             "arch": arch,
             "builder_version": BUILDER_VERSION,
-            "board": spec.board,
-            "qemu": [qemu, "-cpu", spec.cpu],
+            "os": spec.os_name,
             "debian_packages": packages,
             "debian_suites_unavailable": degraded,
             "wheels": {w.name: sha256_file(w) for w in wheels},
@@ -205,7 +223,8 @@ def ensure_userland(arch: str = "arm64", *, cache_dir: Path | None = None, rebui
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, home / "manifest.json")
         logger.info("%s: built in %.1f s", arch, manifest["build_s"])
-        return Userland(spec=spec, home=home, qemu=qemu, manifest=manifest)
+        root = _board_rootfs(spec, chosen, home, qemu, manifest)
+        return Userland(spec=spec, board=chosen, home=home, root=root, qemu=qemu, manifest=manifest)
 
 
 # --- CLI --------------------------------------------------------------------------------
@@ -222,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--rebuild", action="store_true", help="rebuild even when current")
     run = sub.add_parser("run", help="run the emulated python3.11 with the given arguments")
     run.add_argument("--arch", choices=list(ARCHES), default="arm64")
+    run.add_argument("--board", help="pi4 (default), pi5, pi3 for arm64; pi2 for armhf")
     run.add_argument("args", nargs=argparse.REMAINDER)
     for p in (build, run):
         p.add_argument("--cache-dir", type=Path, default=None)
@@ -236,9 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for arch in ARCHES if opts.arch == "all" else [opts.arch]:
                 started = time.monotonic()
                 land = ensure_userland(arch, cache_dir=opts.cache_dir, rebuild=opts.rebuild)
-                print(f"{arch}: {land.root} (key {land.manifest['key']}, {time.monotonic() - started:.1f} s)")
+                for board in ARCHES[arch].boards[1:]:  # prepare every board the tests use
+                    ensure_userland(arch, board=board.name, cache_dir=opts.cache_dir)
+                boards = ", ".join(b.name for b in ARCHES[arch].boards)
+                print(
+                    f"{arch}: {land.home} (key {land.manifest['key']}, boards {boards}, "
+                    f"{time.monotonic() - started:.1f} s)"
+                )
             return 0
-        land = ensure_userland(opts.arch, cache_dir=opts.cache_dir)
+        land = ensure_userland(opts.arch, board=opts.board, cache_dir=opts.cache_dir)
         args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
         return land.popen(args, stdin=None).wait()
     except UserlandBuildError as exc:
