@@ -150,35 +150,30 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_s)
 
 
+_EXPECTED = {"Path": "a non-empty path string", "tuple[str, ...]": "a list of strings",
+             "int": "an integer", "float": "a number", "str": "a string"}
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or flag value into the field's type, or raise ConfigError."""
     kind = _FIELDS[name].type
     try:
-        if kind in ("Path",):
-            if not isinstance(value, str) or not value:
-                raise TypeError("a non-empty path string")
+        if kind == "Path" and isinstance(value, str) and value:
             return Path(value).expanduser()
         if kind == "tuple[str, ...]":
             if isinstance(value, str):
                 value = [g for g in value.split(",") if g.strip()]
-            if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
-                raise TypeError("a list of strings")
-            return tuple(g.strip() for g in value)
-        if kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int | str):
-                raise TypeError("an integer")
+            if isinstance(value, list) and all(isinstance(g, str) for g in value):
+                return tuple(g.strip() for g in value)
+        if kind == "int" and not isinstance(value, bool) and isinstance(value, int | str):
             return int(value)
-        if kind == "float":
-            if isinstance(value, bool) or not isinstance(value, int | float | str):
-                raise TypeError("a number")
+        if kind == "float" and not isinstance(value, bool) and isinstance(value, int | float | str):
             return float(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError("a string")
+        if kind == "str" and isinstance(value, str):
             return value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config key {name!r}: expected {exc}, got {value!r}") from exc
-    raise AssertionError(f"unhandled field type {kind}")
+    except ValueError:
+        pass
+    raise ConfigError(f"config key {name!r}: expected {_EXPECTED[str(kind)]}, got {value!r}")
 
 
 def _check(cfg: AgentConfig) -> None:
