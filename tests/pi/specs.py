@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "pi"
+# LITEFLEET_PI_CACHE_DIR moves it out of the working tree, e.g. for CI runs that each start
+# from a fresh clone but may share a machine
+DEFAULT_CACHE_DIR = Path(os.environ.get("LITEFLEET_PI_CACHE_DIR") or REPO_ROOT / ".cache" / "pi")
 
 # Bump when a build step changes what ends up in the rootfs: every cache is rebuilt.
 BUILDER_VERSION = 2
