@@ -236,8 +236,8 @@ def convert_model(
             )
             v.comparison = measure.compare_outputs(ref, got, evaluation.y)
 
-    sample_data = evaluation or cal
-    sample = list(sample_data.xs) if sample_data else random_inputs(source.inputs, 1)
+    timing_data = evaluation if evaluation is not None else cal
+    sample = list(timing_data.xs) if timing_data is not None else random_inputs(source.inputs, 1)
     say(f"timing {len(ok)} variant(s)")
     stats = measure.measure_latency(
         {m: v.tflite for m, v in ok.items()}, [x[:1] for x in sample], input_names=input_names,
