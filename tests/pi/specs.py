@@ -40,7 +40,9 @@ SUITES: tuple[tuple[str, str, bool], ...] = (
 PYTHON = "usr/bin/python3.11"
 # A host shell script in the rootfs that starts PYTHON under qemu; the emulated interpreter
 # is told (qemu -0) that this is its argv[0], so sys.executable names it and a child started
-# with [sys.executable, ...] runs emulated too (an arm64 ELF cannot be exec'd on the host)
+# with [sys.executable, ...] runs emulated too (an arm64 ELF cannot be exec'd on the host).
+# qemu does not apply -L to execve: a guest exec of "/usr/bin/python3" or "sh" runs the
+# host's x86-64 program natively; sys.executable is a host path, so it reaches the rootfs.
 TRAMPOLINE = "usr/bin/python3.11-qemu"
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"
 # Debian's site.py adds these when they exist; both must exist in the rootfs, or a guest
