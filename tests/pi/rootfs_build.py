@@ -265,6 +265,23 @@ def download_wheels(spec: ArchSpec, dest: Path) -> list[Path]:
     return wheels
 
 
+def prune_downloads(keep: Sequence[Path], folders: Sequence[Path]) -> int:
+    """Delete the .deb/.whl files in ``folders`` that are not in ``keep`` (superseded
+    versions), so the download cache holds one build's worth. Returns how many went."""
+    wanted = {path.resolve() for path in keep}
+    stale = [
+        path
+        for folder in folders
+        for path in folder.glob("*")
+        if path.suffix in (".deb", ".whl") and path.resolve() not in wanted
+    ]
+    for path in stale:
+        path.unlink()
+    if stale:
+        logger.info("removed %d superseded downloads", len(stale))
+    return len(stale)
+
+
 def install_wheel(wheel: Path, site: Path) -> None:
     """Unpack a wheel as pip would: ``*.data/{purelib,platlib}`` into site-packages."""
     with zipfile.ZipFile(wheel) as zf:

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from .rootfs_build import clone_for_board, install_wheel, optional_suites_failed, relativise_symlinks
+from .rootfs_build import (
+    clone_for_board,
+    install_wheel,
+    optional_suites_failed,
+    prune_downloads,
+    relativise_symlinks,
+)
 from .specs import ARCHES
 from .userland import _reusable
 
@@ -124,3 +130,18 @@ def test_a_board_is_a_hard_linked_copy_with_its_own_cpuinfo(tmp_path: Path) -> N
     assert not (base / "proc").exists()
     assert (root / "usr/bin/python3.11").stat().st_ino == (base / "usr/bin/python3.11").stat().st_ino
     assert str((root / "usr/bin/python3").readlink()) == "python3.11"
+
+
+def test_superseded_downloads_are_pruned(tmp_path: Path) -> None:
+    debs, wheels = tmp_path / "debs", tmp_path / "wheels"
+    debs.mkdir()
+    wheels.mkdir()
+    keep = [debs / "libc6_2.36-9+deb12u14_arm64.deb", wheels / "numpy-2.4.6-cp311-x.whl"]
+    stale = [debs / "libc6_2.36-9+deb12u13_arm64.deb", wheels / "numpy-2.4.5-cp311-x.whl"]
+    for path in (*keep, *stale):
+        path.write_bytes(b"")
+    (debs / "notes.txt").write_text("not a download")
+
+    assert prune_downloads(keep, [debs, wheels]) == 2
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert (debs / "notes.txt").exists()

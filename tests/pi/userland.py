@@ -56,6 +56,7 @@ from .rootfs_build import (
     clone_for_board,
     download_wheels,
     file_lock,
+    prune_downloads,
     sha256_file,
     write_trampoline,
 )
@@ -204,6 +205,7 @@ def ensure_userland(
         packages = apt.resolve(spec.debs)
         debs = apt.download(packages, home / "debs")
         wheels = download_wheels(spec, home / "wheels")
+        prune_downloads([*debs, *wheels], [home / "debs", home / "wheels"])
         partial = build_rootfs(spec, home, qemu, debs, wheels)
         shutil.rmtree(home / "boards", ignore_errors=True)
         shutil.rmtree(home / "rootfs", ignore_errors=True)
