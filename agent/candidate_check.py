@@ -6,11 +6,12 @@
 3. it reproduces its golden vectors within their tolerances (when it has
    them); without golden vectors it must at least run once on zeros.
 
-:func:`check_isolated` runs these checks in a child process
-(``python -m agent.candidate_check``), so a model that crashes the runtime
-kills the child, not the agent. Where a child process cannot be started
-(an embedded interpreter, some emulators) it returns None and the caller
-checks in-process, guarded by the ``checking`` mark in the state file.
+:func:`check_isolated` runs these checks in a forked child process, so a
+model that crashes the runtime kills the child, not the agent. Where a child
+process cannot be forked (an embedded interpreter) it returns None and the
+caller checks in-process, guarded by the ``checking`` mark in the state file.
+``python -m agent.candidate_check --model M [--card C] [--golden G]`` runs the
+same checks from a shell.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import hashlib
 import json
 import logging
 import signal
-import subprocess
+import os
 import sys
-from collections.abc import Callable
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,56 +111,100 @@ def check_golden(runner: ModelRunner, golden: Path) -> None:
                 )
 
 
-def _limit_cpu(cpu_s: int) -> Callable[[], None]:
-    def apply() -> None:  # runs in the child between fork and exec
-        import resource
+def _limit_cpu(cpu_s: int) -> None:
+    import resource
 
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
 
-    return apply
+
+def _child_check(model: Path, card: Path | None, golden: Path | None, threads: int,
+                 runtime: str) -> dict[str, object]:
+    try:
+        load_checked(model, card, golden, threads=threads, runtime=runtime)
+        return {"ok": True}
+    except ModelRejectedError as exc:
+        return {"ok": False, "reason": exc.reason, "message": str(exc)}
+    except Exception as exc:  # anything else the model does to the runtime
+        return {"ok": False, "reason": "crashed", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def check_isolated(
     model: Path, card: Path | None, golden: Path | None, *, threads: int, runtime: str,
     timeout_s: float = CHECK_TIMEOUT_S,
 ) -> bool | None:
-    """Check in a child process. True when it passed; raises
-    :class:`ModelRejectedError` when it failed or crashed; None when no child
-    process could be started here.
+    """Run :func:`load_checked` in a forked child process.
 
-    The child may use ``timeout_s`` of CPU time (the kernel ends it with
-    SIGXCPU after that: a model that never returns from ``invoke``) and twice
-    that of wall-clock time."""
-    cmd = [sys.executable, "-m", "agent.candidate_check", "--model", str(model),
-           "--threads", str(threads), "--runtime", runtime]
-    if card is not None:
-        cmd += ["--card", str(card)]
-    if golden is not None:
-        cmd += ["--golden", str(golden)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=2 * timeout_s + 10, check=False,
-                              preexec_fn=_limit_cpu(max(1, int(timeout_s))))
-    except OSError as exc:
-        logger.info("cannot start a check process here (%s); checking in-process", exc)
+    True when it passed; raises :class:`ModelRejectedError` when it failed or the
+    child died (a crash in the runtime kills the child, not the agent); None
+    where this platform cannot fork (the caller then checks in-process).
+
+    The child has already imported the runtime (it is a fork of the agent), so
+    a check costs milliseconds, not an interpreter start. It may use
+    ``timeout_s`` of CPU time (the kernel ends it with SIGXCPU after that: a
+    model that never returns from ``invoke``) and twice that of wall-clock time.
+    """
+    if not hasattr(os, "fork"):
         return None
-    except subprocess.TimeoutExpired as exc:
-        raise ModelRejectedError("timeout", f"checking the model took more than {2 * timeout_s + 10:g} s") from exc
-    if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        logger.info("cannot fork a check process here (%s); checking in-process", exc)
+        return None
+    if pid == 0:  # the child: check, report on the pipe, leave without cleanup
+        code = 0
+        try:
+            os.close(read_fd)
+            _limit_cpu(max(1, int(timeout_s)))
+            result = _child_check(model, card, golden, threads, runtime)
+            os.write(write_fd, json.dumps(result).encode()[:65536])
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        data = _read_all(read_fd, 2 * timeout_s + 10)
+    finally:
+        os.close(read_fd)
+    if data is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise ModelRejectedError("timeout", f"checking the model took more than {2 * timeout_s + 10:g} s")
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
         why = (f"used more than {int(timeout_s)} s of CPU time (it never returned)"
                if sig == "SIGXCPU" else "crashed")
         raise ModelRejectedError("crashed", f"the runtime was killed by {sig} running this model: {why}")
     try:
-        result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError) as exc:
-        if proc.returncode == 127 or b"No module named" in proc.stderr:
-            logger.info("check process cannot import the agent; checking in-process")
-            return None
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise ModelRejectedError("crashed", f"the check process failed: {tail[0][:200]}") from exc
+        result = json.loads(data)
+    except ValueError as exc:
+        raise ModelRejectedError("crashed", f"the check process failed (exit status {status})") from exc
     if result.get("ok"):
         return True
     raise ModelRejectedError(str(result.get("reason", "check")), str(result.get("message", "")))
+
+
+def _read_all(fd: int, timeout_s: float) -> bytes | None:
+    """Everything until EOF, or None when ``timeout_s`` passes first."""
+    import select
+
+    deadline = time.monotonic() + timeout_s
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return None
+        block = os.read(fd, 65536)
+        if not block:
+            return b"".join(chunks)
+        chunks.append(block)
 
 
 def main(argv: list[str] | None = None) -> int:

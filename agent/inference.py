@@ -242,6 +242,13 @@ class ModelRunner:
         return any(s.quantized for s in self.inputs) or self._any_quantized_output
 
     @property
+    def fast_path(self) -> _FastPath | None:
+        """The exact-dtype shortcut :meth:`predict` tries first: ``fast(x)`` returns
+        the outputs, or None when ``x`` needs the checking path. None for models
+        with several inputs."""
+        return self._fast
+
+    @property
     def model_batch(self) -> int:
         """The batch size the model's tensors were allocated for (usually 1)."""
         shape = self._in_shape[0] if self._in_shape else ()

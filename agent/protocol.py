@@ -135,7 +135,11 @@ def split_chunks(data: bytes, chunk_size: int) -> list[bytes]:
 
 
 def chunk_hashes(data: bytes, chunk_size: int) -> list[str]:
-    return [hashlib.sha256(c).hexdigest() for c in split_chunks(data, chunk_size)]
+    view = memoryview(data)  # slices of a memoryview are not copies
+    if not data:
+        return [hashlib.sha256(b"").hexdigest()]
+    return [hashlib.sha256(view[i : i + chunk_size]).hexdigest()
+            for i in range(0, len(data), chunk_size)]
 
 
 # -- rollout rules -------------------------------------------------------------------

@@ -1,10 +1,17 @@
-"""Put a repository change on the broker: target chunks, then metadata, then clean-up.
+"""Put a repository change on the broker: metadata, target chunks, then clean-up.
 
-Order matters and is what makes a half-finished push harmless: every chunk of
-a new target is acknowledged by the broker (QoS 1, retained) before any
-metadata mentions it, and ``timestamp.json`` -- the file devices watch -- goes
-last. Retained messages of versions the repository dropped are cleared
-(zero-length retained messages) only after the new metadata is in place.
+Order: new root versions first, then targets, snapshot and last the
+timestamp (the file devices watch), each acknowledged before the next; then
+the chunks of new targets, all retained with QoS 1. Devices start fetching as
+soon as the timestamp arrives and receive the chunks as they are published
+(their chunk subscriptions are open), so the upload and the fleet's downloads
+overlap instead of following each other.
+
+A push that dies half-way is harmless: devices keep serving their model and
+wait for the missing chunks (then back off and retry); ``repo.json`` records
+what is not yet published, and the next push or ``litefleet repo publish``
+completes it. Retained messages of versions the repository dropped are
+cleared (zero-length retained messages) only after everything new is in place.
 """
 
 from __future__ import annotations
@@ -115,7 +122,7 @@ class RepoPublisher:
     def apply(self, plan: PublishPlan, uploads: list[TargetUpload],
               metadata: list[tuple[str, bytes]], keep_metadata: set[str],
               progress: ProgressFn | None = None) -> None:
-        self.upload(uploads, progress)
         self.publish_metadata(metadata)
+        self.upload(uploads, progress)
         self.clear(plan)
         self.sweep_metadata(keep_metadata)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
 
-from agent.candidate_check import file_sha256
 from agent.errors import ModelRejectedError, TransportError
 from agent.model_card import parse_card
 from agent.protocol import ProtocolError, Rollout
@@ -55,7 +55,7 @@ def read_model_files(model: Path) -> tuple[bytes, bytes | None, bytes | None]:
             parsed = parse_card(card)
         except ModelRejectedError as exc:
             raise BadInputError(f"{card_path}: {exc}") from exc
-        if parsed.tflite_sha256 and parsed.tflite_sha256 != file_sha256(model):
+        if parsed.tflite_sha256 and parsed.tflite_sha256 != hashlib.sha256(data).hexdigest():
             raise BadInputError(f"{card_path} describes a different model file than {model}")
     if golden is not None and not golden.startswith(b"PK"):
         raise BadInputError(f"{golden_path} is not an .npz file")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         bar = ProgressBar(f"pushing {args.name} v{result.version}")
         publisher = RepoPublisher(client, topics)
         try:
-            publisher.apply(result.plan, repo.pending_uploads(), repo.current_metadata(),
+            publisher.apply(result.plan, repo.pending_uploads(result.plan.uploads), repo.current_metadata(),
                             repo.retained_metadata_names(), bar)
         except TransportError as exc:
             raise TransportError(
