@@ -388,6 +388,58 @@ class Repository:
         self._commit(targets, plan, model_state={name: {"latest": max(latest, version)}})
         return ReleaseResult(name, version, self.targets.signed.version, plan, removed)
 
+    def rotate(self, role: str, *, keys: int | None = None, threshold: int | None = None) -> PublishPlan:
+        """Replace every key of ``role`` with new ones.
+
+        Writes root version N+1 listing the new keys, signed by the current root
+        keys (and, when root itself rotates, by the new root keys too), then signs
+        new targets, snapshot and timestamp versions with the current keys.
+        Devices follow the chain N.root.json -> N+1.root.json on their next
+        refresh. The old private keys move to ``keys/retired/``: destroy them.
+        """
+        if role not in TOP_LEVEL_ROLE_NAMES:
+            raise BadInputError(f"role must be one of {', '.join(sorted(TOP_LEVEL_ROLE_NAMES))}")
+        old_root_signers = self.signers("root")
+        root: Metadata[Root] = Metadata.from_bytes(self.root.to_bytes(_SERIALIZER))
+        current = root.signed.roles[role]
+        n = keys or len(current.keyids)
+        k = threshold or current.threshold
+        if not 1 <= k <= n <= 16:
+            raise BadInputError("need 1 <= --threshold <= --keys <= 16")
+        old_ids = list(current.keyids)
+        for keyid in old_ids:
+            root.signed.revoke_key(keyid, role)
+        new_signers: list[Signer] = []
+        for _ in range(n):
+            signer = CryptoSigner.generate_ed25519()
+            root.signed.add_key(signer.public_key, role)
+            new_signers.append(signer)
+        root.signed.roles[role].threshold = k
+        root.signed.version += 1
+        root.signed.expires = _now() + timedelta(days=self.state["expiry_days"]["root"])
+        root.signatures.clear()
+        for s in old_root_signers + (new_signers if role == "root" else []):
+            root.sign(s, append=True)
+        data = root.to_bytes(_SERIALIZER)
+        for signer in new_signers:
+            atomic_write(self.keys_dir / role / f"{signer.public_key.keyid}.pem", signer.private_bytes)
+        name = f"{root.signed.version}.root.json"
+        atomic_write(self.md_dir / name, data, 0o644)
+        atomic_write(self.dir / "root.json", data, 0o644)
+        state = json.loads(json.dumps(self.state))
+        state["versions"]["root"] = root.signed.version
+        state["pending_metadata"] = sorted(set(state.get("pending_metadata", [])) | {name})
+        atomic_write(self.dir / "repo.json", json.dumps(state, indent=1).encode())
+        self.state, self.root = state, root
+        self._signers.pop(role, None)
+        retired = self.keys_dir / "retired"
+        retired.mkdir(mode=0o700, exist_ok=True)
+        for keyid in old_ids:
+            old = self.keys_dir / role / f"{keyid}.pem"
+            if old.exists():
+                os.replace(old, retired / f"{role}-{keyid}.pem")
+        return self.resign()
+
     def resign(self) -> PublishPlan:
         """New targets, snapshot and timestamp versions with fresh expiry dates."""
         targets = Metadata.from_bytes(self.targets.to_bytes(_SERIALIZER))

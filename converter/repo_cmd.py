@@ -38,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_broker_args(pub)
     pub.set_defaults(func=run_publish)
 
+    rotate = rsub.add_parser("rotate", help="replace the keys of a role (root, targets, snapshot, timestamp)")
+    rotate.add_argument("dir", type=Path)
+    rotate.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    rotate.add_argument("--keys", type=int, help="number of new keys (default: as many as now)")
+    rotate.add_argument("--threshold", type=int, help="signatures needed (default: as now)")
+    add_broker_args(rotate, required=False)
+    rotate.set_defaults(func=run_rotate)
+
     resign = rsub.add_parser("resign", help="sign new metadata versions with fresh expiry dates")
     resign.add_argument("dir", type=Path)
     add_broker_args(resign, required=False)
@@ -123,4 +131,17 @@ def run_resign(args: argparse.Namespace) -> int:
     sys.stdout.write(f"signed targets v{repo.targets.signed.version}; timestamp expires "
                      f"{repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC"
                      + ("; published\n" if args.broker or args.secure_dir else "; publish with `litefleet repo publish`\n"))
+    return 0
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.dir)
+    plan = repo.rotate(args.role, keys=args.keys, threshold=args.threshold)
+    published = bool(args.broker or args.secure_dir)
+    if published:
+        _publish(repo, args, repo.pending_uploads(), plan)
+    sys.stdout.write(
+        f"rotated the {args.role} keys: root v{repo.root.signed.version}, "
+        f"targets v{repo.targets.signed.version}; old keys moved to {args.dir / 'keys' / 'retired'} "
+        "(destroy them)" + ("; published\n" if published else "; publish with `litefleet repo publish`\n"))
     return 0

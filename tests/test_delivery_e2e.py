@@ -77,3 +77,63 @@ def test_canary_reaches_a_stable_documented_subset(broker, repo: Path, tmp_path:
         finally:
             for ag in agents:
                 ag.stop()
+
+
+def test_key_rotation_reaches_devices_and_retires_old_keys(broker, repo: Path, tmp_path: Path,
+                                                          digits_int8, digits_float32) -> None:
+    """Rotate the root and targets keys: devices follow the root chain; the old key is dead."""
+    import shutil
+
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata, MetaFile
+
+    from converter.repo import Repository
+    from tests.harness import publish_raw
+
+    url = broker.url
+    agent = AgentProcess(tmp_path, "pi-r", url, repo / "root.json")
+    with watching(broker.port) as fleet:
+        must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", url)
+        agent.start()
+        try:
+            fleet.wait_active("pi-r", "digits", 1, timeout_s=60)
+            before = tmp_path / "before-rotation"
+            shutil.copytree(repo, before)
+            out = must("repo", "rotate", str(repo), "targets", "--broker", url)
+            assert "rotated the targets keys: root v2" in out
+            must("repo", "rotate", str(repo), "root", "--broker", url)
+            must("push", str(digits_float32.tflite), "--repo", str(repo), "--name", "digits", "--broker", url)
+            fleet.wait_active("pi-r", "digits", 2)
+            assert (agent.state_dir / "tuf" / "root_history" / "3.root.json").exists()
+            # someone still holding the old targets key (and the current snapshot and
+            # timestamp keys) signs new targets metadata: refused
+            current = Repository.open(repo)
+            targets = Metadata.from_bytes(current.targets.to_bytes())
+            targets.signed.version += 1
+            targets.signatures.clear()
+            old_key = next((before / "keys" / "targets").glob("*.pem"))
+            old_public = Repository.open(before).root.signed.keys[old_key.stem]
+            targets.sign(CryptoSigner.from_priv_key_uri(f"file2:{old_key}", old_public))
+            t_bytes = targets.to_bytes()
+            snapshot = Metadata.from_bytes(current.snapshot.to_bytes())
+            snapshot.signed.version += 1
+            snapshot.signed.meta["targets.json"] = MetaFile.from_data(targets.signed.version, t_bytes, ["sha256"])
+            snapshot.signatures.clear()
+            for signer in current.signers("snapshot"):
+                snapshot.sign(signer, append=True)
+            s_bytes = snapshot.to_bytes()
+            timestamp = Metadata.from_bytes(current.timestamp.to_bytes())
+            timestamp.signed.version += 1
+            timestamp.signed.snapshot_meta = MetaFile.from_data(snapshot.signed.version, s_bytes, ["sha256"])
+            timestamp.signatures.clear()
+            for signer in current.signers("timestamp"):
+                timestamp.sign(signer, append=True)
+            files = [(f"{targets.signed.version}.targets.json", t_bytes),
+                     (f"{snapshot.signed.version}.snapshot.json", s_bytes),
+                     ("timestamp.json", timestamp.to_bytes())]
+            for name, data in files:
+                publish_raw(broker.port, f"litefleet/v1/repo/metadata/{name}", data)
+            fleet.wait_event("pi-r", "rejected", reason="bad_signature")
+            assert fleet.active("pi-r") == ("digits", "2")
+        finally:
+            agent.stop()
