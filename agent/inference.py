@@ -35,6 +35,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,39 +55,47 @@ _FastPath = Callable[[Any], "list[np.ndarray] | None"]
 
 
 def _round_half_away(t: np.ndarray) -> np.ndarray:
-    """Round in place, halves away from zero (``std::round``, used by TF Lite)."""
-    sign = np.signbit(t)
-    np.abs(t, out=t)
-    t += 0.5
-    np.floor(t, out=t)
-    np.negative(t, out=t, where=sign)
-    return t
+    """Round halves away from zero (``std::round``, which TF Lite uses), exactly.
+
+    ``trunc(t) + trunc(2 * (t - trunc(t)))``: every step is exact in float32
+    (unlike ``t + copysign(0.5, t)``, which rounds 0.49999997 + 0.5 up to 1.0).
+    Overwrites ``t`` and returns a new array.
+    """
+    whole = np.trunc(t)
+    t -= whole
+    t *= 2
+    np.trunc(t, out=t)
+    whole += t
+    return whole
 
 
-def _scale_zp(spec: TensorSpec, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=512)
+def _constants(spec: TensorSpec, ndim: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``(scale, zero_point, lowest, highest)`` of a quantized tensor, shaped for
+    ``ndim`` dimensions (per-channel along the last axis). Cached: treat as read-only."""
     scale = np.asarray(spec.scale, dtype=np.float32)
     zp = np.asarray(spec.zero_point, dtype=np.float32)
-    if scale.size > 1:  # per-channel quantization of an input/output is along the last axis
+    if scale.size > 1:
         scale = scale.reshape((1,) * (ndim - 1) + (-1,))
         zp = zp.reshape(scale.shape)
-    return scale, zp
+    info = np.iinfo(spec.dtype)
+    return scale, zp, float(info.min), float(info.max)
 
 
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Float -> the integer dtype of ``spec``: ``round(x / scale) + zero_point``,
     halves away from zero, saturated to the dtype's range (float32 arithmetic)."""
-    info = np.iinfo(spec.dtype)
-    scale, zp = _scale_zp(spec, x.ndim)
-    t = np.divide(x, scale, dtype=np.float32)
-    _round_half_away(t)
+    scale, zp, lowest, highest = _constants(spec, x.ndim)
+    t = _round_half_away(np.divide(x, scale, dtype=np.float32))
     t += zp
-    np.clip(t, info.min, info.max, out=t)
+    np.maximum(t, lowest, out=t)
+    np.minimum(t, highest, out=t)
     return t.astype(spec.dtype)
 
 
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Integer -> float32: ``(q - zero_point) * scale``."""
-    scale, zp = _scale_zp(spec, q.ndim)
+    scale, zp, _, _ = _constants(spec, q.ndim)
     out = np.subtract(q, zp, dtype=np.float32)
     out *= scale
     return out

@@ -263,6 +263,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "ai-edge-litert": str(getattr(ai_edge_litert, "__version__", "?")),
+        "load": f"{os.getloadavg()[0]:.2f}",
     }
 
 
@@ -271,7 +272,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         SECTION,
         "",
-        f"`bench/bench_inference.py`, {results['date']}. {m['cpu']}, {m['cores']} cores, {m['os']}, "
+        f"`bench/bench_inference.py`, {results['date']}. {m['cpu']}, {m['cores']} cores (shared; load "
+        f"average {m['load']} at start), {m['os']}, "
         f"Python {m['python']}, numpy {m['numpy']}, ai-edge-litert {m['ai-edge-litert']}; "
         "one interpreter thread (XNNPACK). p50 of per-call times, all rows of a model measured "
         "in alternating blocks in the same process; ratios are what counts on a shared VM.",

@@ -38,6 +38,22 @@ def test_quantize_rounds_half_away_from_zero_and_saturates() -> None:
     assert quantize(x, I8).tolist() == [[-2, -4, -1, -5]]
     big = np.array([[1000.0, -1000.0, 63.0, -62.5]], np.float32)
     assert quantize(big, I8).tolist() == [[127, -128, 123, -128]]
+    # just below a half: float32 arithmetic would round 0.49999997 + 0.5 up to 1.0
+    unit = TensorSpec("x", (1, 4), "int8", scale=(1.0,), zero_point=(0,))
+    below = [np.nextafter(np.float32(v), np.float32(0)) for v in (0.5, -0.5, 1.5, -1.5)]
+    assert quantize(np.array([below], np.float32), unit).tolist() == [[0, 0, 1, -1]]
+    ties = np.array([[0.5, -0.5, 1.5, -2.5]], np.float32)
+    assert quantize(ties, unit).tolist() == [[1, -1, 2, -3]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-30000, 30000, allow_nan=False, width=32), min_size=1, max_size=8))
+def test_rounding_matches_std_round(values: list[float]) -> None:
+    import math
+
+    spec = TensorSpec("x", (1, len(values)), "int16", scale=(1.0,), zero_point=(0,))
+    want = [int(math.copysign(math.floor(abs(v) + 0.5), v)) for v in values]  # exact in float64
+    assert quantize(np.array([values], np.float32), spec).tolist() == [want]
 
 
 def test_quantize_per_channel_uses_the_last_axis() -> None:
