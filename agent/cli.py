@@ -72,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from agent.daemon import Agent, install_signal_handlers
+    from agent.sdnotify import Notifier
 
     try:
-        agent = Agent(cfg)
+        agent = Agent(cfg, notifier=Notifier(unset_environment=True))
         install_signal_handlers(agent)
         agent.start()
     except ConfigError as exc:

@@ -34,11 +34,16 @@ from agent.errors import (
     TransportError,
 )
 from agent.metadata_fetch import RetainedMetadata
+from agent.metrics import ApiCounters, DeviceProbe, MetricsRecorder, MetricsReporter
+from agent.metrics_queue import MetricsQueue, QueueSender
 from agent.model_manager import ModelManager
 from agent.mqtt_client import ConnectionSettings, MqttClient
+from agent.mqtt_infer import InferWorker
 from agent.protocol import Topics
 from agent.registry import ModelRegistry
+from agent.rest import RestServer
 from agent.runtime import resolve_runtime
+from agent.sdnotify import Notifier
 from agent.store import ModelStore, StateFile
 from agent.transport import Message
 from agent.updater import ModelUpdater, read_trusted_root
@@ -95,6 +100,7 @@ class Agent:
         self._event_seq = 0
         self.started_at = time.time()
         self.ready_at: float | None = None
+        self._first_refresh_done = False
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = ModelStore(cfg.state_dir)
@@ -129,6 +135,23 @@ class Agent:
             tick=self._tick,
             wait_synced=self._wait_synced,
         )
+        # the service face: REST, MQTT inference, metrics through the on-disk queue
+        self.counters = ApiCounters()
+        self.rest = RestServer.from_config(cfg, self.registry, counters=self.counters)
+        self.infer = InferWorker(self.registry, self.client, counters=self.counters,
+                                 max_payload_bytes=cfg.http_max_body_bytes)
+        self.metrics_queue = MetricsQueue.in_state_dir(cfg.state_dir, max_rows=cfg.metrics_queue_max_rows)
+        self.sender = QueueSender(self.metrics_queue, self.client)
+        self.reporter = MetricsReporter(
+            device_id=cfg.device_id,
+            topic=self.topics.metrics(cfg.device_id),
+            recorder=MetricsRecorder(self.registry, counters=self.counters),
+            probe=DeviceProbe(cfg.state_dir),
+            queue=self.metrics_queue,
+            agent_version=__version__,
+            on_queued=self.sender.wake,
+        )
+        self._notifier = notifier if notifier is not None else Notifier()
 
     # -- events and state ------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
@@ -195,12 +218,15 @@ class Agent:
 
     def _on_connected(self) -> None:
         self.publish_state()
+        self.sender.wake()  # replay what was queued while offline
 
     def _on_infer(self, message: Message) -> None:
-        self._work_infer(message)
-
-    def _work_infer(self, message: Message) -> None:
-        logger.debug("inference request on %s ignored: MQTT inference not enabled", message.topic)
+        # paho thread: only queue. Answer only where this device may publish.
+        if message.response_topic and not self.topics.reply_allowed(self.cfg.device_id,
+                                                                    message.response_topic):
+            logger.debug("inference request with response topic %.80s refused", message.response_topic)
+            return
+        self.infer.submit(message)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -216,6 +242,13 @@ class Agent:
         self.client.add_connect_listener(self._on_connected)
         self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=1)
         self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)
+        if self.rest is not None:
+            try:
+                self.rest.start()
+            except OSError as exc:
+                raise ConfigError(f"cannot serve the REST API on {self.cfg.http}: {exc.strerror}") from exc
+        self.infer.start()
+        self.sender.start()
         self.client.start()
         self._work.put("refresh!")
 
@@ -224,7 +257,12 @@ class Agent:
         self._work.put("stop")
 
     def shutdown(self) -> None:
-        """Say goodbye on the broker (retained state: offline) and disconnect."""
+        """Stop serving, say goodbye on the broker (retained state: offline), disconnect."""
+        self._notifier.stopping("stopping")
+        if self.rest is not None:
+            self.rest.stop()
+        self.infer.stop()
+        self.sender.stop()
         try:
             d = self.client.publish(self.topics.state(self.cfg.device_id),
                                     self._state_payload(online=False), qos=1, retain=True)
@@ -232,6 +270,7 @@ class Agent:
         except TransportError:
             pass
         self.client.stop()
+        self.metrics_queue.close()
 
     def _wait_synced(self, timeout_s: float) -> bool:
         synced = self.client.wait_synced(timeout_s)
@@ -241,8 +280,8 @@ class Agent:
         return synced
 
     def _tick(self) -> None:
-        if self._notifier is not None:
-            self._notifier.watchdog()
+        """Called from the work loop and from inside long downloads: feeds the watchdog."""
+        self._notifier.watchdog()
 
     def _should_stop(self) -> bool:
         return self._stop.is_set()
@@ -251,10 +290,11 @@ class Agent:
         """The work loop; returns after :meth:`stop`."""
         # start() queued the first refresh
         next_refresh = self._clock() + self.cfg.refresh_interval_s
+        next_metrics = self._clock() + self.cfg.metrics_interval_s
         fails = 0
         while not self._stop.is_set():
             now = self._clock()
-            timeout = max(0.0, min(next_refresh - now, 1.0))
+            timeout = max(0.0, min(next_refresh - now, next_metrics - now, 1.0))
             try:
                 item = self._work.get(timeout=timeout)
             except queue.Empty:
@@ -287,6 +327,10 @@ class Agent:
                 next_refresh = self._clock() + delay
             self.manager.poll_trials()
             self._after_changes()
+            if self._clock() >= next_metrics:
+                self.reporter.report_once()
+                next_metrics = max(next_metrics + self.cfg.metrics_interval_s, self._clock())
+            self._maybe_ready()
 
     def _after_changes(self) -> None:
         if self._will_dirty and self.status != "downloading":
@@ -295,10 +339,18 @@ class Agent:
 
     def refresh_once(self) -> str:
         """One refresh: ``"ok"``, ``"transport"`` (retry soon) or ``"failed"`` (back off)."""
+        outcome = self._refresh_once()
+        if outcome != "transport":
+            self._first_refresh_done = True
+        return outcome
+
+    def _refresh_once(self) -> str:
         try:
             result = self.updater.refresh(self.manager.state, self._should_stop)
         except ModelRejectedError as exc:
             if exc.reason == "no_repository":
+                # connected and synced, and there is nothing to fetch yet: ready
+                self._first_refresh_done = True
                 self._set_status(self._serving_status(), None)
                 return "transport"
             self._report_failure(exc.reason, str(exc))
@@ -328,6 +380,17 @@ class Agent:
         self._set_status(self._serving_status(), self.error)
         self.publish_state()
         return "failed" if transient else "ok"
+
+    def _maybe_ready(self) -> None:
+        """READY=1 once connected with the active models loaded and the first refresh
+        done (a device without any model yet is ready then too)."""
+        if self.ready_at is None and self.client.connected and self._first_refresh_done:
+            self.ready_at = time.time()
+            self._notifier.ready(f"{self._serving_status()}: {', '.join(self.registry.names()) or 'no model'}")
+            logger.info("ready %.2f s after start", self.ready_at - self.started_at)
+        elif self.ready_at is not None:
+            self._notifier.status(f"{self.status}: {', '.join(self.registry.names()) or 'no model'}"
+                                  + (f"; {self.error}" if self.error else ""))
 
     def _serving_status(self) -> str:
         return "serving" if self.registry.names() else "idle"
