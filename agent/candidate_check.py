@@ -20,8 +20,8 @@ import argparse
 import hashlib
 import json
 import logging
-import signal
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -193,7 +193,7 @@ def _read_all(fd: int, timeout_s: float) -> bytes | None:
     import select
 
     deadline = time.monotonic() + timeout_s
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         load_checked(args.model, args.card, args.golden, threads=args.threads, runtime=args.runtime)
-        result = {"ok": True}
+        result: dict[str, object] = {"ok": True}
     except ModelRejectedError as exc:
         result = {"ok": False, "reason": exc.reason, "message": str(exc)}
     sys.stdout.write(json.dumps(result) + "\n")

@@ -183,11 +183,12 @@ class ChunkDownloader:
                     msg = None
                 now = time.monotonic()
                 if msg is not None:
-                    i = index_of.get(msg.topic)
+                    got = index_of.get(msg.topic)
                     stats.bytes_received += len(msg.payload)
                     self.total_bytes_received += len(msg.payload)
-                    if i is None or i not in open_since:
+                    if got is None or got not in open_since:
                         continue  # a duplicate after a reconnect, or not ours
+                    i = got
                     if not msg.payload:
                         continue  # the retained chunk was deleted; wait for a republish
                     want = self._chunk_len(i, length, info.chunk_size)

@@ -16,6 +16,7 @@ anything else is a bug and ends the process (systemd restarts it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -29,6 +30,7 @@ from typing import Any
 from agent import __version__
 from agent.config import AgentConfig
 from agent.errors import (
+    ConfigError,
     ModelRejectedError,
     StorageError,
     TransportError,
@@ -101,6 +103,7 @@ class Agent:
         self.started_at = time.time()
         self.ready_at: float | None = None
         self._first_refresh_done = False
+        self._notified_status = ""
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = ModelStore(cfg.state_dir)
@@ -163,11 +166,9 @@ class Agent:
         log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
         if kind == "downloading":
             self._set_status("downloading")
-        try:
+        with contextlib.suppress(TransportError):
             self.client.publish(self.topics.events(self.cfg.device_id),
                                 json.dumps(payload).encode(), qos=1)
-        except TransportError:
-            pass
         if kind in ("activated", "rolled_back"):
             self._will_dirty = True
 
@@ -196,11 +197,9 @@ class Agent:
         return json.dumps(doc).encode()
 
     def publish_state(self) -> None:
-        try:
+        with contextlib.suppress(TransportError):
             self.client.publish(self.topics.state(self.cfg.device_id),
                                 self._state_payload(online=True), qos=1, retain=True)
-        except TransportError:
-            pass
 
     def _set_status(self, status: str, error: str | None = None, *, keep_error: bool = False) -> None:
         changed = status != self.status or (not keep_error and error != self.error)
@@ -384,13 +383,15 @@ class Agent:
     def _maybe_ready(self) -> None:
         """READY=1 once connected with the active models loaded and the first refresh
         done (a device without any model yet is ready then too)."""
+        text = f"{self.status}: {', '.join(self.registry.names()) or 'no model'}" + (
+            f"; {self.error}" if self.error else "")
         if self.ready_at is None and self.client.connected and self._first_refresh_done:
             self.ready_at = time.time()
-            self._notifier.ready(f"{self._serving_status()}: {', '.join(self.registry.names()) or 'no model'}")
+            self._notifier.ready(text)
             logger.info("ready %.2f s after start", self.ready_at - self.started_at)
-        elif self.ready_at is not None:
-            self._notifier.status(f"{self.status}: {', '.join(self.registry.names()) or 'no model'}"
-                                  + (f"; {self.error}" if self.error else ""))
+        elif self.ready_at is not None and text != self._notified_status:
+            self._notifier.status(text)
+        self._notified_status = text
 
     def _serving_status(self) -> str:
         return "serving" if self.registry.names() else "idle"

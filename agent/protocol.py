@@ -255,7 +255,8 @@ def parse_release(path: str, custom: Mapping[str, Any]) -> ModelRelease | None:
     if path != target_path(name, version, MODEL_FILE):
         raise ProtocolError(f"model target {path} does not match its name and version")
     for extra in (card, golden):
-        if extra is not None and not (isinstance(extra, str) and extra.startswith(f"models/{name}/{version}/")):
+        folder = f"models/{name}/{version}/"
+        if extra is not None and not (isinstance(extra, str) and extra.startswith(folder)):
             raise ProtocolError(f"model target {path}: card/golden path {extra!r} outside its folder")
     return ModelRelease(name, version, path, rollout, card, golden)
 

@@ -16,6 +16,7 @@ staging folder, so ``models/<name>/<version>/`` is always whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -57,10 +58,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         if durable:
             fsync_dir(path.parent)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
@@ -146,10 +145,8 @@ class ModelStore:
 
     def discard_download(self, sha256: str) -> None:
         for p in (self.download_path(sha256), self.downloads / f"{sha256}.part"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-            except FileNotFoundError:
-                pass
 
     def cleanup(self, keep: dict[str, set[int]]) -> list[str]:
         """Remove staging folders and model versions not in ``keep``; return what went."""

@@ -176,7 +176,8 @@ class ModelUpdater:
                 self._skipped.add(key)
                 self._event("skipped", model=name, version=rel.version, reason="other_target",
                             message=f"v{rel.version} is for {rel.rollout.target}"
-                            + (f" (canary {rel.rollout.canary_pct}%)" if rel.rollout.canary_pct < 100 else ""))
+                            + (f" (canary {rel.rollout.canary_pct}%)"
+                               if rel.rollout.canary_pct < 100 else ""))
         return chosen, problems
 
     # -- the whole refresh ---------------------------------------------------------------
@@ -223,10 +224,10 @@ class ModelUpdater:
                 f"({self._max_model_bytes})")
         installed = Installed(rel.version, infos["model"].hashes["sha256"])
         if self._store.is_installed(rel.name, rel.version):
-            files = self._store.files(rel.name, rel.version)
-            if all(updater.find_cached_target(infos[r], str(files[r])) for r in infos if r in files) \
-                    and set(files) == set(infos):
-                return Candidate(rel, installed, files)
+            have = self._store.files(rel.name, rel.version)
+            if all(updater.find_cached_target(infos[r], str(have[r])) for r in infos if r in have) \
+                    and set(have) == set(infos):
+                return Candidate(rel, installed, have)
         files: dict[str, Path] = {}
         received = present = 0
         for role, info in infos.items():

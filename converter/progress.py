@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 
 class ProgressBar:
-    def __init__(self, label: str, *, stream=None, min_interval_s: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, label: str, *, stream: TextIO | None = None, min_interval_s: float = 0.1) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()

@@ -17,7 +17,8 @@ cleared (zero-length retained messages) only after everything new is in place.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from agent.errors import TransportError
 from agent.mqtt_client import MqttClient
@@ -38,9 +39,9 @@ class RepoPublisher:
         self.client = client
         self.topics = topics
 
-    def _wait(self, deliveries: list[tuple[str, object]]) -> None:
+    def _wait(self, deliveries: Sequence[tuple[str, Any]]) -> None:
         for topic, d in deliveries:
-            if not d.wait(ACK_TIMEOUT_S):  # type: ignore[attr-defined]
+            if not d.wait(ACK_TIMEOUT_S):
                 refused = getattr(d, "refused_reason", None)
                 if refused:
                     raise TransportError(f"the broker refused {topic}: {refused} "

@@ -18,7 +18,7 @@ from converter.publish import RepoPublisher
 from converter.repo import Repository
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="sign a model and publish it to the fleet",
                        description="Sign MODEL.tflite (with MODEL.card.json and MODEL.golden.npz when "
                        "they lie beside it) into the repository and publish it over MQTT.")

@@ -180,9 +180,12 @@ class Repository:
             "published_metadata": [],
         }
         md_root: Metadata[Root] = Metadata(root)
-        md_targets: Metadata[Targets] = Metadata(Targets(expires=_now() + timedelta(days=expiry["targets"])))
-        md_snapshot: Metadata[Snapshot] = Metadata(Snapshot(expires=_now() + timedelta(days=expiry["snapshot"])))
-        md_timestamp: Metadata[Timestamp] = Metadata(Timestamp(expires=_now() + timedelta(days=expiry["timestamp"])))
+        def until(role: str) -> datetime:
+            return _now() + timedelta(days=expiry[role])
+
+        md_targets: Metadata[Targets] = Metadata(Targets(expires=until("targets")))
+        md_snapshot: Metadata[Snapshot] = Metadata(Snapshot(expires=until("snapshot")))
+        md_timestamp: Metadata[Timestamp] = Metadata(Timestamp(expires=until("timestamp")))
         files = cls._sign_chain(signers, md_root, md_targets, md_snapshot, md_timestamp, sign_root=True)
         for name, data in files:
             atomic_write(root_dir / "metadata" / name, data, 0o644)
@@ -263,7 +266,7 @@ class Repository:
     # -- queries --------------------------------------------------------------------------
     def model_releases(self, name: str) -> dict[int, Rollout]:
         out: dict[int, Rollout] = {}
-        for path, tf in self.targets.signed.targets.items():
+        for _path, tf in self.targets.signed.targets.items():
             lf = (tf.unrecognized_fields.get("custom") or {}).get(CUSTOM_KEY) or {}
             if lf.get("kind") == "model" and lf.get("name") == name:
                 ro = lf.get("rollout") or {}
@@ -313,7 +316,8 @@ class Repository:
                     rollout: Rollout | None = None) -> ReleaseResult:
         """Add (or re-target) a model version and sign new targets, snapshot and timestamp."""
         if not NAME_RE.match(name):
-            raise BadInputError(f"model name {name!r} must be 1-63 lowercase letters, digits, '.', '_' or '-'")
+            raise BadInputError(f"model name {name!r} must be 1-63 lowercase letters, digits, "
+                                "'.', '_' or '-'")
         rollout = rollout or Rollout()
         releases = self.model_releases(name)
         latest = int(self.state["models"].get(name, {}).get("latest", 0))
@@ -356,10 +360,12 @@ class Repository:
             for tpath, tf in new_targets.items():
                 old = self.targets.signed.targets.get(tpath)
                 if tpath != model_tpath and (old is None or old.hashes != tf.hashes):
-                    raise BadInputError(f"{name} version {version} exists with a different {tpath.rsplit('/', 1)[1]}")
+                    what = tpath.rsplit("/", 1)[1]
+                    raise BadInputError(f"{name} version {version} exists with a different {what}")
             old_lf = existing.unrecognized_fields["custom"][CUSTOM_KEY]
             if old_lf.get("rollout") == rollout.to_dict():
-                return ReleaseResult(name, version, self.targets.signed.version, PublishPlan(), [], unchanged=True)
+                return ReleaseResult(name, version, self.targets.signed.version, PublishPlan(), [],
+                                     unchanged=True)
             new_lf = dict(old_lf, rollout=rollout.to_dict())
             new_targets = {model_tpath: TargetFile(existing.length, dict(existing.hashes), model_tpath,
                                                    {"custom": {CUSTOM_KEY: new_lf}})}
@@ -367,7 +373,7 @@ class Repository:
         releases[version] = rollout
         keep = versions_to_keep(releases)
         removed = sorted(set(releases) - keep)
-        targets = Metadata.from_bytes(self.targets.to_bytes(_SERIALIZER))
+        targets: Metadata[Targets] = Metadata.from_bytes(self.targets.to_bytes(_SERIALIZER))
         plan = PublishPlan()
         for tpath in list(targets.signed.targets):
             parts = tpath.split("/")
@@ -410,8 +416,10 @@ class Repository:
         for keyid in old_ids:
             root.signed.revoke_key(keyid, role)
         new_signers: list[Signer] = []
+        new_keys: list[CryptoSigner] = []
         for _ in range(n):
             signer = CryptoSigner.generate_ed25519()
+            new_keys.append(signer)
             root.signed.add_key(signer.public_key, role)
             new_signers.append(signer)
         root.signed.roles[role].threshold = k
@@ -421,8 +429,8 @@ class Repository:
         for s in old_root_signers + (new_signers if role == "root" else []):
             root.sign(s, append=True)
         data = root.to_bytes(_SERIALIZER)
-        for signer in new_signers:
-            atomic_write(self.keys_dir / role / f"{signer.public_key.keyid}.pem", signer.private_bytes)
+        for key in new_keys:
+            atomic_write(self.keys_dir / role / f"{key.public_key.keyid}.pem", key.private_bytes)
         name = f"{root.signed.version}.root.json"
         atomic_write(self.md_dir / name, data, 0o644)
         atomic_write(self.dir / "root.json", data, 0o644)
@@ -442,7 +450,7 @@ class Repository:
 
     def resign(self) -> PublishPlan:
         """New targets, snapshot and timestamp versions with fresh expiry dates."""
-        targets = Metadata.from_bytes(self.targets.to_bytes(_SERIALIZER))
+        targets: Metadata[Targets] = Metadata.from_bytes(self.targets.to_bytes(_SERIALIZER))
         plan = PublishPlan()
         self._commit(targets, plan, model_state={})
         return plan
@@ -453,10 +461,10 @@ class Repository:
         now = _now()
         targets.signed.version += 1
         targets.signed.expires = now + timedelta(days=expiry["targets"])
-        snapshot = Metadata.from_bytes(self.snapshot.to_bytes(_SERIALIZER))
+        snapshot: Metadata[Snapshot] = Metadata.from_bytes(self.snapshot.to_bytes(_SERIALIZER))
         snapshot.signed.version += 1
         snapshot.signed.expires = now + timedelta(days=expiry["snapshot"])
-        timestamp = Metadata.from_bytes(self.timestamp.to_bytes(_SERIALIZER))
+        timestamp: Metadata[Timestamp] = Metadata.from_bytes(self.timestamp.to_bytes(_SERIALIZER))
         timestamp.signed.version += 1
         timestamp.signed.expires = now + timedelta(days=expiry["timestamp"])
         signers = {r: self.signers(r) for r in ("targets", "snapshot", "timestamp")}

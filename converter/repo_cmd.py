@@ -11,10 +11,10 @@ from converter.errors import BadInputError
 from converter.host_mqtt import add_broker_args, connect
 from converter.progress import ProgressBar
 from converter.publish import RepoPublisher
-from converter.repo import DEFAULT_EXPIRY_DAYS, Repository
+from converter.repo import DEFAULT_EXPIRY_DAYS, PublishPlan, Repository, TargetUpload
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("repo", help="manage the signed model repository")
     rsub = p.add_subparsers(dest="repo_command", metavar="ACTION")
     rsub.required = True
@@ -96,7 +96,8 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _publish(repo: Repository, args: argparse.Namespace, uploads: list, plan=None) -> None:  # type: ignore[no-untyped-def]
+def _publish(repo: Repository, args: argparse.Namespace, uploads: list[TargetUpload],
+             plan: PublishPlan | None = None) -> None:
     client, topics = connect(args, "publish")
     try:
         bar = ProgressBar("publishing")
@@ -130,7 +131,8 @@ def run_resign(args: argparse.Namespace) -> int:
         _publish(repo, args, repo.pending_uploads(), plan)
     sys.stdout.write(f"signed targets v{repo.targets.signed.version}; timestamp expires "
                      f"{repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC"
-                     + ("; published\n" if args.broker or args.secure_dir else "; publish with `litefleet repo publish`\n"))
+                     + ("; published\n" if args.broker or args.secure_dir
+                        else "; publish with `litefleet repo publish`\n"))
     return 0
 
 

@@ -10,7 +10,7 @@ from converter.fleet_view import collect_states, format_table
 from converter.host_mqtt import add_broker_args, connect
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show every device's model, state and latency")
     add_broker_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")

@@ -149,7 +149,8 @@ class FleetWatcher:
         self.client.loop_start()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
-        client.subscribe([(f"{self.prefix}/v1/devices/+/state", 1), (f"{self.prefix}/v1/devices/+/events", 1)])
+        base = f"{self.prefix}/v1/devices/+"
+        client.subscribe([(f"{base}/state", 1), (f"{base}/events", 1)])
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         parts = msg.topic.split("/")
@@ -173,7 +174,8 @@ class FleetWatcher:
                 if left <= 0:
                     raise AssertionError(
                         f"timed out after {timeout_s:g} s waiting for {what or predicate}; "
-                        f"states={json.dumps(self.states)[:2000]} events={json.dumps(self.events[-10:])[:3000]}")
+                        f"states={json.dumps(self.states)[:2000]} "
+                        f"events={json.dumps(self.events[-10:])[:3000]}")
                 self._cond.wait(min(left, 0.2))
 
     def active(self, device_id: str) -> tuple[str | None, str | None]:

@@ -61,7 +61,8 @@ def test_pull_then_serve_rest_mqtt_and_metrics(broker, tmp_path: Path, digits_in
     got_metrics: list[dict] = []
     replies: dict[bytes, tuple[bytes, str | None]] = {}
     done = threading.Event()
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"_app-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5)
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"_app-{uuid.uuid4().hex[:6]}",
+                    protocol=paho.MQTTv5)
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         if msg.topic.endswith("/metrics"):
@@ -101,12 +102,13 @@ def test_pull_then_serve_rest_mqtt_and_metrics(broker, tmp_path: Path, digits_in
         c.publish("litefleet/v1/devices/pi-s/infer",
                   json.dumps({"model": "digits", "instances": x[:2].tolist()}), qos=1, properties=props)
         assert done.wait(10), "no MQTT reply"
-        payload, ctype = replies[b"req-1"]
+        payload, _ctype = replies[b"req-1"]
         np.testing.assert_allclose(np.array(json.loads(payload)["predictions"]), want[:2], atol=1e-6)
         # a response topic the device may not answer on is ignored
         props.ResponseTopic = "litefleet/v1/devices/other/state"
         props.CorrelationData = b"req-2"
-        c.publish("litefleet/v1/devices/pi-s/infer", json.dumps({"model": "digits", "instances": x[:1].tolist()}),
+        c.publish("litefleet/v1/devices/pi-s/infer",
+                  json.dumps({"model": "digits", "instances": x[:1].tolist()}),
                   qos=1, properties=props)
 
         # metrics: the requests above are counted
@@ -149,7 +151,8 @@ while not a.registry.names() and time.time() < deadline:
     time.sleep(0.1)
 a.registry.get("digits").runner.predict(__import__("numpy").zeros((1, 8, 8, 1), "float32"))
 a.stop(); t.join(); a.shutdown()
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "converter", "jax", "torch"))
+host_only = ("tensorflow", "keras", "converter", "jax", "torch")
+bad = sorted(m for m in sys.modules if m.split(".")[0] in host_only)
 print("ACTIVE", a.registry.names(), "HOST_MODULES", bad)
 """
     import subprocess

@@ -57,7 +57,7 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "device_id = \n"))
-    with pytest.raises(ConfigError, match="missing required key.*trusted_root"):
+    with pytest.raises(ConfigError, match=r"missing required key.*trusted_root"):
         load_config(write(tmp_path, BASE.replace('trusted_root = "/etc/litefleet/root.json"', "")))
     with pytest.raises(ConfigError, match="device_id"):
         load_config(write(tmp_path, BASE.replace('"pi-1"', '"pi 1/#"')))

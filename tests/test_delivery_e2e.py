@@ -117,7 +117,8 @@ def test_key_rotation_reaches_devices_and_retires_old_keys(broker, repo: Path, t
             t_bytes = targets.to_bytes()
             snapshot = Metadata.from_bytes(current.snapshot.to_bytes())
             snapshot.signed.version += 1
-            snapshot.signed.meta["targets.json"] = MetaFile.from_data(targets.signed.version, t_bytes, ["sha256"])
+            snapshot.signed.meta["targets.json"] = MetaFile.from_data(
+                targets.signed.version, t_bytes, ["sha256"])
             snapshot.signatures.clear()
             for signer in current.signers("snapshot"):
                 snapshot.sign(signer, append=True)

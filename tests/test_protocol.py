@@ -29,7 +29,8 @@ def test_topics_round_trip() -> None:
     assert t.metadata_filename("fleet/a/v1/repo/metadata/x/y.json") is None
     assert t.device_of(t.state("pi-7")) == ("pi-7", "state")
     assert t.device_of("fleet/a/v1/devices/pi-7/state/extra") is None
-    assert t.chunk("models/m/1/abc.model.tflite", 3) == "fleet/a/v1/repo/targets/models/m/1/abc.model.tflite/3"
+    assert (t.chunk("models/m/1/abc.model.tflite", 3)
+            == "fleet/a/v1/repo/targets/models/m/1/abc.model.tflite/3")
 
 
 def test_reply_topics_only_for_this_device() -> None:

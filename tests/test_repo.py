@@ -30,7 +30,8 @@ def test_init_writes_private_keys_and_a_trusted_root(tmp_path: Path) -> None:
     assert len(keys) == 8
     assert all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys)
     assert stat.S_IMODE((tmp_path / "r").stat().st_mode) == 0o700
-    assert (tmp_path / "r" / "root.json").read_bytes() == (tmp_path / "r" / "metadata" / "1.root.json").read_bytes()
+    first = (tmp_path / "r" / "metadata" / "1.root.json").read_bytes()
+    assert (tmp_path / "r" / "root.json").read_bytes() == first
     assert repo.root.signed.roles["targets"].threshold == 2
     with pytest.raises(BadInputError, match="not empty"):
         Repository.init(tmp_path / "r")
