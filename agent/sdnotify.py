@@ -16,11 +16,16 @@ set, naming this process) say how often ``WATCHDOG=1`` must come.
 - ``watchdog()`` may be called as often as convenient: it sends at most once
   per ``watchdog_interval_s / 2``, so it can sit in a loop that ticks every
   second whatever ``WatchdogSec=`` says.
+- **A live loop may start slowly.** Until ``ready()``, ``watchdog()`` also
+  sends ``EXTEND_TIMEOUT_USEC`` (``start_extension_s``, every third of it), so
+  an agent that is alive but still waiting for its broker is not killed by
+  ``TimeoutStartSec=`` (it serves local inference meanwhile), while one whose
+  loop stopped is, ``start_extension_s`` after its last tick. (systemd arms the
+  watchdog itself only once start-up is complete.)
 
 The daemon calls: ``status(text)`` as it goes, ``ready()`` once connected and
-the model is loaded, ``extend_timeout(s)`` while start-up waits for the broker
-longer than ``TimeoutStartSec=``, ``watchdog()`` from its work loop,
-``stopping()`` on shutdown.
+the model is loaded, ``watchdog()`` from its work loop, ``stopping()`` on
+shutdown.
 """
 
 from __future__ import annotations
@@ -72,12 +77,16 @@ class Notifier:
         pid: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         unset_environment: bool = False,
+        start_extension_s: float = 30.0,
     ) -> None:
         env = os.environ if env is None else env
         self._address = socket_address(env.get("NOTIFY_SOCKET", ""))
         self.watchdog_interval_s = watchdog_interval_s(env, os.getpid() if pid is None else pid)
         self._clock = clock
         self._last_watchdog: float | None = None
+        self.start_extension_s = start_extension_s
+        self._ready_sent = False
+        self._last_extension: float | None = None
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         if unset_environment and env is os.environ:
@@ -115,6 +124,7 @@ class Notifier:
         fields: dict[str, str | int] = {"READY": 1, "MAINPID": os.getpid()}
         if status:
             fields["STATUS"] = status
+        self._ready_sent = True
         return self.notify(**fields)
 
     def status(self, text: str) -> bool:
@@ -122,10 +132,17 @@ class Notifier:
         return self.notify(STATUS=text)
 
     def watchdog(self, *, force: bool = False) -> bool:
-        """Feed the watchdog (``WATCHDOG=1``), at most once per half interval."""
-        if self.watchdog_interval_s is None or self._address is None:
+        """Feed the watchdog (``WATCHDOG=1``), at most once per half interval; before
+        ``ready()``, extend the start timeout. True when ``WATCHDOG=1`` was sent."""
+        if self._address is None:
             return False
         now = self._clock()
+        if not self._ready_sent and self.start_extension_s > 0 and (
+            self._last_extension is None or now - self._last_extension >= self.start_extension_s / 3
+        ) and self.extend_timeout(self.start_extension_s):
+            self._last_extension = now
+        if self.watchdog_interval_s is None:
+            return False
         if (not force and self._last_watchdog is not None
                 and now - self._last_watchdog < self.watchdog_interval_s / 2):
             return False

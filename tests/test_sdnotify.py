@@ -86,11 +86,32 @@ def test_abstract_socket() -> None:
         listener.close()
 
 
+def test_a_live_loop_extends_the_start_timeout_until_ready(path_listener: tuple[Listener, str]) -> None:
+    listener, path = path_listener
+    now = [0.0]
+    n = Notifier({"NOTIFY_SOCKET": path}, clock=lambda: now[0], start_extension_s=30)
+    assert not n.watchdog()  # no WatchdogSec: WATCHDOG=1 is not sent, but...
+    assert listener.recv() == {"EXTEND_TIMEOUT_USEC": "30000000"}
+    now[0] += 5
+    n.watchdog()
+    assert listener.nothing_pending()  # at most every 10 s
+    now[0] += 5
+    n.watchdog()
+    assert listener.recv() == {"EXTEND_TIMEOUT_USEC": "30000000"}
+    n.ready()
+    listener.recv()
+    now[0] += 60
+    n.watchdog()
+    assert listener.nothing_pending()  # started: no more extensions
+
+
 def test_watchdog_is_rate_limited_to_half_the_interval(path_listener: tuple[Listener, str]) -> None:
     listener, path = path_listener
     now = [100.0]
     n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000", "WATCHDOG_PID": str(os.getpid())},
                  clock=lambda: now[0])
+    n.ready()
+    listener.recv()
     assert n.watchdog_interval_s == 10.0
     assert n.watchdog()
     assert listener.recv() == {"WATCHDOG": "1"}
@@ -104,7 +125,8 @@ def test_watchdog_is_rate_limited_to_half_the_interval(path_listener: tuple[List
 
 def test_watchdog_for_another_process_is_ignored(path_listener: tuple[Listener, str]) -> None:
     listener, path = path_listener
-    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}, pid=2)
+    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}, pid=2,
+                 start_extension_s=0)
     assert n.watchdog_interval_s is None and not n.watchdog()
     assert listener.nothing_pending()
 
