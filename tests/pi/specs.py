@@ -210,7 +210,9 @@ ARCHES: dict[str, ArchSpec] = {
         machine="aarch64",
         os_name="64-bit Raspberry Pi OS (Debian 12 bookworm arm64)",
         runtime_module="ai_edge_litert.interpreter",
-        debs=_COMMON_DEBS,
+        # python3.11-venv: ensurepip and the pip/setuptools wheels Debian keeps apart, so
+        # systemd/install.sh can make its venv with the Pi's own Python (tests/pi)
+        debs=(*_COMMON_DEBS, "python3.11-venv"),
         wheels=(
             "numpy==2.4.6",
             "ai-edge-litert==2.3.0",
