@@ -75,9 +75,11 @@ class ModelManager:
 
     def _load_runner(self, name: str, inst: act.Installed) -> ModelRunner:
         files = self.store.files(name, inst.version)
-        return load_checked(files["model"], files.get("card"), files.get("golden"),
-                            threads=self.threads, runtime=self.runtime, name=name,
-                            version=str(inst.version))
+        runner = load_checked(files["model"], files.get("card"), files.get("golden"),
+                              threads=self.threads, runtime=self.runtime, name=name,
+                              version=str(inst.version))
+        runner.stats.reset()  # the golden self-checks are not traffic
+        return runner
 
     def _serve(self, name: str, inst: act.Installed, runner: ModelRunner) -> None:
         self.registry.activate(ActiveModel(name, str(inst.version), inst.sha256, runner))

@@ -131,6 +131,7 @@ class MqttClient:
         self._connected = threading.Event()
         self._synced = threading.Event()
         self._barrier_mids: set[int] = set()
+        self._sub_lock = threading.RLock()
         self._acked_mids: set[int] = set()
         self._connect_error: str | None = None
         self._on_connected: list[Callable[[], None]] = []
@@ -252,31 +253,38 @@ class MqttClient:
         return delivery
 
     # -- subscribe ---------------------------------------------------------------
+    # _sub_lock orders subscriptions and barriers against (re)connects: a filter is
+    # either in the snapshot a reconnect re-subscribes, or sent once connected, and a
+    # barrier is always sent after every subscription made before it.
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Subscribe now (if connected) and after every reconnect."""
-        with self._lock:
-            self._subs[topic_filter] = (qos, handler)
-        if self._connected.is_set():
-            self._client.subscribe(topic_filter, qos=qos)
+        self.subscribe_many([topic_filter], handler, qos)
 
     def subscribe_many(self, filters: list[str], handler: Handler, qos: int = 1) -> None:
-        with self._lock:
-            for f in filters:
-                self._subs[f] = (qos, handler)
-        if filters and self._connected.is_set():
-            self._client.subscribe([(f, qos) for f in filters])
+        with self._sub_lock:
+            with self._lock:
+                for f in filters:
+                    self._subs[f] = (qos, handler)
+            if filters and self._connected.is_set():
+                self._client.subscribe([(f, qos) for f in filters])
 
     def unsubscribe(self, *topic_filters: str) -> None:
-        with self._lock:
-            gone = [f for f in topic_filters if self._subs.pop(f, None) is not None]
-        if gone and self._connected.is_set():
-            self._client.unsubscribe(gone)
+        with self._sub_lock:
+            with self._lock:
+                gone = [f for f in topic_filters if self._subs.pop(f, None) is not None]
+            if gone and self._connected.is_set():
+                self._client.unsubscribe(gone)
 
     def sync(self) -> None:
         """Start a new sync barrier (see module docstring); :meth:`wait_synced` waits for it."""
-        self._synced.clear()
-        if self._connected.is_set():
-            self._send_barrier()
+        with self._sub_lock:
+            with self._lock:
+                # older barriers no longer count: their SUBACKs say nothing about
+                # subscriptions made since
+                self._barrier_mids = set()
+                self._synced.clear()
+            if self._connected.is_set():
+                self._send_barrier()
 
     def _send_barrier(self) -> None:
         # a filter nobody publishes to; only its SUBACK matters. A broker that
@@ -300,16 +308,16 @@ class MqttClient:
             return
         self.connects += 1
         self._connect_error = None
-        with self._lock:
-            subs = list(self._subs.items())
-            self._barrier_mids.clear()
-            self._acked_mids.clear()
-        self._synced.clear()
-        if subs:
-            # one SUBSCRIBE per QoS; paho accepts a list of (filter, qos)
-            client.subscribe([(f, q) for f, (q, _) in subs])
-        self._connected.set()
-        self._send_barrier()
+        with self._sub_lock:
+            with self._lock:
+                subs = list(self._subs.items())
+                self._barrier_mids = set()
+                self._acked_mids.clear()
+                self._synced.clear()
+            if subs:
+                client.subscribe([(f, q) for f, (q, _) in subs])
+            self._send_barrier()
+            self._connected.set()
         logger.info("connected to %s:%s", self.settings.host, self.settings.port)
         for fn in self._on_connected:
             try:
@@ -330,13 +338,13 @@ class MqttClient:
         with self._lock:
             is_barrier = mid in self._barrier_mids
             self._barrier_mids.discard(mid)
-            if not is_barrier:
+            if is_barrier:
+                self._synced.set()
+            else:
                 self._acked_mids.add(mid)
                 if len(self._acked_mids) > 256:
                     self._acked_mids.pop()
-        if is_barrier:
-            self._synced.set()
-        elif any(rc.is_failure for rc in reason_codes):
+        if not is_barrier and any(rc.is_failure for rc in reason_codes):
             logger.warning("broker refused a subscription (mid %s): %s", mid,
                            ", ".join(str(rc) for rc in reason_codes))
 

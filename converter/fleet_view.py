@@ -56,7 +56,6 @@ def collect_states(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -
             else:
                 rows[dev[0]] = row
 
-    client.sync()
     client.subscribe(topics.devices_filter("state"), handle, qos=1)
     client.sync()
     if not client.wait_synced(timeout_s):

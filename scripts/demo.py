@@ -5,10 +5,18 @@
    subprocess), measuring float32, float16 and dynamic-range beside it;
 3. load the int8 model the way a device does (``agent.runtime`` +
    ``agent.inference.ModelRunner``), check its golden vectors, classify the
-   held-out digits and print how it compares with the Keras model.
+   held-out digits and print how it compares with the Keras model;
+4. start a private Mosquitto (``litefleet broker``) and create a signed model
+   repository (``litefleet repo init``);
+5. start a local agent (``litefleet-agent run``) with its REST API on loopback;
+6. sign and publish the model (``litefleet push``) and watch the agent verify,
+   check and activate it (its events on the broker);
+7. send real inference requests to the agent: REST (TensorFlow Serving's
+   shape) and MQTT (request/response with correlation data);
+8. show the fleet: ``litefleet status`` and the agent's metrics message.
 
 Everything is written to ``demo-out/`` (git-ignored); running it again
-overwrites it. Later steps of the demo (broker, agent, push) build on these files.
+starts from scratch. The broker and agent are stopped at the end.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ def main() -> int:
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    total = 3
+    total = 8
 
     step(1, total, "training a small CNN on scikit-learn's digits (8x8 images, 10 classes)")
     from converter.convert_cmd import native_output_hidden
@@ -122,9 +130,14 @@ def main() -> int:
     print("      " + "   ".join(
         f"says {lite_pred[i]} ({'right' if lite_pred[i] == data.y_test[i] else 'wrong'})".ljust(16)
         for i in picks))
-    print(f"\nDone. Files in {out}: digits.tflite, digits.card.json, digits.golden.npz, "
+    print(f"\n    files in {out}: digits.tflite, digits.card.json, digits.golden.npz, "
           "digits.report.json")
-    return 0 if ok and abs(lite_acc - keras_acc) <= 1.0 else 1
+    if not (ok and abs(lite_acc - keras_acc) <= 1.0):
+        print("demo: the int8 model does not match the Keras model", file=sys.stderr)
+        return 1
+    from scripts.demo_fleet import fleet_demo
+
+    return fleet_demo(out, data, first_step=4, total=total, step=step)
 
 
 if __name__ == "__main__":

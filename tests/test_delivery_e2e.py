@@ -138,3 +138,36 @@ def test_key_rotation_reaches_devices_and_retires_old_keys(broker, repo: Path, t
             assert fleet.active("pi-r") == ("digits", "2")
         finally:
             agent.stop()
+
+
+def test_status_lists_every_device(broker, repo: Path, tmp_path: Path, digits_int8) -> None:
+    import json
+
+    from tests.harness import litefleet
+
+    url = broker.url
+    agents = [AgentProcess(tmp_path, f"st-{i}", url, repo / "root.json") for i in range(2)]
+    with watching(broker.port) as fleet:
+        must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", url)
+        for a in agents:
+            a.start()
+        try:
+            for a in agents:
+                fleet.wait_active(a.device_id, "digits", 1, timeout_s=60)
+            agents[1].stop()
+            fleet.wait_for(lambda: fleet.states["st-1"]["online"] is False, 10)
+            rows = json.loads(must("status", "--broker", url, "--json"))
+            by_id = {r["device_id"]: r for r in rows}
+            assert set(by_id) == {"st-0", "st-1"}
+            assert by_id["st-0"]["online"] is True and by_id["st-0"]["model"] == "digits"
+            assert by_id["st-0"]["version"] == "1" and by_id["st-0"]["status"] == "serving"
+            assert by_id["st-1"]["online"] is False
+            for key in ("error", "latency_ms_p50", "inferences"):
+                assert key in by_id["st-0"]
+            table = must("status", "--broker", url)
+            assert "st-0" in table and "serving" in table and "DEVICE_ID" in table
+            code, _, err = litefleet("status", "--broker", "mqtt://127.0.0.1:1", "--timeout", "1")
+            assert code == 1 and err.count("\n") == 1 and "could not connect" in err
+        finally:
+            for a in agents:
+                a.stop()
