@@ -2,7 +2,10 @@
 # - finds a Python >= 3.11 and creates .venv with it if .venv is missing;
 # - installs litefleet with every extra (pip install -e ".[agent,convert,dev]"), again only
 #   when pyproject.toml changed since the last install (a stamp file in .venv remembers);
-# - installs Mosquitto with apt-get (sudo when not root) when it is missing.
+# - installs Mosquitto with apt-get (sudo when not root) when it is missing;
+# - for the tests, also the Debian packages they use: qemu-user-static (the emulated
+#   Raspberry Pi userland), debian-archive-keyring (to fetch its packages), faketime
+#   (an agent with a wrong clock).
 # Every step says what it does; a step that has nothing to do says so in one line.
 
 say() { printf '==> %s\n' "$*"; }
@@ -72,4 +75,32 @@ setup_mosquitto() {
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
     $sudo systemctl disable --now mosquitto >/dev/null 2>&1 || true
   fi
+}
+
+# apt-get install the packages whose commands are missing: setup_packages CMD=PKG ...
+setup_packages() {
+  local want=() pair cmd pkg
+  for pair in "$@"; do
+    cmd=${pair%%=*}; pkg=${pair#*=}
+    if [ "${cmd#/}" != "$cmd" ]; then [ -e "$cmd" ] && continue; else command -v "$cmd" >/dev/null 2>&1 && continue; fi
+    want+=("$pkg")
+  done
+  if [ ${#want[@]} -eq 0 ]; then
+    say "test tools are installed (qemu-user-static, debian-archive-keyring, faketime)"
+    return 0
+  fi
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "error: ${want[*]} missing and sudo is not available" >&2; return 1; }
+    sudo="sudo"
+  fi
+  say "installing ${want[*]} with apt-get${sudo:+ (sudo)}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${want[@]}" >/dev/null
+}
+
+setup_test_tools() {
+  setup_packages qemu-aarch64-static=qemu-user-static \
+    /usr/share/keyrings/debian-archive-keyring.gpg=debian-archive-keyring \
+    faketime=faketime
 }

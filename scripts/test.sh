@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 setup_venv
 setup_mosquitto
+setup_test_tools
 say "running the tests: .venv/bin/python -m pytest $*"
 exec .venv/bin/python -m pytest "$@"
