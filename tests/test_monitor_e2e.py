@@ -1,0 +1,295 @@
+"""The fleet monitor against a real Mosquitto: a real agent, shared subscriptions, the CLI.
+
+- a real agent pulls a pushed model and serves REST predictions; the monitor's
+  ``/metrics`` shows the exact request count, its SQLite history holds the
+  samples and the activation event, its page draws the latency as an SVG
+  path, and a metrics message delivered again is stored once;
+- two monitors in one ``--share`` group split the metrics (each gets some,
+  together all, none twice) while both see every device's retained state;
+- ``litefleet monitor`` as a process: serves, stops cleanly on SIGTERM with
+  everything written; bad flags exit 2, an unreachable broker exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.mqtt_client import ConnectionSettings, wait_until
+from agent.protocol import Topics
+from converter.broker import free_port
+from converter.monitor import Collector, CollectorConfig, make_client
+from converter.monitor_http import MonitorHttpServer
+from converter.monitor_store import MonitorStore
+from tests.harness import REPO_ROOT, AgentProcess, litefleet, must, publish_raw
+from tests.test_monitor_pure import agent_payload, state_payload
+
+
+@dataclass
+class RunningMonitor:
+    collector: Collector
+    http: MonitorHttpServer
+    db: Path
+
+    @property
+    def url(self) -> str:
+        host, port = self.http.address
+        return f"http://{host}:{port}"
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
+            return resp.read().decode()
+
+    def metric(self, line_prefix: str) -> float | None:
+        for line in self.get("/metrics").splitlines():
+            if line.startswith(line_prefix + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def received(self, kind: str) -> int:
+        return self.collector.snapshot().stats.received.get(kind, 0)
+
+
+@contextlib.contextmanager
+def running_monitor(broker_port: int, db: Path, share: str | None = None) -> Iterator[RunningMonitor]:
+    store = MonitorStore.open(db)
+    client_id = f"_lf-test-monitor-{uuid.uuid4().hex[:6]}"
+    client = make_client(ConnectionSettings("127.0.0.1", broker_port, client_id))
+    collector = Collector(client, Topics(), store, CollectorConfig(db_path=db, share_group=share))
+    http = MonitorHttpServer(collector, "127.0.0.1", 0)
+    collector.start(10)
+    http.start()
+    try:
+        yield RunningMonitor(collector, http, db)
+    finally:
+        http.stop()
+        collector.stop()
+
+
+def post_json(url: str, body: object) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status
+
+
+class RawMetrics:
+    """Records every metrics payload of a device as published (to replay one later)."""
+
+    def __init__(self, port: int, device_id: str) -> None:
+        self.payloads: list[bytes] = []
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:6]}",
+                                  protocol=paho.MQTTv5)
+        self.client.on_message = lambda c, u, msg: self.payloads.append(bytes(msg.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"litefleet/v1/devices/{device_id}/metrics", 1)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_monitor_sees_a_real_agent(broker, tmp_path: Path, digits_int8, digits_data) -> None:
+    repo = tmp_path / "repo"
+    must("repo", "init", str(repo))
+    must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
+    rest_port = free_port()
+    agent = AgentProcess(tmp_path, "pi-m", broker.url, repo / "root.json", http=f"127.0.0.1:{rest_port}",
+                         metrics_interval_s=0.5)
+    raw = RawMetrics(broker.port, "pi-m")
+    with running_monitor(broker.port, tmp_path / "monitor.db") as mon:
+        try:
+            agent.start()
+
+            def serving() -> bool:
+                dev = mon.collector.snapshot().device("pi-m")
+                return bool(dev and dev.state and dev.state.online and dev.state.model == "digits"
+                            and dev.state.version == "1")
+
+            assert wait_until(serving, 60), agent.log()[-3000:]
+            _, _, x_test, _ = digits_data
+            requests = 6
+            for i in range(requests):
+                assert post_json(f"http://127.0.0.1:{rest_port}/v1/models/digits:predict",
+                                 {"instances": x_test[i:i + 1].tolist()}) == 200
+
+            labels = 'device="pi-m",model="digits",version="1"'
+            assert wait_until(lambda: mon.metric(f"litefleet_model_requests_total{{{labels}}}") == requests,
+                              15), mon.get("/metrics")
+            scrape = mon.get("/metrics")
+            assert f"litefleet_model_inferences_total{{{labels}}} {requests}" in scrape
+            assert f"litefleet_model_errors_total{{{labels}}} 0" in scrape
+            assert f'litefleet_model_inference_duration_seconds_count{{{labels}}} {requests}' in scrape
+            rss = mon.metric('litefleet_device_resident_memory_bytes{device="pi-m"}')
+            assert rss is not None and rss > 10_000_000
+            assert 'litefleet_device_online{device="pi-m"} 1' in scrape
+            assert f'litefleet_model_info{{{labels},sha256="' in scrape
+            # a latency quantile appears for an interval that had the requests in it: the
+            # history has it (the live value may already be a later, idle interval)
+            def stored_samples() -> int:
+                with mon.collector.store.reader() as r:
+                    return r.count("samples")
+
+            assert wait_until(lambda: stored_samples() >= 3, 10)
+            with mon.collector.store.reader() as r:
+                series = r.latency_series("pi-m", "digits", 0.0)
+                assert any(p.p99_ms is not None and p.p99_ms > 0 for p in series)
+            # the page: the device, a drawn latency line, the activation event
+            assert mon.collector.wait_idle(5)
+            page = mon.get("/")
+            assert "pi-m" in page and re.search(r'<path d="M[0-9.]+,[0-9.]+', page)
+            assert ">activated<" in page
+            devices = json.loads(mon.get("/api/devices"))
+            assert devices[0]["device_id"] == "pi-m" and devices[0]["inferences"] == requests
+
+            # a metrics message delivered twice (QoS 1 redelivery, a replay) is stored once
+            assert wait_until(lambda: len(raw.payloads) >= 2, 10)
+            replayed = raw.payloads[0]
+            seq = json.loads(replayed)["seq"]
+            dup_line = 'litefleet_monitor_duplicates_total{kind="metrics"}'
+            before = mon.metric(dup_line) or 0
+            publish_raw(broker.port, "litefleet/v1/devices/pi-m/metrics", replayed, retain=False)
+            assert wait_until(lambda: (mon.metric(dup_line) or 0) == before + 1, 10)
+            with mon.collector.store.reader() as r:
+                stored = [k for k in r.sample_keys() if k[1] == seq]
+                assert stored == [("pi-m", seq, json.loads(replayed)["ts"])]
+            dev = mon.collector.snapshot().device("pi-m")
+            # "now" did not go back to the replayed message
+            assert dev is not None and dev.metrics is not None and dev.metrics.seq > seq
+
+            agent.stop()
+            assert wait_until(lambda: mon.metric('litefleet_device_online{device="pi-m"}') == 0, 10)
+        finally:
+            agent.stop()
+            raw.close()
+    # after stopping, the history file is complete and readable by anyone
+    store = MonitorStore.open(tmp_path / "monitor.db")
+    try:
+        with store.reader() as r:
+            assert r.count("events") >= 2  # at least verified and activated
+            assert [d["device_id"] for d in r.devices()] == ["pi-m"]
+    finally:
+        store.close()
+
+
+def publish_many(port: int, messages: list[tuple[str, bytes]]) -> None:
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
+                    protocol=paho.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        infos = [c.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_two_monitors_in_a_share_group_split_the_metrics(broker, tmp_path: Path) -> None:
+    devices = ["pi-a", "pi-b", "pi-c"]
+    for d in devices:
+        publish_raw(broker.port, f"litefleet/v1/devices/{d}/state", state_payload(device_id=d))
+    per_device = 60
+    with running_monitor(broker.port, tmp_path / "m1.db", share="fleet") as m1, \
+            running_monitor(broker.port, tmp_path / "m2.db", share="fleet") as m2, \
+            running_monitor(broker.port, tmp_path / "all.db") as everything:
+        messages = [(f"litefleet/v1/devices/{d}/metrics", agent_payload(d, seq=s, ts=1_800_000_000.0 + s))
+                    for s in range(1, per_device + 1) for d in devices]
+        publish_many(broker.port, messages)
+        total = len(messages)
+        assert wait_until(lambda: m1.received("metrics") + m2.received("metrics") >= total, 20)
+        assert wait_until(lambda: everything.received("metrics") >= total, 20)
+        for m in (m1, m2, everything):
+            assert m.collector.wait_idle(10)
+            # state is an ordinary subscription: every collector knows the whole fleet
+            snap = m.collector.snapshot()
+            assert [d.device_id for d in snap.devices] == devices
+            assert all(d.state is not None and d.state.online for d in snap.devices)
+        time.sleep(0.3)  # nothing more arrives
+        keys = []
+        for m in (m1, m2, everything):
+            with m.collector.store.reader() as r:
+                keys.append(set(r.sample_keys()))
+        k1, k2, k_all = keys
+        assert m1.received("metrics") + m2.received("metrics") == total
+        assert k1 and k2, f"one collector got nothing: {len(k1)} / {len(k2)}"
+        assert not k1 & k2, "a message went to both collectors of the group"
+        assert k1 | k2 == k_all and len(k_all) == total
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.Popen([sys.executable, "-m", "converter", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+
+
+def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    proc = run_cli("monitor", "--broker", broker.url, "--db", str(db), "--prometheus", "127.0.0.1:0",
+                   "--share", "cli", "--summary-interval", "0.5")
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        found = re.search(r"serving (http://127\.0\.0\.1:\d+)/", line)
+        assert found, line + proc.stderr.read() if proc.poll() is not None else line
+        url = found.group(1)
+        topic = "litefleet/v1/devices/pi-z/metrics"
+        publish_raw(broker.port, topic, agent_payload("pi-z", seq=1), retain=False)
+
+        def scraped() -> bool:
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+                return 'litefleet_model_requests_total{device="pi-z",model="digits",version="3"} 5' \
+                    in resp.read().decode()
+
+        assert wait_until(scraped, 10)
+        with urllib.request.urlopen(url + "/", timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/html")
+        publish_raw(broker.port, topic, agent_payload("pi-z", seq=2), retain=False)
+        time.sleep(1.2)  # at least one summary line
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "devices online" in err and "msg/s" in err and err.rstrip().endswith("monitor: stopped")
+    assert "Traceback" not in err
+    store = MonitorStore.open(db)
+    try:
+        with store.reader() as r:
+            assert [k[:2] for k in r.sample_keys()] == [("pi-z", 1), ("pi-z", 2)]
+    finally:
+        store.close()
+
+
+def test_monitor_command_errors(tmp_path: Path) -> None:
+    for args, words in [
+        (["--share", "a/b"], "--share"),
+        (["--prometheus", "nonsense"], "HOST:PORT"),
+        (["--retention-days", "-1"], "--retention-days"),
+    ]:
+        code, _, err = litefleet("monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "x.db"),
+                                 *args)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    dead = free_port()
+    code, _, err = litefleet("monitor", "--broker", f"mqtt://127.0.0.1:{dead}",
+                             "--db", str(tmp_path / "y.db"), "--timeout", "1", "--quiet")
+    assert code == 1 and "could not connect" in err, err
+    assert not (tmp_path / "y.db").exists()  # a failed start leaves no file behind
