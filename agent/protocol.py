@@ -224,7 +224,7 @@ def parse_chunk_info(custom: Mapping[str, Any], length: int) -> ChunkInfo:
         lf = custom[CUSTOM_KEY]
         size = int(lf["chunk_size"])
         hashes = tuple(str(h) for h in lf["chunks"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e999)
         raise ProtocolError(f"target has no valid chunk list: {exc}") from exc
     if not 1 <= size <= MAX_CHUNK_SIZE:
         raise ProtocolError(f"chunk size {size} outside 1..{MAX_CHUNK_SIZE}")
@@ -238,7 +238,8 @@ def parse_chunk_info(custom: Mapping[str, Any], length: int) -> ChunkInfo:
 def parse_release(path: str, custom: Mapping[str, Any]) -> ModelRelease | None:
     """The release a model target describes, None for targets that are not
     models (cards, golden vectors), ProtocolError for malformed ones."""
-    lf = custom.get(CUSTOM_KEY)
+    # signed JSON may hold anything here: a list, a string, a number
+    lf = custom.get(CUSTOM_KEY) if isinstance(custom, Mapping) else None
     if not isinstance(lf, Mapping) or lf.get("kind") != "model":
         return None
     try:
@@ -248,7 +249,7 @@ def parse_release(path: str, custom: Mapping[str, Any]) -> ModelRelease | None:
         rollout = Rollout(str(ro.get("target", "all")), ro.get("canary_pct", 100))
         card = lf.get("card")
         golden = lf.get("golden")
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise ProtocolError(f"model target {path}: {exc}") from exc
     if not NAME_RE.match(name) or version < 1:
         raise ProtocolError(f"model target {path}: bad name {name!r} or version {version}")
