@@ -19,6 +19,7 @@ word, or :class:`agent.errors.TransportError`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from agent.transport import Subscriber
 
 logger = logging.getLogger(__name__)
 
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
 # python-tuf exception -> the reason word reported in events and state
 _TUF_REASONS: tuple[tuple[type[Exception], str], ...] = (
     (tuf_errors.UnsignedMetadataError, "bad_signature"),
@@ -56,6 +59,16 @@ _TUF_REASONS: tuple[tuple[type[Exception], str], ...] = (
     (tuf_errors.DownloadLengthMismatchError, "too_large"),
     (tuf_errors.RepositoryError, "invalid_metadata"),
 )
+
+
+def signed_sha256(info: TargetFile) -> str:
+    """A target's SHA-256 as its signed metadata gives it. It names files under
+    ``downloads/``, so anything but 64 lowercase hex digits (a missing hash, ``""``,
+    ``../x``) is an invalid target, never a path."""
+    sha = info.hashes.get("sha256")
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
+        raise ModelRejectedError("invalid_target", f"{info.path[:80]} has no valid signed SHA-256")
+    return sha
 
 
 def tuf_reason(exc: Exception) -> str:
@@ -187,14 +200,18 @@ class ModelUpdater:
         for p in problems:
             logger.warning("ignoring a signed target: %s", p)
         result = RefreshResult(chosen=chosen)
-        wanted = {targets.targets[p].hashes["sha256"]
+        wanted = {str(targets.targets[p].hashes.get("sha256"))
                   for rel in chosen.values()
                   for p in (rel.model_path, rel.card_path, rel.golden_path)
                   if p is not None and p in targets.targets}
         self._store.prune_downloads(wanted)
         for name, rel in sorted(chosen.items()):
             info = targets.targets[rel.model_path]
-            sha = info.hashes["sha256"]
+            try:
+                sha = signed_sha256(info)
+            except ModelRejectedError as exc:
+                result.failures[name] = (exc.reason, str(exc), rel.version, str(info.hashes.get("sha256")))
+                continue
             plan = plan_release(state.get(name), rel.version, sha)
             logger.debug("model %s: signed v%s for this device, plan %s", name, rel.version, plan.value)
             if plan is not Plan.INSTALL:
@@ -243,7 +260,7 @@ class ModelUpdater:
 
     def _download(self, info: TargetFile, rel: ModelRelease, role: str,
                   should_stop: Callable[[], bool]) -> tuple[Path, DownloadStats]:
-        sha = info.hashes["sha256"]
+        sha = signed_sha256(info)
         dest = self._store.download_path(sha)
         try:
             chunks = parse_chunk_info(info.custom or {}, info.length)

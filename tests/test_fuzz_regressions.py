@@ -34,3 +34,46 @@ def test_malformed_signed_release_fields_are_a_protocol_error(fields: dict) -> N
 def test_infinite_chunk_size_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         parse_chunk_info({"litefleet": {"chunk_size": float("inf"), "chunks": []}}, 4)
+
+
+@pytest.mark.parametrize("hashes", [{"sha512": "ab" * 64}, {"sha256": ""}, {"sha256": "../../escaped"},
+                                    {"sha256": "A" * 64}])
+def test_target_without_a_valid_sha256_is_an_invalid_target(tmp_path, hashes: dict) -> None:
+    """The signed SHA-256 names the download file: a missing one was a KeyError that ended
+    the work loop, ``""`` an IsADirectoryError, and ``../..`` wrote outside downloads/."""
+    import hashlib
+
+    from tuf.api.metadata import TargetFile, Targets
+
+    from agent.activation import DeviceState
+    from agent.metadata_fetch import RetainedMetadata
+    from agent.protocol import Topics
+    from agent.store import ModelStore
+    from agent.transport import Message
+    from agent.updater import ModelUpdater
+
+    class Broker:
+        connected = True
+
+        def subscribe_many(self, filters, handler, qos=1):  # type: ignore[no-untyped-def]
+            for f in filters:
+                handler(Message(topic=f, payload=b"TFL3", retain=True))
+
+        def unsubscribe(self, *filters: str) -> None:
+            pass
+
+    class NoCache:
+        def find_cached_target(self, info, path):  # type: ignore[no-untyped-def]
+            return None
+
+    tfl = hashlib.sha256(b"TFL3").hexdigest()
+    lf = {"kind": "model", "name": "m", "version": 1, "chunk_size": 4, "chunks": [tfl]}
+    targets = Targets(version=2)
+    targets.targets[MODEL] = TargetFile(4, hashes, MODEL, unrecognized_fields={"custom": {"litefleet": lf}})
+    state = tmp_path / "deep" / "state"
+    updater = ModelUpdater(device_id="pi-1", groups=(), trusted_root=b"{}", client=Broker(), topics=Topics(),
+                           store=ModelStore(state), cache=RetainedMetadata(Topics()))
+    updater.verified_targets = lambda: (NoCache(), targets)  # type: ignore[method-assign,assignment,return-value]
+    result = updater.refresh(DeviceState.empty())
+    assert result.candidates == [] and result.failures["m"][0] == "invalid_target"
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and state not in p.parents] == []
