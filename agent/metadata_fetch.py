@@ -30,6 +30,11 @@ METADATA_URL = "mqtt://repo/metadata/"
 MAX_METADATA_BYTES = 5_000_000
 # files kept at most; a flood of junk file names must not grow memory without end
 MAX_FILES = 256
+# bytes kept at most, all files together (MAX_FILES * MAX_METADATA_BYTES would be 1.3 GB:
+# junk files of a few MB each could exhaust a small device's memory). A real repository
+# holds a few small files; junk that fills this only delays updates until the host's next
+# push clears it.
+MAX_TOTAL_BYTES = 16_000_000
 
 
 class RetainedMetadata:
@@ -40,6 +45,7 @@ class RetainedMetadata:
         self._files: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._on_change = on_change
+        self._total = 0  # sum of the payload sizes in _files
         self.dropped = 0
 
     def handle(self, message: Message) -> None:
@@ -49,17 +55,20 @@ class RetainedMetadata:
             self.dropped += 1
             return
         with self._lock:
+            old = self._files.get(name)
             if not message.payload:
                 changed = self._files.pop(name, None) is not None
+                self._total -= len(old or b"")
             elif len(message.payload) > MAX_METADATA_BYTES or (
                 name not in self._files and len(self._files) >= MAX_FILES
-            ):
+            ) or self._total - len(old or b"") + len(message.payload) > MAX_TOTAL_BYTES:
                 self.dropped += 1
                 logger.warning("ignored metadata file %s (%d bytes)", name[:80], len(message.payload))
                 return
             else:
-                changed = self._files.get(name) != message.payload
+                changed = old != message.payload
                 self._files[name] = message.payload
+                self._total += len(message.payload) - len(old or b"")
         if changed and self._on_change is not None:
             self._on_change(name)
 

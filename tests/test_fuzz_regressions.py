@@ -77,3 +77,29 @@ def test_target_without_a_valid_sha256_is_an_invalid_target(tmp_path, hashes: di
     result = updater.refresh(DeviceState.empty())
     assert result.candidates == [] and result.failures["m"][0] == "invalid_target"
     assert [p for p in tmp_path.rglob("*") if p.is_file() and state not in p.parents] == []
+
+
+def test_retained_metadata_holds_a_bounded_total() -> None:
+    """256 junk metadata files of 4 MB each (under the per-file and per-packet limits)
+    were all kept: 1 GB on a device. Now at most MAX_TOTAL_BYTES are held."""
+    import logging
+
+    from agent.metadata_fetch import MAX_TOTAL_BYTES, RetainedMetadata
+    from agent.protocol import Topics
+    from agent.transport import Message
+
+    topics = Topics()
+    cache = RetainedMetadata(topics)
+    log = logging.getLogger("agent.metadata_fetch")
+    was, log.disabled = log.disabled, True
+    try:
+        junk = b"j" * 4_000_000
+        for i in range(256):
+            cache.handle(Message(topic=topics.metadata(f"{i}.junk.json"), payload=junk, retain=True))
+    finally:
+        log.disabled = was
+    assert sum(len(cache.get(n) or b"") for n in cache.names()) <= MAX_TOTAL_BYTES
+    for n in cache.names():  # the host's push clears junk; then real files fit again
+        cache.handle(Message(topic=topics.metadata(n), payload=b"", retain=True))
+    cache.handle(Message(topic=topics.metadata("timestamp.json"), payload=b"{}", retain=True))
+    assert cache.names() == ["timestamp.json"]
