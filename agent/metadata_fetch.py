@@ -18,10 +18,10 @@ import threading
 from collections.abc import Callable, Iterator
 
 from tuf.api.exceptions import DownloadHTTPError, DownloadLengthMismatchError
-from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.protocol import Topics
 from agent.transport import Message
+from agent.tuf_client import FetcherInterface
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, TargetFile, Targets
-from tuf.ngclient import Updater
 
 from agent.activation import DeviceState, Installed, Plan, plan_release
 from agent.chunk_fetch import ChunkDownloader, DownloadStats
@@ -45,6 +44,7 @@ from agent.protocol import (
 )
 from agent.store import ModelStore
 from agent.transport import Subscriber
+from agent.tuf_client import Updater
 
 logger = logging.getLogger(__name__)
 
