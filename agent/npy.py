@@ -106,7 +106,7 @@ def parse_npy(data: bytes | bytearray | memoryview) -> np.ndarray:
 
 def to_npy(arr: np.ndarray) -> bytes:
     """``arr`` as ``.npy`` bytes (C order; the header padded to 64 bytes as NumPy does)."""
-    arr = np.ascontiguousarray(arr)
+    arr = np.require(arr, requirements="C")  # not ascontiguousarray: it makes a 0-d array 1-d
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"refusing to write dtype {arr.dtype}")
     header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (  # noqa: UP031

@@ -103,3 +103,15 @@ def test_retained_metadata_holds_a_bounded_total() -> None:
         cache.handle(Message(topic=topics.metadata(n), payload=b"", retain=True))
     cache.handle(Message(topic=topics.metadata("timestamp.json"), payload=b"{}", retain=True))
     assert cache.names() == ["timestamp.json"]
+
+
+def test_npy_round_trip_keeps_a_zero_dimensional_array() -> None:
+    """to_npy wrote a 0-d array as shape (1,) (np.ascontiguousarray adds a dimension)."""
+    import numpy as np
+
+    from agent.npy import parse_npy, to_npy
+
+    back = parse_npy(to_npy(np.array(2.5, np.float32)))
+    assert back.shape == () and back == np.float32(2.5)
+    f = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
+    np.testing.assert_array_equal(parse_npy(to_npy(f)), f)
