@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prometheus", metavar="HOST:PORT",
                    help="serve /metrics (Prometheus), / (HTML page) and /api/devices here, "
                         "e.g. 127.0.0.1:9464")
+    p.add_argument("--no-histograms", action="store_true",
+                   help="leave the latency histograms out of /metrics (29 series per device and "
+                        "model version; for large fleets)")
     p.add_argument("--share", metavar="GROUP",
                    help="MQTT 5 shared subscription group: collectors with the same GROUP split "
                         "the fleet's metrics and events")
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             if listen is not None:
-                http = MonitorHttpServer(collector, *listen)
+                http = MonitorHttpServer(collector, *listen, histograms=not args.no_histograms)
             collector.start(args.timeout)
         except LitefleetError:
             collector.stop()

@@ -108,6 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "litefleet-monitor"
     source: MonitorSource
     clock: Callable[[], float]
+    histograms: bool = True
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
@@ -128,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         try:
             if url.path == "/metrics":
-                body = render_prometheus(self.source.snapshot()).encode()
+                body = render_prometheus(self.source.snapshot(), histograms=self.histograms).encode()
                 self._send(200, body, PROMETHEUS_CONTENT_TYPE)
             elif url.path in ("/", "/index.html"):
                 page = build_page(self.source, parse_qs(url.query), self.clock())
@@ -160,8 +161,9 @@ class MonitorHttpServer:
     """Serve ``source`` on ``host:port`` in a background thread (port 0: any free port)."""
 
     def __init__(self, source: MonitorSource, host: str, port: int,
-                 clock: Callable[[], float] = time.time) -> None:
-        handler = type("Handler", (_Handler,), {"source": source, "clock": staticmethod(clock)})
+                 clock: Callable[[], float] = time.time, histograms: bool = True) -> None:
+        handler = type("Handler", (_Handler,), {"source": source, "clock": staticmethod(clock),
+                                                "histograms": histograms})
         server_class = _Server6 if ":" in host else ThreadingHTTPServer
         try:
             self._server = server_class((host, port), handler)

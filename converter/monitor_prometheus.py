@@ -181,7 +181,7 @@ def rebucket(histogram_ms: Iterable[tuple[float | None, int]]) -> list[int]:
     return out
 
 
-def _model_samples(fam: dict[str, Family], dev: str, m: ModelSample) -> None:
+def _model_samples(fam: dict[str, Family], dev: str, m: ModelSample, histograms: bool) -> None:
     labels: Labels = (("device", dev), ("model", m.name), ("version", m.version))
     fam["litefleet_model_active"].add(labels, m.active)
     fam["litefleet_model_requests_total"].add(labels, m.requests)
@@ -192,7 +192,7 @@ def _model_samples(fam: dict[str, Family], dev: str, m: ModelSample) -> None:
     for q, v in (("0.5", m.p50_ms), ("0.9", m.p90_ms), ("0.99", m.p99_ms)):
         fam["litefleet_model_latency_seconds"].add((*labels, ("quantile", q)),
                                                    None if v is None else v / 1000.0)
-    if m.histogram_ms:
+    if histograms and m.histogram_ms:
         h = fam["litefleet_model_inference_duration_seconds"]
         cumulative = rebucket(m.histogram_ms)
         for le, n in zip((*LE_SECONDS, math.inf), cumulative, strict=True):
@@ -204,7 +204,7 @@ def _model_samples(fam: dict[str, Family], dev: str, m: ModelSample) -> None:
         h.add(labels, count, "_count")
 
 
-def _device_samples(fam: dict[str, Family], d: DeviceView) -> None:
+def _device_samples(fam: dict[str, Family], d: DeviceView, histograms: bool) -> None:
     dev = d.device_id
     labels: Labels = (("device", dev),)
     st = d.state
@@ -239,15 +239,15 @@ def _device_samples(fam: dict[str, Family], d: DeviceView) -> None:
     for channel, cls, n in m.api:
         fam["litefleet_device_api_responses_total"].add((*labels, ("channel", channel), ("class", cls)), n)
     for model in m.models:
-        _model_samples(fam, dev, model)
+        _model_samples(fam, dev, model, histograms)
 
 
-def fleet_families(snap: FleetSnapshot) -> list[Family]:
+def fleet_families(snap: FleetSnapshot, *, histograms: bool = True) -> list[Family]:
     fam = {name: Family(name, kind, text) for name, kind, text in FAMILIES}
     health: dict[str, int] = {"online": 0, "stale": 0, "offline": 0, "unknown": 0}
     for d in snap.devices:
         health[d.health] = health.get(d.health, 0) + 1
-        _device_samples(fam, d)
+        _device_samples(fam, d, histograms)
     for h, n in health.items():
         fam["litefleet_devices"].add((("health", h),), n)
     s = snap.stats
@@ -267,6 +267,7 @@ def fleet_families(snap: FleetSnapshot) -> list[Family]:
     return [fam[name] for name, _, _ in FAMILIES]
 
 
-def render(snap: FleetSnapshot) -> str:
-    """The whole ``/metrics`` body."""
-    return render_families(fleet_families(snap))
+def render(snap: FleetSnapshot, *, histograms: bool = True) -> str:
+    """The whole ``/metrics`` body. Histograms are ~3 KB per device and model
+    version (29 series); ``histograms=False`` leaves them out for large fleets."""
+    return render_families(fleet_families(snap, histograms=histograms))

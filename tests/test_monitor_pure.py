@@ -320,6 +320,9 @@ def test_real_values_appear() -> None:
     assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.000524288"}} 2' in hist
     assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.001048576"}} 2' in hist
     assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.002097152"}} 3' in hist
+    lean = check_exposition(render(live.snapshot(1001.0), histograms=False))
+    assert lean["litefleet_model_inference_duration_seconds"] == []
+    assert lean["litefleet_model_requests_total"] == fam["litefleet_model_requests_total"]
 
 
 @settings(max_examples=60, deadline=None)
