@@ -35,7 +35,7 @@ from converter.broker import free_port
 from converter.monitor import Collector, CollectorConfig, make_client
 from converter.monitor_http import MonitorHttpServer
 from converter.monitor_store import MonitorStore
-from tests.harness import REPO_ROOT, AgentProcess, litefleet, must, publish_raw
+from tests.harness import REPO_ROOT, AgentProcess, litefleet, must
 from tests.test_monitor_pure import agent_payload, state_payload
 
 
@@ -87,6 +87,26 @@ def post_json(url: str, body: object) -> int:
         return resp.status
 
 
+def publish_many(port: int, messages: list[tuple[str, bytes]], *, retain: bool = False) -> None:
+    """Publish QoS 1 as a device would and wait for every PUBACK (disconnecting before
+    stopping the loop: the other order costs paho's 1 s select timeout)."""
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
+                    protocol=paho.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        infos = [c.publish(topic, payload, qos=1, retain=retain) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def publish_one(port: int, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    publish_many(port, [(topic, payload)], retain=retain)
+
+
 class RawMetrics:
     """Records every metrics payload of a device as published (to replay one later)."""
 
@@ -100,8 +120,8 @@ class RawMetrics:
         self.client.loop_start()
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 def test_monitor_sees_a_real_agent(broker, tmp_path: Path, digits_int8, digits_data) -> None:
@@ -163,7 +183,7 @@ def test_monitor_sees_a_real_agent(broker, tmp_path: Path, digits_int8, digits_d
             seq = json.loads(replayed)["seq"]
             dup_line = 'litefleet_monitor_duplicates_total{kind="metrics"}'
             before = mon.metric(dup_line) or 0
-            publish_raw(broker.port, "litefleet/v1/devices/pi-m/metrics", replayed, retain=False)
+            publish_one(broker.port, "litefleet/v1/devices/pi-m/metrics", replayed)
             assert wait_until(lambda: (mon.metric(dup_line) or 0) == before + 1, 10)
             with mon.collector.store.reader() as r:
                 stored = [k for k in r.sample_keys() if k[1] == seq]
@@ -187,24 +207,12 @@ def test_monitor_sees_a_real_agent(broker, tmp_path: Path, digits_int8, digits_d
         store.close()
 
 
-def publish_many(port: int, messages: list[tuple[str, bytes]]) -> None:
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
-                    protocol=paho.MQTTv5)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    try:
-        infos = [c.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(30)
-    finally:
-        c.loop_stop()
-        c.disconnect()
 
 
 def test_two_monitors_in_a_share_group_split_the_metrics(broker, tmp_path: Path) -> None:
     devices = ["pi-a", "pi-b", "pi-c"]
-    for d in devices:
-        publish_raw(broker.port, f"litefleet/v1/devices/{d}/state", state_payload(device_id=d))
+    publish_many(broker.port, [(f"litefleet/v1/devices/{d}/state", state_payload(device_id=d))
+                               for d in devices], retain=True)
     per_device = 60
     with running_monitor(broker.port, tmp_path / "m1.db", share="fleet") as m1, \
             running_monitor(broker.port, tmp_path / "m2.db", share="fleet") as m2, \
@@ -250,7 +258,7 @@ def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> Non
         assert found, line + proc.stderr.read() if proc.poll() is not None else line
         url = found.group(1)
         topic = "litefleet/v1/devices/pi-z/metrics"
-        publish_raw(broker.port, topic, agent_payload("pi-z", seq=1), retain=False)
+        publish_one(broker.port, topic, agent_payload("pi-z", seq=1))
 
         def scraped() -> bool:
             with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
@@ -260,7 +268,7 @@ def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> Non
         assert wait_until(scraped, 10)
         with urllib.request.urlopen(url + "/", timeout=5) as resp:
             assert resp.headers["Content-Type"].startswith("text/html")
-        publish_raw(broker.port, topic, agent_payload("pi-z", seq=2), retain=False)
+        publish_one(broker.port, topic, agent_payload("pi-z", seq=2))
         time.sleep(1.2)  # at least one summary line
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
@@ -293,3 +301,32 @@ def test_monitor_command_errors(tmp_path: Path) -> None:
                              "--db", str(tmp_path / "y.db"), "--timeout", "1", "--quiet")
     assert code == 1 and "could not connect" in err, err
     assert not (tmp_path / "y.db").exists()  # a failed start leaves no file behind
+
+
+def test_why_state_is_not_a_shared_subscription(broker) -> None:
+    """Mosquitto 2.0 hands a retained state to *every* new shared subscriber (the MQTT 5
+    spec says none), but a live state change to only *one* member of the group: a
+    collector with a shared state subscription would miss devices going offline."""
+    publish_one(broker.port, "litefleet/v1/devices/pi-r/state", state_payload(device_id="pi-r"), retain=True)
+    got: list[list[tuple[bool, bytes]]] = [[], []]
+    clients = []
+    for i in range(2):
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"_lf-probe-{i}-{uuid.uuid4().hex[:6]}",
+                        protocol=paho.MQTTv5)
+        c.on_message = lambda cl, u, msg, i=i: got[i].append((bool(msg.retain), bytes(msg.payload)))
+        c.connect("127.0.0.1", broker.port)
+        c.subscribe("$share/probe/litefleet/v1/devices/+/state", 1)
+        c.loop_start()
+        clients.append(c)
+    try:
+        assert wait_until(lambda: all(len(g) == 1 for g in got), 5), got
+        assert all(g[0][0] for g in got)  # both got the retained message
+        publish_one(broker.port, "litefleet/v1/devices/pi-r/state",
+                    state_payload(device_id="pi-r", online=False), retain=True)
+        assert wait_until(lambda: len(got[0]) + len(got[1]) == 3, 5)
+        time.sleep(0.3)
+        assert sorted(len(g) for g in got) == [1, 2]  # the change went to one member only
+    finally:
+        for c in clients:
+            c.disconnect()
+            c.loop_stop()
