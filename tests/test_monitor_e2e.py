@@ -330,3 +330,22 @@ def test_why_state_is_not_a_shared_subscription(broker) -> None:
         for c in clients:
             c.disconnect()
             c.loop_stop()
+
+
+def test_collectors_of_a_group_can_share_one_history_file(broker, tmp_path: Path) -> None:
+    """On one machine several collectors may write one SQLite file: the unique keys
+    drop a replay even when the other collector stored the original."""
+    db = tmp_path / "shared.db"
+    messages = [(f"litefleet/v1/devices/pi-{i % 20}/metrics",
+                 agent_payload(f"pi-{i % 20}", seq=i // 20 + 1, ts=1_800_000_000.0 + i)) for i in range(600)]
+    replays = messages[:200]
+    with running_monitor(broker.port, db, share="g") as m1, running_monitor(broker.port, db, share="g") as m2:
+        publish_many(broker.port, messages + replays)
+        assert wait_until(lambda: m1.received("metrics") + m2.received("metrics") >= 800, 20)
+        assert m1.collector.wait_idle(10) and m2.collector.wait_idle(10)
+        s1, s2 = m1.collector.snapshot().stats, m2.collector.snapshot().stats
+        with m1.collector.store.reader() as r:
+            assert r.count("samples") == 600
+    assert s1.stored_samples + s2.stored_samples == 600
+    assert s1.duplicates.get("metrics", 0) + s2.duplicates.get("metrics", 0) == 200
+    assert s1.write_errors == s2.write_errors == 0
