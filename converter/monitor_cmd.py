@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from agent.errors import LitefleetError
+from agent.errors import LitefleetError, StorageError
 from agent.protocol import Topics
 from converter.errors import BadInputError
 from converter.host_mqtt import add_broker_args, settings_from_args
@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
     listen = parse_listen(args.prometheus) if args.prometheus else None
     settings = settings_from_args(args, "monitor")
     created = not args.db.exists()
-    store = MonitorStore.open(args.db)
+    try:
+        store = MonitorStore.open(args.db)
+    except StorageError as exc:  # not a monitor database, or a folder we cannot write
+        raise BadInputError(f"--db: {exc}") from exc
     collector = Collector(make_client(settings), Topics(args.prefix), store,
                           CollectorConfig(db_path=args.db, share_group=group,
                                           retention_days=args.retention_days))

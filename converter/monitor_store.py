@@ -135,7 +135,7 @@ class StoredEvent:
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     try:
         if readonly:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0,
+            db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=10.0,
                                  check_same_thread=False)
         else:
             db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)

@@ -296,6 +296,10 @@ def test_monitor_command_errors(tmp_path: Path) -> None:
         code, _, err = litefleet("monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "x.db"),
                                  *args)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database at all" * 100)
+    code, _, err = litefleet("monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(junk))
+    assert code == 2 and "--db" in err and len(err.strip().splitlines()) == 1, err
     dead = free_port()
     code, _, err = litefleet("monitor", "--broker", f"mqtt://127.0.0.1:{dead}",
                              "--db", str(tmp_path / "y.db"), "--timeout", "1", "--quiet")

@@ -448,3 +448,20 @@ def test_store_refuses_a_foreign_file(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StorageError):
         MonitorStore.open(path)
+
+
+# -- the docs say what the code does ------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_every_metric_is_documented_and_the_dashboard_uses_only_real_ones() -> None:
+    names = metric_names()
+    text = (DOCS / "monitor.md").read_text()
+    table = set(re.findall(r"^\| `(litefleet_[a-z0-9_]+)` \|", text, re.M))
+    assert table == set(names)
+    dash = json.loads((DOCS / "grafana-litefleet.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    hist = "litefleet_model_inference_duration_seconds"
+    known = set(names) | {hist + suffix for suffix in ("_bucket", "_sum", "_count")}
+    used = {m for e in exprs for m in re.findall(r"litefleet_[a-z0-9_]+", e)}
+    assert used and used <= known, used - known
