@@ -30,14 +30,8 @@ from typing import Any
 from agent.errors import TransportError
 from converter.broker import BrokerConfig, BrokerProcess, free_port
 from converter.errors import BadInputError
-from converter.secure_broker import (
-    DEFAULT_CERT_PORT,
-    HOST_USERNAME,
-    MAX_PACKET_SIZE_BYTES,
-    ListenerPorts,
-    Registry,
-    SecureDir,
-)
+from converter.secure_broker import MAX_PACKET_SIZE_BYTES, SecureDir
+from converter.secure_registry import DEFAULT_CERT_PORT, HOST_USERNAME, ListenerPorts, Registry
 
 DEFAULT_PLAIN_PORT = 1883
 DEFAULT_DATA_DIR = Path(".litefleet-broker")

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from converter.secure_broker import (
+from converter.secure_broker import SecureDir
+from converter.secure_registry import (
     AUTH_CERT,
     AUTH_PASSWORD,
     CRED_PREFIX,
     DEVICE_CRED_DIR,
     DeviceBundle,
-    SecureDir,
     agent_toml_snippet,
 )
 
