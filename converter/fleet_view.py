@@ -1,8 +1,11 @@
-"""Read the fleet's retained state from the broker (for ``status`` and ``monitor``).
+"""Read the fleet from the broker for ``litefleet status``.
 
 :func:`collect_states` subscribes to every device's retained ``state`` topic,
 waits for the sync barrier (all retained messages delivered), and returns one
-row per device. Pure helpers turn rows into a table.
+row per device. :func:`collect_metrics` optionally waits a little for each
+online device's next metrics message (metrics are not retained), and the pure
+:func:`merge_metrics` puts its fresh figures into the row. Pure helpers turn
+rows into a table.
 """
 
 from __future__ import annotations
@@ -10,17 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from agent.errors import TransportError
 from agent.mqtt_client import MqttClient
 from agent.protocol import Topics
 from agent.transport import Message
+from converter.monitor_payloads import Malformed, MetricsSample, is_newer, parse_metrics
 
 logger = logging.getLogger(__name__)
 
 STATUS_FIELDS = ("device_id", "online", "model", "version", "status", "error",
                  "latency_ms_p50", "inferences")
+# the table with --metrics: the same rows plus what the newest metrics message says
+METRICS_COLUMNS = ("device_id", "online", "model", "version", "status", "latency_ms_p50",
+                   "latency_ms_p99", "throughput_rps", "inferences", "cpu_percent", "temperature_c",
+                   "rss_mb", "error")
 
 
 def parse_state(device_id: str, payload: bytes) -> dict[str, Any] | None:
@@ -62,6 +71,72 @@ def collect_states(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -
         raise TransportError("the broker did not answer the state subscription")
     with lock:
         return [rows[k] for k in sorted(rows)]
+
+
+def collect_metrics(client: MqttClient, topics: Topics, device_ids: list[str],
+                    timeout_s: float) -> dict[str, MetricsSample]:
+    """The newest metrics message of each of ``device_ids`` that sends one within
+    ``timeout_s`` (devices report every ``metrics_interval_s``, 10 s by default)."""
+    wanted = set(device_ids)
+    if not wanted:
+        return {}
+    pending: list[tuple[str, bytes]] = []
+    cond = threading.Condition()
+
+    def handle(msg: Message) -> None:  # paho thread: only hand the payload over
+        dev = topics.device_of(msg.topic)
+        if dev is not None and dev[0] in wanted:
+            with cond:
+                pending.append((dev[0], msg.payload))
+                cond.notify_all()
+
+    got: dict[str, MetricsSample] = {}
+    topic_filter = topics.devices_filter("metrics")
+    client.subscribe(topic_filter, handle, qos=1)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not wanted <= set(got):
+            with cond:
+                left = deadline - time.monotonic()
+                if not pending and left > 0:
+                    cond.wait(left)
+                batch, pending[:] = list(pending), []
+            for device_id, payload in batch:
+                sample = parse_metrics(device_id, payload)
+                old = got.get(device_id)
+                if not isinstance(sample, Malformed) and is_newer(
+                        (old.seq, old.ts) if old else None, sample.seq, sample.ts):
+                    got[device_id] = sample
+            if time.monotonic() >= deadline:
+                break
+    finally:
+        client.unsubscribe(topic_filter)
+    return got
+
+
+def merge_metrics(row: dict[str, Any], sample: MetricsSample | None) -> dict[str, Any]:
+    """``row`` with the figures of a metrics message (pure). The retained state's
+    ``latency_ms_p50`` and ``inferences`` are only as fresh as the device's last
+    status change; the message's are from its last interval and since loading."""
+    out = dict(row)
+    for key in ("latency_ms_p99", "throughput_rps", "cpu_percent", "temperature_c", "rss_mb",
+                "metrics_ts"):
+        out.setdefault(key, None)
+    if sample is None:
+        return out
+    active = [m for m in sample.models if m.active]
+    first = next((m for m in active if m.name == row.get("model")), active[0] if active else None)
+    if first is not None:
+        if first.p50_ms is not None:
+            out["latency_ms_p50"] = first.p50_ms
+        out["latency_ms_p99"] = first.p99_ms
+        out["throughput_rps"] = first.throughput_rps
+        out["inferences"] = sum(m.ok or 0 for m in active)
+    out["cpu_percent"] = sample.cpu_percent_system
+    out["temperature_c"] = sample.temperature_c
+    out["rss_mb"] = round(sample.rss_bytes / 2**20, 1) if sample.rss_bytes is not None else None
+    out["metrics_ts"] = sample.ts
+    return out
 
 
 def _cell(value: Any) -> str:
