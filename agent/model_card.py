@@ -138,7 +138,9 @@ def parse_card(data: bytes) -> ModelCard:
             golden=dict(doc.get("golden") or {}),
             extra={k: v for k, v in doc.items() if k not in _KNOWN},
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        # AttributeError: an object where a field should be (quantization: null, tflite: 3);
+        # OverflowError: int(1e999)
         raise ModelRejectedError("card", f"model card is malformed: {exc}") from exc
 
 

@@ -115,3 +115,22 @@ def test_npy_round_trip_keeps_a_zero_dimensional_array() -> None:
     assert back.shape == () and back == np.float32(2.5)
     f = np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3))
     np.testing.assert_array_equal(parse_npy(to_npy(f)), f)
+
+
+@pytest.mark.parametrize("change", [
+    {"tflite": 3}, {"inputs": [None]}, {"outputs": [{"name": "o", "shape": [1], "dtype": "int8",
+                                                     "quantization": [0.5]}]},
+    {"inputs": [{"name": "i", "shape": [1e999], "dtype": "float32"}]},
+])
+def test_malformed_card_is_refused_as_card(change: dict) -> None:
+    """Cards with an object of the wrong kind in a field raised AttributeError or
+    OverflowError; the candidate check reported them as ``crashed``, push showed a traceback."""
+    import json
+
+    from agent.errors import ModelRejectedError
+    from agent.model_card import CARD_FORMAT, parse_card
+
+    doc = {"format": CARD_FORMAT, "mode": "none", "inputs": [], "outputs": [], **change}
+    with pytest.raises(ModelRejectedError) as exc:
+        parse_card(json.dumps(doc).encode())
+    assert exc.value.reason == "card"
