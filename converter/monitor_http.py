@@ -101,7 +101,7 @@ def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -
             charts.append(latency_chart_svg(points, since=since, until=now, title=f"{device_id} · {model}"))
         events = [e for e in r.recent_events(RECENT_EVENTS * 4) if only is None or e.device_id == only]
     return render_page(devices=devices, charts=charts, events=events[:RECENT_EVENTS], now=now,
-                       window_s=hours * 3600, charts_omitted=omitted)
+                       window_s=hours * 3600, charts_omitted=omitted, only_device=only)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from converter.monitor_live import DeviceView
 from converter.monitor_store import LatencyPoint, StoredEvent
@@ -246,7 +247,8 @@ FLEET_HEADERS = ("device", "health", "status", "model", "p50", "p99", "throughpu
 
 def render_page(*, devices: Sequence[DeviceView], charts: Sequence[str], events: Sequence[StoredEvent],
                 now: float, window_s: float, refresh_s: int = 15, charts_omitted: int = 0,
-                collector: str = "") -> str:
+                collector: str = "", only_device: str | None = None) -> str:
+    """The page; ``only_device`` when it shows one device (links keep it)."""
     online = sum(1 for d in devices if d.health == "online")
     e = html.escape
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -260,14 +262,19 @@ def render_page(*, devices: Sequence[DeviceView], charts: Sequence[str], events:
     if devices:
         out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in FLEET_HEADERS) + "</tr>")
         for row in fleet_rows(devices, now):
-            out.append("<tr>" + "".join(
+            (_, device_id), rest = row[0], row[1:]
+            first = f'<td><a href="?device={quote(device_id, safe="")}">{e(device_id)}</a></td>'
+            out.append("<tr>" + first + "".join(
                 f'<td class="{e(cls)}">{e(text)}</td>' if cls else f"<td>{e(text)}</td>"
-                for cls, text in row) + "</tr>")
+                for cls, text in rest) + "</tr>")
         out.append("</table>")
     else:
         out.append("<p>No device has reported yet.</p>")
     hours = window_s / 3600
-    links = " · ".join(f'<a href="?hours={h}">{h} h</a>' for h in (1, 6, 24))
+    keep = f"&amp;device={quote(only_device, safe='')}" if only_device else ""
+    links = " · ".join(f'<a href="?hours={h}{keep}">{h} h</a>' for h in (1, 6, 24))
+    if only_device:
+        links += ' · <a href="?">whole fleet</a>'
     out.append(f"<h2>Latency, last {hours:g} h (UTC; {links})</h2>")
     if charts:
         out.append('<div class="charts">' + "\n".join(charts) + "</div>")

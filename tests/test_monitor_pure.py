@@ -396,6 +396,10 @@ def test_page_escapes_device_text_and_fetches_nothing() -> None:
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
     assert '<meta http-equiv="refresh"' in page and "<path d=\"M" in page
     assert device_json(snap.devices[0])["inferences"] == 3
+    assert '<a href="?device=pi-1">pi-1</a>' in page
+    one = render_page(devices=snap.devices, charts=[], events=[], now=1001.0, window_s=3600,
+                      only_device="pi 1&x")
+    assert 'href="?hours=6&amp;device=pi%201%26x"' in one and 'href="?">whole fleet' in one
 
 
 # -- the store ------------------------------------------------------------------------------------------
