@@ -353,3 +353,18 @@ def test_collectors_of_a_group_can_share_one_history_file(broker, tmp_path: Path
     assert s1.stored_samples + s2.stored_samples == 600
     assert s1.duplicates.get("metrics", 0) + s2.duplicates.get("metrics", 0) == 200
     assert s1.write_errors == s2.write_errors == 0
+
+
+def test_monitor_survives_a_broker_restart(broker, tmp_path: Path) -> None:
+    topic = "litefleet/v1/devices/pi-x/metrics"
+    with running_monitor(broker.port, tmp_path / "restart.db", share="g") as mon:
+        publish_one(broker.port, topic, agent_payload("pi-x", seq=1))
+        assert wait_until(lambda: mon.received("metrics") == 1, 5)
+        broker.restart(hard=True)  # SIGKILL: the collector's connection just breaks
+        assert wait_until(lambda: mon.collector.client.connects >= 2, 20)
+        assert wait_until(lambda: mon.collector.client.wait_synced(0), 5)
+        publish_one(broker.port, topic, agent_payload("pi-x", seq=2))
+        assert wait_until(lambda: mon.received("metrics") == 2, 10)  # subscribed again, shared too
+        assert mon.collector.wait_idle(5)
+        with mon.collector.store.reader() as r:
+            assert [k[1] for k in r.sample_keys()] == [1, 2]
