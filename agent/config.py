@@ -158,9 +158,11 @@ _EXPECTED = {"Path": "a non-empty path string", "tuple[str, ...]": "a list of st
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or flag value into the field's type, or raise ConfigError."""
     kind = _FIELDS[name].type
+    if isinstance(value, str) and "\0" in value:  # TOML allows "\u0000"; no file name does
+        raise ConfigError(f"config key {name!r}: contains a NUL character")
     try:
         if kind == "Path" and isinstance(value, str) and value:
-            return Path(value).expanduser()
+            return Path(value).expanduser()  # RuntimeError for ~nosuchuser
         if kind == "tuple[str, ...]":
             if isinstance(value, str):
                 value = [g for g in value.split(",") if g.strip()]
@@ -172,7 +174,7 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if kind == "str" and isinstance(value, str):
             return value
-    except ValueError:
+    except (ValueError, RuntimeError):
         pass
     raise ConfigError(f"config key {name!r}: expected {_EXPECTED[str(kind)]}, got {value!r}")
 
@@ -217,7 +219,9 @@ def _check(cfg: AgentConfig) -> None:
 def config_from_mapping(doc: dict[str, Any], *, source: str = "config") -> AgentConfig:
     unknown = sorted(set(doc) - set(_FIELDS))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        # repr() for a name that would not print as one plain word (an error is one line)
+        shown = (k if k.isprintable() and k.strip() == k else repr(k) for k in unknown)
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(shown)}")
     missing = [k for k in REQUIRED if doc.get(k) in (None, "")]
     if missing:
         raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
@@ -241,8 +245,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config file {path} does not exist") from exc
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # tomllib raises UnicodeDecodeError for a file that is not UTF-8 and
+            # RecursionError for absurdly nested arrays
+            raise ConfigError(f"{path} is not valid TOML: {str(exc)[:200]}") from exc
     for key, value in (overrides or {}).items():
         if value is not None:
             doc[key] = value

@@ -134,3 +134,25 @@ def test_malformed_card_is_refused_as_card(change: dict) -> None:
     with pytest.raises(ModelRejectedError) as exc:
         parse_card(json.dumps(doc).encode())
     assert exc.value.reason == "card"
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    (b"\x80\xff", "not valid TOML"),  # UnicodeDecodeError
+    (b"x = " + b"[" * 5000 + b"]" * 5000, "not valid TOML"),  # RecursionError
+    (b'"bad\\nkey" = 1\n', "unknown key(s) 'bad\\nkey'"),  # was two lines on stderr
+    (b'state_dir = "~nosuchuser-litefleet/x"\n', "state_dir"),  # RuntimeError from expanduser
+    (b'password_file = "a\\u0000b"\n', "NUL"),  # ValueError: embedded null byte, later
+])
+def test_config_file_errors_are_one_config_error(tmp_path, text: bytes, where: str) -> None:
+    """Each was a traceback instead of ``litefleet-agent: error: ...`` and exit code 2."""
+    from agent.config import load_config
+    from agent.errors import ConfigError
+
+    path = tmp_path / "agent.toml"
+    base = [b'device_id = "pi-1"', b'broker = "mqtt://h"', b'state_dir = "/tmp/s"', b'trusted_root = "/r"']
+    key = text.split(b" = ", 1)[0]
+    lines = [ln for ln in base if not ln.startswith(key + b" ")]
+    path.write_bytes(text if b"[" * 10 in text or text.startswith(b"\x80") else b"\n".join(lines) + b"\n" + text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert where in str(exc.value) and "\n" not in str(exc.value)
