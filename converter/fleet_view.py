@@ -115,9 +115,9 @@ def collect_metrics(client: MqttClient, topics: Topics, device_ids: list[str],
 
 
 def merge_metrics(row: dict[str, Any], sample: MetricsSample | None) -> dict[str, Any]:
-    """``row`` with the figures of a metrics message (pure). The retained state's
-    ``latency_ms_p50`` and ``inferences`` are only as fresh as the device's last
-    status change; the message's are from its last interval and since loading."""
+    """``row`` with the figures of a metrics message (pure): latency of its last
+    interval (the retained state's p50 is since loading), throughput, inferences
+    since loading, CPU, temperature and memory."""
     out = dict(row)
     for key in ("latency_ms_p99", "throughput_rps", "cpu_percent", "temperature_c", "rss_mb",
                 "metrics_ts"):

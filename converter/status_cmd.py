@@ -1,8 +1,9 @@
 """``litefleet status``: one row per device, from the broker's retained state.
 
 With ``--metrics S`` it also waits up to S seconds for each online device's
-next metrics message and shows its fresh latency, throughput, CPU, temperature
-and memory (the retained state's figures date from the last status change).
+next metrics message and shows the latency of its last interval, throughput,
+CPU, temperature and memory (the retained state has p50 and the inference
+count since the model was loaded).
 """
 
 from __future__ import annotations
