@@ -78,3 +78,27 @@ def digits_float32(
     return convert_digits(
         digits_files["keras"], digits_files["calibration"], digits_files["validation"], out, "none"
     )
+
+
+# -- the long soak (scripts/soak.sh) ----------------------------------------------------------
+# Tests marked ``soak`` run only when asked for (``-m soak``, or LITEFLEET_SOAK=1); the
+# default suite (CI) skips them. HYPOTHESIS_PROFILE=soak makes the fuzz tests draw thousands
+# of examples instead of CI's few hundred (tests/test_fuzz_*.py read it).
+from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile(
+    "soak", max_examples=int(os.environ.get("LITEFLEET_FUZZ_EXAMPLES", "5000")), deadline=None,
+    suppress_health_check=list(_HealthCheck))
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    _hypothesis_settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = "soak" in (config.getoption("-m") or "") or os.environ.get("LITEFLEET_SOAK") == "1"
+    if wanted:
+        return
+    skip = pytest.mark.skip(reason="soak test: run scripts/soak.sh (or pytest -m soak)")
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(skip)
