@@ -152,7 +152,8 @@ def test_config_file_errors_are_one_config_error(tmp_path, text: bytes, where: s
     base = [b'device_id = "pi-1"', b'broker = "mqtt://h"', b'state_dir = "/tmp/s"', b'trusted_root = "/r"']
     key = text.split(b" = ", 1)[0]
     lines = [ln for ln in base if not ln.startswith(key + b" ")]
-    path.write_bytes(text if b"[" * 10 in text or text.startswith(b"\x80") else b"\n".join(lines) + b"\n" + text)
+    whole = b"[" * 10 in text or text.startswith(b"\x80")
+    path.write_bytes(text if whole else b"\n".join(lines) + b"\n" + text)
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert where in str(exc.value) and "\n" not in str(exc.value)
