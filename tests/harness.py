@@ -133,19 +133,37 @@ class AgentProcess:
 
 
 class FleetWatcher:
-    """Collects every device's retained state and events from the broker."""
+    """Collects every device's retained state and events from the broker.
 
-    def __init__(self, port: int, prefix: str = "litefleet") -> None:
+    Plain MQTT on loopback by default; ``secure_dir`` (a ``litefleet broker --secure``
+    folder) connects with that broker's host identity over TLS instead."""
+
+    def __init__(self, port: int | None = None, prefix: str = "litefleet", *,
+                 secure_dir: Path | None = None) -> None:
         self.prefix = prefix
         self.states: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.raw: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:6]}",
-                                  protocol=paho.MQTTv5)
+        host = "127.0.0.1"
+        client_id = f"watch-{uuid.uuid4().hex[:6]}"
+        settings: dict[str, Any] = {}
+        if secure_dir is not None:
+            from converter.secure_broker import host_client_settings
+
+            settings = host_client_settings(secure_dir)
+            host, port = settings["host"], settings["port"]
+            client_id = f"{settings['client_id_prefix']}watch-{uuid.uuid4().hex[:6]}"
+        assert port is not None, "give the broker's port or secure_dir"
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        if settings:
+            import ssl
+
+            self.client.tls_set_context(ssl.create_default_context(cafile=settings["ca_file"]))
+            self.client.username_pw_set(settings["username"], settings["password"])
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
-        self.client.connect("127.0.0.1", port)
+        self.client.connect(host, port)
         self.client.loop_start()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
