@@ -69,17 +69,21 @@ class EmulatedAgent(AgentProcess):
         return None
 
     def ready_after_s(self, timeout_s: float = 0.0) -> float | None:
-        """The agent's own "ready X s after start" (counted from its Agent object's creation,
-        after the imports), waiting up to ``timeout_s`` for the line: it is logged just after
-        READY=1 is sent."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for line in self.log().splitlines():
-                if "agent.daemon: ready " in line:
-                    return float(line.split("ready ", 1)[1].split()[0])
-            if time.monotonic() >= deadline or not self.alive():
-                return None
-            time.sleep(0.1)
+        return logged_ready_s(self, timeout_s)
+
+
+def logged_ready_s(agent: AgentProcess, timeout_s: float = 0.0) -> float | None:
+    """The agent's own "ready X s after start" (counted from its Agent object's creation,
+    after the imports), waiting up to ``timeout_s`` for the line: it is logged just after
+    READY=1 is sent."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in agent.log().splitlines():
+            if "agent.daemon: ready " in line:
+                return float(line.split("ready ", 1)[1].split()[0])
+        if time.monotonic() >= deadline or not agent.alive():
+            return None
+        time.sleep(0.1)
 
 
 class NotifySocket:
