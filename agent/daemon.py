@@ -105,6 +105,7 @@ class Agent:
         self._first_refresh_done = False
         self._notified_status = ""
         self._last_served: tuple[int, float | None] = (0, None)
+        self._shutting_down = False
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = ModelStore(cfg.state_dir)
@@ -220,6 +221,8 @@ class Agent:
             self._work.put("refresh")
 
     def _on_connected(self) -> None:
+        if self._shutting_down:
+            return
         self.publish_state()
         self.sender.wake()  # replay what was queued while offline
 
@@ -260,18 +263,22 @@ class Agent:
         self._work.put("stop")
 
     def shutdown(self) -> None:
-        """Stop serving, say goodbye on the broker (retained state: offline), disconnect."""
+        """Say goodbye on the broker (retained state: offline), stop serving, disconnect."""
         self._notifier.stopping("stopping")
-        if self.rest is not None:
-            self.rest.stop()
-        self.infer.stop()
-        self.sender.stop()
+        self._shutting_down = True  # a reconnect from now on must not announce "online"
+        # a reconnect may be under way (a new will after an activation): let it finish,
+        # or the goodbye would be lost and the retained state would stay "online"
+        self.client.wait_connected(3.0)
         try:
             d = self.client.publish(self.topics.state(self.cfg.device_id),
                                     self._state_payload(online=False), qos=1, retain=True)
             d.wait(2.0)
         except TransportError:
             pass
+        if self.rest is not None:
+            self.rest.stop()
+        self.infer.stop()
+        self.sender.stop()
         self.client.stop()
         self.metrics_queue.close()
 
@@ -342,7 +349,8 @@ class Agent:
             self._maybe_ready()
 
     def _after_changes(self) -> None:
-        if self._will_dirty and self.status != "downloading":
+        # never while stopping: a reconnect after the goodbye would say "online" again
+        if self._will_dirty and self.status != "downloading" and not self._stop.is_set():
             self._will_dirty = False
             self.client.replace_will(self._state_payload(online=False))
 

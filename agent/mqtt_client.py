@@ -132,6 +132,8 @@ class MqttClient:
         self._synced = threading.Event()
         self._barrier_mids: set[int] = set()
         self._sub_lock = threading.RLock()
+        self._disconnected = threading.Event()
+        self._stopping = False
         self._acked_mids: set[int] = set()
         self._connect_error: str | None = None
         self._on_connected: list[Callable[[], None]] = []
@@ -175,14 +177,19 @@ class MqttClient:
         if not self._started:
             return
         self._started = False
+        self._stopping = True  # the disconnect that follows is ours: not worth a warning
         try:
             if publish_will:
                 self._client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
             else:
                 self._client.disconnect()
+            # let paho's loop see the disconnect through before it is stopped (it
+            # would otherwise log "Client is not connected" from a last turn)
+            self._disconnected.wait(2.0)
         finally:
             self._client.loop_stop()
             self._connected.clear()
+            self._stopping = False
 
     def set_will(self, payload: bytes) -> None:
         """Set the will message before :meth:`start`."""
@@ -317,6 +324,7 @@ class MqttClient:
             if subs:
                 client.subscribe([(f, q) for f, (q, _) in subs])
             self._send_barrier()
+            self._disconnected.clear()
             self._connected.set()
         logger.info("connected to %s:%s", self.settings.host, self.settings.port)
         for fn in self._on_connected:
@@ -330,7 +338,8 @@ class MqttClient:
         was = self._connected.is_set()
         self._connected.clear()
         self._synced.clear()
-        if was:
+        self._disconnected.set()
+        if was and not self._stopping:
             logger.warning("disconnected from the broker: %s", rc)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int,
@@ -378,7 +387,8 @@ class MqttClient:
             user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
         )
         with self._lock:
-            handlers = [h for f, (_, h) in self._subs.items() if paho.topic_matches_sub(f, msg.topic)]
+            handlers = [h for f, (_, h) in self._subs.items()
+                        if paho.topic_matches_sub(topic_filter_of(f), msg.topic)]
         if not handlers:
             logger.debug("message on %s (%d bytes) matches no subscription", msg.topic, len(message.payload))
             return
@@ -387,6 +397,15 @@ class MqttClient:
                 handler(message)
             except Exception:
                 logger.exception("handler for %s failed", msg.topic)
+
+
+def topic_filter_of(subscription: str) -> str:
+    """The filter a subscription matches topics with: ``$share/<group>/F`` -> ``F``."""
+    if subscription.startswith("$share/"):
+        parts = subscription.split("/", 2)
+        if len(parts) == 3:
+            return parts[2]
+    return subscription
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.01) -> bool:

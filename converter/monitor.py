@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-
 from agent.errors import StorageError
 from agent.mqtt_client import ConnectionSettings, MqttClient
 from agent.protocol import Topics
@@ -73,46 +71,8 @@ def shared_filter(group: str | None, topic_filter: str) -> str:
     return f"$share/{group}/{topic_filter}" if group else topic_filter
 
 
-def subscription_topic_filter(subscription: str) -> str:
-    """The topic filter a subscription matches topics with (``$share/<group>/F`` -> ``F``)."""
-    if subscription.startswith("$share/"):
-        parts = subscription.split("/", 2)
-        if len(parts) == 3:
-            return parts[2]
-    return subscription
-
-
 def retention_cutoff(now: float, retention_days: float) -> float | None:
     return now - retention_days * DAY_S if retention_days > 0 else None
-
-
-class CollectorClient(MqttClient):
-    """:class:`MqttClient` whose handler lookup understands shared subscriptions.
-
-    ``MqttClient`` finds a message's handler with ``topic_matches_sub(filter,
-    topic)``, which never matches a ``$share/<group>/...`` filter, so shared
-    subscriptions would be received and then dropped. Until ``agent.mqtt_client``
-    strips the share prefix itself (asked of its owner), this override does.
-    Same behaviour otherwise: runs on paho's thread, handlers only queue.
-    """
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        message = Message(
-            topic=msg.topic, payload=bytes(msg.payload), retain=bool(msg.retain), qos=int(msg.qos),
-            response_topic=getattr(props, "ResponseTopic", None) if props else None,
-            correlation_data=getattr(props, "CorrelationData", None) if props else None,
-            content_type=getattr(props, "ContentType", None) if props else None,
-            user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
-        )
-        with self._lock:
-            handlers = [h for f, (_, h) in self._subs.items()
-                        if paho.topic_matches_sub(subscription_topic_filter(f), msg.topic)]
-        for handler in handlers:
-            try:
-                handler(message)
-            except Exception:
-                logger.exception("handler for %s failed", msg.topic)
 
 
 class Collector:
@@ -240,4 +200,4 @@ class Collector:
 
 
 def make_client(settings: ConnectionSettings) -> MqttClient:
-    return CollectorClient(settings)
+    return MqttClient(settings)

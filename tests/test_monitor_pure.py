@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from agent.metrics import build_metrics_payload, model_report
 from agent.model_stats import ModelStats
+from agent.mqtt_client import topic_filter_of as subscription_topic_filter
 from converter.errors import BadInputError
-from converter.monitor import check_share_group, retention_cutoff, shared_filter, subscription_topic_filter
+from converter.monitor import check_share_group, retention_cutoff, shared_filter
 from converter.monitor_http import device_json, parse_listen
 from converter.monitor_live import FleetLive
 from converter.monitor_page import (
