@@ -241,13 +241,19 @@ def watching(port: int) -> Iterator[FleetWatcher]:
 
 def publish_raw(port: int, topic: str, payload: bytes, *, retain: bool = True, qos: int = 1) -> None:
     """Publish as an outsider would (no litefleet code involved)."""
+    publish_many(port, [(topic, payload, retain)], qos=qos)
+
+
+def publish_many(port: int, messages: list[tuple[str, bytes, bool]], *, qos: int = 1) -> None:
+    """Publish (topic, payload, retain) messages in order over one outsider connection."""
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:6]}",
                     protocol=paho.MQTTv5)
     c.connect("127.0.0.1", port)
     c.loop_start()
     try:
-        info = c.publish(topic, payload, qos=qos, retain=retain)
-        info.wait_for_publish(10)
+        infos = [c.publish(topic, payload, qos=qos, retain=retain) for topic, payload, retain in messages]
+        for info in infos:
+            info.wait_for_publish(10)
     finally:
         c.loop_stop()
         c.disconnect()

@@ -26,7 +26,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from agent.protocol import Topics, consistent_target_file
 from converter.repo import Repository
-from tests.harness import AgentProcess, FleetWatcher, must, publish_raw, read_retained
+from tests.harness import AgentProcess, FleetWatcher, must, publish_many, publish_raw, read_retained
 
 TOPICS = Topics()
 DEV = "pi-1"
@@ -338,9 +338,7 @@ def test_garbage_on_every_topic_the_agent_listens_to(fleet: Fleet, digits_float3
                                            "9.targets.json", "x.json", "root.json")]
     topics += [TOPICS.infer(DEV), TOPICS.metadata("no-json-suffix"), TOPICS.chunk("models/x/1/y", 0),
                f"{TOPICS.base}/repo/metadata/a/b"]
-    for t in topics:
-        for j in junk:
-            publish_raw(fleet.port, t, j, retain=t != TOPICS.infer(DEV))
+    publish_many(fleet.port, [(t, j, t != TOPICS.infer(DEV)) for t in topics for j in junk])
     fleet.watch.wait_event(DEV, "rejected")
     fleet.assert_serving_v1()
     # the repository is still good: a real push afterwards works
