@@ -224,6 +224,7 @@ class Agent:
         if self._shutting_down:
             return
         self.publish_state()
+        self._work.put("wake")  # readiness may be due now: don't wait for the next tick
         self.sender.wake()  # replay what was queued while offline
 
     def _on_infer(self, message: Message) -> None:

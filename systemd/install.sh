@@ -126,7 +126,9 @@ if [ "$RUNTIME" = auto ]; then
 fi
 case "$RUNTIME" in
     ai-edge-litert) RUNTIME_REQS="ai-edge-litert" ;;
-    tflite-runtime) RUNTIME_REQS="tflite-runtime numpy<2" ;;  # built against numpy 1.x
+    # tflite-runtime is built against numpy 1.x, and PyPI has no armv7 numpy wheels:
+    # numpy comes from Debian (python3-numpy 1.24 on bookworm), seen by the venv
+    tflite-runtime) RUNTIME_REQS="tflite-runtime" ;;
     *) die "--runtime must be auto, ai-edge-litert or tflite-runtime" ;;
 esac
 say "machine $MACHINE: runtime $RUNTIME"
@@ -144,7 +146,14 @@ if [ "$DO_PIP" = 1 ] || [ ! -x "$R$PREFIX/venv/bin/python" ]; then
         [ "$DO_APT" = 1 ] || die "$PYTHON cannot make virtual environments (apt-get install -y python3-venv)"
         run apt-get install -y python3-venv
     fi
+    if [ "$RUNTIME" = tflite-runtime ] && ! "$PYTHON" -c 'import numpy' >/dev/null 2>&1; then
+        [ "$DO_APT" = 1 ] || die "32-bit ARM takes numpy from Debian: apt-get install -y python3-numpy"
+        run apt-get install -y python3-numpy
+    fi
 fi
+# on 32-bit ARM the venv sees the system's numpy (there is no armv7 wheel on PyPI)
+VENV_FLAGS=""
+if [ "$RUNTIME" = tflite-runtime ]; then VENV_FLAGS="--system-site-packages"; fi
 
 # -- user and folders -----------------------------------------------------------------------
 if [ "$DO_USER" = 1 ]; then
@@ -173,9 +182,11 @@ VENV=$R$PREFIX/venv
 if [ -x "$VENV/bin/python" ]; then
     say "venv $PREFIX/venv exists"
 elif [ "$DO_PIP" = 1 ]; then
-    run "$PYTHON" -m venv "$VENV"
+    # shellcheck disable=SC2086 # VENV_FLAGS is empty or one flag
+    run "$PYTHON" -m venv $VENV_FLAGS "$VENV"
 else
-    run "$PYTHON" -m venv --without-pip "$VENV"
+    # shellcheck disable=SC2086
+    run "$PYTHON" -m venv --without-pip $VENV_FLAGS "$VENV"
 fi
 if [ "$DO_PIP" = 1 ]; then
     if [ -z "$SOURCE" ]; then
@@ -244,7 +255,11 @@ systemctl_ daemon-reload
 systemctl_ enable "$UNIT"
 if [ -f "$R/etc/litefleet/root.json" ]; then
     systemctl_ restart "$UNIT"
-    say "installed; the agent is running (journalctl -u litefleet-agent -f)"
+    if [ "$DO_SYSTEMCTL" = 1 ]; then
+        say "installed; the agent is running (journalctl -u litefleet-agent -f)"
+    else
+        say "installed (systemd left alone: --no-systemctl)"
+    fi
 else
     say "installed; put the repository's root.json at /etc/litefleet/root.json, check"
     say "/etc/litefleet/agent.toml, then: sudo systemctl start litefleet-agent"
