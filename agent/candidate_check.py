@@ -17,7 +17,6 @@ same checks from a shell.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -32,19 +31,12 @@ from agent.errors import InferenceError, ModelLoadError, ModelRejectedError
 from agent.inference import ModelRunner
 from agent.model_card import check_signature, parse_card
 from agent.runtime import load_interpreter
+from agent.store import file_sha256
 
 logger = logging.getLogger(__name__)
 
 MAX_GOLDEN_SAMPLES = 64
 CHECK_TIMEOUT_S = 300.0
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_checked(

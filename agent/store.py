@@ -17,6 +17,7 @@ staging folder, so ``models/<name>/<version>/`` is always whole.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,15 @@ from agent.errors import StorageError
 from agent.protocol import CARD_FILE, GOLDEN_FILE, MODEL_FILE
 
 logger = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

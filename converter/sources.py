@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.store import file_sha256
 from converter.errors import BadInputError, ConversionError
 
 logger = logging.getLogger(__name__)
@@ -88,22 +89,14 @@ def _is_keras_archive(path: Path) -> bool:
         return False
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_sha256(path: Path) -> str:
     """SHA-256 of a file, or the stable folder hash described in the module docstring."""
     try:
         if not path.is_dir():
-            return _sha256_file(path)
+            return file_sha256(path)
         lines = []
         for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            lines.append(f"{_sha256_file(p)}  {p.relative_to(path).as_posix()}\n")
+            lines.append(f"{file_sha256(p)}  {p.relative_to(path).as_posix()}\n")
         return hashlib.sha256("".join(lines).encode()).hexdigest()
     except OSError as exc:
         raise BadInputError(f"cannot read source {path}: {exc.strerror or exc}") from exc
