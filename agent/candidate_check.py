@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def _child_check(model: Path, card: Path | None, golden: Path | None, threads: i
 
 def check_isolated(
     model: Path, card: Path | None, golden: Path | None, *, threads: int, runtime: str,
-    timeout_s: float = CHECK_TIMEOUT_S,
+    timeout_s: float = CHECK_TIMEOUT_S, tick: Callable[[], None] | None = None,
 ) -> bool | None:
     """Run :func:`load_checked` in a forked child process.
 
@@ -134,6 +135,8 @@ def check_isolated(
     a check costs milliseconds, not an interpreter start. It may use
     ``timeout_s`` of CPU time (the kernel ends it with SIGXCPU after that: a
     model that never returns from ``invoke``) and twice that of wall-clock time.
+    ``tick()`` is called at least once a second while the child runs: the caller is
+    healthy while it waits for a bounded check (the agent feeds systemd's watchdog).
     """
     if not hasattr(os, "fork"):
         return None
@@ -158,7 +161,7 @@ def check_isolated(
             os._exit(code)
     os.close(write_fd)
     try:
-        data = _read_all(read_fd, 2 * timeout_s + 10)
+        data = _read_all(read_fd, 2 * timeout_s + 10, tick)
     finally:
         os.close(read_fd)
     if data is None:
@@ -180,8 +183,8 @@ def check_isolated(
     raise ModelRejectedError(str(result.get("reason", "check")), str(result.get("message", "")))
 
 
-def _read_all(fd: int, timeout_s: float) -> bytes | None:
-    """Everything until EOF, or None when ``timeout_s`` passes first."""
+def _read_all(fd: int, timeout_s: float, tick: Callable[[], None] | None = None) -> bytes | None:
+    """Everything until EOF, or None when ``timeout_s`` passes first; ``tick()`` each second."""
     import select
 
     deadline = time.monotonic() + timeout_s
@@ -190,9 +193,11 @@ def _read_all(fd: int, timeout_s: float) -> bytes | None:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], left)
+        if tick is not None:
+            tick()
+        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
         if not ready:
-            return None
+            continue
         block = os.read(fd, 65536)
         if not block:
             return b"".join(chunks)

@@ -123,6 +123,7 @@ class Agent:
             check_timeout_s=cfg.check_timeout_s,
             event=self.event,
             clock=clock,
+            tick=self._tick,  # a candidate's check may take seconds: the loop is alive meanwhile
         )
         # the will is the state message with online false; it is replaced after activations
         self.client = MqttClient(connection_settings(cfg, b""))

@@ -51,6 +51,7 @@ class ModelManager:
         check_timeout_s: float = 120.0,
         event: EventFn | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tick: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.state_file = state_file
@@ -64,6 +65,8 @@ class ModelManager:
         self.check_timeout_s = check_timeout_s
         self._event = event or (lambda kind, **kw: None)
         self._clock = clock
+        # called while a candidate's check runs in its child (feeds systemd's watchdog)
+        self._tick = tick
         self.state = act.DeviceState.empty()
         self._trials: dict[str, _Trial] = {}
         self.last_error: tuple[str, str] | None = None
@@ -142,7 +145,7 @@ class ModelManager:
             if self.isolate_checks:
                 passed = check_isolated(files["model"], files.get("card"), files.get("golden"),
                                         threads=self.threads, runtime=self.runtime,
-                                        timeout_s=self.check_timeout_s)
+                                        timeout_s=self.check_timeout_s, tick=self._tick)
             if passed is None:
                 # in-process: mark it first, so a crash here rejects it on restart
                 self._save(self.state.with_model(name, act.begin_check(self.state.get(name), inst)))
