@@ -4,7 +4,9 @@
 each accepted connection to the upstream port. While it runs, a test can:
 
 * ``rate_bytes_s``: limit the downstream direction (upstream -> client);
-* ``delay_s``: hold each forwarded piece for a while;
+* ``delay_s``: hold each forwarded piece for a while (this also caps throughput);
+* ``latency_s``: a one-way delay line in each direction that does not cap
+  throughput (read when a connection is accepted: a satellite-like link);
 * ``slice_bytes``: forward in tiny pieces (exercises partial reads);
 * ``cut()``: drop every open connection at once (a network drop);
 * ``refuse``: refuse new connections (the network stays down);
@@ -14,6 +16,7 @@ each accepted connection to the upstream port. While it runs, a test can:
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import threading
 import time
@@ -24,6 +27,7 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.rate_bytes_s: float | None = None
         self.delay_s = 0.0
+        self.latency_s = 0.0
         self.slice_bytes: int | None = None
         self.refuse = False
         self.bytes_down = 0
@@ -61,10 +65,15 @@ class FaultProxy:
             with self._lock:
                 self._socks.update((client, up))
                 self.connections += 1
-            threading.Thread(target=self._pump, args=(up, client, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(client, up, False), daemon=True).start()
+            latency = self.latency_s
+            threading.Thread(target=self._pump, args=(up, client, True, latency), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, up, False, latency), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool, latency: float = 0.0) -> None:
+        line: queue.Queue[tuple[float, bytes] | None] | None = None
+        if latency:
+            line = queue.Queue()
+            threading.Thread(target=self._delay_line, args=(line, src, dst), daemon=True).start()
         try:
             while True:
                 data = src.recv(65536)
@@ -79,7 +88,10 @@ class FaultProxy:
                         time.sleep(self.delay_s)
                     if downstream and self.rate_bytes_s:
                         time.sleep(len(piece) / self.rate_bytes_s)
-                    dst.sendall(piece)
+                    if line is not None:
+                        line.put((time.monotonic() + latency, piece))
+                    else:
+                        dst.sendall(piece)
                     with self._lock:
                         if downstream:
                             self.bytes_down += len(piece)
@@ -88,13 +100,33 @@ class FaultProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    s.close()
-                with self._lock:
-                    self._socks.discard(s)
+            if line is not None:
+                line.put(None)  # the delay line closes both sockets after what it holds
+            else:
+                self._close_pair(src, dst)
+
+    def _delay_line(self, line: queue.Queue[tuple[float, bytes] | None], src: socket.socket,
+                    dst: socket.socket) -> None:
+        try:
+            while (item := line.get()) is not None:
+                due, piece = item
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                dst.sendall(piece)
+        except OSError:
+            pass
+        finally:
+            self._close_pair(src, dst)
+
+    def _close_pair(self, src: socket.socket, dst: socket.socket) -> None:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+            with self._lock:
+                self._socks.discard(s)
 
     def cut(self) -> int:
         """Drop every open connection; returns how many sockets were closed."""
