@@ -195,7 +195,7 @@ def test_broker_killed_and_restarted_five_times_mid_transfer(rig: Rig, dense_mod
     try:
         for k in range(5):
             goal = size * (k + 1) / 7
-            rig.watch.wait_for(lambda g=goal: rig.downloaded(2) >= g, 60, f"the download to pass {goal:.0f} B")
+            rig.watch.wait_for(lambda g=goal: rig.downloaded(2) >= g, 60, f"download past {goal:.0f} B")
             rig.broker.kill()  # SIGKILL: no goodbye, no final save
             restarts += 1
             check_state(rig.agent, rig.signed)
