@@ -27,6 +27,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -148,13 +150,34 @@ class Repository:
     def init(cls, root_dir: Path, *, keys: int = 1, threshold: int = 1,
              expiry_days: dict[str, int] | None = None,
              chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
-        """Create keys and version 1 of every role in an empty or new folder."""
+        """Create keys and version 1 of every role in an empty or new folder.
+
+        Everything is made in a temporary folder beside ``root_dir`` and renamed
+        into place at the end: a failure leaves nothing behind."""
         if not 1 <= threshold <= keys <= 16:
             raise BadInputError("need 1 <= --threshold <= --keys <= 16")
-        if root_dir.exists() and any(root_dir.iterdir()):
+        if root_dir.exists() and (not root_dir.is_dir() or any(root_dir.iterdir())):
             raise BadInputError(f"{root_dir} exists and is not empty; refusing to overwrite a repository")
+        try:
+            root_dir.parent.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{root_dir.name}.", dir=root_dir.parent))
+        except OSError as exc:
+            raise BadInputError(f"cannot create {root_dir}: {exc.strerror}") from exc
+        try:
+            cls._init_into(work, keys=keys, threshold=threshold, expiry_days=expiry_days,
+                           chunk_size=chunk_size)
+            if root_dir.exists():
+                root_dir.rmdir()  # empty, checked above
+            os.rename(work, root_dir)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return cls.open(root_dir)
+
+    @classmethod
+    def _init_into(cls, root_dir: Path, *, keys: int, threshold: int,
+                   expiry_days: dict[str, int] | None, chunk_size: int) -> None:
         expiry = {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}
-        root_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(root_dir, 0o700)
         for sub in ("metadata", "targets", "keys"):
             (root_dir / sub).mkdir(mode=0o700, exist_ok=True)
@@ -192,7 +215,6 @@ class Repository:
         atomic_write(root_dir / "root.json", files[0][1], 0o644)
         state["pending_metadata"] = [name for name, _ in files]
         atomic_write(root_dir / "repo.json", json.dumps(state, indent=1).encode())
-        return cls.open(root_dir)
 
     @classmethod
     def open(cls, root_dir: Path) -> Repository:

@@ -90,3 +90,21 @@ def test_signing_needs_the_threshold_of_keys(tmp_path: Path) -> None:
 def test_open_refuses_what_is_not_a_repository(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="repo init"):
         Repository.open(tmp_path)
+
+
+def test_a_failed_init_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from converter import repo as repo_mod
+
+    calls = {"n": 0}
+    real = repo_mod.atomic_write
+
+    def fail_late(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 6:  # after the keys, while writing metadata
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(repo_mod, "atomic_write", fail_late)
+    with pytest.raises(OSError):
+        Repository.init(tmp_path / "r")
+    assert list(tmp_path.iterdir()) == []
