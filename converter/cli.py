@@ -82,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"litefleet: error: {exc}\n")
         return EXIT_FAILED
+    except OSError as exc:  # the disk or the system said no (full, read-only, permissions)
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        sys.stderr.write(f"litefleet: error: {exc.strerror or exc}{where}\n")
+        return EXIT_FAILED
     except KeyboardInterrupt:
         sys.stderr.write("litefleet: interrupted\n")
         return 130

@@ -108,3 +108,12 @@ def test_a_failed_init_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(OSError):
         Repository.init(tmp_path / "r")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_a_system_error_in_one_line(tmp_path: Path) -> None:
+    from tests.harness import litefleet
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, out, err = litefleet("repo", "init", str(blocker / "repo"))
+    assert code in (1, 2) and err.count("\n") == 1 and "Traceback" not in err
