@@ -17,6 +17,7 @@ same checks from a shell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -141,6 +142,7 @@ def check_isolated(
     if not hasattr(os, "fork"):
         return None
     read_fd, write_fd = os.pipe()
+    parent = os.getpid()
     try:
         pid = os.fork()
     except OSError as exc:
@@ -152,6 +154,7 @@ def check_isolated(
         code = 0
         try:
             os.close(read_fd)
+            _die_with_parent(parent, 2 * timeout_s + 10)
             _limit_cpu(max(1, int(timeout_s)))
             result = _child_check(model, card, golden, threads, runtime)
             os.write(write_fd, json.dumps(result).encode()[:65536])
@@ -181,6 +184,19 @@ def check_isolated(
     if result.get("ok"):
         return True
     raise ModelRejectedError(str(result.get("reason", "check")), str(result.get("message", "")))
+
+
+def _die_with_parent(parent: int, wall_s: float) -> None:
+    """In the child: end with the agent, and after ``wall_s`` in any case. A child that
+    hangs without using CPU (a deadlock) is never ended by RLIMIT_CPU; if the agent is
+    killed meanwhile (SIGKILL, OOM, the watchdog), nothing else would end it."""
+    signal.alarm(int(wall_s) + 1)  # SIGALRM's default action ends the process
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os._exit(71)
 
 
 def _read_all(fd: int, timeout_s: float, tick: Callable[[], None] | None = None) -> bytes | None:

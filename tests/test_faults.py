@@ -343,3 +343,51 @@ def test_clock_in_the_past_still_works(broker, tmp_path: Path, digits_int8, digi
     finally:
         agent.stop()
         watch.close()
+
+
+# -- the agent killed while a check child hangs ------------------------------------------------------
+
+_HANGING_CHECK = r'''
+import sys, time
+from pathlib import Path
+import agent.candidate_check as cc
+cc._child_check = lambda *a: time.sleep(600)  # a child that hangs without using CPU
+print("checking", flush=True)
+cc.check_isolated(Path("m.tflite"), None, None, threads=1, runtime="auto", timeout_s=60)
+'''
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_a_check_child_does_not_outlive_a_killed_agent() -> None:
+    """The agent SIGKILLed (OOM, the watchdog, a power button) while its candidate check
+    hangs: the check child must end too. It lived on (RLIMIT_CPU never fires for a child
+    that does not run) -- found when a deadlocked child outlived its agent in these tests."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HANGING_CHECK], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"checking\n"
+        deadline = time.monotonic() + 10
+        while not (kids := _children(proc.pid)):
+            assert time.monotonic() < deadline, "no check child"
+            time.sleep(0.05)
+        child = kids[0]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{child}").exists() and Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline, "the check child outlived the agent"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
