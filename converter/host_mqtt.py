@@ -22,7 +22,7 @@ def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = True) -
     # required in effect: settings_from_args insists on --broker or --secure-dir
     parser.add_argument("--broker", help="mqtt://[user[:password]@]host[:port] or mqtts://..."
                         + ("" if required else " (optional)"))
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
+    parser.add_argument("--prefix", help=f"topic prefix (default: the --secure-dir's, else {DEFAULT_PREFIX})")
     parser.add_argument("--ca-file", help="CA certificate for mqtts:// (PEM)")
     parser.add_argument("--cert-file", help="client certificate (PEM)")
     parser.add_argument("--key-file", help="client private key (PEM)")
@@ -31,9 +31,26 @@ def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = True) -
                         help="a `litefleet broker --secure` folder: use its host identity")
 
 
-def settings_from_args(args: argparse.Namespace, role: str) -> ConnectionSettings:
-    secure_dir = getattr(args, "secure_dir", None) or (
+def _secure_dir(args: argparse.Namespace) -> Path | None:
+    return getattr(args, "secure_dir", None) or (
         Path(os.environ["LITEFLEET_SECURE_DIR"]) if os.environ.get("LITEFLEET_SECURE_DIR") else None)
+
+
+def topic_prefix(args: argparse.Namespace) -> str:
+    """``--prefix``, else the prefix the ``--secure-dir`` broker was made with (its ACLs
+    grant nothing under another one), else the default."""
+    if getattr(args, "prefix", None):
+        return str(args.prefix)
+    secure_dir = _secure_dir(args)
+    if secure_dir is not None:
+        from converter.secure_broker import host_client_settings
+
+        return str(host_client_settings(secure_dir)["topic_prefix"])
+    return DEFAULT_PREFIX
+
+
+def settings_from_args(args: argparse.Namespace, role: str) -> ConnectionSettings:
+    secure_dir = _secure_dir(args)
     host: dict[str, object] = {}
     if secure_dir is not None:
         from converter.secure_broker import host_client_settings
@@ -76,4 +93,4 @@ def settings_from_args(args: argparse.Namespace, role: str) -> ConnectionSetting
 def connect(args: argparse.Namespace, role: str, timeout_s: float = 10.0) -> tuple[MqttClient, Topics]:
     client = MqttClient(settings_from_args(args, role))
     client.connect(timeout_s)
-    return client, Topics(args.prefix)
+    return client, Topics(topic_prefix(args))

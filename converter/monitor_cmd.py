@@ -18,7 +18,7 @@ from types import FrameType
 from agent.errors import LitefleetError, StorageError
 from agent.protocol import Topics
 from converter.errors import BadInputError
-from converter.host_mqtt import add_broker_args, settings_from_args
+from converter.host_mqtt import add_broker_args, settings_from_args, topic_prefix
 from converter.monitor import Collector, CollectorConfig, check_share_group, make_client
 from converter.monitor_http import MonitorHttpServer, parse_listen
 from converter.monitor_live import FleetSnapshot
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         store = MonitorStore.open(args.db)
     except StorageError as exc:  # not a monitor database, or a folder we cannot write
         raise BadInputError(f"--db: {exc}") from exc
-    collector = Collector(make_client(settings), Topics(args.prefix), store,
+    collector = Collector(make_client(settings), Topics(topic_prefix(args)), store,
                           CollectorConfig(db_path=args.db, share_group=group,
                                           retention_days=args.retention_days))
     http: MonitorHttpServer | None = None

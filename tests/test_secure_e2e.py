@@ -285,3 +285,34 @@ def host_read(host: Client, topic: str) -> bytes:
     got = host.wait_for(topic)
     assert got is not None, f"nothing retained on {topic}"
     return got.payload
+
+
+def test_a_secure_dir_made_with_another_prefix_needs_no_prefix_flag(tmp_path: Path, digits_int8) -> None:
+    """A broker folder made with ``--prefix acme`` grants the host nothing under
+    ``litefleet/``: push --secure-dir was refused by the ACL and status --secure-dir
+    showed an empty fleet, unless the operator repeated --prefix. The folder says it."""
+    from converter.broker import BrokerProcess
+    from converter.secure_broker import ListenerPorts, SecureDir
+
+    sd = SecureDir(tmp_path / "secure")
+    sd.ensure(prefix="acme", ports=ListenerPorts(free_port(), free_port(), free_port()))
+    broker = BrokerProcess(sd.broker_config())
+    broker.start()
+    repo = tmp_path / "repo"
+    must("repo", "init", str(repo))
+    creds, toml = add_device(tmp_path, sd.root, "pi-acme", password=False)
+    assert toml["topic_prefix"] == "acme"
+    keys = {k: v for k, v in toml.items() if k not in ("device_id", "broker")}
+    agent = AgentProcess(tmp_path, "pi-acme", toml["broker"], repo / "root.json", **keys)
+    watch = FleetWatcher(secure_dir=sd.root, prefix="acme")
+    try:
+        agent.start(env={"CREDENTIALS_DIRECTORY": str(creds)})
+        must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits",
+             "--secure-dir", str(sd.root))
+        watch.wait_active("pi-acme", "digits", 1, timeout_s=60)
+        rows = json.loads(must("status", "--secure-dir", str(sd.root), "--json"))
+        assert [(r["device_id"], r["version"]) for r in rows] == [("pi-acme", "1")]
+    finally:
+        agent.stop()
+        watch.close()
+        broker.kill()
