@@ -33,6 +33,7 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
@@ -56,6 +57,7 @@ from agent.transport import Message
 from agent.updater import ModelUpdater
 
 TOPICS = Topics()
+REAL_PWRITE = os.pwrite
 SOAK = os.environ.get("HYPOTHESIS_PROFILE") == "soak"
 # the errors the daemon's work loop catches and reports
 DECLARED = (ModelRejectedError, TransportError, StorageError)
@@ -472,9 +474,8 @@ class ScriptedBroker:
 @given(data=st.data(), length=st.integers(1, 3000), pieces=st.integers(1, 24),
        script=st.lists(st.sampled_from(ACTIONS), max_size=12), leftover=st.binary(max_size=400),
        resume=st.booleans())
-def test_chunk_framing(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
-                       data: st.DataObject, length: int, pieces: int, script: list[str],
-                       leftover: bytes, resume: bool) -> None:
+def test_chunk_framing(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject, length: int,
+                       pieces: int, script: list[str], leftover: bytes, resume: bool) -> None:
     """Whatever the broker sends, the download ends whole and exact, or refused with
     chunk_size/chunk_hash, or as a transport problem; every byte written to disk was
     part of a chunk whose signed hash matched."""
@@ -490,16 +491,16 @@ def test_chunk_framing(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     if resume:  # what an interrupted download left (never longer than the target)
         dest.with_name("out.part").write_bytes(leftover[:length])
     writes: list[tuple[int, bytes]] = []
-    real_pwrite = os.pwrite
 
     def recording_pwrite(fd: int, buf: bytes, offset: int) -> int:
         writes.append((offset, bytes(buf)))
-        return real_pwrite(fd, buf, offset)
+        return REAL_PWRITE(fd, buf, offset)
 
-    monkeypatch.setattr("agent.chunk_fetch.os.pwrite", recording_pwrite)
     dl = ChunkDownloader(broker, TOPICS, window=data.draw(st.integers(1, 8)), chunk_timeout_s=0.0)
     try:
-        stats = dl.download(target, length, info, dest)
+        # patched per example (a function-scoped monkeypatch would stack one wrapper per example)
+        with mock.patch("agent.chunk_fetch.os.pwrite", recording_pwrite):
+            stats = dl.download(target, length, info, dest)
     except ModelRejectedError as exc:
         assert exc.reason in ("chunk_size", "chunk_hash"), exc
         assert broker.bad_delivered, "refused although nothing bad arrived"
