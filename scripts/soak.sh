@@ -11,6 +11,7 @@
 #   scripts/soak.sh                          # the whole soak (about 1.5 h on 2 cores)
 #   LITEFLEET_SOAK_KILLS=50 LITEFLEET_SOAK_FAULTS=5 LITEFLEET_FUZZ_EXAMPLES=500 \
 #     LITEFLEET_ATHERIS_RUNS=20000 scripts/soak.sh     # a short rehearsal
+#   LITEFLEET_SOAK_STEPS="fuzz" scripts/soak.sh          # only some steps (soak fuzz faults)
 #   scripts/soak.sh -x                       # extra arguments go to every pytest run
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,10 +39,15 @@ mkdir -p "$out"
 export LITEFLEET_SOAK_REPORT="$PWD/$out/figures.jsonl"
 : > "$LITEFLEET_SOAK_REPORT"
 : > "$out/steps.txt"
+rm -f "$out"/*.log
 started=$(date +%s)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo "?")
+dirty=$(git status --porcelain -- agent converter tests 2>/dev/null | wc -l)
+steps="${LITEFLEET_SOAK_STEPS:-soak fuzz faults}"
 
 step() {  # step NAME -- pytest arguments...
   local name=$1; shift
+  case " $steps " in *" $name "*) ;; *) return 0 ;; esac
   local t0 rc log="$out/$name.log"
   t0=$(date +%s)
   say "soak step $name: pytest $*"
@@ -59,18 +65,20 @@ step soak -m soak tests/test_soak.py tests/test_fuzz_atheris.py "$@" || status=1
 HYPOTHESIS_PROFILE=soak step fuzz tests/test_fuzz_delivery.py tests/test_fuzz_serving.py \
   tests/test_fuzz_config.py tests/test_fuzz_regressions.py --hypothesis-show-statistics "$@" || status=1
 step faults tests/test_faults.py tests/test_watchdog.py tests/test_secure_e2e.py \
-  tests/test_delivery_attacks.py tests/test_delivery_resilience.py "$@" || status=1
+  tests/test_delivery_attacks.py tests/test_delivery_resilience.py tests/test_delivery_e2e.py \
+  tests/test_secure_broker_mqtt.py tests/test_systemd.py "$@" || status=1
 
 {
-  echo "litefleet soak $(date -u '+%Y-%m-%d %H:%M UTC'), $(git rev-parse --short HEAD 2>/dev/null), $(nproc) cores, $(( ($(date +%s) - started) / 60 )) min"
+  echo "litefleet soak $(date -u -d "@$started" '+%Y-%m-%d %H:%M UTC'), commit $commit" \
+    "($dirty files under agent/ converter/ tests/ not committed), $(nproc) cores," \
+    "$(( ($(date +%s) - started) / 60 )) min"
   echo
   cat "$out/steps.txt"
   echo
   echo "figures:"
   sed 's/^/  /' "$LITEFLEET_SOAK_REPORT"
   echo
-  echo "hypothesis examples per fuzz test:"
-  .venv/bin/python - "$out/fuzz.log" <<'PY'
+  [ -f "$out/fuzz.log" ] && echo "hypothesis examples per fuzz test:" && .venv/bin/python - "$out/fuzz.log" <<'PY'
 import re, sys
 counts, cur = {}, None
 for line in open(sys.argv[1], errors="replace"):
