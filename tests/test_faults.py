@@ -41,24 +41,15 @@ import pytest
 
 from agent.protocol import DEFAULT_CHUNK_SIZE
 from converter.broker import free_port
-from tests.big_models import build_dense_model
 from tests.harness import AgentProcess, FleetWatcher, must
 from tests.tcp_proxy import FaultProxy
 
 WINDOW = 8
-N_IN = 3500  # build_dense_model(megabytes=14): a [1, 3500] float input
+N_IN = 3500  # the dense_models fixture (conftest.py): a [1, 3500] float input
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="session")
-def dense_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two ~14 MB float32 models with the same signature (with golden vectors)."""
-    folder = tmp_path_factory.mktemp("dense")
-    return [build_dense_model(folder / f"d{i}" / "dense.tflite", megabytes=14.0, seed=10 + i)
-            for i in range(2)]
 
 
 # -- the REST prober --------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from test_delivery_resilience import check_served_model, read_state
 from test_faults import Prober, dense_body, sha256
 
 from converter.broker import free_port
-from tests.big_models import build_dense_model
 from tests.harness import AgentProcess, FleetWatcher, must
 from tests.tcp_proxy import FaultProxy
 
@@ -52,10 +51,8 @@ def report(name: str, **figures: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("soak-models")
-    return [build_dense_model(folder / f"s{i}" / "dense.tflite", megabytes=14.0, seed=20 + i)
-            for i in range(2)]
+def models(dense_models: list[Path]) -> list[Path]:
+    return dense_models
 
 
 def predict(port: int, timeout_s: float = 10.0) -> tuple[int, Any]:

@@ -217,11 +217,9 @@ def test_waiting_for_a_check_child_ticks_every_second() -> None:
 
 
 def test_pings_while_healthy_and_all_through_a_long_download(broker, tmp_path: Path, notify: NotifySocket,
-                                                             digits_int8) -> None:
-    from tests.big_models import build_dense_model
-
+                                                             digits_int8, dense_models: list[Path]) -> None:
     watchdog_s = 6.0  # the agent sends every watchdog_s / 2 at most; systemd wants one per watchdog_s
-    big = build_dense_model(tmp_path / "big" / "dense.tflite", megabytes=14.0, seed=3)
+    big = dense_models[0]
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "m", "--broker", broker.url)
