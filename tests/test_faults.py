@@ -118,19 +118,32 @@ def push(repo: Path, model: Path, url: str, name: str = "digits") -> None:
 
 
 def check_state(agent: AgentProcess, signed: dict[int, str]) -> None:
-    """Whatever the state file says is active or previous was signed and is whole on disk."""
-    try:
-        state = json.loads((agent.state_dir / "state.json").read_text())
-    except FileNotFoundError:
-        return
-    for name, ms in state.get("models", {}).items():
-        for role in ("active", "previous"):
-            inst = ms.get(role)
-            if inst is None:
-                continue
-            assert signed.get(inst["version"]) == inst["sha256"], (role, inst, signed)
-            path = agent.state_dir / "models" / name / str(inst["version"]) / "model.tflite"
-            assert sha256(path) == inst["sha256"], f"{role} v{inst['version']} on disk is not whole"
+    """Whatever the state file says is active or previous was signed and is whole on disk.
+    The agent may be running: a version it just replaced may be deleted between reading
+    the state and reading the file, so a missing file counts only if the state is unchanged."""
+    path = agent.state_dir / "state.json"
+    for _ in range(20):
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return
+        missing = False
+        for name, ms in json.loads(text).get("models", {}).items():
+            for role in ("active", "previous"):
+                inst = ms.get(role)
+                if inst is None:
+                    continue
+                assert signed.get(inst["version"]) == inst["sha256"], (role, inst, signed)
+                model = agent.state_dir / "models" / name / str(inst["version"]) / "model.tflite"
+                try:
+                    assert sha256(model) == inst["sha256"], f"{role} v{inst['version']} on disk is not whole"
+                except FileNotFoundError:
+                    missing = True
+        if not missing:
+            return
+        if path.read_text() == text:
+            raise AssertionError(f"the state names a model that is not on disk: {text}")
+    raise AssertionError("the state kept changing")
 
 
 @dataclass

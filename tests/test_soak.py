@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from test_delivery_resilience import check_served_model, read_state
-from test_faults import Prober, dense_body, sha256
+from test_faults import Prober, check_state, dense_body, sha256
 
 from converter.broker import free_port
 from tests.harness import AgentProcess, FleetWatcher, must
@@ -219,7 +219,7 @@ def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path, models
                         watch = FleetWatcher(broker.port)
                     elif proxy.cut():
                         cuts += 1
-                    check_served_model(agent, signed)
+                    check_state(agent, signed)  # (the agent runs: check_served_model would race it)
                     if time.monotonic() > deadline - 60:
                         proxy.rate_bytes_s = None  # let this one finish
             finally:
@@ -227,7 +227,7 @@ def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path, models
             prober.check(str(versions - 1), str(versions))
             proxy.rate_bytes_s = None
         assert agent.alive()
-        check_served_model(agent, signed)
+        check_state(agent, signed)
     finally:
         agent.stop()
         watch.close()
