@@ -74,7 +74,14 @@ class Prober:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, seen: str | None = None, timeout_s: float = 10.0) -> None:
+        """Stop probing; with ``seen``, first give the prober time to see that version answer
+        (the agent reports "active" over MQTT a moment before the next probe can see it)."""
+        deadline = time.monotonic() + timeout_s
+        while seen is not None and (not self.versions or self.versions[-1] != seen):
+            if time.monotonic() > deadline or self._thread is None or not self._thread.is_alive():
+                break
+            time.sleep(0.02)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
@@ -210,6 +217,7 @@ def test_broker_killed_and_restarted_five_times_mid_transfer(rig: Rig, dense_mod
             rig.watch = FleetWatcher(rig.broker.port)
         rig.proxy.rate_bytes_s = None
         rig.watch.wait_active("pi-1", "m", 2, timeout_s=120)
+        prober.stop(seen="2")
     finally:
         prober.stop()
     prober.check("1", "2")
@@ -236,6 +244,7 @@ def test_connections_cut_again_and_again(rig: Rig, dense_models: list[Path]) -> 
             if cuts == 12:
                 rig.proxy.rate_bytes_s = None  # enough: let it finish
         rig.watch.wait_active("pi-1", "m", 2, timeout_s=60)
+        prober.stop(seen="2")
     finally:
         prober.stop()
     assert cuts >= 5, cuts

@@ -222,6 +222,7 @@ def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path, models
                     check_state(agent, signed)  # (the agent runs: check_served_model would race it)
                     if time.monotonic() > deadline - 60:
                         proxy.rate_bytes_s = None  # let this one finish
+                prober.stop(seen=str(versions))
             finally:
                 prober.stop()
             prober.check(str(versions - 1), str(versions))
