@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe  # noqa: E402
-from converter.broker import BrokerConfig, BrokerProcess  # noqa: E402
-from tests.harness import FleetWatcher, must, write_agent_config  # noqa: E402
+from bench.machine import describe
+from converter.broker import BrokerConfig, BrokerProcess
+from tests.harness import FleetWatcher, must, write_agent_config
 
 REPO = Path(__file__).resolve().parents[1]
 

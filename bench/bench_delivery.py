@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import describe  # noqa: E402
-from converter.broker import BrokerConfig, BrokerProcess  # noqa: E402
-from tests.big_models import build_dense_model  # noqa: E402
-from tests.harness import AgentProcess, FleetWatcher, must  # noqa: E402
+from bench.machine import describe
+from converter.broker import BrokerConfig, BrokerProcess
+from tests.big_models import build_dense_model
+from tests.harness import AgentProcess, FleetWatcher, must
 
 
 def baseline(port: int, model: Path) -> float:

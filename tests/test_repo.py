@@ -115,5 +115,5 @@ def test_cli_reports_a_system_error_in_one_line(tmp_path: Path) -> None:
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, out, err = litefleet("repo", "init", str(blocker / "repo"))
+    code, _out, err = litefleet("repo", "init", str(blocker / "repo"))
     assert code in (1, 2) and err.count("\n") == 1 and "Traceback" not in err
