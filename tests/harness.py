@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -279,3 +280,46 @@ def read_retained(port: int, topic: str, timeout_s: float = 5.0) -> bytes | None
         c.loop_stop()
         c.disconnect()
     return got[0] if got else None
+
+
+class PersistentSubscriber:
+    """A test-side paho client with a persistent session, so the broker keeps
+    its QoS 1 messages while it is away (as the fleet monitor's would)."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.received: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
+        self.subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"monitor-{uuid.uuid4().hex[:8]}",
+                                  protocol=paho.MQTTv5)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+
+        def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, properties: Any = None) -> None:
+            client.subscribe(topic, qos=1)
+
+        def on_subscribe(*args: Any) -> None:
+            self.subscribed.set()
+
+        def on_message(client: Any, userdata: Any, m: Any) -> None:
+            self.received.put((time.time(), json.loads(m.payload)))
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def collect(self, until: Callable[[list[dict[str, Any]]], bool], timeout_s: float,
+                got: list[tuple[float, dict[str, Any]]]) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not until([d for _, d in got]) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                got.append(self.received.get(timeout=0.5))

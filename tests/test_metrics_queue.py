@@ -4,13 +4,9 @@ Mosquitto, one of them minutes long (marked slow)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import queue
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +14,7 @@ import pytest
 
 from agent.errors import StorageError, TransportError
 from agent.metrics_queue import MetricsQueue, QueueSender
+from tests.harness import PersistentSubscriber
 
 TOPIC = "litefleet/v1/devices/pi-1/metrics"
 
@@ -164,51 +161,6 @@ def test_sender_thread_delivers_everything_in_order_across_outages(tmp_path: Pat
 
 
 # -- real Mosquitto ------------------------------------------------------------------------------
-class PersistentSubscriber:
-    """A test-side paho client with a persistent session, so the broker keeps
-    its QoS 1 messages while it is away (as the fleet monitor's would)."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        self.received: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
-        self.subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"monitor-{uuid.uuid4().hex[:8]}",
-                                  protocol=paho.MQTTv5)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-
-        def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, properties: Any = None) -> None:
-            client.subscribe(topic, qos=1)
-
-        def on_subscribe(*args: Any) -> None:
-            self.subscribed.set()
-
-        def on_message(client: Any, userdata: Any, m: Any) -> None:
-            self.received.put((time.time(), json.loads(m.payload)))
-
-        self.client.on_connect = on_connect
-        self.client.on_subscribe = on_subscribe
-        self.client.on_message = on_message
-        self.client.connect("127.0.0.1", port, clean_start=False, properties=props)
-        self.client.loop_start()
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def collect(self, until: Callable[[list[dict[str, Any]]], bool], timeout_s: float,
-                got: list[tuple[float, dict[str, Any]]]) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not until([d for _, d in got]) and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                got.append(self.received.get(timeout=0.5))
-
-
 def run_outage(broker: Any, tmp_path: Path, *, interval_s: float, before_s: float, outage_s: float,
                after_s: float) -> None:
     """Metrics every ``interval_s`` through the agent's MQTT client while the
