@@ -8,7 +8,7 @@
 #   3. the fault and watchdog tests once more;
 # and prints a summary (also written to build/soak/summary.txt).
 #
-#   scripts/soak.sh                          # the whole soak (about 1.5 h on 2 cores)
+#   scripts/soak.sh                          # the whole soak (about 40 min on 2 cores)
 #   LITEFLEET_SOAK_KILLS=50 LITEFLEET_SOAK_FAULTS=5 LITEFLEET_FUZZ_EXAMPLES=500 \
 #     LITEFLEET_ATHERIS_RUNS=20000 scripts/soak.sh     # a short rehearsal
 #   LITEFLEET_SOAK_STEPS="fuzz" scripts/soak.sh          # only some steps (soak fuzz faults)
