@@ -41,6 +41,21 @@ from agent.transport import Message
 
 logger = logging.getLogger(__name__)
 
+
+class _QuietNotConnected(logging.Filter):
+    """paho logs "Client is not connected" at ERROR from its network loop's last turn after
+    every disconnect, our own included (each will renewal, each shutdown). A lost connection
+    is already reported by :class:`MqttClient` itself, so this line is demoted to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith("Client is not connected"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_PAHO_LOG = logging.getLogger("paho")
+_PAHO_LOG.addFilter(_QuietNotConnected())
+
 Handler = Callable[[Message], None]
 
 
@@ -102,7 +117,7 @@ class MqttClient:
             client_id=settings.client_id,
             protocol=paho.MQTTv5,
         )
-        self._client.enable_logger(logging.getLogger("paho"))
+        self._client.enable_logger(_PAHO_LOG)
         self._client.reconnect_delay_set(min_delay=1, max_delay=15)
         # paho's default of 20 in flight stalls large pushes; the broker allows 50
         self._client.max_inflight_messages_set(50)
