@@ -20,6 +20,7 @@ no "not found") without a timeout.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import socket
 import ssl
@@ -73,6 +74,9 @@ class ConnectionSettings:
     username: str | None = None
     password: str | None = None
     keepalive_s: int = 30
+    # > 0: a persistent session (MQTT 5 Session Expiry Interval): the broker keeps this
+    # client's subscriptions and queues its QoS 1 messages while it is away that long
+    session_expiry_s: int = 0
     will_topic: str | None = None
     will_payload: bytes = b""
     will_retain: bool = True
@@ -153,7 +157,11 @@ class MqttClient:
         self._connect_error: str | None = None
         self._on_connected: list[Callable[[], None]] = []
         self._started = False
-        self._barrier_topic = f"$litefleet-sync/{uuid.uuid4().hex}"
+        # a persistent session keeps its subscriptions: one barrier topic per session, not
+        # one more per process
+        token = (hashlib.sha256(settings.client_id.encode()).hexdigest()[:32]
+                 if settings.session_expiry_s > 0 else uuid.uuid4().hex)
+        self._barrier_topic = f"$litefleet-sync/{token}"
         self.connects = 0
         self._last_delivery: _Delivery | None = None
 
@@ -167,10 +175,15 @@ class MqttClient:
         if self._started:
             return
         self._started = True
+        props = None
+        if self.settings.session_expiry_s > 0:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.settings.session_expiry_s
         try:
             self._client.connect_async(self.settings.host, self.settings.port,
                                        keepalive=self.settings.keepalive_s,
-                                       clean_start=True)
+                                       clean_start=self.settings.session_expiry_s <= 0,
+                                       properties=props)
         except (OSError, ValueError) as exc:
             where = f"{self.settings.host}:{self.settings.port}"
             raise TransportError(f"cannot connect to {where}: {exc}") from exc

@@ -49,7 +49,11 @@ def topic_prefix(args: argparse.Namespace) -> str:
     return DEFAULT_PREFIX
 
 
-def settings_from_args(args: argparse.Namespace, role: str) -> ConnectionSettings:
+def settings_from_args(args: argparse.Namespace, role: str, *, session: str | None = None,
+                       session_expiry_s: int = 0) -> ConnectionSettings:
+    """The host's connection settings from the common broker flags. With ``session``, a
+    persistent session under a stable client id (``<prefix><role>-<session>``) instead of a
+    fresh one per process."""
     secure_dir = _secure_dir(args)
     host: dict[str, object] = {}
     if secure_dir is not None:
@@ -84,9 +88,10 @@ def settings_from_args(args: argparse.Namespace, role: str) -> ConnectionSetting
     return ConnectionSettings(
         host=addr.host, port=addr.port,
         # "_" never starts a device id: a host client can never take a device's session
-        client_id=f"{host.get('client_id_prefix', '_lf-host-')}{role}-{uuid.uuid4().hex[:8]}",
+        client_id=f"{host.get('client_id_prefix', '_lf-host-')}{role}-{session or uuid.uuid4().hex[:8]}",
         tls=addr.tls, ca_file=ca, cert_file=cert, key_file=key,
         username=username, password=password,
+        session_expiry_s=session_expiry_s if session else 0,
     )
 
 

@@ -8,6 +8,7 @@ stderr every ``--summary-interval`` seconds unless ``--quiet``.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -42,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--share", metavar="GROUP",
                    help="MQTT 5 shared subscription group: collectors with the same GROUP split "
                         "the fleet's metrics and events")
+    p.add_argument("--session", metavar="NAME",
+                   help="a persistent MQTT session named NAME: while this collector is away (a "
+                        "restart, an upgrade) the broker queues the fleet's metrics and events for "
+                        "it, up to --session-expiry; without it they are gone for this collector")
+    p.add_argument("--session-expiry", type=float, default=86400.0, metavar="S",
+                   help="with --session: how long the broker keeps the session of an absent "
+                        "collector (default: %(default)s s)")
     p.add_argument("--retention-days", type=float, default=30.0,
                    help="keep history this long; 0 keeps everything (default: %(default)s)")
     p.add_argument("--summary-interval", type=float, default=10.0, metavar="S",
@@ -49,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no summary lines")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker at start")
     p.set_defaults(func=run)
+
+
+def check_session_name(name: str) -> str:
+    """A session name becomes part of an MQTT client id: 1-64 of ``A-Z a-z 0-9 . _ -``."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise BadInputError(f"--session {name!r}: a session name is 1-64 letters, digits, '.', '_' or '-'")
+    return name
 
 
 def summary_line(snap: FleetSnapshot, rate: float) -> str:
@@ -75,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError("--summary-interval must be positive")
     group = check_share_group(args.share) if args.share is not None else None
     listen = parse_listen(args.prometheus) if args.prometheus else None
-    settings = settings_from_args(args, "monitor")
+    session = check_session_name(args.session) if args.session is not None else None
+    if not 1 <= args.session_expiry <= 0xFFFFFFFE:
+        raise BadInputError("--session-expiry must be between 1 and 4294967294 seconds")
+    settings = settings_from_args(args, "monitor", session=session,
+                                  session_expiry_s=int(args.session_expiry))
     created = not args.db.exists()
     try:
         store = MonitorStore.open(args.db)

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -368,3 +369,63 @@ def test_monitor_survives_a_broker_restart(broker, tmp_path: Path) -> None:
         assert mon.collector.wait_idle(5)
         with mon.collector.store.reader() as r:
             assert [k[1] for k in r.sample_keys()] == [1, 2]
+
+
+def _cli_monitor(broker: Any, db: Path, *extra: str) -> subprocess.Popen[str]:
+    proc = run_cli("monitor", "--broker", broker.url, "--db", str(db), "--prometheus", "127.0.0.1:0",
+                   "--summary-interval", "60", *extra)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()  # "serving http://..." once connected and subscribed
+    assert "serving" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
+    return proc
+
+
+def _stop_cli(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_a_monitor_session_keeps_what_came_while_the_collector_was_away(broker, tmp_path: Path) -> None:
+    """Restarting the only collector (an upgrade, a reboot): with ``--session NAME`` the broker
+    queues the fleet's metrics and events meanwhile and the restarted collector stores them;
+    without it they are gone for this collector (the documented default)."""
+    topic = "litefleet/v1/devices/pi-s/metrics"
+    for session, want in ((["--session", "main"], [1, 2, 3, 4]), ([], [1, 4])):
+        db = tmp_path / f"session-{bool(session)}.db"
+        proc = _cli_monitor(broker, db, *session)
+        try:
+            publish_one(broker.port, topic, agent_payload("pi-s", seq=1))
+            time.sleep(0.5)
+            _stop_cli(proc)
+            # the collector is away: two metrics messages and an event are published
+            publish_many(broker.port, [(topic, agent_payload("pi-s", seq=2)),
+                                       (topic, agent_payload("pi-s", seq=3)),
+                                       ("litefleet/v1/devices/pi-s/events",
+                                        json.dumps({"event": "activated", "model": "digits", "version": 3,
+                                                    "ts": time.time(), "boot": "b1", "seq": 1}).encode())])
+            proc = _cli_monitor(broker, db, *session)
+            publish_one(broker.port, topic, agent_payload("pi-s", seq=4))
+            time.sleep(1.0)
+            _stop_cli(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        store = MonitorStore.open(db)
+        try:
+            with store.reader() as r:
+                assert [k[1] for k in r.sample_keys()] == want, session
+                events = [e for e in r.recent_events(10) if e.event == "activated"]
+        finally:
+            store.close()
+        # the event came while the collector was away: kept only with a session
+        assert bool(events) == bool(session), (session, events)
+
+
+def test_monitor_session_name_is_checked(tmp_path: Path) -> None:
+    for bad in ("a/b", "+", "#", "x" * 65, ""):
+        code, _, err = litefleet("monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "x.db"),
+                                 "--session", bad)
+        assert code == 2 and "--session" in err and len(err.strip().splitlines()) == 1, (bad, err)
