@@ -60,6 +60,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.store import atomic_write, fsync_dir
 from converter.broker import BrokerConfig
 from converter.errors import BadInputError
 from converter.secure_acl import (
@@ -252,31 +253,11 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` atomically (temp file, fsync, rename, fsync folder) with ``mode``
-    from the first byte on: a secret is never readable by others, not even briefly."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    """Write ``data`` atomically with ``mode`` (:func:`agent.store.atomic_write`: temp file
+    created 0600, fsync, chmod, rename, fsync folder): a secret is never readable by others,
+    not even briefly."""
+    atomic_write(path, data, mode)
 
 
 def _private_dir(path: Path) -> None:
@@ -465,7 +446,7 @@ class SecureDir:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.replace(tmp, out)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
             logger.info("device %s added (%s)", device_id, auth)
             return DeviceBundle(device_id, auth, url,
                                 tuple((out / f, name) for f, name in names), toml,
