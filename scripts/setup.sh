@@ -58,22 +58,31 @@ setup_venv() {
   fi
 }
 
+# "sudo" when not root (empty when root)
+sudo_if_needed() { [ "$(id -u)" -ne 0 ] && echo sudo; return 0; }
+
+# apt-get install PKG... (with sudo when not root; an error when sudo is missing)
+apt_install() {
+  local sudo
+  sudo=$(sudo_if_needed)
+  if [ -n "$sudo" ] && ! command -v sudo >/dev/null 2>&1; then
+    echo "error: $* missing and sudo is not available; install them with apt-get" >&2
+    return 1
+  fi
+  say "installing $* with apt-get${sudo:+ (sudo)}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 setup_mosquitto() {
   if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
     say "mosquitto is installed"
     return 0
   fi
-  local sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "error: mosquitto is missing and sudo is not available; install mosquitto" >&2; return 1; }
-    sudo="sudo"
-  fi
-  say "installing mosquitto with apt-get${sudo:+ (sudo)}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  apt_install mosquitto mosquitto-clients || return 1
   # the private brokers litefleet starts are its own; the system service is not needed
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
-    $sudo systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    $(sudo_if_needed) systemctl disable --now mosquitto >/dev/null 2>&1 || true
   fi
 }
 
@@ -86,17 +95,10 @@ setup_packages() {
     want+=("$pkg")
   done
   if [ ${#want[@]} -eq 0 ]; then
-    say "test tools are installed (qemu-user-static, debian-archive-keyring, faketime)"
+    say "already installed: ${*#*=}"
     return 0
   fi
-  local sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "error: ${want[*]} missing and sudo is not available" >&2; return 1; }
-    sudo="sudo"
-  fi
-  say "installing ${want[*]} with apt-get${sudo:+ (sudo)}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${want[@]}" >/dev/null
+  apt_install "${want[@]}"
 }
 
 setup_test_tools() {

@@ -19,12 +19,7 @@ cd "$(dirname "$0")/.."
 setup_venv
 setup_mosquitto
 
-if ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  say "installing faketime with apt-get${sudo:+ (sudo)} (the clock tests)"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq faketime >/dev/null
-fi
+setup_test_tools  # faketime among them: the clock tests
 if ! .venv/bin/python -c 'import atheris' 2>/dev/null; then
   say "installing atheris (coverage-guided fuzzing; soak only)"
   .venv/bin/python -m pip install --quiet atheris || say "atheris did not install: its tests will be skipped"
