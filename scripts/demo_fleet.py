@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,13 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from agent.protocol import Topics
+from converter.broker import free_port, wait_for_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+TOPICS = Topics()
 
 
 def litefleet(*args: str, check: bool = True) -> str:
@@ -80,9 +77,8 @@ class Listener:
                                   protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
-        base = f"litefleet/v1/devices/{device}"
-        self.client.subscribe([(f"{base}/events", 1), (f"{base}/metrics", 1),
-                               ("litefleet/v1/replies/demo/#", 1)])
+        self.client.subscribe([(TOPICS.events(device), 1), (TOPICS.metrics(device), 1),
+                               (TOPICS.reply("demo", "#"), 1)])
         self.client.loop_start()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
@@ -133,11 +129,8 @@ def fleet_demo(out: Path, data: Any, *, first_step: int, total: int,
     step(n, total, "starting a private Mosquitto and creating a signed model repository")
     with background("broker", [sys.executable, "-m", "converter", "broker", "--port", str(broker_port),
                                "--data", str(out / "broker")], out / "broker.log"):
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", broker_port), 0.2):
-                break
-            time.sleep(0.1)
+        if not wait_for_port("127.0.0.1", broker_port, 15):
+            raise SystemExit(f"the broker did not start listening; see {out / 'broker.log'}")
         print(f"    broker listening on {url}")
         for line in litefleet("repo", "init", str(out / "repo")).splitlines():
             print("    " + line)
@@ -186,14 +179,14 @@ def fleet_demo(out: Path, data: Any, *, first_step: int, total: int,
                 from paho.mqtt.properties import Properties
 
                 props = Properties(PacketTypes.PUBLISH)
-                props.ResponseTopic = "litefleet/v1/replies/demo/demo-pi"
+                props.ResponseTopic = TOPICS.reply("demo", "demo-pi")
                 props.CorrelationData = b"demo-1"
-                listener.client.publish("litefleet/v1/devices/demo-pi/infer",
+                listener.client.publish(TOPICS.infer("demo-pi"),
                                         json.dumps({"model": "digits", "instances": x[:3].tolist()}),
                                         qos=1, properties=props)
                 listener.wait(lambda: b"demo-1" in listener.replies, 15, "the MQTT reply")
                 mqtt_pred = np.argmax(np.array(json.loads(listener.replies[b"demo-1"])["predictions"]), -1)
-                print(f"    MQTT request on litefleet/v1/devices/demo-pi/infer -> {mqtt_pred.tolist()}")
+                print(f"    MQTT request on {TOPICS.infer('demo-pi')} -> {mqtt_pred.tolist()}")
                 for _ in range(40):  # some load for the metrics
                     rest(f"http://127.0.0.1:{http_port}/v1/models/digits:predict", {"instances": x.tolist()})
 
