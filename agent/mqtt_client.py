@@ -211,8 +211,8 @@ class MqttClient:
                 self._client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
             else:
                 self._client.disconnect()
-            # let paho's loop see the disconnect through before it is stopped (it
-            # would otherwise log "Client is not connected" from a last turn)
+            # return once paho has sent the DISCONNECT and closed the socket
+            # (on_disconnect), not while its loop may still be mid-turn
             self._disconnected.wait(2.0)
         finally:
             self._client.loop_stop()
