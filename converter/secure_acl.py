@@ -10,8 +10,8 @@ Guarantees:
   :func:`host_grants`; no device is ever granted another device's topics;
 * :func:`render_acl` writes one ``user`` block per identity and never a
   ``pattern``, so an identity missing from its input has no rights at all;
-* :func:`reply_topic_allowed` is the broker's own rule for a device's reply
-  topic (wildcards refused), for the agent to check a request before answering;
+* a device may reply only under ``<prefix>/v1/replies/+/<its id>/#``, the rule
+  :meth:`agent.protocol.Topics.reply_allowed` checks on the agent's side;
 * :func:`hash_password` writes Mosquitto's ``$7$`` (PBKDF2-HMAC-SHA512) format,
   which :func:`verify_password` and Mosquitto both accept.
 """
@@ -21,12 +21,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-
-logger = logging.getLogger(__name__)
 
 # Mosquitto's own default iteration count. The passwords are 256-bit random
 # strings, so key stretching adds nothing against guessing; it only costs CPU
@@ -99,20 +96,6 @@ def host_grants(prefix: str) -> tuple[Grant, ...]:
         Grant("write", f"{b}/devices/+/state"),
         Grant("read", f"{b}/replies/#"),
     )
-
-
-def reply_topic(prefix: str, requester_client_id: str, device_id: str) -> str:
-    """The MQTT 5 response topic a requester gives with an inference request to
-    ``device_id``; it subscribes to ``<prefix>/v1/replies/<its client id>/#``."""
-    return f"{base_topic(prefix)}/replies/{requester_client_id}/{device_id}"
-
-
-def reply_topic_allowed(prefix: str, device_id: str, topic: str) -> bool:
-    """Whether the broker lets ``device_id`` publish a reply on ``topic`` (the agent
-    should check a request's response topic with the same rule before answering)."""
-    if "+" in topic or "#" in topic:
-        return False
-    return topic_matches(f"{base_topic(prefix)}/replies/+/{device_id}/#", topic)
 
 
 def render_acl(entries: Iterable[tuple[str, Sequence[Grant]]]) -> str:

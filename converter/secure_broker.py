@@ -31,12 +31,12 @@ Anonymous clients are refused everywhere and there is no plain listener.
 Guarantees: private keys and passwords are written owner-only (0600) and never
 logged; a device identity is granted exactly :func:`device_grants` and the
 host exactly :func:`host_grants`; a removed device loses its ACL entries, its
+password and (via the CRL) its certificate at the next broker reload.
 
 The rules live in pure modules: :mod:`converter.secure_acl` (grants, ACL and
 password files), :mod:`converter.secure_certs` (CA, certificates, CRL) and
 :mod:`converter.secure_registry` (the ``secure.json`` data, what a device is
-told); :class:`SecureDir` here does the file and process I/O around them. Their
-public names are importable from this module too.
+told); :class:`SecureDir` here does the file and process I/O around them.
 """
 
 from __future__ import annotations
@@ -57,34 +57,24 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from agent.protocol import DEFAULT_PREFIX
 from agent.store import atomic_write, fsync_dir
 from converter.broker import BrokerConfig
 from converter.errors import BadInputError
 from converter.secure_acl import (
-    PASSWORD_SALT_BYTES,
-    PBKDF2_ITERATIONS,
-    Grant,
-    base_topic,
     device_grants,
     hash_password,
     host_grants,
     new_password,
     render_acl,
     render_password_file,
-    reply_topic,
-    reply_topic_allowed,
-    topic_matches,
-    verify_password,
 )
 from converter.secure_certs import (
-    BACKDATE,
-    CA_DAYS,
-    DEVICE_DAYS,
-    SERVER_DAYS,
-    SERVER_RENEW_DAYS,
     make_ca,
     make_client_cert,
     make_crl,
@@ -102,18 +92,12 @@ from converter.secure_registry import (
     CRED_CERT,
     CRED_KEY,
     CRED_PASSWORD,
-    CRED_PREFIX,
-    DEFAULT_CERT_PORT,
-    DEFAULT_PREFIX,
-    DEVICE_CRED_DIR,
     HOST_USERNAME,
     LOOPBACK_SANS,
-    REGISTRY_FORMAT,
     DeviceBundle,
     DeviceRecord,
     ListenerPorts,
     Registry,
-    Revocation,
     agent_toml_snippet,
     check_device_id,
     check_prefix,
@@ -121,18 +105,9 @@ from converter.secure_registry import (
     device_broker_url,
 )
 
-# everything public of the split-out modules stays importable from here
 __all__ = [
-    "AUTH_CERT", "AUTH_PASSWORD", "BACKDATE", "CA_DAYS", "CRED_CA", "CRED_CERT", "CRED_KEY",
-    "CRED_PASSWORD", "CRED_PREFIX", "DEFAULT_CERT_PORT", "DEFAULT_PREFIX", "DEVICE_CRED_DIR",
-    "DEVICE_DAYS", "HOST_CLIENT_ID_PREFIX", "HOST_USERNAME", "LOOPBACK_SANS", "MAX_PACKET_SIZE_BYTES",
-    "PASSWORD_SALT_BYTES", "PBKDF2_ITERATIONS", "REGISTRY_FORMAT", "RELOADED_LOG_LINE", "SERVER_DAYS",
-    "SERVER_RENEW_DAYS", "DeviceBundle", "DeviceRecord", "Grant", "ListenerPorts", "Registry",
-    "Revocation", "SecureDir", "SecurePaths", "agent_toml_snippet", "base_topic", "check_device_id",
-    "check_prefix", "check_san", "device_broker_url", "device_grants", "hash_password",
-    "host_client_settings", "host_grants", "listener_lines", "make_ca", "make_client_cert", "make_crl",
-    "make_server_cert", "new_key", "new_password", "render_acl", "render_password_file", "reply_topic",
-    "reply_topic_allowed", "server_cert_fits", "topic_matches", "verify_password", "write_private",
+    "HOST_CLIENT_ID_PREFIX", "MAX_PACKET_SIZE_BYTES", "RELOADED_LOG_LINE", "SecureDir",
+    "SecurePaths", "host_client_settings", "listener_lines",
 ]
 
 logger = logging.getLogger(__name__)
@@ -253,11 +228,20 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` atomically with ``mode`` (:func:`agent.store.atomic_write`: temp file
-    created 0600, fsync, chmod, rename, fsync folder): a secret is never readable by others,
-    not even briefly."""
-    atomic_write(path, data, mode)
+def _load_key(path: Path) -> PrivateKeyTypes | None:
+    """The unencrypted PEM private key in ``path``, or None when it holds none."""
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+
+
+def _load_cert(path: Path) -> x509.Certificate | None:
+    """The PEM certificate in ``path``, or None when it holds none."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError:
+        return None
 
 
 def _private_dir(path: Path) -> None:
@@ -340,12 +324,12 @@ class SecureDir:
                 if not self.paths.host_password.exists():
                     # deleting host.password is how the host password is rotated
                     host_password = new_password()
-                    write_private(self.paths.host_password, (host_password + "\n").encode())
+                    atomic_write(self.paths.host_password, (host_password + "\n").encode())
                     registry = replace(registry, host_password_hash=hash_password(host_password))
                     logger.info("new host password in %s", self.paths.host_password)
             else:
                 host_password = new_password()
-                write_private(self.paths.host_password, (host_password + "\n").encode())
+                atomic_write(self.paths.host_password, (host_password + "\n").encode())
                 registry = Registry(
                     prefix=prefix or DEFAULT_PREFIX,
                     sans=tuple(dict.fromkeys((*LOOPBACK_SANS, *sans))),
@@ -360,47 +344,62 @@ class SecureDir:
 
     def _ensure_ca(self, now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         if self.paths.ca_key.exists() and self.paths.ca_cert.exists():
-            key = serialization.load_pem_private_key(self.paths.ca_key.read_bytes(), None)
+            # the CA cannot be remade without re-enrolling every device: never replace it
+            key = _load_key(self.paths.ca_key)
+            if key is None:
+                raise BadInputError(
+                    f"{self.paths.ca_key} is not a PEM private key; restore it from a backup")
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise BadInputError(f"{self.paths.ca_key} is not an EC key")
-            return key, x509.load_pem_x509_certificate(self.paths.ca_cert.read_bytes())
+            ca = _load_cert(self.paths.ca_cert)
+            if ca is None:
+                raise BadInputError(
+                    f"{self.paths.ca_cert} is not a PEM certificate; restore it from a backup")
+            if ca.public_key() != key.public_key():
+                raise BadInputError(f"{self.paths.ca_cert} and {self.paths.ca_key} do not "
+                                    "belong together; restore both from a backup")
+            return key, ca
         if self.paths.ca_key.exists() or self.paths.ca_cert.exists():
             raise BadInputError(f"{self.root} has only half a CA (ca.pem / ca.key); restore both")
         key = new_key()
         ca = make_ca(key, now)
-        write_private(self.paths.ca_key, pem_key(key))
-        write_private(self.paths.ca_cert, pem_cert(ca), 0o644)
+        atomic_write(self.paths.ca_key, pem_key(key))
+        atomic_write(self.paths.ca_cert, pem_cert(ca), 0o644)
         logger.info("new CA in %s", self.paths.ca_cert)
         return key, ca
 
     def _ensure_server_cert(self, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
                             sans: Sequence[str], now: dt.datetime) -> None:
         if self.paths.server_cert.exists() and self.paths.server_key.exists():
-            cert = x509.load_pem_x509_certificate(self.paths.server_cert.read_bytes())
-            if server_cert_fits(cert, ca, sans, now):
+            # both are derived from the CA: damaged ones are simply issued anew
+            cert = _load_cert(self.paths.server_cert)
+            key = _load_key(self.paths.server_key)
+            if (cert is not None and key is not None
+                    and key.public_key() == cert.public_key()
+                    and server_cert_fits(cert, ca, sans, now)):
                 return
             logger.info("reissuing the server certificate for %s", ", ".join(sans))
         key = new_key()
-        write_private(self.paths.server_key, pem_key(key))
+        atomic_write(self.paths.server_key, pem_key(key))
         cert = make_server_cert(ca_key, ca, key, sans, now)
-        write_private(self.paths.server_cert, pem_cert(cert), 0o644)
+        atomic_write(self.paths.server_cert, pem_cert(cert), 0o644)
 
     def _save(self, registry: Registry, ca_key: ec.EllipticCurvePrivateKey,
               ca: x509.Certificate, now: dt.datetime) -> None:
         """Write the registry and every file derived from it."""
         p = self.paths
-        write_private(p.crl, pem_crl(make_crl(ca_key, ca, registry.revoked, now)), 0o644)
-        write_private(p.devices_acl, render_acl(
+        atomic_write(p.crl, pem_crl(make_crl(ca_key, ca, registry.revoked, now)), 0o644)
+        atomic_write(p.devices_acl, render_acl(
             (d.device_id, device_grants(registry.prefix, d.device_id))
             for d in registry.devices).encode())
-        write_private(p.devices_passwd, render_password_file(
+        atomic_write(p.devices_passwd, render_password_file(
             {d.device_id: d.password_hash for d in registry.devices
              if d.auth == AUTH_PASSWORD and d.password_hash}).encode())
-        write_private(p.host_acl, render_acl([(HOST_USERNAME, host_grants(registry.prefix))])
+        atomic_write(p.host_acl, render_acl([(HOST_USERNAME, host_grants(registry.prefix))])
                       .encode())
-        write_private(p.host_passwd,
+        atomic_write(p.host_passwd,
                       render_password_file({HOST_USERNAME: registry.host_password_hash}).encode())
-        write_private(p.registry, (json.dumps(registry.to_json(), indent=2) + "\n").encode())
+        atomic_write(p.registry, (json.dumps(registry.to_json(), indent=2) + "\n").encode())
 
     # -- devices --------------------------------------------------------------------
     def add_device(self, device_id: str, *, auth: str = AUTH_CERT, renew: bool = False,
@@ -434,7 +433,7 @@ class SecureDir:
                 registry = registry.with_device(record)
                 url = device_broker_url(registry, auth)
                 toml = agent_toml_snippet(device_id, auth, url, registry.prefix)
-                write_private(tmp / "agent.toml", toml.encode(), 0o644)
+                atomic_write(tmp / "agent.toml", toml.encode(), 0o644)
                 self._save(registry, ca_key, ca, now)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -458,19 +457,19 @@ class SecureDir:
                            now: dt.datetime) -> tuple[DeviceRecord, list[tuple[str, str]]]:
         """Write a new identity's files into ``folder``; return its registry record and
         ``(file name, name on the device)`` pairs."""
-        write_private(folder / "ca.pem", pem_cert(ca), 0o644)
+        atomic_write(folder / "ca.pem", pem_cert(ca), 0o644)
         names = [("ca.pem", CRED_CA)]
         if auth == AUTH_CERT:
             key = new_key()
             cert = make_client_cert(ca_key, ca, key, device_id, now)
-            write_private(folder / f"{device_id}.key", pem_key(key))
-            write_private(folder / f"{device_id}.pem", pem_cert(cert), 0o644)
+            atomic_write(folder / f"{device_id}.key", pem_key(key))
+            atomic_write(folder / f"{device_id}.pem", pem_cert(cert), 0o644)
             names += [(f"{device_id}.pem", CRED_CERT), (f"{device_id}.key", CRED_KEY)]
             return DeviceRecord(device_id, AUTH_CERT, now.isoformat(),
                                 serial=cert.serial_number,
                                 not_after=cert.not_valid_after_utc.isoformat()), names
         password = new_password()
-        write_private(folder / "password", (password + "\n").encode())
+        atomic_write(folder / "password", (password + "\n").encode())
         names.append(("password", CRED_PASSWORD))
         return DeviceRecord(device_id, AUTH_PASSWORD, now.isoformat(),
                             password_hash=hash_password(password)), names

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import logging
 from collections.abc import Iterable, Sequence
 
 from cryptography import x509
@@ -31,8 +30,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from converter.secure_registry import Revocation
-
-logger = logging.getLogger(__name__)
 
 CA_DAYS = 20 * 365
 SERVER_DAYS = 825

@@ -17,19 +17,16 @@ Guarantees:
 from __future__ import annotations
 
 import ipaddress
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agent.config import DEVICE_ID_RE, TOPIC_PREFIX_RE
+from agent.protocol import DEFAULT_PREFIX
 from converter.errors import BadInputError
 
-logger = logging.getLogger(__name__)
-
 REGISTRY_FORMAT = 1
-DEFAULT_PREFIX = "litefleet"
 DEFAULT_CERT_PORT = 8883  # + 1: device passwords, + 2: the host
 HOST_USERNAME = "litefleet-host"
 LOOPBACK_SANS = ("localhost", "127.0.0.1", "::1")

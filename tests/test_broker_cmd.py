@@ -319,6 +319,30 @@ def test_device_command_errors_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.splitlines()[1].split()[:2] == ["pi-01", "cert"]
 
 
+def test_secure_broker_replaces_a_damaged_server_certificate(tmp_path: Path,
+                                                              started: list[Running]) -> None:
+    """server.pem derives from the CA: a damaged one is issued anew and the broker serves
+    TLS with it; a damaged CA file stops ``broker --secure`` with one line instead."""
+    secure = tmp_path / "pki"
+    assert cli("device", "add", "pi-01", "--secure", str(secure)).returncode == 0
+    (secure / "server.pem").write_bytes(b"garbage\n")
+    run = Running("--secure", str(secure), "--port", "0", cwd=tmp_path)
+    started.append(run)
+    from converter.secure_broker import host_client_settings
+    s = host_client_settings(secure)
+    ctx = ssl.create_default_context(cafile=s["ca_file"])
+    assert round_trip(s["host"], s["port"], tls=ctx, username=s["username"],
+                      password=s["password"]) is not None
+    code, _, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+
+    (secure / "ca.key").write_bytes(b"garbage\n")
+    r = cli("broker", "--secure", str(secure), "--port", "0", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == (f"litefleet: error: {secure / 'ca.key'} is not a PEM private key; "
+                        "restore it from a backup\n")
+
+
 def test_secure_options_need_secure(tmp_path: Path) -> None:
     r = cli("broker", "--san", "hub.local", "--port", "0", cwd=tmp_path)
     assert r.returncode == 2 and "--secure" in r.stderr

@@ -17,8 +17,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.protocol import Topics
 from converter.errors import BadInputError
-from converter.secure_broker import (
+from converter.secure_acl import (
+    Grant,
+    device_grants,
+    hash_password,
+    host_grants,
+    render_acl,
+    render_password_file,
+    topic_matches,
+    verify_password,
+)
+from converter.secure_broker import MAX_PACKET_SIZE_BYTES, SecureDir, host_client_settings
+from converter.secure_registry import (
     AUTH_CERT,
     AUTH_PASSWORD,
     CRED_CA,
@@ -27,25 +39,13 @@ from converter.secure_broker import (
     CRED_PASSWORD,
     DEVICE_CRED_DIR,
     HOST_USERNAME,
-    MAX_PACKET_SIZE_BYTES,
-    Grant,
     ListenerPorts,
     Registry,
-    SecureDir,
     agent_toml_snippet,
     check_device_id,
     check_san,
-    device_grants,
-    hash_password,
-    host_client_settings,
-    host_grants,
-    render_acl,
-    render_password_file,
-    reply_topic,
-    reply_topic_allowed,
-    topic_matches,
-    verify_password,
 )
+from tests.harness import litefleet
 
 B = "litefleet/v1"
 
@@ -128,14 +128,15 @@ def test_prefix_is_honoured() -> None:
 
 
 def test_reply_topics() -> None:
-    t = reply_topic("litefleet", "_lf-host-ab", "dev-a")
+    topics = Topics("litefleet")
+    t = topics.reply("_lf-host-ab", "dev-a")
     assert t == f"{B}/replies/_lf-host-ab/dev-a"
-    assert reply_topic_allowed("litefleet", "dev-a", t)
-    assert reply_topic_allowed("litefleet", "dev-a", t + "/req-7")
+    assert topics.reply_allowed("dev-a", t)
+    assert topics.reply_allowed("dev-a", t + "/req-7")
     assert allowed(device_grants("litefleet", "dev-a"), "write", t)
     for bad in (f"{B}/replies/_lf-host-ab/dev-b", f"{B}/replies/dev-a", f"{B}/replies/+/dev-a",
                 f"{B}/devices/dev-b/state", f"{B}/replies/x/dev-a/#"):
-        assert not reply_topic_allowed("litefleet", "dev-a", bad), bad
+        assert not topics.reply_allowed("dev-a", bad), bad
 
 
 def test_render_acl_has_user_blocks_and_no_patterns() -> None:
@@ -298,6 +299,80 @@ def test_half_a_ca_is_refused(tmp_path: Path) -> None:
     sd.paths.ca_key.unlink()
     with pytest.raises(BadInputError, match="half a CA"):
         sd.ensure(now=NOW)
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("litefleet: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("name", "what"), [("ca.key", "PEM private key"),
+                                            ("ca.pem", "PEM certificate")])
+@pytest.mark.parametrize("damage", [b"", b"garbage\n", b"-----BEGIN PRIVATE KEY-----\nAAAA\n"
+                                    b"-----END PRIVATE KEY-----\n"])
+def test_damaged_ca_is_one_line_of_bad_input(tmp_path: Path, name: str, what: str,
+                                             damage: bytes) -> None:
+    """The CA cannot be remade without re-enrolling every device: a damaged ca.key or
+    ca.pem stops every command with one line (exit 2), and is left as it was."""
+    folder = tmp_path / "s"
+    sd = SecureDir(folder)
+    sd.add_device("pi-01", now=NOW)
+    (folder / name).write_bytes(damage)
+    registry = sd.paths.registry.read_bytes()
+    for args in (("broker", "--secure", str(folder)),
+                 ("device", "add", "pi-02", "--secure", str(folder)),
+                 ("device", "remove", "pi-01", "--secure", str(folder))):
+        code, _, err = litefleet(*args)
+        assert code == 2, (args, err)
+        line = one_error_line(err)
+        assert f"{folder / name} is not a {what}; restore it from a backup" in line, line
+        assert (folder / name).read_bytes() == damage
+        assert sd.paths.registry.read_bytes() == registry
+    assert [d.device_id for d in sd.devices()] == ["pi-01"]
+
+
+def test_ca_certificate_of_another_key_is_refused(tmp_path: Path) -> None:
+    sd = SecureDir(tmp_path / "s")
+    sd.ensure(now=NOW)
+    other = SecureDir(tmp_path / "other")
+    other.ensure(now=NOW)
+    shutil.copy(other.paths.ca_cert, sd.paths.ca_cert)
+    code, _, err = litefleet("device", "add", "pi-01", "--secure", str(sd.root))
+    assert code == 2
+    assert "do not belong together" in one_error_line(err)
+
+
+@pytest.mark.parametrize("name", ["server.pem", "server.key"])
+@pytest.mark.parametrize("damage", [b"", b"garbage\n"])
+def test_damaged_server_certificate_is_issued_anew(tmp_path: Path, name: str,
+                                                  damage: bytes) -> None:
+    """server.pem and server.key derive from the CA: damaged, they are replaced (by
+    ``ensure``, which ``litefleet broker --secure`` runs before it starts Mosquitto)."""
+    sd = SecureDir(tmp_path / "s")
+    sd.ensure(now=NOW)
+    old = load_cert(sd.paths.server_cert)
+    (sd.root / name).write_bytes(damage)
+    code, _, err = litefleet("device", "add", "pi-01", "--secure", str(sd.root))
+    assert code == 0 and err == "", err  # does not need the server certificate
+    sd.ensure(now=NOW)
+    new = load_cert(sd.paths.server_cert)
+    assert new.serial_number != old.serial_number
+    new.verify_directly_issued_by(load_cert(sd.paths.ca_cert))
+    assert mode(sd.paths.server_key) == 0o600
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key(sd.paths.server_key.read_bytes(), None)
+    assert key.public_key() == new.public_key()
+
+
+def test_server_key_of_another_certificate_is_replaced(tmp_path: Path) -> None:
+    sd = SecureDir(tmp_path / "s")
+    sd.ensure(now=NOW)
+    old = load_cert(sd.paths.server_cert)
+    sd.paths.server_key.write_bytes(sd.paths.ca_key.read_bytes())  # a valid key, wrong one
+    sd.ensure(now=NOW)
+    assert load_cert(sd.paths.server_cert).serial_number != old.serial_number
 
 
 def test_missing_folder_is_bad_input(tmp_path: Path) -> None:

@@ -27,18 +27,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.protocol import Topics
 from converter.broker import BrokerProcess, free_port
-from converter.secure_broker import (
-    AUTH_PASSWORD,
-    HOST_CLIENT_ID_PREFIX,
-    MAX_PACKET_SIZE_BYTES,
-    ListenerPorts,
-    SecureDir,
-    make_ca,
-    make_client_cert,
-    new_key,
-    reply_topic,
-)
+from converter.secure_broker import HOST_CLIENT_ID_PREFIX, MAX_PACKET_SIZE_BYTES, SecureDir
+from converter.secure_certs import make_ca, make_client_cert, new_key
+from converter.secure_registry import AUTH_PASSWORD, ListenerPorts
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path(
     "/usr/sbin/mosquitto").exists(), reason="mosquitto is not installed")
@@ -534,7 +527,7 @@ def test_inference_reply_scheme(secure: Secure, clients: list[Client]) -> None:
     clients.append(a)
     a.subscribe(f"{B}/devices/dev-a/infer")
     props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = reply_topic("litefleet", host_id, "dev-a")
+    props.ResponseTopic = Topics("litefleet").reply(host_id, "dev-a")
     props.CorrelationData = b"req-1"
     host.publish(f"{B}/devices/dev-a/infer", b'{"instances": [1]}', props=props)
     req = a.wait_for(f"{B}/devices/dev-a/infer")
