@@ -59,7 +59,7 @@ from agent.protocol import (
     consistent_target_file,
     target_path,
 )
-from agent.store import atomic_write
+from agent.store import atomic_write, fsync_dir
 from converter.errors import BadInputError, RepositoryError
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,9 @@ class Repository:
         into place at the end: a failure leaves nothing behind."""
         if not 1 <= threshold <= keys <= 16:
             raise BadInputError("need 1 <= --threshold <= --keys <= 16")
-        if root_dir.exists() and (not root_dir.is_dir() or any(root_dir.iterdir())):
+        if root_dir.exists() and not root_dir.is_dir():
+            raise BadInputError(f"{root_dir} exists and is not a folder; choose another path")
+        if root_dir.exists() and any(root_dir.iterdir()):
             raise BadInputError(f"{root_dir} exists and is not empty; refusing to overwrite a repository")
         try:
             root_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -172,15 +174,16 @@ class Repository:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        fsync_dir(root_dir.parent)  # the rename itself survives a power cut
         return cls.open(root_dir)
 
     @classmethod
     def _init_into(cls, root_dir: Path, *, keys: int, threshold: int,
                    expiry_days: dict[str, int] | None, chunk_size: int) -> None:
+        # root_dir comes from mkdtemp: empty and owner-only (0700) already
         expiry = {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}
-        os.chmod(root_dir, 0o700)
         for sub in ("metadata", "targets", "keys"):
-            (root_dir / sub).mkdir(mode=0o700, exist_ok=True)
+            (root_dir / sub).mkdir(mode=0o700)
         root = Root(expires=_now() + timedelta(days=expiry["root"]), consistent_snapshot=True)
         signers: dict[str, list[Signer]] = {}
         for role in TOP_LEVEL_ROLE_NAMES:

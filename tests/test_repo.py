@@ -39,6 +39,22 @@ def test_init_writes_private_keys_and_a_trusted_root(tmp_path: Path) -> None:
         Repository.init(tmp_path / "r2", keys=1, threshold=2)
 
 
+def test_init_refuses_a_file_and_keeps_it(tmp_path: Path) -> None:
+    f = tmp_path / "r"
+    f.write_text("x")
+    with pytest.raises(BadInputError, match="exists and is not a folder"):
+        Repository.init(f)
+    assert f.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_init_into_an_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "r").mkdir()
+    Repository.init(tmp_path / "r")
+    assert stat.S_IMODE((tmp_path / "r").stat().st_mode) == 0o700
+    assert Repository.open(tmp_path / "r").root.signed.version == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
 def test_releases_versions_and_publish_plans(tmp_path: Path) -> None:
     repo = Repository.init(tmp_path / "r")
     r1 = repo.add_release("m", b"TFL3" * 1000, card=b"{}", golden=b"PK")
