@@ -20,7 +20,7 @@ from agent.errors import TransportError
 from agent.mqtt_client import MqttClient
 from agent.protocol import Topics
 from agent.transport import Message
-from converter.monitor_payloads import Malformed, MetricsSample, is_newer, parse_metrics
+from converter.monitor_payloads import Malformed, MetricsSample, is_newer, parse_metrics, shown_model
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +124,14 @@ def merge_metrics(row: dict[str, Any], sample: MetricsSample | None) -> dict[str
         out.setdefault(key, None)
     if sample is None:
         return out
-    active = [m for m in sample.models if m.active]
-    first = next((m for m in active if m.name == row.get("model")), active[0] if active else None)
-    if first is not None:
-        if first.p50_ms is not None:
-            out["latency_ms_p50"] = first.p50_ms
-        out["latency_ms_p99"] = first.p99_ms
-        out["throughput_rps"] = first.throughput_rps
-        out["inferences"] = sum(m.ok or 0 for m in active)
+    model = row.get("model")
+    shown = shown_model(sample, model if isinstance(model, str) else None)
+    if shown is not None:
+        if shown.p50_ms is not None:
+            out["latency_ms_p50"] = shown.p50_ms
+        out["latency_ms_p99"] = shown.p99_ms
+        out["throughput_rps"] = shown.throughput_rps
+        out["inferences"] = sum(m.ok or 0 for m in sample.models if m.active)
     out["cpu_percent"] = sample.cpu_percent_system
     out["temperature_c"] = sample.temperature_c
     out["rss_mb"] = round(sample.rss_bytes / 2**20, 1) if sample.rss_bytes is not None else None

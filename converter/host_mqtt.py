@@ -99,3 +99,18 @@ def connect(args: argparse.Namespace, role: str, timeout_s: float = 10.0) -> tup
     client = MqttClient(settings_from_args(args, role))
     client.connect(timeout_s)
     return client, Topics(topic_prefix(args))
+
+
+def finite_float(text: str, *, allow_zero: bool = False, maximum: float = 1e9) -> float:
+    """An argparse ``type=`` for a number flag: finite, > 0 (>= 0 with ``allow_zero``) and at
+    most ``maximum`` (larger timeouts overflow the clock). Anything else (``nan``, ``inf``,
+    ``-1``, ``ten``) is one usage error; bind the options with :func:`functools.partial`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= maximum):  # False for nan
+        raise argparse.ArgumentTypeError(
+            f"expected a number {'>= 0' if allow_zero else '> 0'} and at most {maximum:.10g}, got {text!r}")
+    return value

@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from agent.errors import StorageError
@@ -51,7 +50,6 @@ _STOP = object()
 
 @dataclass(frozen=True)
 class CollectorConfig:
-    db_path: Path
     share_group: str | None = None
     retention_days: float = 30.0
     prune_interval_s: float = 3600.0

@@ -13,19 +13,21 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
 from agent.errors import LitefleetError, StorageError
 from agent.protocol import Topics
 from converter.errors import BadInputError
-from converter.host_mqtt import add_broker_args, settings_from_args, topic_prefix
+from converter.host_mqtt import add_broker_args, finite_float, settings_from_args, topic_prefix
 from converter.monitor import Collector, CollectorConfig, check_share_group, make_client
 from converter.monitor_http import MonitorHttpServer, parse_listen
 from converter.monitor_live import FleetSnapshot
 from converter.monitor_store import MonitorStore
 
 DEFAULT_DB = "litefleet-monitor.db"
+MAX_SESSION_EXPIRY_S = 0xFFFFFFFE  # MQTT 5: 0xFFFFFFFF would mean "never expires"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve /metrics (Prometheus), / (HTML page) and /api/devices here, "
                         "e.g. 127.0.0.1:9464")
     p.add_argument("--no-histograms", action="store_true",
-                   help="leave the latency histograms out of /metrics (29 series per device and "
-                        "model version; for large fleets)")
+                   help="leave the latency histograms out of /metrics (31 series per device and "
+                        "model version: 29 buckets, sum and count; for large fleets)")
     p.add_argument("--share", metavar="GROUP",
                    help="MQTT 5 shared subscription group: collectors with the same GROUP split "
                         "the fleet's metrics and events")
@@ -47,15 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a persistent MQTT session named NAME: while this collector is away (a "
                         "restart, an upgrade) the broker queues the fleet's metrics and events for "
                         "it, up to --session-expiry; without it they are gone for this collector")
-    p.add_argument("--session-expiry", type=float, default=86400.0, metavar="S",
+    p.add_argument("--session-expiry", type=partial(finite_float, maximum=MAX_SESSION_EXPIRY_S),
+                   default=86400.0, metavar="S",
                    help="with --session: how long the broker keeps the session of an absent "
                         "collector (default: %(default)s s)")
-    p.add_argument("--retention-days", type=float, default=30.0,
+    p.add_argument("--retention-days", type=partial(finite_float, allow_zero=True), default=30.0,
                    help="keep history this long; 0 keeps everything (default: %(default)s)")
-    p.add_argument("--summary-interval", type=float, default=10.0, metavar="S",
+    p.add_argument("--summary-interval", type=finite_float, default=10.0, metavar="S",
                    help="seconds between summary lines on stderr (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no summary lines")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker at start")
+    p.add_argument("--timeout", type=finite_float, default=10.0,
+                   help="seconds to wait for the broker at start")
     p.set_defaults(func=run)
 
 
@@ -84,15 +88,11 @@ def summary_line(snap: FleetSnapshot, rate: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.retention_days < 0:
-        raise BadInputError("--retention-days must be 0 (keep everything) or more")
-    if args.summary_interval <= 0:
-        raise BadInputError("--summary-interval must be positive")
     group = check_share_group(args.share) if args.share is not None else None
     listen = parse_listen(args.prometheus) if args.prometheus else None
     session = check_session_name(args.session) if args.session is not None else None
-    if not 1 <= args.session_expiry <= 0xFFFFFFFE:
-        raise BadInputError("--session-expiry must be between 1 and 4294967294 seconds")
+    if not 1 <= args.session_expiry <= MAX_SESSION_EXPIRY_S:
+        raise BadInputError(f"--session-expiry must be between 1 and {MAX_SESSION_EXPIRY_S} seconds")
     settings = settings_from_args(args, "monitor", session=session,
                                   session_expiry_s=int(args.session_expiry))
     created = not args.db.exists()
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except StorageError as exc:  # not a monitor database, or a folder we cannot write
         raise BadInputError(f"--db: {exc}") from exc
     collector = Collector(make_client(settings), Topics(topic_prefix(args)), store,
-                          CollectorConfig(db_path=args.db, share_group=group,
+                          CollectorConfig(share_group=group,
                                           retention_days=args.retention_days))
     http: MonitorHttpServer | None = None
     stop = threading.Event()

@@ -7,8 +7,9 @@ Guarantees:
   read-only SQLite connection. Nothing a request does can block the collector.
 - ``/metrics`` is the Prometheus text format 0.0.4
   (:mod:`converter.monitor_prometheus`); ``/`` the HTML page
-  (:mod:`converter.monitor_page`); ``/api/devices`` the fleet as JSON with the
-  fields of ``litefleet status --json``; ``/healthz`` 200 while serving.
+  (:mod:`converter.monitor_page`); ``/api/devices`` the fleet as JSON (the
+  columns of ``litefleet status`` plus health and metrics, see
+  ``docs/monitor.md``); ``/healthz`` 200 while serving.
 - Only GET and HEAD; anything else is 405, unknown paths 404. Access logs go
   to :mod:`logging` at debug level, never to the console.
 """
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 from converter.errors import BadInputError
 from converter.monitor_live import DeviceView, FleetSnapshot
 from converter.monitor_page import latency_chart_svg, render_page
+from converter.monitor_payloads import shown_model
 from converter.monitor_prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from converter.monitor_prometheus import render as render_prometheus
 from converter.monitor_store import MonitorStore
@@ -58,10 +60,12 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def device_json(d: DeviceView) -> dict[str, Any]:
-    """A device with the contract's ``status --json`` fields, plus health and metrics."""
+    """A device with the columns of ``litefleet status``, plus health and metrics; the figures
+    are those of :func:`converter.monitor_payloads.shown_model`."""
     st, m = d.state, d.metrics
-    active = [x for x in (m.models if m else ()) if x.active]
-    first = active[0] if active else None
+    first = shown_model(m, st.model if st else None)
+    # as in the state and ``status --metrics``: the answered requests of every active model
+    served = sum(x.ok or 0 for x in m.models if x.active) if m is not None else None
     return {
         "device_id": d.device_id,
         "online": bool(st and st.online),
@@ -70,7 +74,7 @@ def device_json(d: DeviceView) -> dict[str, Any]:
         "status": st.status if st else None,
         "error": st.error if st else None,
         "latency_ms_p50": first.p50_ms if first else (st.latency_ms_p50 if st else None),
-        "inferences": first.ok if first else (st.inferences if st else None),
+        "inferences": served if first else (st.inferences if st else None),
         "health": d.health,
         "last_seen": d.last_seen,
         "latency_ms_p99": first.p99_ms if first else None,
@@ -94,13 +98,13 @@ def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -
     charts: list[str] = []
     omitted = 0
     with source.store.reader() as r:
-        pairs = [p for p in r.charted_models(since, 100_000) if only is None or p[0] == only]
+        pairs = r.charted_models(since, 100_000, device_id=only)
         omitted = max(0, len(pairs) - MAX_CHARTS)
         for device_id, model in pairs[:MAX_CHARTS]:
             points = r.latency_series(device_id, model, since)
             charts.append(latency_chart_svg(points, since=since, until=now, title=f"{device_id} · {model}"))
-        events = [e for e in r.recent_events(RECENT_EVENTS * 4) if only is None or e.device_id == only]
-    return render_page(devices=devices, charts=charts, events=events[:RECENT_EVENTS], now=now,
+        events = r.recent_events(RECENT_EVENTS, device_id=only)
+    return render_page(devices=devices, charts=charts, events=events, now=now,
                        window_s=hours * 3600, charts_omitted=omitted, only_device=only)
 
 

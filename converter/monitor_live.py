@@ -42,10 +42,6 @@ class DeviceView:
     last_seen: float | None
     health: str
 
-    @property
-    def online(self) -> bool | None:
-        return None if self.state is None else self.state.online
-
 
 @dataclass(frozen=True)
 class CollectorStats:
@@ -65,7 +61,6 @@ class CollectorStats:
 
 @dataclass(frozen=True)
 class FleetSnapshot:
-    taken: float
     devices: tuple[DeviceView, ...]
     stats: CollectorStats
 
@@ -163,7 +158,7 @@ class FleetLive:
                 malformed=MappingProxyType(dict(self._malformed)),
                 too_old=self._too_old, dropped=dropped, write_errors=self._write_errors,
                 queue_depth=queue_depth, started=self._started)
-        return FleetSnapshot(taken=now, devices=devices, stats=stats)
+        return FleetSnapshot(devices=devices, stats=stats)
 
 
 def _kind(p: object) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from converter.monitor_live import DeviceView
+from converter.monitor_payloads import DEFAULT_INTERVAL_S, STALE_INTERVALS, shown_model
 from converter.monitor_store import LatencyPoint, StoredEvent
 
 P50_COLOR = "#1f77b4"
@@ -83,10 +84,10 @@ def downsample(points: Sequence[LatencyPoint], since: float, until: float,
 
 
 def gap_seconds(points: Sequence[LatencyPoint], bin_s: float) -> float:
-    """How long a silence breaks the line: 3 metrics intervals, at least 2 bins."""
+    """How long a silence breaks the line: ``STALE_INTERVALS`` metrics intervals, at least 2 bins."""
     intervals = sorted(p.interval_s for p in points if p.interval_s)
-    interval = intervals[len(intervals) // 2] if intervals else 10.0
-    return max(3.0 * interval, 2.0 * bin_s)
+    interval = intervals[len(intervals) // 2] if intervals else DEFAULT_INTERVAL_S
+    return max(STALE_INTERVALS * interval, 2.0 * bin_s)
 
 
 def svg_path(points: Sequence[tuple[float, float | None]], x_of: Callable[[float], float],
@@ -220,8 +221,7 @@ def fleet_rows(devices: Sequence[DeviceView], now: float) -> list[list[tuple[str
     rows = []
     for d in devices:
         st, m = d.state, d.metrics
-        active = [x for x in (m.models if m else ()) if x.active]
-        first = active[0] if active else None
+        first = shown_model(m, st.model if st else None)
         rows.append([
             ("", d.device_id),
             (d.health, d.health),
@@ -247,7 +247,7 @@ FLEET_HEADERS = ("device", "health", "status", "model", "p50", "p99", "throughpu
 
 def render_page(*, devices: Sequence[DeviceView], charts: Sequence[str], events: Sequence[StoredEvent],
                 now: float, window_s: float, refresh_s: int = 15, charts_omitted: int = 0,
-                collector: str = "", only_device: str | None = None) -> str:
+                only_device: str | None = None) -> str:
     """The page; ``only_device`` when it shows one device (links keep it)."""
     online = sum(1 for d in devices if d.health == "online")
     e = html.escape
@@ -257,7 +257,7 @@ def render_page(*, devices: Sequence[DeviceView], charts: Sequence[str], events:
            "<h1>litefleet fleet</h1>",
            f'<div class="sub">{online} of {len(devices)} devices online · '
            f"{e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now)))}"
-           f"{' · ' + e(collector) if collector else ''} · refreshes every {int(refresh_s)} s</div>",
+           f" · refreshes every {int(refresh_s)} s</div>",
            "<h2>Devices</h2>"]
     if devices:
         out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in FLEET_HEADERS) + "</tr>")

@@ -23,13 +23,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.metrics import THROTTLE_BITS
+
 # a metrics message is ~1-3 KB; anything far larger is not from an agent
 MAX_PAYLOAD_BYTES = 256 * 1024
 # the raw JSON of an event kept in the database
 MAX_EVENT_JSON_CHARS = 8192
-THROTTLE_FLAGS = ("under_voltage", "freq_capped", "throttled", "soft_temp_limit",
-                  "under_voltage_occurred", "freq_capped_occurred", "throttled_occurred",
-                  "soft_temp_limit_occurred")
+# the flags of the agent's ``device.throttled``, in bit order
+THROTTLE_FLAGS = tuple(THROTTLE_BITS[bit] for bit in sorted(THROTTLE_BITS))
 # a device is "stale" when nothing arrived for this many metrics intervals
 STALE_INTERVALS = 3.0
 DEFAULT_INTERVAL_S = 10.0
@@ -349,6 +350,14 @@ def parse_message(leaf: str, device_id: str, payload: bytes) -> Parsed:
 
 
 # -- decisions --------------------------------------------------------------------------
+def shown_model(sample: MetricsSample | None, state_model: str | None) -> ModelSample | None:
+    """The model whose figures stand for the device (``status``, the page, ``/api/devices``):
+    the active one the state names (``state_model``), else the first active one; None
+    without a sample or an active model."""
+    active = [m for m in sample.models if m.active] if sample is not None else []
+    return next((m for m in active if m.name == state_model), active[0] if active else None)
+
+
 def is_newer(latest: tuple[int, float] | None, seq: int, ts: float) -> bool:
     """Whether a metrics message ``(seq, ts)`` supersedes the ``latest`` one seen.
 

@@ -269,5 +269,6 @@ def fleet_families(snap: FleetSnapshot, *, histograms: bool = True) -> list[Fami
 
 def render(snap: FleetSnapshot, *, histograms: bool = True) -> str:
     """The whole ``/metrics`` body. Histograms are ~3 KB per device and model
-    version (29 series); ``histograms=False`` leaves them out for large fleets."""
+    version (31 series: 29 ``_bucket``, ``_sum``, ``_count``); ``histograms=False`` leaves them
+    out for large fleets."""
     return render_families(fleet_families(snap, histograms=histograms))

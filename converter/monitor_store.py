@@ -106,7 +106,6 @@ class WriteResult:
 
     samples: int = 0
     events: int = 0
-    states: int = 0
     duplicate_samples: int = 0
     duplicate_events: int = 0
     too_old: int = 0
@@ -257,11 +256,9 @@ class MonitorStore:
                 "last_seen = max(last_seen, excluded.last_seen)",
                 (p.device_id, int(p.online), p.status, p.model, p.version, p.error, p.agent_version,
                  p.boot, p.ts, p.raw_json, now, now))
-            result.states += 1
         elif isinstance(p, StateCleared):
             # the device left the fleet; its history stays until retention removes it
             db.execute("DELETE FROM devices WHERE device_id = ?", (p.device_id,))
-            result.states += 1
 
     def prune(self, cutoff_ts: float) -> int:
         """Delete samples and events older than ``cutoff_ts``; return rows deleted."""
@@ -322,15 +319,24 @@ class StoreReader:
             (device_id, model, since_ts))
         return [LatencyPoint(float(r[0]), str(r[1]), r[2], r[3], r[4]) for r in cur]
 
-    def charted_models(self, since_ts: float, limit: int) -> list[tuple[str, str]]:
-        """``(device_id, model)`` pairs with samples since ``since_ts`` (at most ``limit``)."""
-        cur = self._db.execute(
-            "SELECT DISTINCT device_id, model FROM model_samples WHERE ts >= ? "
-            "ORDER BY device_id, model LIMIT ?", (since_ts, limit))
+    def charted_models(self, since_ts: float, limit: int, *,
+                       device_id: str | None = None) -> list[tuple[str, str]]:
+        """``(device_id, model)`` pairs with samples since ``since_ts`` (at most ``limit``),
+        only ``device_id``'s when given."""
+        if device_id is None:
+            cur = self._db.execute(
+                "SELECT DISTINCT device_id, model FROM model_samples WHERE ts >= ? "
+                "ORDER BY device_id, model LIMIT ?", (since_ts, limit))
+        else:
+            cur = self._db.execute(
+                "SELECT DISTINCT device_id, model FROM model_samples WHERE device_id = ? AND ts >= ? "
+                "ORDER BY model LIMIT ?", (device_id, since_ts, limit))
         return [(str(r[0]), str(r[1])) for r in cur]
 
-    def recent_events(self, limit: int) -> list[StoredEvent]:
+    def recent_events(self, limit: int, *, device_id: str | None = None) -> list[StoredEvent]:
+        """The ``limit`` newest events, newest first; only ``device_id``'s when given."""
+        where, params = ("WHERE device_id = ? ", (device_id,)) if device_id is not None else ("", ())
         cur = self._db.execute(
             "SELECT device_id, ts, event, model, version, reason, message FROM events "
-            "ORDER BY ts DESC, id DESC LIMIT ?", (limit,))
+            f"{where}ORDER BY ts DESC, id DESC LIMIT ?", (*params, limit))
         return [StoredEvent(*row) for row in cur]

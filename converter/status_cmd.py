@@ -11,18 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
-from converter.errors import BadInputError
 from converter.fleet_view import METRICS_COLUMNS, collect_metrics, collect_states, format_table, merge_metrics
-from converter.host_mqtt import add_broker_args, connect
+from converter.host_mqtt import add_broker_args, connect, finite_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show every device's model, state and latency")
     add_broker_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
-    p.add_argument("--metrics", type=float, default=0.0, metavar="S",
+    p.add_argument("--timeout", type=finite_float, default=5.0, help="seconds to wait for the broker")
+    p.add_argument("--metrics", type=partial(finite_float, allow_zero=True), default=0.0, metavar="S",
                    help="also wait up to S seconds for each online device's next metrics message "
                         "(devices send one every metrics_interval_s, 10 s by default) and show "
                         "fresh p50/p99, throughput, CPU, temperature and memory")
@@ -30,8 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.metrics < 0:
-        raise BadInputError("--metrics must be 0 or more seconds")
     client, topics = connect(args, "status", timeout_s=args.timeout)
     try:
         rows = collect_states(client, topics, timeout_s=args.timeout)

@@ -70,7 +70,7 @@ def running_monitor(broker_port: int, db: Path, share: str | None = None) -> Ite
     store = MonitorStore.open(db)
     client_id = f"_lf-test-monitor-{uuid.uuid4().hex[:6]}"
     client = make_client(ConnectionSettings("127.0.0.1", broker_port, client_id))
-    collector = Collector(client, Topics(), store, CollectorConfig(db_path=db, share_group=share))
+    collector = Collector(client, Topics(), store, CollectorConfig(share_group=share))
     http = MonitorHttpServer(collector, "127.0.0.1", 0)
     collector.start(10)
     http.start()
@@ -306,6 +306,21 @@ def test_monitor_command_errors(tmp_path: Path) -> None:
                              "--db", str(tmp_path / "y.db"), "--timeout", "1", "--quiet")
     assert code == 1 and "could not connect" in err, err
     assert not (tmp_path / "y.db").exists()  # a failed start leaves no file behind
+
+
+def test_number_flags_refuse_nan_and_inf(tmp_path: Path) -> None:
+    """nan made the summary loop spin, inf overflowed the clock (a traceback): now one usage line."""
+    for command, flag, value in [
+        ("monitor", "--summary-interval", "nan"), ("monitor", "--summary-interval", "inf"),
+        ("monitor", "--summary-interval", "0"), ("monitor", "--timeout", "inf"),
+        ("monitor", "--timeout", "1e300"), ("monitor", "--retention-days", "nan"),
+        ("monitor", "--session-expiry", "inf"), ("status", "--timeout", "inf"),
+        ("status", "--timeout", "nan"), ("status", "--metrics", "inf"), ("status", "--metrics", "nan"),
+    ]:
+        extra = ["--db", str(tmp_path / "x.db")] if command == "monitor" else []
+        code, out, err = litefleet(command, "--broker", "mqtt://127.0.0.1:1", *extra, flag, value)
+        assert code == 2 and flag in err and len(err.strip().splitlines()) == 1, (flag, value, err)
+        assert "Traceback" not in err and out == "" and not (tmp_path / "x.db").exists()
 
 
 def test_why_state_is_not_a_shared_subscription(broker) -> None:

@@ -19,11 +19,15 @@ from agent.metrics import build_metrics_payload, model_report
 from agent.model_stats import ModelStats
 from agent.mqtt_client import topic_filter_of as subscription_topic_filter
 from converter.errors import BadInputError
+from converter.fleet_view import merge_metrics
+from converter.fleet_view import parse_state as status_row
 from converter.monitor import check_share_group, retention_cutoff, shared_filter
 from converter.monitor_http import device_json, parse_listen
 from converter.monitor_live import FleetLive
 from converter.monitor_page import (
+    FLEET_HEADERS,
     downsample,
+    fleet_rows,
     format_ms,
     latency_chart_svg,
     nice_ceiling,
@@ -42,6 +46,7 @@ from converter.monitor_payloads import (
     parse_message,
     parse_metrics,
     parse_state,
+    shown_model,
 )
 from converter.monitor_prometheus import (
     LE_SECONDS,
@@ -403,6 +408,41 @@ def test_page_escapes_device_text_and_fetches_nothing() -> None:
     assert 'href="?hours=6&amp;device=pi%201%26x"' in one and 'href="?">whole fleet' in one
 
 
+def test_one_model_stands_for_the_device_everywhere() -> None:
+    """Two active models, the state names the second: status, the page and /api/devices
+    all show that model's figures next to its name."""
+    reports = []
+    for name, ns, n in (("digits", 400_000, 2), ("faces", 9_000_000, 4)):
+        stats = ModelStats(name, "3")
+        for _ in range(n):
+            stats.record_ok(ns)
+        reports.append(model_report(stats.snapshot(), None, 10.0, active=True))
+    payload = build_metrics_payload(device_id="pi-1", seq=1, ts=1000.0, interval_s=10.0, models=reports,
+                                    device={}, api={}, queue={})
+    sample = parse_metrics("pi-1", payload)
+    assert isinstance(sample, MetricsSample) and [m.name for m in sample.models] == ["digits", "faces"]
+    faces = shown_model(sample, "faces")
+    assert faces is not None and faces.name == "faces" and faces.p50_ms is not None and faces.p50_ms > 5
+    assert shown_model(sample, "gone") is sample.models[0] and shown_model(None, "faces") is None
+    state = state_payload(model="faces", version="3", inferences=6)
+    live = FleetLive(started=1.0)
+    live.apply([(received(parse_state("pi-1", state)), False), (received(sample), False)])
+    (dev,) = live.snapshot(1001.0).devices
+    api = device_json(dev)
+    assert (api["model"], api["latency_ms_p50"]) == ("faces", faces.p50_ms)
+    assert api["latency_ms_p99"] == faces.p99_ms
+    assert api["inferences"] == 6  # as the state counts: every active model's answers
+    (row,) = fleet_rows([dev], 1001.0)
+    cells = dict(zip(FLEET_HEADERS, (text for _, text in row), strict=True))
+    assert cells["model"] == "faces v3" and cells["p50"] == format_ms(faces.p50_ms)
+    assert cells["requests"] == "4"
+    status = status_row("pi-1", state)
+    assert status is not None
+    merged = merge_metrics(status, sample)
+    assert (merged["latency_ms_p50"], merged["latency_ms_p99"]) == (faces.p50_ms, faces.p99_ms)
+    assert merged["inferences"] == 6
+
+
 # -- the store ------------------------------------------------------------------------------------------
 def test_store_deduplicates_and_keeps_a_reset_device(tmp_path: Path) -> None:
     store = MonitorStore.open(tmp_path / "m.db")
@@ -442,6 +482,31 @@ def test_store_retention(tmp_path: Path) -> None:
         store.write([received(parse_state("pi-1", b""))])
         with store.reader() as r:
             assert r.devices() == [] and r.count("samples") == 1  # history stays until retention
+    finally:
+        store.close()
+
+
+def test_store_filters_one_device_in_sql(tmp_path: Path) -> None:
+    """``?device=ID`` must not depend on what the rest of the fleet did lately."""
+    store = MonitorStore.open(tmp_path / "m.db")
+    try:
+        first = b'{"ts": 10, "boot": "q", "seq": 1, "event": "activated"}'
+        quiet = [received(parse_event("pi-quiet", first)),
+                 received(parse_metrics("pi-quiet", agent_payload("pi-quiet", seq=1, ts=10.0)))]
+        busy = [received(parse_event(f"pi-{i % 7}", json.dumps(
+            {"ts": 100 + i, "boot": "b", "seq": i, "event": "activated"}).encode())) for i in range(300)]
+        busy += [received(parse_metrics(f"pi-{i}", agent_payload(f"pi-{i}", seq=1, ts=20.0)))
+                 for i in range(5)]
+        store.write(quiet + busy)
+        with store.reader() as r:
+            assert all(e.device_id != "pi-quiet" for e in r.recent_events(200))
+            (ev,) = r.recent_events(50, device_id="pi-quiet")
+            assert (ev.device_id, ev.ts) == ("pi-quiet", 10.0)
+            assert len(r.recent_events(50, device_id="pi-1")) == 43
+            assert [e.ts for e in r.recent_events(2, device_id="pi-1")] == [395.0, 388.0]
+            assert ("pi-quiet", "digits") not in r.charted_models(0.0, 3)
+            assert r.charted_models(0.0, 3, device_id="pi-quiet") == [("pi-quiet", "digits")]
+            assert r.charted_models(0.0, 3, device_id="pi-none") == []
     finally:
         store.close()
 
