@@ -107,7 +107,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def dense_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two ~14 MB float32 models with the same signature, [1, 3500] -> [1, 1000], with
-    golden vectors (tests/big_models.py): for faults, the watchdog and the soak."""
+    golden vectors (tests/big_models.py): for delivery resilience, faults, the watchdog
+    and the soak."""
     from tests.big_models import build_dense_model
 
     folder = tmp_path_factory.mktemp("dense")

@@ -14,11 +14,14 @@ import io
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,6 +50,40 @@ def must(*args: str) -> str:
     code, out, err = litefleet(*args)
     assert code == 0, f"litefleet {' '.join(args)} failed ({code}): {err}"
     return out
+
+
+def copy_model(src: Any, dest_dir: Path, name: str = "model") -> Path:
+    """Copy a converted model (:class:`tests.models.ConvertedModel`) with its card and
+    golden vectors under a new stem; returns the new ``.tflite``."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = dest_dir / f"{name}.tflite"
+    shutil.copy(src.tflite, out)
+    shutil.copy(src.card, dest_dir / f"{name}.card.json")
+    shutil.copy(src.golden, dest_dir / f"{name}.golden.npz")
+    return out
+
+
+def http_json(url: str, body: Any | None = None, *, timeout_s: float = 10.0) -> tuple[int, Any]:
+    """A JSON REST call: POST ``body`` (a JSON-able value, or ``bytes`` sent as they are), or
+    GET without one. Returns (HTTP status, decoded JSON answer), error statuses included."""
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def soak_report(name: str, **figures: Any) -> None:
+    """Print a soak test's figures as one JSON line and append it to ``$LITEFLEET_SOAK_REPORT``
+    (scripts/soak.sh prints them)."""
+    path = os.environ.get("LITEFLEET_SOAK_REPORT")
+    line = json.dumps({"test": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **figures})
+    print(line)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
 
 
 def write_agent_config(path: Path, **keys: Any) -> Path:

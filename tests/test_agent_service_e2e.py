@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,7 @@ from paho.mqtt.properties import Properties
 
 from agent.runtime import load_interpreter
 from converter.broker import free_port
-from tests.harness import AgentProcess, FleetWatcher, PersistentSubscriber, must
-
-
-def http_json(url: str, body: Any | None = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+from tests.harness import AgentProcess, FleetWatcher, PersistentSubscriber, http_json, must
 
 
 def host_outputs(model: Path, x: np.ndarray) -> np.ndarray:

@@ -25,8 +25,17 @@ from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.protocol import Topics, consistent_target_file
+from agent.store import file_sha256
 from converter.repo import Repository
-from tests.harness import AgentProcess, FleetWatcher, must, publish_many, publish_raw, read_retained
+from tests.harness import (
+    AgentProcess,
+    FleetWatcher,
+    copy_model,
+    must,
+    publish_many,
+    publish_raw,
+    read_retained,
+)
 
 TOPICS = Topics()
 DEV = "pi-1"
@@ -80,9 +89,7 @@ class Fleet:
 
     @property
     def v1_sha(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(Path(self.v1.tflite).read_bytes()).hexdigest()  # type: ignore[attr-defined]
+        return file_sha256(Path(self.v1.tflite))  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -100,16 +107,6 @@ def fleet(broker, tmp_path: Path, digits_int8) -> Fleet:
     finally:
         agent.stop()
         watch.close()
-
-
-def copy_model(src, dest_dir: Path, name: str = "model") -> Path:
-    """Copy a converted model with its card and golden vectors under a new stem."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    out = dest_dir / f"{name}.tflite"
-    shutil.copy(src.tflite, out)
-    shutil.copy(src.card, dest_dir / f"{name}.card.json")
-    shutil.copy(src.golden, dest_dir / f"{name}.golden.npz")
-    return out
 
 
 # -- signed metadata attacks ------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -11,27 +10,15 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import DEFAULT_CHUNK_SIZE
-from tests.big_models import build_dense_model
+from agent.store import file_sha256
 from tests.harness import AgentProcess, FleetWatcher, must
 from tests.tcp_proxy import FaultProxy
 
 WINDOW = 8
 
 
-@pytest.fixture(scope="session")
-def big_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two different ~14 MB float32 models (with golden vectors)."""
-    folder = tmp_path_factory.mktemp("big")
-    return [build_dense_model(folder / f"dense{i}" / "dense.tflite", megabytes=14.0, seed=i)
-            for i in range(2)]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_broker_killed_halfway_through_a_14mb_model(broker, tmp_path: Path, digits_int8,
-                                                      big_models: list[Path]) -> None:
+                                                      dense_models: list[Path]) -> None:
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "m", "--broker", broker.url)
@@ -41,9 +28,9 @@ def test_broker_killed_halfway_through_a_14mb_model(broker, tmp_path: Path, digi
     try:
         agent.start()
         watch.wait_active("pi-1", "m", 1, timeout_s=60)
-        size = big_models[0].stat().st_size
+        size = dense_models[0].stat().st_size
         proxy.rate_bytes_s = 2e6  # about 7 s for the model
-        must("push", str(big_models[0]), "--repo", str(repo), "--name", "m", "--broker", broker.url)
+        must("push", str(dense_models[0]), "--repo", str(repo), "--name", "m", "--broker", broker.url)
         time.sleep(2.5)  # past the broker's 2 s autosave: the retained chunks are on its disk
         watch.wait_for(lambda: any(e.get("event") == "downloading" and e.get("version") == 2
                                    and e.get("bytes", 0) >= size * 0.4 for e in watch.events),
@@ -67,11 +54,11 @@ def test_broker_killed_halfway_through_a_14mb_model(broker, tmp_path: Path, digi
 
 
 def test_agent_killed_mid_download_resumes_without_refetching(broker, tmp_path: Path,
-                                                              big_models: list[Path]) -> None:
+                                                              dense_models: list[Path]) -> None:
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
-    must("push", str(big_models[0]), "--repo", str(repo), "--name", "m", "--broker", broker.url)
-    size = big_models[0].stat().st_size
+    must("push", str(dense_models[0]), "--repo", str(repo), "--name", "m", "--broker", broker.url)
+    size = dense_models[0].stat().st_size
     proxy = FaultProxy(broker.port)
     proxy.rate_bytes_s = 4e6
     agent = AgentProcess(tmp_path, "pi-1", proxy.url, repo / "root.json", download_window=WINDOW)
@@ -100,7 +87,7 @@ def test_agent_killed_mid_download_resumes_without_refetching(broker, tmp_path: 
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_fifty_times(broker, tmp_path: Path, digits_int8,
-                                              big_models: list[Path]) -> None:
+                                              dense_models: list[Path]) -> None:
     """Kill -9 the agent at random moments of download and activation; after every restart the
     model it serves is whole and is one the signed metadata named."""
     repo = tmp_path / "repo"
@@ -110,7 +97,7 @@ def test_sigkill_at_random_points_fifty_times(broker, tmp_path: Path, digits_int
     agent = AgentProcess(tmp_path, "pi-1", proxy.url, repo / "root.json", download_window=WINDOW,
                          probation_s=0.5)
     signed: dict[int, str] = {}
-    models = [big_models[0], big_models[1]]
+    models = [dense_models[0], dense_models[1]]
     rng = random.Random(1234)
     version = 0
 
@@ -119,7 +106,7 @@ def test_sigkill_at_random_points_fifty_times(broker, tmp_path: Path, digits_int
         model = models[version % 2]
         must("push", str(model), "--repo", str(repo), "--name", "m", "--broker", broker.url)
         version += 1
-        signed[version] = sha256(model)
+        signed[version] = file_sha256(model)
 
     push_next()
     watch = FleetWatcher(broker.port)
@@ -179,4 +166,4 @@ def check_served_model(agent: AgentProcess, signed: dict[int, str]) -> None:
                 continue
             assert signed.get(inst["version"]) == inst["sha256"], (role, inst, signed)
             path = agent.state_dir / "models" / name / str(inst["version"]) / "model.tflite"
-            assert sha256(path) == inst["sha256"], f"{role} v{inst['version']} on disk is not whole"
+            assert file_sha256(path) == inst["sha256"], f"{role} v{inst['version']} on disk is not whole"

@@ -26,12 +26,10 @@ again, it takes the new version. In the past (a Pi that booted believing it is
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import random
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,16 +38,13 @@ from typing import Any
 import pytest
 
 from agent.protocol import DEFAULT_CHUNK_SIZE
+from agent.store import file_sha256
 from converter.broker import free_port
-from tests.harness import AgentProcess, FleetWatcher, must
+from tests.harness import AgentProcess, FleetWatcher, http_json, must
 from tests.tcp_proxy import FaultProxy
 
 WINDOW = 8
 N_IN = 3500  # the dense_models fixture (conftest.py): a [1, 3500] float input
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- the REST prober --------------------------------------------------------------------------------
@@ -87,13 +82,7 @@ class Prober:
             self._thread.join(10)
 
     def _call(self, path: str, body: bytes | None) -> tuple[int, Any]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return http_json(f"http://127.0.0.1:{self.port}{path}", body)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -143,7 +132,8 @@ def check_state(agent: AgentProcess, signed: dict[int, str]) -> None:
                 assert signed.get(inst["version"]) == inst["sha256"], (role, inst, signed)
                 model = agent.state_dir / "models" / name / str(inst["version"]) / "model.tflite"
                 try:
-                    assert sha256(model) == inst["sha256"], f"{role} v{inst['version']} on disk is not whole"
+                    assert file_sha256(model) == inst["sha256"], \
+                        f"{role} v{inst['version']} on disk is not whole"
                 except FileNotFoundError:
                     missing = True
         if not missing:
@@ -167,7 +157,7 @@ class Rig:
         """Push straight to the broker (not through the proxy): the faults are the device's."""
         out = must("push", str(model), "--repo", str(self.repo), "--name", "m", "--broker", self.broker.url)
         version = int(out.split(" v", 1)[1].split(" ", 1)[0])
-        self.signed[version] = sha256(model)
+        self.signed[version] = file_sha256(model)
 
     def downloaded(self, version: int) -> int:
         return max((e.get("bytes", 0) for e in self.watch.events_of("pi-1", "downloading")

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.harness import soak_report
+
 pytestmark = [pytest.mark.soak,
               pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
                                  reason="atheris is not installed (scripts/soak.sh installs it)")]
@@ -146,10 +148,5 @@ def test_atheris(tmp_path: Path, target: str, monkeypatch: pytest.MonkeyPatch) -
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     done = [ln for ln in proc.stderr.splitlines() if ln.startswith("Done ")]
-    line = json.dumps({"test": f"atheris_{target}", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "runs": runs, "result": done[-1] if done else "",
-                       "minutes": round((time.monotonic() - started) / 60, 1)})
-    print(line)
-    if os.environ.get("LITEFLEET_SOAK_REPORT"):
-        with open(os.environ["LITEFLEET_SOAK_REPORT"], "a") as f:
-            f.write(line + "\n")
+    soak_report(f"atheris_{target}", runs=runs, result=done[-1] if done else "",
+                minutes=round((time.monotonic() - started) / 60, 1))

@@ -26,7 +26,6 @@ import json
 import re
 import shutil
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.protocol import Topics, consistent_target_file
 from converter.broker import free_port
 from converter.repo import Repository
-from tests.harness import AgentProcess, FleetWatcher, must
+from tests.harness import AgentProcess, FleetWatcher, copy_model, http_json, must
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path(
     "/usr/sbin/mosquitto").exists(), reason="mosquitto is not installed")
@@ -116,7 +115,7 @@ def add_device(tmp: Path, secure_dir: Path, device_id: str, *, password: bool) -
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, digits_int8) -> Iterator[SecureFleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
     tmp = tmp_path_factory.mktemp("secure-e2e")
     secure = start_secure(tmp, {})
     repo = tmp / "repo"
@@ -142,14 +141,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, digits_int8) -> Iterator[Sec
 
 
 def predict(port: int, x: np.ndarray) -> tuple[int, Any]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/digits:predict",
-                                 data=json.dumps({"instances": x.tolist()}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return http_json(f"http://127.0.0.1:{port}/v1/models/digits:predict", {"instances": x.tolist()})
 
 
 def test_push_and_status_over_tls_reach_a_certificate_and_a_password_agent(fleet: SecureFleet,
@@ -175,8 +167,7 @@ def test_push_and_status_over_tls_reach_a_certificate_and_a_password_agent(fleet
     assert code == 200 and len(doc["predictions"]) == 2
 
 
-def test_a_device_identity_cannot_touch_the_repository_or_other_devices(fleet: SecureFleet,
-                                                                         digits_int8) -> None:
+def test_a_device_identity_cannot_touch_the_repository_or_other_devices(fleet: SecureFleet) -> None:
     """A stolen device's credentials: forged metadata, a forged chunk, another device's
     state, an inference request -- each refused by the broker with 0x87 (MQTT 5), nothing
     reaches an agent, and every retained message is still the genuine one."""
@@ -240,11 +231,7 @@ def test_the_host_identity_passes_the_broker_but_not_tuf(fleet: SecureFleet, dig
     fleet.serving(1)
     ts_topic = TOPICS.metadata("timestamp.json")
     old_ts = (fleet.repo / "metadata" / "timestamp.json").read_bytes()
-    v2 = fleet.tmp / "v2"
-    v2.mkdir()
-    for suffix in (".tflite", ".card.json", ".golden.npz"):
-        shutil.copy(str(digits_float32.tflite).replace(".tflite", suffix), v2 / f"digits{suffix}")
-    fleet.push(v2 / "digits.tflite")
+    fleet.push(copy_model(digits_float32, fleet.tmp / "v2", "digits"))
     fleet.serving(2)
     host = fleet.host_client()
     try:
@@ -260,11 +247,7 @@ def test_the_host_identity_passes_the_broker_but_not_tuf(fleet: SecureFleet, dig
         host.close()
     # the operator republishes the genuine repository; the fleet takes the next version
     must("repo", "publish", str(fleet.repo), "--secure-dir", str(fleet.dir))
-    v3 = fleet.tmp / "v3"
-    v3.mkdir()
-    for suffix in (".tflite", ".card.json", ".golden.npz"):
-        shutil.copy(str(digits_int8.tflite).replace(".tflite", suffix), v3 / f"digits{suffix}")
-    fleet.push(v3 / "digits.tflite")
+    fleet.push(copy_model(digits_int8, fleet.tmp / "v3", "digits"))
     fleet.serving(3)
     rows = json.loads(must("status", "--secure-dir", str(fleet.dir), "--json"))
     assert {(r["device_id"], r["version"], r["error"]) for r in rows} == {

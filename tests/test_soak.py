@@ -19,50 +19,28 @@ Each test appends a JSON line with its figures to ``$LITEFLEET_SOAK_REPORT``
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_delivery_resilience import check_served_model, read_state
-from test_faults import Prober, check_state, dense_body, sha256
+from test_faults import Prober, check_state, dense_body
 
+from agent.store import file_sha256
 from converter.broker import free_port
-from tests.harness import AgentProcess, FleetWatcher, must
+from tests.harness import AgentProcess, FleetWatcher, http_json, must, soak_report
 from tests.tcp_proxy import FaultProxy
 
 pytestmark = pytest.mark.soak
 
 WINDOW = 8
-N_IN = 3500
-
-
-def report(name: str, **figures: Any) -> None:
-    path = os.environ.get("LITEFLEET_SOAK_REPORT")
-    line = json.dumps({"test": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), **figures})
-    print(line)
-    if path:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-
-
-@pytest.fixture(scope="module")
-def models(dense_models: list[Path]) -> list[Path]:
-    return dense_models
 
 
 def predict(port: int, timeout_s: float = 10.0) -> tuple[int, Any]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/m:predict", data=dense_body(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return http_json(f"http://127.0.0.1:{port}/v1/models/m:predict", dense_body(), timeout_s=timeout_s)
 
 
 def wait_serving(agent: AgentProcess, port: int, timeout_s: float = 60.0) -> bool:
@@ -89,7 +67,8 @@ def wait_serving(agent: AgentProcess, port: int, timeout_s: float = 60.0) -> boo
         time.sleep(0.05)
 
 
-def test_soak_sigkill_during_download_and_activation(broker, tmp_path: Path, models: list[Path]) -> None:
+def test_soak_sigkill_during_download_and_activation(broker, tmp_path: Path,
+                                                     dense_models: list[Path]) -> None:
     kills_wanted = int(os.environ.get("LITEFLEET_SOAK_KILLS", "500"))
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
@@ -104,10 +83,10 @@ def test_soak_sigkill_during_download_and_activation(broker, tmp_path: Path, mod
 
     def push_next() -> None:
         nonlocal version
-        model = models[version % 2]
+        model = dense_models[version % 2]
         must("push", str(model), "--repo", str(repo), "--name", "m", "--broker", broker.url)
         version += 1
-        signed[version] = sha256(model)
+        signed[version] = file_sha256(model)
 
     push_next()
     watch = FleetWatcher(broker.port)
@@ -169,13 +148,14 @@ def test_soak_sigkill_during_download_and_activation(broker, tmp_path: Path, mod
         agent.stop()
         watch.close()
         proxy.close()
-    report("sigkill", kills=kills, restarts_serving=answered, agent_reports=reports, crash_loops=crash_loops,
-           broker_restarts=broker_restarts, activations=activations, versions=version,
-           minutes=round((time.monotonic() - started) / 60, 1))
+    soak_report("sigkill", kills=kills, restarts_serving=answered, agent_reports=reports,
+                crash_loops=crash_loops, broker_restarts=broker_restarts, activations=activations,
+                versions=version, minutes=round((time.monotonic() - started) / 60, 1))
     assert activations >= kills_wanted // 20, f"only {activations} activations in {kills} kills"
 
 
-def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path, models: list[Path]) -> None:
+def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path,
+                                                   dense_models: list[Path]) -> None:
     faults_wanted = int(os.environ.get("LITEFLEET_SOAK_FAULTS", "50"))
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
@@ -190,19 +170,19 @@ def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path, models
     versions = 1
     started = time.monotonic()
     try:
-        must("push", str(models[0]), "--repo", str(repo), "--name", "m", "--broker", broker.url)
-        signed[1] = sha256(models[0])
+        must("push", str(dense_models[0]), "--repo", str(repo), "--name", "m", "--broker", broker.url)
+        signed[1] = file_sha256(dense_models[0])
         agent.start()
         watch.wait_active("pi-1", "m", 1, timeout_s=60)
         while restarts < faults_wanted or cuts < 4 * faults_wanted:
             assert versions < 10 * faults_wanted + 20, (versions, restarts, cuts)
             versions += 1
-            model = models[(versions - 1) % 2]
+            model = dense_models[(versions - 1) % 2]
             proxy.rate_bytes_s = 2e6  # ~7 s for the model: the faults land mid-transfer
             prober = Prober(port, dense_body()).start()
             must("push", str(model), "--repo", str(repo), "--name", "m", "--broker", broker.url)
             pushed = time.monotonic()
-            signed[versions] = sha256(model)
+            signed[versions] = file_sha256(model)
             try:
                 deadline = time.monotonic() + 180
                 while watch.active("pi-1") != ("m", str(versions)):
@@ -233,5 +213,5 @@ def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path, models
         agent.stop()
         watch.close()
         proxy.close()
-    report("broker_restarts_and_cuts", broker_restarts=restarts, cuts=cuts, versions_activated=versions,
-           minutes=round((time.monotonic() - started) / 60, 1))
+    soak_report("broker_restarts_and_cuts", broker_restarts=restarts, cuts=cuts,
+                versions_activated=versions, minutes=round((time.monotonic() - started) / 60, 1))

@@ -162,7 +162,6 @@ class WatchdogSupervisor:
         self.agent = agent
         self.notify = notify
         self.watchdog_s = watchdog_s
-        self.restarts = 0
 
     def start(self) -> float:
         started = time.monotonic()
@@ -173,7 +172,9 @@ class WatchdogSupervisor:
         last = max(self.notify.times("WATCHDOG", since) or [since])
         return time.monotonic() - last > self.watchdog_s
 
-    def abort_and_restart(self) -> int:
+    def abort(self) -> int:
+        """systemd's WatchdogSignal=: SIGABRT to the agent; returns its pid. (The restart
+        is :meth:`start`, which the test calls once it has reaped the aborted process.)"""
         proc = self.agent.proc
         assert proc is not None
         proc.send_signal(signal.SIGABRT)
@@ -318,7 +319,7 @@ def test_a_stalled_work_loop_stops_the_pings_and_systemd_restarts_the_agent(
         assert agent.alive() and rest_ok(port) and rest_ok(port, "/v1/models/m")
         assert not notify.times("WATCHDOG", frozen_at + 0.5)
         # systemd: SIGABRT, then Restart=on-failure
-        dead_pid = supervisor.abort_and_restart()
+        dead_pid = supervisor.abort()
         freezer.thaw()
         assert agent.proc is not None
         code = agent.proc.wait(30)

@@ -4,8 +4,8 @@
 ``python3.11 -m agent run --config agent.toml`` inside an emulated Raspberry Pi userland
 (:class:`tests.pi.userland.Userland`): the agent process itself runs under qemu (an emulated
 process cannot exec another arm64 program; its forked candidate checks stay emulated, being
-forks). The host's ``Popen.pid`` is qemu's, so :meth:`EmulatedAgent.host_rss_bytes` reads the
-emulator's resident memory from the host side.
+forks). The host's ``Popen.pid`` is qemu's: memory read from the host's ``/proc`` for it is
+the emulator's.
 
 :class:`NotifySocket` is a stand-in for systemd's ``$NOTIFY_SOCKET``: it records every
 datagram the agent sends (``READY=1``, ``WATCHDOG=1``...) with the host time it arrived.
@@ -41,12 +41,10 @@ class EmulatedAgent(AgentProcess):
                  trusted_root: Path, **extra: Any) -> None:
         super().__init__(workdir, device_id, broker_url, trusted_root, **extra)
         self.userland = userland
-        self.started_at: float | None = None  # time.monotonic() just before the Popen
 
     def start(self, *, env: dict[str, str] | None = None) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115
         try:
-            self.started_at = time.monotonic()
             self.proc = self.userland.popen(
                 ["-m", "agent", "run", "--config", str(self.config)],
                 env=env, stdout=log, stderr=log, stdin=None, cwd=self.workdir,
@@ -54,19 +52,6 @@ class EmulatedAgent(AgentProcess):
         finally:
             log.close()
         self.starts += 1
-
-    def host_rss_bytes(self) -> int | None:
-        """VmRSS of the qemu process running the agent, read from the host's /proc."""
-        if self.proc is None:
-            return None
-        try:
-            text = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return None
 
     def ready_after_s(self, timeout_s: float = 0.0) -> float | None:
         return logged_ready_s(self, timeout_s)

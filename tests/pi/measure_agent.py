@@ -149,7 +149,6 @@ def run_once(target: str, int8: Any, f32: Any, work: Path, requests: int) -> dic
         r["first_active_state_s"] = watch.first_state("pi-bench", "digits", 1, started) - started
         r["agent_ready_after_s"] = logged_ready_s(agent, timeout_s=30)
         assert agent.proc is not None
-        r["rss_ready_host_kb"] = _host_status_kb(agent.proc.pid)
 
         rest = Rest(port)
         with np.load(int8.golden) as golden:

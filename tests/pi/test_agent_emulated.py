@@ -15,7 +15,6 @@ Figures go to ``bench/RESULTS.md`` (``python -m tests.pi.measure_agent``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.store import file_sha256
 from converter.broker import free_port
 from tests.harness import FleetWatcher, must
 
@@ -83,10 +83,6 @@ def output_scale(model: Path) -> float:
     return float(load_interpreter(model).get_output_details()[0]["quantization"][0])
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def wait_active(watch: FleetWatcher, version: int) -> None:
     """Until the device serves digits ``version``; a refusal fails at once, not after WAIT_S."""
     def settled() -> bool:
@@ -123,7 +119,7 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
         assert "rejected" not in kinds and "rolled_back" not in kinds, watch.events_of(DEVICE)
         assert kinds.index("verified") < kinds.index("activated")
         activated = watch.wait_event(DEVICE, "activated", version=1)
-        assert activated["sha256"] == sha256(digits_int8.tflite)
+        assert activated["sha256"] == file_sha256(digits_int8.tflite)
         boot = watch.states[DEVICE]["boot"]
         # systemd's protocol works from the emulated process: READY=1 once serving, watchdog pings
         _, ready = notify.wait_for("READY", WAIT_S)
@@ -188,7 +184,7 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
              "--broker", broker.url)
         wait_active(watch, 2)
         activated = watch.wait_event(DEVICE, "activated", version=2)
-        assert activated["sha256"] == sha256(digits_float32.tflite) and activated["previous"] == 1
+        assert activated["sha256"] == file_sha256(digits_float32.tflite) and activated["previous"] == 1
         assert agent.alive() and watch.states[DEVICE]["boot"] == boot  # no restart
         status, doc = rest.get_json("/v1/models/digits")
         assert status == 200 and doc["model_version_status"][0]["version"] == "2"
