@@ -78,9 +78,21 @@ def test_two_inputs_two_outputs_int8(two_input_model, tmp_path: Path, io_type: s
 
     load_checked(out, out.with_suffix(".card.json"), out.with_suffix(".golden.npz"))
 
-    # the report measured the variant against the source on both outputs
+    # the report measured the written int8 variant against the source on the 32 validation
+    # samples (converter.measure compares the first output: the logits, hence an agreement)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["variants"], report
+    assert [v["mode"] for v in report["variants"]] == ["int8"] and report["chosen"] == "int8", report
+    variant = report["variants"][0]
+    assert "error" not in variant, variant
+    assert variant["size_bytes"] == out.stat().st_size > 0, variant
+    assert variant["samples"] == 32, variant
+    assert variant["accuracy"] is None  # no labels in val.npz
+    assert variant["agreement"] is not None and 90.0 <= variant["agreement"] <= 100.0, variant
+    max_err, mean_err = variant["max_abs_error"], variant["mean_abs_error"]
+    assert np.isfinite([max_err, mean_err]).all() and 0.0 <= mean_err <= max_err, variant
+    assert max_err < 0.25 * np.ptp(want_logits), (max_err, np.ptp(want_logits))
+    assert variant["latency_runs"] > 0 and variant["latency_ms_p50"] > 0, variant
 
 
 def test_calibration_with_too_few_arrays_is_refused(two_input_model, tmp_path: Path) -> None:
