@@ -1,10 +1,10 @@
-"""How many metrics messages a collector takes: a synthetic publisher against a real Mosquitto.
+"""A burst of metrics against the collector: a synthetic publisher and a real Mosquitto.
 
 Agent-shaped payloads (~1 KB, built by the agent's own builder) from 200
 devices, QoS 1, published as fast as paho can. The collector must store every
-one (none dropped by its own queue) at a rate well above what a fleet of a few
-thousand devices at the default 10 s interval sends. The measured rate is
-printed (``pytest -s``); figures are in ``docs/monitor.md``.
+one, none dropped by its own queue and no write error. How fast is the business
+of ``bench/bench_monitor.py`` (a ratio to a bare subscriber, in the same run);
+the rate is only printed here (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from tests.test_monitor_pure import agent_payload
 
 MESSAGES = 4000
 DEVICES = 200
-# a floor far below what this machine measures (~4,000/s), so only a real regression
-# (a commit per message, parsing on paho's thread, a lock held while writing) fails it
-FLOOR_PER_S = 600
 
 
 def test_collector_keeps_up_with_a_synthetic_fleet(broker, tmp_path: Path) -> None:
@@ -41,4 +38,3 @@ def test_collector_keeps_up_with_a_synthetic_fleet(broker, tmp_path: Path) -> No
           f"({rate:.0f} msg/s); /metrics of {DEVICES} devices in {scrape_ms:.0f} ms, "
           f"{len(scrape) / 1024:.0f} KiB")
     assert stats.stored_samples == MESSAGES and stats.dropped == 0 and stats.write_errors == 0
-    assert rate > FLOOR_PER_S
