@@ -8,7 +8,7 @@ first use::
     model = agent.load_model("model.tflite", threads=2)
     y = model.predict(x)
 
-See :mod:`agent.api`.
+See :mod:`agent.serving.api`.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public names served lazily from agent.api (PEP 562)
+# public names served lazily from agent.serving.api (PEP 562)
 _API = ("load_model", "Model", "active_models", "ActiveModels")
 
 if TYPE_CHECKING:
-    from agent.api import ActiveModels, Model, active_models, load_model
+    from agent.serving.api import ActiveModels, Model, active_models, load_model
 
 __all__ = ["ActiveModels", "Model", "__version__", "active_models", "load_model"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        from agent import api
+        from agent.serving import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'agent' has no attribute {name!r}")

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import describe
-from converter.broker import BrokerConfig, BrokerProcess
-from tests.harness import FleetWatcher, must, write_agent_config
+from converter.broker.mosquitto import BrokerConfig, BrokerProcess
+from tests.support.harness import FleetWatcher, must, write_agent_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def main() -> int:
                                      trusted_root=str(repo / "root.json"), http="127.0.0.1:0")
             results["no model"].append(start_agent(cfg, work))
         # a device with the model installed: push it, let one agent take it, then restart it
-        from tests.models import convert_digits, digits_data, save_digits_cnn, save_digits_npz
+        from tests.support.models import convert_digits, digits_data, save_digits_cnn, save_digits_npz
 
         data = digits_data()
         keras = save_digits_cnn(work / "digits.keras", data)

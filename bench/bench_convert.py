@@ -38,11 +38,11 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 
 import numpy as np  # noqa: E402
 
-from converter.convert import ConversionResult  # noqa: E402
-from converter.convert import convert_model as _convert_model  # noqa: E402
-from converter.convert_cmd import native_output_hidden  # noqa: E402
-from converter.report import format_table  # noqa: E402
-from converter.selection import Candidate, choose_variant  # noqa: E402
+from converter.cli.convert import native_output_hidden  # noqa: E402
+from converter.convert.pipeline import convert_model as _convert_model  # noqa: E402
+from converter.convert.report import format_table  # noqa: E402
+from converter.convert.results import ConversionResult  # noqa: E402
+from converter.convert.selection import Candidate, choose_variant  # noqa: E402
 
 CHECKS: list[tuple[bool, str]] = []
 
@@ -121,7 +121,7 @@ def variant(result: ConversionResult, mode: str) -> Any:
 
 
 def bench_digits(out: Path, runs: int) -> dict[str, Any]:
-    from tests.models import digits_data, save_digits_cnn, save_digits_npz
+    from tests.support.models import digits_data, save_digits_cnn, save_digits_npz
 
     data = digits_data()
     t0 = time.monotonic()
@@ -155,7 +155,7 @@ def bench_digits(out: Path, runs: int) -> dict[str, Any]:
 
 
 def bench_mobilenet(out: Path, runs: int) -> dict[str, Any]:
-    from tests.models import mobilenet_v2, synthetic_images
+    from tests.support.models import mobilenet_v2, synthetic_images
 
     # logits out: a random network's softmax over 1,000 classes is ~0.001 everywhere,
     # below one step of an int8 output (1/256), which would make int8's top-1 meaningless
@@ -177,7 +177,7 @@ def bench_mobilenet(out: Path, runs: int) -> dict[str, Any]:
     print(format_table(r), flush=True)
     fp32, f16, dyn, int8 = (variant(r, m) for m in ("none", "float16", "dynamic", "int8"))
     logits = np.sort(model.predict(np.load(out / "mnv2_val.npz")["x"], verbose=0), axis=-1)
-    from converter.artifacts import tensor_specs
+    from converter.convert.artifacts import tensor_specs
 
     int8_out_scale = tensor_specs(int8.tflite)[1][0].scale[0]
     size_ratio = int8.size_bytes / fp32.size_bytes

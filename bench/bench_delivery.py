@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import describe
-from converter.broker import BrokerConfig, BrokerProcess
-from tests.big_models import build_dense_model
-from tests.harness import AgentProcess, FleetWatcher, must
+from converter.broker.mosquitto import BrokerConfig, BrokerProcess
+from tests.support.big_models import build_dense_model
+from tests.support.harness import AgentProcess, FleetWatcher, must
 
 
 def baseline(port: int, model: Path) -> float:

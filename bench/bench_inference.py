@@ -112,9 +112,9 @@ def p50_us(samples: list[int]) -> float:
 def time_models(path: Path, *, rounds: int, block: int) -> dict[str, float]:
     """p50 in µs of the raw loop and of each API path, interleaved block by block."""
     import agent
-    from agent.inference import ModelRunner
-    from agent.registry import ActiveModel, ModelRegistry
-    from agent.runtime import load_interpreter
+    from agent.serving.inference import ModelRunner
+    from agent.serving.registry import ActiveModel, ModelRegistry
+    from agent.serving.runtime import load_interpreter
 
     it = load_interpreter(path, threads=1)
     d_in, d_out = it.get_input_details()[0], it.get_output_details()[0]
@@ -200,9 +200,9 @@ print(json.dumps(times))
 
 def time_rest(path: Path, *, n: int) -> dict[str, float]:
     import agent
-    from agent.inference import ModelRunner
-    from agent.registry import ActiveModel, ModelRegistry
-    from agent.rest import RestServer
+    from agent.serving.inference import ModelRunner
+    from agent.serving.registry import ActiveModel, ModelRegistry
+    from agent.serving.rest import RestServer
 
     registry = ModelRegistry()
     runner = ModelRunner.from_file(path, threads=1, name="digits", version="1")
@@ -234,7 +234,8 @@ def time_rest(path: Path, *, n: int) -> dict[str, float]:
 
 
 def footprint(path: Path) -> dict[str, float]:
-    code = ("import sys; sys.path.insert(0, sys.argv[2]); from agent.metrics import read_rss_bytes as r; "
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); "
+            "from agent.telemetry.metrics import read_rss_bytes as r; "
             "a = r(); import agent, numpy; m = agent.load_model(sys.argv[1]); "
             "import numpy as np; m.predict(np.zeros(m.inputs[0].shape, np.float32)); "
             "print(a, r())")
@@ -312,7 +313,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Resident memory of a fresh process: {results['footprint']['rss_bare_mb']:.0f} MB before "
         f"`import agent`, {results['footprint']['rss_model_mb']:.0f} MB after `import agent`, "
         "`agent.load_model(digits)` and one prediction (numpy + LiteRT). The daemon's idle memory and "
-        "start-to-ready time are measured with the daemon (`agent.metrics.read_rss_bytes`).",
+        "start-to-ready time are measured with the daemon (`agent.telemetry.metrics.read_rss_bytes`).",
         "",
     ]
     return "\n".join(lines)

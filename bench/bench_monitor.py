@@ -7,7 +7,7 @@ own payload builder), QoS 1, published as fast as one paho client can, through a
 Mosquitto on loopback:
 
 - baseline: a bare paho subscriber (QoS 1) that only counts messages;
-- litefleet: ``converter.monitor.Collector`` (parse, live view, SQLite history in WAL
+- litefleet: ``converter.monitor.collector.Collector`` (parse, live view, SQLite history in WAL
   mode), timed until every message is stored.
 
 The time runs from the first publish to the last message counted/stored; medians of
@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt_client import wait_until
+from agent.mqtt.client import wait_until
 from bench.machine import describe
-from converter.broker import BrokerConfig, BrokerProcess
-from tests.test_monitor_e2e import publish_many, running_monitor
-from tests.test_monitor_pure import agent_payload
+from converter.broker.mosquitto import BrokerConfig, BrokerProcess
+from tests.support.monitor import publish_many, running_monitor
+from tests.support.payloads import agent_payload
 
 
 def messages(n: int, devices: int, run: int) -> list[tuple[str, bytes]]:

@@ -1,3 +1,3 @@
-from converter.cli import main
+from converter.cli.main import main
 
 raise SystemExit(main())

@@ -3,8 +3,8 @@
 1. train a small Keras CNN on scikit-learn's digits (a few seconds, nothing downloaded);
 2. convert it to full-integer int8 with ``litefleet convert`` (the real CLI, in a
    subprocess), measuring float32, float16 and dynamic-range beside it;
-3. load the int8 model the way a device does (``agent.runtime`` +
-   ``agent.inference.ModelRunner``), check its golden vectors, classify the
+3. load the int8 model the way a device does (``agent.serving.runtime`` +
+   ``agent.serving.inference.ModelRunner``), check its golden vectors, classify the
    held-out digits and print how it compares with the Keras model;
 4. start a private Mosquitto (``litefleet broker``) and create a signed model
    repository (``litefleet repo init``);
@@ -54,8 +54,8 @@ def main() -> int:
     total = 8
 
     step(1, total, "training a small CNN on scikit-learn's digits (8x8 images, 10 classes)")
-    from converter.convert_cmd import native_output_hidden
-    from tests.models import digits_data, keras_accuracy, save_digits_npz, train_digits_cnn
+    from converter.cli.convert import native_output_hidden
+    from tests.support.models import digits_data, keras_accuracy, save_digits_npz, train_digits_cnn
 
     data = digits_data()
     t0 = time.monotonic()
@@ -84,8 +84,8 @@ def main() -> int:
         return proc.returncode
 
     step(3, total, "running the int8 model with LiteRT, the way a device does")
-    from agent.inference import ModelRunner
     from agent.model_card import check_signature, parse_card
+    from agent.serving.inference import ModelRunner
 
     card = parse_card((out / "digits.card.json").read_bytes())
     with native_output_hidden(True):  # LiteRT's "Created XNNPACK delegate" line

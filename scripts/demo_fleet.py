@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from agent.protocol import Topics
-from converter.broker import free_port, wait_for_port
+from converter.broker.mosquitto import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = Topics()

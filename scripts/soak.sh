@@ -3,7 +3,7 @@
 # scripts/test.sh (idempotent: .venv, Mosquitto), plus faketime and atheris, then runs
 #   1. the soak-marked tests: 500 SIGKILLs of the agent during download and activation
 #      with broker restarts, 50 broker restarts and 200 cut connections mid-transfer
-#      (tests/test_soak.py), atheris on the agent's parsers (tests/test_fuzz_atheris.py);
+#      (tests/e2e/test_soak.py), atheris on the agent's parsers (tests/fuzz/test_atheris.py);
 #   2. the hypothesis fuzzers with the soak profile (thousands of examples each);
 #   3. the fault and watchdog tests once more;
 # and prints a summary (also written to build/soak/summary.txt).
@@ -56,12 +56,12 @@ step() {  # step NAME -- pytest arguments...
 }
 
 status=0
-step soak -m soak tests/test_soak.py tests/test_fuzz_atheris.py "$@" || status=1
-HYPOTHESIS_PROFILE=soak step fuzz tests/test_fuzz_delivery.py tests/test_fuzz_serving.py \
-  tests/test_fuzz_config.py tests/test_fuzz_regressions.py --hypothesis-show-statistics "$@" || status=1
-step faults tests/test_faults.py tests/test_watchdog.py tests/test_secure_e2e.py \
-  tests/test_delivery_attacks.py tests/test_delivery_resilience.py tests/test_delivery_e2e.py \
-  tests/test_secure_broker_mqtt.py tests/test_systemd.py "$@" || status=1
+step soak -m soak tests/e2e/test_soak.py tests/fuzz/test_atheris.py "$@" || status=1
+HYPOTHESIS_PROFILE=soak step fuzz tests/fuzz/test_delivery.py tests/fuzz/test_serving.py \
+  tests/fuzz/test_config.py tests/fuzz/test_regressions.py --hypothesis-show-statistics "$@" || status=1
+step faults tests/e2e/test_faults.py tests/agent/service/test_watchdog.py tests/e2e/test_secure.py \
+  tests/e2e/test_attacks.py tests/e2e/test_resilience.py tests/e2e/test_delivery.py \
+  tests/converter/broker/test_secure_mqtt.py tests/agent/service/test_systemd_unit.py "$@" || status=1
 
 {
   echo "litefleet soak $(date -u -d "@$started" '+%Y-%m-%d %H:%M UTC'), commit $commit" \
@@ -77,7 +77,7 @@ step faults tests/test_faults.py tests/test_watchdog.py tests/test_secure_e2e.py
 import re, sys
 counts, cur = {}, None
 for line in open(sys.argv[1], errors="replace"):
-    m = re.match(r"^(tests/test_fuzz\S+::\S+):$", line.strip())
+    m = re.match(r"^(tests/fuzz/\S+::\S+):$", line.strip())
     if m:
         cur = m.group(1)
         counts.setdefault(cur, [0, 0])

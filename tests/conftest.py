@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[object]:
     """A private Mosquitto (persistence on) in this test's tmp folder."""
-    from converter.broker import BrokerConfig, BrokerProcess
+    from converter.broker.mosquitto import BrokerConfig, BrokerProcess
 
     proc = BrokerProcess(BrokerConfig(data_dir=tmp_path / "broker"))
     proc.start()
@@ -26,14 +26,14 @@ def broker(tmp_path: Path) -> Iterator[object]:
 
 
 # -- converted models shared by converter, delivery and agent tests (session-wide) -----------
-# (tests.models imports only numpy; TensorFlow loads when a fixture first needs it)
-from tests.models import ConvertedModel, DigitsData  # noqa: E402
+# (tests.support.models imports only numpy; TensorFlow loads when a fixture first needs it)
+from tests.support.models import ConvertedModel, DigitsData  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def digits_data() -> DigitsData:
     """scikit-learn digits: ``x_train, y_train, x_test, y_test = digits_data`` (float32 / int64)."""
-    from tests.models import digits_data as load
+    from tests.support.models import digits_data as load
 
     return load()
 
@@ -43,7 +43,7 @@ def digits_files(
     tmp_path_factory: pytest.TempPathFactory, digits_data: DigitsData
 ) -> dict[str, Path]:
     """The trained digits CNN as ``.keras`` plus its calibration and validation ``.npz``."""
-    from tests.models import save_digits_cnn, save_digits_npz
+    from tests.support.models import save_digits_cnn, save_digits_npz
 
     folder = tmp_path_factory.mktemp("digits")
     x_train, _, x_test, y_test = digits_data
@@ -59,7 +59,7 @@ def digits_int8(
     tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]
 ) -> ConvertedModel:
     """Digits CNN converted to full-integer int8 (int8 I/O): ``.tflite``, ``.card``, ``.golden``."""
-    from tests.models import convert_digits
+    from tests.support.models import convert_digits
 
     out = tmp_path_factory.mktemp("digits_int8") / "digits.tflite"
     return convert_digits(
@@ -72,7 +72,7 @@ def digits_float32(
     tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]
 ) -> ConvertedModel:
     """Digits CNN converted without quantization: ``.tflite``, ``.card``, ``.golden``."""
-    from tests.models import convert_digits
+    from tests.support.models import convert_digits
 
     out = tmp_path_factory.mktemp("digits_float32") / "digits.tflite"
     return convert_digits(
@@ -83,7 +83,7 @@ def digits_float32(
 # -- the long soak (scripts/soak.sh) ----------------------------------------------------------
 # Tests marked ``soak`` run only when asked for (``-m soak``, or LITEFLEET_SOAK=1); the
 # default suite (CI) skips them. HYPOTHESIS_PROFILE=soak makes the fuzz tests draw thousands
-# of examples instead of CI's few hundred (tests/test_fuzz_*.py read it).
+# of examples instead of CI's few hundred (tests/fuzz/ reads it).
 from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
@@ -107,9 +107,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def dense_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two ~14 MB float32 models with the same signature, [1, 3500] -> [1, 1000], with
-    golden vectors (tests/big_models.py): for delivery resilience, faults, the watchdog
+    golden vectors (tests/support/big_models.py): for delivery resilience, faults, the watchdog
     and the soak."""
-    from tests.big_models import build_dense_model
+    from tests.support.big_models import build_dense_model
 
     folder = tmp_path_factory.mktemp("dense")
     return [build_dense_model(folder / f"d{i}" / "dense.tflite", megabytes=14.0, seed=10 + i)

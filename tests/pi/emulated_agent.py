@@ -1,6 +1,6 @@
 """The real ``litefleet-agent`` as a process under qemu, and what a test watches it with.
 
-:class:`EmulatedAgent` is :class:`tests.harness.AgentProcess` started as
+:class:`EmulatedAgent` is :class:`tests.support.harness.AgentProcess` started as
 ``python3.11 -m agent run --config agent.toml`` inside an emulated Raspberry Pi userland
 (:class:`tests.pi.userland.Userland`): the agent process itself runs under qemu (an emulated
 process cannot exec another arm64 program; its forked candidate checks stay emulated, being
@@ -29,7 +29,7 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.harness import AgentProcess
+from tests.support.harness import AgentProcess
 
 from .userland import Userland
 
@@ -64,7 +64,7 @@ def logged_ready_s(agent: AgentProcess, timeout_s: float = 0.0) -> float | None:
     deadline = time.monotonic() + timeout_s
     while True:
         for line in agent.log().splitlines():
-            if "agent.daemon: ready " in line:
+            if "agent.service.daemon: ready " in line:
                 return float(line.split("ready ", 1)[1].split()[0])
         if time.monotonic() >= deadline or not agent.alive():
             return None

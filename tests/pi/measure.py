@@ -61,8 +61,8 @@ def _median_runs(land: Userland, args: list[Any], runs: int) -> tuple[float, lis
 
 def _models(folder: Path) -> dict[str, Path]:
     """int8 digits CNN and int8 MobileNetV2 96x96 (random weights), made with the converter."""
-    from converter.convert import convert_model
-    from tests.models import digits_data, mobilenet_v2, save_digits_cnn, save_digits_npz
+    from converter.convert.pipeline import convert_model
+    from tests.support.models import digits_data, mobilenet_v2, save_digits_cnn, save_digits_npz
 
     data = digits_data()
     digits = save_digits_cnn(folder / "digits.keras", data)

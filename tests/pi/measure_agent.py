@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from converter.broker import BrokerConfig, BrokerProcess, free_port
-from tests.harness import AgentProcess, FleetWatcher, must
+from converter.broker.mosquitto import BrokerConfig, BrokerProcess, free_port
+from tests.support.harness import AgentProcess, FleetWatcher, must
 
 from .emulated_agent import (
     EmulatedAgent,
@@ -56,7 +56,7 @@ WAIT_S = 300.0
 
 
 def _models(folder: Path) -> tuple[Any, Any]:
-    from tests.models import convert_digits, digits_data, save_digits_cnn, save_digits_npz
+    from tests.support.models import convert_digits, digits_data, save_digits_cnn, save_digits_npz
 
     data = digits_data()
     keras = save_digits_cnn(folder / "digits.keras", data)

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.store import file_sha256
-from converter.broker import free_port
-from tests.harness import FleetWatcher, must
+from agent.files import file_sha256
+from converter.broker.mosquitto import free_port
+from tests.support.harness import FleetWatcher, must
 
 from .emulated_agent import EmulatedAgent, MetricsListener, NotifySocket, Rest, model_metrics
 from .userland import Userland
@@ -43,7 +43,7 @@ WAIT_S = 300.0
 
 def quantize_like_the_model(model: Path, x: np.ndarray) -> np.ndarray:
     """Float samples -> the int8 codes the model takes (round half away, as the agent does)."""
-    from agent.runtime import load_interpreter
+    from agent.serving.runtime import load_interpreter
 
     detail = load_interpreter(model).get_input_details()[0]
     scale, zero_point = detail["quantization"]
@@ -78,7 +78,7 @@ def golden_atol(model: Any) -> float:
 
 
 def output_scale(model: Path) -> float:
-    from agent.runtime import load_interpreter
+    from agent.serving.runtime import load_interpreter
 
     return float(load_interpreter(model).get_output_details()[0]["quantization"][0])
 
@@ -209,7 +209,7 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
 _FORK_PROBE = r"""
 import json, os, platform, signal, subprocess
 from pathlib import Path
-import agent.candidate_check as cc
+import agent.activation.check as cc
 from agent.errors import ModelRejectedError
 
 def report_pid(*_):

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.config import load_config
-from converter.broker import free_port
-from tests.harness import FleetWatcher, must
+from agent.service.config import load_config
+from converter.broker.mosquitto import free_port
+from tests.support.harness import FleetWatcher, must
 
 from .emulated_agent import Rest
 from .userland import REPO_ROOT, Userland

@@ -116,14 +116,15 @@ def test_ca_bundle_is_the_rootfs_own(userland: Userland) -> None:
 _AGENT_IMPORTS = r"""
 import importlib, json, pkgutil, sys
 import agent
-names = sorted(m.name for m in pkgutil.iter_modules(agent.__path__) if m.name != "__main__")
+names = sorted(m.name for m in pkgutil.walk_packages(agent.__path__, "agent.")
+               if not m.name.endswith("__main__"))
 failed = {}
 for name in names:
     try:
-        importlib.import_module("agent." + name)
+        importlib.import_module(name)
     except Exception as exc:
         failed[name] = repr(exc)
-from agent.runtime import resolve_runtime
+from agent.serving.runtime import resolve_runtime
 runtime = resolve_runtime()
 print(json.dumps({
     "modules": names,
@@ -136,7 +137,7 @@ print(json.dumps({
 
 def test_every_agent_module_imports_and_picks_the_architectures_litert(userland: Userland) -> None:
     info = _probe(userland, _AGENT_IMPORTS)
-    assert "runtime" in info["modules"] and len(info["modules"]) > 5
+    assert "agent.serving.runtime" in info["modules"] and len(info["modules"]) > 20
     assert info["failed"] == {}
     assert info["runtime"] == {"arm64": "litert", "armhf": "tflite_runtime"}[userland.spec.arch]
     # the device side never pulls in the host's packages
@@ -336,7 +337,7 @@ def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
 def test_mqtt5_round_trip_over_tls(
     userland: Userland, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    from converter.broker import BrokerConfig, BrokerProcess, free_port
+    from converter.broker.mosquitto import BrokerConfig, BrokerProcess, free_port
 
     ca, cert, key = _tls_files(tmp_path / "tls")
     port = free_port()

@@ -1,0 +1,241 @@
+"""Checks a candidate model must pass before it may serve.
+
+1. the runtime loads it;
+2. its inputs and outputs are the ones its card promises (when it has a card),
+   and the card describes this very file (its SHA-256);
+3. it reproduces its golden vectors within their tolerances (when it has
+   them); without golden vectors it must at least run once on zeros.
+
+:func:`check_isolated` runs these checks in a forked child process, so a
+model that crashes the runtime kills the child, not the agent. Where a child
+process cannot be forked (an embedded interpreter) it returns None and the
+caller checks in-process, guarded by the ``checking`` mark in the state file.
+``python -m agent.activation.check --model M [--card C] [--golden G]`` runs the
+same checks from a shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import InferenceError, ModelLoadError, ModelRejectedError
+from agent.files import file_sha256
+from agent.model_card import check_signature, parse_card
+from agent.serving.inference import ModelRunner
+from agent.serving.runtime import load_interpreter
+
+logger = logging.getLogger(__name__)
+
+MAX_GOLDEN_SAMPLES = 64
+CHECK_TIMEOUT_S = 300.0
+
+
+def load_checked(
+    model: Path, card: Path | None, golden: Path | None, *, threads: int = 1,
+    runtime: str = "auto", name: str = "model", version: str = "0",
+) -> ModelRunner:
+    """Load ``model`` and run every check; return the ready runner or raise
+    :class:`ModelRejectedError` saying which check failed."""
+    try:
+        interpreter = load_interpreter(model, threads=threads, runtime=runtime)
+    except ModelLoadError as exc:
+        raise ModelRejectedError("load", str(exc)) from exc
+    runner = ModelRunner(interpreter, name=name, version=version)
+    if card is not None:
+        parsed = parse_card(card.read_bytes())
+        if parsed.tflite_sha256 and parsed.tflite_sha256 != file_sha256(model):
+            raise ModelRejectedError("card", "the card describes a different model file (sha256 differs)")
+        check_signature(parsed, runner.inputs, runner.outputs)
+    if golden is not None:
+        check_golden(runner, golden)
+    else:
+        zeros = [np.zeros(s.shape, dtype=s.dtype) for s in runner.inputs]
+        try:
+            runner.run_raw(zeros)
+        except InferenceError as exc:
+            raise ModelRejectedError("inference", str(exc)) from exc
+    return runner
+
+
+def check_golden(runner: ModelRunner, golden: Path) -> None:
+    """Run every golden input; each output must be within its ``atol``."""
+    try:
+        with np.load(golden, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise ModelRejectedError("golden", f"golden vectors unreadable: {exc}") from exc
+    n_in, n_out = len(runner.inputs), len(runner.outputs)
+    try:
+        xs = [arrays[f"input_{k}"] for k in range(n_in)]
+        ys = [arrays[f"output_{k}"] for k in range(n_out)]
+        atols = [float(arrays[f"atol_{k}"]) for k in range(n_out)]
+    except KeyError as exc:
+        raise ModelRejectedError("golden", f"golden vectors lack {exc}") from exc
+    count = xs[0].shape[0] if xs[0].ndim else 0
+    if not 0 < count <= MAX_GOLDEN_SAMPLES:
+        raise ModelRejectedError("golden", f"golden vectors hold {count} samples")
+    for spec, x in zip(runner.inputs, xs, strict=True):
+        if x.dtype != np.dtype(spec.dtype) or tuple(x.shape[1:]) != spec.shape[1:] or x.shape[0] != count:
+            raise ModelRejectedError(
+                "golden", f"golden input for {spec.name} is {x.dtype}{list(x.shape)}, "
+                f"the model takes {spec.dtype}{list(spec.shape)}")
+    for j in range(count):
+        try:
+            outs = runner.run_raw([x[j : j + 1] for x in xs])
+        except (InferenceError, ValueError) as exc:
+            raise ModelRejectedError("inference", f"golden sample {j}: {exc}") from exc
+        for k, (out, want, atol) in enumerate(zip(outs, ys, atols, strict=True)):
+            diff = np.abs(out.astype(np.float64) - want[j : j + 1].astype(np.float64))
+            worst = float(diff.max()) if diff.size else 0.0
+            if not np.isfinite(worst) or worst > atol:
+                raise ModelRejectedError(
+                    "golden",
+                    f"golden sample {j}, output {k}: differs by {worst:g}, more than the {atol:g} allowed",
+                )
+
+
+def _limit_cpu(cpu_s: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+
+
+def _child_check(model: Path, card: Path | None, golden: Path | None, threads: int,
+                 runtime: str) -> dict[str, object]:
+    try:
+        load_checked(model, card, golden, threads=threads, runtime=runtime)
+        return {"ok": True}
+    except ModelRejectedError as exc:
+        return {"ok": False, "reason": exc.reason, "message": str(exc)}
+    except Exception as exc:  # anything else the model does to the runtime
+        return {"ok": False, "reason": "crashed", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def check_isolated(
+    model: Path, card: Path | None, golden: Path | None, *, threads: int, runtime: str,
+    timeout_s: float = CHECK_TIMEOUT_S, tick: Callable[[], None] | None = None,
+) -> bool | None:
+    """Run :func:`load_checked` in a forked child process.
+
+    True when it passed; raises :class:`ModelRejectedError` when it failed or the
+    child died (a crash in the runtime kills the child, not the agent); None
+    where this platform cannot fork (the caller then checks in-process).
+
+    The child has already imported the runtime (it is a fork of the agent), so
+    a check costs milliseconds, not an interpreter start. It may use
+    ``timeout_s`` of CPU time (the kernel ends it with SIGXCPU after that: a
+    model that never returns from ``invoke``) and twice that of wall-clock time.
+    ``tick()`` is called at least once a second while the child runs: the caller is
+    healthy while it waits for a bounded check (the agent feeds systemd's watchdog).
+    """
+    if not hasattr(os, "fork"):
+        return None
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        logger.info("cannot fork a check process here (%s); checking in-process", exc)
+        return None
+    if pid == 0:  # the child: check, report on the pipe, leave without cleanup
+        code = 0
+        try:
+            os.close(read_fd)
+            _die_with_parent(parent, 2 * timeout_s + 10)
+            _limit_cpu(max(1, int(timeout_s)))
+            result = _child_check(model, card, golden, threads, runtime)
+            os.write(write_fd, json.dumps(result).encode()[:65536])
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        data = _read_all(read_fd, 2 * timeout_s + 10, tick)
+    finally:
+        os.close(read_fd)
+    if data is None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise ModelRejectedError("timeout", f"checking the model took more than {2 * timeout_s + 10:g} s")
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        why = (f"used more than {int(timeout_s)} s of CPU time (it never returned)"
+               if sig == "SIGXCPU" else "crashed")
+        raise ModelRejectedError("crashed", f"the runtime was killed by {sig} running this model: {why}")
+    try:
+        result = json.loads(data)
+    except ValueError as exc:
+        raise ModelRejectedError("crashed", f"the check process failed (exit status {status})") from exc
+    if result.get("ok"):
+        return True
+    raise ModelRejectedError(str(result.get("reason", "check")), str(result.get("message", "")))
+
+
+def _die_with_parent(parent: int, wall_s: float) -> None:
+    """In the child: end with the agent, and after ``wall_s`` in any case. A child that
+    hangs without using CPU (a deadlock) is never ended by RLIMIT_CPU; if the agent is
+    killed meanwhile (SIGKILL, OOM, the watchdog), nothing else would end it."""
+    signal.alarm(int(wall_s) + 1)  # SIGALRM's default action ends the process
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os._exit(71)
+
+
+def _read_all(fd: int, timeout_s: float, tick: Callable[[], None] | None = None) -> bytes | None:
+    """Everything until EOF, or None when ``timeout_s`` passes first; ``tick()`` each second."""
+    import select
+
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        if tick is not None:
+            tick()
+        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if not ready:
+            continue
+        block = os.read(fd, 65536)
+        if not block:
+            return b"".join(chunks)
+        chunks.append(block)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.activation.check")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--card", type=Path)
+    parser.add_argument("--golden", type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runtime", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        load_checked(args.model, args.card, args.golden, threads=args.threads, runtime=args.runtime)
+        result: dict[str, object] = {"ok": True}
+    except ModelRejectedError as exc:
+        result = {"ok": False, "reason": exc.reason, "message": str(exc)}
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""Carries out activation decisions: checks candidates, swaps runners, rolls back.
+
+The decisions are :mod:`agent.activation.decisions`'s pure functions; this module
+applies them in a safe order: compute the new state, write it atomically,
+then act (load, swap in the registry, delete files). The old model keeps
+serving until the new one has passed every check and is loaded, so there is
+never a gap. All methods run on the daemon's main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.activation import decisions as act
+from agent.activation.check import check_isolated, load_checked
+from agent.activation.store import ModelStore, StateFile
+from agent.errors import ModelRejectedError, StorageError
+from agent.serving.inference import ModelRunner
+from agent.serving.registry import ActiveModel, ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+EventFn = Callable[..., None]
+
+
+@dataclass
+class _Trial:
+    since: float  # monotonic time of activation
+    ok0: int  # runner counters when the trial began
+    err0: int
+
+
+class ModelManager:
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        state_file: StateFile,
+        registry: ModelRegistry,
+        threads: int = 1,
+        runtime: str = "auto",
+        max_crash_restarts: int = 2,
+        probation_inferences: int = 20,
+        probation_s: float = 60.0,
+        isolate_checks: bool = True,
+        check_timeout_s: float = 120.0,
+        event: EventFn | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        tick: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.state_file = state_file
+        self.registry = registry
+        self.threads = threads
+        self.runtime = runtime
+        self.max_crash_restarts = max_crash_restarts
+        self.probation_inferences = probation_inferences
+        self.probation_s = probation_s
+        self.isolate_checks = isolate_checks
+        self.check_timeout_s = check_timeout_s
+        self._event = event or (lambda kind, **kw: None)
+        self._clock = clock
+        # called while a candidate's check runs in its child (feeds systemd's watchdog)
+        self._tick = tick
+        self.state = act.DeviceState.empty()
+        self._trials: dict[str, _Trial] = {}
+        self.last_error: tuple[str, str] | None = None
+
+    # -- helpers ---------------------------------------------------------------------
+    def _save(self, state: act.DeviceState) -> None:
+        self.state_file.save(state)
+        self.state = state
+
+    def _load_runner(self, name: str, inst: act.Installed) -> ModelRunner:
+        files = self.store.files(name, inst.version)
+        runner = load_checked(files["model"], files.get("card"), files.get("golden"),
+                              threads=self.threads, runtime=self.runtime, name=name,
+                              version=str(inst.version))
+        runner.stats.reset()  # the golden self-checks are not traffic
+        return runner
+
+    def _serve(self, name: str, inst: act.Installed, runner: ModelRunner) -> None:
+        self.registry.activate(ActiveModel(name, str(inst.version), inst.sha256, runner))
+
+    def _begin_trial(self, name: str, runner: ModelRunner) -> None:
+        ok, err = _counters(runner)
+        self._trials[name] = _Trial(self._clock(), ok, err)
+
+    # -- start-up ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the state file, apply crash-loop decisions, load every active model."""
+        state = self.state_file.load()
+        for name in sorted(state.models):
+            ms, action = act.on_start(state.get(name), self.max_crash_restarts)
+            state = state.with_model(name, ms)
+            if action is act.StartAction.ROLLED_BACK:
+                rej = ms.rejected[-1]
+                self._event("rolled_back", model=name, version=rej.version, reason=rej.reason,
+                            message=rej.message, to_version=ms.active.version if ms.active else None)
+                self.last_error = (rej.reason, rej.message)
+            elif action is act.StartAction.REJECTED_CHECK:
+                rej = ms.rejected[-1]
+                self._event("rejected", model=name, version=rej.version, reason=rej.reason,
+                            message=rej.message)
+                self.last_error = (rej.reason, rej.message)
+        self._save(state)
+        for name in sorted(state.models):
+            self._start_model(name)
+        self.cleanup()
+
+    def _start_model(self, name: str) -> None:
+        """Load the active version of ``name``; if it no longer loads, fall back."""
+        while True:
+            ms = self.state.get(name)
+            if ms.active is None:
+                return
+            try:
+                runner = self._load_runner(name, ms.active)
+            except (ModelRejectedError, StorageError, OSError, KeyError) as exc:
+                reason = getattr(exc, "reason", "load")
+                message = f"installed model no longer loads: {exc}"
+                failed = ms.active
+                self._save(self.state.with_model(name, act.roll_back(ms, reason, message)))
+                self._event("rolled_back", model=name, version=failed.version, reason=reason,
+                            message=message)
+                self.last_error = (reason, message)
+                continue
+            self._serve(name, ms.active, runner)
+            if ms.trial_starts is not None:
+                self._begin_trial(name, runner)
+            return
+
+    # -- candidates -------------------------------------------------------------------------
+    def consider(self, cand: act.Candidate) -> bool:
+        """Check ``cand`` and make it active; False (and an event) when it is refused."""
+        name, inst = cand.release.name, cand.installed
+        files = cand.files
+        try:
+            passed = None
+            if self.isolate_checks:
+                passed = check_isolated(files["model"], files.get("card"), files.get("golden"),
+                                        threads=self.threads, runtime=self.runtime,
+                                        timeout_s=self.check_timeout_s, tick=self._tick)
+            if passed is None:
+                # in-process: mark it first, so a crash here rejects it on restart
+                self._save(self.state.with_model(name, act.begin_check(self.state.get(name), inst)))
+            runner = self._load_runner(name, inst)
+        except ModelRejectedError as exc:
+            self._refuse(name, inst, exc.reason, str(exc))
+            return False
+        old = self.state.get(name).active
+        self._save(self.state.with_model(name, act.activate(self.state.get(name), inst)))
+        self._serve(name, inst, runner)
+        self._begin_trial(name, runner)
+        self._event("activated", model=name, version=inst.version, sha256=inst.sha256,
+                    previous=old.version if old else None)
+        self.last_error = None
+        return True
+
+    def refuse(self, name: str, version: int, sha256: str, reason: str, message: str) -> None:
+        """Record a candidate that failed before it could be checked (download, size)."""
+        self._refuse(name, act.Installed(version, sha256), reason, message)
+
+    def _refuse(self, name: str, inst: act.Installed, reason: str, message: str) -> None:
+        ms = act.reject(self.state.get(name), inst, reason, message)
+        self._save(self.state.with_model(name, ms))
+        self._event("rejected", model=name, version=inst.version, reason=reason, message=message)
+        self.last_error = (reason, message)
+
+    # -- trials --------------------------------------------------------------------------------
+    def poll_trials(self) -> None:
+        """Judge every model on trial: mark it good or roll it back."""
+        for name in list(self._trials):
+            ms = self.state.get(name)
+            current = self.registry.snapshot().get(name)
+            if ms.trial_starts is None or current is None:
+                self._trials.pop(name, None)
+                continue
+            trial = self._trials[name]
+            ok, err = _counters(current.runner)
+            verdict = act.judge_trial(
+                act.Probation(ok - trial.ok0, err - trial.err0, self._clock() - trial.since),
+                good_after_inferences=self.probation_inferences, good_after_s=self.probation_s)
+            if verdict == "good":
+                self._save(self.state.with_model(name, act.mark_good(ms)))
+                self._trials.pop(name)
+                self._event("marked_good", model=name, version=ms.active.version if ms.active else None)
+            elif verdict == "bad":
+                self._trials.pop(name)
+                self.roll_back(name, "inference_errors",
+                               f"{err - trial.err0} inference errors in its first "
+                               f"{ok - trial.ok0 + err - trial.err0} uses")
+
+    def roll_back(self, name: str, reason: str, message: str) -> None:
+        ms = self.state.get(name)
+        failed = ms.active
+        if failed is None:
+            return
+        new_ms = act.roll_back(ms, reason, message)
+        self._save(self.state.with_model(name, new_ms))
+        self.last_error = (reason, message)
+        if new_ms.active is None:
+            self.registry.deactivate(name)
+        else:
+            self._start_model(name)
+        self._event("rolled_back", model=name, version=failed.version, reason=reason, message=message,
+                    to_version=new_ms.active.version if new_ms.active else None)
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Delete model versions the state no longer needs (call after a batch of
+        :meth:`consider` calls: candidates not yet considered are not protected)."""
+        try:
+            removed = self.store.cleanup(self.state.keep_versions())
+        except OSError as exc:
+            logger.warning("cleanup of %s failed: %s", self.store.root, exc)
+            return
+        if removed:
+            logger.debug("removed %s", ", ".join(removed))
+
+    def summary(self) -> dict[str, Any]:
+        """name -> {version, status} for the state topic."""
+        out: dict[str, Any] = {}
+        for name, ms in sorted(self.state.models.items()):
+            if ms.active is None:
+                continue
+            out[name] = {"version": ms.active.version, "sha256": ms.active.sha256,
+                         "trial": ms.trial_starts is not None}
+        return out
+
+
+def _counters(runner: ModelRunner) -> tuple[int, int]:
+    """(answered, runtime failures) of a runner so far."""
+    snap = runner.stats.snapshot()
+    return snap.ok, snap.errors

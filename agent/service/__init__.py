@@ -1,0 +1,7 @@
+"""The agent as a process: configuration, the daemon's work loop, systemd's notify protocol, the CLI.
+
+- ``config``: ``agent.toml`` as a frozen dataclass (unknown keys refused);
+- ``daemon``: wires delivery, activation, serving and telemetry together and runs the work loop;
+- ``sdnotify``: ``READY=1``, ``STATUS=``, ``WATCHDOG=1`` without a dependency;
+- ``cli``: ``litefleet-agent`` (owns the console).
+"""

@@ -1,0 +1,261 @@
+"""The agent's configuration: ``agent.toml`` plus command-line overrides.
+
+:func:`load_config` reads the TOML file with :mod:`tomllib`, applies flag
+overrides, rejects unknown keys and checks every field and the fields against
+each other; it returns a frozen :class:`AgentConfig` or raises
+:class:`agent.errors.ConfigError` with one clear sentence.
+
+Secrets (the MQTT password, the TLS client key) may be files named relative
+to ``$CREDENTIALS_DIRECTORY``, which systemd's ``LoadCredential=`` sets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from agent.errors import ConfigError
+from agent.serving.runtime import RUNTIME_CHOICES
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+GROUP_RE = DEVICE_ID_RE
+TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A parsed ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://`` URL."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:  # never shows the password
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse a broker URL or raise :class:`ConfigError`."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {url!r} is malformed: {exc}") from exc
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ConfigError(f"broker URL {url!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"broker URL {url!r} must be mqtt[s]://[user[:password]@]host[:port]")
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port or (8883 if tls else 1883),
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent needs to run. Units are in the names."""
+
+    device_id: str
+    broker: str
+    state_dir: Path
+    trusted_root: Path
+    groups: tuple[str, ...] = ()
+    # host:port of the local REST API; "" disables it
+    http: str = "127.0.0.1:8501"
+    runtime: str = "auto"
+    threads: int = 1
+    metrics_interval_s: float = 10.0
+    # -- beyond the contract's keys (documented in docs/agent.md) --
+    topic_prefix: str = "litefleet"
+    # a refresh also happens at once whenever a new timestamp.json arrives
+    refresh_interval_s: float = 300.0
+    # chunk subscriptions in flight at once while downloading
+    download_window: int = 8
+    # a model bigger than this is refused before any byte is fetched
+    max_model_bytes: int = 512 * 1024 * 1024
+    # a new model is "good" after this many successful inferences or this long
+    # without an inference error, whichever comes first
+    probation_inferences: int = 20
+    probation_s: float = 60.0
+    # CPU seconds a candidate's checks may take (load and golden vectors, in a
+    # child process); a model that never returns is killed after this
+    check_timeout_s: float = 120.0
+    # start-ups in a row that may end before a new model is marked good
+    max_crash_restarts: int = 2
+    # the on-disk metrics queue used while the broker is unreachable
+    # ~1.5 kB a row: 20,000 rows are ~30 MB, 2.3 days of metrics every 10 s
+    metrics_queue_max_rows: int = 20_000
+    http_max_body_bytes: int = 32 * 1024 * 1024
+    # TLS and credentials; relative paths are looked up in $CREDENTIALS_DIRECTORY
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    username: str = ""
+    password_file: str = ""
+    log_level: str = "info"
+
+    @property
+    def broker_address(self) -> BrokerAddress:
+        return parse_broker_url(self.broker)
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        return parse_host_port(self.http) if self.http else None
+
+    def credential_path(self, value: str) -> Path | None:
+        """Resolve a secret file name (absolute, or in ``$CREDENTIALS_DIRECTORY``)."""
+        if not value:
+            return None
+        p = Path(value)
+        if not p.is_absolute():
+            creds = os.environ.get("CREDENTIALS_DIRECTORY")
+            if creds and (Path(creds) / p).exists():
+                return Path(creds) / p
+        return p
+
+    def password(self) -> str | None:
+        addr = self.broker_address
+        if addr.password:
+            return addr.password
+        path = self.credential_path(self.password_file)
+        if path is None:
+            return None
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read password_file {path}: {exc.strerror}") from exc
+
+
+_FIELDS = {f.name: f for f in fields(AgentConfig)}
+REQUIRED = ("device_id", "broker", "state_dir", "trusted_root")
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ConfigError(f"http must be host:port (or empty to disable), got {value!r}")
+    return host.strip("[]"), int(port_s)
+
+
+_EXPECTED = {"Path": "a non-empty path string", "tuple[str, ...]": "a list of strings",
+             "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML or flag value into the field's type, or raise ConfigError."""
+    kind = _FIELDS[name].type
+    if isinstance(value, str) and "\0" in value:  # TOML allows "\u0000"; no file name does
+        raise ConfigError(f"config key {name!r}: contains a NUL character")
+    try:
+        if kind == "Path" and isinstance(value, str) and value:
+            return Path(value).expanduser()  # RuntimeError for ~nosuchuser
+        if kind == "tuple[str, ...]":
+            if isinstance(value, str):
+                value = [g for g in value.split(",") if g.strip()]
+            if isinstance(value, list) and all(isinstance(g, str) for g in value):
+                return tuple(g.strip() for g in value)
+        if kind == "int" and not isinstance(value, bool) and isinstance(value, int | str):
+            return int(value)
+        if kind == "float" and not isinstance(value, bool) and isinstance(value, int | float | str):
+            return float(value)
+        if kind == "str" and isinstance(value, str):
+            return value
+    except (ValueError, RuntimeError):
+        pass
+    raise ConfigError(f"config key {name!r}: expected {_EXPECTED[str(kind)]}, got {value!r}")
+
+
+def _check(cfg: AgentConfig) -> None:
+    if not DEVICE_ID_RE.match(cfg.device_id):
+        raise ConfigError(
+            f"device_id {cfg.device_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
+        )
+    for g in cfg.groups:
+        if not GROUP_RE.match(g):
+            raise ConfigError(f"group {g!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    addr = parse_broker_url(cfg.broker)
+    if cfg.http:
+        parse_host_port(cfg.http)
+    if cfg.runtime not in RUNTIME_CHOICES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {cfg.runtime!r}")
+    if not 1 <= cfg.threads <= 64:
+        raise ConfigError(f"threads must be between 1 and 64, got {cfg.threads}")
+    positive = ("metrics_interval_s", "refresh_interval_s", "probation_s", "check_timeout_s")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("download_window", "max_model_bytes", "metrics_queue_max_rows",
+                 "http_max_body_bytes", "probation_inferences"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_crash_restarts < 0:
+        raise ConfigError("max_crash_restarts must not be negative")
+    if not TOPIC_PREFIX_RE.match(cfg.topic_prefix):
+        raise ConfigError(f"topic_prefix {cfg.topic_prefix!r} may not contain wildcards or empty levels")
+    if bool(cfg.cert_file) != bool(cfg.key_file):
+        raise ConfigError("cert_file and key_file go together: give both or neither")
+    if (cfg.ca_file or cfg.cert_file) and not addr.tls:
+        raise ConfigError("ca_file/cert_file are set but the broker URL is not mqtts://")
+    if cfg.password_file and addr.password:
+        raise ConfigError("give the password in the broker URL or in password_file, not both")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, got {cfg.log_level!r}")
+
+
+def config_from_mapping(doc: dict[str, Any], *, source: str = "config") -> AgentConfig:
+    unknown = sorted(set(doc) - set(_FIELDS))
+    if unknown:
+        # repr() for a name that would not print as one plain word (an error is one line)
+        shown = (k if k.isprintable() and k.strip() == k else repr(k) for k in unknown)
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(shown)}")
+    missing = [k for k in REQUIRED if doc.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
+    values = {k: _coerce(k, v) for k, v in doc.items()}
+    cfg = AgentConfig(**values)
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Read ``path`` (may be None when every required key is overridden) and apply
+    ``overrides`` (flag values; None means "not given")."""
+    doc: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # tomllib raises UnicodeDecodeError for a file that is not UTF-8 and
+            # RecursionError for absurdly nested arrays
+            raise ConfigError(f"{path} is not valid TOML: {str(exc)[:200]}") from exc
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            doc[key] = value
+    return config_from_mapping(doc, source=source)
+
+
+def with_overrides(cfg: AgentConfig, **changes: Any) -> AgentConfig:
+    new = replace(cfg, **changes)
+    _check(new)
+    return new

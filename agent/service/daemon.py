@@ -1,0 +1,455 @@
+"""The agent daemon: wires the pieces together and runs the work loop.
+
+Threads and what runs on them:
+
+* paho's network thread: copies messages into queues, publishes the
+  ``online`` state after each connect. Nothing slow.
+* the main thread (:meth:`Agent.run`): refreshes metadata, downloads,
+  checks and activates models, judges models on trial, sends metrics, feeds
+  the systemd watchdog. Only this thread changes the state file.
+* REST server threads and the MQTT inference worker: read the registry and
+  run inference; they never change state.
+
+The loop catches only :class:`agent.errors.LitefleetError` subclasses;
+anything else is a bug and ends the process (systemd restarts it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from agent import __version__
+from agent.activation.manager import ModelManager
+from agent.activation.store import ModelStore, StateFile
+from agent.delivery.metadata import RetainedMetadata
+from agent.delivery.updater import ModelUpdater, read_trusted_root
+from agent.errors import (
+    ConfigError,
+    ModelRejectedError,
+    StorageError,
+    TransportError,
+)
+from agent.mqtt.client import ConnectionSettings, MqttClient
+from agent.mqtt.transport import Message
+from agent.protocol import Topics
+from agent.service.config import AgentConfig
+from agent.service.sdnotify import Notifier
+from agent.serving.mqtt_requests import InferWorker
+from agent.serving.registry import ModelRegistry
+from agent.serving.rest import RestServer
+from agent.serving.runtime import resolve_runtime
+from agent.serving.stats import ApiCounters
+from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporter
+from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
+
+logger = logging.getLogger(__name__)
+
+# refusals that say something about the signed release itself: remembered, never retried.
+# Others (a corrupt chunk on the broker, a full disk) are retried at the next refresh.
+PERMANENT_REASONS = frozenset({
+    "too_large", "invalid_target", "missing_target", "load", "signature", "card",
+    "golden", "inference", "crashed", "timeout",
+})
+
+
+def connection_settings(cfg: AgentConfig, will_payload: bytes) -> ConnectionSettings:
+    addr = cfg.broker_address
+    return ConnectionSettings(
+        host=addr.host,
+        port=addr.port,
+        client_id=cfg.device_id,
+        tls=addr.tls,
+        ca_file=str(cfg.credential_path(cfg.ca_file)) if cfg.ca_file else None,
+        cert_file=str(cfg.credential_path(cfg.cert_file)) if cfg.cert_file else None,
+        key_file=str(cfg.credential_path(cfg.key_file)) if cfg.key_file else None,
+        username=addr.username or cfg.username or None,
+        password=cfg.password(),
+        will_topic=Topics(cfg.topic_prefix).state(cfg.device_id),
+        will_payload=will_payload,
+    )
+
+
+class Agent:
+    """One device agent. ``start()`` then ``run()`` (blocking), or ``start()`` and
+    ``stop()`` around an embedding application's own loop."""
+
+    def __init__(self, cfg: AgentConfig, *, notifier: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.topic_prefix)
+        self.registry = ModelRegistry()
+        self._clock = clock
+        self._notifier = notifier
+        self._work: queue.Queue[str] = queue.Queue()
+        self._stop = threading.Event()
+        self.status = "starting"
+        self.error: str | None = None
+        self._last_reported: tuple[str, str] | None = None
+        self._will_dirty = False
+        # metadata changes seen on paho's thread, and how many the last refresh covered
+        self._meta_changes = 0
+        self._seen_changes = -1
+        # events carry (boot, seq): QoS 1 is at-least-once, consumers drop repeats
+        self.boot_id = uuid.uuid4().hex[:12]
+        self._event_seq = 0
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+        self._first_refresh_done = False
+        self._notified_status = ""
+        self._last_served: tuple[int, float | None] = (0, None)
+        self._shutting_down = False
+
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = ModelStore(cfg.state_dir)
+        trusted_root = read_trusted_root(cfg.trusted_root)
+        self.cache = RetainedMetadata(self.topics, on_change=self._on_metadata_change)
+        self.manager = ModelManager(
+            store=self.store,
+            state_file=StateFile(cfg.state_dir / "state.json"),
+            registry=self.registry,
+            threads=cfg.threads,
+            runtime=cfg.runtime,
+            max_crash_restarts=cfg.max_crash_restarts,
+            probation_inferences=cfg.probation_inferences,
+            probation_s=cfg.probation_s,
+            check_timeout_s=cfg.check_timeout_s,
+            event=self.event,
+            clock=clock,
+            tick=self._tick,  # a candidate's check may take seconds: the loop is alive meanwhile
+        )
+        # the will is the state message with online false; it is replaced after activations
+        self.client = MqttClient(connection_settings(cfg, b""))
+        self.updater = ModelUpdater(
+            device_id=cfg.device_id,
+            groups=cfg.groups,
+            trusted_root=trusted_root,
+            client=self.client,
+            topics=self.topics,
+            store=self.store,
+            cache=self.cache,
+            window=cfg.download_window,
+            max_model_bytes=cfg.max_model_bytes,
+            event=self.event,
+            tick=self._tick,
+            wait_synced=self._wait_synced,
+        )
+        # the service face: REST, MQTT inference, metrics through the on-disk queue
+        self.counters = ApiCounters()
+        self.rest = RestServer.from_config(cfg, self.registry, counters=self.counters)
+        self.infer = InferWorker(self.registry, self.client, counters=self.counters,
+                                 max_payload_bytes=cfg.http_max_body_bytes)
+        self.metrics_queue = MetricsQueue.in_state_dir(cfg.state_dir, max_rows=cfg.metrics_queue_max_rows)
+        self.sender = QueueSender(self.metrics_queue, self.client)
+        self.reporter = MetricsReporter(
+            device_id=cfg.device_id,
+            topic=self.topics.metrics(cfg.device_id),
+            recorder=MetricsRecorder(self.registry, counters=self.counters),
+            probe=DeviceProbe(cfg.state_dir),
+            queue=self.metrics_queue,
+            agent_version=__version__,
+            on_queued=self.sender.wake,
+        )
+        self._notifier = notifier if notifier is not None else Notifier()
+
+    # -- events and state ------------------------------------------------------------
+    def event(self, kind: str, **fields: Any) -> None:
+        """Publish an event (best effort: events are not queued while offline)."""
+        self._event_seq += 1
+        payload = {"ts": round(time.time(), 3), "device_id": self.cfg.device_id, "event": kind,
+                   "seq": self._event_seq, "boot": self.boot_id, **fields}
+        log = logger.warning if kind in ("rejected", "rolled_back") else logger.info
+        log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
+        if kind == "downloading":
+            self._set_status("downloading")
+        with contextlib.suppress(TransportError):
+            self.client.publish(self.topics.events(self.cfg.device_id),
+                                json.dumps(payload).encode(), qos=1)
+        if kind in ("activated", "rolled_back"):
+            self._will_dirty = True
+
+    def _served(self) -> tuple[int, float | None]:
+        snaps = [m.runner.stats.snapshot() for m in self.registry.snapshot().values()]
+        p50 = snaps[0].quantile_ms(0.5) if snaps else None
+        return sum(s.ok for s in snaps), round(p50, 3) if p50 is not None else None
+
+    def _state_payload(self, *, online: bool) -> bytes:
+        models = self.manager.summary()
+        first = next(iter(models.items()), None)
+        inferences, p50 = self._served()
+        doc = {
+            "device_id": self.cfg.device_id,
+            "online": online,
+            "model": first[0] if first else None,
+            "version": str(first[1]["version"]) if first else None,
+            "status": self.status if online else "offline",
+            "error": self.error,
+            "models": models,
+            "groups": list(self.cfg.groups),
+            "repo_version": self.updater.repo_version,
+            "agent_version": __version__,
+            "boot": self.boot_id,
+            "inferences": inferences,
+            "latency_ms_p50": p50,
+            "ts": round(time.time(), 3),
+        }
+        return json.dumps(doc).encode()
+
+    def publish_state(self) -> None:
+        with contextlib.suppress(TransportError):
+            self.client.publish(self.topics.state(self.cfg.device_id),
+                                self._state_payload(online=True), qos=1, retain=True)
+
+    def _set_status(self, status: str, error: str | None = None, *, keep_error: bool = False) -> None:
+        changed = status != self.status or (not keep_error and error != self.error)
+        self.status = status
+        if not keep_error:
+            self.error = error
+        if changed:
+            self.publish_state()
+
+    # -- paho thread -------------------------------------------------------------------
+    def _on_metadata_change(self, name: str) -> None:
+        if name == "timestamp.json" or name.endswith(".root.json"):
+            self._meta_changes += 1
+            self._work.put("refresh")
+
+    def _on_connected(self) -> None:
+        if self._shutting_down:
+            return
+        self.publish_state()
+        self._work.put("wake")  # readiness may be due now: don't wait for the next tick
+        self.sender.wake()  # replay what was queued while offline
+
+    def _on_infer(self, message: Message) -> None:
+        # paho thread: only queue. Answer only where this device may publish.
+        if message.response_topic and not self.topics.reply_allowed(self.cfg.device_id,
+                                                                    message.response_topic):
+            logger.debug("inference request with response topic %.80s refused", message.response_topic)
+            return
+        self.infer.submit(message)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load active models, connect, start serving. Returns at once."""
+        runtime = resolve_runtime(self.cfg.runtime)
+        logger.info("litefleet-agent %s, device %s, runtime %s %s", __version__, self.cfg.device_id,
+                    runtime.name, runtime.version)
+        self.manager.start()
+        self.status = "serving" if self.registry.names() else "idle"
+        if self.manager.last_error:
+            self.error = ": ".join(self.manager.last_error)
+        self.client.set_will(self._state_payload(online=False))
+        self.client.add_connect_listener(self._on_connected)
+        self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=1)
+        self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)
+        if self.rest is not None:
+            try:
+                self.rest.start()
+            except OSError as exc:
+                raise ConfigError(f"cannot serve the REST API on {self.cfg.http}: {exc.strerror}") from exc
+        self.infer.start()
+        self.sender.start()
+        self.client.start()
+        self._work.put("refresh!")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.put("stop")
+
+    def shutdown(self) -> None:
+        """Say goodbye on the broker (retained state: offline), stop serving, disconnect."""
+        self._notifier.stopping("stopping")
+        self._shutting_down = True  # a reconnect from now on must not announce "online"
+        # a reconnect may be under way (a new will after an activation): let it finish,
+        # or the goodbye would be lost and the retained state would stay "online"
+        self.client.wait_connected(3.0)
+        try:
+            d = self.client.publish(self.topics.state(self.cfg.device_id),
+                                    self._state_payload(online=False), qos=1, retain=True)
+            d.wait(2.0)
+        except TransportError:
+            pass
+        if self.rest is not None:
+            self.rest.stop()
+        self.infer.stop()
+        self.sender.stop()
+        self.client.stop()
+        self.metrics_queue.close()
+
+    def _wait_synced(self, timeout_s: float) -> bool:
+        synced = self.client.wait_synced(timeout_s)
+        if synced:
+            # this refresh reads the cache as it is now: it covers every change so far
+            self._seen_changes = self._meta_changes
+        return synced
+
+    def _tick(self) -> None:
+        """Called from the work loop and from inside long downloads: feeds the watchdog."""
+        self._notifier.watchdog()
+
+    def _should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """The work loop; returns after :meth:`stop`."""
+        # start() queued the first refresh
+        next_refresh = self._clock() + self.cfg.refresh_interval_s
+        next_metrics = self._clock() + self.cfg.metrics_interval_s
+        fails = 0
+        while not self._stop.is_set():
+            now = self._clock()
+            timeout = max(0.0, min(next_refresh - now, next_metrics - now, 1.0))
+            try:
+                item = self._work.get(timeout=timeout)
+            except queue.Empty:
+                item = "tick"
+            if item == "stop":
+                break
+            while item.startswith("refresh") and not self._work.empty():
+                nxt = self._work.get_nowait()  # coalesce a burst of metadata changes
+                if nxt == "stop":
+                    item = "stop"
+                    break
+                if nxt == "refresh!":
+                    item = nxt
+            if item == "stop":
+                break
+            self._tick()
+            # a metadata change already seen by the last refresh needs no other
+            wanted = item == "refresh!" or (item == "refresh" and self._meta_changes != self._seen_changes)
+            if wanted or self._clock() >= next_refresh:
+                outcome = self.refresh_once()
+                if outcome == "ok":
+                    fails = 0
+                    delay = self.cfg.refresh_interval_s
+                else:
+                    # back off: 5, 10, 20 ... s for a broker that is away; 15, 30 ...
+                    # for bad data on the broker (a new timestamp wakes us at once anyway)
+                    base = 5.0 if outcome == "transport" else 15.0
+                    delay = min(self.cfg.refresh_interval_s, base * 2 ** min(fails, 10))
+                    fails += 1
+                next_refresh = self._clock() + delay
+                release_free_memory()
+            self.manager.poll_trials()
+            self._after_changes()
+            if self._clock() >= next_metrics:
+                self.reporter.report_once()
+                next_metrics = max(next_metrics + self.cfg.metrics_interval_s, self._clock())
+                # the retained state carries the inference count and p50 for `status`
+                served = self._served()
+                if served != self._last_served:
+                    self._last_served = served
+                    self.publish_state()
+            self._maybe_ready()
+
+    def _after_changes(self) -> None:
+        # never while stopping: a reconnect after the goodbye would say "online" again
+        if self._will_dirty and self.status != "downloading" and not self._stop.is_set():
+            self._will_dirty = False
+            self.client.replace_will(self._state_payload(online=False))
+
+    def refresh_once(self) -> str:
+        """One refresh: ``"ok"``, ``"transport"`` (retry soon) or ``"failed"`` (back off)."""
+        outcome = self._refresh_once()
+        if outcome != "transport":
+            self._first_refresh_done = True
+        return outcome
+
+    def _refresh_once(self) -> str:
+        try:
+            result = self.updater.refresh(self.manager.state, self._should_stop)
+        except ModelRejectedError as exc:
+            if exc.reason == "no_repository":
+                # connected and synced, and there is nothing to fetch yet: ready
+                self._first_refresh_done = True
+                self._set_status(self._serving_status(), None)
+                return "transport"
+            self._report_failure(exc.reason, str(exc))
+            return "transport" if exc.reason == "missing_metadata" else "failed"
+        except TransportError as exc:
+            logger.info("refresh postponed: %s", exc)
+            self._set_status(self._serving_status(), keep_error=True)
+            return "transport"
+        except StorageError as exc:
+            self._report_failure("storage", str(exc))
+            return "failed"
+        for name, (reason, message, version, sha) in sorted(result.failures.items()):
+            if reason in PERMANENT_REASONS:
+                self.manager.refuse(name, version, sha, reason, message)
+            else:
+                self._report_failure(reason, message, model=name, version=version)
+        for cand in result.candidates:
+            self._set_status("checking", keep_error=True)
+            self.manager.consider(cand)
+        self.manager.cleanup()
+        transient = any(r not in PERMANENT_REASONS for r, *_ in result.failures.values())
+        if self.manager.last_error and (result.candidates or result.failures):
+            self.error = ": ".join(self.manager.last_error)
+        elif not transient:
+            self.error = None
+            self._last_reported = None
+        self._set_status(self._serving_status(), self.error)
+        self.publish_state()
+        return "failed" if transient else "ok"
+
+    def _maybe_ready(self) -> None:
+        """READY=1 once connected with the active models loaded and the first refresh
+        done (a device without any model yet is ready then too)."""
+        text = f"{self.status}: {', '.join(self.registry.names()) or 'no model'}" + (
+            f"; {self.error}" if self.error else "")
+        if self.ready_at is None and self.client.connected and self._first_refresh_done:
+            self.ready_at = time.time()
+            self._notifier.ready(text)
+            logger.info("ready %.2f s after start", self.ready_at - self.started_at)
+        elif self.ready_at is not None and text != self._notified_status:
+            self._notifier.status(text)
+        self._notified_status = text
+
+    def _serving_status(self) -> str:
+        return "serving" if self.registry.names() else "idle"
+
+    def _report_failure(self, reason: str, message: str, **fields: Any) -> None:
+        key = (reason, message)
+        if key != self._last_reported:
+            self._last_reported = key
+            self.event("rejected", reason=reason, message=message, **fields)
+        self._set_status(self._serving_status(), f"{reason}: {message}")
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the system (glibc only; a no-op elsewhere).
+
+    A refresh parses and verifies metadata and may download megabytes; the
+    memory is freed afterwards but glibc keeps it mapped. On a 512 MB Pi
+    that is worth a system call after each refresh (measured: a few MB)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+def install_signal_handlers(agent: Agent) -> None:
+    def handle(signum: int, frame: Any) -> None:
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

@@ -1,0 +1,1 @@
+"""``litefleet``: the host command line, one module per command (only this package writes to the console)."""

@@ -1,0 +1,97 @@
+"""``litefleet``: the host command line. This module owns the console.
+
+Each command lives in its own module and registers itself through
+``register(subparsers)``, setting ``func(args) -> int`` on its parser.
+Errors the code raises on purpose (:class:`agent.errors.LitefleetError`)
+become one line on stderr and an exit code: 2 for bad usage or bad input,
+1 for an operation that failed. ``--debug`` shows tracebacks and debug logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from agent.errors import BadRequestError, ConfigError, LitefleetError
+from converter.errors import BadInputError
+
+# modules that define commands, in the order `--help` lists them
+COMMAND_MODULES = (
+    "converter.cli.convert",
+    "converter.cli.repo",
+    "converter.cli.push",
+    "converter.cli.status",
+    "converter.cli.monitor",
+    "converter.cli.broker",
+    "converter.cli.device",
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # one line, as every other error: the usage is one --help away
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="litefleet",
+        description="Convert, sign and publish TF Lite models to a fleet of devices over MQTT.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        # TensorFlow's C++ and Python chatter is not for the user's console
+        import os
+
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        return int(args.func(args) or 0)
+    except (BadInputError, ConfigError, BadRequestError) as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"litefleet: error: {exc}\n")
+        return EXIT_USAGE
+    except LitefleetError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"litefleet: error: {exc}\n")
+        return EXIT_FAILED
+    except OSError as exc:  # the disk or the system said no (full, read-only, permissions)
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        sys.stderr.write(f"litefleet: error: {exc.strerror or exc}{where}\n")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        sys.stderr.write("litefleet: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The fleet as the broker's retained state shows it (``litefleet status``)."""

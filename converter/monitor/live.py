@@ -1,0 +1,173 @@
+"""The fleet as the monitor sees it right now: the latest state and metrics per device.
+
+Guarantees:
+
+- :class:`FleetLive` is updated by the collector's writer thread only
+  (:meth:`FleetLive.apply`) and read from any thread through
+  :meth:`FleetLive.snapshot`, which returns immutable data; one lock guards
+  the swap, nothing slow happens under it.
+- A device's metrics are replaced only by a newer message
+  (:func:`converter.monitor.payloads.is_newer`): a duplicate or a replayed
+  message from before an outage goes to the history, never back into "now".
+- ``last_seen`` is the collector's clock when the device's last live message
+  arrived; a retained state delivered at subscribe time counts with its own
+  ``ts`` (the device's clock) instead, so a device that went away a week ago
+  does not look freshly seen when the monitor starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from converter.monitor.payloads import (
+    EventRecord,
+    Malformed,
+    MetricsSample,
+    StateCleared,
+    StateRecord,
+    device_health,
+    is_newer,
+)
+from converter.monitor.store import Received, WriteResult
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    device_id: str
+    state: StateRecord | None
+    metrics: MetricsSample | None
+    last_seen: float | None
+    health: str
+
+
+@dataclass(frozen=True)
+class CollectorStats:
+    """The collector's own counters (exported as ``litefleet_monitor_*``)."""
+
+    received: Mapping[str, int] = field(default_factory=dict)  # by kind: state/events/metrics
+    stored_samples: int = 0
+    stored_events: int = 0
+    duplicates: Mapping[str, int] = field(default_factory=dict)  # by kind
+    malformed: Mapping[str, int] = field(default_factory=dict)  # by kind
+    too_old: int = 0
+    dropped: int = 0
+    write_errors: int = 0
+    queue_depth: int = 0
+    started: float = 0.0
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    devices: tuple[DeviceView, ...]
+    stats: CollectorStats
+
+    def device(self, device_id: str) -> DeviceView | None:
+        for d in self.devices:
+            if d.device_id == device_id:
+                return d
+        return None
+
+    @property
+    def online_count(self) -> int:
+        return sum(1 for d in self.devices if d.health == "online")
+
+
+@dataclass
+class _Device:
+    state: StateRecord | None = None
+    metrics: MetricsSample | None = None
+    last_seen: float | None = None
+
+
+class FleetLive:
+    """Latest view of every device plus the collector's counters."""
+
+    def __init__(self, started: float) -> None:
+        self._lock = threading.Lock()
+        self._devices: dict[str, _Device] = {}
+        self._received: dict[str, int] = {}
+        self._duplicates: dict[str, int] = {}
+        self._malformed: dict[str, int] = {}
+        self._stored_samples = 0
+        self._stored_events = 0
+        self._too_old = 0
+        self._write_errors = 0
+        self._started = started
+
+    # -- writer thread --------------------------------------------------------------
+    def apply(self, batch: Iterable[tuple[Received, bool]]) -> None:
+        """Take a batch of ``(message, retained)`` (writer thread)."""
+        with self._lock:
+            for item, retained in batch:
+                self._apply_one(item, retained)
+
+    def _apply_one(self, item: Received, retained: bool) -> None:
+        p = item.parsed
+        kind = _kind(p)
+        self._received[kind] = self._received.get(kind, 0) + 1
+        if isinstance(p, Malformed):
+            self._malformed[p.kind] = self._malformed.get(p.kind, 0) + 1
+            return
+        if isinstance(p, StateCleared):
+            self._devices.pop(p.device_id, None)
+            return
+        dev = self._devices.setdefault(p.device_id, _Device())
+        seen: float | None = item.received
+        if isinstance(p, StateRecord):
+            dev.state = p
+            if retained:
+                seen = p.ts
+        elif isinstance(p, MetricsSample):
+            latest = (dev.metrics.seq, dev.metrics.ts) if dev.metrics is not None else None
+            if is_newer(latest, p.seq, p.ts):
+                dev.metrics = p
+        if seen is not None and (dev.last_seen is None or seen > dev.last_seen):
+            dev.last_seen = seen
+
+    def count_written(self, result: WriteResult) -> None:
+        with self._lock:
+            self._stored_samples += result.samples
+            self._stored_events += result.events
+            self._too_old += result.too_old
+            # only metrics and events can be duplicates (a state simply replaces the last)
+            for kind, n in (("metrics", result.duplicate_samples), ("events", result.duplicate_events)):
+                if n:
+                    self._duplicates[kind] = self._duplicates.get(kind, 0) + n
+
+    def count_write_error(self) -> None:
+        with self._lock:
+            self._write_errors += 1
+
+    # -- any thread -------------------------------------------------------------------
+    def snapshot(self, now: float, *, queue_depth: int = 0, dropped: int = 0) -> FleetSnapshot:
+        with self._lock:
+            devices = tuple(
+                DeviceView(
+                    device_id=k, state=d.state, metrics=d.metrics, last_seen=d.last_seen,
+                    health=device_health(d.state.online if d.state else None, d.last_seen,
+                                         d.metrics.interval_s if d.metrics else None, now),
+                )
+                for k, d in sorted(self._devices.items()))
+            stats = CollectorStats(
+                received=MappingProxyType(dict(self._received)),
+                stored_samples=self._stored_samples, stored_events=self._stored_events,
+                duplicates=MappingProxyType(dict(self._duplicates)),
+                malformed=MappingProxyType(dict(self._malformed)),
+                too_old=self._too_old, dropped=dropped, write_errors=self._write_errors,
+                queue_depth=queue_depth, started=self._started)
+        return FleetSnapshot(devices=devices, stats=stats)
+
+
+def _kind(p: object) -> str:
+    if isinstance(p, MetricsSample):
+        return "metrics"
+    if isinstance(p, EventRecord):
+        return "events"
+    if isinstance(p, StateRecord | StateCleared):
+        return "state"
+    if isinstance(p, Malformed):
+        return p.kind
+    return "other"

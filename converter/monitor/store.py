@@ -1,0 +1,342 @@
+"""The fleet monitor's history: SQLite (WAL) with deduplication and bounded retention.
+
+Guarantees:
+
+- One writer: :meth:`MonitorStore.write` takes a whole batch of parsed
+  messages and commits it in one transaction (the collector calls it from its
+  writer thread only). Readers (the HTTP page) open their own connections with
+  :meth:`MonitorStore.reader`; WAL lets them read while the writer writes.
+  Several collector processes may share one file: SQLite serialises their
+  transactions (``busy_timeout``) and the unique keys below keep each message
+  once across all of them.
+- Deduplication is done by the database's unique keys, so it holds across
+  restarts: an event is stored once per ``(device_id, boot, seq)``, a metrics
+  message once per ``(device_id, seq, ts)``. The agent replays its offline
+  queue byte for byte, so a replayed or QoS 1 duplicate has the same ``seq``
+  *and* ``ts``; keying on ``ts`` too keeps the history of a device whose queue
+  file was lost (its ``seq`` starts again at 1) instead of dropping it.
+- Retention: :meth:`MonitorStore.prune` deletes samples and events whose
+  device timestamp is older than the cutoff; :meth:`write` does not store
+  them in the first place (a replay of week-old messages after a long outage
+  would otherwise be written and pruned again).
+
+The schema is documented in ``docs/monitor.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import StorageError
+from converter.monitor.payloads import (
+    EventRecord,
+    MetricsSample,
+    Parsed,
+    StateCleared,
+    StateRecord,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    online INTEGER,                 -- NULL: no state seen yet
+    status TEXT, model TEXT, version TEXT, error TEXT,
+    agent_version TEXT, boot TEXT,
+    state_ts REAL,                  -- the state's own ts (device clock)
+    state_json TEXT,                -- the whole retained state
+    first_seen REAL NOT NULL,       -- collector clock
+    last_seen REAL NOT NULL         -- collector clock: last message of any kind
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL, boot TEXT NOT NULL, seq INTEGER,
+    ts REAL NOT NULL, received REAL NOT NULL,
+    event TEXT NOT NULL, model TEXT, version TEXT, reason TEXT, message TEXT,
+    payload TEXT NOT NULL,
+    UNIQUE (device_id, boot, seq)
+);
+CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL, seq INTEGER NOT NULL,
+    ts REAL NOT NULL, received REAL NOT NULL, interval_s REAL,
+    cpu_percent_process REAL, cpu_percent_system REAL, rss_bytes INTEGER,
+    load1 REAL, temperature_c REAL, throttled_raw INTEGER,
+    disk_free_bytes INTEGER, disk_total_bytes INTEGER,
+    queue_pending INTEGER, queue_dropped_total INTEGER,
+    UNIQUE (device_id, seq, ts)
+);
+CREATE INDEX IF NOT EXISTS samples_device_ts ON samples (device_id, ts);
+CREATE INDEX IF NOT EXISTS samples_ts ON samples (ts);
+CREATE TABLE IF NOT EXISTS model_samples (
+    sample_id INTEGER NOT NULL,     -- samples.id
+    device_id TEXT NOT NULL, ts REAL NOT NULL,
+    model TEXT NOT NULL, version TEXT NOT NULL, active INTEGER NOT NULL,
+    requests INTEGER, ok INTEGER, errors INTEGER, bad_requests INTEGER,
+    interval_requests INTEGER, interval_errors INTEGER, throughput_rps REAL,
+    p50_ms REAL, p90_ms REAL, p99_ms REAL, mean_ms REAL,
+    PRIMARY KEY (sample_id, model, version)
+);
+CREATE INDEX IF NOT EXISTS model_samples_device_ts ON model_samples (device_id, ts);
+CREATE INDEX IF NOT EXISTS model_samples_ts ON model_samples (ts);
+"""
+
+
+@dataclass(frozen=True)
+class Received:
+    """A parsed message with the collector's clock reading when it arrived."""
+
+    parsed: Parsed
+    received: float
+
+
+@dataclass
+class WriteResult:
+    """What one batch did, for the collector's counters."""
+
+    samples: int = 0
+    events: int = 0
+    duplicate_samples: int = 0
+    duplicate_events: int = 0
+    too_old: int = 0
+
+
+@dataclass(frozen=True)
+class LatencyPoint:
+    ts: float
+    version: str
+    p50_ms: float | None
+    p99_ms: float | None
+    interval_s: float | None
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    device_id: str
+    ts: float
+    event: str
+    model: str | None
+    version: str | None
+    reason: str | None
+    message: str | None
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    try:
+        if readonly:
+            db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=10.0,
+                                 check_same_thread=False)
+        else:
+            db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=10000")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open the monitor database {path}: {exc}") from exc
+    return db
+
+
+class MonitorStore:
+    """The history file. Create it with :meth:`open`; close it with :meth:`close`."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = db
+
+    @classmethod
+    def open(cls, path: Path) -> MonitorStore:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {path.parent}: {exc.strerror}") from exc
+        db = _connect(path)
+        try:
+            db.executescript(SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] != str(SCHEMA_VERSION):
+                raise StorageError(f"{path} has schema {row[0]}, this monitor writes {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StorageError(f"{path} is not a usable monitor database: {exc}") from exc
+        return cls(path, db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- writer ---------------------------------------------------------------------
+    def write(self, batch: Iterable[Received], *, cutoff_ts: float | None = None) -> WriteResult:
+        """Store a batch in one transaction. ``cutoff_ts``: samples and events
+        older than this (device clock) are not stored (counted as ``too_old``)."""
+        result = WriteResult()
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for item in batch:
+                    self._write_one(db, item, cutoff_ts, result)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot write the monitor database {self.path}: {exc}") from exc
+        return result
+
+    @staticmethod
+    def _touch(db: sqlite3.Connection, device_id: str, received: float) -> None:
+        db.execute(
+            "INSERT INTO devices (device_id, first_seen, last_seen) VALUES (?, ?, ?) "
+            "ON CONFLICT (device_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
+            (device_id, received, received))
+
+    def _write_one(self, db: sqlite3.Connection, item: Received, cutoff_ts: float | None,
+                   result: WriteResult) -> None:
+        p, now = item.parsed, item.received
+        if isinstance(p, MetricsSample):
+            self._touch(db, p.device_id, now)
+            if cutoff_ts is not None and p.ts < cutoff_ts:
+                result.too_old += 1
+                return
+            load1 = p.load_avg[0] if p.load_avg else None
+            cur = db.execute(
+                "INSERT OR IGNORE INTO samples (device_id, seq, ts, received, interval_s, "
+                "cpu_percent_process, cpu_percent_system, rss_bytes, load1, temperature_c, throttled_raw, "
+                "disk_free_bytes, disk_total_bytes, queue_pending, queue_dropped_total) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (p.device_id, p.seq, p.ts, now, p.interval_s, p.cpu_percent_process,
+                 p.cpu_percent_system, p.rss_bytes, load1, p.temperature_c, p.throttled_raw,
+                 p.disk_free_bytes, p.disk_total_bytes, p.queue_pending, p.queue_dropped_total))
+            if cur.rowcount == 0:
+                result.duplicate_samples += 1
+                return
+            sample_id = cur.lastrowid
+            db.executemany(
+                "INSERT OR IGNORE INTO model_samples (sample_id, device_id, ts, model, version, active, "
+                "requests, ok, errors, bad_requests, interval_requests, interval_errors, throughput_rps, "
+                "p50_ms, p90_ms, p99_ms, mean_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(sample_id, p.device_id, p.ts, m.name, m.version, int(m.active), m.requests, m.ok,
+                  m.errors, m.bad_requests, m.interval_requests, m.interval_errors, m.throughput_rps,
+                  m.p50_ms, m.p90_ms, m.p99_ms, m.mean_ms) for m in p.models])
+            result.samples += 1
+        elif isinstance(p, EventRecord):
+            self._touch(db, p.device_id, now)
+            if cutoff_ts is not None and p.ts < cutoff_ts:
+                result.too_old += 1
+                return
+            cur = db.execute(
+                "INSERT OR IGNORE INTO events (device_id, boot, seq, ts, received, event, model, version, "
+                "reason, message, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (p.device_id, p.boot, p.seq, p.ts, now, p.event, p.model, p.version, p.reason,
+                 p.message, p.raw_json))
+            if cur.rowcount == 0:
+                result.duplicate_events += 1
+            else:
+                result.events += 1
+        elif isinstance(p, StateRecord):
+            db.execute(
+                "INSERT INTO devices (device_id, online, status, model, version, error, agent_version, boot, "
+                "state_ts, state_json, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, status = excluded.status, "
+                "model = excluded.model, version = excluded.version, error = excluded.error, "
+                "agent_version = excluded.agent_version, boot = excluded.boot, "
+                "state_ts = excluded.state_ts, state_json = excluded.state_json, "
+                "last_seen = max(last_seen, excluded.last_seen)",
+                (p.device_id, int(p.online), p.status, p.model, p.version, p.error, p.agent_version,
+                 p.boot, p.ts, p.raw_json, now, now))
+        elif isinstance(p, StateCleared):
+            # the device left the fleet; its history stays until retention removes it
+            db.execute("DELETE FROM devices WHERE device_id = ?", (p.device_id,))
+
+    def prune(self, cutoff_ts: float) -> int:
+        """Delete samples and events older than ``cutoff_ts``; return rows deleted."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            n = 0
+            for table in ("model_samples", "samples", "events"):
+                n += db.execute(f"DELETE FROM {table} WHERE ts < ?", (cutoff_ts,)).rowcount
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StorageError(f"cannot prune the monitor database {self.path}: {exc}") from exc
+        if n:
+            logger.info("pruned %d rows older than %.0f", n, cutoff_ts)
+        return n
+
+    # -- readers --------------------------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator[StoreReader]:
+        """A read-only connection for one thread (the HTTP handler's)."""
+        db = _connect(self.path, readonly=True)
+        try:
+            yield StoreReader(db)
+        finally:
+            db.close()
+
+
+class StoreReader:
+    """Queries for the HTML page and the tests."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def count(self, table: str) -> int:
+        if table not in ("devices", "events", "samples", "model_samples"):
+            raise ValueError(table)
+        return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    def sample_keys(self) -> list[tuple[str, int, float]]:
+        return [(r[0], int(r[1]), float(r[2])) for r in
+                self._db.execute("SELECT device_id, seq, ts FROM samples ORDER BY device_id, seq")]
+
+    def devices(self) -> list[dict[str, object]]:
+        cur = self._db.execute(
+            "SELECT device_id, online, status, model, version, error, agent_version, first_seen, last_seen "
+            "FROM devices ORDER BY device_id")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur]
+
+    def latency_series(self, device_id: str, model: str, since_ts: float) -> list[LatencyPoint]:
+        """The device's p50/p99 of ``model`` (any version) since ``since_ts``, oldest first."""
+        cur = self._db.execute(
+            "SELECT m.ts, m.version, m.p50_ms, m.p99_ms, s.interval_s FROM model_samples m "
+            "JOIN samples s ON s.id = m.sample_id "
+            "WHERE m.device_id = ? AND m.model = ? AND m.ts >= ? AND m.active = 1 ORDER BY m.ts",
+            (device_id, model, since_ts))
+        return [LatencyPoint(float(r[0]), str(r[1]), r[2], r[3], r[4]) for r in cur]
+
+    def charted_models(self, since_ts: float, limit: int, *,
+                       device_id: str | None = None) -> list[tuple[str, str]]:
+        """``(device_id, model)`` pairs with samples since ``since_ts`` (at most ``limit``),
+        only ``device_id``'s when given."""
+        if device_id is None:
+            cur = self._db.execute(
+                "SELECT DISTINCT device_id, model FROM model_samples WHERE ts >= ? "
+                "ORDER BY device_id, model LIMIT ?", (since_ts, limit))
+        else:
+            cur = self._db.execute(
+                "SELECT DISTINCT device_id, model FROM model_samples WHERE device_id = ? AND ts >= ? "
+                "ORDER BY model LIMIT ?", (device_id, since_ts, limit))
+        return [(str(r[0]), str(r[1])) for r in cur]
+
+    def recent_events(self, limit: int, *, device_id: str | None = None) -> list[StoredEvent]:
+        """The ``limit`` newest events, newest first; only ``device_id``'s when given."""
+        where, params = ("WHERE device_id = ? ", (device_id,)) if device_id is not None else ("", ())
+        cur = self._db.execute(
+            "SELECT device_id, ts, event, model, version, reason, message FROM events "
+            f"{where}ORDER BY ts DESC, id DESC LIMIT ?", (*params, limit))
+        return [StoredEvent(*row) for row in cur]

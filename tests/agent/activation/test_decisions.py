@@ -1,0 +1,84 @@
+"""Activation decisions: pure functions over the device state."""
+
+from __future__ import annotations
+
+from agent.activation import decisions as act
+from agent.activation.decisions import DeviceState, Installed, ModelState, Plan, Probation, StartAction
+
+V1, V2, V3 = Installed(1, "a" * 64), Installed(2, "b" * 64), Installed(3, "c" * 64)
+
+
+def test_plan_keeps_skips_or_installs() -> None:
+    ms = ModelState(active=V1)
+    assert act.plan_release(ms, 1, V1.sha256) is Plan.KEEP
+    assert act.plan_release(ms, 2, V2.sha256) is Plan.INSTALL
+    ms = act.reject(ms, V2, "golden", "off by 3")
+    assert act.plan_release(ms, 2, V2.sha256) is Plan.SKIP_REJECTED
+    # the same version number with other content is a different candidate
+    assert act.plan_release(ms, 2, "d" * 64) is Plan.INSTALL
+
+
+def test_activation_keeps_the_previous_version() -> None:
+    ms = act.activate(ModelState(), V1)
+    assert ms.active == V1 and ms.previous is None and ms.trial_starts == 0
+    ms = act.mark_good(ms)
+    ms = act.activate(ms, V2)
+    assert (ms.active, ms.previous, ms.trial_starts) == (V2, V1, 0)
+    # re-activating the same version does not make it its own previous
+    again = act.activate(ms, V2)
+    assert again.previous == V1
+
+
+def test_rollback_restores_previous_and_remembers_the_failure() -> None:
+    ms = act.activate(act.mark_good(act.activate(ModelState(), V1)), V2)
+    back = act.roll_back(ms, "inference_errors", "3 errors")
+    assert back.active == V1 and back.previous is None and back.trial_starts is None
+    assert back.is_rejected(2, V2.sha256).reason == "inference_errors"
+    # with nothing to go back to, the name is left without a model
+    alone = act.roll_back(act.activate(ModelState(), V1), "load", "x")
+    assert alone.active is None
+
+
+def test_crash_loop_counting_on_start() -> None:
+    ms = act.activate(act.mark_good(act.activate(ModelState(), V1)), V2)
+    for starts in (1, 2):
+        ms, action = act.on_start(ms, max_crash_restarts=2)
+        assert action is StartAction.NONE and ms.trial_starts == starts
+    ms, action = act.on_start(ms, max_crash_restarts=2)
+    assert action is StartAction.ROLLED_BACK
+    assert ms.active == V1 and ms.rejected[-1].reason == "crash_loop"
+    # a good model is never rolled back by restarts
+    good = act.mark_good(ms)
+    for _ in range(10):
+        good, action = act.on_start(good, max_crash_restarts=2)
+        assert action is StartAction.NONE and good.active == V1
+
+
+def test_a_crash_during_an_in_process_check_rejects_the_candidate() -> None:
+    ms = act.begin_check(ModelState(active=V1), V3)
+    ms, action = act.on_start(ms, max_crash_restarts=2)
+    assert action is StartAction.REJECTED_CHECK
+    assert ms.active == V1 and ms.checking is None and ms.is_rejected(3, V3.sha256).reason == "crashed"
+
+
+def test_trial_verdicts() -> None:
+    judge = lambda ok, err, age: act.judge_trial(  # noqa: E731
+        Probation(ok, err, age), good_after_inferences=20, good_after_s=60)
+    assert judge(0, 0, 1) == "wait"
+    assert judge(20, 0, 1) == "good"
+    assert judge(0, 0, 61) == "good"  # no traffic: good once the trial time is over
+    assert judge(1, 3, 5) == "bad"
+    assert judge(40, 3, 5) == "good"  # rare errors at a tolerable rate
+    assert judge(5, 1, 61) == "bad"  # trial over, too many errors for its successes
+    assert judge(2, 1, 10) == "wait"
+
+
+def test_state_round_trips_and_bounds_rejections() -> None:
+    ms = ModelState(active=V2, previous=V1, trial_starts=1, checking=V3)
+    for i in range(30):
+        ms = act.reject(ms, Installed(100 + i, "e" * 64), "golden", f"try {i}")
+    state = DeviceState({"m": ms})
+    again = DeviceState.from_dict(state.to_dict())
+    assert again == state
+    assert len(again.get("m").rejected) == act.MAX_REJECTIONS
+    assert state.keep_versions() == {"m": {1, 2}}

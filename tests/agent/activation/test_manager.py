@@ -1,0 +1,174 @@
+"""Activation carried out with the real runtime: trials, rollbacks, crash loops, damaged files.
+
+The model here is a real TF Lite GATHER: it answers for indices 0-3 (its golden
+vectors use those) and fails in the runtime for any other index, which is how
+a model that passed its checks can still fail in its first real uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.activation.decisions import Installed
+from agent.activation.manager import ModelManager
+from agent.activation.store import ModelStore, StateFile
+from agent.delivery.updater import Candidate
+from agent.errors import InferenceError
+from agent.protocol import ModelRelease, Rollout
+from agent.serving.registry import ModelRegistry
+
+_BUILD = r"""
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import numpy as np
+import tensorflow as tf
+for k, out in enumerate(sys.argv[1:]):
+    table = tf.constant(np.arange(40, dtype=np.float32).reshape(4, 10) + 100 * k)
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1], tf.int32)], autograph=False)
+        def f(self, i):
+            return tf.gather(table, i)
+    m = M()
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([m.f.get_concrete_function()], m)
+    open(out, "wb").write(conv.convert())
+"""
+
+
+@pytest.fixture(scope="module")
+def gather_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("gather")
+    paths = [folder / f"gather{k}.tflite" for k in range(2)]
+    subprocess.run([sys.executable, "-c", _BUILD, *map(str, paths)], check=True, capture_output=True)
+    return paths
+
+
+def golden_for(k: int) -> bytes:
+    x = np.arange(4, dtype=np.int32)
+    y = np.arange(40, dtype=np.float32).reshape(4, 10) + 100 * k
+    buf = io.BytesIO()
+    np.savez(buf, input_0=x, output_0=y, atol_0=np.float64(1e-6))
+    return buf.getvalue()
+
+
+class Fleet:
+    def __init__(self, root: Path, models: list[Path]) -> None:
+        self.root = root
+        self.models = models
+        self.events: list[tuple[str, dict]] = []
+        self.registry = ModelRegistry()
+        self.manager = self.new_manager()
+
+    def new_manager(self, **kw: object) -> ModelManager:
+        self.registry = ModelRegistry()
+        opts = {"probation_inferences": 5, "probation_s": 3600.0, "max_crash_restarts": 2}
+        opts.update(kw)
+        return ModelManager(store=ModelStore(self.root), state_file=StateFile(self.root / "state.json"),
+                            registry=self.registry,
+                            event=lambda kind, **f: self.events.append((kind, f)), **opts)  # type: ignore[arg-type]
+
+    def candidate(self, version: int) -> Candidate:
+        src = self.models[(version - 1) % 2]
+        staged = self.root / f"staged-{version}"
+        staged.mkdir()
+        (staged / "m").write_bytes(src.read_bytes())
+        (staged / "g").write_bytes(golden_for((version - 1) % 2))
+        store = ModelStore(self.root)
+        store.install("gather", version, {"model": staged / "m", "golden": staged / "g"})
+        sha = hashlib.sha256(src.read_bytes()).hexdigest()
+        rel = ModelRelease("gather", version, f"models/gather/{version}/model.tflite", Rollout())
+        return Candidate(rel, Installed(version, sha), store.files("gather", version))
+
+    def serve(self, index: int) -> np.ndarray:
+        return self.registry.get("gather").runner.predict(np.array([index], np.int32))[0]
+
+    def kinds(self) -> list[str]:
+        return [k for k, _ in self.events]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, gather_models: list[Path]) -> Fleet:
+    return Fleet(tmp_path / "state", gather_models)
+
+
+def test_trial_passes_then_a_failing_version_is_rolled_back(fleet: Fleet) -> None:
+    m = fleet.manager
+    m.start()
+    assert m.consider(fleet.candidate(1))
+    for i in range(5):
+        fleet.serve(i % 4)
+    m.poll_trials()
+    assert fleet.kinds() == ["activated", "marked_good"]
+    assert m.consider(fleet.candidate(2))
+    assert fleet.serve(1)[0][0] == 110.0  # v2 serves
+    for _ in range(3):  # real traffic the golden vectors did not cover
+        with pytest.raises(InferenceError):
+            fleet.serve(7)
+    m.poll_trials()
+    assert fleet.kinds()[-1] == "rolled_back"
+    assert fleet.events[-1][1]["reason"] == "inference_errors"
+    assert fleet.serve(1)[0][0] == 10.0  # v1 again, without a gap
+    state = StateFile(fleet.root / "state.json").load().get("gather")
+    assert state.active is not None and state.active.version == 1
+    assert state.is_rejected(2, state.rejected[-1].sha256)
+    m.cleanup()
+    assert sorted(p.name for p in (fleet.root / "models" / "gather").iterdir()) == ["1"]
+
+
+def test_restarts_during_a_trial_roll_back_a_crash_loop(fleet: Fleet) -> None:
+    m = fleet.manager
+    m.start()
+    m.consider(fleet.candidate(1))
+    for _ in range(5):
+        fleet.serve(0)
+    m.poll_trials()  # v1 is marked good
+    m.consider(fleet.candidate(2))
+    for restart in range(3):  # the agent dies before v2 is marked good, again and again
+        fleet.events.clear()
+        m = fleet.new_manager()
+        m.start()
+        if restart < 2:
+            assert fleet.serve(0)[0][0] == 100.0
+    assert fleet.kinds() == ["rolled_back"]
+    assert fleet.events[0][1]["reason"] == "crash_loop"
+    assert fleet.serve(0)[0][0] == 0.0
+
+
+def test_a_damaged_active_model_falls_back_at_start(fleet: Fleet) -> None:
+    m = fleet.manager
+    m.start()
+    m.consider(fleet.candidate(1))
+    m.consider(fleet.candidate(2))
+    active = fleet.root / "models" / "gather" / "2" / "model.tflite"
+    data = bytearray(active.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)  # a bad block on the SD card
+    active.write_bytes(bytes(data))
+    fleet.events.clear()
+    m = fleet.new_manager()
+    m.start()
+    assert fleet.kinds() == ["rolled_back"]
+    assert fleet.serve(2)[0][0] == 20.0
+
+
+def test_in_process_check_marks_the_candidate_first(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a child process, the state file names the candidate while it is checked,
+    so a crash during the check rejects it at the next start."""
+    m = fleet.new_manager(isolate_checks=False)
+    m.start()
+    seen: list[object] = []
+    real = m._load_runner
+
+    def spy(name: str, inst: Installed):  # type: ignore[no-untyped-def]
+        seen.append(StateFile(fleet.root / "state.json").load().get(name).checking)
+        return real(name, inst)
+
+    monkeypatch.setattr(m, "_load_runner", spy)
+    m.consider(fleet.candidate(1))
+    assert seen and seen[0] is not None and seen[0].version == 1  # type: ignore[attr-defined]
+    assert StateFile(fleet.root / "state.json").load().get("gather").checking is None

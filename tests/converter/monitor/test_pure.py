@@ -1,0 +1,506 @@
+"""Fast tests of the fleet monitor's pure parts: payloads, decisions, exposition, SVG, the store.
+
+Payloads are built with the agent's own builders (``agent.telemetry.metrics``), so a
+change in what the agent publishes that the monitor cannot read fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.mqtt.client import topic_filter_of as subscription_topic_filter
+from agent.serving.stats import ModelStats
+from agent.telemetry.metrics import build_metrics_payload, model_report
+from converter.errors import BadInputError
+from converter.fleet.view import merge_metrics
+from converter.fleet.view import parse_state as status_row
+from converter.monitor.collector import check_share_group, retention_cutoff, shared_filter
+from converter.monitor.http_server import device_json, parse_listen
+from converter.monitor.live import FleetLive
+from converter.monitor.page import (
+    FLEET_HEADERS,
+    downsample,
+    fleet_rows,
+    format_ms,
+    latency_chart_svg,
+    nice_ceiling,
+    render_page,
+    svg_path,
+)
+from converter.monitor.payloads import (
+    EventRecord,
+    Malformed,
+    MetricsSample,
+    StateCleared,
+    StateRecord,
+    device_health,
+    is_newer,
+    parse_event,
+    parse_message,
+    parse_metrics,
+    parse_state,
+    shown_model,
+)
+from converter.monitor.prometheus import (
+    LE_SECONDS,
+    escape_help,
+    escape_label_value,
+    format_sample,
+    format_value,
+    metric_names,
+    rebucket,
+    render,
+)
+from converter.monitor.store import LatencyPoint, MonitorStore, Received, StoredEvent
+from tests.support.payloads import agent_payload, state_payload
+
+
+# -- payloads ------------------------------------------------------------------------------
+def test_metrics_from_the_agents_builder() -> None:
+    m = parse_metrics("pi-1", agent_payload())
+    assert isinstance(m, MetricsSample)
+    assert (m.seq, m.ts, m.interval_s, m.agent_version) == (7, 1_800_000_000.5, 10.0, "0.1.0")
+    assert m.rss_bytes == 48234496 and m.load_avg == (0.21, 0.18, 0.1) and m.temperature_c == 51.0
+    assert m.throttled_raw == 0x50005 and dict(m.throttled)["throttled"] is True
+    assert (m.queue_pending, m.queue_dropped_total) == (2, 5)
+    assert m.api == (("rest", "2xx", 3), ("rest", "4xx", 1))
+    (model,) = m.models
+    assert (model.name, model.version, model.active) == ("digits", "3", True)
+    assert (model.requests, model.ok, model.errors, model.bad_requests) == (5, 3, 1, 1)
+    assert model.p50_ms is not None and 0.45 < model.p50_ms < 0.55
+    assert model.p99_ms is not None and 1.8 < model.p99_ms <= 2.2
+    assert sum(n for _, n in model.histogram_ms) == 3
+
+
+def test_metrics_of_a_machine_without_sensors() -> None:
+    m = parse_metrics("pc", agent_payload("pc", temperature_c=None, throttled=None, load_avg=None))
+    assert isinstance(m, MetricsSample)
+    assert m.temperature_c is None and m.throttled == () and m.throttled_raw is None and m.load_avg is None
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"ts": 1.0}', "no valid seq and ts"),
+    (b'{"seq": true, "ts": 1.0}', "no valid seq and ts"),
+    (b'{"seq": -1, "ts": 1.0}', "no valid seq and ts"),
+    (b'{"seq": 1, "ts": NaN}', "no valid seq and ts"),
+    (b'{"seq": 1, "ts": "yesterday"}', "no valid seq and ts"),
+    (b'{"seq": 1, "ts": 1.0, "device_id": "pi-2"}', "device_id differs from the topic's"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_malformed_metrics_say_why(payload: bytes, reason: str) -> None:
+    got = parse_metrics("pi-1", payload)
+    assert got == Malformed("metrics", "pi-1", reason)
+
+
+def test_huge_payload_is_refused_before_parsing() -> None:
+    got = parse_metrics("pi-1", b'{"seq": 1, "ts": 1, "x": "' + b"a" * 300_000 + b'"}')
+    assert isinstance(got, Malformed) and "too large" in got.reason
+
+
+def test_odd_fields_are_ignored_not_fatal() -> None:
+    doc = json.loads(agent_payload())
+    doc["models"].append({"name": 5})  # no usable name: skipped
+    doc["models"][0]["histogram_ms"] = [[1.0, "many"]]  # unreadable histogram: dropped
+    doc["device"] = "broken"
+    doc["future_field"] = {"x": 1}
+    m = parse_metrics("pi-1", json.dumps(doc).encode())
+    assert isinstance(m, MetricsSample)
+    assert len(m.models) == 1 and m.models[0].histogram_ms == () and m.rss_bytes is None
+
+
+def test_event_and_state() -> None:
+    ev = parse_event("pi-1", json.dumps({"ts": 5.0, "device_id": "pi-1", "boot": "b1", "seq": 17,
+                                         "event": "rejected", "model": "digits", "version": 4,
+                                         "reason": "golden", "message": "differs"}).encode())
+    assert isinstance(ev, EventRecord)
+    assert (ev.boot, ev.seq, ev.event, ev.version, ev.reason) == ("b1", 17, "rejected", "4", "golden")
+    assert isinstance(parse_event("pi-1", b'{"seq": 1}'), Malformed)
+    s = parse_state("pi-1", state_payload())
+    assert isinstance(s, StateRecord)
+    assert s.online and s.status == "serving" and s.models[0].version == "3" and s.groups == ("kitchen",)
+    assert parse_state("pi-1", state_payload(online=False)).online is False  # type: ignore[union-attr]
+    assert parse_state("pi-1", b"") == StateCleared("pi-1")
+    assert isinstance(parse_message("infer", "pi-1", b"{}"), Malformed)
+
+
+# -- decisions -------------------------------------------------------------------------------
+@pytest.mark.parametrize("latest, seq, ts, newer", [
+    (None, 1, 1.0, True),
+    ((5, 50.0), 6, 60.0, True),    # the next message
+    ((5, 50.0), 5, 50.0, False),   # a QoS 1 duplicate
+    ((5, 50.0), 3, 30.0, False),   # replayed from before an outage, arriving late
+    ((500, 50.0), 1, 60.0, True),  # the device lost its queue file: seq restarts, time goes on
+    ((5, 50.0), 6, 40.0, True),    # the device's clock stepped back (NTP): seq still orders
+])
+def test_is_newer(latest: tuple[int, float] | None, seq: int, ts: float, newer: bool) -> None:
+    assert is_newer(latest, seq, ts) is newer
+
+
+def test_device_health() -> None:
+    assert device_health(None, 100.0, 10.0, 100.0) == "unknown"
+    assert device_health(False, 100.0, 10.0, 100.0) == "offline"
+    assert device_health(True, 100.0, 10.0, 129.0) == "online"
+    assert device_health(True, 100.0, 10.0, 131.0) == "stale"      # 3 intervals, but at least 30 s
+    assert device_health(True, 100.0, 60.0, 250.0) == "online"     # slow reporter: 3 x 60 s
+    assert device_health(True, 100.0, 60.0, 281.0) == "stale"
+
+
+def test_share_helpers() -> None:
+    assert shared_filter("g1", "lf/v1/devices/+/metrics") == "$share/g1/lf/v1/devices/+/metrics"
+    assert shared_filter(None, "a/b") == "a/b"
+    assert subscription_topic_filter("$share/g1/lf/v1/devices/+/metrics") == "lf/v1/devices/+/metrics"
+    assert subscription_topic_filter("lf/v1/devices/+/state") == "lf/v1/devices/+/state"
+    assert check_share_group("collectors") == "collectors"
+    for bad in ("", "a/b", "a+", "#", "x" * 65):
+        with pytest.raises(BadInputError):
+            check_share_group(bad)
+    assert retention_cutoff(100_000.0, 0) is None
+    assert retention_cutoff(100_000.0, 1) == 100_000.0 - 86400
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert parse_listen(":9464") == ("127.0.0.1", 9464)
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+    for bad in ("9464", "host:", "host:http", "h:70000"):
+        with pytest.raises(BadInputError):
+            parse_listen(bad)
+
+
+# -- live view ---------------------------------------------------------------------------------
+def received(parsed: object, at: float = 1000.0) -> Received:
+    return Received(parsed, at)  # type: ignore[arg-type]
+
+
+def test_live_view_keeps_the_newest_metrics_and_counts() -> None:
+    live = FleetLive(started=0.0)
+    new = parse_metrics("pi-1", agent_payload(seq=10, ts=2000.0))
+    old = parse_metrics("pi-1", agent_payload(seq=4, ts=1400.0))
+    live.apply([(received(new, 2001.0), False), (received(old, 2002.0), False),
+                (received(parse_metrics("pi-1", b"junk"), 2003.0), False)])
+    snap = live.snapshot(2005.0)
+    dev = snap.device("pi-1")
+    assert dev is not None and dev.metrics is not None and dev.metrics.seq == 10
+    assert dev.last_seen == 2002.0 and dev.health == "unknown"  # junk does not count; no state yet
+    assert snap.stats.received["metrics"] == 3 and snap.stats.malformed["metrics"] == 1
+
+
+def test_retained_state_counts_with_its_own_time() -> None:
+    live = FleetLive(started=0.0)
+    st = parse_state("pi-1", state_payload(ts=500.0))
+    live.apply([(received(st, 10_000.0), True)])
+    dev = live.snapshot(10_000.0).device("pi-1")
+    assert dev is not None and dev.last_seen == 500.0 and dev.health == "stale"
+    live.apply([(received(parse_state("pi-1", b""), 10_001.0), False)])
+    assert live.snapshot(10_001.0).devices == ()
+
+
+# -- Prometheus exposition ------------------------------------------------------------------------
+SAMPLE_RE = re.compile(
+    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)'
+    r'(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")(?:,[a-zA-Z_][a-zA-Z0-9_]*='
+    r'"(?:[^"\\\n]|\\[\\"n])*")*)\})? (?P<value>\S+)$')
+
+
+def check_exposition(text: str) -> dict[str, list[str]]:
+    """Validate text format 0.0.4 structure; return sample lines by family."""
+    assert text.endswith("\n")
+    families: dict[str, list[str]] = {}
+    current: str | None = None
+    types: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in families, f"family {name} appears twice"
+            families[name] = []
+            current = name
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == current and kind in ("gauge", "counter", "histogram")
+            types[name] = kind
+        else:
+            m = SAMPLE_RE.match(line)
+            assert m, f"bad sample line: {line!r}"
+            assert current is not None
+            base = m["name"]
+            if types[current] == "histogram":
+                assert base in (current + "_bucket", current + "_sum", current + "_count")
+            else:
+                assert base == current, f"{base} outside its family {current}"
+            float(m["value"].replace("+Inf", "inf"))
+            families[current].append(line)
+    for name, lines in families.items():
+        assert len(lines) == len(set(ln.rsplit(" ", 1)[0] for ln in lines)), f"repeated series in {name}"
+    return families
+
+
+def test_escaping() -> None:
+    assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    assert escape_help("x\\y\nz") == "x\\\\y\\nz"
+    assert format_sample("m", (("l", 'say "hi"\n'),), 1.5) == 'm{l="say \\"hi\\"\\n"} 1.5'
+    assert [format_value(v) for v in (True, 3, 2.0, 0.25, math.inf, -math.inf)] == \
+        ["1", "3", "2", "0.25", "+Inf", "-Inf"]
+    assert format_value(math.nan) == "NaN"
+
+
+def test_exposition_of_a_hostile_fleet_is_valid() -> None:
+    """Model names, versions and statuses come from devices: any text must stay one label value."""
+    live = FleetLive(started=1.0)
+    doc = json.loads(agent_payload("pi-1"))
+    doc["models"][0]["name"] = 'evil"}\nlitefleet_pwned 1 #'
+    doc["models"].append(dict(doc["models"][0]))  # the same version twice in one message
+    doc["models"][1]["name"] = 'evil"}\nlitefleet_pwned 1 #'
+    live.apply([
+        (received(parse_metrics("pi-1", json.dumps(doc).encode())), False),
+        (received(parse_state("pi-1", state_payload(status='a\\b"c', agent_version="1\n2"))), False),
+        (received(parse_state("pi-2", state_payload(online=False))), False),
+    ])
+    text = render(live.snapshot(1001.0))
+    families = check_exposition(text)
+    assert list(families) == metric_names()
+    assert "\nlitefleet_pwned" not in text
+    assert families["litefleet_device_online"] == ['litefleet_device_online{device="pi-1"} 1',
+                                                   'litefleet_device_online{device="pi-2"} 0']
+    assert 'litefleet_devices{health="offline"} 1' in families["litefleet_devices"]
+    assert len(families["litefleet_model_requests_total"]) == 1
+
+
+def test_real_values_appear() -> None:
+    live = FleetLive(started=1.0)
+    live.apply([(received(parse_metrics("pi-1", agent_payload())), False),
+                (received(parse_state("pi-1", state_payload())), False)])
+    fam = check_exposition(render(live.snapshot(1001.0)))
+    lbl = 'device="pi-1",model="digits",version="3"'
+    assert f"litefleet_model_requests_total{{{lbl}}} 5" in fam["litefleet_model_requests_total"]
+    assert f"litefleet_model_inferences_total{{{lbl}}} 3" in fam["litefleet_model_inferences_total"]
+    assert f"litefleet_model_errors_total{{{lbl}}} 1" in fam["litefleet_model_errors_total"]
+    for line in ('litefleet_device_temperature_celsius{device="pi-1"} 51',
+                 'litefleet_device_throttled{device="pi-1",flag="throttled"} 1',
+                 'litefleet_device_cpu_percent{device="pi-1",scope="system"} 12.4'):
+        assert line in fam[line.split("{")[0]]
+    assert any(f'model="digits",version="3",sha256="{"ab" * 32}",trial="false"' in ln
+               for ln in fam["litefleet_model_info"])
+    hist = fam["litefleet_model_inference_duration_seconds"]
+    assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="+Inf"}} 3' in hist
+    # 0.4 ms and 0.5 ms lie below 2**19 ns = 0.524288 ms; 2 ms below 2**21 ns
+    assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.000524288"}} 2' in hist
+    assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.001048576"}} 2' in hist
+    assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.002097152"}} 3' in hist
+    lean = check_exposition(render(live.snapshot(1001.0), histograms=False))
+    assert lean["litefleet_model_inference_duration_seconds"] == []
+    assert lean["litefleet_model_requests_total"] == fam["litefleet_model_requests_total"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=2**40), min_size=1, max_size=60))
+def test_rebucketing_is_exact_at_every_bound(latencies_ns: list[int]) -> None:
+    stats = ModelStats("m", "1")
+    for ns in latencies_ns:
+        stats.record_ok(ns)
+    report = model_report(stats.snapshot(), None, 1.0, active=True)
+    hist = [(u, n) for u, n in report["histogram_ms"]]
+    cumulative = rebucket(hist)
+    for le_s, count in zip(LE_SECONDS, cumulative, strict=False):
+        le_ns = round(le_s * 1e9)
+        # every latency in a bucket whose upper bound is <= le counts; those are exactly
+        # the latencies below le, because le is itself a bucket boundary
+        assert count == sum(1 for ns in latencies_ns if ns < le_ns)
+    assert cumulative[-1] == len(latencies_ns)
+
+
+# -- the page and its SVG -----------------------------------------------------------------------------
+def points(values: list[tuple[float, float | None, float | None]], version: str = "1",
+           interval: float = 10.0) -> list[LatencyPoint]:
+    return [LatencyPoint(ts, version, p50, p99, interval) for ts, p50, p99 in values]
+
+
+def test_nice_ceiling_and_format() -> None:
+    assert [nice_ceiling(v) for v in (0.7, 1.0, 1.3, 2.2, 4.0, 7.0, 0.013)] == \
+        [1.0, 1.0, 2.0, 2.5, 5.0, 10.0, 0.02]
+    assert nice_ceiling(0.0) == 1.0
+    assert format_ms(0.0213) == "21.3 µs" and format_ms(4.5) == "4.5 ms" and format_ms(None) == "-"
+
+
+def test_path_breaks_at_gaps_and_missing_values() -> None:
+    pts = [(0.0, 1.0), (10.0, 2.0), (20.0, None), (30.0, 1.5), (40.0, 1.0), (200.0, 1.0)]
+    d = svg_path(pts, lambda t: t, lambda v: v * 10, gap_s=30.0)
+    assert d == "M0.0,10.0 L10.0,20.0 M30.0,15.0 L40.0,10.0 M200.0,10.0"
+
+
+def test_downsampling_keeps_the_spike() -> None:
+    pts = points([(float(i), 1.0, 2.0) for i in range(1000)])
+    pts[500] = LatencyPoint(500.0, "1", 1.0, 90.0, 10.0)
+    out = downsample(pts, 0.0, 1000.0, 100)
+    assert len(out) == 100
+    assert max(b.p99_ms or 0 for b in out) == 90.0
+    assert all(b.p50_ms == 1.0 for b in out)
+
+
+def test_chart_has_lines_gaps_and_version_marks() -> None:
+    pts = points([(100.0 + 10 * i, 0.5, 1.0) for i in range(10)])
+    pts += points([(1000.0 + 10 * i, 0.6, 1.4) for i in range(10)], version="2")
+    svg = latency_chart_svg(pts, since=0.0, until=1200.0, title="pi-1 · digits")
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    p50 = re.search(r'<path d="([^"]+)"[^>]*class="p50"', svg)
+    assert p50 is not None and p50.group(1).count("M") == 2  # the outage is a gap
+    assert 'class="p99"' in svg and ">v2</text>" in svg
+    empty = latency_chart_svg([], since=0.0, until=10.0, title="x")
+    assert "no requests" in empty and "<path" not in empty
+
+
+def test_page_escapes_device_text_and_fetches_nothing() -> None:
+    live = FleetLive(started=1.0)
+    bad = "<script>alert(1)</script>"
+    live.apply([(received(parse_state("pi-1", state_payload(error=bad, status=bad))), False),
+                (received(parse_metrics("pi-1", agent_payload())), False)])
+    snap = live.snapshot(1001.0)
+    ev = StoredEvent("pi-1", 1000.0, "rejected", "digits", "4", "golden", bad)
+    page = render_page(devices=snap.devices, charts=[latency_chart_svg(
+        points([(900.0, 0.5, 1.0), (910.0, 0.6, 1.2)]), since=0.0, until=1000.0, title=bad)],
+        events=[ev], now=1001.0, window_s=3600)
+    assert "<script" not in page and "&lt;script&gt;" in page
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
+    assert '<meta http-equiv="refresh"' in page and "<path d=\"M" in page
+    assert device_json(snap.devices[0])["inferences"] == 3
+    assert '<a href="?device=pi-1">pi-1</a>' in page
+    one = render_page(devices=snap.devices, charts=[], events=[], now=1001.0, window_s=3600,
+                      only_device="pi 1&x")
+    assert 'href="?hours=6&amp;device=pi%201%26x"' in one and 'href="?">whole fleet' in one
+
+
+def test_one_model_stands_for_the_device_everywhere() -> None:
+    """Two active models, the state names the second: status, the page and /api/devices
+    all show that model's figures next to its name."""
+    reports = []
+    for name, ns, n in (("digits", 400_000, 2), ("faces", 9_000_000, 4)):
+        stats = ModelStats(name, "3")
+        for _ in range(n):
+            stats.record_ok(ns)
+        reports.append(model_report(stats.snapshot(), None, 10.0, active=True))
+    payload = build_metrics_payload(device_id="pi-1", seq=1, ts=1000.0, interval_s=10.0, models=reports,
+                                    device={}, api={}, queue={})
+    sample = parse_metrics("pi-1", payload)
+    assert isinstance(sample, MetricsSample) and [m.name for m in sample.models] == ["digits", "faces"]
+    faces = shown_model(sample, "faces")
+    assert faces is not None and faces.name == "faces" and faces.p50_ms is not None and faces.p50_ms > 5
+    assert shown_model(sample, "gone") is sample.models[0] and shown_model(None, "faces") is None
+    state = state_payload(model="faces", version="3", inferences=6)
+    live = FleetLive(started=1.0)
+    live.apply([(received(parse_state("pi-1", state)), False), (received(sample), False)])
+    (dev,) = live.snapshot(1001.0).devices
+    api = device_json(dev)
+    assert (api["model"], api["latency_ms_p50"]) == ("faces", faces.p50_ms)
+    assert api["latency_ms_p99"] == faces.p99_ms
+    assert api["inferences"] == 6  # as the state counts: every active model's answers
+    (row,) = fleet_rows([dev], 1001.0)
+    cells = dict(zip(FLEET_HEADERS, (text for _, text in row), strict=True))
+    assert cells["model"] == "faces v3" and cells["p50"] == format_ms(faces.p50_ms)
+    assert cells["requests"] == "4"
+    status = status_row("pi-1", state)
+    assert status is not None
+    merged = merge_metrics(status, sample)
+    assert (merged["latency_ms_p50"], merged["latency_ms_p99"]) == (faces.p50_ms, faces.p99_ms)
+    assert merged["inferences"] == 6
+
+
+# -- the store ------------------------------------------------------------------------------------------
+def test_store_deduplicates_and_keeps_a_reset_device(tmp_path: Path) -> None:
+    store = MonitorStore.open(tmp_path / "m.db")
+    try:
+        a = parse_metrics("pi-1", agent_payload(seq=1, ts=1000.0))
+        b = parse_metrics("pi-1", agent_payload(seq=2, ts=1010.0))
+        r1 = store.write([received(a), received(b)])
+        r2 = store.write([received(a), received(b)])  # the replay, byte for byte
+        reset = parse_metrics("pi-1", agent_payload(seq=1, ts=5000.0))  # queue file lost
+        r3 = store.write([received(reset)])
+        assert (r1.samples, r2.samples, r2.duplicate_samples, r3.samples) == (2, 0, 2, 1)
+        ev = parse_event("pi-1", b'{"ts": 1001, "boot": "b1", "seq": 1, "event": "activated"}')
+        ev_next_boot = parse_event("pi-1", b'{"ts": 1002, "boot": "b2", "seq": 1, "event": "activated"}')
+        r4 = store.write([received(ev), received(ev), received(ev_next_boot)])
+        assert (r4.events, r4.duplicate_events) == (2, 1)
+        with store.reader() as r:
+            assert r.sample_keys() == [("pi-1", 1, 1000.0), ("pi-1", 1, 5000.0), ("pi-1", 2, 1010.0)]
+            assert r.count("model_samples") == 3 and r.count("events") == 2
+            series = r.latency_series("pi-1", "digits", 0.0)
+            assert [p.ts for p in series] == [1000.0, 1010.0, 5000.0] and series[0].p99_ms is not None
+    finally:
+        store.close()
+
+
+def test_store_retention(tmp_path: Path) -> None:
+    store = MonitorStore.open(tmp_path / "m.db")
+    try:
+        old = parse_metrics("pi-1", agent_payload(seq=1, ts=100.0))
+        new = parse_metrics("pi-1", agent_payload(seq=2, ts=2000.0))
+        res = store.write([received(old), received(new)], cutoff_ts=1000.0)
+        assert (res.samples, res.too_old) == (1, 1)
+        store.write([received(old)])  # written without a cutoff ...
+        assert store.prune(1000.0) == 2  # ... and pruned: its sample row and its model row
+        store.write([received(parse_state("pi-1", state_payload()))])
+        with store.reader() as r:
+            assert r.count("samples") == 1 and [d["device_id"] for d in r.devices()] == ["pi-1"]
+        store.write([received(parse_state("pi-1", b""))])
+        with store.reader() as r:
+            assert r.devices() == [] and r.count("samples") == 1  # history stays until retention
+    finally:
+        store.close()
+
+
+def test_store_filters_one_device_in_sql(tmp_path: Path) -> None:
+    """``?device=ID`` must not depend on what the rest of the fleet did lately."""
+    store = MonitorStore.open(tmp_path / "m.db")
+    try:
+        first = b'{"ts": 10, "boot": "q", "seq": 1, "event": "activated"}'
+        quiet = [received(parse_event("pi-quiet", first)),
+                 received(parse_metrics("pi-quiet", agent_payload("pi-quiet", seq=1, ts=10.0)))]
+        busy = [received(parse_event(f"pi-{i % 7}", json.dumps(
+            {"ts": 100 + i, "boot": "b", "seq": i, "event": "activated"}).encode())) for i in range(300)]
+        busy += [received(parse_metrics(f"pi-{i}", agent_payload(f"pi-{i}", seq=1, ts=20.0)))
+                 for i in range(5)]
+        store.write(quiet + busy)
+        with store.reader() as r:
+            assert all(e.device_id != "pi-quiet" for e in r.recent_events(200))
+            (ev,) = r.recent_events(50, device_id="pi-quiet")
+            assert (ev.device_id, ev.ts) == ("pi-quiet", 10.0)
+            assert len(r.recent_events(50, device_id="pi-1")) == 43
+            assert [e.ts for e in r.recent_events(2, device_id="pi-1")] == [395.0, 388.0]
+            assert ("pi-quiet", "digits") not in r.charted_models(0.0, 3)
+            assert r.charted_models(0.0, 3, device_id="pi-quiet") == [("pi-quiet", "digits")]
+            assert r.charted_models(0.0, 3, device_id="pi-none") == []
+    finally:
+        store.close()
+
+
+def test_store_refuses_a_foreign_file(tmp_path: Path) -> None:
+    from agent.errors import StorageError
+
+    path = tmp_path / "not.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError):
+        MonitorStore.open(path)
+
+
+# -- the docs say what the code does ------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parents[3] / "docs"
+
+
+def test_every_metric_is_documented_and_the_dashboard_uses_only_real_ones() -> None:
+    names = metric_names()
+    text = (DOCS / "monitor.md").read_text()
+    table = set(re.findall(r"^\| `(litefleet_[a-z0-9_]+)` \|", text, re.M))
+    assert table == set(names)
+    dash = json.loads((DOCS / "grafana-litefleet.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    hist = "litefleet_model_inference_duration_seconds"
+    known = set(names) | {hist + suffix for suffix in ("_bucket", "_sum", "_count")}
+    used = {m for e in exprs for m in re.findall(r"litefleet_[a-z0-9_]+", e)}
+    assert used and used <= known, used - known
