@@ -42,9 +42,7 @@ class TensorSpec:
         d["shape"] = list(self.shape)
         d["shape_signature"] = list(self.shape_signature)
         d["quantization"] = (
-            {"scale": list(self.scale), "zero_point": list(self.zero_point)}
-            if self.scale
-            else None
+            {"scale": list(self.scale), "zero_point": list(self.zero_point)} if self.scale else None
         )
         del d["scale"], d["zero_point"]
         return d
@@ -75,11 +73,13 @@ class TensorSpec:
         return cls(
             name=str(details["name"]),
             shape=tuple(int(x) for x in details["shape"]),
-            dtype=details["dtype"].__name__ if hasattr(details["dtype"], "__name__")
+            dtype=details["dtype"].__name__
+            if hasattr(details["dtype"], "__name__")
             else str(details["dtype"]),
             scale=scales,
             zero_point=zps,
-            shape_signature=tuple(int(x) for x in sig) if sig is not None
+            shape_signature=tuple(int(x) for x in sig)
+            if sig is not None
             else tuple(int(x) for x in details["shape"]),
         )
 
@@ -148,9 +148,7 @@ def _describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in specs)
 
 
-def check_signature(
-    card: ModelCard, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
-) -> None:
+def check_signature(card: ModelCard, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
     """Raise :class:`ModelRejectedError` (reason ``signature``) unless the runtime's
     tensors match the card's in count, shape, dtype and quantization."""
     for role, claimed, actual in (("inputs", card.inputs, inputs), ("outputs", card.outputs, outputs)):

@@ -57,8 +57,8 @@ class Topics:
 
     def metadata_filename(self, topic: str) -> str | None:
         head = f"{self.base}/repo/metadata/"
-        if topic.startswith(head) and "/" not in topic[len(head):]:
-            return topic[len(head):]
+        if topic.startswith(head) and "/" not in topic[len(head) :]:
+            return topic[len(head) :]
         return None
 
     def chunk(self, target_file: str, index: int) -> str:
@@ -87,7 +87,7 @@ class Topics:
         head = f"{self.base}/devices/"
         if not topic.startswith(head):
             return None
-        parts = topic[len(head):].split("/")
+        parts = topic[len(head) :].split("/")
         if len(parts) != 2 or not parts[0]:
             return None
         return parts[0], parts[1]
@@ -106,7 +106,7 @@ class Topics:
         head = f"{self.base}/replies/"
         if not topic.startswith(head):
             return False
-        parts = topic[len(head):].split("/")
+        parts = topic[len(head) :].split("/")
         return len(parts) >= 2 and bool(parts[0]) and parts[1] == device_id
 
 
@@ -138,8 +138,7 @@ def chunk_hashes(data: bytes, chunk_size: int) -> list[str]:
     view = memoryview(data)  # slices of a memoryview are not copies
     if not data:
         return [hashlib.sha256(b"").hexdigest()]
-    return [hashlib.sha256(view[i : i + chunk_size]).hexdigest()
-            for i in range(0, len(data), chunk_size)]
+    return [hashlib.sha256(view[i : i + chunk_size]).hexdigest() for i in range(0, len(data), chunk_size)]
 
 
 # -- rollout rules -------------------------------------------------------------------
@@ -161,8 +160,11 @@ class Rollout:
         kind, _, value = self.target.partition(":")
         if not (self.target == "all" or (kind in ("group", "device") and value)):
             raise ProtocolError(f"rollout target must be all, group:G or device:ID, not {self.target!r}")
-        if isinstance(self.canary_pct, bool) or not isinstance(self.canary_pct, int) \
-                or not 0 < self.canary_pct <= 100:
+        if (
+            isinstance(self.canary_pct, bool)
+            or not isinstance(self.canary_pct, int)
+            or not 0 < self.canary_pct <= 100
+        ):
             raise ProtocolError(f"canary percentage must be in (0, 100], not {self.canary_pct}")
 
     def selects(self, device_id: str, groups: Iterable[str], model_name: str) -> bool:

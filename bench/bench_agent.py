@@ -58,8 +58,12 @@ def start_agent(config: Path, work: Path) -> tuple[float, float]:
     sock.settimeout(60)
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while True:
             msg = sock.recv(4096).decode()
@@ -90,26 +94,43 @@ def main() -> int:
         must("repo", "init", str(repo))
         results: dict[str, list[tuple[float, float]]] = {"no model": [], "digits int8 loaded": []}
         for run in range(args.runs):
-            cfg = write_agent_config(work / f"empty-{run}.toml", device_id=f"empty-{run}", broker=broker.url,
-                                     state_dir=str(work / f"st-empty-{run}"),
-                                     trusted_root=str(repo / "root.json"), http="127.0.0.1:0")
+            cfg = write_agent_config(
+                work / f"empty-{run}.toml",
+                device_id=f"empty-{run}",
+                broker=broker.url,
+                state_dir=str(work / f"st-empty-{run}"),
+                trusted_root=str(repo / "root.json"),
+                http="127.0.0.1:0",
+            )
             results["no model"].append(start_agent(cfg, work))
         # a device with the model installed: push it, let one agent take it, then restart it
         from tests.support.models import convert_digits, digits_data, save_digits_cnn, save_digits_npz
 
         data = digits_data()
         keras = save_digits_cnn(work / "digits.keras", data)
-        model = convert_digits(keras, save_digits_npz(work / "cal.npz", data.x_train),
-                               save_digits_npz(work / "val.npz", data.x_test, data.y_test),
-                               work / "digits.tflite", "int8")
+        model = convert_digits(
+            keras,
+            save_digits_npz(work / "cal.npz", data.x_train),
+            save_digits_npz(work / "val.npz", data.x_test, data.y_test),
+            work / "digits.tflite",
+            "int8",
+        )
         must("push", str(model.tflite), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
-        cfg = write_agent_config(work / "loaded.toml", device_id="loaded", broker=broker.url,
-                                 state_dir=str(work / "st-loaded"), trusted_root=str(repo / "root.json"),
-                                 http="127.0.0.1:0")
+        cfg = write_agent_config(
+            work / "loaded.toml",
+            device_id="loaded",
+            broker=broker.url,
+            state_dir=str(work / "st-loaded"),
+            trusted_root=str(repo / "root.json"),
+            http="127.0.0.1:0",
+        )
         watch = FleetWatcher(broker.port)
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-                                env={**os.environ, "PYTHONPATH": str(REPO)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         watch.wait_active("loaded", "digits", 1, timeout_s=60)
         proc.terminate()
         proc.wait(10)

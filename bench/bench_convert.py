@@ -131,8 +131,15 @@ def bench_digits(out: Path, runs: int) -> dict[str, Any]:
     val = save_digits_npz(out / "digits_val.npz", data.x_test, data.y_test)
     t0 = time.monotonic()
     r = convert_model(
-        src, out / "digits.tflite", quantize="auto", calibration=cal, validate=val,
-        compare=("int16x8",), report=out / "digits.report.json", latency_runs=runs, force=True,
+        src,
+        out / "digits.tflite",
+        quantize="auto",
+        calibration=cal,
+        validate=val,
+        compare=("int16x8",),
+        report=out / "digits.report.json",
+        latency_runs=runs,
+        force=True,
     )
     convert_s = time.monotonic() - t0
     print(format_table(r), flush=True)
@@ -140,15 +147,22 @@ def bench_digits(out: Path, runs: int) -> dict[str, Any]:
     assert r.source_accuracy is not None and int8.comparison is not None
     drop = r.source_accuracy - int8.comparison.accuracy
     ratio = int8.size_bytes / fp32.size_bytes
-    check(abs(drop) <= 1.0, f"digits int8 top-1 {int8.comparison.accuracy:.2f} % vs Keras "
-          f"{r.source_accuracy:.2f} % (drop {drop:.2f} points, limit 1.0)")
-    check(ratio <= 0.40, f"digits int8 size {int8.size_bytes} B = {ratio:.3f}x float32 "
-          f"{fp32.size_bytes} B (limit 0.40)")
+    check(
+        abs(drop) <= 1.0,
+        f"digits int8 top-1 {int8.comparison.accuracy:.2f} % vs Keras "
+        f"{r.source_accuracy:.2f} % (drop {drop:.2f} points, limit 1.0)",
+    )
+    check(
+        ratio <= 0.40,
+        f"digits int8 size {int8.size_bytes} B = {ratio:.3f}x float32 {fp32.size_bytes} B (limit 0.40)",
+    )
     fp32_path, int8_path = out / "digits_fp32.tflite", out / "digits_int8.tflite"
     fp32_path.write_bytes(fp32.tflite)
     int8_path.write_bytes(int8.tflite)
     return {
-        "train_s": round(train_s, 1), "convert_all_s": round(convert_s, 1), "chosen": r.mode,
+        "train_s": round(train_s, 1),
+        "convert_all_s": round(convert_s, 1),
+        "chosen": r.mode,
         "report": json.loads((out / "digits.report.json").read_text()),
         "anatomy": {"none": tflite_anatomy(fp32_path), "int8": tflite_anatomy(int8_path)},
     }
@@ -169,9 +183,15 @@ def bench_mobilenet(out: Path, runs: int) -> dict[str, Any]:
     # quality here (outputs are close to uniform), so the accuracy budget is
     # opened to test auto's speed rule; the default budget is replayed below.
     r = convert_model(
-        src, out / "mobilenet_v2.tflite", quantize="auto", calibration=out / "mnv2_cal.npz",
-        validate=out / "mnv2_val.npz", max_accuracy_drop=100.0, latency_runs=runs,
-        report=out / "mobilenet_v2.report.json", force=True,
+        src,
+        out / "mobilenet_v2.tflite",
+        quantize="auto",
+        calibration=out / "mnv2_cal.npz",
+        validate=out / "mnv2_val.npz",
+        max_accuracy_drop=100.0,
+        latency_runs=runs,
+        report=out / "mobilenet_v2.report.json",
+        force=True,
     )
     convert_s = time.monotonic() - t0
     print(format_table(r), flush=True)
@@ -182,28 +202,42 @@ def bench_mobilenet(out: Path, runs: int) -> dict[str, Any]:
     int8_out_scale = tensor_specs(int8.tflite)[1][0].scale[0]
     size_ratio = int8.size_bytes / fp32.size_bytes
     lat_ratio = int8.latency.p50_ms / fp32.latency.p50_ms
-    check(size_ratio <= 0.30, f"MobileNetV2 int8 size {int8.size_bytes} B = {size_ratio:.3f}x "
-          f"float32 {fp32.size_bytes} B (limit 0.30)")
-    check(lat_ratio <= 0.6, f"MobileNetV2 int8 p50 {int8.latency.p50_ms:.2f} ms = "
-          f"{lat_ratio:.2f}x float32 {fp32.latency.p50_ms:.2f} ms (limit 0.6)")
+    check(
+        size_ratio <= 0.30,
+        f"MobileNetV2 int8 size {int8.size_bytes} B = {size_ratio:.3f}x "
+        f"float32 {fp32.size_bytes} B (limit 0.30)",
+    )
+    check(
+        lat_ratio <= 0.6,
+        f"MobileNetV2 int8 p50 {int8.latency.p50_ms:.2f} ms = "
+        f"{lat_ratio:.2f}x float32 {fp32.latency.p50_ms:.2f} ms (limit 0.6)",
+    )
     slower = dyn.latency.p50_ms > fp32.latency.p50_ms
-    print(f"      dynamic p50 {dyn.latency.p50_ms:.2f} ms vs float32 {fp32.latency.p50_ms:.2f} ms: "
-          f"dynamic is {'slower' if slower else 'NOT slower'} here", flush=True)
+    print(
+        f"      dynamic p50 {dyn.latency.p50_ms:.2f} ms vs float32 {fp32.latency.p50_ms:.2f} ms: "
+        f"dynamic is {'slower' if slower else 'NOT slower'} here",
+        flush=True,
+    )
     check(r.mode != "dynamic", f"auto picked {r.mode}, not dynamic")
-    check(not slower or "slower than float32" in r.selection.rejected.get("dynamic", ""),
-          "auto's report says dynamic is slower than float32")
+    check(
+        not slower or "slower than float32" in r.selection.rejected.get("dynamic", ""),
+        "auto's report says dynamic is slower than float32",
+    )
     # the same measurements under the default budget (1 % top-1 disagreement)
     cands = [
-        Candidate(v.mode, v.size_bytes, v.latency.p50_ms, None,
-                  v.comparison.agreement if v.comparison else None)
+        Candidate(
+            v.mode, v.size_bytes, v.latency.p50_ms, None, v.comparison.agreement if v.comparison else None
+        )
         for v in (fp32, f16, dyn, int8)
     ]
     default = choose_variant(cands, source_accuracy=None, max_accuracy_drop=1.0)
     print(f"      with the default budget auto would pick {default.reason}", flush=True)
     check(default.mode != "dynamic", f"auto (default budget) picked {default.mode}, not dynamic")
     return {
-        "convert_all_s": round(convert_s, 1), "chosen": r.mode,
-        "chosen_default_budget": default.mode, "default_budget_reason": default.reason,
+        "convert_all_s": round(convert_s, 1),
+        "chosen": r.mode,
+        "chosen_default_budget": default.mode,
+        "default_budget_reason": default.reason,
         "default_budget_rejected": default.rejected,
         "report": json.loads((out / "mobilenet_v2.report.json").read_text()),
         "median_top2_logit_gap": float(np.median(logits[:, -1] - logits[:, -2])),
@@ -215,8 +249,10 @@ def bench_mobilenet(out: Path, runs: int) -> dict[str, Any]:
 
 # -- Markdown ---------------------------------------------------------------------
 def _variant_rows(report: dict[str, Any]) -> list[str]:
-    rows = ["| variant | size | x fp32 | top-1 % | agree % | max abs err | p50 ms | p99 ms | runs |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| variant | size | x fp32 | top-1 % | agree % | max abs err | p50 ms | p99 ms | runs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     names = {"none": "float32"}
     for v in report["variants"]:
         if "error" in v:
@@ -354,8 +390,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "convert")
     ap.add_argument("--runs", type=int, default=200, help="timed invokes per variant")
     ap.add_argument("--skip-mobilenet", action="store_true")
-    ap.add_argument("--write-results", action="store_true",
-                    help="replace the '## Converter' section of bench/RESULTS.md")
+    ap.add_argument(
+        "--write-results", action="store_true", help="replace the '## Converter' section of bench/RESULTS.md"
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

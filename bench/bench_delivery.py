@@ -33,12 +33,12 @@ from tests.support.harness import AgentProcess, FleetWatcher, must
 
 def baseline(port: int, model: Path) -> float:
     topic = "bench/baseline"
-    sub = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-t", topic, "-C", "1", "-q", "1"],
-                           stdout=subprocess.DEVNULL)
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-p", str(port), "-t", topic, "-C", "1", "-q", "1"], stdout=subprocess.DEVNULL
+    )
     time.sleep(0.5)  # subscribed
     t0 = time.perf_counter()
-    subprocess.run(["mosquitto_pub", "-p", str(port), "-t", topic, "-q", "1", "-f", str(model)],
-                   check=True)
+    subprocess.run(["mosquitto_pub", "-p", str(port), "-t", topic, "-q", "1", "-f", str(model)], check=True)
     sub.wait(60)
     return time.perf_counter() - t0
 
@@ -50,16 +50,16 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lf-bench-delivery-"))
     print(f"# machine: {describe('paho-mqtt', 'tuf', 'ai-edge-litert', 'numpy')}")
-    models = [build_dense_model(work / f"m{i}" / "model.tflite", megabytes=args.megabytes, seed=i)
-              for i in range(2)]
+    models = [
+        build_dense_model(work / f"m{i}" / "model.tflite", megabytes=args.megabytes, seed=i) for i in range(2)
+    ]
     size = models[0].stat().st_size
     broker = BrokerProcess(BrokerConfig(data_dir=work / "broker"))
     broker.start()
     repo = work / "repo"
     must("repo", "init", str(repo))
     watch = FleetWatcher(broker.port)
-    agent = AgentProcess(work, "bench-1", broker.url, repo / "root.json", log_level="info",
-                         probation_s=60.0)
+    agent = AgentProcess(work, "bench-1", broker.url, repo / "root.json", log_level="info", probation_s=60.0)
     agent.start()
     try:
         watch.wait_for(lambda: (watch.states.get("bench-1") or {}).get("online") is True, 30)
@@ -69,21 +69,27 @@ def main() -> int:
             version = run + 1
             wall0 = time.time()
             t0 = time.perf_counter()
-            must("push", str(models[run % 2]), "--repo", str(repo), "--name", "bench",
-                 "--broker", broker.url)
+            must("push", str(models[run % 2]), "--repo", str(repo), "--name", "bench", "--broker", broker.url)
             t_push = time.perf_counter() - t0
             watch.wait_event("bench-1", "activated", timeout_s=120, version=version)
             ours.append(time.perf_counter() - t0)
-            marks = [(e["event"], round((e["ts"] - wall0) * 1000)) for e in watch.events_of("bench-1")
-                     if e.get("version") == version]
+            marks = [
+                (e["event"], round((e["ts"] - wall0) * 1000))
+                for e in watch.events_of("bench-1")
+                if e.get("version") == version
+            ]
             active.append(next(ms for ev, ms in marks if ev == "activated") / 1000)
-            print(f"run {run + 1}: baseline {base[-1] * 1000:.0f} ms, push {t_push * 1000:.0f} ms, "
-                  f"push-to-active {ours[-1] * 1000:.0f} ms; agent events (ms after push start): {marks}")
+            print(
+                f"run {run + 1}: baseline {base[-1] * 1000:.0f} ms, push {t_push * 1000:.0f} ms, "
+                f"push-to-active {ours[-1] * 1000:.0f} ms; agent events (ms after push start): {marks}"
+            )
         b, o, a = statistics.median(base), statistics.median(ours), statistics.median(active)
-        print(f"\nmodel {size / 1e6:.1f} MB; median baseline {b * 1000:.0f} ms; "
-              f"median push start -> activated event {a * 1000:.0f} ms ({a / b:.2f}x); "
-              f"median push start -> push command done and model active {o * 1000:.0f} ms "
-              f"({o / b:.2f}x) (goal <= 3x)")
+        print(
+            f"\nmodel {size / 1e6:.1f} MB; median baseline {b * 1000:.0f} ms; "
+            f"median push start -> activated event {a * 1000:.0f} ms ({a / b:.2f}x); "
+            f"median push start -> push command done and model active {o * 1000:.0f} ms "
+            f"({o / b:.2f}x) (goal <= 3x)"
+        )
     finally:
         agent.stop()
         watch.close()

@@ -95,12 +95,19 @@ def build_models(out: Path) -> None:  # runs in the child
 def ensure_models() -> dict[str, Path]:
     want = {"digits": OUT / "digits.tflite", "mobilenet_v2": OUT / "mobilenet_v2_int8.tflite"}
     if not all(p.exists() for p in want.values()):
-        print("building models with TensorFlow (child process, once; log in bench/out/inference) ...",
-              flush=True)
+        print(
+            "building models with TensorFlow (child process, once; log in bench/out/inference) ...",
+            flush=True,
+        )
         OUT.mkdir(parents=True, exist_ok=True)
         with open(OUT / "build.log", "wb") as log:
-            subprocess.run([sys.executable, __file__, "--build", str(OUT)], check=True, cwd=REPO,
-                           stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(
+                [sys.executable, __file__, "--build", str(OUT)],
+                check=True,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
     return want
 
 
@@ -216,8 +223,13 @@ def time_rest(path: Path, *, n: int) -> dict[str, float]:
     results: dict[str, float] = {}
     try:
         for kind in ("json", "npy"):
-            out = subprocess.run([sys.executable, "-c", CLIENT, host, str(port), str(n), kind, str(sample)],
-                                 capture_output=True, text=True, check=True, timeout=600)
+            out = subprocess.run(
+                [sys.executable, "-c", CLIENT, host, str(port), str(n), kind, str(sample)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=600,
+            )
             results[f"rest_{kind}"] = p50_us(json.loads(out.stdout))
     finally:
         server.stop()
@@ -234,13 +246,20 @@ def time_rest(path: Path, *, n: int) -> dict[str, float]:
 
 
 def footprint(path: Path) -> dict[str, float]:
-    code = ("import sys; sys.path.insert(0, sys.argv[2]); "
-            "from agent.telemetry.metrics import read_rss_bytes as r; "
-            "a = r(); import agent, numpy; m = agent.load_model(sys.argv[1]); "
-            "import numpy as np; m.predict(np.zeros(m.inputs[0].shape, np.float32)); "
-            "print(a, r())")
-    out = subprocess.run([sys.executable, "-c", code, str(path), str(REPO)], capture_output=True, text=True,
-                         check=True, timeout=120)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); "
+        "from agent.telemetry.metrics import read_rss_bytes as r; "
+        "a = r(); import agent, numpy; m = agent.load_model(sys.argv[1]); "
+        "import numpy as np; m.predict(np.zeros(m.inputs[0].shape, np.float32)); "
+        "print(a, r())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(REPO)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     before, after = (int(v) for v in out.stdout.split())
     return {"rss_bare_mb": before / 2**20, "rss_model_mb": after / 2**20}
 
@@ -289,8 +308,10 @@ def markdown(results: dict[str, Any]) -> str:
         def cell(key: str, raw: float = raw, r: dict[str, float] = r) -> str:
             return f"{fmt(r[key])} ({r[key] / raw:.3f}x)"
 
-        lines.append(f"| {name} int8 | {fmt(raw)} | {fmt(r['predict'])} | **{r['predict'] / raw:.3f}x** "
-                     f"| {cell('registry')} | {cell('float')} |")
+        lines.append(
+            f"| {name} int8 | {fmt(raw)} | {fmt(r['predict'])} | **{r['predict'] / raw:.3f}x** "
+            f"| {cell('registry')} | {cell('float')} |"
+        )
     rest = results["rest"]
     lines += [
         "",
@@ -301,8 +322,7 @@ def markdown(results: dict[str, Any]) -> str:
         "`agent.active_models(...)` use, including the per-model latency histogram "
         "(two clock reads per call); *float in/out*: float32 input quantized, output dequantized.",
         "",
-        "| digits, REST (client in another process, keep-alive) | p50 | added vs in-process "
-        "(goal <= 1 ms) |",
+        "| digits, REST (client in another process, keep-alive) | p50 | added vs in-process (goal <= 1 ms) |",
         "| --- | --- | --- |",
         f"| in-process `predict` (float in, float out) | {fmt(rest['in_process_float'])} | |",
         f"| `POST :predict`, JSON `instances` | {fmt(rest['rest_json'])} | "

@@ -41,9 +41,13 @@ from tests.support.payloads import agent_payload
 
 
 def messages(n: int, devices: int, run: int) -> list[tuple[str, bytes]]:
-    return [(f"litefleet/v1/devices/pi-{i % devices}/metrics",
-             agent_payload(f"pi-{i % devices}", seq=run * n + i // devices + 1, ts=1_800_000_000.0 + i))
-            for i in range(n)]
+    return [
+        (
+            f"litefleet/v1/devices/pi-{i % devices}/metrics",
+            agent_payload(f"pi-{i % devices}", seq=run * n + i // devices + 1, ts=1_800_000_000.0 + i),
+        )
+        for i in range(n)
+    ]
 
 
 def baseline(port: int, msgs: list[tuple[str, bytes]]) -> float:
@@ -56,8 +60,9 @@ def baseline(port: int, msgs: list[tuple[str, bytes]]) -> float:
         if got >= len(msgs):
             done.set()
 
-    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:6]}",
-                      protocol=paho.MQTTv5)
+    sub = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+    )
     sub.on_message = on_message
     sub.connect("127.0.0.1", port)
     sub.subscribe("litefleet/v1/devices/+/metrics", qos=1)

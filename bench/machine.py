@@ -53,6 +53,8 @@ def describe(*packages: str) -> str:
     v = versions(*packages)
     pk = ", ".join(f"{k} {val}" for k, val in v.items())
     load = os.getloadavg()[0]
-    return (f"{cpu_model()}, {os.cpu_count()} cores, {mem_gib():.0f} GiB, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"mosquitto {mosquitto_version()}; {pk}; load average at start {load:.2f}")
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {mem_gib():.0f} GiB, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"mosquitto {mosquitto_version()}; {pk}; load average at start {load:.2f}"
+    )

@@ -65,19 +65,35 @@ def main() -> int:
         model.save(out / "digits.keras")
     save_digits_npz(out / "calibration.npz", data.x_train)
     save_digits_npz(out / "validation.npz", data.x_test, data.y_test)
-    print(f"    trained in {time.monotonic() - t0:.1f} s: {len(data.x_train)} training images, "
-          f"Keras top-1 on {len(data.x_test)} held-out images {keras_acc:.2f} %")
+    print(
+        f"    trained in {time.monotonic() - t0:.1f} s: {len(data.x_train)} training images, "
+        f"Keras top-1 on {len(data.x_test)} held-out images {keras_acc:.2f} %"
+    )
     print(f"    wrote {out / 'digits.keras'}, calibration.npz (x), validation.npz (x, y)")
 
     step(2, total, "converting to int8 with litefleet convert")
     cmd = [
-        "litefleet", "convert", str(out / "digits.keras"), "-o", str(out / "digits.tflite"),
-        "--quantize", "int8", "--calibration", str(out / "calibration.npz"),
-        "--validate", str(out / "validation.npz"), "--compare", "none,float16,dynamic",
-        "--report", str(out / "digits.report.json"), "--force",
+        "litefleet",
+        "convert",
+        str(out / "digits.keras"),
+        "-o",
+        str(out / "digits.tflite"),
+        "--quantize",
+        "int8",
+        "--calibration",
+        str(out / "calibration.npz"),
+        "--validate",
+        str(out / "validation.npz"),
+        "--compare",
+        "none,float16,dynamic",
+        "--report",
+        str(out / "digits.report.json"),
+        "--force",
     ]
-    print("    $ " + " ".join(str(Path(c).relative_to(REPO)) if c.startswith(str(REPO)) else c
-                              for c in cmd), flush=True)
+    print(
+        "    $ " + " ".join(str(Path(c).relative_to(REPO)) if c.startswith(str(REPO)) else c for c in cmd),
+        flush=True,
+    )
     proc = subprocess.run([sys.executable, "-m", "converter", *cmd[1:]], check=False)
     if proc.returncode != 0:
         print(f"demo: litefleet convert failed (exit {proc.returncode})", file=sys.stderr)
@@ -96,10 +112,14 @@ def main() -> int:
         worst = float(np.max(np.abs(np.stack(raw).astype(np.float64) - golden["output_0"])))
         atol = float(golden["atol_0"])
     ok = worst <= atol
-    print(f"    signature matches the card: {card.inputs[0].dtype} {list(card.inputs[0].shape)} -> "
-          f"{card.outputs[0].dtype} {list(card.outputs[0].shape)}")
-    print(f"    golden vectors: {card.golden['count']} samples, largest difference {worst:g} "
-          f"(allowed {atol:g}): {'OK' if ok else 'MISMATCH'}")
+    print(
+        f"    signature matches the card: {card.inputs[0].dtype} {list(card.inputs[0].shape)} -> "
+        f"{card.outputs[0].dtype} {list(card.outputs[0].shape)}"
+    )
+    print(
+        f"    golden vectors: {card.golden['count']} samples, largest difference {worst:g} "
+        f"(allowed {atol:g}): {'OK' if ok else 'MISMATCH'}"
+    )
     t0 = time.perf_counter()
     scores = runner.predict(data.x_test)[0]  # floats in: quantized for the model, scores dequantized
     per_image_ms = (time.perf_counter() - t0) * 1e3 / len(data.x_test)
@@ -120,18 +140,20 @@ def main() -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     print()
     for r in rows:
-        print("    " + r[0].ljust(widths[0]) + "   " + r[1].rjust(widths[1]) + "   "
-              + r[2].rjust(widths[2]))
+        print("    " + r[0].ljust(widths[0]) + "   " + r[1].rjust(widths[1]) + "   " + r[2].rjust(widths[2]))
     print("\n    a few held-out digits as the int8 model reads them:")
     picks = [0, 1, 2, 3]
     art = [ascii_digit(data.x_test[i]) for i in picks]
     for line in range(8):
         print("      " + "   ".join(a[line] for a in art))
-    print("      " + "   ".join(
-        f"says {lite_pred[i]} ({'right' if lite_pred[i] == data.y_test[i] else 'wrong'})".ljust(16)
-        for i in picks))
-    print(f"\n    files in {out}: digits.tflite, digits.card.json, digits.golden.npz, "
-          "digits.report.json")
+    print(
+        "      "
+        + "   ".join(
+            f"says {lite_pred[i]} ({'right' if lite_pred[i] == data.y_test[i] else 'wrong'})".ljust(16)
+            for i in picks
+        )
+    )
+    print(f"\n    files in {out}: digits.tflite, digits.card.json, digits.golden.npz, digits.report.json")
     if not (ok and abs(lite_acc - keras_acc) <= 1.0):
         print("demo: the int8 model does not match the Keras model", file=sys.stderr)
         return 1

@@ -45,11 +45,13 @@ def _short(arg: str) -> str:
 
 @contextlib.contextmanager
 def background(name: str, cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    print(f"    $ {' '.join(_short(c) for c in cmd)}   (in the background; log: {_short(str(log))})",
-          flush=True)
+    print(
+        f"    $ {' '.join(_short(c) for c in cmd)}   (in the background; log: {_short(str(log))})", flush=True
+    )
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
     try:
         yield proc
     finally:
@@ -73,12 +75,14 @@ class Listener:
         self.metrics: list[dict[str, Any]] = []
         self.replies: dict[bytes, bytes] = {}
         self.cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"_demo-{uuid.uuid4().hex[:6]}",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"_demo-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+        )
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe([(TOPICS.events(device), 1), (TOPICS.metrics(device), 1),
-                               (TOPICS.reply("demo", "#"), 1)])
+        self.client.subscribe(
+            [(TOPICS.events(device), 1), (TOPICS.metrics(device), 1), (TOPICS.reply("demo", "#"), 1)]
+        )
         self.client.loop_start()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
@@ -86,8 +90,11 @@ class Listener:
             if msg.topic.endswith("/events"):
                 ev = json.loads(msg.payload)
                 self.events.append(ev)
-                extra = {k: v for k, v in ev.items()
-                         if k in ("version", "progress", "reason", "message", "sha256", "bytes_received")}
+                extra = {
+                    k: v
+                    for k, v in ev.items()
+                    if k in ("version", "progress", "reason", "message", "sha256", "bytes_received")
+                }
                 if "sha256" in extra:
                     extra["sha256"] = extra["sha256"][:12] + "..."
                 print(f"      agent event: {ev['event']:<12} {json.dumps(extra)}", flush=True)
@@ -112,14 +119,18 @@ class Listener:
 
 
 def rest(url: str, body: Any = None) -> Any:
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
 
-def fleet_demo(out: Path, data: Any, *, first_step: int, total: int,
-               step: Callable[[int, int, str], None]) -> int:
+def fleet_demo(
+    out: Path, data: Any, *, first_step: int, total: int, step: Callable[[int, int, str], None]
+) -> int:
     n = first_step
     for d in ("broker", "repo", "agent-state"):
         shutil.rmtree(out / d, ignore_errors=True)
@@ -127,8 +138,20 @@ def fleet_demo(out: Path, data: Any, *, first_step: int, total: int,
     url = f"mqtt://127.0.0.1:{broker_port}"
 
     step(n, total, "starting a private Mosquitto and creating a signed model repository")
-    with background("broker", [sys.executable, "-m", "converter", "broker", "--port", str(broker_port),
-                               "--data", str(out / "broker")], out / "broker.log"):
+    with background(
+        "broker",
+        [
+            sys.executable,
+            "-m",
+            "converter",
+            "broker",
+            "--port",
+            str(broker_port),
+            "--data",
+            str(out / "broker"),
+        ],
+        out / "broker.log",
+    ):
         if not wait_for_port("127.0.0.1", broker_port, 15):
             raise SystemExit(f"the broker did not start listening; see {out / 'broker.log'}")
         print(f"    broker listening on {url}")
@@ -144,23 +167,36 @@ def fleet_demo(out: Path, data: Any, *, first_step: int, total: int,
             f'state_dir = "{out / "agent-state"}"\n'
             f'trusted_root = "{out / "repo" / "root.json"}"\n'
             f'http = "127.0.0.1:{http_port}"\n'
-            'metrics_interval_s = 2\n'
-            'probation_s = 5\n')
+            "metrics_interval_s = 2\n"
+            "probation_s = 5\n"
+        )
         print(f"    config: {_short(str(config))} (device demo-pi, REST on 127.0.0.1:{http_port})")
         listener = Listener(broker_port, "demo-pi")
         try:
-            with background("agent", [sys.executable, "-m", "agent", "run", "--config", str(config)],
-                            out / "agent.log"):
+            with background(
+                "agent", [sys.executable, "-m", "agent", "run", "--config", str(config)], out / "agent.log"
+            ):
                 time.sleep(1.0)
 
                 n += 1
                 step(n, total, "signing and publishing the model to the fleet")
                 t0 = time.monotonic()
-                for line in litefleet("push", str(out / "digits.tflite"), "--repo", str(out / "repo"),
-                                      "--name", "digits", "--broker", url).splitlines():
+                for line in litefleet(
+                    "push",
+                    str(out / "digits.tflite"),
+                    "--repo",
+                    str(out / "repo"),
+                    "--name",
+                    "digits",
+                    "--broker",
+                    url,
+                ).splitlines():
                     print("    " + line)
-                listener.wait(lambda: any(e["event"] == "activated" for e in listener.events), 60,
-                              "the agent to activate the model")
+                listener.wait(
+                    lambda: any(e["event"] == "activated" for e in listener.events),
+                    60,
+                    "the agent to activate the model",
+                )
                 print(f"    active on the agent {time.monotonic() - t0:.2f} s after the push started")
 
                 n += 1
@@ -169,21 +205,27 @@ def fleet_demo(out: Path, data: Any, *, first_step: int, total: int,
                 status = rest(f"http://127.0.0.1:{http_port}/v1/models/digits")
                 print(f"    GET /v1/models/digits -> {json.dumps(status['model_version_status'][0])}")
                 t1 = time.perf_counter()
-                reply = rest(f"http://127.0.0.1:{http_port}/v1/models/digits:predict",
-                             {"instances": x.tolist()})
+                reply = rest(
+                    f"http://127.0.0.1:{http_port}/v1/models/digits:predict", {"instances": x.tolist()}
+                )
                 rest_ms = (time.perf_counter() - t1) * 1e3
                 pred = np.argmax(np.array(reply["predictions"]), axis=-1)
-                print(f"    POST /v1/models/digits:predict with 8 images -> {pred.tolist()} "
-                      f"(labels {y.tolist()}), {rest_ms:.1f} ms")
+                print(
+                    f"    POST /v1/models/digits:predict with 8 images -> {pred.tolist()} "
+                    f"(labels {y.tolist()}), {rest_ms:.1f} ms"
+                )
                 from paho.mqtt.packettypes import PacketTypes
                 from paho.mqtt.properties import Properties
 
                 props = Properties(PacketTypes.PUBLISH)
                 props.ResponseTopic = TOPICS.reply("demo", "demo-pi")
                 props.CorrelationData = b"demo-1"
-                listener.client.publish(TOPICS.infer("demo-pi"),
-                                        json.dumps({"model": "digits", "instances": x[:3].tolist()}),
-                                        qos=1, properties=props)
+                listener.client.publish(
+                    TOPICS.infer("demo-pi"),
+                    json.dumps({"model": "digits", "instances": x[:3].tolist()}),
+                    qos=1,
+                    properties=props,
+                )
                 listener.wait(lambda: b"demo-1" in listener.replies, 15, "the MQTT reply")
                 mqtt_pred = np.argmax(np.array(json.loads(listener.replies[b"demo-1"])["predictions"]), -1)
                 print(f"    MQTT request on {TOPICS.infer('demo-pi')} -> {mqtt_pred.tolist()}")
@@ -201,12 +243,16 @@ def fleet_demo(out: Path, data: Any, *, first_step: int, total: int,
                 print(f"    latest metrics message (seq {m['seq']}):")
                 for model in m.get("models", []):
                     lat = model.get("latency_ms_total") or {}
-                    print(f"      {model.get('name')} v{model.get('version')}: {model.get('ok')} answered, "
-                          f"{model.get('errors')} errors, latency p50 {lat.get('p50')} ms, "
-                          f"p99 {lat.get('p99')} ms")
-                print(f"      device: process CPU {dev.get('cpu_percent_process')} %, "
-                      f"RSS {(dev.get('rss_bytes') or 0) / 1e6:.1f} MB, "
-                      f"free disk {(dev.get('disk_free_bytes') or 0) / 1e9:.1f} GB")
+                    print(
+                        f"      {model.get('name')} v{model.get('version')}: {model.get('ok')} answered, "
+                        f"{model.get('errors')} errors, latency p50 {lat.get('p50')} ms, "
+                        f"p99 {lat.get('p99')} ms"
+                    )
+                print(
+                    f"      device: process CPU {dev.get('cpu_percent_process')} %, "
+                    f"RSS {(dev.get('rss_bytes') or 0) / 1e6:.1f} MB, "
+                    f"free disk {(dev.get('disk_free_bytes') or 0) / 1e9:.1f} GB"
+                )
         finally:
             listener.close()
     print(f"\nDone. Everything is in {_short(str(out))}/ (agent.log and broker.log included).")

@@ -39,9 +39,7 @@ def digits_data() -> DigitsData:
 
 
 @pytest.fixture(scope="session")
-def digits_files(
-    tmp_path_factory: pytest.TempPathFactory, digits_data: DigitsData
-) -> dict[str, Path]:
+def digits_files(tmp_path_factory: pytest.TempPathFactory, digits_data: DigitsData) -> dict[str, Path]:
     """The trained digits CNN as ``.keras`` plus its calibration and validation ``.npz``."""
     from tests.support.models import save_digits_cnn, save_digits_npz
 
@@ -55,9 +53,7 @@ def digits_files(
 
 
 @pytest.fixture(scope="session")
-def digits_int8(
-    tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]
-) -> ConvertedModel:
+def digits_int8(tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]) -> ConvertedModel:
     """Digits CNN converted to full-integer int8 (int8 I/O): ``.tflite``, ``.card``, ``.golden``."""
     from tests.support.models import convert_digits
 
@@ -68,9 +64,7 @@ def digits_int8(
 
 
 @pytest.fixture(scope="session")
-def digits_float32(
-    tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]
-) -> ConvertedModel:
+def digits_float32(tmp_path_factory: pytest.TempPathFactory, digits_files: dict[str, Path]) -> ConvertedModel:
     """Digits CNN converted without quantization: ``.tflite``, ``.card``, ``.golden``."""
     from tests.support.models import convert_digits
 
@@ -88,8 +82,11 @@ from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
 _hypothesis_settings.register_profile(
-    "soak", max_examples=int(os.environ.get("LITEFLEET_FUZZ_EXAMPLES", "5000")), deadline=None,
-    suppress_health_check=list(_HealthCheck))
+    "soak",
+    max_examples=int(os.environ.get("LITEFLEET_FUZZ_EXAMPLES", "5000")),
+    deadline=None,
+    suppress_health_check=list(_HealthCheck),
+)
 if os.environ.get("HYPOTHESIS_PROFILE"):
     _hypothesis_settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
@@ -112,5 +109,6 @@ def dense_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     from tests.support.big_models import build_dense_model
 
     folder = tmp_path_factory.mktemp("dense")
-    return [build_dense_model(folder / f"d{i}" / "dense.tflite", megabytes=14.0, seed=10 + i)
-            for i in range(2)]
+    return [
+        build_dense_model(folder / f"d{i}" / "dense.tflite", megabytes=14.0, seed=10 + i) for i in range(2)
+    ]

@@ -42,8 +42,14 @@ CHECK_TIMEOUT_S = 300.0
 
 
 def load_checked(
-    model: Path, card: Path | None, golden: Path | None, *, threads: int = 1,
-    runtime: str = "auto", name: str = "model", version: str = "0",
+    model: Path,
+    card: Path | None,
+    golden: Path | None,
+    *,
+    threads: int = 1,
+    runtime: str = "auto",
+    name: str = "model",
+    version: str = "0",
 ) -> ModelRunner:
     """Load ``model`` and run every check; return the ready runner or raise
     :class:`ModelRejectedError` saying which check failed."""
@@ -88,8 +94,10 @@ def check_golden(runner: ModelRunner, golden: Path) -> None:
     for spec, x in zip(runner.inputs, xs, strict=True):
         if x.dtype != np.dtype(spec.dtype) or tuple(x.shape[1:]) != spec.shape[1:] or x.shape[0] != count:
             raise ModelRejectedError(
-                "golden", f"golden input for {spec.name} is {x.dtype}{list(x.shape)}, "
-                f"the model takes {spec.dtype}{list(spec.shape)}")
+                "golden",
+                f"golden input for {spec.name} is {x.dtype}{list(x.shape)}, "
+                f"the model takes {spec.dtype}{list(spec.shape)}",
+            )
     for j in range(count):
         try:
             outs = runner.run_raw([x[j : j + 1] for x in xs])
@@ -111,8 +119,9 @@ def _limit_cpu(cpu_s: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
 
 
-def _child_check(model: Path, card: Path | None, golden: Path | None, threads: int,
-                 runtime: str) -> dict[str, object]:
+def _child_check(
+    model: Path, card: Path | None, golden: Path | None, threads: int, runtime: str
+) -> dict[str, object]:
     try:
         load_checked(model, card, golden, threads=threads, runtime=runtime)
         return {"ok": True}
@@ -123,8 +132,14 @@ def _child_check(model: Path, card: Path | None, golden: Path | None, threads: i
 
 
 def check_isolated(
-    model: Path, card: Path | None, golden: Path | None, *, threads: int, runtime: str,
-    timeout_s: float = CHECK_TIMEOUT_S, tick: Callable[[], None] | None = None,
+    model: Path,
+    card: Path | None,
+    golden: Path | None,
+    *,
+    threads: int,
+    runtime: str,
+    timeout_s: float = CHECK_TIMEOUT_S,
+    tick: Callable[[], None] | None = None,
 ) -> bool | None:
     """Run :func:`load_checked` in a forked child process.
 
@@ -174,8 +189,11 @@ def check_isolated(
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status)).name
-        why = (f"used more than {int(timeout_s)} s of CPU time (it never returned)"
-               if sig == "SIGXCPU" else "crashed")
+        why = (
+            f"used more than {int(timeout_s)} s of CPU time (it never returned)"
+            if sig == "SIGXCPU"
+            else "crashed"
+        )
         raise ModelRejectedError("crashed", f"the runtime was killed by {sig} running this model: {why}")
     try:
         result = json.loads(data)

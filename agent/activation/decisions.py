@@ -57,8 +57,12 @@ class Rejection:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "sha256": self.sha256, "reason": self.reason,
-                "message": self.message}
+        return {
+            "version": self.version,
+            "sha256": self.sha256,
+            "reason": self.reason,
+            "message": self.message,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Rejection:
@@ -121,8 +125,7 @@ class DeviceState:
         return DeviceState(models)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT,
-                "models": {n: m.to_dict() for n, m in sorted(self.models.items())}}
+        return {"format": STATE_FORMAT, "models": {n: m.to_dict() for n, m in sorted(self.models.items())}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DeviceState:
@@ -183,8 +186,14 @@ def roll_back(ms: ModelState, reason: str, message: str) -> ModelState:
         return ms
     failed = ms.active
     rejected = (*ms.rejected, Rejection(failed.version, failed.sha256, reason, message))
-    return replace(ms, active=ms.previous, previous=None, trial_starts=None, checking=None,
-                   rejected=rejected[-MAX_REJECTIONS:])
+    return replace(
+        ms,
+        active=ms.previous,
+        previous=None,
+        trial_starts=None,
+        checking=None,
+        rejected=rejected[-MAX_REJECTIONS:],
+    )
 
 
 class StartAction(Enum):
@@ -199,14 +208,19 @@ def on_start(ms: ModelState, max_crash_restarts: int) -> tuple[ModelState, Start
     it has seen too many."""
     if ms.checking is not None:
         cand = ms.checking
-        return (reject(ms, cand, "crashed", "the agent stopped while checking this model"),
-                StartAction.REJECTED_CHECK)
+        return (
+            reject(ms, cand, "crashed", "the agent stopped while checking this model"),
+            StartAction.REJECTED_CHECK,
+        )
     if ms.trial_starts is not None and ms.active is not None:
         starts = ms.trial_starts + 1
         if starts > max_crash_restarts:
-            return (roll_back(ms, "crash_loop",
-                              f"the agent restarted {starts} times before this model was marked good"),
-                    StartAction.ROLLED_BACK)
+            return (
+                roll_back(
+                    ms, "crash_loop", f"the agent restarted {starts} times before this model was marked good"
+                ),
+                StartAction.ROLLED_BACK,
+            )
         return replace(ms, trial_starts=starts), StartAction.NONE
     return ms, StartAction.NONE
 
@@ -220,8 +234,7 @@ class Probation:
     age_s: float
 
 
-def judge_trial(p: Probation, *, good_after_inferences: int, good_after_s: float,
-                max_errors: int = 3) -> str:
+def judge_trial(p: Probation, *, good_after_inferences: int, good_after_s: float, max_errors: int = 3) -> str:
     """``"good"``, ``"bad"`` or ``"wait"`` for a model on trial.
 
     Only runtime failures count as errors (a caller's bad request does not).

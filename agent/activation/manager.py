@@ -77,9 +77,15 @@ class ModelManager:
 
     def _load_runner(self, name: str, inst: act.Installed) -> ModelRunner:
         files = self.store.files(name, inst.version)
-        runner = load_checked(files["model"], files.get("card"), files.get("golden"),
-                              threads=self.threads, runtime=self.runtime, name=name,
-                              version=str(inst.version))
+        runner = load_checked(
+            files["model"],
+            files.get("card"),
+            files.get("golden"),
+            threads=self.threads,
+            runtime=self.runtime,
+            name=name,
+            version=str(inst.version),
+        )
         runner.stats.reset()  # the golden self-checks are not traffic
         return runner
 
@@ -99,13 +105,20 @@ class ModelManager:
             state = state.with_model(name, ms)
             if action is act.StartAction.ROLLED_BACK:
                 rej = ms.rejected[-1]
-                self._event("rolled_back", model=name, version=rej.version, reason=rej.reason,
-                            message=rej.message, to_version=ms.active.version if ms.active else None)
+                self._event(
+                    "rolled_back",
+                    model=name,
+                    version=rej.version,
+                    reason=rej.reason,
+                    message=rej.message,
+                    to_version=ms.active.version if ms.active else None,
+                )
                 self.last_error = (rej.reason, rej.message)
             elif action is act.StartAction.REJECTED_CHECK:
                 rej = ms.rejected[-1]
-                self._event("rejected", model=name, version=rej.version, reason=rej.reason,
-                            message=rej.message)
+                self._event(
+                    "rejected", model=name, version=rej.version, reason=rej.reason, message=rej.message
+                )
                 self.last_error = (rej.reason, rej.message)
         self._save(state)
         for name in sorted(state.models):
@@ -125,8 +138,7 @@ class ModelManager:
                 message = f"installed model no longer loads: {exc}"
                 failed = ms.active
                 self._save(self.state.with_model(name, act.roll_back(ms, reason, message)))
-                self._event("rolled_back", model=name, version=failed.version, reason=reason,
-                            message=message)
+                self._event("rolled_back", model=name, version=failed.version, reason=reason, message=message)
                 self.last_error = (reason, message)
                 continue
             self._serve(name, ms.active, runner)
@@ -142,9 +154,15 @@ class ModelManager:
         try:
             passed = None
             if self.isolate_checks:
-                passed = check_isolated(files["model"], files.get("card"), files.get("golden"),
-                                        threads=self.threads, runtime=self.runtime,
-                                        timeout_s=self.check_timeout_s, tick=self._tick)
+                passed = check_isolated(
+                    files["model"],
+                    files.get("card"),
+                    files.get("golden"),
+                    threads=self.threads,
+                    runtime=self.runtime,
+                    timeout_s=self.check_timeout_s,
+                    tick=self._tick,
+                )
             if passed is None:
                 # in-process: mark it first, so a crash here rejects it on restart
                 self._save(self.state.with_model(name, act.begin_check(self.state.get(name), inst)))
@@ -156,8 +174,13 @@ class ModelManager:
         self._save(self.state.with_model(name, act.activate(self.state.get(name), inst)))
         self._serve(name, inst, runner)
         self._begin_trial(name, runner)
-        self._event("activated", model=name, version=inst.version, sha256=inst.sha256,
-                    previous=old.version if old else None)
+        self._event(
+            "activated",
+            model=name,
+            version=inst.version,
+            sha256=inst.sha256,
+            previous=old.version if old else None,
+        )
         self.last_error = None
         return True
 
@@ -184,16 +207,21 @@ class ModelManager:
             ok, err = _counters(current.runner)
             verdict = act.judge_trial(
                 act.Probation(ok - trial.ok0, err - trial.err0, self._clock() - trial.since),
-                good_after_inferences=self.probation_inferences, good_after_s=self.probation_s)
+                good_after_inferences=self.probation_inferences,
+                good_after_s=self.probation_s,
+            )
             if verdict == "good":
                 self._save(self.state.with_model(name, act.mark_good(ms)))
                 self._trials.pop(name)
                 self._event("marked_good", model=name, version=ms.active.version if ms.active else None)
             elif verdict == "bad":
                 self._trials.pop(name)
-                self.roll_back(name, "inference_errors",
-                               f"{err - trial.err0} inference errors in its first "
-                               f"{ok - trial.ok0 + err - trial.err0} uses")
+                self.roll_back(
+                    name,
+                    "inference_errors",
+                    f"{err - trial.err0} inference errors in its first "
+                    f"{ok - trial.ok0 + err - trial.err0} uses",
+                )
 
     def roll_back(self, name: str, reason: str, message: str) -> None:
         ms = self.state.get(name)
@@ -207,8 +235,14 @@ class ModelManager:
             self.registry.deactivate(name)
         else:
             self._start_model(name)
-        self._event("rolled_back", model=name, version=failed.version, reason=reason, message=message,
-                    to_version=new_ms.active.version if new_ms.active else None)
+        self._event(
+            "rolled_back",
+            model=name,
+            version=failed.version,
+            reason=reason,
+            message=message,
+            to_version=new_ms.active.version if new_ms.active else None,
+        )
         self.cleanup()
 
     def cleanup(self) -> None:
@@ -228,8 +262,11 @@ class ModelManager:
         for name, ms in sorted(self.state.models.items()):
             if ms.active is None:
                 continue
-            out[name] = {"version": ms.active.version, "sha256": ms.active.sha256,
-                         "trial": ms.trial_starts is not None}
+            out[name] = {
+                "version": ms.active.version,
+                "sha256": ms.active.sha256,
+                "trial": ms.trial_starts is not None,
+            }
         return out
 
 

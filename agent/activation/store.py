@@ -49,8 +49,9 @@ class StateFile:
             # never written half (atomic_write), so this is outside damage: keep a copy
             broken = self.path.with_suffix(".broken")
             shutil.copyfile(self.path, broken)
-            logger.error("state file %s is unreadable (%s); kept as %s, starting empty",
-                         self.path, exc, broken)
+            logger.error(
+                "state file %s is unreadable (%s); kept as %s, starting empty", self.path, exc, broken
+            )
             return DeviceState.empty()
 
     def save(self, state: DeviceState) -> None:

@@ -105,8 +105,9 @@ class ChunkDownloader:
         try:
             if missing:
                 self._reserve(fd, length)
-                self._fetch_missing(target_file, length, info, fd, missing, stats, done_bytes,
-                                    progress, should_stop)
+                self._fetch_missing(
+                    target_file, length, info, fd, missing, stats, done_bytes, progress, should_stop
+                )
             os.fsync(fd)
         except OSError as exc:
             raise StorageError(f"cannot write {part}: {exc.strerror}") from exc
@@ -127,8 +128,10 @@ class ChunkDownloader:
                 have = []
                 for i in range(n):
                     data = f.read(info.chunk_size)
-                    ok = (len(data) == self._chunk_len(i, length, info.chunk_size)
-                          and hashlib.sha256(data).hexdigest() == info.hashes[i])
+                    ok = (
+                        len(data) == self._chunk_len(i, length, info.chunk_size)
+                        and hashlib.sha256(data).hexdigest() == info.hashes[i]
+                    )
                     have.append(ok)
                 return have
         except FileNotFoundError:
@@ -152,8 +155,15 @@ class ChunkDownloader:
             os.ftruncate(fd, length)
 
     def _fetch_missing(
-        self, target_file: str, length: int, info: ChunkInfo, fd: int, missing: list[int],
-        stats: DownloadStats, done_bytes: int, progress: ProgressFn | None,
+        self,
+        target_file: str,
+        length: int,
+        info: ChunkInfo,
+        fd: int,
+        missing: list[int],
+        stats: DownloadStats,
+        done_bytes: int,
+        progress: ProgressFn | None,
         should_stop: Callable[[], bool],
     ) -> None:
         topic_of = {i: self._topics.chunk(target_file, i) for i in missing}

@@ -59,9 +59,11 @@ class RetainedMetadata:
             if not message.payload:
                 changed = self._files.pop(name, None) is not None
                 self._total -= len(old or b"")
-            elif len(message.payload) > MAX_METADATA_BYTES or (
-                name not in self._files and len(self._files) >= MAX_FILES
-            ) or self._total - len(old or b"") + len(message.payload) > MAX_TOTAL_BYTES:
+            elif (
+                len(message.payload) > MAX_METADATA_BYTES
+                or (name not in self._files and len(self._files) >= MAX_FILES)
+                or self._total - len(old or b"") + len(message.payload) > MAX_TOTAL_BYTES
+            ):
                 self.dropped += 1
                 logger.warning("ignored metadata file %s (%d bytes)", name[:80], len(message.payload))
                 return
@@ -90,7 +92,7 @@ class MqttMetadataFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(METADATA_URL):
             raise DownloadHTTPError(f"not a metadata URL: {url}", 404)
-        name = url[len(METADATA_URL):]
+        name = url[len(METADATA_URL) :]
         data = self._cache.get(name)
         if data is None:
             raise DownloadHTTPError(f"{name} is not on the broker", 404)
@@ -101,6 +103,6 @@ class MqttMetadataFetcher(FetcherInterface):
         data = b"".join(self.fetch(url))
         if len(data) > max_length:
             raise DownloadLengthMismatchError(
-                f"{url[len(METADATA_URL):]} is {len(data)} bytes, more than the {max_length} allowed"
+                f"{url[len(METADATA_URL) :]} is {len(data)} bytes, more than the {max_length} allowed"
             )
         return data

@@ -25,8 +25,9 @@ if "urllib3" not in sys.modules and _NAME not in sys.modules:
 
     class Urllib3Fetcher:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("the litefleet agent fetches TUF metadata over MQTT; "
-                               "pass fetcher= to the Updater")
+            raise RuntimeError(
+                "the litefleet agent fetches TUF metadata over MQTT; pass fetcher= to the Updater"
+            )
 
     _placeholder.Urllib3Fetcher = Urllib3Fetcher  # type: ignore[attr-defined]
     sys.modules[_NAME] = _placeholder

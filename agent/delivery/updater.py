@@ -178,10 +178,14 @@ class ModelUpdater:
             key = (name, rel.version)
             if (mine is None or mine.version < rel.version) and key not in self._skipped:
                 self._skipped.add(key)
-                self._event("skipped", model=name, version=rel.version, reason="other_target",
-                            message=f"v{rel.version} is for {rel.rollout.target}"
-                            + (f" (canary {rel.rollout.canary_pct}%)"
-                               if rel.rollout.canary_pct < 100 else ""))
+                self._event(
+                    "skipped",
+                    model=name,
+                    version=rel.version,
+                    reason="other_target",
+                    message=f"v{rel.version} is for {rel.rollout.target}"
+                    + (f" (canary {rel.rollout.canary_pct}%)" if rel.rollout.canary_pct < 100 else ""),
+                )
         return chosen, problems
 
     # -- the whole refresh ---------------------------------------------------------------
@@ -191,10 +195,12 @@ class ModelUpdater:
         for p in problems:
             logger.warning("ignoring a signed target: %s", p)
         result = RefreshResult(chosen=chosen)
-        wanted = {str(targets.targets[p].hashes.get("sha256"))
-                  for rel in chosen.values()
-                  for p in (rel.model_path, rel.card_path, rel.golden_path)
-                  if p is not None and p in targets.targets}
+        wanted = {
+            str(targets.targets[p].hashes.get("sha256"))
+            for rel in chosen.values()
+            for p in (rel.model_path, rel.card_path, rel.golden_path)
+            if p is not None and p in targets.targets
+        }
         self._store.prune_downloads(wanted)
         for name, rel in sorted(chosen.items()):
             info = targets.targets[rel.model_path]
@@ -214,8 +220,9 @@ class ModelUpdater:
                 result.failures[name] = (reason, str(exc), rel.version, sha)
         return result
 
-    def _fetch_release(self, updater: Updater, targets: Targets, rel: ModelRelease,
-                       should_stop: Callable[[], bool]) -> Candidate:
+    def _fetch_release(
+        self, updater: Updater, targets: Targets, rel: ModelRelease, should_stop: Callable[[], bool]
+    ) -> Candidate:
         roles = {"model": rel.model_path, "card": rel.card_path, "golden": rel.golden_path}
         infos: dict[str, TargetFile] = {}
         for role, path in roles.items():
@@ -228,13 +235,16 @@ class ModelUpdater:
         total = sum(i.length for i in infos.values())
         if total > self._max_model_bytes:
             raise ModelRejectedError(
-                "too_large", f"{rel.name} v{rel.version} is {total} bytes, more than max_model_bytes "
-                f"({self._max_model_bytes})")
+                "too_large",
+                f"{rel.name} v{rel.version} is {total} bytes, more than max_model_bytes "
+                f"({self._max_model_bytes})",
+            )
         installed = Installed(rel.version, infos["model"].hashes["sha256"])
         if self._store.is_installed(rel.name, rel.version):
             have = self._store.files(rel.name, rel.version)
-            if all(updater.find_cached_target(infos[r], str(have[r])) for r in infos if r in have) \
-                    and set(have) == set(infos):
+            if all(updater.find_cached_target(infos[r], str(have[r])) for r in infos if r in have) and set(
+                have
+            ) == set(infos):
                 return Candidate(rel, installed, have)
         files: dict[str, Path] = {}
         received = present = 0
@@ -244,13 +254,21 @@ class ModelUpdater:
             present += stats.chunks_present
         # bytes_received: what this process took off the wire for this release;
         # chunks_present: verified chunks it found on disk (a resumed download)
-        self._event("verified", model=rel.name, version=rel.version, sha256=installed.sha256,
-                    bytes=total, bytes_received=received, chunks_present=present)
+        self._event(
+            "verified",
+            model=rel.name,
+            version=rel.version,
+            sha256=installed.sha256,
+            bytes=total,
+            bytes_received=received,
+            chunks_present=present,
+        )
         self._store.install(rel.name, rel.version, files)
         return Candidate(rel, installed, self._store.files(rel.name, rel.version))
 
-    def _download(self, info: TargetFile, rel: ModelRelease, role: str,
-                  should_stop: Callable[[], bool]) -> tuple[Path, DownloadStats]:
+    def _download(
+        self, info: TargetFile, rel: ModelRelease, role: str, should_stop: Callable[[], bool]
+    ) -> tuple[Path, DownloadStats]:
         sha = signed_sha256(info)
         dest = self._store.download_path(sha)
         try:
@@ -264,14 +282,21 @@ class ModelUpdater:
             now = time.monotonic()
             if role == "model" and (now - last[0] >= 1.0 or done == total):
                 last[0] = now
-                self._event("downloading", model=rel.name, version=rel.version,
-                            bytes=done, total=total, progress=round(done / total, 3) if total else 1.0)
+                self._event(
+                    "downloading",
+                    model=rel.name,
+                    version=rel.version,
+                    bytes=done,
+                    total=total,
+                    progress=round(done / total, 3) if total else 1.0,
+                )
 
         stats = DownloadStats()
         try:
             if not dest.exists():
-                stats = self.downloader.download(target_file, info.length, chunks, dest,
-                                                 progress=progress, should_stop=should_stop)
+                stats = self.downloader.download(
+                    target_file, info.length, chunks, dest, progress=progress, should_stop=should_stop
+                )
             with open(dest, "rb") as f:
                 info.verify_length_and_hashes(f)
         except tuf_errors.LengthOrHashMismatchError as exc:

@@ -134,8 +134,9 @@ class MqttClient:
         if settings.username:
             self._client.username_pw_set(settings.username, settings.password)
         if settings.will_topic and settings.will_payload:
-            self._client.will_set(settings.will_topic, settings.will_payload, qos=1,
-                                  retain=settings.will_retain)
+            self._client.will_set(
+                settings.will_topic, settings.will_payload, qos=1, retain=settings.will_retain
+            )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -159,8 +160,11 @@ class MqttClient:
         self._started = False
         # a persistent session keeps its subscriptions: one barrier topic per session, not
         # one more per process
-        token = (hashlib.sha256(settings.client_id.encode()).hexdigest()[:32]
-                 if settings.session_expiry_s > 0 else uuid.uuid4().hex)
+        token = (
+            hashlib.sha256(settings.client_id.encode()).hexdigest()[:32]
+            if settings.session_expiry_s > 0
+            else uuid.uuid4().hex
+        )
         self._barrier_topic = f"$litefleet-sync/{token}"
         self.connects = 0
         self._last_delivery: _Delivery | None = None
@@ -180,10 +184,13 @@ class MqttClient:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.settings.session_expiry_s
         try:
-            self._client.connect_async(self.settings.host, self.settings.port,
-                                       keepalive=self.settings.keepalive_s,
-                                       clean_start=self.settings.session_expiry_s <= 0,
-                                       properties=props)
+            self._client.connect_async(
+                self.settings.host,
+                self.settings.port,
+                keepalive=self.settings.keepalive_s,
+                clean_start=self.settings.session_expiry_s <= 0,
+                properties=props,
+            )
         except (OSError, ValueError) as exc:
             where = f"{self.settings.host}:{self.settings.port}"
             raise TransportError(f"cannot connect to {where}: {exc}") from exc
@@ -231,8 +238,7 @@ class MqttClient:
         restored by the reconnect."""
         if not self.settings.will_topic:
             raise ValueError("no will_topic in the connection settings")
-        self._client.will_set(self.settings.will_topic, payload, qos=1,
-                              retain=self.settings.will_retain)
+        self._client.will_set(self.settings.will_topic, payload, qos=1, retain=self.settings.will_retain)
         if self._started:
             # let what is in flight be acknowledged first: paho would send it
             # again on the new connection and subscribers would see it twice
@@ -335,8 +341,9 @@ class MqttClient:
                     self._barrier_mids.add(mid)
 
     # -- paho callbacks (paho's network thread) ---------------------------------------
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,
-                    properties: Any = None) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, properties: Any = None
+    ) -> None:
         if rc.is_failure:
             self._connect_error = str(rc)
             logger.warning("broker refused the connection: %s", rc)
@@ -361,8 +368,9 @@ class MqttClient:
             except Exception:  # a listener's bug must not kill paho's thread
                 logger.exception("connect listener failed")
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode,
-                       properties: Any = None) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, properties: Any = None
+    ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
         self._synced.clear()
@@ -370,8 +378,14 @@ class MqttClient:
         if was and not self._stopping:
             logger.warning("disconnected from the broker: %s", rc)
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int,
-                      reason_codes: list[ReasonCode], properties: Any = None) -> None:
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Any = None,
+    ) -> None:
         with self._lock:
             is_barrier = mid in self._barrier_mids
             self._barrier_mids.discard(mid)
@@ -382,8 +396,9 @@ class MqttClient:
                 if len(self._acked_mids) > 256:
                     self._acked_mids.pop()
         if not is_barrier and any(rc.is_failure for rc in reason_codes):
-            logger.warning("broker refused a subscription (mid %s): %s", mid,
-                           ", ".join(str(rc) for rc in reason_codes))
+            logger.warning(
+                "broker refused a subscription (mid %s): %s", mid, ", ".join(str(rc) for rc in reason_codes)
+            )
 
     @staticmethod
     def _on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -393,8 +408,9 @@ class MqttClient:
         with contextlib.suppress(OSError, AttributeError):  # not TCP: a test double
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode,
-                    properties: Any = None) -> None:
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, properties: Any = None
+    ) -> None:
         # 0x10 "no matching subscribers" is a success; >= 0x80 is a refusal
         if isinstance(rc, ReasonCode) and rc.is_failure:
             if len(self._refused) > 1024:
@@ -415,8 +431,9 @@ class MqttClient:
             user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
         )
         with self._lock:
-            handlers = [h for f, (_, h) in self._subs.items()
-                        if paho.topic_matches_sub(topic_filter_of(f), msg.topic)]
+            handlers = [
+                h for f, (_, h) in self._subs.items() if paho.topic_matches_sub(topic_filter_of(f), msg.topic)
+            ]
         if not handlers:
             logger.debug("message on %s (%d bytes) matches no subscription", msg.topic, len(message.payload))
             return

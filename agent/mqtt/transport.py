@@ -41,9 +41,7 @@ class Subscriber(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    def subscribe_many(
-        self, filters: list[str], handler: Callable[[Message], None], qos: int = 1
-    ) -> None:
+    def subscribe_many(self, filters: list[str], handler: Callable[[Message], None], qos: int = 1) -> None:
         """Subscribe now and after every reconnect; ``handler`` runs on the network thread."""
         ...
 

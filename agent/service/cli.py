@@ -61,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(f"{args.config}: ok (device {cfg.device_id}, broker {cfg.broker_address})\n")
             return 0
         if args.config is None and not all((args.device_id, args.broker, args.state_dir, args.trusted_root)):
-            raise ConfigError("give --config agent.toml, or all of "
-                              "--device-id --broker --state-dir --trusted-root")
+            raise ConfigError(
+                "give --config agent.toml, or all of --device-id --broker --state-dir --trusted-root"
+            )
         cfg = load_config(args.config, _overrides(args))
     except ConfigError as exc:
         sys.stderr.write(f"litefleet-agent: error: {exc}\n")

@@ -151,8 +151,13 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_s)
 
 
-_EXPECTED = {"Path": "a non-empty path string", "tuple[str, ...]": "a list of strings",
-             "int": "an integer", "float": "a number", "str": "a string"}
+_EXPECTED = {
+    "Path": "a non-empty path string",
+    "tuple[str, ...]": "a list of strings",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -181,9 +186,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 def _check(cfg: AgentConfig) -> None:
     if not DEVICE_ID_RE.match(cfg.device_id):
-        raise ConfigError(
-            f"device_id {cfg.device_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
-        )
+        raise ConfigError(f"device_id {cfg.device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     for g in cfg.groups:
         if not GROUP_RE.match(g):
             raise ConfigError(f"group {g!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -198,8 +201,13 @@ def _check(cfg: AgentConfig) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("download_window", "max_model_bytes", "metrics_queue_max_rows",
-                 "http_max_body_bytes", "probation_inferences"):
+    for name in (
+        "download_window",
+        "max_model_bytes",
+        "metrics_queue_max_rows",
+        "http_max_body_bytes",
+        "probation_inferences",
+    ):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_crash_restarts < 0:

@@ -55,10 +55,20 @@ logger = logging.getLogger(__name__)
 
 # refusals that say something about the signed release itself: remembered, never retried.
 # Others (a corrupt chunk on the broker, a full disk) are retried at the next refresh.
-PERMANENT_REASONS = frozenset({
-    "too_large", "invalid_target", "missing_target", "load", "signature", "card",
-    "golden", "inference", "crashed", "timeout",
-})
+PERMANENT_REASONS = frozenset(
+    {
+        "too_large",
+        "invalid_target",
+        "missing_target",
+        "load",
+        "signature",
+        "card",
+        "golden",
+        "inference",
+        "crashed",
+        "timeout",
+    }
+)
 
 
 def connection_settings(cfg: AgentConfig, will_payload: bytes) -> ConnectionSettings:
@@ -82,8 +92,9 @@ class Agent:
     """One device agent. ``start()`` then ``run()`` (blocking), or ``start()`` and
     ``stop()`` around an embedding application's own loop."""
 
-    def __init__(self, cfg: AgentConfig, *, notifier: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, cfg: AgentConfig, *, notifier: Any = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
         self.registry = ModelRegistry()
@@ -145,8 +156,9 @@ class Agent:
         # the service face: REST, MQTT inference, metrics through the on-disk queue
         self.counters = ApiCounters()
         self.rest = RestServer.from_config(cfg, self.registry, counters=self.counters)
-        self.infer = InferWorker(self.registry, self.client, counters=self.counters,
-                                 max_payload_bytes=cfg.http_max_body_bytes)
+        self.infer = InferWorker(
+            self.registry, self.client, counters=self.counters, max_payload_bytes=cfg.http_max_body_bytes
+        )
         self.metrics_queue = MetricsQueue.in_state_dir(cfg.state_dir, max_rows=cfg.metrics_queue_max_rows)
         self.sender = QueueSender(self.metrics_queue, self.client)
         self.reporter = MetricsReporter(
@@ -164,15 +176,20 @@ class Agent:
     def event(self, kind: str, **fields: Any) -> None:
         """Publish an event (best effort: events are not queued while offline)."""
         self._event_seq += 1
-        payload = {"ts": round(time.time(), 3), "device_id": self.cfg.device_id, "event": kind,
-                   "seq": self._event_seq, "boot": self.boot_id, **fields}
+        payload = {
+            "ts": round(time.time(), 3),
+            "device_id": self.cfg.device_id,
+            "event": kind,
+            "seq": self._event_seq,
+            "boot": self.boot_id,
+            **fields,
+        }
         log = logger.warning if kind in ("rejected", "rolled_back") else logger.info
         log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
         if kind == "downloading":
             self._set_status("downloading")
         with contextlib.suppress(TransportError):
-            self.client.publish(self.topics.events(self.cfg.device_id),
-                                json.dumps(payload).encode(), qos=1)
+            self.client.publish(self.topics.events(self.cfg.device_id), json.dumps(payload).encode(), qos=1)
         if kind in ("activated", "rolled_back"):
             self._will_dirty = True
 
@@ -205,8 +222,9 @@ class Agent:
 
     def publish_state(self) -> None:
         with contextlib.suppress(TransportError):
-            self.client.publish(self.topics.state(self.cfg.device_id),
-                                self._state_payload(online=True), qos=1, retain=True)
+            self.client.publish(
+                self.topics.state(self.cfg.device_id), self._state_payload(online=True), qos=1, retain=True
+            )
 
     def _set_status(self, status: str, error: str | None = None, *, keep_error: bool = False) -> None:
         changed = status != self.status or (not keep_error and error != self.error)
@@ -231,8 +249,9 @@ class Agent:
 
     def _on_infer(self, message: Message) -> None:
         # paho thread: only queue. Answer only where this device may publish.
-        if message.response_topic and not self.topics.reply_allowed(self.cfg.device_id,
-                                                                    message.response_topic):
+        if message.response_topic and not self.topics.reply_allowed(
+            self.cfg.device_id, message.response_topic
+        ):
             logger.debug("inference request with response topic %.80s refused", message.response_topic)
             return
         self.infer.submit(message)
@@ -241,8 +260,13 @@ class Agent:
     def start(self) -> None:
         """Load active models, connect, start serving. Returns at once."""
         runtime = resolve_runtime(self.cfg.runtime)
-        logger.info("litefleet-agent %s, device %s, runtime %s %s", __version__, self.cfg.device_id,
-                    runtime.name, runtime.version)
+        logger.info(
+            "litefleet-agent %s, device %s, runtime %s %s",
+            __version__,
+            self.cfg.device_id,
+            runtime.name,
+            runtime.version,
+        )
         self.manager.start()
         self.status = "serving" if self.registry.names() else "idle"
         if self.manager.last_error:
@@ -273,8 +297,9 @@ class Agent:
         # or the goodbye would be lost and the retained state would stay "online"
         self.client.wait_connected(3.0)
         try:
-            d = self.client.publish(self.topics.state(self.cfg.device_id),
-                                    self._state_payload(online=False), qos=1, retain=True)
+            d = self.client.publish(
+                self.topics.state(self.cfg.device_id), self._state_payload(online=False), qos=1, retain=True
+            )
             d.wait(2.0)
         except TransportError:
             pass
@@ -405,7 +430,8 @@ class Agent:
         """READY=1 once connected with the active models loaded and the first refresh
         done (a device without any model yet is ready then too)."""
         text = f"{self.status}: {', '.join(self.registry.names()) or 'no model'}" + (
-            f"; {self.error}" if self.error else "")
+            f"; {self.error}" if self.error else ""
+        )
         if self.ready_at is None and self.client.connected and self._first_refresh_done:
             self.ready_at = time.time()
             self._notifier.ready(text)

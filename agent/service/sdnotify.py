@@ -137,14 +137,20 @@ class Notifier:
         if self._address is None:
             return False
         now = self._clock()
-        if not self._ready_sent and self.start_extension_s > 0 and (
-            self._last_extension is None or now - self._last_extension >= self.start_extension_s / 3
-        ) and self.extend_timeout(self.start_extension_s):
+        if (
+            not self._ready_sent
+            and self.start_extension_s > 0
+            and (self._last_extension is None or now - self._last_extension >= self.start_extension_s / 3)
+            and self.extend_timeout(self.start_extension_s)
+        ):
             self._last_extension = now
         if self.watchdog_interval_s is None:
             return False
-        if (not force and self._last_watchdog is not None
-                and now - self._last_watchdog < self.watchdog_interval_s / 2):
+        if (
+            not force
+            and self._last_watchdog is not None
+            and now - self._last_watchdog < self.watchdog_interval_s / 2
+        ):
             return False
         sent = self.notify(WATCHDOG=1)
         if sent:

@@ -93,8 +93,13 @@ class Model:
 
 
 def load_model(
-    path: str | Path, *, threads: int = 1, runtime: str = "auto", name: str | None = None,
-    version: str = "0", record_stats: bool = False,
+    path: str | Path,
+    *,
+    threads: int = 1,
+    runtime: str = "auto",
+    name: str | None = None,
+    version: str = "0",
+    record_stats: bool = False,
 ) -> Model:
     """Load a ``.tflite`` file for in-process use.
 
@@ -105,7 +110,11 @@ def load_model(
     """
     p = Path(path)
     runner = ModelRunner.from_file(
-        p, threads=threads, runtime=runtime, name=name or p.stem, version=version,
+        p,
+        threads=threads,
+        runtime=runtime,
+        name=name or p.stem,
+        version=version,
         record_stats=record_stats,
     )
     return Model(runner)
@@ -120,9 +129,7 @@ class ActiveModels:
     """The models a running agent serves, for the application that embeds it."""
 
     def __init__(self, source: ModelRegistry | HasRegistry) -> None:
-        self._registry: ModelRegistry = (
-            source if isinstance(source, ModelRegistry) else source.registry
-        )
+        self._registry: ModelRegistry = source if isinstance(source, ModelRegistry) else source.registry
 
     def names(self) -> list[str]:
         return self._registry.names()
@@ -134,7 +141,12 @@ class ActiveModels:
         return Model(active.runner, sha256=active.sha256)
 
     def predict(
-        self, name: str, x: Inputs, *, version: str | None = None, dequantize: bool | None = None,
+        self,
+        name: str,
+        x: Inputs,
+        *,
+        version: str | None = None,
+        dequantize: bool | None = None,
     ) -> Any:
         """Run ``x`` on whichever version of ``name`` is active at this moment."""
         runner = self._registry.get(name, version).runner

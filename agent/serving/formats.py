@@ -230,9 +230,18 @@ def model_status(active: ActiveModel) -> dict[str, Any]:
 
 
 _DT = {
-    "float32": "DT_FLOAT", "float16": "DT_HALF", "float64": "DT_DOUBLE", "int8": "DT_INT8",
-    "uint8": "DT_UINT8", "int16": "DT_INT16", "int32": "DT_INT32", "int64": "DT_INT64",
-    "bool": "DT_BOOL", "uint16": "DT_UINT16", "uint32": "DT_UINT32", "uint64": "DT_UINT64",
+    "float32": "DT_FLOAT",
+    "float16": "DT_HALF",
+    "float64": "DT_DOUBLE",
+    "int8": "DT_INT8",
+    "uint8": "DT_UINT8",
+    "int16": "DT_INT16",
+    "int32": "DT_INT32",
+    "int64": "DT_INT64",
+    "bool": "DT_BOOL",
+    "uint16": "DT_UINT16",
+    "uint32": "DT_UINT32",
+    "uint64": "DT_UINT64",
 }
 
 
@@ -260,10 +269,14 @@ def model_metadata(active: ActiveModel) -> dict[str, Any]:
             "signature_def": {
                 "signature_def": {
                     SIGNATURE: {
-                        "inputs": {k: _tensor_info(s, logical_float=True)
-                                   for k, s in zip(r.input_keys, r.inputs, strict=True)},
-                        "outputs": {k: _tensor_info(s, logical_float=True)
-                                    for k, s in zip(r.output_keys, r.outputs, strict=True)},
+                        "inputs": {
+                            k: _tensor_info(s, logical_float=True)
+                            for k, s in zip(r.input_keys, r.inputs, strict=True)
+                        },
+                        "outputs": {
+                            k: _tensor_info(s, logical_float=True)
+                            for k, s in zip(r.output_keys, r.outputs, strict=True)
+                        },
                         "method_name": "tensorflow/serving/predict",
                     }
                 }

@@ -115,8 +115,11 @@ def _native_calls(interpreter: Any) -> tuple[Any, Any, Any]:
     return interpreter.set_tensor, interpreter.invoke, interpreter.get_tensor
 
 
-def _signature_keys(interpreter: Any, inputs: tuple[int, ...], outputs: tuple[int, ...],
-                    ) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+def _signature_keys(
+    interpreter: Any,
+    inputs: tuple[int, ...],
+    outputs: tuple[int, ...],
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """The signature's friendly names (``image``, ``output_0``) of each input and
     output tensor, in tensor order; None without exactly one complete signature."""
     try:
@@ -134,8 +137,15 @@ def _signature_keys(interpreter: Any, inputs: tuple[int, ...], outputs: tuple[in
 
 
 def _make_fast_path(
-    set_tensor: Any, invoke: Any, get_tensor: Any, in_index: int, out_index: tuple[int, ...],
-    dtype: np.dtype[Any], lock: threading.Lock, stats: ModelStats | None, label: str,
+    set_tensor: Any,
+    invoke: Any,
+    get_tensor: Any,
+    in_index: int,
+    out_index: tuple[int, ...],
+    dtype: np.dtype[Any],
+    lock: threading.Lock,
+    stats: ModelStats | None,
+    label: str,
 ) -> _FastPath:
     """A closure for one exact-dtype input: returns the outputs, or None when the
     input is not an ndarray of the model's dtype or the runtime refuses its
@@ -206,7 +216,11 @@ class ModelRunner:
     """A loaded model ready to answer ``predict`` calls from any thread."""
 
     def __init__(
-        self, interpreter: Any, *, name: str = "model", version: str = "0",
+        self,
+        interpreter: Any,
+        *,
+        name: str = "model",
+        version: str = "0",
         record_stats: bool = True,
     ) -> None:
         self.name = name
@@ -234,14 +248,27 @@ class ModelRunner:
         self._fast: _FastPath | None = None
         if len(self._in_idx) == 1 and self._out_idx:
             self._fast = _make_fast_path(
-                self._set, self._invoke, self._get, self._in_idx[0], self._out_idx,
-                self._in_dtype[0], self._lock, self.stats if record_stats else None, self._label,
+                self._set,
+                self._invoke,
+                self._get,
+                self._in_idx[0],
+                self._out_idx,
+                self._in_dtype[0],
+                self._lock,
+                self.stats if record_stats else None,
+                self._label,
             )
 
     @classmethod
     def from_file(
-        cls, path: str | Path, *, threads: int = 1, runtime: str = "auto",
-        name: str = "model", version: str = "0", record_stats: bool = True,
+        cls,
+        path: str | Path,
+        *,
+        threads: int = 1,
+        runtime: str = "auto",
+        name: str = "model",
+        version: str = "0",
+        record_stats: bool = True,
     ) -> ModelRunner:
         interpreter = load_interpreter(path, threads=threads, runtime=runtime)
         return cls(interpreter, name=name, version=version, record_stats=record_stats)
@@ -285,8 +312,10 @@ class ModelRunner:
             return out
 
     def predict(
-        self, inputs: ArrayLike | Sequence[ArrayLike] | Mapping[str, ArrayLike],
-        *, dequantize_outputs: bool | None = None,
+        self,
+        inputs: ArrayLike | Sequence[ArrayLike] | Mapping[str, ArrayLike],
+        *,
+        dequantize_outputs: bool | None = None,
     ) -> list[np.ndarray]:
         """Run a batch. ``inputs`` is one array (single-input models), a list in
         input order, or a mapping from input name. The leading axis is the batch;
@@ -401,8 +430,7 @@ class ModelRunner:
                 x = x[np.newaxis]
             if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:]:
                 raise BadRequestError(
-                    f"input {key!r}: shape {list(x.shape)} does not fit the model's "
-                    f"{['N', *shape[1:]]}"
+                    f"input {key!r}: shape {list(x.shape)} does not fit the model's {['N', *shape[1:]]}"
                 )
             if x.shape[0] == 0:
                 raise BadRequestError(f"input {key!r}: empty batch")

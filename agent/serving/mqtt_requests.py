@@ -74,7 +74,10 @@ def _user_property(message: Message, key: str) -> str | None:
 
 
 def handle_infer(
-    message: Message, registry: ModelRegistry, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    message: Message,
+    registry: ModelRegistry,
+    *,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     counters: ApiCounters | None = None,
 ) -> InferReply:
     """Answer one request (see the module's doc). Never raises."""
@@ -88,8 +91,10 @@ def _handle(message: Message, registry: ModelRegistry, max_payload_bytes: int) -
     model: str | None = None
     try:
         if len(message.payload) > max_payload_bytes:
-            return error_reply(413, f"a payload of {len(message.payload)} bytes is larger than the "
-                                    f"{max_payload_bytes} allowed")
+            return error_reply(
+                413,
+                f"a payload of {len(message.payload)} bytes is larger than the {max_payload_bytes} allowed",
+            )
         ctype = (message.content_type or "").split(";", 1)[0].strip().lower()
         if npy.is_npy(message.payload) or ctype == npy.CONTENT_TYPE:
             model = _user_property(message, "model")
@@ -99,8 +104,10 @@ def _handle(message: Message, registry: ModelRegistry, max_payload_bytes: int) -
             payload, out_type = npy_predict(active.runner, message.payload)
             return InferReply(payload, out_type)
         if ctype not in ("", JSON_CONTENT_TYPE, "text/json", "text/plain"):
-            return error_reply(415, f"unsupported content type {ctype[:60]!r}: send "
-                                    f"{JSON_CONTENT_TYPE} or {npy.CONTENT_TYPE}")
+            return error_reply(
+                415,
+                f"unsupported content type {ctype[:60]!r}: send {JSON_CONTENT_TYPE} or {npy.CONTENT_TYPE}",
+            )
         req = parse_predict(load_json(message.payload), with_model=True)
         model = req.model
         assert model is not None  # parse_predict(with_model=True) guarantees it
@@ -125,9 +132,14 @@ class InferWorker:
     """
 
     def __init__(
-        self, registry: ModelRegistry, publisher: Publisher, *,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, counters: ApiCounters | None = None,
-        max_pending: int = 64, reply_qos: int = 1,
+        self,
+        registry: ModelRegistry,
+        publisher: Publisher,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        counters: ApiCounters | None = None,
+        max_pending: int = 64,
+        reply_qos: int = 1,
     ) -> None:
         self.registry = registry
         self.publisher = publisher
@@ -165,16 +177,20 @@ class InferWorker:
             message = self._queue.get()
             if message is None:
                 return
-            reply = handle_infer(message, self.registry, max_payload_bytes=self.max_payload_bytes,
-                                 counters=self.counters)
+            reply = handle_infer(
+                message, self.registry, max_payload_bytes=self.max_payload_bytes, counters=self.counters
+            )
             self._answer(message, reply)
 
     def _answer(self, message: Message, reply: InferReply) -> None:
         assert message.response_topic is not None
         try:
             self.publisher.publish(
-                message.response_topic, reply.payload, qos=self.reply_qos,
-                correlation_data=message.correlation_data, content_type=reply.content_type,
+                message.response_topic,
+                reply.payload,
+                qos=self.reply_qos,
+                correlation_data=message.correlation_data,
+                content_type=reply.content_type,
             )
         except TransportError as exc:
             logger.info("inference answer to %s not sent: %s", message.response_topic, exc)

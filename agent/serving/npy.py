@@ -31,9 +31,7 @@ from agent.errors import BadRequestError
 MAGIC = b"\x93NUMPY"
 MAX_HEADER_BYTES = 10_000  # NumPy's own reader refuses longer headers by default
 MAX_DIMS = 16
-ALLOWED_DTYPES = frozenset(
-    {"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8"}
-)
+ALLOWED_DTYPES = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8"})
 CONTENT_TYPE = "application/x-npy"
 
 
@@ -110,7 +108,8 @@ def to_npy(arr: np.ndarray) -> bytes:
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"refusing to write dtype {arr.dtype}")
     header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (  # noqa: UP031
-        arr.dtype.str, tuple(int(d) for d in arr.shape)
+        arr.dtype.str,
+        tuple(int(d) for d in arr.shape),
     )
     for major, prefix in ((1, 10), (2, 12)):
         pad = 64 - (prefix + len(header) + 1) % 64

@@ -288,8 +288,15 @@ class _Handler(BaseHTTPRequestHandler):
                 ready = app.ready()
                 return json_reply(200 if ready else 503, {"ready": ready, "models": app.registry.names()})
             snap = app.registry.snapshot()
-            return json_reply(200, {"models": [{"name": m.name, "version": m.version}
-                                               for m in sorted(snap.values(), key=lambda m: m.name)]})
+            return json_reply(
+                200,
+                {
+                    "models": [
+                        {"name": m.name, "version": m.version}
+                        for m in sorted(snap.values(), key=lambda m: m.name)
+                    ]
+                },
+            )
         match = MODEL_PATH.match(path)
         if match is None:
             if method == "POST" and self.headers.get("Content-Length"):
@@ -330,8 +337,10 @@ class _Handler(BaseHTTPRequestHandler):
             payload, out_type = npy_predict(runner, body)
             return Reply(200, payload, out_type)
         if ctype not in (JSON_CONTENT_TYPE, "text/json", "text/plain", "application/x-www-form-urlencoded"):
-            return error_reply(415, f"unsupported Content-Type {ctype[:60]!r}: send {JSON_CONTENT_TYPE} "
-                                    f"or {npy.CONTENT_TYPE}")
+            return error_reply(
+                415,
+                f"unsupported Content-Type {ctype[:60]!r}: send {JSON_CONTENT_TYPE} or {npy.CONTENT_TYPE}",
+            )
         req = parse_predict(load_json(body))
         return json_reply(200, predict_json(req, runner))
 
@@ -374,14 +383,21 @@ class RestServer:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, registry: ModelRegistry, counters: ApiCounters | None = None,
-                    **kwargs: Any) -> RestServer | None:
+    def from_config(
+        cls, cfg: Any, registry: ModelRegistry, counters: ApiCounters | None = None, **kwargs: Any
+    ) -> RestServer | None:
         """From an :class:`agent.service.config.AgentConfig`; None when ``http`` is empty."""
         address = cfg.http_address
         if address is None:
             return None
-        return cls(registry, host=address[0], port=address[1],
-                   max_body_bytes=cfg.http_max_body_bytes, counters=counters, **kwargs)
+        return cls(
+            registry,
+            host=address[0],
+            port=address[1],
+            max_body_bytes=cfg.http_max_body_bytes,
+            counters=counters,
+            **kwargs,
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -402,8 +418,10 @@ class RestServer:
             return
         self._server = _Server((self.host, self.port), self)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-            name="rest-accept", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="rest-accept",
+            daemon=True,
         )
         self._thread.start()
         logger.info("REST API on %s", self.url)

@@ -181,8 +181,12 @@ class ModelStats:
             counts = tuple(self.counts)
             errors, bad = self.acc
         return StatsSnapshot(
-            name=self.name, version=self.version, ok=sum(counts), errors=errors,
-            bad_requests=bad, counts=counts,
+            name=self.name,
+            version=self.version,
+            ok=sum(counts),
+            errors=errors,
+            bad_requests=bad,
+            counts=counts,
         )
 
 

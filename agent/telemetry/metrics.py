@@ -58,8 +58,13 @@ THROTTLED_PATHS = (
 )
 # bit -> name of the firmware's get_throttled word (low bits: now; bits 16+: since boot)
 THROTTLE_BITS = {
-    0: "under_voltage", 1: "freq_capped", 2: "throttled", 3: "soft_temp_limit",
-    16: "under_voltage_occurred", 17: "freq_capped_occurred", 18: "throttled_occurred",
+    0: "under_voltage",
+    1: "freq_capped",
+    2: "throttled",
+    3: "soft_temp_limit",
+    16: "under_voltage_occurred",
+    17: "freq_capped_occurred",
+    18: "throttled_occurred",
     19: "soft_temp_limit_occurred",
 }
 
@@ -181,9 +186,7 @@ class DeviceProbe:
         """One reading; CPU figures cover the time since the previous reading."""
         mark = self._cpu_mark()
         wall = mark.wall - self._mark.wall
-        process_pct = (
-            round(100.0 * (mark.process - self._mark.process) / wall, 1) if wall > 0 else None
-        )
+        process_pct = round(100.0 * (mark.process - self._mark.process) / wall, 1) if wall > 0 else None
         system_pct = cpu_percent(self._mark.system, mark.system)
         self._mark = mark
         zones = self._thermal_zones()
@@ -260,8 +263,9 @@ def histogram_ms(counts: tuple[int, ...]) -> list[list[float | int | None]]:
     return out
 
 
-def model_report(now: StatsSnapshot, before: StatsSnapshot | None, interval_s: float,
-                 *, active: bool) -> dict[str, Any]:
+def model_report(
+    now: StatsSnapshot, before: StatsSnapshot | None, interval_s: float, *, active: bool
+) -> dict[str, Any]:
     """One model version's entry in the payload (pure)."""
     prev_counts = before.counts if before is not None else (0,) * N_BUCKETS
     interval_counts = subtract(now.counts, prev_counts)
@@ -287,8 +291,13 @@ def model_report(now: StatsSnapshot, before: StatsSnapshot | None, interval_s: f
 class MetricsRecorder:
     """Follows the registry and reports every model version it has seen serve."""
 
-    def __init__(self, registry: Any, *, counters: ApiCounters | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        registry: Any,
+        *,
+        counters: ApiCounters | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.counters = counters or ApiCounters()
         self._clock = clock
         self._lock = threading.Lock()
@@ -330,8 +339,16 @@ class MetricsRecorder:
 
 
 def build_metrics_payload(
-    *, device_id: str, seq: int, ts: float, interval_s: float, models: list[dict[str, Any]],
-    device: dict[str, Any], api: dict[str, Any], queue: dict[str, int], agent_version: str = "",
+    *,
+    device_id: str,
+    seq: int,
+    ts: float,
+    interval_s: float,
+    models: list[dict[str, Any]],
+    device: dict[str, Any],
+    api: dict[str, Any],
+    queue: dict[str, int],
+    agent_version: str = "",
 ) -> bytes:
     """The JSON published on ``.../metrics`` (pure)."""
     doc = {
@@ -383,8 +400,14 @@ class MetricsReporter:
 
         def build(seq: int, pending: int, dropped_total: int) -> bytes:
             return build_metrics_payload(
-                device_id=self.device_id, seq=seq, ts=ts, interval_s=interval, models=models,
-                device=device, api=api, queue={"pending": pending, "dropped_total": dropped_total},
+                device_id=self.device_id,
+                seq=seq,
+                ts=ts,
+                interval_s=interval,
+                models=models,
+                device=device,
+                api=api,
+                queue={"pending": pending, "dropped_total": dropped_total},
                 agent_version=self.agent_version,
             )
 

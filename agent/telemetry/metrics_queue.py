@@ -146,8 +146,10 @@ class MetricsQueue:
                     pending = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
                     seq = last + 1
                     payload = build(seq, pending, dropped)
-                    db.execute("INSERT INTO outbox (seq, ts, topic, payload) VALUES (?, ?, ?, ?)",
-                               (seq, ts, topic, payload))
+                    db.execute(
+                        "INSERT INTO outbox (seq, ts, topic, payload) VALUES (?, ?, ?, ?)",
+                        (seq, ts, topic, payload),
+                    )
                     db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
                     excess = pending + 1 - self.max_rows
                     if excess > 0:
@@ -155,8 +157,7 @@ class MetricsQueue:
                             "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
                             (excess,),
                         )
-                        db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_total'",
-                                   (excess,))
+                        db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_total'", (excess,))
                         logger.debug("metrics queue full: dropped the %d oldest", excess)
                     db.execute("COMMIT")
                 except BaseException:
@@ -196,8 +197,14 @@ class MetricsQueue:
             return QueueStats(pending, self._meta("dropped_total"), self._meta("last_seq"))
 
     # -- sending ----------------------------------------------------------------
-    def drain(self, publisher: Publisher, *, window: int = 16, ack_timeout_s: float = 10.0,
-              max_messages: int | None = None) -> DrainResult:
+    def drain(
+        self,
+        publisher: Publisher,
+        *,
+        window: int = 16,
+        ack_timeout_s: float = 10.0,
+        max_messages: int | None = None,
+    ) -> DrainResult:
         """Publish the oldest messages in order until the queue is empty, the
         publisher disconnects, or a message is not acknowledged in time."""
         acked = 0
@@ -237,8 +244,16 @@ class QueueSender:
     after a failed drain.
     """
 
-    def __init__(self, queue: MetricsQueue, publisher: Publisher, *, window: int = 16,
-                 ack_timeout_s: float = 10.0, idle_s: float = 1.0, retry_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        queue: MetricsQueue,
+        publisher: Publisher,
+        *,
+        window: int = 16,
+        ack_timeout_s: float = 10.0,
+        idle_s: float = 1.0,
+        retry_s: float = 2.0,
+    ) -> None:
         self.queue = queue
         self.publisher = publisher
         self.window = window
@@ -269,8 +284,9 @@ class QueueSender:
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                result = self.queue.drain(self.publisher, window=self.window,
-                                          ack_timeout_s=self.ack_timeout_s)
+                result = self.queue.drain(
+                    self.publisher, window=self.window, ack_timeout_s=self.ack_timeout_s
+                )
             except StorageError as exc:
                 logger.warning("metrics sender: %s", exc)
                 result = DrainResult(0, "failed")

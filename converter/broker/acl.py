@@ -43,9 +43,7 @@ class Grant:
     topic: str
 
     def allows(self, access: str, topic: str) -> bool:
-        return (self.access == "readwrite" or self.access == access) and topic_matches(
-            self.topic, topic
-        )
+        return (self.access == "readwrite" or self.access == access) and topic_matches(self.topic, topic)
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -111,8 +109,7 @@ def render_acl(entries: Iterable[tuple[str, Sequence[Grant]]]) -> str:
 # -- passwords -----------------------------------------------------------
 
 
-def hash_password(password: str, *, salt: bytes | None = None,
-                  iterations: int = PBKDF2_ITERATIONS) -> str:
+def hash_password(password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
     """Mosquitto's ``$7$`` format: PBKDF2-HMAC-SHA512, ``$7$<iter>$<b64 salt>$<b64 hash>``."""
     salt = secrets.token_bytes(PASSWORD_SALT_BYTES) if salt is None else salt
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)

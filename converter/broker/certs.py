@@ -40,10 +40,12 @@ BACKDATE = dt.timedelta(days=1)
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "litefleet"),
-        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "litefleet"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -63,10 +65,17 @@ def make_ca(key: ec.EllipticCurvePrivateKey, now: dt.datetime) -> x509.Certifica
         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=False, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False,
-                          key_agreement=False, key_cert_sign=True, crl_sign=True,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -74,9 +83,17 @@ def make_ca(key: ec.EllipticCurvePrivateKey, now: dt.datetime) -> x509.Certifica
     )
 
 
-def _leaf(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
-          key: ec.EllipticCurvePrivateKey, common_name: str, *, server: bool,
-          sans: Sequence[str], now: dt.datetime, days: int) -> x509.Certificate:
+def _leaf(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    *,
+    server: bool,
+    sans: Sequence[str],
+    now: dt.datetime,
+    days: int,
+) -> x509.Certificate:
     not_after = min(now + dt.timedelta(days=days), ca.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
@@ -88,21 +105,31 @@ def _leaf(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False,
-                          key_agreement=False, key_cert_sign=False, crl_sign=False,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
     )
     if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName([_san(s) for s in sans]),
-                                        critical=False)
+        builder = builder.add_extension(x509.SubjectAlternativeName([_san(s) for s in sans]), critical=False)
     return builder.sign(ca_key, hashes.SHA256())
 
 
@@ -113,22 +140,30 @@ def _san(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
-                     key: ec.EllipticCurvePrivateKey, sans: Sequence[str],
-                     now: dt.datetime) -> x509.Certificate:
-    return _leaf(ca_key, ca, key, "litefleet broker", server=True, sans=sans, now=now,
-                 days=SERVER_DAYS)
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    sans: Sequence[str],
+    now: dt.datetime,
+) -> x509.Certificate:
+    return _leaf(ca_key, ca, key, "litefleet broker", server=True, sans=sans, now=now, days=SERVER_DAYS)
 
 
-def make_client_cert(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
-                     key: ec.EllipticCurvePrivateKey, common_name: str,
-                     now: dt.datetime) -> x509.Certificate:
+def make_client_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    now: dt.datetime,
+) -> x509.Certificate:
     """A client certificate; Mosquitto takes the CN as the MQTT username."""
     return _leaf(ca_key, ca, key, common_name, server=False, sans=(), now=now, days=DEVICE_DAYS)
 
 
-def make_crl(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
-             revoked: Iterable[Revocation], now: dt.datetime) -> x509.CertificateRevocationList:
+def make_crl(
+    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, revoked: Iterable[Revocation], now: dt.datetime
+) -> x509.CertificateRevocationList:
     """The CRL stays valid as long as the CA: an expired CRL would make OpenSSL
     refuse every client certificate while the broker runs."""
     builder = (
@@ -147,8 +182,9 @@ def make_crl(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def server_cert_fits(cert: x509.Certificate, ca: x509.Certificate, sans: Sequence[str],
-                     now: dt.datetime) -> bool:
+def server_cert_fits(
+    cert: x509.Certificate, ca: x509.Certificate, sans: Sequence[str], now: dt.datetime
+) -> bool:
     """Keep the server certificate unless its CA, names or remaining life changed."""
     if cert.issuer != ca.subject:
         return False
@@ -158,14 +194,14 @@ def server_cert_fits(cert: x509.Certificate, ca: x509.Certificate, sans: Sequenc
     except (ValueError, TypeError, x509.ExtensionNotFound, InvalidSignature):
         return False
     want = {_san(s) for s in sans}
-    return set(have) == want and cert.not_valid_after_utc - now > dt.timedelta(
-        days=SERVER_RENEW_DAYS)
+    return set(have) == want and cert.not_valid_after_utc - now > dt.timedelta(days=SERVER_RENEW_DAYS)
 
 
 def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     """PKCS#8 PEM, unencrypted (write it owner-only)."""
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def pem_cert(cert: x509.Certificate) -> bytes:

@@ -26,14 +26,10 @@ logger = logging.getLogger(__name__)
 
 def find_mosquitto() -> str:
     """Return the path of the ``mosquitto`` binary or raise :class:`TransportError`."""
-    for candidate in (
-        shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"
-    ):
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise TransportError(
-        "mosquitto is not installed (Debian/Ubuntu: sudo apt-get install -y mosquitto)"
-    )
+    raise TransportError("mosquitto is not installed (Debian/Ubuntu: sudo apt-get install -y mosquitto)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

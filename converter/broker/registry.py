@@ -115,19 +115,27 @@ class Registry:
             "format": REGISTRY_FORMAT,
             "prefix": self.prefix,
             "sans": list(self.sans),
-            "ports": {"cert": self.ports.cert, "password": self.ports.password,
-                      "host": self.ports.host},
+            "ports": {"cert": self.ports.cert, "password": self.ports.password, "host": self.ports.host},
             "host": {"username": HOST_USERNAME, "password_hash": self.host_password_hash},
             "devices": [
-                {k: v for k, v in {
-                    "device_id": d.device_id, "auth": d.auth, "created": d.created,
-                    "serial": None if d.serial is None else format(d.serial, "x"),
-                    "not_after": d.not_after, "password_hash": d.password_hash,
-                }.items() if v is not None}
+                {
+                    k: v
+                    for k, v in {
+                        "device_id": d.device_id,
+                        "auth": d.auth,
+                        "created": d.created,
+                        "serial": None if d.serial is None else format(d.serial, "x"),
+                        "not_after": d.not_after,
+                        "password_hash": d.password_hash,
+                    }.items()
+                    if v is not None
+                }
                 for d in self.devices
             ],
-            "revoked": [{"serial": format(r.serial, "x"), "device_id": r.device_id,
-                         "revoked": r.revoked} for r in self.revoked],
+            "revoked": [
+                {"serial": format(r.serial, "x"), "device_id": r.device_id, "revoked": r.revoked}
+                for r in self.revoked
+            ],
         }
 
     @classmethod
@@ -142,15 +150,19 @@ class Registry:
             host_password_hash=str(doc["host"]["password_hash"]),
             devices=tuple(
                 DeviceRecord(
-                    device_id=str(d["device_id"]), auth=str(d["auth"]),
+                    device_id=str(d["device_id"]),
+                    auth=str(d["auth"]),
                     created=str(d["created"]),
                     serial=int(d["serial"], 16) if "serial" in d else None,
-                    not_after=d.get("not_after"), password_hash=d.get("password_hash"),
+                    not_after=d.get("not_after"),
+                    password_hash=d.get("password_hash"),
                 )
                 for d in doc["devices"]
             ),
-            revoked=tuple(Revocation(int(r["serial"], 16), str(r["device_id"]), str(r["revoked"]))
-                          for r in doc["revoked"]),
+            revoked=tuple(
+                Revocation(int(r["serial"], 16), str(r["device_id"]), str(r["revoked"]))
+                for r in doc["revoked"]
+            ),
         )
 
 
@@ -176,9 +188,13 @@ def check_san(name: str) -> None:
     except ValueError:
         pass
     labels = name.rstrip(".").split(".")
-    if not name or len(name) > 253 or not all(
-        label and len(label) <= 63 and label.replace("-", "").isalnum() and label[0] != "-"
-        for label in labels
+    if (
+        not name
+        or len(name) > 253
+        or not all(
+            label and len(label) <= 63 and label.replace("-", "").isalnum() and label[0] != "-"
+            for label in labels
+        )
     ):
         raise BadInputError(f"--san {name!r} is neither a DNS name nor an IP address")
 
@@ -198,8 +214,9 @@ class DeviceBundle:
     serial: int | None = None
 
 
-def agent_toml_snippet(device_id: str, auth: str, broker_url: str, prefix: str,
-                       *, credential_prefix: str = CRED_PREFIX) -> str:
+def agent_toml_snippet(
+    device_id: str, auth: str, broker_url: str, prefix: str, *, credential_prefix: str = CRED_PREFIX
+) -> str:
     """The device's agent.toml lines for the broker. File names are systemd credential
     names (``litefleet_<file>``); ``credential_prefix=DEVICE_CRED_DIR + "/"`` gives
     absolute paths for an agent run without systemd."""

@@ -106,8 +106,13 @@ from converter.broker.registry import (
 from converter.errors import BadInputError
 
 __all__ = [
-    "HOST_CLIENT_ID_PREFIX", "MAX_PACKET_SIZE_BYTES", "RELOADED_LOG_LINE", "SecureDir",
-    "SecurePaths", "host_client_settings", "listener_lines",
+    "HOST_CLIENT_ID_PREFIX",
+    "MAX_PACKET_SIZE_BYTES",
+    "RELOADED_LOG_LINE",
+    "SecureDir",
+    "SecurePaths",
+    "host_client_settings",
+    "listener_lines",
 ]
 
 logger = logging.getLogger(__name__)
@@ -294,9 +299,14 @@ class SecureDir:
             raise BadInputError(f"{self.paths.registry} is unreadable: {exc}") from exc
 
     # -- set-up ---------------------------------------------------------------------
-    def ensure(self, *, prefix: str | None = None, sans: Sequence[str] = (),
-               ports: ListenerPorts | None = None,
-               now: dt.datetime | None = None) -> Registry:
+    def ensure(
+        self,
+        *,
+        prefix: str | None = None,
+        sans: Sequence[str] = (),
+        ports: ListenerPorts | None = None,
+        now: dt.datetime | None = None,
+    ) -> Registry:
         """Create or reuse the authority. Idempotent: keys are never replaced; the
         server certificate is reissued (same CA, so devices need nothing new) when
         ``sans`` or the CA changed or it expires within 30 days; a missing
@@ -313,12 +323,10 @@ class SecureDir:
                 registry = self.load()
                 if prefix is not None and prefix != registry.prefix:
                     raise BadInputError(
-                        f"{self.root} was set up for topic prefix {registry.prefix!r}, "
-                        f"not {prefix!r}"
+                        f"{self.root} was set up for topic prefix {registry.prefix!r}, not {prefix!r}"
                     )
                 if sans:
-                    registry = replace(registry, sans=tuple(dict.fromkeys(
-                        (*LOOPBACK_SANS, *sans))))
+                    registry = replace(registry, sans=tuple(dict.fromkeys((*LOOPBACK_SANS, *sans))))
                 if ports is not None:
                     registry = replace(registry, ports=ports)
                 if not self.paths.host_password.exists():
@@ -347,17 +355,19 @@ class SecureDir:
             # the CA cannot be remade without re-enrolling every device: never replace it
             key = _load_key(self.paths.ca_key)
             if key is None:
-                raise BadInputError(
-                    f"{self.paths.ca_key} is not a PEM private key; restore it from a backup")
+                raise BadInputError(f"{self.paths.ca_key} is not a PEM private key; restore it from a backup")
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise BadInputError(f"{self.paths.ca_key} is not an EC key")
             ca = _load_cert(self.paths.ca_cert)
             if ca is None:
                 raise BadInputError(
-                    f"{self.paths.ca_cert} is not a PEM certificate; restore it from a backup")
+                    f"{self.paths.ca_cert} is not a PEM certificate; restore it from a backup"
+                )
             if ca.public_key() != key.public_key():
-                raise BadInputError(f"{self.paths.ca_cert} and {self.paths.ca_key} do not "
-                                    "belong together; restore both from a backup")
+                raise BadInputError(
+                    f"{self.paths.ca_cert} and {self.paths.ca_key} do not "
+                    "belong together; restore both from a backup"
+                )
             return key, ca
         if self.paths.ca_key.exists() or self.paths.ca_cert.exists():
             raise BadInputError(f"{self.root} has only half a CA (ca.pem / ca.key); restore both")
@@ -368,15 +378,19 @@ class SecureDir:
         logger.info("new CA in %s", self.paths.ca_cert)
         return key, ca
 
-    def _ensure_server_cert(self, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
-                            sans: Sequence[str], now: dt.datetime) -> None:
+    def _ensure_server_cert(
+        self, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, sans: Sequence[str], now: dt.datetime
+    ) -> None:
         if self.paths.server_cert.exists() and self.paths.server_key.exists():
             # both are derived from the CA: damaged ones are simply issued anew
             cert = _load_cert(self.paths.server_cert)
             key = _load_key(self.paths.server_key)
-            if (cert is not None and key is not None
-                    and key.public_key() == cert.public_key()
-                    and server_cert_fits(cert, ca, sans, now)):
+            if (
+                cert is not None
+                and key is not None
+                and key.public_key() == cert.public_key()
+                and server_cert_fits(cert, ca, sans, now)
+            ):
                 return
             logger.info("reissuing the server certificate for %s", ", ".join(sans))
         key = new_key()
@@ -384,26 +398,38 @@ class SecureDir:
         cert = make_server_cert(ca_key, ca, key, sans, now)
         atomic_write(self.paths.server_cert, pem_cert(cert), 0o644)
 
-    def _save(self, registry: Registry, ca_key: ec.EllipticCurvePrivateKey,
-              ca: x509.Certificate, now: dt.datetime) -> None:
+    def _save(
+        self, registry: Registry, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, now: dt.datetime
+    ) -> None:
         """Write the registry and every file derived from it."""
         p = self.paths
         atomic_write(p.crl, pem_crl(make_crl(ca_key, ca, registry.revoked, now)), 0o644)
-        atomic_write(p.devices_acl, render_acl(
-            (d.device_id, device_grants(registry.prefix, d.device_id))
-            for d in registry.devices).encode())
-        atomic_write(p.devices_passwd, render_password_file(
-            {d.device_id: d.password_hash for d in registry.devices
-             if d.auth == AUTH_PASSWORD and d.password_hash}).encode())
-        atomic_write(p.host_acl, render_acl([(HOST_USERNAME, host_grants(registry.prefix))])
-                      .encode())
-        atomic_write(p.host_passwd,
-                      render_password_file({HOST_USERNAME: registry.host_password_hash}).encode())
+        atomic_write(
+            p.devices_acl,
+            render_acl(
+                (d.device_id, device_grants(registry.prefix, d.device_id)) for d in registry.devices
+            ).encode(),
+        )
+        atomic_write(
+            p.devices_passwd,
+            render_password_file(
+                {
+                    d.device_id: d.password_hash
+                    for d in registry.devices
+                    if d.auth == AUTH_PASSWORD and d.password_hash
+                }
+            ).encode(),
+        )
+        atomic_write(p.host_acl, render_acl([(HOST_USERNAME, host_grants(registry.prefix))]).encode())
+        atomic_write(
+            p.host_passwd, render_password_file({HOST_USERNAME: registry.host_password_hash}).encode()
+        )
         atomic_write(p.registry, (json.dumps(registry.to_json(), indent=2) + "\n").encode())
 
     # -- devices --------------------------------------------------------------------
-    def add_device(self, device_id: str, *, auth: str = AUTH_CERT, renew: bool = False,
-                   now: dt.datetime | None = None) -> DeviceBundle:
+    def add_device(
+        self, device_id: str, *, auth: str = AUTH_CERT, renew: bool = False, now: dt.datetime | None = None
+    ) -> DeviceBundle:
         """Create device ``device_id``'s identity (``renew``: replace it, revoking the old
         certificate) and its bundle folder. Call :meth:`reload_broker` afterwards."""
         check_device_id(device_id)
@@ -416,9 +442,7 @@ class SecureDir:
             registry = self.load()
             old = registry.device(device_id)
             if old is not None and not renew:
-                raise BadInputError(
-                    f"device {device_id!r} exists already; --renew replaces its credentials"
-                )
+                raise BadInputError(f"device {device_id!r} exists already; --renew replaces its credentials")
             if old is not None:
                 registry = registry.without_device(device_id, now.isoformat())
             ca_key, ca = self._ensure_ca(now)
@@ -447,14 +471,19 @@ class SecureDir:
                 os.replace(tmp, out)
             fsync_dir(out.parent)
             logger.info("device %s added (%s)", device_id, auth)
-            return DeviceBundle(device_id, auth, url,
-                                tuple((out / f, name) for f, name in names), toml,
-                                serial=record.serial)
+            return DeviceBundle(
+                device_id, auth, url, tuple((out / f, name) for f, name in names), toml, serial=record.serial
+            )
 
     @staticmethod
-    def _write_credentials(folder: Path, device_id: str, auth: str,
-                           ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
-                           now: dt.datetime) -> tuple[DeviceRecord, list[tuple[str, str]]]:
+    def _write_credentials(
+        folder: Path,
+        device_id: str,
+        auth: str,
+        ca_key: ec.EllipticCurvePrivateKey,
+        ca: x509.Certificate,
+        now: dt.datetime,
+    ) -> tuple[DeviceRecord, list[tuple[str, str]]]:
         """Write a new identity's files into ``folder``; return its registry record and
         ``(file name, name on the device)`` pairs."""
         atomic_write(folder / "ca.pem", pem_cert(ca), 0o644)
@@ -465,14 +494,19 @@ class SecureDir:
             atomic_write(folder / f"{device_id}.key", pem_key(key))
             atomic_write(folder / f"{device_id}.pem", pem_cert(cert), 0o644)
             names += [(f"{device_id}.pem", CRED_CERT), (f"{device_id}.key", CRED_KEY)]
-            return DeviceRecord(device_id, AUTH_CERT, now.isoformat(),
-                                serial=cert.serial_number,
-                                not_after=cert.not_valid_after_utc.isoformat()), names
+            return DeviceRecord(
+                device_id,
+                AUTH_CERT,
+                now.isoformat(),
+                serial=cert.serial_number,
+                not_after=cert.not_valid_after_utc.isoformat(),
+            ), names
         password = new_password()
         atomic_write(folder / "password", (password + "\n").encode())
         names.append(("password", CRED_PASSWORD))
-        return DeviceRecord(device_id, AUTH_PASSWORD, now.isoformat(),
-                            password_hash=hash_password(password)), names
+        return DeviceRecord(
+            device_id, AUTH_PASSWORD, now.isoformat(), password_hash=hash_password(password)
+        ), names
 
     def remove_device(self, device_id: str, *, now: dt.datetime | None = None) -> DeviceRecord:
         """Forget ``device_id``: ACL entries and password go, its certificate is revoked,
@@ -515,12 +549,12 @@ class SecureDir:
             "password": password,
             "client_id_prefix": HOST_CLIENT_ID_PREFIX,
             "topic_prefix": registry.prefix,
-            "url": f"mqtts://{HOST_USERNAME}@{f'[{host}]' if ':' in host else host}"
-                   f":{registry.ports.host}",
+            "url": f"mqtts://{HOST_USERNAME}@{f'[{host}]' if ':' in host else host}:{registry.ports.host}",
         }
 
-    def broker_config(self, *, data_dir: Path | None = None, bind: str = "127.0.0.1",
-                      registry: Registry | None = None) -> BrokerConfig:
+    def broker_config(
+        self, *, data_dir: Path | None = None, bind: str = "127.0.0.1", registry: Registry | None = None
+    ) -> BrokerConfig:
         registry = registry or self.load()
         return BrokerConfig(
             data_dir=data_dir or self.paths.default_data_dir,
@@ -556,10 +590,8 @@ class SecureDir:
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:
             return None
-        if log is not None and not _wait_for_log_line(log, offset, RELOADED_LOG_LINE,
-                                                      timeout_s):
-            logger.warning("mosquitto pid %s did not log a reload within %.0f s", pid,
-                           timeout_s)
+        if log is not None and not _wait_for_log_line(log, offset, RELOADED_LOG_LINE, timeout_s):
+            logger.warning("mosquitto pid %s did not log a reload within %.0f s", pid, timeout_s)
         logger.info("reloaded mosquitto pid %s", pid)
         return pid
 
@@ -574,7 +606,7 @@ def _broker_log_file(pid: int) -> Path | None:
         conf = Path(os.fsdecode(argv[argv.index(b"-c") + 1]))
         for line in conf.read_text().splitlines():
             if line.startswith("log_dest file "):
-                return Path(line[len("log_dest file "):].strip())
+                return Path(line[len("log_dest file ") :].strip())
     except (OSError, ValueError, IndexError):
         return None
     return None
@@ -595,7 +627,6 @@ def _wait_for_log_line(log: Path, offset: int, needle: bytes, timeout_s: float) 
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
-
 
 
 def host_client_settings(directory: str | Path) -> dict[str, Any]:

@@ -44,22 +44,44 @@ def register(sub: Any) -> None:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--port", type=int, default=None,
-                   help="listener port (plain: 1883; --secure: first of three, 8883); "
-                        "0 picks free ports")
-    p.add_argument("--secure", metavar="DIR", type=Path, default=None,
-                   help="TLS, per-device credentials and ACLs; CA and keys in DIR")
-    p.add_argument("--data", metavar="DIR", type=Path, default=None,
-                   help="persistence and log folder (plain: ./.litefleet-broker, "
-                        "--secure: DIR/broker)")
-    p.add_argument("--bind", default="127.0.0.1",
-                   help="listen address; anything but loopback needs --secure (default 127.0.0.1)")
-    p.add_argument("--san", action="append", default=[], metavar="NAME",
-                   help="--secure: extra DNS name or IP address in the server certificate "
-                        "(repeatable; the first is the host name devices are told to use)")
-    p.add_argument("--prefix", default=None,
-                   help="--secure: topic prefix the ACLs are written for (default litefleet; "
-                        "fixed when DIR is created)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="listener port (plain: 1883; --secure: first of three, 8883); 0 picks free ports",
+    )
+    p.add_argument(
+        "--secure",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="TLS, per-device credentials and ACLs; CA and keys in DIR",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="persistence and log folder (plain: ./.litefleet-broker, --secure: DIR/broker)",
+    )
+    p.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="listen address; anything but loopback needs --secure (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="--secure: extra DNS name or IP address in the server certificate "
+        "(repeatable; the first is the host name devices are told to use)",
+    )
+    p.add_argument(
+        "--prefix",
+        default=None,
+        help="--secure: topic prefix the ACLs are written for (default litefleet; fixed when DIR is created)",
+    )
     p.set_defaults(func=run)
 
 
@@ -109,17 +131,22 @@ def run(args: argparse.Namespace) -> int:
             port = free_port(args.bind)
         check_port_free(args.bind, port)
         data_dir = (args.data or DEFAULT_DATA_DIR).resolve()
-        config = BrokerConfig(data_dir=data_dir, port=port, host=args.bind,
-                              max_packet_size=MAX_PACKET_SIZE_BYTES)
+        config = BrokerConfig(
+            data_dir=data_dir, port=port, host=args.bind, max_packet_size=MAX_PACKET_SIZE_BYTES
+        )
         with _Signals() as signals:
             proc = BrokerProcess(config)
-            return _serve(proc, signals, [
-                "litefleet broker running, anonymous, loopback only",
-                f"  url:   {proc.url}",
-                f"  data:  {data_dir}",
-                f"  log:   {data_dir / 'mosquitto.log'}",
-                "Ctrl-C stops it.",
-            ])
+            return _serve(
+                proc,
+                signals,
+                [
+                    "litefleet broker running, anonymous, loopback only",
+                    f"  url:   {proc.url}",
+                    f"  data:  {data_dir}",
+                    f"  log:   {data_dir / 'mosquitto.log'}",
+                    "Ctrl-C stops it.",
+                ],
+            )
 
     secure = SecureDir(args.secure)
     pid = secure.running_broker_pid()
@@ -130,15 +157,13 @@ def run(args: argparse.Namespace) -> int:
     registry = secure.ensure(prefix=args.prefix, sans=args.san, ports=ports)
     for p in (registry.ports.cert, registry.ports.password, registry.ports.host):
         check_port_free(args.bind, p)
-    data_dir = (args.data.resolve() if args.data else secure.paths.default_data_dir)
+    data_dir = args.data.resolve() if args.data else secure.paths.default_data_dir
     with _Signals() as signals:
-        proc = BrokerProcess(secure.broker_config(data_dir=data_dir, bind=args.bind,
-                                                  registry=registry))
+        proc = BrokerProcess(secure.broker_config(data_dir=data_dir, bind=args.bind, registry=registry))
         return _serve(proc, signals, _secure_banner(secure, registry, data_dir, args.bind))
 
 
-def _secure_banner(secure: SecureDir, registry: Registry, data_dir: Path,
-                   bind: str) -> list[str]:
+def _secure_banner(secure: SecureDir, registry: Registry, data_dir: Path, bind: str) -> list[str]:
     host = registry.public_host
     shown = f"[{host}]" if ":" in host else host
     ports = registry.ports
@@ -177,8 +202,11 @@ class _Signals:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
-        for sig, handler in ((signal.SIGINT, self._on_stop), (signal.SIGTERM, self._on_stop),
-                             (signal.SIGHUP, self._on_hup)):
+        for sig, handler in (
+            (signal.SIGINT, self._on_stop),
+            (signal.SIGTERM, self._on_stop),
+            (signal.SIGHUP, self._on_hup),
+        ):
             self._old[sig] = signal.signal(sig, handler)
         return self
 

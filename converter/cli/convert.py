@@ -57,38 +57,78 @@ def register(subparsers: Any) -> None:
     p.add_argument("src", metavar="SRC", help=".keras file, .h5 file or SavedModel folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT.tflite", help="model to write")
     p.add_argument(
-        "--quantize", choices=QUANTIZE_CHOICES, default=DEFAULT_QUANTIZE,
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=DEFAULT_QUANTIZE,
         help=f"quantization mode (default {DEFAULT_QUANTIZE}); auto measures candidates "
         "and picks the fastest within --max-accuracy-drop",
     )
-    p.add_argument("--calibration", metavar="DATA",
-                   help="calibration inputs: .npy, .npz with x, or a folder of images")
-    p.add_argument("--validate", metavar="DATA",
-                   help="validation data: .npy, .npz with x and optional integer labels y")
+    p.add_argument(
+        "--calibration", metavar="DATA", help="calibration inputs: .npy, .npz with x, or a folder of images"
+    )
+    p.add_argument(
+        "--validate", metavar="DATA", help="validation data: .npy, .npz with x and optional integer labels y"
+    )
     p.add_argument("--report", metavar="PATH.json", help="also write the full report as JSON")
-    p.add_argument("--io-type", choices=IO_TYPES, default="int8",
-                   help="int8 model's input/output type (default int8)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads for the latency measurement (default 1)")
-    p.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP,
-                   metavar="POINTS",
-                   help=f"auto: largest acceptable top-1 drop (default {DEFAULT_MAX_ACCURACY_DROP})")
-    p.add_argument("--candidates", type=_modes, default=DEFAULT_CANDIDATES, metavar="M1,M2",
-                   help=f"auto: modes to try (default {','.join(DEFAULT_CANDIDATES)})")
-    p.add_argument("--compare", type=_modes, default=(), metavar="M1,M2",
-                   help="also convert and measure these modes for the table (not written)")
-    p.add_argument("--golden-count", type=int, default=DEFAULT_GOLDEN_COUNT, metavar="N",
-                   help=f"golden vectors to store (default {DEFAULT_GOLDEN_COUNT})")
-    p.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES,
-                   metavar="N", help=f"most calibration samples used ({DEFAULT_CALIBRATION_SAMPLES})")
-    p.add_argument("--latency-runs", type=int, default=DEFAULT_LATENCY_RUNS, metavar="N",
-                   help=f"timed invokes per variant (default {DEFAULT_LATENCY_RUNS})")
-    p.add_argument("--runtime", default="auto",
-                   choices=("auto", "litert", "tflite_runtime", "tensorflow"),
-                   help="TF Lite runtime for measurements (default auto: LiteRT)")
+    p.add_argument(
+        "--io-type", choices=IO_TYPES, default="int8", help="int8 model's input/output type (default int8)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="threads for the latency measurement (default 1)")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=DEFAULT_MAX_ACCURACY_DROP,
+        metavar="POINTS",
+        help=f"auto: largest acceptable top-1 drop (default {DEFAULT_MAX_ACCURACY_DROP})",
+    )
+    p.add_argument(
+        "--candidates",
+        type=_modes,
+        default=DEFAULT_CANDIDATES,
+        metavar="M1,M2",
+        help=f"auto: modes to try (default {','.join(DEFAULT_CANDIDATES)})",
+    )
+    p.add_argument(
+        "--compare",
+        type=_modes,
+        default=(),
+        metavar="M1,M2",
+        help="also convert and measure these modes for the table (not written)",
+    )
+    p.add_argument(
+        "--golden-count",
+        type=int,
+        default=DEFAULT_GOLDEN_COUNT,
+        metavar="N",
+        help=f"golden vectors to store (default {DEFAULT_GOLDEN_COUNT})",
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=DEFAULT_CALIBRATION_SAMPLES,
+        metavar="N",
+        help=f"most calibration samples used ({DEFAULT_CALIBRATION_SAMPLES})",
+    )
+    p.add_argument(
+        "--latency-runs",
+        type=int,
+        default=DEFAULT_LATENCY_RUNS,
+        metavar="N",
+        help=f"timed invokes per variant (default {DEFAULT_LATENCY_RUNS})",
+    )
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=("auto", "litert", "tflite_runtime", "tensorflow"),
+        help="TF Lite runtime for measurements (default auto: LiteRT)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show TensorFlow's output, debug logs and tracebacks")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show TensorFlow's output, debug logs and tracebacks",
+    )
     p.set_defaults(func=run)
 
 
@@ -103,12 +143,23 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError("--calibration-samples and --latency-runs must be at least 1")
     with native_output_hidden(not debug) as terminal, Spinner(terminal) as spinner:
         result = convert_model(
-            args.src, args.output, quantize=args.quantize, calibration=args.calibration,
-            validate=args.validate, io_type=args.io_type, threads=args.threads,
-            runtime=args.runtime, max_accuracy_drop=args.max_accuracy_drop,
-            candidates=args.candidates, compare=args.compare, golden_count=args.golden_count,
-            calibration_samples=args.calibration_samples, latency_runs=args.latency_runs,
-            report=args.report, force=args.force, progress=spinner.phase,
+            args.src,
+            args.output,
+            quantize=args.quantize,
+            calibration=args.calibration,
+            validate=args.validate,
+            io_type=args.io_type,
+            threads=args.threads,
+            runtime=args.runtime,
+            max_accuracy_drop=args.max_accuracy_drop,
+            candidates=args.candidates,
+            compare=args.compare,
+            golden_count=args.golden_count,
+            calibration_samples=args.calibration_samples,
+            latency_runs=args.latency_runs,
+            report=args.report,
+            force=args.force,
+            progress=spinner.phase,
         )
     sys.stdout.write(format_table(result) + "\n")
     return 0
@@ -133,7 +184,8 @@ def native_output_hidden(enabled: bool) -> Iterator[int | None]:
     terminal = os.fdopen(os.dup(2), "w", buffering=1)
     original_stderr = sys.stderr
     handlers = [
-        h for h in logging.getLogger().handlers
+        h
+        for h in logging.getLogger().handlers
         if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is original_stderr
     ]
     with (
@@ -184,7 +236,9 @@ class Spinner:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self._stop.set()

@@ -26,20 +26,25 @@ from converter.broker.secure import SecureDir
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("device", help="add, list or remove device identities (--secure broker)",
-                       description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
-    dsub = p.add_subparsers(dest="device_command", metavar="ACTION",
-                            parser_class=type(p))
+    p = sub.add_parser(
+        "device",
+        help="add, list or remove device identities (--secure broker)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    dsub = p.add_subparsers(dest="device_command", metavar="ACTION", parser_class=type(p))
     dsub.required = True
 
     add = dsub.add_parser("add", help="create a device's credentials and print what to copy")
     add.add_argument("device_id", metavar="ID")
     add.add_argument("--secure", metavar="DIR", type=Path, required=True)
-    add.add_argument("--password", action="store_true",
-                     help="username/password instead of a client certificate")
-    add.add_argument("--renew", action="store_true",
-                     help="replace the credentials of an existing device (the old ones stop "
-                          "working at once)")
+    add.add_argument(
+        "--password", action="store_true", help="username/password instead of a client certificate"
+    )
+    add.add_argument(
+        "--renew",
+        action="store_true",
+        help="replace the credentials of an existing device (the old ones stop working at once)",
+    )
     add.set_defaults(func=run_add)
 
     lst = dsub.add_parser("list", help="list device identities")
@@ -55,43 +60,40 @@ def register(sub: Any) -> None:
 
 def run_add(args: argparse.Namespace) -> int:
     secure = SecureDir(args.secure)
-    bundle = secure.add_device(args.device_id, auth=AUTH_PASSWORD if args.password else AUTH_CERT,
-                               renew=args.renew)
+    bundle = secure.add_device(
+        args.device_id, auth=AUTH_PASSWORD if args.password else AUTH_CERT, renew=args.renew
+    )
     pid = secure.reload_broker()
     prefix = secure.load().prefix
-    sys.stdout.write(format_bundle(bundle, secure.paths.device_dir(bundle.device_id), pid,
-                                   prefix))
+    sys.stdout.write(format_bundle(bundle, secure.paths.device_dir(bundle.device_id), pid, prefix))
     return 0
 
 
-def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None,
-                  prefix: str) -> str:
-    how = ("client certificate (CN = device id)" if bundle.auth == AUTH_CERT
-           else "username/password")
+def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None, prefix: str) -> str:
+    how = "client certificate (CN = device id)" if bundle.auth == AUTH_CERT else "username/password"
     serial = f", serial {bundle.serial:x}" if bundle.serial is not None else ""
     width = max(len(str(src)) for src, _ in bundle.files)
-    plain = agent_toml_snippet(bundle.device_id, bundle.auth, bundle.broker_url, prefix,
-                               credential_prefix=f"{DEVICE_CRED_DIR}/")
+    plain = agent_toml_snippet(
+        bundle.device_id, bundle.auth, bundle.broker_url, prefix, credential_prefix=f"{DEVICE_CRED_DIR}/"
+    )
     lines = [
         f"device {bundle.device_id}: {how}{serial}",
         "",
-        f"1. Copy these files onto the device into {DEVICE_CRED_DIR}/ "
-        "(owner root, mode 0600):",
+        f"1. Copy these files onto the device into {DEVICE_CRED_DIR}/ (owner root, mode 0600):",
         *(f"   {src!s:<{width}}  ->  {DEVICE_CRED_DIR}/{name}" for src, name in bundle.files),
         "",
-        "2. Put this into the device's /etc/litefleet/agent.toml (beside state_dir, "
-        "trusted_root, ...):",
+        "2. Put this into the device's /etc/litefleet/agent.toml (beside state_dir, trusted_root, ...):",
         *(f"   {line}" for line in bundle.agent_toml.splitlines()),
         "   The names are systemd credentials: the packaged litefleet-agent.service hands",
-        f"   each file F of {DEVICE_CRED_DIR} to the agent as {CRED_PREFIX}F "
-        "(LoadCredential=litefleet:...).",
+        f"   each file F of {DEVICE_CRED_DIR} to the agent as {CRED_PREFIX}F (LoadCredential=litefleet:...).",
         "   Without systemd, use the files' paths instead:",
         *(f"   {line}" for line in plain.splitlines() if "_file" in line),
         "",
         f"The same files and agent.toml are in {folder}/.",
         f"The agent connects with client id = {bundle.device_id} (the broker enforces it): "
         "run one agent per identity.",
-        f"Running broker reloaded (mosquitto pid {broker_pid})." if broker_pid
+        f"Running broker reloaded (mosquitto pid {broker_pid})."
+        if broker_pid
         else "No broker is running; it picks this up when it starts.",
     ]
     return "\n".join(lines) + "\n"
@@ -100,9 +102,16 @@ def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None,
 def run_list(args: argparse.Namespace) -> int:
     devices = SecureDir(args.secure).devices()
     if args.json:
-        rows = [{"device_id": d.device_id, "auth": d.auth, "created": d.created,
-                 "serial": None if d.serial is None else format(d.serial, "x"),
-                 "not_after": d.not_after} for d in devices]
+        rows = [
+            {
+                "device_id": d.device_id,
+                "auth": d.auth,
+                "created": d.created,
+                "serial": None if d.serial is None else format(d.serial, "x"),
+                "not_after": d.not_after,
+            }
+            for d in devices
+        ]
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return 0
     if not devices:
@@ -112,8 +121,7 @@ def run_list(args: argparse.Namespace) -> int:
     rows_t = [(d.device_id, d.auth, d.created, d.not_after or "-") for d in devices]
     widths = [max(len(r[i]) for r in [header, *rows_t]) for i in range(len(header))]
     for r in [header, *rows_t]:
-        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                         + "\n")
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
     return 0
 
 
@@ -121,12 +129,14 @@ def run_remove(args: argparse.Namespace) -> int:
     secure = SecureDir(args.secure)
     record = secure.remove_device(args.device_id)
     pid = secure.reload_broker()
-    what = ("its certificate is revoked (CRL)" if record.auth == AUTH_CERT
-            else "its password is deleted")
+    what = "its certificate is revoked (CRL)" if record.auth == AUTH_CERT else "its password is deleted"
     sys.stdout.write(
         f"device {record.device_id} removed: ACL entries gone, {what}.\n"
-        + (f"Running broker reloaded (mosquitto pid {pid}): new connections with the old "
-           "credentials are refused; a session still open has no rights left.\n" if pid
-           else "No broker is running; it picks this up when it starts.\n")
+        + (
+            f"Running broker reloaded (mosquitto pid {pid}): new connections with the old "
+            "credentials are refused; a session still open has no rights left.\n"
+            if pid
+            else "No broker is running; it picks this up when it starts.\n"
+        )
     )
     return 0

@@ -20,20 +20,24 @@ from converter.errors import BadInputError
 
 def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     # required in effect: settings_from_args insists on --broker or --secure-dir
-    parser.add_argument("--broker", help="mqtt://[user[:password]@]host[:port] or mqtts://..."
-                        + ("" if required else " (optional)"))
+    parser.add_argument(
+        "--broker",
+        help="mqtt://[user[:password]@]host[:port] or mqtts://..." + ("" if required else " (optional)"),
+    )
     parser.add_argument("--prefix", help=f"topic prefix (default: the --secure-dir's, else {DEFAULT_PREFIX})")
     parser.add_argument("--ca-file", help="CA certificate for mqtts:// (PEM)")
     parser.add_argument("--cert-file", help="client certificate (PEM)")
     parser.add_argument("--key-file", help="client private key (PEM)")
     parser.add_argument("--password-file", help="file holding the MQTT password")
-    parser.add_argument("--secure-dir", type=Path,
-                        help="a `litefleet broker --secure` folder: use its host identity")
+    parser.add_argument(
+        "--secure-dir", type=Path, help="a `litefleet broker --secure` folder: use its host identity"
+    )
 
 
 def _secure_dir(args: argparse.Namespace) -> Path | None:
     return getattr(args, "secure_dir", None) or (
-        Path(os.environ["LITEFLEET_SECURE_DIR"]) if os.environ.get("LITEFLEET_SECURE_DIR") else None)
+        Path(os.environ["LITEFLEET_SECURE_DIR"]) if os.environ.get("LITEFLEET_SECURE_DIR") else None
+    )
 
 
 def topic_prefix(args: argparse.Namespace) -> str:
@@ -49,8 +53,9 @@ def topic_prefix(args: argparse.Namespace) -> str:
     return DEFAULT_PREFIX
 
 
-def settings_from_args(args: argparse.Namespace, role: str, *, session: str | None = None,
-                       session_expiry_s: int = 0) -> ConnectionSettings:
+def settings_from_args(
+    args: argparse.Namespace, role: str, *, session: str | None = None, session_expiry_s: int = 0
+) -> ConnectionSettings:
     """The host's connection settings from the common broker flags. With ``session``, a
     persistent session under a stable client id (``<prefix><role>-<session>``) instead of a
     fresh one per process."""
@@ -86,11 +91,16 @@ def settings_from_args(args: argparse.Namespace, role: str, *, session: str | No
         if path and not Path(path).is_file():
             raise BadInputError(f"{label} {path} does not exist")
     return ConnectionSettings(
-        host=addr.host, port=addr.port,
+        host=addr.host,
+        port=addr.port,
         # "_" never starts a device id: a host client can never take a device's session
         client_id=f"{host.get('client_id_prefix', '_lf-host-')}{role}-{session or uuid.uuid4().hex[:8]}",
-        tls=addr.tls, ca_file=ca, cert_file=cert, key_file=key,
-        username=username, password=password,
+        tls=addr.tls,
+        ca_file=ca,
+        cert_file=cert,
+        key_file=key,
+        username=username,
+        password=password,
         session_expiry_s=session_expiry_s if session else 0,
     )
 
@@ -112,5 +122,6 @@ def finite_float(text: str, *, allow_zero: bool = False, maximum: float = 1e9) -
     low_ok = value >= 0 if allow_zero else value > 0
     if not (low_ok and value <= maximum):  # False for nan
         raise argparse.ArgumentTypeError(
-            f"expected a number {'>= 0' if allow_zero else '> 0'} and at most {maximum:.10g}, got {text!r}")
+            f"expected a number {'>= 0' if allow_zero else '> 0'} and at most {maximum:.10g}, got {text!r}"
+        )
     return value

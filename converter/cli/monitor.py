@@ -31,35 +31,64 @@ MAX_SESSION_EXPIRY_S = 0xFFFFFFFE  # MQTT 5: 0xFFFFFFFF would mean "never expire
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("monitor", help="collect fleet metrics into SQLite; serve Prometheus and a page",
-                       description="Long-running collector of every device's state, events and metrics.")
+    p = sub.add_parser(
+        "monitor",
+        help="collect fleet metrics into SQLite; serve Prometheus and a page",
+        description="Long-running collector of every device's state, events and metrics.",
+    )
     add_broker_args(p)
-    p.add_argument("--db", type=Path, default=Path(DEFAULT_DB),
-                   help="SQLite history file (default: ./%(default)s)")
-    p.add_argument("--prometheus", metavar="HOST:PORT",
-                   help="serve /metrics (Prometheus), / (HTML page) and /api/devices here, "
-                        "e.g. 127.0.0.1:9464")
-    p.add_argument("--no-histograms", action="store_true",
-                   help="leave the latency histograms out of /metrics (31 series per device and "
-                        "model version: 29 buckets, sum and count; for large fleets)")
-    p.add_argument("--share", metavar="GROUP",
-                   help="MQTT 5 shared subscription group: collectors with the same GROUP split "
-                        "the fleet's metrics and events")
-    p.add_argument("--session", metavar="NAME",
-                   help="a persistent MQTT session named NAME: while this collector is away (a "
-                        "restart, an upgrade) the broker queues the fleet's metrics and events for "
-                        "it, up to --session-expiry; without it they are gone for this collector")
-    p.add_argument("--session-expiry", type=partial(finite_float, maximum=MAX_SESSION_EXPIRY_S),
-                   default=86400.0, metavar="S",
-                   help="with --session: how long the broker keeps the session of an absent "
-                        "collector (default: %(default)s s)")
-    p.add_argument("--retention-days", type=partial(finite_float, allow_zero=True), default=30.0,
-                   help="keep history this long; 0 keeps everything (default: %(default)s)")
-    p.add_argument("--summary-interval", type=finite_float, default=10.0, metavar="S",
-                   help="seconds between summary lines on stderr (default: %(default)s)")
+    p.add_argument(
+        "--db", type=Path, default=Path(DEFAULT_DB), help="SQLite history file (default: ./%(default)s)"
+    )
+    p.add_argument(
+        "--prometheus",
+        metavar="HOST:PORT",
+        help="serve /metrics (Prometheus), / (HTML page) and /api/devices here, e.g. 127.0.0.1:9464",
+    )
+    p.add_argument(
+        "--no-histograms",
+        action="store_true",
+        help="leave the latency histograms out of /metrics (31 series per device and "
+        "model version: 29 buckets, sum and count; for large fleets)",
+    )
+    p.add_argument(
+        "--share",
+        metavar="GROUP",
+        help="MQTT 5 shared subscription group: collectors with the same GROUP split "
+        "the fleet's metrics and events",
+    )
+    p.add_argument(
+        "--session",
+        metavar="NAME",
+        help="a persistent MQTT session named NAME: while this collector is away (a "
+        "restart, an upgrade) the broker queues the fleet's metrics and events for "
+        "it, up to --session-expiry; without it they are gone for this collector",
+    )
+    p.add_argument(
+        "--session-expiry",
+        type=partial(finite_float, maximum=MAX_SESSION_EXPIRY_S),
+        default=86400.0,
+        metavar="S",
+        help="with --session: how long the broker keeps the session of an absent "
+        "collector (default: %(default)s s)",
+    )
+    p.add_argument(
+        "--retention-days",
+        type=partial(finite_float, allow_zero=True),
+        default=30.0,
+        help="keep history this long; 0 keeps everything (default: %(default)s)",
+    )
+    p.add_argument(
+        "--summary-interval",
+        type=finite_float,
+        default=10.0,
+        metavar="S",
+        help="seconds between summary lines on stderr (default: %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no summary lines")
-    p.add_argument("--timeout", type=finite_float, default=10.0,
-                   help="seconds to wait for the broker at start")
+    p.add_argument(
+        "--timeout", type=finite_float, default=10.0, help="seconds to wait for the broker at start"
+    )
     p.set_defaults(func=run)
 
 
@@ -74,8 +103,10 @@ def summary_line(snap: FleetSnapshot, rate: float) -> str:
     s = snap.stats
     dup = sum(s.duplicates.values())
     bad = sum(s.malformed.values())
-    line = (f"monitor: {snap.online_count}/{len(snap.devices)} devices online · {rate:.1f} msg/s · "
-            f"{s.stored_samples} samples, {s.stored_events} events stored")
+    line = (
+        f"monitor: {snap.online_count}/{len(snap.devices)} devices online · {rate:.1f} msg/s · "
+        f"{s.stored_samples} samples, {s.stored_events} events stored"
+    )
     if dup:
         line += f" · {dup} duplicates"
     if bad:
@@ -93,16 +124,18 @@ def run(args: argparse.Namespace) -> int:
     session = check_session_name(args.session) if args.session is not None else None
     if not 1 <= args.session_expiry <= MAX_SESSION_EXPIRY_S:
         raise BadInputError(f"--session-expiry must be between 1 and {MAX_SESSION_EXPIRY_S} seconds")
-    settings = settings_from_args(args, "monitor", session=session,
-                                  session_expiry_s=int(args.session_expiry))
+    settings = settings_from_args(args, "monitor", session=session, session_expiry_s=int(args.session_expiry))
     created = not args.db.exists()
     try:
         store = MonitorStore.open(args.db)
     except StorageError as exc:  # not a monitor database, or a folder we cannot write
         raise BadInputError(f"--db: {exc}") from exc
-    collector = Collector(make_client(settings), Topics(topic_prefix(args)), store,
-                          CollectorConfig(share_group=group,
-                                          retention_days=args.retention_days))
+    collector = Collector(
+        make_client(settings),
+        Topics(topic_prefix(args)),
+        store,
+        CollectorConfig(share_group=group, retention_days=args.retention_days),
+    )
     http: MonitorHttpServer | None = None
     stop = threading.Event()
 
@@ -125,8 +158,11 @@ def run(args: argparse.Namespace) -> int:
             http.start()
             host, port = http.address
             sys.stderr.write(f"monitor: serving http://{host}:{port}/ and /metrics\n")
-        sys.stderr.write(f"monitor: collecting into {args.db}"
-                         + (f" (shared subscription group {group})" if group else "") + "\n")
+        sys.stderr.write(
+            f"monitor: collecting into {args.db}"
+            + (f" (shared subscription group {group})" if group else "")
+            + "\n"
+        )
         last_total, last_t = 0, time.monotonic()
         while not stop.wait(args.summary_interval):
             if args.quiet:

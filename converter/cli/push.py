@@ -19,16 +19,24 @@ from converter.repo.repository import Repository
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("push", help="sign a model and publish it to the fleet",
-                       description="Sign MODEL.tflite (with MODEL.card.json and MODEL.golden.npz when "
-                       "they lie beside it) into the repository and publish it over MQTT.")
+    p = sub.add_parser(
+        "push",
+        help="sign a model and publish it to the fleet",
+        description="Sign MODEL.tflite (with MODEL.card.json and MODEL.golden.npz when "
+        "they lie beside it) into the repository and publish it over MQTT.",
+    )
     p.add_argument("model", type=Path, metavar="MODEL.tflite")
     p.add_argument("--repo", type=Path, required=True, help="repository folder (litefleet repo init)")
     p.add_argument("--name", required=True, help="model name, e.g. digits")
     p.add_argument("--version", type=int, help="version number (default: the next one)")
     p.add_argument("--target", default="all", help="all | group:G | device:ID (default: all)")
-    p.add_argument("--canary", type=int, default=100, metavar="PCT",
-                   help="only this percentage of the targeted devices, chosen by a stable hash (default 100)")
+    p.add_argument(
+        "--canary",
+        type=int,
+        default=100,
+        metavar="PCT",
+        help="only this percentage of the targeted devices, chosen by a stable hash (default 100)",
+    )
     add_broker_args(p)
     p.set_defaults(func=run)
 
@@ -72,19 +80,26 @@ def run(args: argparse.Namespace) -> int:
     client, topics = connect(args, "push")
     started = time.monotonic()
     try:
-        result = repo.add_release(args.name, model, card=card, golden=golden,
-                                  version=args.version, rollout=rollout)
+        result = repo.add_release(
+            args.name, model, card=card, golden=golden, version=args.version, rollout=rollout
+        )
         if result.unchanged:
             sys.stdout.write(f"{args.name} v{result.version} already published with this rollout\n")
         bar = ProgressBar(f"pushing {args.name} v{result.version}")
         publisher = RepoPublisher(client, topics)
         try:
-            publisher.apply(result.plan, repo.pending_uploads(result.plan.uploads), repo.current_metadata(),
-                            repo.retained_metadata_names(), bar)
+            publisher.apply(
+                result.plan,
+                repo.pending_uploads(result.plan.uploads),
+                repo.current_metadata(),
+                repo.retained_metadata_names(),
+                bar,
+            )
         except TransportError as exc:
             raise TransportError(
                 f"{exc}; the repository is signed but not fully published: run "
-                f"`litefleet repo publish {args.repo} --broker ...` or push again") from exc
+                f"`litefleet repo publish {args.repo} --broker ...` or push again"
+            ) from exc
         finally:
             bar.close()
         repo.mark_published()

@@ -23,9 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("dir", type=Path)
     init.add_argument("--keys", type=int, default=1, help="keys per role (default 1)")
     init.add_argument("--threshold", type=int, default=1, help="signatures needed per role (default 1)")
-    init.add_argument("--expiry-days", action="append", default=[], metavar="ROLE=DAYS",
-                      help="expiry of a role's metadata, e.g. timestamp=7 (defaults: "
-                      + ", ".join(f"{k}={v}" for k, v in DEFAULT_EXPIRY_DAYS.items()) + ")")
+    init.add_argument(
+        "--expiry-days",
+        action="append",
+        default=[],
+        metavar="ROLE=DAYS",
+        help="expiry of a role's metadata, e.g. timestamp=7 (defaults: "
+        + ", ".join(f"{k}={v}" for k, v in DEFAULT_EXPIRY_DAYS.items())
+        + ")",
+    )
     init.set_defaults(func=run_init)
 
     show = rsub.add_parser("show", help="list the models, versions and rollouts in the repository")
@@ -57,20 +63,24 @@ def _parse_expiry(items: list[str]) -> dict[str, int]:
     for item in items:
         role, _, days = item.partition("=")
         if role not in DEFAULT_EXPIRY_DAYS or not days.isdigit() or int(days) < 1:
-            raise BadInputError(f"--expiry-days {item!r}: expected ROLE=DAYS with ROLE one of "
-                                f"{', '.join(DEFAULT_EXPIRY_DAYS)}")
+            raise BadInputError(
+                f"--expiry-days {item!r}: expected ROLE=DAYS with ROLE one of "
+                f"{', '.join(DEFAULT_EXPIRY_DAYS)}"
+            )
         out[role] = int(days)
     return out
 
 
 def run_init(args: argparse.Namespace) -> int:
-    repo = Repository.init(args.dir, keys=args.keys, threshold=args.threshold,
-                           expiry_days=_parse_expiry(args.expiry_days))
+    repo = Repository.init(
+        args.dir, keys=args.keys, threshold=args.threshold, expiry_days=_parse_expiry(args.expiry_days)
+    )
     sys.stdout.write(
         f"created repository {args.dir}\n"
         f"  signing keys: {args.dir / 'keys'} (owner-only; keep the root keys offline)\n"
         f"  give devices: {args.dir / 'root.json'} as trusted_root\n"
-        f"  expiry (days): {json.dumps(repo.state['expiry_days'])}\n")
+        f"  expiry (days): {json.dumps(repo.state['expiry_days'])}\n"
+    )
     return 0
 
 
@@ -79,15 +89,26 @@ def run_show(args: argparse.Namespace) -> int:
     rows = []
     for name in sorted(repo.state["models"]):
         for version, rollout in sorted(repo.model_releases(name).items()):
-            rows.append({"name": name, "version": version, "target": rollout.target,
-                         "canary_pct": rollout.canary_pct})
+            rows.append(
+                {"name": name, "version": version, "target": rollout.target, "canary_pct": rollout.canary_pct}
+            )
     if args.json:
-        sys.stdout.write(json.dumps({"targets_version": repo.targets.signed.version,
-                                     "timestamp_expires": repo.timestamp.signed.expires.isoformat(),
-                                     "releases": rows}, indent=2) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "targets_version": repo.targets.signed.version,
+                    "timestamp_expires": repo.timestamp.signed.expires.isoformat(),
+                    "releases": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return 0
-    sys.stdout.write(f"repository {args.dir}: targets v{repo.targets.signed.version}, "
-                     f"timestamp expires {repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC\n")
+    sys.stdout.write(
+        f"repository {args.dir}: targets v{repo.targets.signed.version}, "
+        f"timestamp expires {repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC\n"
+    )
     for r in rows:
         canary = f" (canary {r['canary_pct']}%)" if r["canary_pct"] < 100 else ""
         sys.stdout.write(f"  {r['name']:<20} v{r['version']:<5} {r['target']}{canary}\n")
@@ -96,8 +117,9 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _publish(repo: Repository, args: argparse.Namespace, uploads: list[TargetUpload],
-             plan: PublishPlan | None = None) -> None:
+def _publish(
+    repo: Repository, args: argparse.Namespace, uploads: list[TargetUpload], plan: PublishPlan | None = None
+) -> None:
     client, topics = connect(args, "publish")
     try:
         bar = ProgressBar("publishing")
@@ -119,8 +141,9 @@ def run_publish(args: argparse.Namespace) -> int:
     repo = Repository.open(args.dir)
     uploads = repo.all_uploads()
     _publish(repo, args, uploads)
-    sys.stdout.write(f"published {len(uploads)} target files and metadata "
-                     f"(targets v{repo.targets.signed.version})\n")
+    sys.stdout.write(
+        f"published {len(uploads)} target files and metadata (targets v{repo.targets.signed.version})\n"
+    )
     return 0
 
 
@@ -129,10 +152,11 @@ def run_resign(args: argparse.Namespace) -> int:
     plan = repo.resign()
     if args.broker or args.secure_dir:
         _publish(repo, args, repo.pending_uploads(), plan)
-    sys.stdout.write(f"signed targets v{repo.targets.signed.version}; timestamp expires "
-                     f"{repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC"
-                     + ("; published\n" if args.broker or args.secure_dir
-                        else "; publish with `litefleet repo publish`\n"))
+    sys.stdout.write(
+        f"signed targets v{repo.targets.signed.version}; timestamp expires "
+        f"{repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC"
+        + ("; published\n" if args.broker or args.secure_dir else "; publish with `litefleet repo publish`\n")
+    )
     return 0
 
 
@@ -145,5 +169,6 @@ def run_rotate(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"rotated the {args.role} keys: root v{repo.root.signed.version}, "
         f"targets v{repo.targets.signed.version}; old keys moved to {args.dir / 'keys' / 'retired'} "
-        "(destroy them)" + ("; published\n" if published else "; publish with `litefleet repo publish`\n"))
+        "(destroy them)" + ("; published\n" if published else "; publish with `litefleet repo publish`\n")
+    )
     return 0

@@ -22,10 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_broker_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--timeout", type=finite_float, default=5.0, help="seconds to wait for the broker")
-    p.add_argument("--metrics", type=partial(finite_float, allow_zero=True), default=0.0, metavar="S",
-                   help="also wait up to S seconds for each online device's next metrics message "
-                        "(devices send one every metrics_interval_s, 10 s by default) and show "
-                        "fresh p50/p99, throughput, CPU, temperature and memory")
+    p.add_argument(
+        "--metrics",
+        type=partial(finite_float, allow_zero=True),
+        default=0.0,
+        metavar="S",
+        help="also wait up to S seconds for each online device's next metrics message "
+        "(devices send one every metrics_interval_s, 10 s by default) and show "
+        "fresh p50/p99, throughput, CPU, temperature and memory",
+    )
     p.set_defaults(func=run)
 
 

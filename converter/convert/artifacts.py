@@ -106,8 +106,14 @@ def random_inputs(specs: Sequence[Any], count: int, seed: int = 0) -> list[np.nd
 
 
 def build_golden(
-    tflite: bytes, xs: Sequence[np.ndarray], *, input_names: Sequence[str], mode: str,
-    count: int = DEFAULT_GOLDEN_COUNT, threads: int = 1, runtime: str = "auto",
+    tflite: bytes,
+    xs: Sequence[np.ndarray],
+    *,
+    input_names: Sequence[str],
+    mode: str,
+    count: int = DEFAULT_GOLDEN_COUNT,
+    threads: int = 1,
+    runtime: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Run ``count`` samples of ``xs`` (source order, float) through ``tflite``; see module doc."""
     interpreter = load_interpreter(tflite, threads=threads, runtime=runtime)
@@ -166,7 +172,9 @@ class AtomicOutputs:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.discard()

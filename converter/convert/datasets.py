@@ -46,9 +46,7 @@ class Dataset:
 
     def take(self, n: int) -> Dataset:
         """The first ``n`` samples (all if fewer)."""
-        return Dataset(
-            self.path, tuple(x[:n] for x in self.xs), None if self.y is None else self.y[:n]
-        )
+        return Dataset(self.path, tuple(x[:n] for x in self.xs), None if self.y is None else self.y[:n])
 
 
 def _read_npz(path: Path, role: str) -> tuple[list[np.ndarray], np.ndarray | None]:
@@ -60,9 +58,7 @@ def _read_npz(path: Path, role: str) -> tuple[list[np.ndarray], np.ndarray | Non
             else:
                 keys = sorted((k for k in names if k.startswith("x_")), key=_index_of)
                 if not keys:
-                    raise BadInputError(
-                        f"{role} data {path} has no array 'x' (it has {sorted(names)})"
-                    )
+                    raise BadInputError(f"{role} data {path} has no array 'x' (it has {sorted(names)})")
                 xs = [npz[k] for k in keys]
             y = npz["y"] if "y" in names else None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:

@@ -108,9 +108,7 @@ def latency_stats(seconds: Sequence[float]) -> LatencyStats:
 
 
 # -- running models -----------------------------------------------------------
-def _perm(
-    names: Sequence[str], sig: Mapping[str, int], details: Sequence[Mapping[str, Any]]
-) -> list[int]:
+def _perm(names: Sequence[str], sig: Mapping[str, int], details: Sequence[Mapping[str, Any]]) -> list[int]:
     """For each tensor of ``details`` (runtime order), its position in ``names`` (source order)."""
     by_index = {int(v): k for k, v in sig.items()}
     order = []
@@ -135,8 +133,13 @@ def signature_order(
 
 
 def run_converted(
-    tflite: bytes, xs: Sequence[np.ndarray], *, input_names: Sequence[str],
-    output_names: Sequence[str], threads: int = 1, runtime: str = "auto",
+    tflite: bytes,
+    xs: Sequence[np.ndarray],
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    threads: int = 1,
+    runtime: str = "auto",
 ) -> list[np.ndarray]:
     """Run ``tflite`` on float inputs (source order); float outputs in source order."""
     interpreter = load_interpreter(tflite, threads=threads, runtime=runtime)
@@ -150,9 +153,7 @@ def run_converted(
     return ordered
 
 
-def raw_inputs(
-    interpreter: Any, xs: Sequence[np.ndarray], input_names: Sequence[str]
-) -> list[np.ndarray]:
+def raw_inputs(interpreter: Any, xs: Sequence[np.ndarray], input_names: Sequence[str]) -> list[np.ndarray]:
     """One sample per runtime input, in the runtime's dtype (quantized if it is integer)."""
     in_perm, _ = signature_order(interpreter, input_names, [])
     out = []
@@ -165,8 +166,13 @@ def raw_inputs(
 
 
 def measure_latency(
-    models: Mapping[str, bytes], sample: Sequence[np.ndarray], *, input_names: Sequence[str],
-    threads: int = 1, runtime: str = "auto", runs: int = DEFAULT_LATENCY_RUNS,
+    models: Mapping[str, bytes],
+    sample: Sequence[np.ndarray],
+    *,
+    input_names: Sequence[str],
+    threads: int = 1,
+    runtime: str = "auto",
+    runs: int = DEFAULT_LATENCY_RUNS,
     max_seconds: float = DEFAULT_LATENCY_MAX_S,
 ) -> dict[str, LatencyStats]:
     """Time ``invoke()`` of every model round-robin on the same float ``sample``.
@@ -200,7 +206,5 @@ def measure_latency(
                 active.remove(name)
     stats = {name: latency_stats(t) for name, t in times.items()}
     for name, s in stats.items():
-        logger.debug(
-            "latency %s: p50 %.4f ms p99 %.4f ms (%d runs)", name, s.p50_ms, s.p99_ms, s.runs
-        )
+        logger.debug("latency %s: p50 %.4f ms p99 %.4f ms (%d runs)", name, s.p50_ms, s.p99_ms, s.runs)
     return stats

@@ -69,9 +69,7 @@ QUANTIZE_CHOICES = (*MODES, "auto")
 Progress = Callable[[str], None]
 
 
-def _variant_plan(
-    quantize: str, candidates: Sequence[str], compare: Sequence[str]
-) -> tuple[list[str], bool]:
+def _variant_plan(quantize: str, candidates: Sequence[str], compare: Sequence[str]) -> tuple[list[str], bool]:
     """Modes to convert, in order, and whether the first failure is fatal. Pure."""
     for m in (*candidates, *compare):
         if m not in MODES:
@@ -83,7 +81,11 @@ def _variant_plan(
 
 
 def _check_request(
-    quantize: str, io_type: str, threads: int, golden_count: int, max_accuracy_drop: float,
+    quantize: str,
+    io_type: str,
+    threads: int,
+    golden_count: int,
+    max_accuracy_drop: float,
 ) -> None:
     if quantize not in QUANTIZE_CHOICES:
         raise BadInputError(
@@ -104,7 +106,8 @@ def _versions() -> dict[str, str]:
     import tensorflow as tf
 
     return {
-        "litefleet": converter.__version__, "tensorflow": tf.__version__,
+        "litefleet": converter.__version__,
+        "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }
 
@@ -171,8 +174,7 @@ def convert_model(
         say(f"converting ({mode})")
         try:
             variants[mode] = VariantResult(
-                mode, convert_variant(source, mode, cal, io_type=io_type,
-                                      max_samples=calibration_samples)
+                mode, convert_variant(source, mode, cal, io_type=io_type, max_samples=calibration_samples)
             )
         except (BadInputError, ConversionError) as exc:
             if strict and mode == modes[0]:
@@ -190,8 +192,12 @@ def convert_model(
         for mode, v in ok.items():
             say(f"running {mode} on {len(evaluation)} samples")
             got = measure.run_converted(
-                v.tflite, list(evaluation.xs), input_names=input_names,
-                output_names=source.output_names, threads=threads, runtime=runtime,
+                v.tflite,
+                list(evaluation.xs),
+                input_names=input_names,
+                output_names=source.output_names,
+                threads=threads,
+                runtime=runtime,
             )
             v.comparison = measure.compare_outputs(ref, got, evaluation.y)
 
@@ -199,8 +205,12 @@ def convert_model(
     sample = list(timing_data.xs) if timing_data is not None else random_inputs(source.inputs, 1)
     say(f"timing {len(ok)} variant(s)")
     stats = measure.measure_latency(
-        {m: v.tflite for m, v in ok.items()}, [x[:1] for x in sample], input_names=input_names,
-        threads=threads, runtime=runtime, runs=latency_runs,
+        {m: v.tflite for m, v in ok.items()},
+        [x[:1] for x in sample],
+        input_names=input_names,
+        threads=threads,
+        runtime=runtime,
+        runs=latency_runs,
     )
     for mode, s in stats.items():
         variants[mode].latency = s
@@ -211,7 +221,8 @@ def convert_model(
         auto_modes = {BASELINE, *candidates}  # --compare extras are shown, not chosen
         selection = choose_variant(
             [_candidate(v) for m, v in variants.items() if m in auto_modes],
-            source_accuracy=source_accuracy, max_accuracy_drop=max_accuracy_drop,
+            source_accuracy=source_accuracy,
+            max_accuracy_drop=max_accuracy_drop,
         )
         chosen = selection.mode
         logger.info("auto chose %s", selection.reason)
@@ -219,25 +230,39 @@ def convert_model(
     say("writing golden vectors")
     golden_src, golden_from = _golden_source(val, cal, source, golden_count)
     golden = build_golden(
-        variants[chosen].tflite, golden_src, input_names=input_names, mode=chosen,
-        count=golden_count, threads=threads, runtime=runtime,
+        variants[chosen].tflite,
+        golden_src,
+        input_names=input_names,
+        mode=chosen,
+        count=golden_count,
+        threads=threads,
+        runtime=runtime,
     )
     rt = resolve_runtime(runtime)
     result = ConversionResult(
-        paths=paths, requested=quantize, mode=chosen, io_type=io_type,
-        source=source.describe(), variants=variants,
+        paths=paths,
+        requested=quantize,
+        mode=chosen,
+        io_type=io_type,
+        source=source.describe(),
+        variants=variants,
         card=ModelCard(mode=chosen, inputs=(), outputs=()),  # replaced below
-        threads=threads, runtime={"name": rt.name, "version": rt.version},
-        versions=_versions(), source_accuracy=source_accuracy,
+        threads=threads,
+        runtime={"name": rt.name, "version": rt.version},
+        versions=_versions(),
+        source_accuracy=source_accuracy,
         evaluation=_describe_data(evaluation, val is not None),
-        selection=selection, report_path=report_path, notes=notes,
+        selection=selection,
+        report_path=report_path,
+        notes=notes,
         calibration_samples=calibration_samples,
     )
     golden_info = {
-        "file": paths.golden.name, "count": int(golden["input_0"].shape[0]), "inputs": golden_from,
+        "file": paths.golden.name,
+        "count": int(golden["input_0"].shape[0]),
+        "inputs": golden_from,
     }
     result.card = _card(result, golden_info, cal)
-
 
     with AtomicOutputs() as outputs:
         outputs.stage(paths.golden, golden_bytes(golden))
@@ -251,7 +276,8 @@ def convert_model(
 
 def _candidate(v: VariantResult) -> Candidate:
     return Candidate(
-        mode=v.mode, size_bytes=v.size_bytes,
+        mode=v.mode,
+        size_bytes=v.size_bytes,
         latency_ms_p50=v.latency.p50_ms if v.latency else 0.0,
         accuracy=v.comparison.accuracy if v.comparison else None,
         agreement=v.comparison.agreement if v.comparison else None,
@@ -273,7 +299,9 @@ def _describe_data(data: Dataset | None, is_validation: bool) -> dict[str, Any]:
     if data is None:
         return {}
     return {
-        "file": data.path, "samples": len(data), "labels": data.y is not None,
+        "file": data.path,
+        "samples": len(data),
+        "labels": data.y is not None,
         "role": "validation" if is_validation else "calibration",
     }
 
@@ -288,14 +316,18 @@ def _card(result: ConversionResult, golden: dict[str, Any], cal: Dataset | None)
     }
     if v.latency is not None:
         metrics.update(
-            latency_ms_p50=round(v.latency.p50_ms, 4), latency_ms_p99=round(v.latency.p99_ms, 4),
+            latency_ms_p50=round(v.latency.p50_ms, 4),
+            latency_ms_p99=round(v.latency.p99_ms, 4),
             latency_runs=v.latency.runs,
         )
     if v.comparison is not None:
         c = v.comparison
         metrics.update(
-            accuracy=c.accuracy, source_accuracy=result.source_accuracy, agreement=c.agreement,
-            max_abs_error=c.max_abs_error, mean_abs_error=c.mean_abs_error,
+            accuracy=c.accuracy,
+            source_accuracy=result.source_accuracy,
+            agreement=c.agreement,
+            max_abs_error=c.max_abs_error,
+            mean_abs_error=c.mean_abs_error,
             evaluation=result.evaluation,
         )
     base = result.variants.get(BASELINE)
@@ -306,15 +338,25 @@ def _card(result: ConversionResult, golden: dict[str, Any], cal: Dataset | None)
         "quantization": {
             "requested": result.requested,
             "io_type": result.io_type if result.mode == "int8" else None,
-            "calibration": None if cal is None or result.mode not in CALIBRATED_MODES
-            else {"file": cal.path, "samples": len(cal),
-                  "samples_used": min(len(cal), result.calibration_samples)},
+            "calibration": None
+            if cal is None or result.mode not in CALIBRATED_MODES
+            else {
+                "file": cal.path,
+                "samples": len(cal),
+                "samples_used": min(len(cal), result.calibration_samples),
+            },
         },
     }
     if result.selection is not None:
         extra["quantization"]["reason"] = result.selection.reason
     return ModelCard(
-        mode=result.mode, inputs=inputs, outputs=outputs,
-        tflite_sha256=hashlib.sha256(v.tflite).hexdigest(), tflite_size_bytes=v.size_bytes,
-        source=result.source, metrics=metrics, golden=golden, extra=extra,
+        mode=result.mode,
+        inputs=inputs,
+        outputs=outputs,
+        tflite_sha256=hashlib.sha256(v.tflite).hexdigest(),
+        tflite_size_bytes=v.size_bytes,
+        source=result.source,
+        metrics=metrics,
+        golden=golden,
+        extra=extra,
     )

@@ -96,9 +96,7 @@ def list_ops(tflite: bytes) -> list[OpInfo] | None:
     if get_ops is None:
         logger.debug("runtime lists no op details; integer-only check skipped")
         return None
-    dtypes = {
-        int(t["index"]): np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()
-    }
+    dtypes = {int(t["index"]): np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
     return [
         OpInfo(
             name=str(op["op_name"]),
@@ -136,9 +134,7 @@ def _run(converter: Any, mode: str) -> bytes:
                 "(replace them with TF Lite builtin ops; device runtimes have no Select TF ops)"
             ) from exc
         first = next((ln for ln in message.splitlines() if ln.strip()), type(exc).__name__)
-        raise ConversionError(
-            f"TensorFlow could not convert the model ({mode}): {first[:300]}"
-        ) from exc
+        raise ConversionError(f"TensorFlow could not convert the model ({mode}): {first[:300]}") from exc
 
 
 def convert_none(source: SourceModel) -> bytes:
@@ -164,7 +160,10 @@ def convert_float16(source: SourceModel) -> bytes:
 
 
 def convert_int8(
-    source: SourceModel, calibration: Dataset, *, io_type: str = "int8",
+    source: SourceModel,
+    calibration: Dataset,
+    *,
+    io_type: str = "int8",
     max_samples: int = DEFAULT_CALIBRATION_SAMPLES,
 ) -> bytes:
     """Full-integer int8, calibrated on ``calibration``; I/O in ``io_type``."""
@@ -184,7 +183,10 @@ def convert_int8(
 
 
 def convert_int16x8(
-    source: SourceModel, calibration: Dataset, *, max_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    source: SourceModel,
+    calibration: Dataset,
+    *,
+    max_samples: int = DEFAULT_CALIBRATION_SAMPLES,
 ) -> bytes:
     """int16 activations with int8 weights, calibrated; float32 I/O.
 
@@ -216,7 +218,11 @@ def _require_integer(tflite: bytes, mode: str) -> None:
 
 
 def convert_variant(
-    source: SourceModel, mode: str, calibration: Dataset | None, *, io_type: str = "int8",
+    source: SourceModel,
+    mode: str,
+    calibration: Dataset | None,
+    *,
+    io_type: str = "int8",
     max_samples: int = DEFAULT_CALIBRATION_SAMPLES,
 ) -> bytes:
     """Convert ``source`` in ``mode`` (one of :data:`MODES`) and return the .tflite bytes."""

@@ -33,13 +33,18 @@ def _variant_dict(v: VariantResult, base_size: int | None) -> dict[str, Any]:
     if v.comparison is not None:
         c = v.comparison
         d.update(
-            accuracy=c.accuracy, agreement=c.agreement, max_abs_error=c.max_abs_error,
-            mean_abs_error=c.mean_abs_error, samples=c.samples,
+            accuracy=c.accuracy,
+            agreement=c.agreement,
+            max_abs_error=c.max_abs_error,
+            mean_abs_error=c.mean_abs_error,
+            samples=c.samples,
         )
     if v.latency is not None:
         d.update(
-            latency_ms_p50=v.latency.p50_ms, latency_ms_p99=v.latency.p99_ms,
-            latency_ms_mean=v.latency.mean_ms, latency_runs=v.latency.runs,
+            latency_ms_p50=v.latency.p50_ms,
+            latency_ms_p99=v.latency.p99_ms,
+            latency_ms_mean=v.latency.mean_ms,
+            latency_runs=v.latency.runs,
         )
     return d
 
@@ -90,11 +95,31 @@ def _size(n: int) -> str:
 def format_table(result: ConversionResult) -> str:
     """A readable comparison of the source and every variant, with the choice explained."""
     base = _base_size(result)
-    header = ("variant", "size", "x fp32", "top-1 %", "agree %", "max err", "mean err",
-              "p50 ms", "p99 ms", "")
+    header = (
+        "variant",
+        "size",
+        "x fp32",
+        "top-1 %",
+        "agree %",
+        "max err",
+        "mean err",
+        "p50 ms",
+        "p99 ms",
+        "",
+    )
     rows: list[tuple[str, ...]] = [
-        (f"{result.source['format']} (source)", "-", "-", _fmt(result.source_accuracy, ".2f"),
-         "-", "-", "-", "-", "-", ""),
+        (
+            f"{result.source['format']} (source)",
+            "-",
+            "-",
+            _fmt(result.source_accuracy, ".2f"),
+            "-",
+            "-",
+            "-",
+            "-",
+            "-",
+            "",
+        ),
     ]
     rejected = result.selection.rejected if result.selection else {}
     for v in result.variants.values():
@@ -103,17 +128,21 @@ def format_table(result: ConversionResult) -> str:
             rows.append((label, "-", "-", "-", "-", "-", "-", "-", "-", "failed"))
             continue
         c, lat = v.comparison, v.latency
-        mark = "<- written" if v.mode == result.mode else (
-            "rejected" if v.mode in rejected else "")
-        rows.append((
-            label, _size(v.size_bytes),
-            _fmt(v.size_bytes / base if base else None, ".2f"),
-            _fmt(c.accuracy if c else None, ".2f"), _fmt(c.agreement if c else None, ".2f"),
-            _fmt(c.max_abs_error if c else None, ".2g"),
-            _fmt(c.mean_abs_error if c else None, ".2g"),
-            _fmt(lat.p50_ms if lat else None, ".3g"), _fmt(lat.p99_ms if lat else None, ".3g"),
-            mark,
-        ))
+        mark = "<- written" if v.mode == result.mode else ("rejected" if v.mode in rejected else "")
+        rows.append(
+            (
+                label,
+                _size(v.size_bytes),
+                _fmt(v.size_bytes / base if base else None, ".2f"),
+                _fmt(c.accuracy if c else None, ".2f"),
+                _fmt(c.agreement if c else None, ".2f"),
+                _fmt(c.max_abs_error if c else None, ".2g"),
+                _fmt(c.mean_abs_error if c else None, ".2g"),
+                _fmt(lat.p50_ms if lat else None, ".3g"),
+                _fmt(lat.p99_ms if lat else None, ".3g"),
+                mark,
+            )
+        )
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
 
     def line(cells: tuple[str, ...]) -> str:
@@ -145,6 +174,8 @@ def format_table(result: ConversionResult) -> str:
         if v.error is not None and v.mode not in rejected:
             out.append(f"  {_LABELS.get(v.mode, v.mode)} failed: {v.error}")
     out.extend(f"note: {n}" for n in result.notes)
-    out.append(f"wrote {result.paths.tflite}, {result.paths.card.name}, {result.paths.golden.name}"
-               + (f" and {result.report_path}" if result.report_path else ""))
+    out.append(
+        f"wrote {result.paths.tflite}, {result.paths.card.name}, {result.paths.golden.name}"
+        + (f" and {result.report_path}" if result.report_path else "")
+    )
     return "\n".join(out)

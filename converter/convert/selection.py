@@ -61,8 +61,11 @@ def accuracy_drop(candidate: Candidate, source_accuracy: float | None) -> float 
 
 
 def choose_variant(
-    candidates: Sequence[Candidate], *, source_accuracy: float | None,
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP, tie_tolerance: float = TIE_TOLERANCE,
+    candidates: Sequence[Candidate],
+    *,
+    source_accuracy: float | None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    tie_tolerance: float = TIE_TOLERANCE,
 ) -> Selection:
     """Apply the module's rule; raise :class:`ConversionError` if nothing qualifies."""
     rejected: dict[str, str] = {}
@@ -82,15 +85,13 @@ def choose_variant(
         if drop > max_accuracy_drop + 1e-9:
             rejected[c.mode] = (
                 f"loses {drop:.2f} points of top-1 accuracy, more than {max_accuracy_drop:g}"
-                if labelled else
-                f"top-1 differs from the source on {drop:.2f} % of samples, "
+                if labelled
+                else f"top-1 differs from the source on {drop:.2f} % of samples, "
                 f"more than {max_accuracy_drop:g}"
             )
             continue
         if base_p50 is not None and c.mode != BASELINE and c.latency_ms_p50 > base_p50:
-            rejected[c.mode] = (
-                f"slower than float32 (p50 {c.latency_ms_p50:.4g} ms > {base_p50:.4g} ms)"
-            )
+            rejected[c.mode] = f"slower than float32 (p50 {c.latency_ms_p50:.4g} ms > {base_p50:.4g} ms)"
             continue
         eligible.append(c)
     if not eligible:
@@ -106,23 +107,25 @@ def choose_variant(
             rejected[c.mode] = (
                 f"as fast as {best.mode} (p50 {c.latency_ms_p50:.4g} ms, within "
                 f"{tie_tolerance:.0%}), "
-                + ("int8 preferred" if best.mode == "int8" else
-                   f"but larger ({c.size_bytes} bytes > {best.size_bytes})")
+                + (
+                    "int8 preferred"
+                    if best.mode == "int8"
+                    else f"but larger ({c.size_bytes} bytes > {best.size_bytes})"
+                )
             )
         else:
             rejected[c.mode] = (
-                f"slower than {best.mode} (p50 {c.latency_ms_p50:.4g} ms > "
-                f"{best.latency_ms_p50:.4g} ms)"
+                f"slower than {best.mode} (p50 {c.latency_ms_p50:.4g} ms > {best.latency_ms_p50:.4g} ms)"
             )
     drop = accuracy_drop(best, source_accuracy)
     within = (
-        f"within {max_accuracy_drop:g} point(s) of the source's top-1 accuracy" if labelled
+        f"within {max_accuracy_drop:g} point(s) of the source's top-1 accuracy"
+        if labelled
         else f"whose top-1 differs from the source on at most {max_accuracy_drop:g} % of samples"
     )
     reason = (
         f"{best.mode}: the fastest variant {within} (p50 {best.latency_ms_p50:.4g} ms"
-        + (f" vs float32 {base_p50:.4g} ms"
-           if base_p50 is not None and best.mode != BASELINE else "")
+        + (f" vs float32 {base_p50:.4g} ms" if base_p50 is not None and best.mode != BASELINE else "")
         + (f", drop {drop:.2f} points" if labelled else f", differs on {drop:.2f} %")
         + f", {best.size_bytes} bytes)"
     )

@@ -133,7 +133,12 @@ class SourceModel:
     """A loaded source model that can make TFLite converters and run itself."""
 
     def __init__(
-        self, path: Path, fmt: str, sha256: str, model: Any, inputs: Sequence[InputSpec],
+        self,
+        path: Path,
+        fmt: str,
+        sha256: str,
+        model: Any,
+        inputs: Sequence[InputSpec],
         output_names: Sequence[str],
     ) -> None:
         self.path = path
@@ -151,9 +156,7 @@ class SourceModel:
         """A fresh ``tf.lite.TFLiteConverter`` for this model (one per variant)."""
         tf = import_tensorflow()
         if self.format == "saved_model":
-            return tf.lite.TFLiteConverter.from_saved_model(
-                str(self.path), signature_keys=[_SIGNATURE_KEY]
-            )
+            return tf.lite.TFLiteConverter.from_saved_model(str(self.path), signature_keys=[_SIGNATURE_KEY])
         return tf.lite.TFLiteConverter.from_keras_model(self._model)
 
     def predict(self, xs: Sequence[np.ndarray], batch_size: int = 64) -> list[np.ndarray]:
@@ -163,9 +166,7 @@ class SourceModel:
         """
         tf = import_tensorflow()
         if self.format != "saved_model":  # Keras: predict() runs a compiled graph
-            out = self._model.predict(
-                xs[0] if len(xs) == 1 else list(xs), batch_size=batch_size, verbose=0
-            )
+            out = self._model.predict(xs[0] if len(xs) == 1 else list(xs), batch_size=batch_size, verbose=0)
             if isinstance(out, dict):
                 out = [out[k] for k in out]
             return [np.asarray(o) for o in (out if isinstance(out, list | tuple) else [out])]

@@ -24,12 +24,23 @@ from converter.monitor.payloads import Malformed, MetricsSample, is_newer, parse
 
 logger = logging.getLogger(__name__)
 
-STATUS_FIELDS = ("device_id", "online", "model", "version", "status", "error",
-                 "latency_ms_p50", "inferences")
+STATUS_FIELDS = ("device_id", "online", "model", "version", "status", "error", "latency_ms_p50", "inferences")
 # the table with --metrics: the same rows plus what the newest metrics message says
-METRICS_COLUMNS = ("device_id", "online", "model", "version", "status", "latency_ms_p50",
-                   "latency_ms_p99", "throughput_rps", "inferences", "cpu_percent", "temperature_c",
-                   "rss_mb", "error")
+METRICS_COLUMNS = (
+    "device_id",
+    "online",
+    "model",
+    "version",
+    "status",
+    "latency_ms_p50",
+    "latency_ms_p99",
+    "throughput_rps",
+    "inferences",
+    "cpu_percent",
+    "temperature_c",
+    "rss_mb",
+    "error",
+)
 
 
 def parse_state(device_id: str, payload: bytes) -> dict[str, Any] | None:
@@ -73,8 +84,9 @@ def collect_states(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -
         return [rows[k] for k in sorted(rows)]
 
 
-def collect_metrics(client: MqttClient, topics: Topics, device_ids: list[str],
-                    timeout_s: float) -> dict[str, MetricsSample]:
+def collect_metrics(
+    client: MqttClient, topics: Topics, device_ids: list[str], timeout_s: float
+) -> dict[str, MetricsSample]:
     """The newest metrics message of each of ``device_ids`` that sends one within
     ``timeout_s`` (devices report every ``metrics_interval_s``, 10 s by default)."""
     wanted = set(device_ids)
@@ -105,7 +117,8 @@ def collect_metrics(client: MqttClient, topics: Topics, device_ids: list[str],
                 sample = parse_metrics(device_id, payload)
                 old = got.get(device_id)
                 if not isinstance(sample, Malformed) and is_newer(
-                        (old.seq, old.ts) if old else None, sample.seq, sample.ts):
+                    (old.seq, old.ts) if old else None, sample.seq, sample.ts
+                ):
                     got[device_id] = sample
             if time.monotonic() >= deadline:
                 break
@@ -119,8 +132,7 @@ def merge_metrics(row: dict[str, Any], sample: MetricsSample | None) -> dict[str
     interval (the retained state's p50 is since loading), throughput, inferences
     since loading, CPU, temperature and memory."""
     out = dict(row)
-    for key in ("latency_ms_p99", "throughput_rps", "cpu_percent", "temperature_c", "rss_mb",
-                "metrics_ts"):
+    for key in ("latency_ms_p99", "throughput_rps", "cpu_percent", "temperature_c", "rss_mb", "metrics_ts"):
         out.setdefault(key, None)
     if sample is None:
         return out
@@ -149,8 +161,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = STATUS_FIELDS,
-                 max_width: int = 48) -> str:
+def format_table(
+    rows: list[dict[str, Any]], columns: tuple[str, ...] = STATUS_FIELDS, max_width: int = 48
+) -> str:
     if not rows:
         return "no devices have reported yet\n"
     cells = [[_cell(r.get(c))[:max_width] for c in columns] for r in rows]

@@ -76,8 +76,15 @@ def retention_cutoff(now: float, retention_days: float) -> float | None:
 class Collector:
     """Subscribes, queues, parses, stores. :meth:`start`, then :meth:`stop` once."""
 
-    def __init__(self, client: MqttClient, topics: Topics, store: MonitorStore, config: CollectorConfig,
-                 *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: MqttClient,
+        topics: Topics,
+        store: MonitorStore,
+        config: CollectorConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.client = client
         self.topics = topics
         self.store = store

@@ -104,8 +104,15 @@ def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -
             points = r.latency_series(device_id, model, since)
             charts.append(latency_chart_svg(points, since=since, until=now, title=f"{device_id} · {model}"))
         events = r.recent_events(RECENT_EVENTS, device_id=only)
-    return render_page(devices=devices, charts=charts, events=events, now=now,
-                       window_s=hours * 3600, charts_omitted=omitted, only_device=only)
+    return render_page(
+        devices=devices,
+        charts=charts,
+        events=events,
+        now=now,
+        window_s=hours * 3600,
+        charts_omitted=omitted,
+        only_device=only,
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -164,10 +171,17 @@ class _Server6(ThreadingHTTPServer):
 class MonitorHttpServer:
     """Serve ``source`` on ``host:port`` in a background thread (port 0: any free port)."""
 
-    def __init__(self, source: MonitorSource, host: str, port: int,
-                 clock: Callable[[], float] = time.time, histograms: bool = True) -> None:
-        handler = type("Handler", (_Handler,), {"source": source, "clock": staticmethod(clock),
-                                                "histograms": histograms})
+    def __init__(
+        self,
+        source: MonitorSource,
+        host: str,
+        port: int,
+        clock: Callable[[], float] = time.time,
+        histograms: bool = True,
+    ) -> None:
+        handler = type(
+            "Handler", (_Handler,), {"source": source, "clock": staticmethod(clock), "histograms": histograms}
+        )
         server_class = _Server6 if ":" in host else ThreadingHTTPServer
         try:
             self._server = server_class((host, port), handler)
@@ -182,8 +196,9 @@ class MonitorHttpServer:
         return str(host), int(port)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="monitor-http",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="monitor-http", kwargs={"poll_interval": 0.2}, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

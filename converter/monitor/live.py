@@ -146,18 +146,31 @@ class FleetLive:
         with self._lock:
             devices = tuple(
                 DeviceView(
-                    device_id=k, state=d.state, metrics=d.metrics, last_seen=d.last_seen,
-                    health=device_health(d.state.online if d.state else None, d.last_seen,
-                                         d.metrics.interval_s if d.metrics else None, now),
+                    device_id=k,
+                    state=d.state,
+                    metrics=d.metrics,
+                    last_seen=d.last_seen,
+                    health=device_health(
+                        d.state.online if d.state else None,
+                        d.last_seen,
+                        d.metrics.interval_s if d.metrics else None,
+                        now,
+                    ),
                 )
-                for k, d in sorted(self._devices.items()))
+                for k, d in sorted(self._devices.items())
+            )
             stats = CollectorStats(
                 received=MappingProxyType(dict(self._received)),
-                stored_samples=self._stored_samples, stored_events=self._stored_events,
+                stored_samples=self._stored_samples,
+                stored_events=self._stored_events,
                 duplicates=MappingProxyType(dict(self._duplicates)),
                 malformed=MappingProxyType(dict(self._malformed)),
-                too_old=self._too_old, dropped=dropped, write_errors=self._write_errors,
-                queue_depth=queue_depth, started=self._started)
+                too_old=self._too_old,
+                dropped=dropped,
+                write_errors=self._write_errors,
+                queue_depth=queue_depth,
+                started=self._started,
+            )
         return FleetSnapshot(devices=devices, stats=stats)
 
 

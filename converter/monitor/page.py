@@ -46,7 +46,7 @@ def nice_ceiling(value: float) -> float:
         return 1.0
     exp = math.floor(math.log10(value))
     for m in (1.0, 2.0, 2.5, 5.0, 10.0):
-        candidate = m * 10.0 ** exp
+        candidate = m * 10.0**exp
         if candidate >= value * (1 - 1e-12):
             return candidate
     return 10.0 ** (exp + 1)
@@ -63,8 +63,7 @@ def format_ms(value: float | None) -> str:
     return f"{value / 1000:.3g} s"
 
 
-def downsample(points: Sequence[LatencyPoint], since: float, until: float,
-               max_points: int) -> list[Binned]:
+def downsample(points: Sequence[LatencyPoint], since: float, until: float, max_points: int) -> list[Binned]:
     """At most ``max_points`` bins over ``[since, until]``: mean p50, max p99, last ts."""
     if len(points) <= max_points or until <= since:
         return [Binned(p.ts, p.p50_ms, p.p99_ms) for p in points]
@@ -78,8 +77,7 @@ def downsample(points: Sequence[LatencyPoint], since: float, until: float,
         group = bins[idx]
         p50s = [p.p50_ms for p in group if p.p50_ms is not None]
         p99s = [p.p99_ms for p in group if p.p99_ms is not None]
-        out.append(Binned(group[-1].ts, sum(p50s) / len(p50s) if p50s else None,
-                          max(p99s) if p99s else None))
+        out.append(Binned(group[-1].ts, sum(p50s) / len(p50s) if p50s else None, max(p99s) if p99s else None))
     return out
 
 
@@ -90,8 +88,12 @@ def gap_seconds(points: Sequence[LatencyPoint], bin_s: float) -> float:
     return max(STALE_INTERVALS * interval, 2.0 * bin_s)
 
 
-def svg_path(points: Sequence[tuple[float, float | None]], x_of: Callable[[float], float],
-             y_of: Callable[[float], float], gap_s: float) -> str:
+def svg_path(
+    points: Sequence[tuple[float, float | None]],
+    x_of: Callable[[float], float],
+    y_of: Callable[[float], float],
+    gap_s: float,
+) -> str:
     """An SVG path ``d``: ``M`` starts a segment after a gap or a missing value."""
     parts: list[str] = []
     last_ts: float | None = None
@@ -125,9 +127,16 @@ def _clock(ts: float) -> str:
     return time.strftime("%H:%M", time.gmtime(ts))
 
 
-def latency_chart_svg(points: Sequence[LatencyPoint], *, since: float, until: float,
-                      title: str, width: int = 640, height: int = 180,
-                      max_points: int = 320) -> str:
+def latency_chart_svg(
+    points: Sequence[LatencyPoint],
+    *,
+    since: float,
+    until: float,
+    title: str,
+    width: int = 640,
+    height: int = 180,
+    max_points: int = 320,
+) -> str:
     """One chart: p50 and p99 (ms) against time (UTC), version changes marked."""
     left, right, top, bottom = 56, 12, 22, 24
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -137,44 +146,60 @@ def latency_chart_svg(points: Sequence[LatencyPoint], *, since: float, until: fl
     y_max = nice_ceiling(max(values)) if values else 1.0
     y_of = ScaleFn(0.0, y_max, top + plot_h, top)
     gap = gap_seconds(points, (until - since) / max(1, max_points))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
-           f'<rect width="{width}" height="{height}" fill="#fff"/>',
-           f'<text x="{left}" y="14" {FONT} font-weight="600" fill="#222">{html.escape(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+        f'<rect width="{width}" height="{height}" fill="#fff"/>',
+        f'<text x="{left}" y="14" {FONT} font-weight="600" fill="#222">{html.escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>',
+    ]
     for frac in (0.0, 0.5, 1.0):
         y = y_of(y_max * frac)
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>')
         label = "0" if frac == 0 else format_ms(y_max * frac)
-        out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" {FONT} fill="#555">'
-                   f"{html.escape(label)}</text>")
+        out.append(
+            f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" {FONT} fill="#555">'
+            f"{html.escape(label)}</text>"
+        )
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         ts = since + (until - since) * frac
         anchor = "start" if frac == 0 else "end" if frac == 1 else "middle"
-        out.append(f'<text x="{x_of(ts):.1f}" y="{height - 6}" text-anchor="{anchor}" {FONT} fill="#555">'
-                   f"{_clock(ts)}</text>")
+        out.append(
+            f'<text x="{x_of(ts):.1f}" y="{height - 6}" text-anchor="{anchor}" {FONT} fill="#555">'
+            f"{_clock(ts)}</text>"
+        )
     previous: str | None = None
     for p in points:
         if previous is not None and p.version != previous:
             x = x_of(p.ts)
-            out.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#888" '
-                       'stroke-dasharray="4 3" class="version"/>')
-            out.append(f'<text x="{x + 3:.1f}" y="{top + 11}" {FONT} fill="#666">'
-                       f"v{html.escape(p.version)}</text>")
+            out.append(
+                f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#888" '
+                'stroke-dasharray="4 3" class="version"/>'
+            )
+            out.append(
+                f'<text x="{x + 3:.1f}" y="{top + 11}" {FONT} fill="#666">v{html.escape(p.version)}</text>'
+            )
         previous = p.version
     if not values:
-        out.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
-                   f'{FONT} fill="#999">no requests in this window</text>')
+        out.append(
+            f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h / 2:.1f}" text-anchor="middle" '
+            f'{FONT} fill="#999">no requests in this window</text>'
+        )
     for key, color, label in (("p50_ms", P50_COLOR, "p50"), ("p99_ms", P99_COLOR, "p99")):
         d = svg_path([(b.ts, getattr(b, key)) for b in binned], x_of, y_of, gap)
         if d:
             out.append(f'<path d="{d}" fill="none" stroke="{color}" stroke-width="1.5" class="{label}"/>')
     last = points[-1] if points else None
-    legend = [f'<tspan fill="{color}">{label}'
-              f"{' ' + html.escape(format_ms(getattr(last, key))) if last else ''}</tspan>"
-              for key, color, label in (("p50_ms", P50_COLOR, "p50"), ("p99_ms", P99_COLOR, "p99"))]
-    out.append(f'<text x="{left + plot_w}" y="14" text-anchor="end" {FONT} font-weight="600">'
-               + " \u2003".join(legend) + "</text>")
+    legend = [
+        f'<tspan fill="{color}">{label}'
+        f"{' ' + html.escape(format_ms(getattr(last, key))) if last else ''}</tspan>"
+        for key, color, label in (("p50_ms", P50_COLOR, "p50"), ("p99_ms", P99_COLOR, "p99"))
+    ]
+    out.append(
+        f'<text x="{left + plot_w}" y="14" text-anchor="end" {FONT} font-weight="600">'
+        + " \u2003".join(legend)
+        + "</text>"
+    )
     out.append("</svg>")
     return "\n".join(out)
 
@@ -222,51 +247,88 @@ def fleet_rows(devices: Sequence[DeviceView], now: float) -> list[list[tuple[str
     for d in devices:
         st, m = d.state, d.metrics
         first = shown_model(m, st.model if st else None)
-        rows.append([
-            ("", d.device_id),
-            (d.health, d.health),
-            ("", (st.status if st else None) or "-"),
-            ("", f"{st.model} v{st.version}" if st and st.model else "-"),
-            ("num", format_ms(first.p50_ms) if first else "-"),
-            ("num", format_ms(first.p99_ms) if first else "-"),
-            ("num", _fmt(first.throughput_rps, "/s") if first else "-"),
-            ("num", _fmt(first.requests) if first else "-"),
-            ("num", _fmt(m.cpu_percent_system, " %") if m else "-"),
-            ("num", _fmt(m.temperature_c, " °C") if m else "-"),
-            ("num", _fmt(round(m.rss_bytes / 2**20, 1) if m and m.rss_bytes else None, " MiB")),
-            ("", "yes" if m and dict(m.throttled).get("throttled") else "no" if m and m.throttled else "-"),
-            ("", _age(now, d.last_seen)),
-            ("err", (st.error if st else None) or ""),
-        ])
+        rows.append(
+            [
+                ("", d.device_id),
+                (d.health, d.health),
+                ("", (st.status if st else None) or "-"),
+                ("", f"{st.model} v{st.version}" if st and st.model else "-"),
+                ("num", format_ms(first.p50_ms) if first else "-"),
+                ("num", format_ms(first.p99_ms) if first else "-"),
+                ("num", _fmt(first.throughput_rps, "/s") if first else "-"),
+                ("num", _fmt(first.requests) if first else "-"),
+                ("num", _fmt(m.cpu_percent_system, " %") if m else "-"),
+                ("num", _fmt(m.temperature_c, " °C") if m else "-"),
+                ("num", _fmt(round(m.rss_bytes / 2**20, 1) if m and m.rss_bytes else None, " MiB")),
+                (
+                    "",
+                    "yes" if m and dict(m.throttled).get("throttled") else "no" if m and m.throttled else "-",
+                ),
+                ("", _age(now, d.last_seen)),
+                ("err", (st.error if st else None) or ""),
+            ]
+        )
     return rows
 
 
-FLEET_HEADERS = ("device", "health", "status", "model", "p50", "p99", "throughput", "requests",
-                 "CPU", "temp", "RSS", "throttled", "last seen", "error")
+FLEET_HEADERS = (
+    "device",
+    "health",
+    "status",
+    "model",
+    "p50",
+    "p99",
+    "throughput",
+    "requests",
+    "CPU",
+    "temp",
+    "RSS",
+    "throttled",
+    "last seen",
+    "error",
+)
 
 
-def render_page(*, devices: Sequence[DeviceView], charts: Sequence[str], events: Sequence[StoredEvent],
-                now: float, window_s: float, refresh_s: int = 15, charts_omitted: int = 0,
-                only_device: str | None = None) -> str:
+def render_page(
+    *,
+    devices: Sequence[DeviceView],
+    charts: Sequence[str],
+    events: Sequence[StoredEvent],
+    now: float,
+    window_s: float,
+    refresh_s: int = 15,
+    charts_omitted: int = 0,
+    only_device: str | None = None,
+) -> str:
     """The page; ``only_device`` when it shows one device (links keep it)."""
     online = sum(1 for d in devices if d.health == "online")
     e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f'<meta http-equiv="refresh" content="{int(refresh_s)}">',
-           "<title>litefleet monitor</title>", f"<style>{CSS}</style></head><body>",
-           "<h1>litefleet fleet</h1>",
-           f'<div class="sub">{online} of {len(devices)} devices online · '
-           f"{e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now)))}"
-           f" · refreshes every {int(refresh_s)} s</div>",
-           "<h2>Devices</h2>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="refresh" content="{int(refresh_s)}">',
+        "<title>litefleet monitor</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>litefleet fleet</h1>",
+        f'<div class="sub">{online} of {len(devices)} devices online · '
+        f"{e(time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now)))}"
+        f" · refreshes every {int(refresh_s)} s</div>",
+        "<h2>Devices</h2>",
+    ]
     if devices:
         out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in FLEET_HEADERS) + "</tr>")
         for row in fleet_rows(devices, now):
             (_, device_id), rest = row[0], row[1:]
             first = f'<td><a href="?device={quote(device_id, safe="")}">{e(device_id)}</a></td>'
-            out.append("<tr>" + first + "".join(
-                f'<td class="{e(cls)}">{e(text)}</td>' if cls else f"<td>{e(text)}</td>"
-                for cls, text in rest) + "</tr>")
+            out.append(
+                "<tr>"
+                + first
+                + "".join(
+                    f'<td class="{e(cls)}">{e(text)}</td>' if cls else f"<td>{e(text)}</td>"
+                    for cls, text in rest
+                )
+                + "</tr>"
+            )
         out.append("</table>")
     else:
         out.append("<p>No device has reported yet.</p>")
@@ -279,21 +341,26 @@ def render_page(*, devices: Sequence[DeviceView], charts: Sequence[str], events:
     if charts:
         out.append('<div class="charts">' + "\n".join(charts) + "</div>")
         if charts_omitted:
-            out.append(f'<p class="sub">{charts_omitted} more charts not shown; '
-                       "pick one with <code>?device=ID</code>.</p>")
+            out.append(
+                f'<p class="sub">{charts_omitted} more charts not shown; '
+                "pick one with <code>?device=ID</code>.</p>"
+            )
     else:
         out.append("<p>No metrics in this window.</p>")
     out.append("<h2>Recent events</h2>")
     if events:
-        out.append("<table><tr><th>time (UTC)</th><th>device</th><th>event</th><th>model</th>"
-                   "<th>reason</th><th>message</th></tr>")
+        out.append(
+            "<table><tr><th>time (UTC)</th><th>device</th><th>event</th><th>model</th>"
+            "<th>reason</th><th>message</th></tr>"
+        )
         for ev in events:
             model = f"{ev.model} v{ev.version}" if ev.model and ev.version else ev.model or ""
             cls = ' class="err"' if ev.event in ("rejected", "rolled_back") else ""
             out.append(
                 f"<tr><td>{e(time.strftime('%m-%d %H:%M:%S', time.gmtime(ev.ts)))}</td>"
                 f"<td>{e(ev.device_id)}</td><td>{e(ev.event)}</td><td>{e(model)}</td>"
-                f"<td>{e(ev.reason or '')}</td><td{cls}>{e((ev.message or '')[:300])}</td></tr>")
+                f"<td>{e(ev.reason or '')}</td><td{cls}>{e((ev.message or '')[:300])}</td></tr>"
+            )
         out.append("</table>")
     else:
         out.append("<p>No events yet.</p>")

@@ -221,14 +221,20 @@ def parse_model_entry(entry: Any) -> ModelSample | None:
     latency = _dict(entry.get("latency_ms"))
     total = _dict(entry.get("latency_ms_total"))
     return ModelSample(
-        name=name, version=version, active=entry.get("active") is not False,
-        requests=_count(entry.get("requests")), ok=_count(entry.get("ok")),
-        errors=_count(entry.get("errors")), bad_requests=_count(entry.get("bad_requests")),
+        name=name,
+        version=version,
+        active=entry.get("active") is not False,
+        requests=_count(entry.get("requests")),
+        ok=_count(entry.get("ok")),
+        errors=_count(entry.get("errors")),
+        bad_requests=_count(entry.get("bad_requests")),
         interval_requests=_count(interval.get("requests")),
         interval_errors=_count(interval.get("errors")),
         throughput_rps=_num(entry.get("throughput_rps")),
-        p50_ms=_num(latency.get("p50")), p90_ms=_num(latency.get("p90")),
-        p99_ms=_num(latency.get("p99")), mean_ms=_num(latency.get("mean")),
+        p50_ms=_num(latency.get("p50")),
+        p90_ms=_num(latency.get("p90")),
+        p99_ms=_num(latency.get("p99")),
+        mean_ms=_num(latency.get("mean")),
         mean_ms_total=_num(total.get("mean")),
         histogram_ms=_histogram(entry.get("histogram_ms")),
     )
@@ -247,8 +253,11 @@ def parse_metrics(device_id: str, payload: bytes) -> MetricsSample | Malformed:
     if seq is None or ts is None:
         return Malformed("metrics", device_id, "no valid seq and ts")
     models_raw = doc.get("models")
-    models = tuple(m for m in (parse_model_entry(e) for e in models_raw) if m is not None) \
-        if isinstance(models_raw, list) else ()
+    models = (
+        tuple(m for m in (parse_model_entry(e) for e in models_raw) if m is not None)
+        if isinstance(models_raw, list)
+        else ()
+    )
     dev = _dict(doc.get("device"))
     load = dev.get("load_avg")
     load_avg = None
@@ -274,15 +283,19 @@ def parse_metrics(device_id: str, payload: bytes) -> MetricsSample | Malformed:
     queue = _dict(doc.get("queue"))
     rss = _count(dev.get("rss_bytes"))
     return MetricsSample(
-        device_id=device_id, seq=seq, ts=ts,
+        device_id=device_id,
+        seq=seq,
+        ts=ts,
         interval_s=_num(doc.get("interval_s")),
         agent_version=_text(doc.get("agent_version"), 64),
         models=models,
         cpu_percent_process=_num(dev.get("cpu_percent_process")),
         cpu_percent_system=_num(dev.get("cpu_percent_system")),
-        rss_bytes=rss, load_avg=load_avg,
+        rss_bytes=rss,
+        load_avg=load_avg,
         temperature_c=_num(dev.get("temperature_c")),
-        throttled_raw=throttled_raw, throttled=flags,
+        throttled_raw=throttled_raw,
+        throttled=flags,
         disk_free_bytes=_count(dev.get("disk_free_bytes")),
         disk_total_bytes=_count(dev.get("disk_total_bytes")),
         uptime_s=_num(dev.get("uptime_s")),
@@ -303,9 +316,15 @@ def parse_event(device_id: str, payload: bytes) -> EventRecord | Malformed:
         return Malformed("events", device_id, "no event name or ts")
     raw = json.dumps(doc, separators=(",", ":"), sort_keys=True)
     return EventRecord(
-        device_id=device_id, boot=_text(doc.get("boot"), 64) or "", seq=_count(doc.get("seq")),
-        ts=ts, event=kind, model=_text(doc.get("model"), 64), version=_text(doc.get("version"), 32),
-        reason=_text(doc.get("reason"), 64), message=_text(doc.get("message"), 1024),
+        device_id=device_id,
+        boot=_text(doc.get("boot"), 64) or "",
+        seq=_count(doc.get("seq")),
+        ts=ts,
+        event=kind,
+        model=_text(doc.get("model"), 64),
+        version=_text(doc.get("version"), 32),
+        reason=_text(doc.get("reason"), 64),
+        message=_text(doc.get("message"), 1024),
         raw_json=raw[:MAX_EVENT_JSON_CHARS],
     )
 
@@ -321,15 +340,23 @@ def parse_state(device_id: str, payload: bytes) -> StateRecord | StateCleared | 
         info = _dict(info)
         version = _text(info.get("version"), 32)
         if version is not None:
-            installed.append(InstalledModel(str(name)[:64], version, _text(info.get("sha256"), 64),
-                                            info.get("trial") is True))
+            installed.append(
+                InstalledModel(
+                    str(name)[:64], version, _text(info.get("sha256"), 64), info.get("trial") is True
+                )
+            )
     groups = doc.get("groups")
     return StateRecord(
-        device_id=device_id, online=doc.get("online") is True,
-        status=_text(doc.get("status"), 32), model=_text(doc.get("model"), 64),
-        version=_text(doc.get("version"), 32), error=_text(doc.get("error"), 1024),
-        agent_version=_text(doc.get("agent_version"), 64), boot=_text(doc.get("boot"), 64),
-        ts=_num(doc.get("ts")), inferences=_count(doc.get("inferences")),
+        device_id=device_id,
+        online=doc.get("online") is True,
+        status=_text(doc.get("status"), 32),
+        model=_text(doc.get("model"), 64),
+        version=_text(doc.get("version"), 32),
+        error=_text(doc.get("error"), 1024),
+        agent_version=_text(doc.get("agent_version"), 64),
+        boot=_text(doc.get("boot"), 64),
+        ts=_num(doc.get("ts")),
+        inferences=_count(doc.get("inferences")),
         latency_ms_p50=_num(doc.get("latency_ms_p50")),
         groups=tuple(str(g)[:64] for g in groups if isinstance(g, str)) if isinstance(groups, list) else (),
         repo_version=_count(doc.get("repo_version")),
@@ -372,8 +399,7 @@ def is_newer(latest: tuple[int, float] | None, seq: int, ts: float) -> bool:
     return seq > last_seq or ts > last_ts
 
 
-def device_health(online: bool | None, last_seen: float | None, interval_s: float | None,
-                  now: float) -> str:
+def device_health(online: bool | None, last_seen: float | None, interval_s: float | None, now: float) -> str:
     """``online``, ``stale`` (says online but silent for ``STALE_INTERVALS``
     metrics intervals, at least 30 s: it may have lost power before the broker
     noticed), ``offline`` or ``unknown`` (no state seen)."""

@@ -101,58 +101,115 @@ def render_families(families: Iterable[Family]) -> str:
 # -- the families ---------------------------------------------------------------------
 # (name, type, help); order is the order of the scrape
 FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("litefleet_devices", "gauge",
-     "Devices known to this collector by health (online, stale, offline, unknown)."),
+    (
+        "litefleet_devices",
+        "gauge",
+        "Devices known to this collector by health (online, stale, offline, unknown).",
+    ),
     ("litefleet_device_online", "gauge", "1 if the device's retained state says online, else 0."),
-    ("litefleet_device_stale", "gauge",
-     "1 if the device says online but sent nothing for 3 metrics intervals (at least 30 s)."),
+    (
+        "litefleet_device_stale",
+        "gauge",
+        "1 if the device says online but sent nothing for 3 metrics intervals (at least 30 s).",
+    ),
     ("litefleet_device_info", "gauge", "Always 1; the device's status and agent version as labels."),
-    ("litefleet_device_last_seen_timestamp_seconds", "gauge",
-     "When the collector last received a message from the device (unix time)."),
-    ("litefleet_device_metrics_timestamp_seconds", "gauge",
-     "The device's own timestamp of its newest metrics message (unix time)."),
-    ("litefleet_device_cpu_percent", "gauge",
-     "CPU over the last interval: scope=process in % of one core, scope=system in % of all cores."),
+    (
+        "litefleet_device_last_seen_timestamp_seconds",
+        "gauge",
+        "When the collector last received a message from the device (unix time).",
+    ),
+    (
+        "litefleet_device_metrics_timestamp_seconds",
+        "gauge",
+        "The device's own timestamp of its newest metrics message (unix time).",
+    ),
+    (
+        "litefleet_device_cpu_percent",
+        "gauge",
+        "CPU over the last interval: scope=process in % of one core, scope=system in % of all cores.",
+    ),
     ("litefleet_device_resident_memory_bytes", "gauge", "Resident memory of the agent process."),
     ("litefleet_device_load_average", "gauge", "System load average over window 1m, 5m, 15m."),
     ("litefleet_device_temperature_celsius", "gauge", "Hottest thermal zone of the device."),
-    ("litefleet_device_throttled", "gauge",
-     "Raspberry Pi firmware throttling flags (1 set, 0 clear); *_occurred flags are since boot."),
-    ("litefleet_device_disk_free_bytes", "gauge",
-     "Free bytes on the file system of the agent's state folder."),
+    (
+        "litefleet_device_throttled",
+        "gauge",
+        "Raspberry Pi firmware throttling flags (1 set, 0 clear); *_occurred flags are since boot.",
+    ),
+    (
+        "litefleet_device_disk_free_bytes",
+        "gauge",
+        "Free bytes on the file system of the agent's state folder.",
+    ),
     ("litefleet_device_disk_total_bytes", "gauge", "Size of the file system of the agent's state folder."),
     ("litefleet_device_uptime_seconds", "gauge", "Seconds since the device booted."),
-    ("litefleet_device_metrics_queue_pending", "gauge",
-     "Metrics messages waiting in the device's offline queue when its newest message was built."),
-    ("litefleet_device_metrics_queue_dropped_total", "counter",
-     "Metrics messages the device dropped because its offline queue was full."),
-    ("litefleet_device_api_responses_total", "counter",
-     "Inference API answers of the agent by channel (rest, mqtt) and status class."),
-    ("litefleet_model_info", "gauge",
-     "Always 1 per installed model version (from the retained state); sha256 and trial as labels."),
+    (
+        "litefleet_device_metrics_queue_pending",
+        "gauge",
+        "Metrics messages waiting in the device's offline queue when its newest message was built.",
+    ),
+    (
+        "litefleet_device_metrics_queue_dropped_total",
+        "counter",
+        "Metrics messages the device dropped because its offline queue was full.",
+    ),
+    (
+        "litefleet_device_api_responses_total",
+        "counter",
+        "Inference API answers of the agent by channel (rest, mqtt) and status class.",
+    ),
+    (
+        "litefleet_model_info",
+        "gauge",
+        "Always 1 per installed model version (from the retained state); sha256 and trial as labels.",
+    ),
     ("litefleet_model_active", "gauge", "1 if the model version serves, 0 if it was just replaced."),
-    ("litefleet_model_requests_total", "counter",
-     "Requests to the model version since it was loaded (inferences + errors + bad requests)."),
-    ("litefleet_model_inferences_total", "counter",
-     "Successful inferences of the model version since loaded."),
+    (
+        "litefleet_model_requests_total",
+        "counter",
+        "Requests to the model version since it was loaded (inferences + errors + bad requests).",
+    ),
+    (
+        "litefleet_model_inferences_total",
+        "counter",
+        "Successful inferences of the model version since loaded.",
+    ),
     ("litefleet_model_errors_total", "counter", "Runtime failures of the model version since loaded."),
-    ("litefleet_model_bad_requests_total", "counter",
-     "Requests refused before reaching the runtime (wrong shape, dtype, ...) since loaded."),
-    ("litefleet_model_throughput_per_second", "gauge",
-     "Successful inferences per second over the last interval."),
-    ("litefleet_model_latency_seconds", "gauge",
-     "Inference latency quantile (0.5, 0.9, 0.99) over the last interval; absent without requests."),
-    ("litefleet_model_inference_duration_seconds", "histogram",
-     "Inference latency since the version was loaded, one bucket per power of two of nanoseconds."),
+    (
+        "litefleet_model_bad_requests_total",
+        "counter",
+        "Requests refused before reaching the runtime (wrong shape, dtype, ...) since loaded.",
+    ),
+    (
+        "litefleet_model_throughput_per_second",
+        "gauge",
+        "Successful inferences per second over the last interval.",
+    ),
+    (
+        "litefleet_model_latency_seconds",
+        "gauge",
+        "Inference latency quantile (0.5, 0.9, 0.99) over the last interval; absent without requests.",
+    ),
+    (
+        "litefleet_model_inference_duration_seconds",
+        "histogram",
+        "Inference latency since the version was loaded, one bucket per power of two of nanoseconds.",
+    ),
     ("litefleet_monitor_messages_total", "counter", "Messages this collector received by kind."),
-    ("litefleet_monitor_duplicates_total", "counter",
-     "Metrics and events received again (QoS 1 redelivery, replay) and stored only once."),
+    (
+        "litefleet_monitor_duplicates_total",
+        "counter",
+        "Metrics and events received again (QoS 1 redelivery, replay) and stored only once.",
+    ),
     ("litefleet_monitor_malformed_total", "counter", "Messages that were not valid litefleet payloads."),
     ("litefleet_monitor_samples_stored_total", "counter", "Metrics messages written to the history."),
     ("litefleet_monitor_events_stored_total", "counter", "Events written to the history."),
     ("litefleet_monitor_too_old_total", "counter", "Messages older than the retention, not stored."),
-    ("litefleet_monitor_dropped_total", "counter",
-     "Messages dropped because the collector's queue stayed full (the database is too slow)."),
+    (
+        "litefleet_monitor_dropped_total",
+        "counter",
+        "Messages dropped because the collector's queue stayed full (the database is too slow).",
+    ),
     ("litefleet_monitor_write_errors_total", "counter", "Batches the database refused."),
     ("litefleet_monitor_queue_depth", "gauge", "Messages received but not yet written."),
     ("litefleet_monitor_start_time_seconds", "gauge", "When this collector started (unix time)."),
@@ -190,8 +247,9 @@ def _model_samples(fam: dict[str, Family], dev: str, m: ModelSample, histograms:
     fam["litefleet_model_bad_requests_total"].add(labels, m.bad_requests)
     fam["litefleet_model_throughput_per_second"].add(labels, m.throughput_rps)
     for q, v in (("0.5", m.p50_ms), ("0.9", m.p90_ms), ("0.99", m.p99_ms)):
-        fam["litefleet_model_latency_seconds"].add((*labels, ("quantile", q)),
-                                                   None if v is None else v / 1000.0)
+        fam["litefleet_model_latency_seconds"].add(
+            (*labels, ("quantile", q)), None if v is None else v / 1000.0
+        )
     if histograms and m.histogram_ms:
         h = fam["litefleet_model_inference_duration_seconds"]
         cumulative = rebucket(m.histogram_ms)
@@ -199,8 +257,9 @@ def _model_samples(fam: dict[str, Family], dev: str, m: ModelSample, histograms:
             h.add((*labels, ("le", format_value(le))), n, "_bucket")
         count = cumulative[-1]
         mean = m.mean_ms_total
-        h.add(labels, (mean * count / 1000.0) if mean is not None else (0.0 if count == 0 else math.nan),
-              "_sum")
+        h.add(
+            labels, (mean * count / 1000.0) if mean is not None else (0.0 if count == 0 else math.nan), "_sum"
+        )
         h.add(labels, count, "_count")
 
 
@@ -211,11 +270,19 @@ def _device_samples(fam: dict[str, Family], d: DeviceView, histograms: bool) -> 
     if st is not None:
         fam["litefleet_device_online"].add(labels, st.online)
         fam["litefleet_device_info"].add(
-            (*labels, ("status", st.status or ""), ("agent_version", st.agent_version or "")), 1)
+            (*labels, ("status", st.status or ""), ("agent_version", st.agent_version or "")), 1
+        )
         for im in st.models:
             fam["litefleet_model_info"].add(
-                (*labels, ("model", im.name), ("version", im.version), ("sha256", im.sha256 or ""),
-                 ("trial", "true" if im.trial else "false")), 1)
+                (
+                    *labels,
+                    ("model", im.name),
+                    ("version", im.version),
+                    ("sha256", im.sha256 or ""),
+                    ("trial", "true" if im.trial else "false"),
+                ),
+                1,
+            )
     fam["litefleet_device_stale"].add(labels, d.health == "stale")
     fam["litefleet_device_last_seen_timestamp_seconds"].add(labels, d.last_seen)
     m: MetricsSample | None = d.metrics

@@ -134,8 +134,9 @@ class StoredEvent:
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     try:
         if readonly:
-            db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=10.0,
-                                 check_same_thread=False)
+            db = sqlite3.connect(
+                f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=10.0, check_same_thread=False
+            )
         else:
             db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -200,10 +201,12 @@ class MonitorStore:
         db.execute(
             "INSERT INTO devices (device_id, first_seen, last_seen) VALUES (?, ?, ?) "
             "ON CONFLICT (device_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
-            (device_id, received, received))
+            (device_id, received, received),
+        )
 
-    def _write_one(self, db: sqlite3.Connection, item: Received, cutoff_ts: float | None,
-                   result: WriteResult) -> None:
+    def _write_one(
+        self, db: sqlite3.Connection, item: Received, cutoff_ts: float | None, result: WriteResult
+    ) -> None:
         p, now = item.parsed, item.received
         if isinstance(p, MetricsSample):
             self._touch(db, p.device_id, now)
@@ -216,9 +219,24 @@ class MonitorStore:
                 "cpu_percent_process, cpu_percent_system, rss_bytes, load1, temperature_c, throttled_raw, "
                 "disk_free_bytes, disk_total_bytes, queue_pending, queue_dropped_total) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (p.device_id, p.seq, p.ts, now, p.interval_s, p.cpu_percent_process,
-                 p.cpu_percent_system, p.rss_bytes, load1, p.temperature_c, p.throttled_raw,
-                 p.disk_free_bytes, p.disk_total_bytes, p.queue_pending, p.queue_dropped_total))
+                (
+                    p.device_id,
+                    p.seq,
+                    p.ts,
+                    now,
+                    p.interval_s,
+                    p.cpu_percent_process,
+                    p.cpu_percent_system,
+                    p.rss_bytes,
+                    load1,
+                    p.temperature_c,
+                    p.throttled_raw,
+                    p.disk_free_bytes,
+                    p.disk_total_bytes,
+                    p.queue_pending,
+                    p.queue_dropped_total,
+                ),
+            )
             if cur.rowcount == 0:
                 result.duplicate_samples += 1
                 return
@@ -227,9 +245,29 @@ class MonitorStore:
                 "INSERT OR IGNORE INTO model_samples (sample_id, device_id, ts, model, version, active, "
                 "requests, ok, errors, bad_requests, interval_requests, interval_errors, throughput_rps, "
                 "p50_ms, p90_ms, p99_ms, mean_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(sample_id, p.device_id, p.ts, m.name, m.version, int(m.active), m.requests, m.ok,
-                  m.errors, m.bad_requests, m.interval_requests, m.interval_errors, m.throughput_rps,
-                  m.p50_ms, m.p90_ms, m.p99_ms, m.mean_ms) for m in p.models])
+                [
+                    (
+                        sample_id,
+                        p.device_id,
+                        p.ts,
+                        m.name,
+                        m.version,
+                        int(m.active),
+                        m.requests,
+                        m.ok,
+                        m.errors,
+                        m.bad_requests,
+                        m.interval_requests,
+                        m.interval_errors,
+                        m.throughput_rps,
+                        m.p50_ms,
+                        m.p90_ms,
+                        m.p99_ms,
+                        m.mean_ms,
+                    )
+                    for m in p.models
+                ],
+            )
             result.samples += 1
         elif isinstance(p, EventRecord):
             self._touch(db, p.device_id, now)
@@ -239,8 +277,20 @@ class MonitorStore:
             cur = db.execute(
                 "INSERT OR IGNORE INTO events (device_id, boot, seq, ts, received, event, model, version, "
                 "reason, message, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (p.device_id, p.boot, p.seq, p.ts, now, p.event, p.model, p.version, p.reason,
-                 p.message, p.raw_json))
+                (
+                    p.device_id,
+                    p.boot,
+                    p.seq,
+                    p.ts,
+                    now,
+                    p.event,
+                    p.model,
+                    p.version,
+                    p.reason,
+                    p.message,
+                    p.raw_json,
+                ),
+            )
             if cur.rowcount == 0:
                 result.duplicate_events += 1
             else:
@@ -254,8 +304,21 @@ class MonitorStore:
                 "agent_version = excluded.agent_version, boot = excluded.boot, "
                 "state_ts = excluded.state_ts, state_json = excluded.state_json, "
                 "last_seen = max(last_seen, excluded.last_seen)",
-                (p.device_id, int(p.online), p.status, p.model, p.version, p.error, p.agent_version,
-                 p.boot, p.ts, p.raw_json, now, now))
+                (
+                    p.device_id,
+                    int(p.online),
+                    p.status,
+                    p.model,
+                    p.version,
+                    p.error,
+                    p.agent_version,
+                    p.boot,
+                    p.ts,
+                    p.raw_json,
+                    now,
+                    now,
+                ),
+            )
         elif isinstance(p, StateCleared):
             # the device left the fleet; its history stays until retention removes it
             db.execute("DELETE FROM devices WHERE device_id = ?", (p.device_id,))
@@ -300,13 +363,16 @@ class StoreReader:
         return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
     def sample_keys(self) -> list[tuple[str, int, float]]:
-        return [(r[0], int(r[1]), float(r[2])) for r in
-                self._db.execute("SELECT device_id, seq, ts FROM samples ORDER BY device_id, seq")]
+        return [
+            (r[0], int(r[1]), float(r[2]))
+            for r in self._db.execute("SELECT device_id, seq, ts FROM samples ORDER BY device_id, seq")
+        ]
 
     def devices(self) -> list[dict[str, object]]:
         cur = self._db.execute(
             "SELECT device_id, online, status, model, version, error, agent_version, first_seen, last_seen "
-            "FROM devices ORDER BY device_id")
+            "FROM devices ORDER BY device_id"
+        )
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, row, strict=True)) for row in cur]
 
@@ -316,21 +382,27 @@ class StoreReader:
             "SELECT m.ts, m.version, m.p50_ms, m.p99_ms, s.interval_s FROM model_samples m "
             "JOIN samples s ON s.id = m.sample_id "
             "WHERE m.device_id = ? AND m.model = ? AND m.ts >= ? AND m.active = 1 ORDER BY m.ts",
-            (device_id, model, since_ts))
+            (device_id, model, since_ts),
+        )
         return [LatencyPoint(float(r[0]), str(r[1]), r[2], r[3], r[4]) for r in cur]
 
-    def charted_models(self, since_ts: float, limit: int, *,
-                       device_id: str | None = None) -> list[tuple[str, str]]:
+    def charted_models(
+        self, since_ts: float, limit: int, *, device_id: str | None = None
+    ) -> list[tuple[str, str]]:
         """``(device_id, model)`` pairs with samples since ``since_ts`` (at most ``limit``),
         only ``device_id``'s when given."""
         if device_id is None:
             cur = self._db.execute(
                 "SELECT DISTINCT device_id, model FROM model_samples WHERE ts >= ? "
-                "ORDER BY device_id, model LIMIT ?", (since_ts, limit))
+                "ORDER BY device_id, model LIMIT ?",
+                (since_ts, limit),
+            )
         else:
             cur = self._db.execute(
                 "SELECT DISTINCT device_id, model FROM model_samples WHERE device_id = ? AND ts >= ? "
-                "ORDER BY model LIMIT ?", (device_id, since_ts, limit))
+                "ORDER BY model LIMIT ?",
+                (device_id, since_ts, limit),
+            )
         return [(str(r[0]), str(r[1])) for r in cur]
 
     def recent_events(self, limit: int, *, device_id: str | None = None) -> list[StoredEvent]:
@@ -338,5 +410,7 @@ class StoreReader:
         where, params = ("WHERE device_id = ? ", (device_id,)) if device_id is not None else ("", ())
         cur = self._db.execute(
             "SELECT device_id, ts, event, model, version, reason, message FROM events "
-            f"{where}ORDER BY ts DESC, id DESC LIMIT ?", (*params, limit))
+            f"{where}ORDER BY ts DESC, id DESC LIMIT ?",
+            (*params, limit),
+        )
         return [StoredEvent(*row) for row in cur]

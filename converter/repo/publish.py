@@ -44,8 +44,9 @@ class RepoPublisher:
             if not d.wait(ACK_TIMEOUT_S):
                 refused = getattr(d, "refused_reason", None)
                 if refused:
-                    raise TransportError(f"the broker refused {topic}: {refused} "
-                                         "(is this the host identity?)")
+                    raise TransportError(
+                        f"the broker refused {topic}: {refused} (is this the host identity?)"
+                    )
                 raise TransportError(f"the broker did not acknowledge {topic}")
 
     def upload(self, uploads: list[TargetUpload], progress: ProgressFn | None = None) -> int:
@@ -104,8 +105,11 @@ class RepoPublisher:
             deliveries.append((topic, self.client.publish(topic, b"", qos=1, retain=True)))
         self._wait(deliveries)
         if stray:
-            logger.warning("cleared %d retained metadata files the repository does not know: %s",
-                           len(stray), ", ".join(n[:40] for n in stray[:10]))
+            logger.warning(
+                "cleared %d retained metadata files the repository does not know: %s",
+                len(stray),
+                ", ".join(n[:40] for n in stray[:10]),
+            )
         return stray
 
     def clear(self, plan: PublishPlan) -> int:
@@ -120,9 +124,14 @@ class RepoPublisher:
         self._wait(deliveries)
         return len(deliveries)
 
-    def apply(self, plan: PublishPlan, uploads: list[TargetUpload],
-              metadata: list[tuple[str, bytes]], keep_metadata: set[str],
-              progress: ProgressFn | None = None) -> None:
+    def apply(
+        self,
+        plan: PublishPlan,
+        uploads: list[TargetUpload],
+        metadata: list[tuple[str, bytes]],
+        keep_metadata: set[str],
+        progress: ProgressFn | None = None,
+    ) -> None:
         self.publish_metadata(metadata)
         self.upload(uploads, progress)
         self.clear(plan)

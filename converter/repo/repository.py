@@ -147,9 +147,15 @@ class Repository:
 
     # -- creation and loading -------------------------------------------------------
     @classmethod
-    def init(cls, root_dir: Path, *, keys: int = 1, threshold: int = 1,
-             expiry_days: dict[str, int] | None = None,
-             chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
+    def init(
+        cls,
+        root_dir: Path,
+        *,
+        keys: int = 1,
+        threshold: int = 1,
+        expiry_days: dict[str, int] | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> Repository:
         """Create keys and version 1 of every role in an empty or new folder.
 
         Everything is made in a temporary folder beside ``root_dir`` and renamed
@@ -166,8 +172,9 @@ class Repository:
         except OSError as exc:
             raise BadInputError(f"cannot create {root_dir}: {exc.strerror}") from exc
         try:
-            cls._init_into(work, keys=keys, threshold=threshold, expiry_days=expiry_days,
-                           chunk_size=chunk_size)
+            cls._init_into(
+                work, keys=keys, threshold=threshold, expiry_days=expiry_days, chunk_size=chunk_size
+            )
             if root_dir.exists():
                 root_dir.rmdir()  # empty, checked above
             os.rename(work, root_dir)
@@ -178,8 +185,9 @@ class Repository:
         return cls.open(root_dir)
 
     @classmethod
-    def _init_into(cls, root_dir: Path, *, keys: int, threshold: int,
-                   expiry_days: dict[str, int] | None, chunk_size: int) -> None:
+    def _init_into(
+        cls, root_dir: Path, *, keys: int, threshold: int, expiry_days: dict[str, int] | None, chunk_size: int
+    ) -> None:
         # root_dir comes from mkdtemp: empty and owner-only (0700) already
         expiry = {**DEFAULT_EXPIRY_DAYS, **(expiry_days or {})}
         for sub in ("metadata", "targets", "keys"):
@@ -206,6 +214,7 @@ class Repository:
             "published_metadata": [],
         }
         md_root: Metadata[Root] = Metadata(root)
+
         def until(role: str) -> datetime:
             return _now() + timedelta(days=expiry[role])
 
@@ -225,8 +234,10 @@ class Repository:
         try:
             state = json.loads(path.read_bytes())
         except FileNotFoundError as exc:
-            raise BadInputError(f"{root_dir} is not a litefleet repository (no repo.json); "
-                                f"create one with `litefleet repo init {root_dir}`") from exc
+            raise BadInputError(
+                f"{root_dir} is not a litefleet repository (no repo.json); "
+                f"create one with `litefleet repo init {root_dir}`"
+            ) from exc
         except (OSError, ValueError) as exc:
             raise RepositoryError(f"cannot read {path}: {exc}") from exc
         if state.get("format") != REPO_FORMAT:
@@ -253,14 +264,21 @@ class Repository:
             if len(found) < self.root.signed.roles[role].threshold:
                 raise RepositoryError(
                     f"only {len(found)} of the {self.root.signed.roles[role].threshold} {role} keys "
-                    f"needed are in {self.keys_dir / role}")
+                    f"needed are in {self.keys_dir / role}"
+                )
             self._signers[role] = found
         return self._signers[role]
 
     @staticmethod
-    def _sign_chain(signers: dict[str, list[Signer]], root: Metadata[Root] | None,
-                    targets: Metadata[Targets], snapshot: Metadata[Snapshot],
-                    timestamp: Metadata[Timestamp], *, sign_root: bool) -> list[tuple[str, bytes]]:
+    def _sign_chain(
+        signers: dict[str, list[Signer]],
+        root: Metadata[Root] | None,
+        targets: Metadata[Targets],
+        snapshot: Metadata[Snapshot],
+        timestamp: Metadata[Timestamp],
+        *,
+        sign_root: bool,
+    ) -> list[tuple[str, bytes]]:
         """Sign targets -> snapshot -> timestamp (and root), linking each to the
         one below with version, length and hash. Returns (file name, bytes) in
         publishing order: root, targets, snapshot, timestamp."""
@@ -327,8 +345,10 @@ class Repository:
         except FileNotFoundError:
             data = b""
         if _sha256(data) != sha:
-            raise RepositoryError(f"the repository's copy of {path} ({self.targets_dir / sha}) is missing "
-                                  "or damaged; push that model file again")
+            raise RepositoryError(
+                f"the repository's copy of {path} ({self.targets_dir / sha}) is missing "
+                "or damaged; push that model file again"
+            )
         lf = tf.unrecognized_fields["custom"][CUSTOM_KEY]
         return TargetUpload(path, sha, data, int(lf["chunk_size"]))
 
@@ -336,13 +356,21 @@ class Repository:
         return [self.upload_for(p) for p in sorted(self.targets.signed.targets)]
 
     # -- changes --------------------------------------------------------------------------
-    def add_release(self, name: str, model: bytes, *, card: bytes | None = None,
-                    golden: bytes | None = None, version: int | None = None,
-                    rollout: Rollout | None = None) -> ReleaseResult:
+    def add_release(
+        self,
+        name: str,
+        model: bytes,
+        *,
+        card: bytes | None = None,
+        golden: bytes | None = None,
+        version: int | None = None,
+        rollout: Rollout | None = None,
+    ) -> ReleaseResult:
         """Add (or re-target) a model version and sign new targets, snapshot and timestamp."""
         if not NAME_RE.match(name):
-            raise BadInputError(f"model name {name!r} must be 1-63 lowercase letters, digits, "
-                                "'.', '_' or '-'")
+            raise BadInputError(
+                f"model name {name!r} must be 1-63 lowercase letters, digits, '.', '_' or '-'"
+            )
         rollout = rollout or Rollout()
         releases = self.model_releases(name)
         latest = int(self.state["models"].get(name, {}).get("latest", 0))
@@ -354,11 +382,13 @@ class Repository:
         existing = self.targets.signed.targets.get(model_tpath)
         if existing is not None and existing.hashes["sha256"] != _sha256(model):
             raise BadInputError(
-                f"{name} version {version} exists with a different model file; push a new version")
+                f"{name} version {version} exists with a different model file; push a new version"
+            )
         if existing is None and version <= latest and version not in releases:
             raise BadInputError(
                 f"{name} version {version} was published before and removed; versions never go back "
-                f"(devices would refuse it): use --version {latest + 1} or leave --version out")
+                f"(devices would refuse it): use --version {latest + 1} or leave --version out"
+            )
         chunk_size = int(self.state["chunk_size"])
         files: dict[str, bytes] = {MODEL_FILE: model}
         if card is not None:
@@ -369,11 +399,20 @@ class Repository:
         for fname, data in files.items():
             tpath = target_path(name, version, fname)
             tf = TargetFile.from_data(tpath, data, ["sha256"])
-            lf: dict[str, Any] = {"kind": fname.split(".")[0], "chunk_size": chunk_size,
-                                  "chunks": chunk_hashes(data, chunk_size)}
+            lf: dict[str, Any] = {
+                "kind": fname.split(".")[0],
+                "chunk_size": chunk_size,
+                "chunks": chunk_hashes(data, chunk_size),
+            }
             if fname == MODEL_FILE:
-                lf = {"kind": "model", "name": name, "version": version,
-                      "rollout": rollout.to_dict(), "published": _now().isoformat(), **lf}
+                lf = {
+                    "kind": "model",
+                    "name": name,
+                    "version": version,
+                    "rollout": rollout.to_dict(),
+                    "published": _now().isoformat(),
+                    **lf,
+                }
                 if card is not None:
                     lf["card"] = target_path(name, version, CARD_FILE)
                 if golden is not None:
@@ -389,11 +428,15 @@ class Repository:
                     raise BadInputError(f"{name} version {version} exists with a different {what}")
             old_lf = existing.unrecognized_fields["custom"][CUSTOM_KEY]
             if old_lf.get("rollout") == rollout.to_dict():
-                return ReleaseResult(name, version, self.targets.signed.version, PublishPlan(), [],
-                                     unchanged=True)
+                return ReleaseResult(
+                    name, version, self.targets.signed.version, PublishPlan(), [], unchanged=True
+                )
             new_lf = dict(old_lf, rollout=rollout.to_dict())
-            new_targets = {model_tpath: TargetFile(existing.length, dict(existing.hashes), model_tpath,
-                                                   {"custom": {CUSTOM_KEY: new_lf}})}
+            new_targets = {
+                model_tpath: TargetFile(
+                    existing.length, dict(existing.hashes), model_tpath, {"custom": {CUSTOM_KEY: new_lf}}
+                )
+            }
         # decide what stays
         releases[version] = rollout
         keep = versions_to_keep(releases)
@@ -405,8 +448,9 @@ class Repository:
             if len(parts) == 4 and parts[1] == name and int(parts[2]) in removed:
                 old = targets.signed.targets.pop(tpath)
                 lf_old = old.unrecognized_fields["custom"][CUSTOM_KEY]
-                plan.clear_targets.append((consistent_target_file(tpath, old.hashes["sha256"]),
-                                           len(lf_old["chunks"])))
+                plan.clear_targets.append(
+                    (consistent_target_file(tpath, old.hashes["sha256"]), len(lf_old["chunks"]))
+                )
         for tpath, tf in new_targets.items():
             targets.signed.targets[tpath] = tf
             if tpath != model_tpath or existing is None:
@@ -414,8 +458,9 @@ class Repository:
                 fname = tpath.rsplit("/", 1)[1]
                 plan.uploads.append(TargetUpload(tpath, sha, files[fname], chunk_size))
         if existing is None:
-            plan.uploads.insert(0, plan.uploads.pop(next(
-                i for i, u in enumerate(plan.uploads) if u.path == model_tpath)))
+            plan.uploads.insert(
+                0, plan.uploads.pop(next(i for i, u in enumerate(plan.uploads) if u.path == model_tpath))
+            )
         self._commit(targets, plan, model_state={name: {"latest": max(latest, version)}})
         return ReleaseResult(name, version, self.targets.signed.version, plan, removed)
 
@@ -480,8 +525,9 @@ class Repository:
         self._commit(targets, plan, model_state={})
         return plan
 
-    def _commit(self, targets: Metadata[Targets], plan: PublishPlan,
-                model_state: dict[str, dict[str, int]]) -> None:
+    def _commit(
+        self, targets: Metadata[Targets], plan: PublishPlan, model_state: dict[str, dict[str, int]]
+    ) -> None:
         expiry = self.state["expiry_days"]
         now = _now()
         targets.signed.version += 1
@@ -526,8 +572,11 @@ class Repository:
     def pending_uploads(self, in_memory: list[TargetUpload] = ()) -> list[TargetUpload]:  # type: ignore[assignment]
         """Targets not yet on the broker; those in ``in_memory`` are not read back."""
         have = {u.path: u for u in in_memory}
-        return [have.get(p) or self.upload_for(p) for p in self.state.get("pending_uploads", [])
-                if p in self.targets.signed.targets]
+        return [
+            have.get(p) or self.upload_for(p)
+            for p in self.state.get("pending_uploads", [])
+            if p in self.targets.signed.targets
+        ]
 
     def mark_published(self) -> None:
         """Everything current is on the broker now."""

@@ -29,8 +29,9 @@ def test_topics_round_trip() -> None:
     assert t.metadata_filename("fleet/a/v1/repo/metadata/x/y.json") is None
     assert t.device_of(t.state("pi-7")) == ("pi-7", "state")
     assert t.device_of("fleet/a/v1/devices/pi-7/state/extra") is None
-    assert (t.chunk("models/m/1/abc.model.tflite", 3)
-            == "fleet/a/v1/repo/targets/models/m/1/abc.model.tflite/3")
+    assert (
+        t.chunk("models/m/1/abc.model.tflite", 3) == "fleet/a/v1/repo/targets/models/m/1/abc.model.tflite/3"
+    )
 
 
 def test_reply_topics_only_for_this_device() -> None:
@@ -98,15 +99,22 @@ def test_canary_buckets_are_stable_spread_and_nested() -> None:
 
 
 def _custom(name: str, version: int, target: str = "all", pct: int = 100) -> dict:
-    return {"litefleet": {"kind": "model", "name": name, "version": version,
-                          "rollout": {"target": target, "canary_pct": pct},
-                          "card": f"models/{name}/{version}/card.json"}}
+    return {
+        "litefleet": {
+            "kind": "model",
+            "name": name,
+            "version": version,
+            "rollout": {"target": target, "canary_pct": pct},
+            "card": f"models/{name}/{version}/card.json",
+        }
+    }
 
 
 def test_parse_release_checks_what_the_path_says() -> None:
     rel = parse_release("models/m/2/model.tflite", _custom("m", 2, "group:g"))
-    assert rel == ModelRelease("m", 2, "models/m/2/model.tflite", Rollout("group:g"),
-                               "models/m/2/card.json", None)
+    assert rel == ModelRelease(
+        "m", 2, "models/m/2/model.tflite", Rollout("group:g"), "models/m/2/card.json", None
+    )
     assert parse_release("models/m/2/card.json", {"litefleet": {"kind": "card"}}) is None
     with pytest.raises(ProtocolError, match="does not match"):
         parse_release("models/m/3/model.tflite", _custom("m", 2))
@@ -119,8 +127,10 @@ def test_parse_release_checks_what_the_path_says() -> None:
 
 
 def test_choose_newest_version_that_selects_the_device() -> None:
-    rels = [parse_release(f"models/m/{v}/model.tflite", _custom("m", v, t)) for v, t in
-            ((1, "all"), (2, "group:kitchen"), (3, "device:pi-9"))]
+    rels = [
+        parse_release(f"models/m/{v}/model.tflite", _custom("m", v, t))
+        for v, t in ((1, "all"), (2, "group:kitchen"), (3, "device:pi-9"))
+    ]
     rels.append(parse_release("models/n/1/model.tflite", _custom("n", 1)))
     pick = choose_releases([r for r in rels if r], "pi-1", ["kitchen"])
     assert {k: v.version for k, v in pick.items()} == {"m": 2, "n": 1}

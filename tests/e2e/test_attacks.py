@@ -59,8 +59,9 @@ class Fleet:
         return self.broker.port  # type: ignore[attr-defined]
 
     def push(self, model: Path, *extra: str) -> str:
-        return must("push", str(model), "--repo", str(self.repo), "--name", "digits",
-                    "--broker", self.url, *extra)
+        return must(
+            "push", str(model), "--repo", str(self.repo), "--name", "digits", "--broker", self.url, *extra
+        )
 
     def retained(self, topic: str) -> bytes:
         data = read_retained(self.port, topic)
@@ -70,8 +71,11 @@ class Fleet:
     def expect_refused(self, reason: str, *, timeout_s: float = 30.0, kind: str = "rejected") -> dict:
         """The shared ending of every case."""
         ev = self.watch.wait_event(DEV, kind, timeout_s=timeout_s, reason=reason)
-        self.watch.wait_for(lambda: reason in str((self.watch.states.get(DEV) or {}).get("error")),
-                            15, f"state error mentioning {reason}")
+        self.watch.wait_for(
+            lambda: reason in str((self.watch.states.get(DEV) or {}).get("error")),
+            15,
+            f"state error mentioning {reason}",
+        )
         self.assert_serving_v1()
         return ev
 
@@ -285,8 +289,6 @@ def test_model_failing_its_golden_vectors(fleet: Fleet, digits_float32) -> None:
     assert ev["version"] == 2
 
 
-
-
 def test_model_that_never_returns_is_killed_and_refused(fleet: Fleet) -> None:
     bad = fleet.tmp / "hang" / "hang.tflite"
     bad.parent.mkdir()
@@ -311,12 +313,26 @@ def test_a_model_that_fails_at_load(fleet: Fleet) -> None:
 
 def test_garbage_on_every_topic_the_agent_listens_to(fleet: Fleet, digits_float32) -> None:
     rng = np.random.default_rng(0)
-    junk = [b"", b"\x00", b"{", b"[]", b'{"signed": 1}', b"null", rng.bytes(5000),
-            json.dumps({"signatures": [], "signed": {"_type": "timestamp"}}).encode()]
-    topics = [TOPICS.metadata(n) for n in ("timestamp.json", "2.root.json", "9.snapshot.json",
-                                           "9.targets.json", "x.json", "root.json")]
-    topics += [TOPICS.infer(DEV), TOPICS.metadata("no-json-suffix"), TOPICS.chunk("models/x/1/y", 0),
-               f"{TOPICS.base}/repo/metadata/a/b"]
+    junk = [
+        b"",
+        b"\x00",
+        b"{",
+        b"[]",
+        b'{"signed": 1}',
+        b"null",
+        rng.bytes(5000),
+        json.dumps({"signatures": [], "signed": {"_type": "timestamp"}}).encode(),
+    ]
+    topics = [
+        TOPICS.metadata(n)
+        for n in ("timestamp.json", "2.root.json", "9.snapshot.json", "9.targets.json", "x.json", "root.json")
+    ]
+    topics += [
+        TOPICS.infer(DEV),
+        TOPICS.metadata("no-json-suffix"),
+        TOPICS.chunk("models/x/1/y", 0),
+        f"{TOPICS.base}/repo/metadata/a/b",
+    ]
     publish_many(fleet.port, [(t, j, t != TOPICS.infer(DEV)) for t in topics for j in junk])
     fleet.watch.wait_event(DEV, "rejected")
     fleet.assert_serving_v1()
@@ -331,8 +347,9 @@ def test_garbage_on_every_topic_the_agent_listens_to(fleet: Fleet, digits_float3
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     return proc.returncode == 0
 
 
@@ -354,8 +371,7 @@ def test_disk_filling_during_download(broker, tmp_path: Path, digits_int8) -> No
         f.push(big)
         f.expect_refused("storage")
         # not remembered as a bad model: space may come back
-        assert all(r["reason"] != "storage"
-                   for r in agent.state_file()["models"]["digits"]["rejected"])
+        assert all(r["reason"] != "storage" for r in agent.state_file()["models"]["digits"]["rejected"])
     finally:
         agent.stop()
         watch.close()

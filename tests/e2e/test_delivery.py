@@ -25,8 +25,9 @@ def test_push_all_then_group_only(broker, repo: Path, tmp_path: Path, digits_int
         a.start()
         b.start()
         try:
-            out = must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits",
-                       "--broker", url)
+            out = must(
+                "push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", url
+            )
             assert "digits v1 -> all" in out
             fleet.wait_active("pi-a", "digits", 1)
             fleet.wait_active("pi-b", "digits", 1)
@@ -34,11 +35,24 @@ def test_push_all_then_group_only(broker, repo: Path, tmp_path: Path, digits_int
                 kinds = [e["event"] for e in fleet.events_of(dev)]
                 assert kinds.index("verified") < kinds.index("activated"), kinds
             # v2 to the group only
-            must("push", str(digits_float32.tflite), "--repo", str(repo), "--name", "digits",
-                 "--broker", url, "--target", "group:kitchen")
+            must(
+                "push",
+                str(digits_float32.tflite),
+                "--repo",
+                str(repo),
+                "--name",
+                "digits",
+                "--broker",
+                url,
+                "--target",
+                "group:kitchen",
+            )
             fleet.wait_active("pi-b", "digits", 2)
-            fleet.wait_for(lambda: fleet.states["pi-a"].get("repo_version") == 3, 20,
-                           "pi-a to verify the new repository version")
+            fleet.wait_for(
+                lambda: fleet.states["pi-a"].get("repo_version") == 3,
+                20,
+                "pi-a to verify the new repository version",
+            )
             assert fleet.active("pi-a") == ("digits", "1")
             assert not [e for e in fleet.events_of("pi-a", "activated") if e["version"] == 2]
             # the state file says the same, and v1 is kept as previous on pi-b
@@ -53,8 +67,7 @@ def test_push_all_then_group_only(broker, repo: Path, tmp_path: Path, digits_int
         fleet.wait_for(lambda: fleet.states["pi-a"]["online"] is False, 10, "pi-a offline")
 
 
-def test_canary_reaches_a_stable_documented_subset(broker, repo: Path, tmp_path: Path,
-                                                    digits_int8) -> None:
+def test_canary_reaches_a_stable_documented_subset(broker, repo: Path, tmp_path: Path, digits_int8) -> None:
     """10 agents, canary 50 %: exactly the devices whose bucket is below 50 take it."""
     url = broker.url
     ids = [f"node-{i:02d}" for i in range(10)]
@@ -62,15 +75,28 @@ def test_canary_reaches_a_stable_documented_subset(broker, repo: Path, tmp_path:
     assert 0 < len(expected) < 10  # the ids were chosen so the split is not trivial
     agents = [AgentProcess(tmp_path, d, url, repo / "root.json") for d in ids]
     with watching(broker.port) as fleet:
-        must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits",
-             "--broker", url, "--canary", "50")
+        must(
+            "push",
+            str(digits_int8.tflite),
+            "--repo",
+            str(repo),
+            "--name",
+            "digits",
+            "--broker",
+            url,
+            "--canary",
+            "50",
+        )
         for ag in agents:
             ag.start()
         try:
             for d in sorted(expected):
                 fleet.wait_active(d, "digits", 1, timeout_s=90)
-            fleet.wait_for(lambda: all((fleet.states.get(d) or {}).get("repo_version") == 2 for d in ids),
-                           60, "every agent to verify the repository")
+            fleet.wait_for(
+                lambda: all((fleet.states.get(d) or {}).get("repo_version") == 2 for d in ids),
+                60,
+                "every agent to verify the repository",
+            )
             time.sleep(0.5)
             got = {d for d in ids if fleet.active(d)[1] == "1"}
             assert got == expected
@@ -79,8 +105,9 @@ def test_canary_reaches_a_stable_documented_subset(broker, repo: Path, tmp_path:
                 ag.stop()
 
 
-def test_key_rotation_reaches_devices_and_retires_old_keys(broker, repo: Path, tmp_path: Path,
-                                                          digits_int8, digits_float32) -> None:
+def test_key_rotation_reaches_devices_and_retires_old_keys(
+    broker, repo: Path, tmp_path: Path, digits_int8, digits_float32
+) -> None:
     """Rotate the root and targets keys: devices follow the root chain; the old key is dead."""
     import shutil
 
@@ -118,7 +145,8 @@ def test_key_rotation_reaches_devices_and_retires_old_keys(broker, repo: Path, t
             snapshot = Metadata.from_bytes(current.snapshot.to_bytes())
             snapshot.signed.version += 1
             snapshot.signed.meta["targets.json"] = MetaFile.from_data(
-                targets.signed.version, t_bytes, ["sha256"])
+                targets.signed.version, t_bytes, ["sha256"]
+            )
             snapshot.signatures.clear()
             for signer in current.signers("snapshot"):
                 snapshot.sign(signer, append=True)
@@ -129,9 +157,11 @@ def test_key_rotation_reaches_devices_and_retires_old_keys(broker, repo: Path, t
             timestamp.signatures.clear()
             for signer in current.signers("timestamp"):
                 timestamp.sign(signer, append=True)
-            files = [(f"{targets.signed.version}.targets.json", t_bytes),
-                     (f"{snapshot.signed.version}.snapshot.json", s_bytes),
-                     ("timestamp.json", timestamp.to_bytes())]
+            files = [
+                (f"{targets.signed.version}.targets.json", t_bytes),
+                (f"{snapshot.signed.version}.snapshot.json", s_bytes),
+                ("timestamp.json", timestamp.to_bytes()),
+            ]
             for name, data in files:
                 publish_raw(broker.port, f"litefleet/v1/repo/metadata/{name}", data)
             fleet.wait_event("pi-r", "rejected", reason="bad_signature")

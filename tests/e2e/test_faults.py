@@ -49,14 +49,8 @@ WINDOW = 8
 # -- the REST prober --------------------------------------------------------------------------------
 
 
-
-
-
-
 def push(repo: Path, model: Path, url: str, name: str = "digits") -> None:
     must("push", str(model), "--repo", str(repo), "--name", name, "--broker", url)
-
-
 
 
 @dataclass
@@ -76,8 +70,14 @@ class Rig:
         self.signed[version] = file_sha256(model)
 
     def downloaded(self, version: int) -> int:
-        return max((e.get("bytes", 0) for e in self.watch.events_of("pi-1", "downloading")
-                    if e.get("version") == version), default=0)
+        return max(
+            (
+                e.get("bytes", 0)
+                for e in self.watch.events_of("pi-1", "downloading")
+                if e.get("version") == version
+            ),
+            default=0,
+        )
 
 
 @pytest.fixture
@@ -87,8 +87,9 @@ def rig(broker, tmp_path: Path, dense_models: list[Path]) -> Iterator[Rig]:
     must("repo", "init", str(repo))
     proxy = FaultProxy(broker.port)
     port = free_port()
-    agent = AgentProcess(tmp_path, "pi-1", proxy.url, repo / "root.json", download_window=WINDOW,
-                         http=f"127.0.0.1:{port}")
+    agent = AgentProcess(
+        tmp_path, "pi-1", proxy.url, repo / "root.json", download_window=WINDOW, http=f"127.0.0.1:{port}"
+    )
     watch = FleetWatcher(broker.port)
     r = Rig(broker, repo, proxy, agent, watch, port, {})
     try:
@@ -189,8 +190,9 @@ def test_slow_link_one_byte_at_a_time(broker, tmp_path: Path, digits_int8, digit
 def libfaketime() -> str | None:
     # not libfaketimeMT: its mutex, held by another thread at fork(), deadlocks the
     # agent's forked candidate check (the plain library has none; FAKETIME never changes)
-    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
-                   + glob.glob("/usr/lib/faketime/libfaketime.so.1"))
+    found = sorted(
+        glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1")
+    )
     return found[0] if found else None
 
 
@@ -207,8 +209,9 @@ def wall_clock_of(watch: FleetWatcher, device: str) -> float:
     return float(watch.states[device]["ts"])
 
 
-def test_clock_far_in_the_future_refuses_everything_as_expired(broker, tmp_path: Path, digits_int8,
-                                                                digits_float32) -> None:
+def test_clock_far_in_the_future_refuses_everything_as_expired(
+    broker, tmp_path: Path, digits_int8, digits_float32
+) -> None:
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     port = free_port()
@@ -266,14 +269,14 @@ def test_clock_in_the_past_still_works(broker, tmp_path: Path, digits_int8, digi
 
 # -- the agent killed while a check child hangs ------------------------------------------------------
 
-_HANGING_CHECK = r'''
+_HANGING_CHECK = r"""
 import sys, time
 from pathlib import Path
 import agent.activation.check as cc
 cc._child_check = lambda *a: time.sleep(600)  # a child that hangs without using CPU
 print("checking", flush=True)
 cc.check_isolated(Path("m.tflite"), None, None, threads=1, runtime="auto", timeout_s=60)
-'''
+"""
 
 
 def _children(pid: int) -> list[int]:
@@ -292,8 +295,11 @@ def test_a_check_child_does_not_outlive_a_killed_agent() -> None:
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _HANGING_CHECK], stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HANGING_CHECK],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"checking\n"
         deadline = time.monotonic() + 10

@@ -17,8 +17,9 @@ from tests.support.tcp_proxy import FaultProxy
 WINDOW = 8
 
 
-def test_broker_killed_halfway_through_a_14mb_model(broker, tmp_path: Path, digits_int8,
-                                                      dense_models: list[Path]) -> None:
+def test_broker_killed_halfway_through_a_14mb_model(
+    broker, tmp_path: Path, digits_int8, dense_models: list[Path]
+) -> None:
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "m", "--broker", broker.url)
@@ -32,9 +33,14 @@ def test_broker_killed_halfway_through_a_14mb_model(broker, tmp_path: Path, digi
         proxy.rate_bytes_s = 2e6  # about 7 s for the model
         must("push", str(dense_models[0]), "--repo", str(repo), "--name", "m", "--broker", broker.url)
         time.sleep(2.5)  # past the broker's 2 s autosave: the retained chunks are on its disk
-        watch.wait_for(lambda: any(e.get("event") == "downloading" and e.get("version") == 2
-                                   and e.get("bytes", 0) >= size * 0.4 for e in watch.events),
-                       30, "the download to pass 40 %")
+        watch.wait_for(
+            lambda: any(
+                e.get("event") == "downloading" and e.get("version") == 2 and e.get("bytes", 0) >= size * 0.4
+                for e in watch.events
+            ),
+            30,
+            "the download to pass 40 %",
+        )
         broker.kill()  # SIGKILL: no goodbye, no final save
         time.sleep(1.0)
         broker.start()
@@ -53,8 +59,9 @@ def test_broker_killed_halfway_through_a_14mb_model(broker, tmp_path: Path, digi
         proxy.close()
 
 
-def test_agent_killed_mid_download_resumes_without_refetching(broker, tmp_path: Path,
-                                                              dense_models: list[Path]) -> None:
+def test_agent_killed_mid_download_resumes_without_refetching(
+    broker, tmp_path: Path, dense_models: list[Path]
+) -> None:
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     must("push", str(dense_models[0]), "--repo", str(repo), "--name", "m", "--broker", broker.url)
@@ -65,8 +72,13 @@ def test_agent_killed_mid_download_resumes_without_refetching(broker, tmp_path: 
     watch = FleetWatcher(broker.port)
     try:
         agent.start()
-        watch.wait_for(lambda: any(e.get("event") == "downloading" and e.get("bytes", 0) >= size * 0.4
-                                   for e in watch.events), 30, "the download to pass 40 %")
+        watch.wait_for(
+            lambda: any(
+                e.get("event") == "downloading" and e.get("bytes", 0) >= size * 0.4 for e in watch.events
+            ),
+            30,
+            "the download to pass 40 %",
+        )
         agent.kill()
         part = next((agent.state_dir / "downloads").glob("*.part"))
         assert part.stat().st_size > 0
@@ -86,16 +98,18 @@ def test_agent_killed_mid_download_resumes_without_refetching(broker, tmp_path: 
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_fifty_times(broker, tmp_path: Path, digits_int8,
-                                              dense_models: list[Path]) -> None:
+def test_sigkill_at_random_points_fifty_times(
+    broker, tmp_path: Path, digits_int8, dense_models: list[Path]
+) -> None:
     """Kill -9 the agent at random moments of download and activation; after every restart the
     model it serves is whole and is one the signed metadata named."""
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     proxy = FaultProxy(broker.port)
     proxy.rate_bytes_s = 20e6  # a 14 MB model takes ~0.7 s: kills land in download and checks
-    agent = AgentProcess(tmp_path, "pi-1", proxy.url, repo / "root.json", download_window=WINDOW,
-                         probation_s=0.5)
+    agent = AgentProcess(
+        tmp_path, "pi-1", proxy.url, repo / "root.json", download_window=WINDOW, probation_s=0.5
+    )
     signed: dict[int, str] = {}
     models = [dense_models[0], dense_models[1]]
     rng = random.Random(1234)
@@ -123,9 +137,14 @@ def test_sigkill_at_random_points_fifty_times(broker, tmp_path: Path, digits_int
             if kills % 5 == 0:
                 # this restart runs until it reports: what it serves is what the state file says
                 agent.start()
-                watch.wait_for(lambda: (watch.states.get("pi-1") or {}).get("boot") not in seen_boots
-                               and (watch.states.get("pi-1") or {}).get("online") is True,
-                               60, "the restarted agent to report")
+                watch.wait_for(
+                    lambda: (
+                        (watch.states.get("pi-1") or {}).get("boot") not in seen_boots
+                        and (watch.states.get("pi-1") or {}).get("online") is True
+                    ),
+                    60,
+                    "the restarted agent to report",
+                )
                 st = watch.states["pi-1"]
                 seen_boots.add(st["boot"])
                 if st["models"]:
@@ -147,7 +166,3 @@ def test_sigkill_at_random_points_fifty_times(broker, tmp_path: Path, digits_int
         agent.stop()
         watch.close()
         proxy.close()
-
-
-
-

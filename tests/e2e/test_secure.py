@@ -43,8 +43,10 @@ from converter.repo.repository import Repository
 from tests.support.harness import AgentProcess, FleetWatcher, copy_model, http_json, must
 from tests.support.secure import Client, Secure, start_secure
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path(
-    "/usr/sbin/mosquitto").exists(), reason="mosquitto is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+    reason="mosquitto is not installed",
+)
 
 TOPICS = Topics()
 EVIL = "pi-stolen"
@@ -74,8 +76,17 @@ class SecureFleet:
         return self.secure.dir.root
 
     def push(self, model: Path, *extra: str) -> str:
-        return must("push", str(model), "--repo", str(self.repo), "--name", "digits",
-                    "--secure-dir", str(self.dir), *extra)
+        return must(
+            "push",
+            str(model),
+            "--repo",
+            str(self.repo),
+            "--name",
+            "digits",
+            "--secure-dir",
+            str(self.dir),
+            *extra,
+        )
 
     def host_client(self) -> Client:
         c = self.secure.host()
@@ -128,8 +139,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
             creds, toml = add_device(tmp, secure.dir.root, device_id, password=password)
             http_port = free_port() if not password else None
             keys = {k: v for k, v in toml.items() if k not in ("device_id", "broker")}
-            agent = AgentProcess(tmp, device_id, toml["broker"], repo / "root.json",
-                                 http=f"127.0.0.1:{http_port}" if http_port else "", **keys)
+            agent = AgentProcess(
+                tmp,
+                device_id,
+                toml["broker"],
+                repo / "root.json",
+                http=f"127.0.0.1:{http_port}" if http_port else "",
+                **keys,
+            )
             agent.start(env={"CREDENTIALS_DIRECTORY": str(creds)})
             devices[device_id] = Device(agent, creds, toml, http_port)
         yield SecureFleet(secure, repo, tmp, watch, devices)
@@ -144,8 +161,9 @@ def predict(port: int, x: np.ndarray) -> tuple[int, Any]:
     return http_json(f"http://127.0.0.1:{port}/v1/models/digits:predict", {"instances": x.tolist()})
 
 
-def test_push_and_status_over_tls_reach_a_certificate_and_a_password_agent(fleet: SecureFleet,
-                                                                          digits_int8) -> None:
+def test_push_and_status_over_tls_reach_a_certificate_and_a_password_agent(
+    fleet: SecureFleet, digits_int8
+) -> None:
     out = fleet.push(digits_int8.tflite)
     assert "digits v1 -> all" in out
     fleet.serving(1)
@@ -190,8 +208,13 @@ def test_a_device_identity_cannot_touch_the_repository_or_other_devices(fleet: S
             (ts_topic, forged, True),
             (TOPICS.metadata("2.root.json"), forged, True),
             (chunk0, b"\0" * 100, True),
-            (TOPICS.state("pi-cert"), json.dumps({"device_id": "pi-cert", "online": False,
-                                                  "status": "serving", "model": "evil"}).encode(), True),
+            (
+                TOPICS.state("pi-cert"),
+                json.dumps(
+                    {"device_id": "pi-cert", "online": False, "status": "serving", "model": "evil"}
+                ).encode(),
+                True,
+            ),
             (TOPICS.infer("pi-cert"), b'{"model": "digits", "instances": [[0]]}', False),
         ]
         for topic, payload, retain in attacks:
@@ -222,8 +245,9 @@ def test_a_device_identity_cannot_touch_the_repository_or_other_devices(fleet: S
         evil.close()
 
 
-def test_the_host_identity_passes_the_broker_but_not_tuf(fleet: SecureFleet, digits_int8,
-                                                        digits_float32) -> None:
+def test_the_host_identity_passes_the_broker_but_not_tuf(
+    fleet: SecureFleet, digits_int8, digits_float32
+) -> None:
     """Control for the test above: the same kind of forgery with the host's broker
     password (the broker accepts it) reaches the agents, and TUF refuses it: a forged
     signature, then a validly signed older timestamp (rollback). The fleet keeps its
@@ -251,7 +275,9 @@ def test_the_host_identity_passes_the_broker_but_not_tuf(fleet: SecureFleet, dig
     fleet.serving(3)
     rows = json.loads(must("status", "--secure-dir", str(fleet.dir), "--json"))
     assert {(r["device_id"], r["version"], r["error"]) for r in rows} == {
-        ("pi-cert", "3", None), ("pi-pass", "3", None)}
+        ("pi-cert", "3", None),
+        ("pi-pass", "3", None),
+    }
 
 
 def forged_timestamp(genuine: bytes) -> bytes:
@@ -290,8 +316,16 @@ def test_a_secure_dir_made_with_another_prefix_needs_no_prefix_flag(tmp_path: Pa
     watch = FleetWatcher(secure_dir=sd.root, prefix="acme")
     try:
         agent.start(env={"CREDENTIALS_DIRECTORY": str(creds)})
-        must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits",
-             "--secure-dir", str(sd.root))
+        must(
+            "push",
+            str(digits_int8.tflite),
+            "--repo",
+            str(repo),
+            "--name",
+            "digits",
+            "--secure-dir",
+            str(sd.root),
+        )
         watch.wait_active("pi-acme", "digits", 1, timeout_s=60)
         rows = json.loads(must("status", "--secure-dir", str(sd.root), "--json"))
         assert [(r["device_id"], r["version"]) for r in rows] == [("pi-acme", "1")]

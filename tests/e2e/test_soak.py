@@ -66,16 +66,25 @@ def wait_serving(agent: AgentProcess, port: int, timeout_s: float = 60.0) -> boo
         time.sleep(0.05)
 
 
-def test_soak_sigkill_during_download_and_activation(broker, tmp_path: Path,
-                                                     dense_models: list[Path]) -> None:
+def test_soak_sigkill_during_download_and_activation(
+    broker, tmp_path: Path, dense_models: list[Path]
+) -> None:
     kills_wanted = int(os.environ.get("LITEFLEET_SOAK_KILLS", "500"))
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     proxy = FaultProxy(broker.port)
     proxy.rate_bytes_s = 20e6  # a 14 MB model takes ~0.7 s: kills land in download and checks
     port = free_port()
-    agent = AgentProcess(tmp_path, "pi-1", proxy.url, repo / "root.json", download_window=WINDOW,
-                         probation_s=0.5, http=f"127.0.0.1:{port}", log_level="info")
+    agent = AgentProcess(
+        tmp_path,
+        "pi-1",
+        proxy.url,
+        repo / "root.json",
+        download_window=WINDOW,
+        probation_s=0.5,
+        http=f"127.0.0.1:{port}",
+        log_level="info",
+    )
     signed: dict[int, str] = {}
     rng = random.Random(int(os.environ.get("LITEFLEET_SOAK_SEED", "4242")))
     version = 0
@@ -147,21 +156,35 @@ def test_soak_sigkill_during_download_and_activation(broker, tmp_path: Path,
         agent.stop()
         watch.close()
         proxy.close()
-    soak_report("sigkill", kills=kills, restarts_serving=answered, agent_reports=reports,
-                crash_loops=crash_loops, broker_restarts=broker_restarts, activations=activations,
-                versions=version, minutes=round((time.monotonic() - started) / 60, 1))
+    soak_report(
+        "sigkill",
+        kills=kills,
+        restarts_serving=answered,
+        agent_reports=reports,
+        crash_loops=crash_loops,
+        broker_restarts=broker_restarts,
+        activations=activations,
+        versions=version,
+        minutes=round((time.monotonic() - started) / 60, 1),
+    )
     assert activations >= kills_wanted // 20, f"only {activations} activations in {kills} kills"
 
 
-def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path,
-                                                   dense_models: list[Path]) -> None:
+def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path, dense_models: list[Path]) -> None:
     faults_wanted = int(os.environ.get("LITEFLEET_SOAK_FAULTS", "50"))
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     proxy = FaultProxy(broker.port)
     port = free_port()
-    agent = AgentProcess(tmp_path, "pi-1", proxy.url, repo / "root.json", download_window=WINDOW,
-                         http=f"127.0.0.1:{port}", log_level="info")
+    agent = AgentProcess(
+        tmp_path,
+        "pi-1",
+        proxy.url,
+        repo / "root.json",
+        download_window=WINDOW,
+        http=f"127.0.0.1:{port}",
+        log_level="info",
+    )
     signed: dict[int, str] = {}
     rng = random.Random(int(os.environ.get("LITEFLEET_SOAK_SEED", "4242")))
     watch = FleetWatcher(broker.port)
@@ -212,5 +235,10 @@ def test_soak_broker_restarts_and_cut_connections(broker, tmp_path: Path,
         agent.stop()
         watch.close()
         proxy.close()
-    soak_report("broker_restarts_and_cuts", broker_restarts=restarts, cuts=cuts,
-                versions_activated=versions, minutes=round((time.monotonic() - started) / 60, 1))
+    soak_report(
+        "broker_restarts_and_cuts",
+        broker_restarts=restarts,
+        cuts=cuts,
+        versions_activated=versions,
+        minutes=round((time.monotonic() - started) / 60, 1),
+    )

@@ -30,13 +30,17 @@ import pytest
 
 from tests.support.harness import soak_report
 
-pytestmark = [pytest.mark.soak,
-              pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
-                                 reason="atheris is not installed (scripts/soak.sh installs it)")]
+pytestmark = [
+    pytest.mark.soak,
+    pytest.mark.skipif(
+        importlib.util.find_spec("atheris") is None,
+        reason="atheris is not installed (scripts/soak.sh installs it)",
+    ),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 
-HARNESS = r'''
+HARNESS = r"""
 import sys, tomllib
 import atheris
 
@@ -100,7 +104,7 @@ def one(data: bytes) -> None:
 
 atheris.Setup(sys.argv, one)
 atheris.Fuzz()
-'''
+"""
 
 
 def seeds(target: str) -> list[bytes]:
@@ -115,8 +119,14 @@ def seeds(target: str) -> list[bytes]:
 
         return [REAL_CARD.encode()]
     if target == "release":
-        lf = {"kind": "model", "name": "m", "version": 1, "rollout": {"target": "all", "canary_pct": 100},
-              "chunk_size": 4, "chunks": ["ab" * 32]}
+        lf = {
+            "kind": "model",
+            "name": "m",
+            "version": 1,
+            "rollout": {"target": "all", "canary_pct": 100},
+            "chunk_size": 4,
+            "chunks": ["ab" * 32],
+        }
         return [json.dumps({"litefleet": lf}).encode()]
     if target == "metadata":
         from converter.repo.repository import Repository
@@ -125,8 +135,10 @@ def seeds(target: str) -> list[bytes]:
         if not root.exists():
             Repository.init(root)
         return [(root / "metadata" / n).read_bytes() for n in sorted(os.listdir(root / "metadata"))]
-    return [b'device_id = "pi-1"\nbroker = "mqtt://h:1883"\nstate_dir = "/s"\ntrusted_root = "/r"\n'
-            b'groups = ["a"]\nhttp = "127.0.0.1:8501"\ndownload_window = 8\n']
+    return [
+        b'device_id = "pi-1"\nbroker = "mqtt://h:1883"\nstate_dir = "/s"\ntrusted_root = "/r"\n'
+        b'groups = ["a"]\nhttp = "127.0.0.1:8501"\ndownload_window = 8\n'
+    ]
 
 
 @pytest.mark.parametrize("target", ["npy", "predict", "card", "release", "metadata", "config"])
@@ -141,12 +153,29 @@ def test_atheris(tmp_path: Path, target: str, monkeypatch: pytest.MonkeyPatch) -
     harness.write_text(HARNESS)
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(harness), target, f"-runs={runs}", "-max_len=4096", "-timeout=20",
-         "-rss_limit_mb=2048", f"-artifact_prefix={tmp_path}/", str(corpus)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=3600)
+        [
+            sys.executable,
+            str(harness),
+            target,
+            f"-runs={runs}",
+            "-max_len=4096",
+            "-timeout=20",
+            "-rss_limit_mb=2048",
+            f"-artifact_prefix={tmp_path}/",
+            str(corpus),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     done = [ln for ln in proc.stderr.splitlines() if ln.startswith("Done ")]
-    soak_report(f"atheris_{target}", runs=runs, result=done[-1] if done else "",
-                minutes=round((time.monotonic() - started) / 60, 1))
+    soak_report(
+        f"atheris_{target}",
+        runs=runs,
+        result=done[-1] if done else "",
+        minutes=round((time.monotonic() - started) / 60, 1),
+    )

@@ -66,24 +66,70 @@ def toml_doc(doc: dict[str, Any]) -> str:
 
 
 KEYS = [f.name for f in AgentConfig.__dataclass_fields__.values()]
-strings = st.sampled_from(["", "pi-1", "mqtt://127.0.0.1:1883", "mqtts://h:8883", "mqtt://u:p@h",
-                           "mqtt://[::1]:1", "mqtt://h:99999", "mqtt://h:x", "mqtt:///x", "http://h",
-                           "mqtt://h/path", "mqtt://h?q=1", "127.0.0.1:8501", "[::1]:80", ":80", "h:",
-                           "h:65536", "~", "~nosuchuser/state", "~root", "/tmp/x", "a\0b", "a,b,,c",
-                           "auto", "litert", "debug", "INFO", "x" * 300, "ä-ü", "../../etc", "/",
-                           "-1", "1e999", "nan", "0x10", " 7 ", "a\u0000b", "mqtts://h:8883\n"]) \
-    | st.text(max_size=12)
-scalars = (strings | st.integers(-2**63, 2**63 - 1) | st.booleans()
-           | st.floats(allow_nan=True, allow_infinity=True))
-values = st.recursive(scalars, lambda k: st.lists(k, max_size=3) | st.dictionaries(st.text(max_size=4), k,
-                                                                                 max_size=2), max_leaves=6)
+strings = st.sampled_from(
+    [
+        "",
+        "pi-1",
+        "mqtt://127.0.0.1:1883",
+        "mqtts://h:8883",
+        "mqtt://u:p@h",
+        "mqtt://[::1]:1",
+        "mqtt://h:99999",
+        "mqtt://h:x",
+        "mqtt:///x",
+        "http://h",
+        "mqtt://h/path",
+        "mqtt://h?q=1",
+        "127.0.0.1:8501",
+        "[::1]:80",
+        ":80",
+        "h:",
+        "h:65536",
+        "~",
+        "~nosuchuser/state",
+        "~root",
+        "/tmp/x",
+        "a\0b",
+        "a,b,,c",
+        "auto",
+        "litert",
+        "debug",
+        "INFO",
+        "x" * 300,
+        "ä-ü",
+        "../../etc",
+        "/",
+        "-1",
+        "1e999",
+        "nan",
+        "0x10",
+        " 7 ",
+        "a\u0000b",
+        "mqtts://h:8883\n",
+    ]
+) | st.text(max_size=12)
+scalars = (
+    strings
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.booleans()
+    | st.floats(allow_nan=True, allow_infinity=True)
+)
+values = st.recursive(
+    scalars,
+    lambda k: st.lists(k, max_size=3) | st.dictionaries(st.text(max_size=4), k, max_size=2),
+    max_leaves=6,
+)
 
 
 @st.composite
 def config_docs(draw: st.DrawFn) -> dict[str, Any]:
     doc: dict[str, Any] = {}
-    base = {"device_id": "pi-1", "broker": "mqtt://127.0.0.1:1883", "state_dir": "/tmp/st",
-            "trusted_root": "/tmp/root.json"}
+    base = {
+        "device_id": "pi-1",
+        "broker": "mqtt://127.0.0.1:1883",
+        "state_dir": "/tmp/st",
+        "trusted_root": "/tmp/root.json",
+    }
     if draw(st.booleans()):
         doc.update(base)
     for key in draw(st.lists(st.sampled_from(KEYS), max_size=8)):
@@ -109,11 +155,17 @@ def check_loaded(cfg: AgentConfig) -> None:
 
 
 @fuzz(400)
-@given(doc=config_docs(), overrides=st.dictionaries(
-    st.sampled_from(["device_id", "broker", "state_dir", "trusted_root", "groups", "http", "log_level"]),
-    st.none() | strings, max_size=3))
-def test_load_config_only_raises_config_error(tmp_path_factory: pytest.TempPathFactory,
-                                             doc: dict[str, Any], overrides: dict[str, Any]) -> None:
+@given(
+    doc=config_docs(),
+    overrides=st.dictionaries(
+        st.sampled_from(["device_id", "broker", "state_dir", "trusted_root", "groups", "http", "log_level"]),
+        st.none() | strings,
+        max_size=3,
+    ),
+)
+def test_load_config_only_raises_config_error(
+    tmp_path_factory: pytest.TempPathFactory, doc: dict[str, Any], overrides: dict[str, Any]
+) -> None:
     path = tmp_path_factory.mktemp("cfg") / "agent.toml"
     try:
         path.write_text(toml_doc(doc), encoding="utf-8", errors="surrogatepass")
@@ -128,9 +180,21 @@ def test_load_config_only_raises_config_error(tmp_path_factory: pytest.TempPathF
 
 
 @fuzz(200)
-@given(raw=st.binary(max_size=300) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
-       | st.sampled_from([b"\xff\xfe", b'device_id = "\xff"\n', b"[a\n", b"a = 1\na = 2\n",
-                          b'device_id = """', b"\x00", b"x = " + b"[" * 5000]))
+@given(
+    raw=st.binary(max_size=300)
+    | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))
+    | st.sampled_from(
+        [
+            b"\xff\xfe",
+            b'device_id = "\xff"\n',
+            b"[a\n",
+            b"a = 1\na = 2\n",
+            b'device_id = """',
+            b"\x00",
+            b"x = " + b"[" * 5000,
+        ]
+    )
+)
 def test_config_files_that_are_not_toml(tmp_path_factory: pytest.TempPathFactory, raw: bytes) -> None:
     path = tmp_path_factory.mktemp("cfg") / "agent.toml"
     path.write_bytes(raw)
@@ -144,12 +208,20 @@ REAL_CARD = ModelCard(
     mode="int8",
     inputs=(TensorSpec("image", (1, 8, 8, 1), "int8", (0.5,), (-3,), (-1, 8, 8, 1)),),
     outputs=(TensorSpec("output_0", (1, 10), "int8", (0.0039,), (-128,), (-1, 10)),),
-    tflite_sha256="ab" * 32, tflite_size_bytes=1234, metrics={"accuracy": 0.9},
+    tflite_sha256="ab" * 32,
+    tflite_size_bytes=1234,
+    metrics={"accuracy": 0.9},
 ).to_json()
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=6),
-    lambda k: st.lists(k, max_size=4) | st.dictionaries(st.text(max_size=6), k, max_size=4), max_leaves=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=6),
+    lambda k: st.lists(k, max_size=4) | st.dictionaries(st.text(max_size=6), k, max_size=4),
+    max_leaves=20,
+)
 
 
 def mutate(doc: Any, data: st.DataObject, depth: int = 0) -> Any:

@@ -71,8 +71,13 @@ def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, suppress_health_check=checks)
 
 
-json_scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
-                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
 json_values = st.recursive(
     json_scalars,
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
@@ -127,8 +132,11 @@ def mutate_json(doc: Any, data: st.DataObject, depth: int = 0) -> Any:
 
 
 def payloads(repo: RepoFiles, data: st.DataObject) -> bytes:
-    kind = data.draw(st.sampled_from(
-        ["genuine", "old", "other", "mutated", "truncated", "bitflip", "binary", "empty", "json"]))
+    kind = data.draw(
+        st.sampled_from(
+            ["genuine", "old", "other", "mutated", "truncated", "bitflip", "binary", "empty", "json"]
+        )
+    )
     name = data.draw(st.sampled_from(repo.names))
     genuine = repo.files[name]
     if kind == "genuine":
@@ -147,7 +155,7 @@ def payloads(repo: RepoFiles, data: st.DataObject) -> bytes:
         return genuine[: data.draw(st.integers(0, len(genuine)))]
     if kind == "bitflip":
         i = data.draw(st.integers(0, len(genuine) - 1))
-        return genuine[:i] + bytes([genuine[i] ^ (1 << data.draw(st.integers(0, 7)))]) + genuine[i + 1:]
+        return genuine[:i] + bytes([genuine[i] ^ (1 << data.draw(st.integers(0, 7)))]) + genuine[i + 1 :]
     if kind == "binary":
         return data.draw(st.binary(max_size=300))
     if kind == "json":
@@ -155,11 +163,27 @@ def payloads(repo: RepoFiles, data: st.DataObject) -> bytes:
     return b""
 
 
-file_names = st.sampled_from(["timestamp.json", "1.root.json", "2.root.json", "3.root.json",
-                              "1.snapshot.json", "2.snapshot.json", "3.snapshot.json",
-                              "1.targets.json", "2.targets.json", "3.targets.json", "4.targets.json",
-                              "root.json", "snapshot.json", "targets.json", "0.root.json",
-                              "-1.root.json", "99999999999999999999.root.json"]) | st.text(max_size=20)
+file_names = st.sampled_from(
+    [
+        "timestamp.json",
+        "1.root.json",
+        "2.root.json",
+        "3.root.json",
+        "1.snapshot.json",
+        "2.snapshot.json",
+        "3.snapshot.json",
+        "1.targets.json",
+        "2.targets.json",
+        "3.targets.json",
+        "4.targets.json",
+        "root.json",
+        "snapshot.json",
+        "targets.json",
+        "0.root.json",
+        "-1.root.json",
+        "99999999999999999999.root.json",
+    ]
+) | st.text(max_size=20)
 
 
 class NoBroker:
@@ -176,9 +200,9 @@ class NoBroker:
 
 @fuzz(120)
 @given(data=st.data(), keep_cache=st.booleans())
-def test_tuf_refresh_over_hostile_retained_metadata(repo_files: RepoFiles, tmp_path_factory:
-                                                    pytest.TempPathFactory, data: st.DataObject,
-                                                    keep_cache: bool) -> None:
+def test_tuf_refresh_over_hostile_retained_metadata(
+    repo_files: RepoFiles, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject, keep_cache: bool
+) -> None:
     """Garbage in any retained metadata topic ends in a declared refusal or a
     verified repository, never another exception; what verifies is the genuine
     repository (never older, never something else)."""
@@ -188,23 +212,44 @@ def test_tuf_refresh_over_hostile_retained_metadata(repo_files: RepoFiles, tmp_p
             cache.handle(Message(topic=TOPICS.metadata(name), payload=payload, retain=True))
     for _ in range(data.draw(st.integers(1, 6))):
         name = data.draw(file_names)
-        topic = data.draw(st.sampled_from([TOPICS.metadata(name), f"{TOPICS.base}/repo/metadata/{name}/x",
-                                           f"{TOPICS.base}/repo/metadata/", name]))
+        topic = data.draw(
+            st.sampled_from(
+                [
+                    TOPICS.metadata(name),
+                    f"{TOPICS.base}/repo/metadata/{name}/x",
+                    f"{TOPICS.base}/repo/metadata/",
+                    name,
+                ]
+            )
+        )
         cache.handle(Message(topic=topic, payload=payloads(repo_files, data), retain=True))
     state = tmp_path_factory.mktemp("st")
     store = ModelStore(state)
     if keep_cache:  # a device that already trusts the older repository
         for name in ("timestamp.json",):
             (store.tuf / name).write_bytes(repo_files.old[name])
-    updater = ModelUpdater(device_id="pi-1", groups=(), trusted_root=repo_files.trusted_root,
-                           client=NoBroker(), topics=TOPICS, store=store, cache=cache)
+    updater = ModelUpdater(
+        device_id="pi-1",
+        groups=(),
+        trusted_root=repo_files.trusted_root,
+        client=NoBroker(),
+        topics=TOPICS,
+        store=store,
+        cache=cache,
+    )
     try:
         _, targets = updater.verified_targets()
     except DECLARED:
         return
     # verified: it is exactly the genuine newest targets metadata
-    genuine = json.loads(repo_files.files[max((n for n in repo_files.names if n.endswith(".targets.json")),
-                                              key=lambda n: int(n.split(".")[0]))])
+    genuine = json.loads(
+        repo_files.files[
+            max(
+                (n for n in repo_files.names if n.endswith(".targets.json")),
+                key=lambda n: int(n.split(".")[0]),
+            )
+        ]
+    )
     assert targets.version == genuine["signed"]["version"]
     assert sorted(targets.targets) == sorted(genuine["signed"]["targets"])
 
@@ -257,18 +302,29 @@ def test_retained_metadata_memory_is_bounded_under_a_flood(monkeypatch: pytest.M
 
 
 def custom_fields(data: st.DataObject) -> Any:
-    base = {"litefleet": {"kind": "model", "name": "m", "version": 3,
-                          "rollout": {"target": "all", "canary_pct": 100},
-                          "card": "models/m/3/card.json", "golden": "models/m/3/golden.npz",
-                          "chunk_size": 4, "chunks": [hashlib.sha256(b"TFL3").hexdigest()]}}
+    base = {
+        "litefleet": {
+            "kind": "model",
+            "name": "m",
+            "version": 3,
+            "rollout": {"target": "all", "canary_pct": 100},
+            "card": "models/m/3/card.json",
+            "golden": "models/m/3/golden.npz",
+            "chunk_size": 4,
+            "chunks": [hashlib.sha256(b"TFL3").hexdigest()],
+        }
+    }
     if data.draw(st.booleans()):
         return mutate_json(base, data)
     return data.draw(json_values)
 
 
 @fuzz(300)
-@given(data=st.data(), path=st.sampled_from(["models/m/3/model.tflite", "models/m/3/card.json", "x"])
-       | st.text(max_size=30), length=st.integers(-5, 2**40))
+@given(
+    data=st.data(),
+    path=st.sampled_from(["models/m/3/model.tflite", "models/m/3/card.json", "x"]) | st.text(max_size=30),
+    length=st.integers(-5, 2**40),
+)
 def test_signed_litefleet_fields(data: st.DataObject, path: str, length: int) -> None:
     """A targets key holder's malformed custom fields are a ProtocolError (the release
     is ignored, the device logs it), never a crash of the refresh."""
@@ -284,19 +340,32 @@ def test_signed_litefleet_fields(data: st.DataObject, path: str, length: int) ->
 
 @fuzz(100)
 @given(data=st.data())
-def test_choose_over_arbitrary_signed_targets(data: st.DataObject, tmp_path_factory:
-                                              pytest.TempPathFactory) -> None:
+def test_choose_over_arbitrary_signed_targets(
+    data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """What ``choose`` does with a verified targets role holding arbitrary custom fields."""
     targets = Targets(version=2)
     for i in range(data.draw(st.integers(0, 5))):
-        path = data.draw(st.sampled_from([f"models/m/{i + 1}/model.tflite", f"models/m/{i + 1}/card.json"])
-                         | st.text(min_size=1, max_size=20))
-        tf = TargetFile(length=4, hashes={"sha256": hashlib.sha256(b"TFL3").hexdigest()}, path=path,
-                        unrecognized_fields={"custom": custom_fields(data)})
+        path = data.draw(
+            st.sampled_from([f"models/m/{i + 1}/model.tflite", f"models/m/{i + 1}/card.json"])
+            | st.text(min_size=1, max_size=20)
+        )
+        tf = TargetFile(
+            length=4,
+            hashes={"sha256": hashlib.sha256(b"TFL3").hexdigest()},
+            path=path,
+            unrecognized_fields={"custom": custom_fields(data)},
+        )
         targets.targets[path] = tf
-    updater = ModelUpdater(device_id="pi-1", groups=("g",), trusted_root=b"{}", client=NoBroker(),
-                           topics=TOPICS, store=ModelStore(tmp_path_factory.mktemp("choose")),
-                           cache=RetainedMetadata(TOPICS))
+    updater = ModelUpdater(
+        device_id="pi-1",
+        groups=("g",),
+        trusted_root=b"{}",
+        client=NoBroker(),
+        topics=TOPICS,
+        store=ModelStore(tmp_path_factory.mktemp("choose")),
+        cache=RetainedMetadata(TOPICS),
+    )
     chosen, _ = updater.choose(targets)
     for name, rel in chosen.items():
         assert rel.name == name and rel.model_path in targets.targets
@@ -319,14 +388,16 @@ class AnyChunk:
         pass
 
 
-hash_values = st.sampled_from([hashlib.sha256(b"TFL3").hexdigest(), "../../escaped", "/tmp/abs", "",
-                               "A" * 64, "." , "x/y"]) | st.text(max_size=70)
+hash_values = st.sampled_from(
+    [hashlib.sha256(b"TFL3").hexdigest(), "../../escaped", "/tmp/abs", "", "A" * 64, ".", "x/y"]
+) | st.text(max_size=70)
 
 
 @fuzz(100)
 @given(data=st.data())
-def test_refresh_over_arbitrary_signed_targets(data: st.DataObject, tmp_path_factory:
-                                               pytest.TempPathFactory) -> None:
+def test_refresh_over_arbitrary_signed_targets(
+    data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Everything after verification (choice, downloads, installation) over a signed
     targets role with arbitrary litefleet fields, hash names and hash values: a result or a
     declared error, and nothing is written outside the state folder."""
@@ -344,8 +415,11 @@ def test_refresh_over_arbitrary_signed_targets(data: st.DataObject, tmp_path_fac
             lf.update(name="m", version=version, rollout={"target": "all", "canary_pct": 100})
             for extra in ("card", "golden"):
                 if data.draw(st.booleans()):
-                    lf[extra] = data.draw(st.sampled_from([folder + f"{extra}.json", folder + "../../x",
-                                                           folder + f"{extra}.npz"]))
+                    lf[extra] = data.draw(
+                        st.sampled_from(
+                            [folder + f"{extra}.json", folder + "../../x", folder + f"{extra}.npz"]
+                        )
+                    )
         custom: Any = {"litefleet": lf}
         if data.draw(st.integers(0, 3)) == 0:
             custom = mutate_json(custom, data)
@@ -354,16 +428,27 @@ def test_refresh_over_arbitrary_signed_targets(data: st.DataObject, tmp_path_fac
         sha = tfl if data.draw(st.booleans()) else data.draw(hash_values)
         hashes = data.draw(st.sampled_from([{"sha256": sha}, {"sha512": "ab"}, {"sha256": sha, "md5": "x"}]))
         try:
-            tf = TargetFile(length=data.draw(st.sampled_from([4, 4, 4, 0, 3, 5])), hashes=hashes, path=path,
-                            unrecognized_fields={"custom": custom})
+            tf = TargetFile(
+                length=data.draw(st.sampled_from([4, 4, 4, 0, 3, 5])),
+                hashes=hashes,
+                path=path,
+                unrecognized_fields={"custom": custom},
+            )
         except (ValueError, TypeError):
             continue  # python-tuf refuses to build it: it would not deserialize either
         targets.targets[path] = tf
     root = tmp_path_factory.mktemp("refresh")
     state_dir = root / "a" / "b" / "state"
     store = ModelStore(state_dir)
-    updater = ModelUpdater(device_id="pi-1", groups=(), trusted_root=b"{}", client=AnyChunk(b"TFL3"),
-                           topics=TOPICS, store=store, cache=RetainedMetadata(TOPICS))
+    updater = ModelUpdater(
+        device_id="pi-1",
+        groups=(),
+        trusted_root=b"{}",
+        client=AnyChunk(b"TFL3"),
+        topics=TOPICS,
+        store=store,
+        cache=RetainedMetadata(TOPICS),
+    )
 
     class FakeTuf:
         def find_cached_target(self, info: Any, path: str) -> str | None:
@@ -387,8 +472,20 @@ def test_refresh_over_arbitrary_signed_targets(data: st.DataObject, tmp_path_fac
 
 # -- chunk framing ----------------------------------------------------------------------------------
 
-ACTIONS = ["good", "good", "good", "short", "long", "flip", "empty", "dup", "foreign", "stale",
-           "lost", "disconnect"]
+ACTIONS = [
+    "good",
+    "good",
+    "good",
+    "short",
+    "long",
+    "flip",
+    "empty",
+    "dup",
+    "foreign",
+    "stale",
+    "lost",
+    "disconnect",
+]
 
 
 class ScriptedBroker:
@@ -451,7 +548,7 @@ class ScriptedBroker:
         elif action == "flip" and good:
             self.bad_delivered.add(f)
             i = self.data.draw(st.integers(0, len(good) - 1))
-            handler(Message(topic=f, payload=good[:i] + bytes([good[i] ^ 1]) + good[i + 1:], retain=True))
+            handler(Message(topic=f, payload=good[:i] + bytes([good[i] ^ 1]) + good[i + 1 :], retain=True))
         elif action == "empty":  # a deleted retained chunk: wait for a republish
             handler(Message(topic=f, payload=b"", retain=True))
             handler(Message(topic=f, payload=good, retain=True))
@@ -471,11 +568,23 @@ class ScriptedBroker:
 
 
 @fuzz(60)
-@given(data=st.data(), length=st.integers(1, 3000), pieces=st.integers(1, 24),
-       script=st.lists(st.sampled_from(ACTIONS), max_size=12), leftover=st.binary(max_size=400),
-       resume=st.booleans())
-def test_chunk_framing(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject, length: int,
-                       pieces: int, script: list[str], leftover: bytes, resume: bool) -> None:
+@given(
+    data=st.data(),
+    length=st.integers(1, 3000),
+    pieces=st.integers(1, 24),
+    script=st.lists(st.sampled_from(ACTIONS), max_size=12),
+    leftover=st.binary(max_size=400),
+    resume=st.booleans(),
+)
+def test_chunk_framing(
+    tmp_path_factory: pytest.TempPathFactory,
+    data: st.DataObject,
+    length: int,
+    pieces: int,
+    script: list[str],
+    leftover: bytes,
+    resume: bool,
+) -> None:
     """Whatever the broker sends, the download ends whole and exact, or refused with
     chunk_size/chunk_hash, or as a transport problem; every byte written to disk was
     part of a chunk whose signed hash matched."""
@@ -521,13 +630,15 @@ def test_chunk_framing(tmp_path_factory: pytest.TempPathFactory, data: st.DataOb
 
 
 @fuzz(300)
-@given(topic=st.text(max_size=80) | st.builds(lambda s: f"litefleet/v1/replies/{s}", st.text(max_size=40)),
-       device=st.sampled_from(["pi-1", "a", "x" * 64]))
+@given(
+    topic=st.text(max_size=80) | st.builds(lambda s: f"litefleet/v1/replies/{s}", st.text(max_size=40)),
+    device=st.sampled_from(["pi-1", "a", "x" * 64]),
+)
 def test_topic_parsers_never_raise(topic: str, device: str) -> None:
     name = TOPICS.metadata_filename(topic)
     assert name is None or "/" not in name
     if TOPICS.reply_allowed(device, topic):
-        rest = topic[len(f"{TOPICS.base}/replies/"):].split("/")
+        rest = topic[len(f"{TOPICS.base}/replies/") :].split("/")
         assert rest[1] == device and "+" not in topic and "#" not in topic
 
 
@@ -535,16 +646,22 @@ def _iter_files(root: Path) -> Iterator[Path]:
     yield from (p for p in root.rglob("*") if p.is_file())
 
 
-def test_a_refused_refresh_leaves_the_trusted_cache_untouched(repo_files: RepoFiles,
-                                                              tmp_path: Path) -> None:
+def test_a_refused_refresh_leaves_the_trusted_cache_untouched(repo_files: RepoFiles, tmp_path: Path) -> None:
     """A refresh over forged files changes nothing the device trusts: the cached
     metadata after a refused refresh is byte for byte what it was."""
     store = ModelStore(tmp_path)
     cache = RetainedMetadata(TOPICS)
     for name, payload in repo_files.files.items():
         cache.handle(Message(topic=TOPICS.metadata(name), payload=payload, retain=True))
-    updater = ModelUpdater(device_id="pi-1", groups=(), trusted_root=repo_files.trusted_root,
-                           client=NoBroker(), topics=TOPICS, store=store, cache=cache)
+    updater = ModelUpdater(
+        device_id="pi-1",
+        groups=(),
+        trusted_root=repo_files.trusted_root,
+        client=NoBroker(),
+        topics=TOPICS,
+        store=store,
+        cache=cache,
+    )
     updater.verified_targets()
     before = {p.name: p.read_bytes() for p in _iter_files(store.tuf)}
     forged = copy.deepcopy(json.loads(repo_files.files["timestamp.json"]))

@@ -20,11 +20,14 @@ def test_signed_custom_field_of_another_shape_is_not_a_release(custom: object) -
     assert parse_release(MODEL, custom) is None  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("fields", [
-    {"rollout": [1]},  # AttributeError: 'list' object has no attribute 'get'
-    {"rollout": "all"},
-    {"version": float("inf")},  # OverflowError: int(1e999)
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"rollout": [1]},  # AttributeError: 'list' object has no attribute 'get'
+        {"rollout": "all"},
+        {"version": float("inf")},  # OverflowError: int(1e999)
+    ],
+)
 def test_malformed_signed_release_fields_are_a_protocol_error(fields: dict) -> None:
     lf = {"kind": "model", "name": "m", "version": 1, **fields}
     with pytest.raises(ProtocolError):
@@ -36,8 +39,9 @@ def test_infinite_chunk_size_is_a_protocol_error() -> None:
         parse_chunk_info({"litefleet": {"chunk_size": float("inf"), "chunks": []}}, 4)
 
 
-@pytest.mark.parametrize("hashes", [{"sha512": "ab" * 64}, {"sha256": ""}, {"sha256": "../../escaped"},
-                                    {"sha256": "A" * 64}])
+@pytest.mark.parametrize(
+    "hashes", [{"sha512": "ab" * 64}, {"sha256": ""}, {"sha256": "../../escaped"}, {"sha256": "A" * 64}]
+)
 def test_target_without_a_valid_sha256_is_an_invalid_target(tmp_path, hashes: dict) -> None:
     """The signed SHA-256 names the download file: a missing one was a KeyError that ended
     the work loop, ``""`` an IsADirectoryError, and ``../..`` wrote outside downloads/."""
@@ -71,8 +75,15 @@ def test_target_without_a_valid_sha256_is_an_invalid_target(tmp_path, hashes: di
     targets = Targets(version=2)
     targets.targets[MODEL] = TargetFile(4, hashes, MODEL, unrecognized_fields={"custom": {"litefleet": lf}})
     state = tmp_path / "deep" / "state"
-    updater = ModelUpdater(device_id="pi-1", groups=(), trusted_root=b"{}", client=Broker(), topics=Topics(),
-                           store=ModelStore(state), cache=RetainedMetadata(Topics()))
+    updater = ModelUpdater(
+        device_id="pi-1",
+        groups=(),
+        trusted_root=b"{}",
+        client=Broker(),
+        topics=Topics(),
+        store=ModelStore(state),
+        cache=RetainedMetadata(Topics()),
+    )
     updater.verified_targets = lambda: (NoCache(), targets)  # type: ignore[method-assign,assignment,return-value]
     result = updater.refresh(DeviceState.empty())
     assert result.candidates == [] and result.failures["m"][0] == "invalid_target"
@@ -117,11 +128,15 @@ def test_npy_round_trip_keeps_a_zero_dimensional_array() -> None:
     np.testing.assert_array_equal(parse_npy(to_npy(f)), f)
 
 
-@pytest.mark.parametrize("change", [
-    {"tflite": 3}, {"inputs": [None]}, {"outputs": [{"name": "o", "shape": [1], "dtype": "int8",
-                                                     "quantization": [0.5]}]},
-    {"inputs": [{"name": "i", "shape": [1e999], "dtype": "float32"}]},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tflite": 3},
+        {"inputs": [None]},
+        {"outputs": [{"name": "o", "shape": [1], "dtype": "int8", "quantization": [0.5]}]},
+        {"inputs": [{"name": "i", "shape": [1e999], "dtype": "float32"}]},
+    ],
+)
 def test_malformed_card_is_refused_as_card(change: dict) -> None:
     """Cards with an object of the wrong kind in a field raised AttributeError or
     OverflowError; the candidate check reported them as ``crashed``, push showed a traceback."""
@@ -136,13 +151,16 @@ def test_malformed_card_is_refused_as_card(change: dict) -> None:
     assert exc.value.reason == "card"
 
 
-@pytest.mark.parametrize(("text", "where"), [
-    (b"\x80\xff", "not valid TOML"),  # UnicodeDecodeError
-    (b"x = " + b"[" * 5000 + b"]" * 5000, "not valid TOML"),  # RecursionError
-    (b'"bad\\nkey" = 1\n', "unknown key(s) 'bad\\nkey'"),  # was two lines on stderr
-    (b'state_dir = "~nosuchuser-litefleet/x"\n', "state_dir"),  # RuntimeError from expanduser
-    (b'password_file = "a\\u0000b"\n', "NUL"),  # ValueError: embedded null byte, later
-])
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (b"\x80\xff", "not valid TOML"),  # UnicodeDecodeError
+        (b"x = " + b"[" * 5000 + b"]" * 5000, "not valid TOML"),  # RecursionError
+        (b'"bad\\nkey" = 1\n', "unknown key(s) 'bad\\nkey'"),  # was two lines on stderr
+        (b'state_dir = "~nosuchuser-litefleet/x"\n', "state_dir"),  # RuntimeError from expanduser
+        (b'password_file = "a\\u0000b"\n', "NUL"),  # ValueError: embedded null byte, later
+    ],
+)
 def test_config_file_errors_are_one_config_error(tmp_path, text: bytes, where: str) -> None:
     """Each was a traceback instead of ``litefleet-agent: error: ...`` and exit code 2."""
     from agent.errors import ConfigError

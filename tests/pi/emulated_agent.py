@@ -37,8 +37,15 @@ from .userland import Userland
 class EmulatedAgent(AgentProcess):
     """``python -m agent run --config ...`` under qemu in ``userland``."""
 
-    def __init__(self, userland: Userland, workdir: Path, device_id: str, broker_url: str,
-                 trusted_root: Path, **extra: Any) -> None:
+    def __init__(
+        self,
+        userland: Userland,
+        workdir: Path,
+        device_id: str,
+        broker_url: str,
+        trusted_root: Path,
+        **extra: Any,
+    ) -> None:
         super().__init__(workdir, device_id, broker_url, trusted_root, **extra)
         self.userland = userland
 
@@ -47,7 +54,11 @@ class EmulatedAgent(AgentProcess):
         try:
             self.proc = self.userland.popen(
                 ["-m", "agent", "run", "--config", str(self.config)],
-                env=env, stdout=log, stderr=log, stdin=None, cwd=self.workdir,
+                env=env,
+                stdout=log,
+                stderr=log,
+                stdin=None,
+                cwd=self.workdir,
             )
         finally:
             log.close()
@@ -108,8 +119,9 @@ class NotifySocket:
             while (found := next(((t, m) for t, m in self.messages if key in m), None)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no {key} on the notify socket after {timeout_s:g} s: "
-                                         f"{self.messages[-5:]}")
+                    raise AssertionError(
+                        f"no {key} on the notify socket after {timeout_s:g} s: {self.messages[-5:]}"
+                    )
                 self._cond.wait(min(left, 0.2))
             return found
 
@@ -125,8 +137,9 @@ class MetricsListener:
     def __init__(self, port: int, device_id: str, prefix: str = "litefleet") -> None:
         self.docs: list[dict[str, Any]] = []
         self._cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"_metrics-{uuid.uuid4().hex[:6]}",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"_metrics-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+        )
         topic = f"{prefix}/v1/devices/{device_id}/metrics"
         self.client.on_connect = lambda c, *_: c.subscribe(topic, 1)
         self.client.on_message = self._on_message
@@ -138,15 +151,18 @@ class MetricsListener:
             self.docs.append(json.loads(msg.payload))
             self._cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float,
-                 what: str) -> dict[str, Any]:
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float, what: str
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while (found := next((d for d in reversed(self.docs) if predicate(d)), None)) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no metrics with {what} after {timeout_s:g} s; "
-                                         f"last: {json.dumps(self.docs[-1:])[:2000]}")
+                    raise AssertionError(
+                        f"no metrics with {what} after {timeout_s:g} s; "
+                        f"last: {json.dumps(self.docs[-1:])[:2000]}"
+                    )
                 self._cond.wait(min(left, 0.2))
             return found
 
@@ -168,8 +184,9 @@ class Rest:
     def __init__(self, port: int, timeout_s: float = 60.0) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str = "application/json") -> tuple[int, str, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
+    ) -> tuple[int, str, bytes]:
         headers = {"Content-Type": content_type} if body is not None else {}
         self.conn.request(method, path, body=body, headers=headers)
         resp = self.conn.getresponse()
@@ -180,15 +197,17 @@ class Rest:
         return status, json.loads(body)
 
     def predict_json(self, model: str, instances: np.ndarray) -> tuple[int, Any]:
-        status, _, body = self.request("POST", f"/v1/models/{model}:predict",
-                                       json.dumps({"instances": instances.tolist()}).encode())
+        status, _, body = self.request(
+            "POST", f"/v1/models/{model}:predict", json.dumps({"instances": instances.tolist()}).encode()
+        )
         return status, json.loads(body)
 
     def predict_npy(self, model: str, x: np.ndarray) -> np.ndarray:
         buf = io.BytesIO()
         np.save(buf, x, allow_pickle=False)
-        status, ctype, body = self.request("POST", f"/v1/models/{model}:predict", buf.getvalue(),
-                                           "application/x-npy")
+        status, ctype, body = self.request(
+            "POST", f"/v1/models/{model}:predict", buf.getvalue(), "application/x-npy"
+        )
         assert status == 200, (status, body[:500])
         assert ctype.startswith("application/x-npy"), ctype
         return np.load(io.BytesIO(body), allow_pickle=False)

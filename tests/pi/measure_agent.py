@@ -135,8 +135,9 @@ def run_once(target: str, int8: Any, f32: Any, work: Path, requests: int) -> dic
     if target == "host":
         agent: AgentProcess = AgentProcess(work, "pi-bench", broker.url, work / "repo/root.json", **keys)
     else:
-        agent = EmulatedAgent(ensure_userland(target), work, "pi-bench", broker.url, work / "repo/root.json",
-                              **keys)
+        agent = EmulatedAgent(
+            ensure_userland(target), work, "pi-bench", broker.url, work / "repo/root.json", **keys
+        )
     rest = None
     try:
         repo = str(work / "repo")
@@ -157,8 +158,9 @@ def run_once(target: str, int8: Any, f32: Any, work: Path, requests: int) -> dic
         r["rest_npy_ms"] = _timed_requests(requests, lambda: rest.predict_npy("digits", sample))
         r["rest_json_ms"] = _timed_requests(requests, lambda: rest.predict_json("digits", x))
         served = 2 * (requests + 3)
-        doc = metrics.wait_for(lambda d: (model_metrics(d, "digits") or {}).get("ok", 0) >= served,
-                               WAIT_S, f"ok >= {served}")
+        doc = metrics.wait_for(
+            lambda d: (model_metrics(d, "digits") or {}).get("ok", 0) >= served, WAIT_S, f"ok >= {served}"
+        )
         m = model_metrics(doc, "digits")
         assert m is not None
         r["inprocess_ms"] = {k: m["latency_ms_total"][k] for k in ("p50", "p90")}
@@ -206,34 +208,68 @@ def markdown(results: dict[str, list[dict[str, Any]]]) -> str:
         cells = []
         for t in targets:
             med, lo, hi = _med(results[t], get)
-            cells.append(f"{fmt.format(med)} ({fmt.format(lo)}-{fmt.format(hi)})" if len(results[t]) > 1
-                         else fmt.format(med))
+            cells.append(
+                f"{fmt.format(med)} ({fmt.format(lo)}-{fmt.format(hi)})"
+                if len(results[t]) > 1
+                else fmt.format(med)
+            )
         rows.append((label, cells))
 
-    row("first start: process start to READY=1 (pull, verify, forked check, activate)", "{:.2f} s",
-        lambda r: r["first_ready_s"])
-    row("first start: process start to the retained state showing digits v1", "{:.2f} s",
-        lambda r: r["first_active_state_s"])
-    row("first start: the agent's own \"ready X s after start\" (after its imports)", "{:.2f} s",
-        lambda r: r["agent_ready_after_s"])
-    row("restart with the model installed: process start to READY=1", "{:.2f} s",
-        lambda r: r["restart_ready_s"])
+    row(
+        "first start: process start to READY=1 (pull, verify, forked check, activate)",
+        "{:.2f} s",
+        lambda r: r["first_ready_s"],
+    )
+    row(
+        "first start: process start to the retained state showing digits v1",
+        "{:.2f} s",
+        lambda r: r["first_active_state_s"],
+    )
+    row(
+        'first start: the agent\'s own "ready X s after start" (after its imports)',
+        "{:.2f} s",
+        lambda r: r["agent_ready_after_s"],
+    )
+    row(
+        "restart with the model installed: process start to READY=1",
+        "{:.2f} s",
+        lambda r: r["restart_ready_s"],
+    )
     row("REST `:predict`, `.npy` int8, 1 sample, p50", "{:.2f} ms", lambda r: r["rest_npy_ms"]["p50"])
     row("REST `:predict`, JSON float, 1 instance, p50", "{:.2f} ms", lambda r: r["rest_json_ms"]["p50"])
-    row("in process, the runner's own histogram (metrics `latency_ms_total`), p50", "{:.3f} ms",
-        lambda r: r["inprocess_ms"]["p50"])
-    row("RSS inside, serving (metrics `rss_bytes`: /proc/self/statm of the emulated process)", "{:.0f} MB",
-        lambda r: r["rss_inside_mb"])
-    row("RSS from the host (VmRSS of the qemu process), serving", "{:.0f} MB",
-        lambda r: r["rss_served_host_kb"]["VmRSS"] / 1024)
-    row("peak RSS from the host (VmHWM), serving", "{:.0f} MB",
-        lambda r: r["rss_served_host_kb"]["VmHWM"] / 1024)
-    row("RSS from the host after a restart, ready (model installed)", "{:.0f} MB",
-        lambda r: r["rss_restart_host_kb"]["VmRSS"] / 1024)
-    row("push v2 (float32): `litefleet push` on the host, start to exit", "{:.2f} s",
-        lambda r: r["push_v2_s"])
-    row("push v2: `litefleet push` start to the state showing v2 (download, forked check, swap)", "{:.2f} s",
-        lambda r: r["push_v2_s"] + r["v2_active_after_push_s"])
+    row(
+        "in process, the runner's own histogram (metrics `latency_ms_total`), p50",
+        "{:.3f} ms",
+        lambda r: r["inprocess_ms"]["p50"],
+    )
+    row(
+        "RSS inside, serving (metrics `rss_bytes`: /proc/self/statm of the emulated process)",
+        "{:.0f} MB",
+        lambda r: r["rss_inside_mb"],
+    )
+    row(
+        "RSS from the host (VmRSS of the qemu process), serving",
+        "{:.0f} MB",
+        lambda r: r["rss_served_host_kb"]["VmRSS"] / 1024,
+    )
+    row(
+        "peak RSS from the host (VmHWM), serving",
+        "{:.0f} MB",
+        lambda r: r["rss_served_host_kb"]["VmHWM"] / 1024,
+    )
+    row(
+        "RSS from the host after a restart, ready (model installed)",
+        "{:.0f} MB",
+        lambda r: r["rss_restart_host_kb"]["VmRSS"] / 1024,
+    )
+    row(
+        "push v2 (float32): `litefleet push` on the host, start to exit", "{:.2f} s", lambda r: r["push_v2_s"]
+    )
+    row(
+        "push v2: `litefleet push` start to the state showing v2 (download, forked check, swap)",
+        "{:.2f} s",
+        lambda r: r["push_v2_s"] + r["v2_active_after_push_s"],
+    )
     row("SIGTERM to exit", "{:.2f} s", lambda r: r["stop_s"])
     header = "| measure | " + " | ".join(targets) + " |\n|---|" + "---|" * len(targets) + "\n"
     return header + "".join(f"| {label} | " + " | ".join(c) + " |\n" for label, c in rows)
@@ -241,8 +277,9 @@ def markdown(results: dict[str, list[dict[str, Any]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.pi.measure_agent")
-    parser.add_argument("--arch", nargs="+", default=["arm64", "armhf", "host"],
-                        choices=["arm64", "armhf", "host"])
+    parser.add_argument(
+        "--arch", nargs="+", default=["arm64", "armhf", "host"], choices=["arm64", "armhf", "host"]
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--json", type=Path)

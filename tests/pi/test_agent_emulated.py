@@ -52,14 +52,26 @@ def quantize_like_the_model(model: Path, x: np.ndarray) -> np.ndarray:
     return np.clip(q, info.min, info.max).astype(detail["dtype"])
 
 
-def host_raw_outputs(python: Path | str, runtime_module: str, model: Path, codes: np.ndarray,
-                     folder: Path) -> np.ndarray:
+def host_raw_outputs(
+    python: Path | str, runtime_module: str, model: Path, codes: np.ndarray, folder: Path
+) -> np.ndarray:
     """The bare runtime's raw outputs on the host (``guest_infer.py``, one sample at a time)."""
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "in.npz", input_0=codes)
     proc = subprocess.run(
-        [str(python), str(HERE / "guest_infer.py"), runtime_module, str(model), str(folder / "in.npz"),
-         str(folder / "out.npz")], capture_output=True, text=True, timeout=300, check=False)
+        [
+            str(python),
+            str(HERE / "guest_infer.py"),
+            runtime_module,
+            str(model),
+            str(folder / "in.npz"),
+            str(folder / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(folder / "out.npz") as out:
         return np.array(out["output_0"])
@@ -85,6 +97,7 @@ def output_scale(model: Path) -> float:
 
 def wait_active(watch: FleetWatcher, version: int) -> None:
     """Until the device serves digits ``version``; a refusal fails at once, not after WAIT_S."""
+
     def settled() -> bool:
         refused = [e for e in watch.events_of(DEVICE) if e["event"] in ("rejected", "rolled_back")]
         online = (watch.states.get(DEVICE) or {}).get("online") is True
@@ -96,8 +109,13 @@ def wait_active(watch: FleetWatcher, version: int) -> None:
 
 
 def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulation(
-    userland: Userland, broker: Any, tmp_path: Path, digits_int8: Any, digits_float32: Any,
-    digits_data: Any, request: pytest.FixtureRequest,
+    userland: Userland,
+    broker: Any,
+    tmp_path: Path,
+    digits_int8: Any,
+    digits_float32: Any,
+    digits_data: Any,
+    request: pytest.FixtureRequest,
 ) -> None:
     arch = userland.spec.arch
     repo = tmp_path / "repo"
@@ -105,8 +123,16 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
     must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
 
     port = free_port()
-    agent = EmulatedAgent(userland, tmp_path, DEVICE, broker.url, repo / "root.json",
-                          http=f"127.0.0.1:{port}", metrics_interval_s=1.0, log_level="info")
+    agent = EmulatedAgent(
+        userland,
+        tmp_path,
+        DEVICE,
+        broker.url,
+        repo / "root.json",
+        http=f"127.0.0.1:{port}",
+        metrics_interval_s=1.0,
+        log_level="info",
+    )
     notify = NotifySocket(tmp_path / "notify.sock")
     watch = FleetWatcher(broker.port)
     metrics = MetricsListener(broker.port, DEVICE)
@@ -131,7 +157,9 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
         status, doc = rest.get_json("/v1/models/digits")
         assert status == 200
         assert (doc["model_version_status"][0]["version"], doc["model_version_status"][0]["state"]) == (
-            "1", "AVAILABLE")
+            "1",
+            "AVAILABLE",
+        )
 
         # raw int8 codes in, raw codes out: the golden inputs and the first validation samples
         _, _, x_test, _ = digits_data
@@ -140,16 +168,21 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
             codes = np.concatenate([golden["input_0"], quantize_like_the_model(digits_int8.tflite, x)])
         raw = rest.predict_npy("digits", codes)
         assert raw.dtype == np.int8 and raw.shape == (len(codes), 10)
-        litert = host_raw_outputs(sys.executable, "ai_edge_litert.interpreter", digits_int8.tflite, codes,
-                                  tmp_path / "host-litert")
+        litert = host_raw_outputs(
+            sys.executable, "ai_edge_litert.interpreter", digits_int8.tflite, codes, tmp_path / "host-litert"
+        )
         if arch == "arm64":
             np.testing.assert_array_equal(raw, litert)  # the same LiteRT: bit for bit
         else:
             # tflite-runtime 2.14 is not LiteRT 2.3: bit for bit with the same version on the
             # host, and within the golden vectors' tolerance of the LiteRT that made them
-            same = host_raw_outputs(request.getfixturevalue("host_tflite_runtime"),
-                                    "tflite_runtime.interpreter", digits_int8.tflite, codes,
-                                    tmp_path / "host-tflite-runtime")
+            same = host_raw_outputs(
+                request.getfixturevalue("host_tflite_runtime"),
+                "tflite_runtime.interpreter",
+                digits_int8.tflite,
+                codes,
+                tmp_path / "host-tflite-runtime",
+            )
             np.testing.assert_array_equal(raw, same)
             diff = np.abs(raw.astype(np.int32) - litert.astype(np.int32))
             assert diff.max() <= golden_atol(digits_int8)
@@ -170,8 +203,11 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
 
         # metrics: the requests above are counted, with the process's memory and latency
         served = 2  # the .npy request and the JSON one (the 404 is not the model's)
-        doc = metrics.wait_for(lambda d: (model_metrics(d, "digits") or {}).get("ok", 0) >= served,
-                               WAIT_S, f"digits ok >= {served}")
+        doc = metrics.wait_for(
+            lambda d: (model_metrics(d, "digits") or {}).get("ok", 0) >= served,
+            WAIT_S,
+            f"digits ok >= {served}",
+        )
         m = model_metrics(doc, "digits")
         assert m is not None and m["version"] == "1" and m["errors"] == 0
         assert m["latency_ms"]["p50"] > 0
@@ -180,8 +216,16 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
         assert seqs == sorted(seqs)
 
         # v2: the float32 model, downloaded, checked in a forked child, swapped in while serving
-        must("push", str(digits_float32.tflite), "--repo", str(repo), "--name", "digits",
-             "--broker", broker.url)
+        must(
+            "push",
+            str(digits_float32.tflite),
+            "--repo",
+            str(repo),
+            "--name",
+            "digits",
+            "--broker",
+            broker.url,
+        )
         wait_active(watch, 2)
         activated = watch.wait_event(DEVICE, "activated", version=2)
         assert activated["sha256"] == file_sha256(digits_float32.tflite) and activated["previous"] == 1
@@ -190,9 +234,12 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
         assert status == 200 and doc["model_version_status"][0]["version"] == "2"
         status, doc = rest.predict_json("digits", x[:8])
         assert status == 200, doc
-        np.testing.assert_allclose(np.asarray(doc["predictions"], dtype=np.float32),
-                                   host_api_outputs(digits_float32.tflite, x[:8]),
-                                   rtol=0, atol=golden_atol(digits_float32))
+        np.testing.assert_allclose(
+            np.asarray(doc["predictions"], dtype=np.float32),
+            host_api_outputs(digits_float32.tflite, x[:8]),
+            rtol=0,
+            atol=golden_atol(digits_float32),
+        )
         assert "rejected" not in [e["event"] for e in watch.events_of(DEVICE)]
     finally:
         if rest is not None:

@@ -56,9 +56,24 @@ def build_wheel(dest: Path) -> Path:
     for package in ("agent", "converter"):
         shutil.copytree(REPO_ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "-w", str(dest / "dist"), str(src)],
-        capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-w",
+            str(dest / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (dest / "dist").glob("litefleet-*.whl")
     return wheel
@@ -68,14 +83,29 @@ def host_env(home: Path, **extra: str) -> dict[str, str]:
     """A clean environment for install.sh and the programs it starts (nothing of the host's
     Python settings reaches the emulated one)."""
     home.mkdir(parents=True, exist_ok=True)
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(home),
-            "PYTHONNOUSERSITE": "1", "PIP_NO_CACHE_DIR": "1", **extra}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": str(home),
+        "PYTHONNOUSERSITE": "1",
+        "PIP_NO_CACHE_DIR": "1",
+        **extra,
+    }
 
 
-def install(pi: Userland, env: dict[str, str], *args: str,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = ["sh", str(INSTALL), "--root", str(pi.root), "--no-systemctl",
-           "--python", str(pi.root / "usr/bin/python3.11-qemu"), *args]
+def install(
+    pi: Userland, env: dict[str, str], *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        "sh",
+        str(INSTALL),
+        "--root",
+        str(pi.root),
+        "--no-systemctl",
+        "--python",
+        str(pi.root / "usr/bin/python3.11-qemu"),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -108,7 +138,10 @@ print(json.dumps({"machine": platform.machine(), "prefix": sys.prefix, "agent": 
 
 
 def test_install_sh_makes_a_working_agent_venv_in_the_arm64_userland(
-    arm64_userland: Userland, broker: Any, digits_int8: Any, tmp_path: Path,
+    arm64_userland: Userland,
+    broker: Any,
+    digits_int8: Any,
+    tmp_path: Path,
 ) -> None:
     wheel = build_wheel(tmp_path / "wheel")
     pi = arm64_userland.scratch_copy(tmp_path / "pi")
@@ -121,13 +154,24 @@ def test_install_sh_makes_a_working_agent_venv_in_the_arm64_userland(
     assert not (arm64_userland.root / "etc/litefleet").exists()
 
 
-def _install_use_reinstall_uninstall(pi: Userland, cached: Userland, broker: Any, digits_int8: Any,
-                                     wheel: Path, tmp_path: Path) -> None:
+def _install_use_reinstall_uninstall(
+    pi: Userland, cached: Userland, broker: Any, digits_int8: Any, wheel: Path, tmp_path: Path
+) -> None:
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     env = host_env(tmp_path / "home", LITEFLEET_UNAME_M="aarch64", LITEFLEET_USERLAND_BITS="64")
-    args = ["--source", str(wheel), "--pip-args", f"--no-index --find-links {cached.home / 'wheels'}",
-            "--device-id", "pi-installed", "--broker", broker.url, "--trusted-root", str(repo / "root.json")]
+    args = [
+        "--source",
+        str(wheel),
+        "--pip-args",
+        f"--no-index --find-links {cached.home / 'wheels'}",
+        "--device-id",
+        "pi-installed",
+        "--broker",
+        broker.url,
+        "--trusted-root",
+        str(repo / "root.json"),
+    ]
 
     first = install(pi, env, *args)
     assert "machine aarch64: runtime ai-edge-litert" in first.stdout
@@ -137,8 +181,15 @@ def _install_use_reinstall_uninstall(pi: Userland, cached: Userland, broker: Any
     lines = (venv / "pyvenv.cfg").read_text().splitlines()
     cfg = dict(line.split(" = ", 1) for line in lines if " = " in line)
     assert cfg["version"].startswith("3.11.") and cfg["include-system-site-packages"] == "false"
-    probe = subprocess.run([str(venv / "bin/python"), "-c", _VENV_PROBE], env=host_env(tmp_path / "home"),
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    probe = subprocess.run(
+        [str(venv / "bin/python"), "-c", _VENV_PROBE],
+        env=host_env(tmp_path / "home"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert probe.returncode == 0, probe.stderr[-3000:]
     info = json.loads(probe.stdout.strip().splitlines()[-1])
     pins = dict(pin.split("==") for pin in cached.spec.wheels)
@@ -147,8 +198,13 @@ def _install_use_reinstall_uninstall(pi: Userland, cached: Userland, broker: Any
     site = str(venv / "lib/python3.11/site-packages")
     assert info["agent"].startswith(site) and info["numpy"].startswith(site)
     assert not any("dist-packages" in p for p in info["path"])  # nothing of the system's
-    assert info["dists"] == {"litefleet": "0.1.0", "ai-edge-litert": pins["ai-edge-litert"],
-                             "numpy": pins["numpy"], "paho-mqtt": pins["paho-mqtt"], "tuf": pins["tuf"]}
+    assert info["dists"] == {
+        "litefleet": "0.1.0",
+        "ai-edge-litert": pins["ai-edge-litert"],
+        "numpy": pins["numpy"],
+        "paho-mqtt": pins["paho-mqtt"],
+        "tuf": pins["tuf"],
+    }
 
     # the files it writes, with their modes
     files = layout(pi.root)
@@ -164,7 +220,11 @@ def _install_use_reinstall_uninstall(pi: Userland, cached: Userland, broker: Any
     assert (venv / "bin/litefleet-agent").exists()
     conf = load_config(pi.root / "etc/litefleet/agent.toml")
     assert (conf.device_id, conf.broker, str(conf.state_dir), str(conf.trusted_root)) == (
-        "pi-installed", broker.url, "/var/lib/litefleet", "/etc/litefleet/root.json")
+        "pi-installed",
+        broker.url,
+        "/var/lib/litefleet",
+        "/etc/litefleet/root.json",
+    )
 
     # what the unit would run: the venv's litefleet-agent with the installed agent.toml
     # (its trusted root read at /etc/litefleet/root.json inside the userland)
@@ -193,23 +253,42 @@ def _install_use_reinstall_uninstall(pi: Userland, cached: Userland, broker: Any
     assert (pi.root / "usr/bin/python3.11").exists()  # the system's Python stays
 
 
-def _run_installed_agent(pi: Userland, venv: Path, repo: Path, broker: Any, digits_int8: Any,
-                         tmp_path: Path) -> None:
+def _run_installed_agent(
+    pi: Userland, venv: Path, repo: Path, broker: Any, digits_int8: Any, tmp_path: Path
+) -> None:
     must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
     port = free_port()
     log_path = tmp_path / "installed-agent.log"
     watch = FleetWatcher(broker.port)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [str(venv / "bin/litefleet-agent"), "run", "--config", str(pi.root / "etc/litefleet/agent.toml"),
-             # a new file under /var/lib/litefleet would be created on the host (qemu -L)
-             "--state-dir", str(tmp_path / "installed-state"), "--http", f"127.0.0.1:{port}"],
-            env=host_env(tmp_path / "home"), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+            [
+                str(venv / "bin/litefleet-agent"),
+                "run",
+                "--config",
+                str(pi.root / "etc/litefleet/agent.toml"),
+                # a new file under /var/lib/litefleet would be created on the host (qemu -L)
+                "--state-dir",
+                str(tmp_path / "installed-state"),
+                "--http",
+                f"127.0.0.1:{port}",
+            ],
+            env=host_env(tmp_path / "home"),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     rest = None
     try:
-        watch.wait_for(lambda: watch.active("pi-installed") == ("digits", "1") or proc.poll() is not None
-                       or any(e["event"] == "rejected" for e in watch.events_of("pi-installed")),
-                       300, "the installed agent to serve digits v1")
+        watch.wait_for(
+            lambda: (
+                watch.active("pi-installed") == ("digits", "1")
+                or proc.poll() is not None
+                or any(e["event"] == "rejected" for e in watch.events_of("pi-installed"))
+            ),
+            300,
+            "the installed agent to serve digits v1",
+        )
         assert watch.active("pi-installed") == ("digits", "1"), log_path.read_text()[-3000:]
         rest = Rest(port)
         with np.load(digits_int8.golden) as golden:
@@ -233,7 +312,8 @@ def _run_installed_agent(pi: Userland, venv: Path, repo: Path, broker: Any, digi
 
 
 def test_install_sh_on_32_bit_pi_os_picks_tflite_runtime_and_needs_python3_venv(
-    armhf_userland: Userland, tmp_path: Path,
+    armhf_userland: Userland,
+    tmp_path: Path,
 ) -> None:
     """The armhf userland has no python3.11-venv (a Raspberry Pi OS Lite install may lack it):
     with ``--root`` the script may not apt-get it, so it stops and says what to install,

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-_BUILD = r'''
+_BUILD = r"""
 import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import numpy as np
@@ -34,7 +34,7 @@ for xi in x:
     ys.append(it.get_tensor(it.get_output_details()[0]["index"]))
 np.savez(out[: -len(".tflite")] + ".golden.npz", input_0=x.reshape(4, n_in),
          output_0=np.concatenate(ys), atol_0=np.float64(1e-4))
-'''
+"""
 
 
 def build_dense_model(path: Path, *, megabytes: float = 14.0, seed: int = 0) -> Path:
@@ -42,6 +42,9 @@ def build_dense_model(path: Path, *, megabytes: float = 14.0, seed: int = 0) -> 
     n_out = 1000
     n_in = int(megabytes * 1e6 / 4 / n_out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-c", _BUILD, str(path), str(n_in), str(n_out), str(seed)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", _BUILD, str(path), str(n_in), str(n_out), str(seed)],
+        check=True,
+        capture_output=True,
+    )
     return path

@@ -113,8 +113,9 @@ def check_state(agent: AgentProcess, signed: dict[int, str]) -> None:
                 assert signed.get(inst["version"]) == inst["sha256"], (role, inst, signed)
                 model = agent.state_dir / "models" / name / str(inst["version"]) / "model.tflite"
                 try:
-                    assert file_sha256(model) == inst["sha256"], \
+                    assert file_sha256(model) == inst["sha256"], (
                         f"{role} v{inst['version']} on disk is not whole"
+                    )
                 except FileNotFoundError:
                     missing = True
         if not missing:

@@ -102,8 +102,9 @@ def write_agent_config(path: Path, **keys: Any) -> Path:
 class AgentProcess:
     """``python -m agent run --config ...`` as a subprocess."""
 
-    def __init__(self, workdir: Path, device_id: str, broker_url: str, trusted_root: Path,
-                 **extra: Any) -> None:
+    def __init__(
+        self, workdir: Path, device_id: str, broker_url: str, trusted_root: Path, **extra: Any
+    ) -> None:
         self.device_id = device_id
         self.workdir = workdir
         self.state_dir = workdir / f"state-{device_id}"
@@ -132,7 +133,11 @@ class AgentProcess:
             full_env.update(env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=full_env, cwd=self.workdir,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            cwd=self.workdir,
         )
         log.close()
         self.starts += 1
@@ -176,8 +181,9 @@ class FleetWatcher:
     Plain MQTT on loopback by default; ``secure_dir`` (a ``litefleet broker --secure``
     folder) connects with that broker's host identity over TLS instead."""
 
-    def __init__(self, port: int | None = None, prefix: str = "litefleet", *,
-                 secure_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, prefix: str = "litefleet", *, secure_dir: Path | None = None
+    ) -> None:
         self.prefix = prefix
         self.states: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
@@ -231,7 +237,8 @@ class FleetWatcher:
                     raise AssertionError(
                         f"timed out after {timeout_s:g} s waiting for {what or predicate}; "
                         f"states={json.dumps(self.states)[:2000]} "
-                        f"events={json.dumps(self.events[-10:])[:3000]}")
+                        f"events={json.dumps(self.events[-10:])[:3000]}"
+                    )
                 self._cond.wait(min(left, 0.2))
 
     def active(self, device_id: str) -> tuple[str | None, str | None]:
@@ -239,23 +246,33 @@ class FleetWatcher:
         return st.get("model"), st.get("version")
 
     def wait_active(self, device_id: str, model: str, version: int, timeout_s: float = 30.0) -> None:
-        self.wait_for(lambda: self.active(device_id) == (model, str(version))
-                      and (self.states.get(device_id) or {}).get("online") is True,
-                      timeout_s, f"{device_id} to serve {model} v{version}")
+        self.wait_for(
+            lambda: (
+                self.active(device_id) == (model, str(version))
+                and (self.states.get(device_id) or {}).get("online") is True
+            ),
+            timeout_s,
+            f"{device_id} to serve {model} v{version}",
+        )
 
     def events_of(self, device_id: str, kind: str | None = None) -> list[dict[str, Any]]:
         with self._cond:
-            return [e for e in self.events
-                    if e.get("device_id") == device_id and (kind is None or e.get("event") == kind)]
+            return [
+                e
+                for e in self.events
+                if e.get("device_id") == device_id and (kind is None or e.get("event") == kind)
+            ]
 
-    def wait_event(self, device_id: str, kind: str, timeout_s: float = 30.0,
-                   **match: Any) -> dict[str, Any]:
+    def wait_event(self, device_id: str, kind: str, timeout_s: float = 30.0, **match: Any) -> dict[str, Any]:
         found: list[dict[str, Any]] = []
 
         def pred() -> bool:
             for e in self.events:
-                if e.get("device_id") == device_id and e.get("event") == kind and all(
-                        e.get(k) == v for k, v in match.items()):
+                if (
+                    e.get("device_id") == device_id
+                    and e.get("event") == kind
+                    and all(e.get(k) == v for k, v in match.items())
+                ):
                     found.append(e)
                     return True
             return False
@@ -284,8 +301,9 @@ def publish_raw(port: int, topic: str, payload: bytes, *, retain: bool = True, q
 
 def publish_many(port: int, messages: list[tuple[str, bytes, bool]], *, qos: int = 1) -> None:
     """Publish (topic, payload, retain) messages in order over one outsider connection."""
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:6]}",
-                    protocol=paho.MQTTv5)
+    c = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+    )
     c.connect("127.0.0.1", port)
     c.loop_start()
     try:
@@ -300,8 +318,9 @@ def publish_many(port: int, messages: list[tuple[str, bytes, bool]], *, qos: int
 def read_retained(port: int, topic: str, timeout_s: float = 5.0) -> bytes | None:
     got: list[bytes] = []
     ev = threading.Event()
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"read-{uuid.uuid4().hex[:6]}",
-                    protocol=paho.MQTTv5)
+    c = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"read-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+    )
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         got.append(bytes(msg.payload))
@@ -329,8 +348,9 @@ class PersistentSubscriber:
 
         self.received: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
         self.subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"monitor-{uuid.uuid4().hex[:8]}",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"monitor-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5
+        )
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
@@ -354,8 +374,12 @@ class PersistentSubscriber:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def collect(self, until: Callable[[list[dict[str, Any]]], bool], timeout_s: float,
-                got: list[tuple[float, dict[str, Any]]]) -> None:
+    def collect(
+        self,
+        until: Callable[[list[dict[str, Any]]], bool],
+        timeout_s: float,
+        got: list[tuple[float, dict[str, Any]]],
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         while not until([d for _, d in got]) and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):

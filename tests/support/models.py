@@ -49,12 +49,8 @@ def digits_data() -> DigitsData:
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0)[..., np.newaxis]
     y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, random_state=0, stratify=y
-    )
-    return DigitsData(
-        np.ascontiguousarray(x_train), y_train, np.ascontiguousarray(x_test), y_test
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    return DigitsData(np.ascontiguousarray(x_train), y_train, np.ascontiguousarray(x_test), y_test)
 
 
 def _keras() -> Any:
@@ -161,7 +157,11 @@ class ConvertedModel:
 
 
 def convert_digits(
-    keras_path: Path, calibration: Path, validation: Path, out: Path, quantize: str,
+    keras_path: Path,
+    calibration: Path,
+    validation: Path,
+    out: Path,
+    quantize: str,
     **options: Any,
 ) -> ConvertedModel:
     """Convert the digits CNN with the converter's API (latency runs kept short)."""
@@ -169,13 +169,15 @@ def convert_digits(
 
     options.setdefault("latency_runs", 50)
     result = convert_model(
-        keras_path, out, quantize=quantize, calibration=calibration, validate=validation,
+        keras_path,
+        out,
+        quantize=quantize,
+        calibration=calibration,
+        validate=validation,
         **options,
     )
     paths = result.paths
-    return ConvertedModel(
-        paths.tflite, paths.card, paths.golden, keras_path, calibration, validation, result
-    )
+    return ConvertedModel(paths.tflite, paths.card, paths.golden, keras_path, calibration, validation, result)
 
 
 def synthetic_images(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
@@ -190,7 +192,8 @@ def synthetic_images(count: int, size: int = 224, seed: int = 0) -> np.ndarray:
 
 
 def mobilenet_v2(
-    input_size: int = 224, bn_data: np.ndarray | None = None,
+    input_size: int = 224,
+    bn_data: np.ndarray | None = None,
     classifier_activation: str | None = "softmax",
 ) -> Any:
     """Keras MobileNetV2 with random weights (``weights=None``: nothing downloaded).
@@ -205,7 +208,9 @@ def mobilenet_v2(
     keras = _keras()
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(
-        input_shape=(input_size, input_size, 3), weights=None, classes=1000,
+        input_shape=(input_size, input_size, 3),
+        weights=None,
+        classes=1000,
         classifier_activation=classifier_activation,
     )
     if bn_data is not None:
@@ -232,7 +237,7 @@ if __name__ == "__main__":  # used by the JAX-backend test: train and save under
 
 def _never_returning_model(path: Path) -> None:
     """A real TF Lite model whose invoke() loops forever (a WHILE that never ends)."""
-    code = r'''
+    code = r"""
 import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import tensorflow as tf
@@ -246,5 +251,5 @@ class M(tf.Module):
 m = M()
 conv = tf.lite.TFLiteConverter.from_concrete_functions([m.f.get_concrete_function()], m)
 open(sys.argv[1], "wb").write(conv.convert())
-'''
+"""
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True)

@@ -63,8 +63,9 @@ def running_monitor(broker_port: int, db: Path, share: str | None = None) -> Ite
 def publish_many(port: int, messages: list[tuple[str, bytes]], *, retain: bool = False) -> None:
     """Publish QoS 1 as a device would and wait for every PUBACK (disconnecting before
     stopping the loop: the other order costs paho's 1 s select timeout)."""
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}",
-                    protocol=paho.MQTTv5)
+    c = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+    )
     c.connect("127.0.0.1", port)
     c.loop_start()
     try:

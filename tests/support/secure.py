@@ -60,8 +60,7 @@ class Client:
         with self.new_message:
             return [m.topic for m in self.messages]
 
-    def wait_for(self, topic: str, payload: bytes | None = None,
-                 timeout_s: float = WAIT_S) -> Got | None:
+    def wait_for(self, topic: str, payload: bytes | None = None, timeout_s: float = WAIT_S) -> Got | None:
         deadline = time.monotonic() + timeout_s
         with self.new_message:
             while True:
@@ -73,8 +72,15 @@ class Client:
                     return None
                 self.new_message.wait(left)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                props: Properties | None = None) -> Any:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        props: Properties | None = None,
+    ) -> Any:
         """Publish and wait for the broker's PUBACK; return its reason code (MQTT 5)
         or 0 (3.1.1). QoS 0: return None once sent."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
@@ -108,24 +114,36 @@ class Client:
             self.client.loop_stop()
 
 
-def tls_context(ca: Path | None, cert: Path | None = None, key: Path | None = None
-                ) -> ssl.SSLContext:
+def tls_context(ca: Path | None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
     if cert is not None:
         ctx.load_cert_chain(str(cert), str(key) if key else None)
     return ctx
 
 
-def connect(port: int, *, ca: Path | None, cert: Path | None = None, key: Path | None = None,
-            username: str | None = None, password: str | None = None,
-            client_id: str = "", protocol: int = V5, host: str = "localhost",
-            will: tuple[str, bytes] | None = None, tls: bool = True,
-            clean: bool = True) -> Client:
+def connect(
+    port: int,
+    *,
+    ca: Path | None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    client_id: str = "",
+    protocol: int = V5,
+    host: str = "localhost",
+    will: tuple[str, bytes] | None = None,
+    tls: bool = True,
+    clean: bool = True,
+) -> Client:
     """Connect and wait for CONNACK (or for the connection to fail). The caller
     checks ``c.connack`` (a ReasonCode; ``is_failure``) or ``c.connected``."""
-    p = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or
-                    f"t-{uuid.uuid4().hex[:8]}", protocol=protocol,
-                    **({} if protocol == V5 else {"clean_session": clean}))
+    p = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id or f"t-{uuid.uuid4().hex[:8]}",
+        protocol=protocol,
+        **({} if protocol == V5 else {"clean_session": clean}),
+    )
     c = Client(p, protocol)
     if tls:
         p.tls_set_context(tls_context(ca, cert, key))
@@ -147,8 +165,7 @@ def connect(port: int, *, ca: Path | None, cert: Path | None = None, key: Path |
 
     def on_message(client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
         with c.new_message:
-            c.messages.append(Got(msg.topic, msg.payload, bool(msg.retain),
-                                  getattr(msg, "properties", None)))
+            c.messages.append(Got(msg.topic, msg.payload, bool(msg.retain), getattr(msg, "properties", None)))
             c.new_message.notify_all()
 
     def on_publish(client: Any, userdata: Any, mid: int, rc: Any, props: Any = None) -> None:
@@ -197,16 +214,32 @@ class Secure:
         d = self.dir.paths.device_dir(device_id)
         rec = next(r for r in self.dir.devices() if r.device_id == device_id)
         if rec.auth == AUTH_PASSWORD:
-            return connect(self.ports.password, ca=self.dir.paths.ca_cert, username=device_id,
-                           password=(d / "password").read_text().strip(), **kw)
-        return connect(self.ports.cert, ca=self.dir.paths.ca_cert, cert=d / f"{device_id}.pem",
-                       key=d / f"{device_id}.key", **kw)
+            return connect(
+                self.ports.password,
+                ca=self.dir.paths.ca_cert,
+                username=device_id,
+                password=(d / "password").read_text().strip(),
+                **kw,
+            )
+        return connect(
+            self.ports.cert,
+            ca=self.dir.paths.ca_cert,
+            cert=d / f"{device_id}.pem",
+            key=d / f"{device_id}.key",
+            **kw,
+        )
 
     def host(self, **kw: Any) -> Client:
         s = self.dir.host_client_settings()
         kw.setdefault("client_id", f"{s['client_id_prefix']}{uuid.uuid4().hex[:8]}")
-        return connect(s["port"], ca=Path(s["ca_file"]), username=s["username"],
-                       password=s["password"], host=s["host"], **kw)
+        return connect(
+            s["port"],
+            ca=Path(s["ca_file"]),
+            username=s["username"],
+            password=s["password"],
+            host=s["host"],
+            **kw,
+        )
 
 
 def start_secure(root: Path, devices: dict[str, str]) -> Secure:

@@ -105,8 +105,9 @@ class FaultProxy:
             else:
                 self._close_pair(src, dst)
 
-    def _delay_line(self, line: queue.Queue[tuple[float, bytes] | None], src: socket.socket,
-                    dst: socket.socket) -> None:
+    def _delay_line(
+        self, line: queue.Queue[tuple[float, bytes] | None], src: socket.socket, dst: socket.socket
+    ) -> None:
         try:
             while (item := line.get()) is not None:
                 due, piece = item

@@ -52,8 +52,9 @@ def ensure_models(cache_dir: Path) -> TinyModels:
         work = out / f".build-{os.getpid()}"
         work.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-        subprocess.run([sys.executable, __file__, str(work)], check=True, env=env,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            [sys.executable, __file__, str(work)], check=True, env=env, capture_output=True, timeout=600
+        )
         for m in MODELS:
             os.replace(work / f"{m}.tflite", out / f"{m}.tflite")
         work.rmdir()
@@ -77,12 +78,14 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the child process
     rng = np.random.default_rng(0)
 
     def cnn() -> object:
-        return keras.Sequential([
-            keras.Input(shape=(8, 8, 1), name="image"),
-            keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax", name="probs"),
-        ])
+        return keras.Sequential(
+            [
+                keras.Input(shape=(8, 8, 1), name="image"),
+                keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(10, activation="softmax", name="probs"),
+            ]
+        )
 
     model = cnn()
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -90,9 +93,7 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the child process
 
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: (
-        [rng.random((1, 8, 8, 1), dtype=np.float32)] for _ in range(50)
-    )
+    conv.representative_dataset = lambda: ([rng.random((1, 8, 8, 1), dtype=np.float32)] for _ in range(50))
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     conv.inference_input_type = tf.int8
     conv.inference_output_type = tf.int8

@@ -63,7 +63,8 @@ def test_a_crash_during_an_in_process_check_rejects_the_candidate() -> None:
 
 def test_trial_verdicts() -> None:
     judge = lambda ok, err, age: act.judge_trial(  # noqa: E731
-        Probation(ok, err, age), good_after_inferences=20, good_after_s=60)
+        Probation(ok, err, age), good_after_inferences=20, good_after_s=60
+    )
     assert judge(0, 0, 1) == "wait"
     assert judge(20, 0, 1) == "good"
     assert judge(0, 0, 61) == "good"  # no traffic: good once the trial time is over

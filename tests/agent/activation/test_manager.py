@@ -69,9 +69,13 @@ class Fleet:
         self.registry = ModelRegistry()
         opts = {"probation_inferences": 5, "probation_s": 3600.0, "max_crash_restarts": 2}
         opts.update(kw)
-        return ModelManager(store=ModelStore(self.root), state_file=StateFile(self.root / "state.json"),
-                            registry=self.registry,
-                            event=lambda kind, **f: self.events.append((kind, f)), **opts)  # type: ignore[arg-type]
+        return ModelManager(
+            store=ModelStore(self.root),
+            state_file=StateFile(self.root / "state.json"),
+            registry=self.registry,
+            event=lambda kind, **f: self.events.append((kind, f)),
+            **opts,
+        )  # type: ignore[arg-type]
 
     def candidate(self, version: int) -> Candidate:
         src = self.models[(version - 1) % 2]

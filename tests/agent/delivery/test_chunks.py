@@ -54,8 +54,9 @@ def test_downloads_within_the_window(tmp_path: Path) -> None:
     info, broker = make(data, 1000)
     progress: list[int] = []
     dl = ChunkDownloader(broker, TOPICS, window=4)
-    stats = dl.download(TARGET, len(data), info, tmp_path / "out",
-                        progress=lambda done, total: progress.append(done))
+    stats = dl.download(
+        TARGET, len(data), info, tmp_path / "out", progress=lambda done, total: progress.append(done)
+    )
     assert (tmp_path / "out").read_bytes() == data
     assert broker.max_open <= 4 and not broker.open
     assert stats.chunks_received == 103 and stats.bytes_received == len(data)

@@ -15,9 +15,15 @@ def test_own_disconnects_log_no_errors(broker: Any, caplog: pytest.LogCaptureFix
     """A will renewal (disconnect + reconnect) and a clean stop are routine: paho's
     "Client is not connected" from its loop's last turn must not reach the log as an ERROR."""
     caplog.set_level(logging.DEBUG)  # (the agent's log_level = "debug"; paho is chattier then)
-    client = MqttClient(ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="pi-log",
-                                           will_topic="litefleet/v1/devices/pi-log/state",
-                                           will_payload=b'{"online": false}'))
+    client = MqttClient(
+        ConnectionSettings(
+            host="127.0.0.1",
+            port=broker.port,
+            client_id="pi-log",
+            will_topic="litefleet/v1/devices/pi-log/state",
+            will_payload=b'{"online": false}',
+        )
+    )
     client.connect(10)
     for n in range(10):
         for _ in range(3):  # as after an activation: events and state in flight

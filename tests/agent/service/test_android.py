@@ -77,17 +77,26 @@ def test_run_execs_the_agent_with_the_prefix_config_and_no_systemd(tmp_path: Pat
     wake = prefix / "bin/termux-wake-lock"
     wake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'woke'}\n")
     wake.chmod(0o755)
-    out = subprocess.run(["sh", str(SERVICE / "run")], env=script_env(prefix), capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        ["sh", str(SERVICE / "run")], env=script_env(prefix), capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert "agent says hi" in out.stdout  # exec 2>&1: stderr goes to the log service
     seen = json.loads(record.read_text())
-    assert seen == {"argv": ["run", "--config", f"{prefix}/etc/litefleet/agent.toml"], "notify": None,
-                    "prefix": str(prefix)}
+    assert seen == {
+        "argv": ["run", "--config", f"{prefix}/etc/litefleet/agent.toml"],
+        "notify": None,
+        "prefix": str(prefix),
+    }
     assert (tmp_path / "woke").exists()
     (tmp_path / "woke").unlink()
-    subprocess.run(["sh", str(SERVICE / "run")], env=script_env(prefix, LITEFLEET_WAKE_LOCK="0"),
-                   capture_output=True, timeout=30, check=True)
+    subprocess.run(
+        ["sh", str(SERVICE / "run")],
+        env=script_env(prefix, LITEFLEET_WAKE_LOCK="0"),
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
     assert not (tmp_path / "woke").exists()
 
 
@@ -97,18 +106,24 @@ def test_run_without_a_config_waits_then_fails(tmp_path: Path) -> None:
     sleep = prefix / "bin/sleep"
     sleep.write_text("#!/bin/sh\nexit 0\n")
     sleep.chmod(0o755)
-    out = subprocess.run(["sh", str(SERVICE / "run")], env=script_env(prefix), capture_output=True,
-                         text=True, timeout=30)
+    out = subprocess.run(
+        ["sh", str(SERVICE / "run")], env=script_env(prefix), capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 1 and "no configuration at" in out.stdout
 
 
 def test_log_run_hands_over_to_svlogger(tmp_path: Path) -> None:
     prefix = fake_prefix(tmp_path)
     svlogger = prefix / "share/termux-services/svlogger"
-    svlogger.write_text("#!/bin/sh\necho svlogger \"$@\"\n")
+    svlogger.write_text('#!/bin/sh\necho svlogger "$@"\n')
     svlogger.chmod(0o755)
-    out = subprocess.run(["sh", str(SERVICE / "log" / "run"), "x"], env=script_env(prefix),
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["sh", str(SERVICE / "log" / "run"), "x"],
+        env=script_env(prefix),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.stdout.strip() == "svlogger x"
 
 
@@ -118,15 +133,22 @@ def test_documented_config_loads_and_check_config_passes(tmp_path: Path) -> None
     conf.write_text(documented_config(prefix))
     cfg = load_config(conf)
     assert str(cfg.state_dir).startswith(str(prefix)) and cfg.runtime == "auto"
-    out = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(conf)],
-                         env=script_env(prefix, PATH=os.environ["PATH"]), capture_output=True,
-                         text=True, timeout=60, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", "--config", str(conf)],
+        env=script_env(prefix, PATH=os.environ["PATH"]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
 
 
 def test_without_notify_socket_the_agent_pieces_run_from_prefix(
-    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_models: TinyModels,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         monkeypatch.delenv(key, raising=False)
@@ -146,12 +168,18 @@ def test_without_notify_socket_the_agent_pieces_run_from_prefix(
     queue = MetricsQueue.in_state_dir(cfg.state_dir, max_rows=cfg.metrics_queue_max_rows)
     try:
         body = json.dumps({"instances": np.zeros((1, 8, 8, 1)).tolist()}).encode()
-        req = urllib.request.Request(f"{server.url}/v1/models/digits:predict", body,
-                                     {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{server.url}/v1/models/digits:predict", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=10) as reply:
             assert len(json.loads(reply.read())["predictions"][0]) == 10
-        reporter = MetricsReporter(device_id=cfg.device_id, topic="t", recorder=MetricsRecorder(registry),
-                                   probe=DeviceProbe(cfg.state_dir), queue=queue)
+        reporter = MetricsReporter(
+            device_id=cfg.device_id,
+            topic="t",
+            recorder=MetricsRecorder(registry),
+            probe=DeviceProbe(cfg.state_dir),
+            queue=queue,
+        )
         assert reporter.report_once() == 1
     finally:
         server.stop()

@@ -30,23 +30,27 @@ def test_minimal_config_and_defaults(tmp_path: Path) -> None:
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, BASE + 'groups = ["a"]\n'),
-                      {"groups": "b,c", "http": "", "device_id": None})
+    cfg = load_config(
+        write(tmp_path, BASE + 'groups = ["a"]\n'), {"groups": "b,c", "http": "", "device_id": None}
+    )
     assert cfg.groups == ("b", "c") and cfg.http_address is None and cfg.device_id == "pi-1"
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("colour = 'red'\n", "unknown key"),
-    ("threads = 0\n", "threads"),
-    ("threads = 'two'\n", "expected an integer"),
-    ("runtime = 'onnx'\n", "runtime"),
-    ("http = 'localhost'\n", "host:port"),
-    ("groups = 'a b'\n", "group"),
-    ("metrics_interval_s = -1\n", "positive"),
-    ("topic_prefix = 'a/#'\n", "wildcards"),
-    ("cert_file = 'c.pem'\n", "go together"),
-    ("ca_file = 'ca.pem'\n", "not mqtts"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("colour = 'red'\n", "unknown key"),
+        ("threads = 0\n", "threads"),
+        ("threads = 'two'\n", "expected an integer"),
+        ("runtime = 'onnx'\n", "runtime"),
+        ("http = 'localhost'\n", "host:port"),
+        ("groups = 'a b'\n", "group"),
+        ("metrics_interval_s = -1\n", "positive"),
+        ("topic_prefix = 'a/#'\n", "wildcards"),
+        ("cert_file = 'c.pem'\n", "go together"),
+        ("ca_file = 'ca.pem'\n", "not mqtts"),
+    ],
+)
 def test_bad_values_are_one_clear_error(tmp_path: Path, extra: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, BASE + extra))
@@ -77,9 +81,13 @@ def test_password_from_systemd_credentials(tmp_path: Path, monkeypatch: pytest.M
     creds.mkdir()
     (creds / "litefleet_mqtt_password").write_text("hunter2\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    cfg = load_config(write(tmp_path, BASE.replace("mqtt://", "mqtts://")
-                            + 'username = "pi-1"\npassword_file = "litefleet_mqtt_password"\n'))
+    cfg = load_config(
+        write(
+            tmp_path,
+            BASE.replace("mqtt://", "mqtts://")
+            + 'username = "pi-1"\npassword_file = "litefleet_mqtt_password"\n',
+        )
+    )
     assert cfg.password() == "hunter2"
     with pytest.raises(ConfigError, match="not both"):
-        load_config(write(tmp_path, BASE.replace("mqtt://", "mqtt://u:p@")
-                          + 'password_file = "x"\n'))
+        load_config(write(tmp_path, BASE.replace("mqtt://", "mqtt://u:p@") + 'password_file = "x"\n'))

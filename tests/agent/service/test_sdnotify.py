@@ -108,8 +108,10 @@ def test_a_live_loop_extends_the_start_timeout_until_ready(path_listener: tuple[
 def test_watchdog_is_rate_limited_to_half_the_interval(path_listener: tuple[Listener, str]) -> None:
     listener, path = path_listener
     now = [100.0]
-    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000", "WATCHDOG_PID": str(os.getpid())},
-                 clock=lambda: now[0])
+    n = Notifier(
+        {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000", "WATCHDOG_PID": str(os.getpid())},
+        clock=lambda: now[0],
+    )
     n.ready()
     listener.recv()
     assert n.watchdog_interval_s == 10.0
@@ -125,8 +127,9 @@ def test_watchdog_is_rate_limited_to_half_the_interval(path_listener: tuple[List
 
 def test_watchdog_for_another_process_is_ignored(path_listener: tuple[Listener, str]) -> None:
     listener, path = path_listener
-    n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}, pid=2,
-                 start_extension_s=0)
+    n = Notifier(
+        {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}, pid=2, start_extension_s=0
+    )
     assert n.watchdog_interval_s is None and not n.watchdog()
     assert listener.nothing_pending()
 

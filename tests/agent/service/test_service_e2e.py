@@ -45,14 +45,16 @@ def test_pull_then_serve_rest_mqtt_and_metrics(broker, tmp_path: Path, digits_in
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     port = free_port()
-    agent = AgentProcess(tmp_path, "pi-s", broker.url, repo / "root.json", http=f"127.0.0.1:{port}",
-                         metrics_interval_s=0.5)
+    agent = AgentProcess(
+        tmp_path, "pi-s", broker.url, repo / "root.json", http=f"127.0.0.1:{port}", metrics_interval_s=0.5
+    )
     watch = FleetWatcher(broker.port)
     got_metrics: list[dict] = []
     replies: dict[bytes, tuple[bytes, str | None]] = {}
     done = threading.Event()
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"_app-{uuid.uuid4().hex[:6]}",
-                    protocol=paho.MQTTv5)
+    c = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"_app-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+    )
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         if msg.topic.endswith("/metrics"):
@@ -78,8 +80,9 @@ def test_pull_then_serve_rest_mqtt_and_metrics(broker, tmp_path: Path, digits_in
         status, doc = http_json(f"http://127.0.0.1:{port}/v1/models/digits")
         assert status == 200 and doc["model_version_status"][0]["state"] == "AVAILABLE"
         assert doc["model_version_status"][0]["version"] == "1"
-        status, doc = http_json(f"http://127.0.0.1:{port}/v1/models/digits:predict",
-                                {"instances": x.tolist()})
+        status, doc = http_json(
+            f"http://127.0.0.1:{port}/v1/models/digits:predict", {"instances": x.tolist()}
+        )
         assert status == 200
         np.testing.assert_allclose(np.array(doc["predictions"]), want, atol=1e-6)
         status, doc = http_json(f"http://127.0.0.1:{port}/v1/models/nope:predict", {"instances": [1]})
@@ -89,17 +92,24 @@ def test_pull_then_serve_rest_mqtt_and_metrics(broker, tmp_path: Path, digits_in
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = "litefleet/v1/replies/app-1/pi-s"
         props.CorrelationData = b"req-1"
-        c.publish("litefleet/v1/devices/pi-s/infer",
-                  json.dumps({"model": "digits", "instances": x[:2].tolist()}), qos=1, properties=props)
+        c.publish(
+            "litefleet/v1/devices/pi-s/infer",
+            json.dumps({"model": "digits", "instances": x[:2].tolist()}),
+            qos=1,
+            properties=props,
+        )
         assert done.wait(10), "no MQTT reply"
         payload, _ctype = replies[b"req-1"]
         np.testing.assert_allclose(np.array(json.loads(payload)["predictions"]), want[:2], atol=1e-6)
         # a response topic the device may not answer on is ignored
         props.ResponseTopic = "litefleet/v1/devices/other/state"
         props.CorrelationData = b"req-2"
-        c.publish("litefleet/v1/devices/pi-s/infer",
-                  json.dumps({"model": "digits", "instances": x[:1].tolist()}),
-                  qos=1, properties=props)
+        c.publish(
+            "litefleet/v1/devices/pi-s/infer",
+            json.dumps({"model": "digits", "instances": x[:1].tolist()}),
+            qos=1,
+            properties=props,
+        )
 
         # metrics: the requests above are counted
         deadline = time.monotonic() + 15
@@ -132,8 +142,8 @@ def test_running_agent_never_imports_host_packages(broker, tmp_path: Path, digit
 import sys, threading, time
 from agent.service.config import load_config
 from agent.service.daemon import Agent
-cfg = load_config(None, {{"device_id": "pi-x", "broker": "{broker.url}", "state_dir": "{tmp_path / 'st'}",
-                         "trusted_root": "{repo / 'root.json'}", "http": "127.0.0.1:0"}})
+cfg = load_config(None, {{"device_id": "pi-x", "broker": "{broker.url}", "state_dir": "{tmp_path / "st"}",
+                         "trusted_root": "{repo / "root.json"}", "http": "127.0.0.1:0"}})
 a = Agent(cfg)
 a.start()
 t = threading.Thread(target=a.run); t.start()
@@ -149,14 +159,20 @@ print("ACTIVE", a.registry.names(), "HOST_MODULES", bad)
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[3])
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[3],
+    )
     assert "ACTIVE ['digits'] HOST_MODULES []" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
 @pytest.mark.slow
-def test_agent_metrics_survive_a_three_minute_broker_outage(broker, tmp_path: Path, digits_int8,
-                                                             digits_data) -> None:
+def test_agent_metrics_survive_a_three_minute_broker_outage(
+    broker, tmp_path: Path, digits_int8, digits_data
+) -> None:
     """The issue's scenario on the real agent process: a metric a second, the broker gone for
     three minutes while local apps keep calling REST. After reconnection every metric made
     during the outage arrives, in order, with its original timestamp, and the requests served
@@ -165,8 +181,9 @@ def test_agent_metrics_survive_a_three_minute_broker_outage(broker, tmp_path: Pa
     repo = tmp_path / "repo"
     must("repo", "init", str(repo))
     port = free_port()
-    agent = AgentProcess(tmp_path, "pi-o", broker.url, repo / "root.json", http=f"127.0.0.1:{port}",
-                         metrics_interval_s=1.0)
+    agent = AgentProcess(
+        tmp_path, "pi-o", broker.url, repo / "root.json", http=f"127.0.0.1:{port}", metrics_interval_s=1.0
+    )
     subscriber = PersistentSubscriber(broker.port, "litefleet/v1/devices/pi-o/metrics")
     assert subscriber.subscribed.wait(10)
     watch = FleetWatcher(broker.port)
@@ -206,8 +223,9 @@ def test_agent_metrics_survive_a_three_minute_broker_outage(broker, tmp_path: Pa
             first[doc["seq"]] = (arrived, doc)
             order.append(doc["seq"])
     assert order == sorted(order), "replayed out of order"
-    assert order == list(range(order[0], order[-1] + 1)), \
+    assert order == list(range(order[0], order[-1] + 1)), (
         f"lost: {sorted(set(range(order[0], order[-1] + 1)) - set(order))}"
+    )
     during = [first[s] for s in order if down_at <= first[s][1]["ts"] < up_at]
     assert len(during) >= outage_s * 0.8, len(during)  # a metric a second went on being made
     assert all(arrived >= up_at for arrived, _ in during)  # ... and arrived after reconnection

@@ -55,8 +55,9 @@ def test_hardening_exposure_is_at_most_2_5() -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
-    out = subprocess.run([tool, "security", "--offline=true", str(UNIT)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [tool, "security", "--offline=true", str(UNIT)], capture_output=True, text=True, timeout=60
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
     assert match, out.stdout + out.stderr
     assert float(match.group(1)) <= 2.5
@@ -83,8 +84,9 @@ print(runner.predict(np.zeros((2, 8, 8, 1), np.float32))[0].shape)
     from tests.support.tiny_models import models_for
 
     models = models_for(request)
-    proc = subprocess.run([sys.executable, "-c", code, str(models.int8)], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(models.int8)], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     if proc.returncode == 77:
         pytest.skip("this kernel has no PR_SET_MDWE")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -92,11 +94,11 @@ print(runner.predict(np.zeros((2, 8, 8, 1), np.float32))[0].shape)
 
 
 # -- install.sh in a temporary root ------------------------------------------------------------
-def install(root: Path, *args: str, env: dict[str, str] | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def install(
+    root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     cmd = ["sh", str(INSTALL), "--root", str(root), "--python", sys.executable, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -118,11 +120,23 @@ def test_install_creates_the_layout_and_is_idempotent(tmp_path: Path) -> None:
     root = tmp_path / "root"
     trusted = tmp_path / "root.json"
     trusted.write_text('{"signed": {}}')
-    first = install(root, "--no-pip", "--no-systemctl", "--device-id", "pi-7",
-                    "--broker", "mqtt://hub.local:1883", "--trusted-root", str(trusted))
+    first = install(
+        root,
+        "--no-pip",
+        "--no-systemctl",
+        "--device-id",
+        "pi-7",
+        "--broker",
+        "mqtt://hub.local:1883",
+        "--trusted-root",
+        str(trusted),
+    )
     layout = tree(root)
-    for folder, mode in (("etc/litefleet", 0o755), ("etc/litefleet/credentials", 0o700),
-                         ("var/lib/litefleet", 0o700)):
+    for folder, mode in (
+        ("etc/litefleet", 0o755),
+        ("etc/litefleet/credentials", 0o700),
+        ("var/lib/litefleet", 0o700),
+    ):
         assert layout[folder][0] == mode, folder
     assert layout["etc/litefleet/agent.toml"][0] == 0o640
     assert (root / "opt/litefleet/venv/bin/python").exists()
@@ -130,8 +144,11 @@ def test_install_creates_the_layout_and_is_idempotent(tmp_path: Path) -> None:
     assert (root / "etc/litefleet/root.json").read_text() == trusted.read_text()
     assert "machine" in first.stdout
     cfg = load_config(root / "etc/litefleet/agent.toml")  # the template passes the strict loader
-    assert (cfg.device_id, cfg.broker, str(cfg.state_dir)) == ("pi-7", "mqtt://hub.local:1883",
-                                                              "/var/lib/litefleet")
+    assert (cfg.device_id, cfg.broker, str(cfg.state_dir)) == (
+        "pi-7",
+        "mqtt://hub.local:1883",
+        "/var/lib/litefleet",
+    )
     # again: nothing changes, and the operator's edits survive
     conf = root / "etc/litefleet/agent.toml"
     conf.write_text(conf.read_text().replace("threads = 1", "threads = 4"))
@@ -144,8 +161,12 @@ def test_install_creates_the_layout_and_is_idempotent(tmp_path: Path) -> None:
 
 def test_install_picks_the_runtime_for_the_machine(tmp_path: Path) -> None:
     def lines(machine: str, bits: str = "64") -> list[str]:
-        out = install(tmp_path / f"{machine}-{bits}", "--dry-run", "--no-systemctl",
-                      env={"LITEFLEET_UNAME_M": machine, "LITEFLEET_USERLAND_BITS": bits}).stdout
+        out = install(
+            tmp_path / f"{machine}-{bits}",
+            "--dry-run",
+            "--no-systemctl",
+            env={"LITEFLEET_UNAME_M": machine, "LITEFLEET_USERLAND_BITS": bits},
+        ).stdout
         return out.splitlines()
 
     def pip_line(machine: str, bits: str = "64") -> str:
@@ -163,8 +184,9 @@ def test_install_picks_the_runtime_for_the_machine(tmp_path: Path) -> None:
         assert pip_line(machine, bits).endswith(" tflite-runtime")
         assert "--system-site-packages" in venv_line(machine, bits)
     assert f"pip install --upgrade --disable-pip-version-check {REPO}" in pip_line("x86_64")
-    bad = install(tmp_path / "mips", "--dry-run", "--no-systemctl", env={"LITEFLEET_UNAME_M": "mips"},
-                  check=False)
+    bad = install(
+        tmp_path / "mips", "--dry-run", "--no-systemctl", env={"LITEFLEET_UNAME_M": "mips"}, check=False
+    )
     assert bad.returncode == 1 and "no LiteRT runtime is known for mips" in bad.stderr
 
 

@@ -184,8 +184,9 @@ class WatchdogSupervisor:
 def check_unit_restarts_on_watchdog() -> float:
     """The packaged unit has what systemd's rule needs; returns its WatchdogSec= in seconds."""
     text = UNIT.read_text()
-    settings = dict(line.split("=", 1) for line in text.splitlines()
-                    if "=" in line and not line.startswith("#"))
+    settings = dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
+    )
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
     # systemd.service(5): on-failure restarts "when ... a watchdog timeout occurs"
     assert settings["Restart"] in ("on-failure", "on-abnormal", "on-watchdog", "always")
@@ -217,8 +218,9 @@ def test_waiting_for_a_check_child_ticks_every_second() -> None:
     assert max(b - a for a, b in itertools.pairwise(ticks)) < 1.5
 
 
-def test_pings_while_healthy_and_all_through_a_long_download(broker, tmp_path: Path, notify: NotifySocket,
-                                                             digits_int8, dense_models: list[Path]) -> None:
+def test_pings_while_healthy_and_all_through_a_long_download(
+    broker, tmp_path: Path, notify: NotifySocket, digits_int8, dense_models: list[Path]
+) -> None:
     watchdog_s = 6.0  # the agent sends every watchdog_s / 2 at most; systemd wants one per watchdog_s
     big = dense_models[0]
     repo = tmp_path / "repo"
@@ -247,8 +249,9 @@ def test_pings_while_healthy_and_all_through_a_long_download(broker, tmp_path: P
         proxy.close()
 
 
-def test_pings_go_on_while_a_candidate_check_runs_for_seconds(broker, tmp_path: Path, notify: NotifySocket,
-                                                              digits_int8) -> None:
+def test_pings_go_on_while_a_candidate_check_runs_for_seconds(
+    broker, tmp_path: Path, notify: NotifySocket, digits_int8
+) -> None:
     """A model that never returns is checked until the kernel ends its child with
     SIGXCPU (check_timeout_s of CPU). Meanwhile the agent is healthy and must say so:
     otherwise systemd kills it before the check ends, and after the restart it checks the
@@ -282,7 +285,8 @@ def test_pings_go_on_while_a_candidate_check_runs_for_seconds(broker, tmp_path: 
 
 
 def test_a_stalled_work_loop_stops_the_pings_and_systemd_restarts_the_agent(
-        broker, tmp_path: Path, notify: NotifySocket, digits_int8) -> None:
+    broker, tmp_path: Path, notify: NotifySocket, digits_int8
+) -> None:
     unit_watchdog_s = check_unit_restarts_on_watchdog()
     assert unit_watchdog_s >= 10
     watchdog_s = 3.0  # the unit's 30 s, scaled down for the test
@@ -333,11 +337,12 @@ def test_a_stalled_work_loop_stops_the_pings_and_systemd_restarts_the_agent(
             time.sleep(0.2)
         assert rest_ok(port, "/v1/models/m")
         time.sleep(2 * watchdog_s)
-        assert notify.max_gap("WATCHDOG", notify.wait_for("READY", since=restarted), time.monotonic()) \
+        assert (
+            notify.max_gap("WATCHDOG", notify.wait_for("READY", since=restarted), time.monotonic())
             < watchdog_s
+        )
         assert agent.state_file()["models"]["m"]["active"]["version"] == 1
     finally:
         freezer.thaw()
         agent.stop()
         watch.close()
-

@@ -82,12 +82,26 @@ class FakeInterpreter:
         self.tensors: dict[int, np.ndarray] = {0: np.zeros((1, 2), np.float32)}
 
     def get_input_details(self) -> list[dict[str, Any]]:
-        return [{"name": "in", "index": 0, "shape": np.array([1, 2]), "dtype": np.float32,
-                 "quantization": (0.0, 0)}]
+        return [
+            {
+                "name": "in",
+                "index": 0,
+                "shape": np.array([1, 2]),
+                "dtype": np.float32,
+                "quantization": (0.0, 0),
+            }
+        ]
 
     def get_output_details(self) -> list[dict[str, Any]]:
-        return [{"name": "out", "index": 1, "shape": np.array([1, 2]), "dtype": np.float32,
-                 "quantization": (0.0, 0)}]
+        return [
+            {
+                "name": "out",
+                "index": 1,
+                "shape": np.array([1, 2]),
+                "dtype": np.float32,
+                "quantization": (0.0, 0),
+            }
+        ]
 
     def set_tensor(self, index: int, value: np.ndarray) -> None:
         if value.shape != (1, 2) or value.dtype != np.float32:
@@ -315,8 +329,10 @@ def test_active_models_follow_the_registry(tiny_models: TinyModels) -> None:
 
 
 def test_import_agent_is_light() -> None:
-    code = ("import sys, agent; heavy = [m for m in ('numpy', 'agent.serving.api', 'ai_edge_litert', "
-            "'tensorflow') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, agent; heavy = [m for m in ('numpy', 'agent.serving.api', 'ai_edge_litert', "
+        "'tensorflow') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     code = "import agent; print(agent.load_model.__module__)"

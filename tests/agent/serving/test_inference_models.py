@@ -24,8 +24,6 @@ def tiny_models(request: pytest.FixtureRequest) -> TinyModels:
     return models_for(request)
 
 
-
-
 # -- the models are what the other tests assume ---------------------------------
 def test_int8_model_has_int8_io(tiny_models: TinyModels) -> None:
     from agent.serving.inference import ModelRunner
@@ -42,4 +40,3 @@ def test_multi_model_has_two_inputs_and_outputs(tiny_models: TinyModels) -> None
     r = ModelRunner.from_file(tiny_models.multi)
     assert sorted(s.shape for s in r.inputs) == [(1, 3), (1, 4)]
     assert len(r.outputs) == 2
-

@@ -31,18 +31,32 @@ TOPIC = "litefleet/v1/devices/pi-1/infer"
 def registry(request: pytest.FixtureRequest) -> ModelRegistry:
     models: TinyModels = models_for(request)
     reg = ModelRegistry()
-    for name, path, version in (("digits", models.int8, "3"), ("multi", models.multi, "1"),
-                                ("two", models.two_out, "1")):
+    for name, path, version in (
+        ("digits", models.int8, "3"),
+        ("multi", models.multi, "1"),
+        ("two", models.two_out, "1"),
+    ):
         runner = ModelRunner.from_file(path, name=name, version=version)
         reg.activate(ActiveModel(name, version, "aa", runner))
     return reg
 
 
-def msg(payload: bytes | dict[str, Any], *, ctype: str | None = None,
-        props: tuple[tuple[str, str], ...] = (), response: str | None = "replies/1") -> Message:
+def msg(
+    payload: bytes | dict[str, Any],
+    *,
+    ctype: str | None = None,
+    props: tuple[tuple[str, str], ...] = (),
+    response: str | None = "replies/1",
+) -> Message:
     data = json.dumps(payload).encode() if isinstance(payload, dict) else payload
-    return Message(topic=TOPIC, payload=data, response_topic=response, correlation_data=b"c-1",
-                   content_type=ctype, user_properties=props)
+    return Message(
+        topic=TOPIC,
+        payload=data,
+        response_topic=response,
+        correlation_data=b"c-1",
+        content_type=ctype,
+        user_properties=props,
+    )
 
 
 def digits(n: int) -> np.ndarray:
@@ -96,12 +110,17 @@ def test_errors_are_json_replies(registry: ModelRegistry, message: Message, stat
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(payload=st.binary(max_size=200) | st.builds(lambda b: b"\x93NUMPY" + b, st.binary(max_size=200)),
-       ctype=st.sampled_from([None, "application/json", "application/x-npy", "text/plain", "x/y"]),
-       props=st.lists(st.tuples(st.sampled_from(["model", "version", "x"]),
-                                st.sampled_from(["digits", "3", "", "nope"])), max_size=3))
-def test_handler_never_raises(registry: ModelRegistry, payload: bytes, ctype: str | None,
-                              props: list[tuple[str, str]]) -> None:
+@given(
+    payload=st.binary(max_size=200) | st.builds(lambda b: b"\x93NUMPY" + b, st.binary(max_size=200)),
+    ctype=st.sampled_from([None, "application/json", "application/x-npy", "text/plain", "x/y"]),
+    props=st.lists(
+        st.tuples(st.sampled_from(["model", "version", "x"]), st.sampled_from(["digits", "3", "", "nope"])),
+        max_size=3,
+    ),
+)
+def test_handler_never_raises(
+    registry: ModelRegistry, payload: bytes, ctype: str | None, props: list[tuple[str, str]]
+) -> None:
     reply = handle_infer(msg(payload, ctype=ctype, props=tuple(props)), registry)
     assert reply.status in (200, 400, 404, 413, 415)
 
@@ -169,11 +188,23 @@ def test_round_trip_through_a_real_broker(broker: Any, registry: ModelRegistry) 
     try:
         assert device.wait_synced(10) and app.wait_synced(10)
         x = digits(1)
-        app.publish(TOPIC, json.dumps({"model": "digits", "instances": x.tolist()}).encode(), qos=1,
-                    response_topic="app/replies", correlation_data=b"req-7",
-                    content_type="application/json").wait(5)
-        app.publish(TOPIC, npy.to_npy(x), qos=1, response_topic="app/replies", correlation_data=b"req-8",
-                    content_type=npy.CONTENT_TYPE, user_properties=[("model", "digits")]).wait(5)
+        app.publish(
+            TOPIC,
+            json.dumps({"model": "digits", "instances": x.tolist()}).encode(),
+            qos=1,
+            response_topic="app/replies",
+            correlation_data=b"req-7",
+            content_type="application/json",
+        ).wait(5)
+        app.publish(
+            TOPIC,
+            npy.to_npy(x),
+            qos=1,
+            response_topic="app/replies",
+            correlation_data=b"req-8",
+            content_type=npy.CONTENT_TYPE,
+            user_properties=[("model", "digits")],
+        ).wait(5)
         got: dict[bytes | None, Message] = {}
         deadline = time.monotonic() + 15
         while len(got) < 2 and time.monotonic() < deadline:

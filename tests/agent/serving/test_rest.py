@@ -52,9 +52,14 @@ def server(served: tuple[RestServer, ModelRegistry]) -> RestServer:
     return served[0]
 
 
-def call(server: RestServer, method: str, path: str, body: bytes | str | None = None,
-         ctype: str = "application/json", conn: http.client.HTTPConnection | None = None,
-         ) -> tuple[int, bytes, str]:
+def call(
+    server: RestServer,
+    method: str,
+    path: str,
+    body: bytes | str | None = None,
+    ctype: str = "application/json",
+    conn: http.client.HTTPConnection | None = None,
+) -> tuple[int, bytes, str]:
     c = conn or http.client.HTTPConnection(*server.address, timeout=10)
     headers = {"Content-Type": ctype} if body is not None else {}
     c.request(method, path, body, headers)
@@ -78,7 +83,10 @@ def digits(n: int, seed: int = 0) -> np.ndarray:
 def test_status_and_metadata(server: RestServer) -> None:
     status, doc = json.loads(call(server, "GET", "/v1/models/digits")[1]), None
     assert status["model_version_status"][0] == {
-        "version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        "version": "1",
+        "state": "AVAILABLE",
+        "status": {"error_code": "OK", "error_message": ""},
+    }
     code, data, _ = call(server, "GET", "/v1/models/digits/versions/1/metadata")
     doc = json.loads(data)
     sig = doc["metadata"]["signature_def"]["signature_def"]["serving_default"]
@@ -100,8 +108,11 @@ def test_row_and_columnar_predictions_match_in_process(
     status, doc = post_json(server, "/v1/models/digits:predict", {"instances": x.tolist()})
     assert status == 200
     np.testing.assert_allclose(np.array(doc["predictions"]), want, rtol=0, atol=1e-7)
-    status, doc = post_json(server, "/v1/models/digits/versions/1:predict",
-                            {"inputs": {"image": x.tolist()}, "signature_name": "serving_default"})
+    status, doc = post_json(
+        server,
+        "/v1/models/digits/versions/1:predict",
+        {"inputs": {"image": x.tolist()}, "signature_name": "serving_default"},
+    )
     assert status == 200
     np.testing.assert_allclose(np.array(doc["outputs"]), want, rtol=0, atol=1e-7)
 
@@ -111,8 +122,11 @@ def test_multi_input_multi_output_model(server: RestServer) -> None:
     status, doc = post_json(server, "/v1/models/multi:predict", {"instances": rows})
     assert status == 200 and len(doc["predictions"]) == 2
     assert set(doc["predictions"][0]) == {"output_0", "output_1"}
-    status, cols = post_json(server, "/v1/models/multi:predict",
-                             {"inputs": {"a": [r["a"] for r in rows], "b": [r["b"] for r in rows]}})
+    status, cols = post_json(
+        server,
+        "/v1/models/multi:predict",
+        {"inputs": {"a": [r["a"] for r in rows], "b": [r["b"] for r in rows]}},
+    )
     assert status == 200
     for key in ("output_0", "output_1"):
         np.testing.assert_allclose(cols["outputs"][key], [p[key] for p in doc["predictions"]])
@@ -129,8 +143,9 @@ def test_npy_fast_path(served: tuple[RestServer, ModelRegistry]) -> None:
     codes = np.zeros((1, 8, 8, 1), np.int8)
     status, data, _ = call(server, "POST", "/v1/models/digits:predict", npy.to_npy(codes), npy.CONTENT_TYPE)
     assert status == 200 and npy.parse_npy(data).dtype == np.int8  # codes in, codes out
-    status, data, _ = call(server, "POST", "/v1/models/digits:predict", npy.to_npy(codes),
-                           "application/octet-stream")
+    status, data, _ = call(
+        server, "POST", "/v1/models/digits:predict", npy.to_npy(codes), "application/octet-stream"
+    )
     assert status == 200
 
 
@@ -193,17 +208,27 @@ def npy_with_header(header: str, data: bytes = b"") -> bytes:
     ("body", "message"),
     [
         (b"\x93NUMPY", "bad magic"),
-        (npy_with_header("{'descr': '|O', 'fortran_order': False, 'shape': (1,), }", b"\0" * 8),
-         "not allowed"),
-        (npy_with_header("{'descr': '<U4', 'fortran_order': False, 'shape': (1,), }", b"\0" * 16),
-         "not allowed"),
-        (npy_with_header("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }", b"\0" * 4),
-         "plain numbers"),
+        (
+            npy_with_header("{'descr': '|O', 'fortran_order': False, 'shape': (1,), }", b"\0" * 8),
+            "not allowed",
+        ),
+        (
+            npy_with_header("{'descr': '<U4', 'fortran_order': False, 'shape': (1,), }", b"\0" * 16),
+            "not allowed",
+        ),
+        (
+            npy_with_header("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }", b"\0" * 4),
+            "plain numbers",
+        ),
         (npy_with_header("__import__('os').system('true')"), "literal"),
-        (npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 8, 8, 1), }", b"\0" * 3),
-         "needs 256"),
-        (npy_with_header("{'descr': '<f4', 'fortran_order': 0, 'shape': (1,), }", b"\0" * 4),
-         "fortran_order"),
+        (
+            npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 8, 8, 1), }", b"\0" * 3),
+            "needs 256",
+        ),
+        (
+            npy_with_header("{'descr': '<f4', 'fortran_order': 0, 'shape': (1,), }", b"\0" * 4),
+            "fortran_order",
+        ),
         (npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }"), "non-negative"),
         (npy_with_header("{'descr': '<f4', 'shape': (1,), }", b"\0" * 4), "exactly"),
         (b"\x93NUMPY\x01\x00\xff\xff" + b" " * 100, "more than"),
@@ -223,8 +248,9 @@ def test_bad_npy_requests(server: RestServer, body: bytes, message: str | None) 
 
 
 def test_npy_to_a_multi_input_model_is_refused(server: RestServer) -> None:
-    code, data, _ = call(server, "POST", "/v1/models/multi:predict", npy.to_npy(np.zeros((1, 4))),
-                         npy.CONTENT_TYPE)
+    code, data, _ = call(
+        server, "POST", "/v1/models/multi:predict", npy.to_npy(np.zeros((1, 4))), npy.CONTENT_TYPE
+    )
     assert code == 400 and "single-input" in json.loads(data)["error"]
 
 
@@ -254,15 +280,22 @@ def raw_exchange(server: RestServer, data: bytes, *, wait_s: float = 5.0) -> byt
 def test_missing_length_chunked_and_huge_declared_bodies(server: RestServer) -> None:
     reply = raw_exchange(server, b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n\r\n{}")
     assert reply.startswith(b"HTTP/1.1 411") and b"Content-Length" in reply
-    reply = raw_exchange(server, b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
-                                 b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    reply = raw_exchange(
+        server,
+        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
     assert reply.startswith(b"HTTP/1.1 411") and b"chunked" in reply
     # refused from the headers alone: the 10 GB never have to be sent
-    reply = raw_exchange(server, b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
-                                 b"Content-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n")
+    reply = raw_exchange(
+        server,
+        b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n",
+    )
     assert reply.startswith(b"HTTP/1.1 413") and b"Connection: close" in reply
-    reply = raw_exchange(server, b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
-                                 b"Content-Length: 10000000000\r\n\r\n")
+    reply = raw_exchange(
+        server, b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
+    )
     assert reply.startswith(b"HTTP/1.1 413")
     reply = raw_exchange(server, b"GARBAGE\x00\xff\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400")
@@ -273,8 +306,9 @@ def test_missing_length_chunked_and_huge_declared_bodies(server: RestServer) -> 
 def test_slow_clients_are_cut_off(server: RestServer) -> None:
     # body promised but never sent: 408 after the per-read timeout (1 s here)
     t0 = time.monotonic()
-    reply = raw_exchange(server, b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\n"
-                                 b"Content-Length: 100\r\n\r\n{\"instan")
+    reply = raw_exchange(
+        server, b'POST /v1/models/digits:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"instan'
+    )
     assert reply.startswith(b"HTTP/1.1 408")
     assert time.monotonic() - t0 < 4.5
     # a trickle that keeps each read under the timeout still meets the body deadline (2 s)
@@ -385,9 +419,14 @@ json_values = st.recursive(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(doc=st.one_of(json_values, st.fixed_dictionaries({"instances": json_values}),
-                     st.fixed_dictionaries({"inputs": json_values})),
-       model=st.sampled_from(["digits", "multi", "float"]))
+@given(
+    doc=st.one_of(
+        json_values,
+        st.fixed_dictionaries({"instances": json_values}),
+        st.fixed_dictionaries({"inputs": json_values}),
+    ),
+    model=st.sampled_from(["digits", "multi", "float"]),
+)
 def test_no_json_request_gets_a_5xx(server: RestServer, doc: Any, model: str) -> None:
     code, data, _ = call(server, "POST", f"/v1/models/{model}:predict", json.dumps(doc))
     assert code in (200, 400), data
@@ -416,8 +455,12 @@ def test_counters_see_every_answer() -> None:
 
 
 def test_parse_npy_roundtrip_and_byte_order() -> None:
-    for arr in (np.arange(6, dtype=">f4").reshape(2, 3), np.asfortranarray(np.arange(6).reshape(2, 3)),
-                np.array(True), np.zeros((0, 3), np.uint16)):
+    for arr in (
+        np.arange(6, dtype=">f4").reshape(2, 3),
+        np.asfortranarray(np.arange(6).reshape(2, 3)),
+        np.array(True),
+        np.zeros((0, 3), np.uint16),
+    ):
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         back = npy.parse_npy(buf.getvalue())

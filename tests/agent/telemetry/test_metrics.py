@@ -90,8 +90,9 @@ def test_probe_reads_a_raspberry_pi(tmp_path: Path) -> None:
     root = fake_root(tmp_path, pi=True)
     clock, cpu = Clock(), Clock()
     cpu.t = 5.0
-    probe = DeviceProbe(tmp_path, root=root, clock=clock, process_cpu_s=cpu,
-                        loadavg=lambda: (0.5, 0.25, 0.125))
+    probe = DeviceProbe(
+        tmp_path, root=root, clock=clock, process_cpu_s=cpu, loadavg=lambda: (0.5, 0.25, 0.125)
+    )
     clock.t += 10
     cpu.t += 2.5
     (root / "proc/stat").write_text("cpu  200 0 200 800 100 0 0 0 0 0\n")
@@ -120,12 +121,26 @@ def test_probe_on_a_machine_without_sensors(tmp_path: Path) -> None:
 # -- per model version -----------------------------------------------------------------------
 class TinyInterpreter:
     def get_input_details(self) -> list[dict[str, Any]]:
-        return [{"name": "in", "index": 0, "shape": np.array([1, 2]), "dtype": np.float32,
-                 "quantization": (0.0, 0)}]
+        return [
+            {
+                "name": "in",
+                "index": 0,
+                "shape": np.array([1, 2]),
+                "dtype": np.float32,
+                "quantization": (0.0, 0),
+            }
+        ]
 
     def get_output_details(self) -> list[dict[str, Any]]:
-        return [{"name": "out", "index": 1, "shape": np.array([1, 2]), "dtype": np.float32,
-                 "quantization": (0.0, 0)}]
+        return [
+            {
+                "name": "out",
+                "index": 1,
+                "shape": np.array([1, 2]),
+                "dtype": np.float32,
+                "quantization": (0.0, 0),
+            }
+        ]
 
     def set_tensor(self, index: int, value: Any) -> None:
         if np.shape(value) != (1, 2):
@@ -182,16 +197,30 @@ def test_recorder_reports_intervals_and_a_replaced_version_once() -> None:
 
 def test_payload_is_strict_json_with_seq_and_ts() -> None:
     payload = build_metrics_payload(
-        device_id="pi-1", seq=7, ts=1_700_000_000.123456, interval_s=10.0, models=[],
-        device={"rss_bytes": 1}, api={"rest": {"2xx": 3}}, queue={"pending": 0, "dropped_total": 2},
+        device_id="pi-1",
+        seq=7,
+        ts=1_700_000_000.123456,
+        interval_s=10.0,
+        models=[],
+        device={"rss_bytes": 1},
+        api={"rest": {"2xx": 3}},
+        queue={"pending": 0, "dropped_total": 2},
         agent_version="0.1.0",
     )
     doc = json.loads(payload)
     assert doc["v"] == 1 and doc["seq"] == 7 and doc["ts"] == 1_700_000_000.123
     assert doc["queue"]["dropped_total"] == 2 and doc["api"]["rest"]["2xx"] == 3
     with pytest.raises(ValueError):
-        build_metrics_payload(device_id="x", seq=1, ts=1.0, interval_s=1.0, models=[],
-                              device={"t": float("nan")}, api={}, queue={})
+        build_metrics_payload(
+            device_id="x",
+            seq=1,
+            ts=1.0,
+            interval_s=1.0,
+            models=[],
+            device={"t": float("nan")},
+            api={},
+            queue={},
+        )
 
 
 def test_reporter_queues_one_message_per_call(tmp_path: Path) -> None:
@@ -202,10 +231,14 @@ def test_reporter_queues_one_message_per_call(tmp_path: Path) -> None:
     queue = MetricsQueue(tmp_path / "q.sqlite3", max_rows=10)
     woken: list[bool] = []
     reporter = MetricsReporter(
-        device_id="pi-1", topic="litefleet/v1/devices/pi-1/metrics",
+        device_id="pi-1",
+        topic="litefleet/v1/devices/pi-1/metrics",
         recorder=MetricsRecorder(registry, counters=counters),
-        probe=DeviceProbe(tmp_path, root=fake_root(tmp_path, pi=True)), queue=queue,
-        wall_clock=lambda: 1234.5, agent_version="0.1.0", on_queued=lambda: woken.append(True),
+        probe=DeviceProbe(tmp_path, root=fake_root(tmp_path, pi=True)),
+        queue=queue,
+        wall_clock=lambda: 1234.5,
+        agent_version="0.1.0",
+        on_queued=lambda: woken.append(True),
     )
     assert reporter.report_once() == 1
     assert reporter.report_once() == 2

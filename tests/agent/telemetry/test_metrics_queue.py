@@ -161,8 +161,9 @@ def test_sender_thread_delivers_everything_in_order_across_outages(tmp_path: Pat
 
 
 # -- real Mosquitto ------------------------------------------------------------------------------
-def run_outage(broker: Any, tmp_path: Path, *, interval_s: float, before_s: float, outage_s: float,
-               after_s: float) -> None:
+def run_outage(
+    broker: Any, tmp_path: Path, *, interval_s: float, before_s: float, outage_s: float, after_s: float
+) -> None:
     """Metrics every ``interval_s`` through the agent's MQTT client while the
     broker process is stopped for ``outage_s``; then check that every message
     arrived, first arrivals in seq order, with the timestamps of their making."""
@@ -235,7 +236,8 @@ def test_short_broker_outage_loses_nothing(broker: Any, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_half_a_minute_broker_outage_at_one_metric_per_second_loses_nothing(
-    broker: Any, tmp_path: Path,
+    broker: Any,
+    tmp_path: Path,
 ) -> None:
     """The sender alone, a message a second, 30 s without a broker (the real agent through a
     three-minute outage: test_agent_service_e2e.py)."""

@@ -24,8 +24,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from converter.broker.mosquitto import free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path(
-    "/usr/sbin/mosquitto").exists(), reason="mosquitto is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+    reason="mosquitto is not installed",
+)
 
 REPO = Path(__file__).resolve().parents[3]
 URL_RE = re.compile(r"mqtts?://\S+")
@@ -33,8 +35,13 @@ START_S = 30.0
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "converter", *args], capture_output=True,
-                          text=True, cwd=cwd or REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "converter", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=120,
+    )
 
 
 class Running:
@@ -43,8 +50,11 @@ class Running:
 
     def __init__(self, *args: str, cwd: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "converter", "broker", *args], cwd=cwd,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "converter", "broker", *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         self.lines: list[str] = []
@@ -120,15 +130,23 @@ def started() -> Iterator[list[Running]]:
             os.kill(pid, signal.SIGKILL)
 
 
-def round_trip(host: str, port: int, *, tls: ssl.SSLContext | None = None,
-               username: str | None = None, password: str | None = None,
-               topic: str = "litefleet/v1/repo/metadata/x", retain: bool = False,
-               publish: bool = True) -> bytes | None:
+def round_trip(
+    host: str,
+    port: int,
+    *,
+    tls: ssl.SSLContext | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    topic: str = "litefleet/v1/repo/metadata/x",
+    retain: bool = False,
+    publish: bool = True,
+) -> bytes | None:
     """Connect, subscribe, optionally publish one message; return what came back."""
     got: list[bytes] = []
     event = threading.Event()
-    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5,
-                    client_id=f"_lf-host-t{uuid.uuid4().hex[:6]}")
+    c = paho.Client(
+        CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5, client_id=f"_lf-host-t{uuid.uuid4().hex[:6]}"
+    )
     if tls is not None:
         c.tls_set_context(tls)
     if username:
@@ -170,8 +188,7 @@ def can_connect(host: str, port: int, tls: ssl.SSLContext) -> bool:
 # -- plain -------------------------------------------------------------------------------
 
 
-def test_plain_broker_starts_serves_and_stops_cleanly(tmp_path: Path,
-                                                      started: list[Running]) -> None:
+def test_plain_broker_starts_serves_and_stops_cleanly(tmp_path: Path, started: list[Running]) -> None:
     port = free_port()
     run = Running("--port", str(port), cwd=tmp_path)
     started.append(run)
@@ -222,8 +239,7 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path, started: list[Runnin
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
-def test_mosquitto_dying_ends_the_command_with_exit_1(tmp_path: Path,
-                                                      started: list[Running]) -> None:
+def test_mosquitto_dying_ends_the_command_with_exit_1(tmp_path: Path, started: list[Running]) -> None:
     run = Running("--port", "0", cwd=tmp_path)
     started.append(run)
     os.kill(run.mosquitto_pid(), signal.SIGKILL)
@@ -236,8 +252,7 @@ def test_mosquitto_dying_ends_the_command_with_exit_1(tmp_path: Path,
 # -- secure ------------------------------------------------------------------------------
 
 
-def test_secure_broker_and_device_add_end_to_end(tmp_path: Path,
-                                                 started: list[Running]) -> None:
+def test_secure_broker_and_device_add_end_to_end(tmp_path: Path, started: list[Running]) -> None:
     secure = tmp_path / "pki"
     run = Running("--secure", str(secure), "--port", "0", cwd=tmp_path)
     started.append(run)
@@ -249,11 +264,14 @@ def test_secure_broker_and_device_add_end_to_end(tmp_path: Path,
 
     # the host identity connects with what host_client_settings gives
     from converter.broker.secure import host_client_settings
+
     s = host_client_settings(secure)
     assert f"mqtts://litefleet-host@localhost:{s['port']}" in urls
     ctx = ssl.create_default_context(cafile=s["ca_file"])
-    assert round_trip(s["host"], s["port"], tls=ctx, username=s["username"],
-                      password=s["password"], retain=True) is not None
+    assert (
+        round_trip(s["host"], s["port"], tls=ctx, username=s["username"], password=s["password"], retain=True)
+        is not None
+    )
 
     # device add while the broker runs: follow the printed instructions
     r = cli("device", "add", "pi-01", "--secure", str(secure))
@@ -286,8 +304,7 @@ def test_secure_broker_and_device_add_end_to_end(tmp_path: Path,
     assert 'username = "pi-02"' in r.stdout
     r = cli("device", "list", "--secure", str(secure), "--json")
     rows = json.loads(r.stdout)
-    assert [(x["device_id"], x["auth"]) for x in rows] == [("pi-01", "cert"),
-                                                           ("pi-02", "password")]
+    assert [(x["device_id"], x["auth"]) for x in rows] == [("pi-01", "cert"), ("pi-02", "password")]
     r = cli("device", "remove", "pi-01", "--secure", str(secure))
     assert r.returncode == 0 and "revoked" in r.stdout and "reloaded" in r.stdout
     # revoked: the CRL refuses it (device remove waited for the broker's reload)
@@ -308,8 +325,7 @@ def test_device_command_errors_are_one_line(tmp_path: Path) -> None:
     r = cli("device", "list", "--secure", secure)
     assert r.returncode == 2 and "litefleet broker --secure" in r.stderr
     assert cli("device", "add", "pi-01", "--secure", secure).returncode == 0
-    for args in (("add", "pi-01"), ("add", "bad/id"), ("add", "litefleet-host"),
-                 ("remove", "pi-09")):
+    for args in (("add", "pi-01"), ("add", "bad/id"), ("add", "litefleet-host"), ("remove", "pi-09")):
         r = cli("device", *args, "--secure", secure)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("litefleet: error: "), r.stderr
@@ -319,8 +335,7 @@ def test_device_command_errors_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.splitlines()[1].split()[:2] == ["pi-01", "cert"]
 
 
-def test_secure_broker_replaces_a_damaged_server_certificate(tmp_path: Path,
-                                                              started: list[Running]) -> None:
+def test_secure_broker_replaces_a_damaged_server_certificate(tmp_path: Path, started: list[Running]) -> None:
     """server.pem derives from the CA: a damaged one is issued anew and the broker serves
     TLS with it; a damaged CA file stops ``broker --secure`` with one line instead."""
     secure = tmp_path / "pki"
@@ -329,18 +344,21 @@ def test_secure_broker_replaces_a_damaged_server_certificate(tmp_path: Path,
     run = Running("--secure", str(secure), "--port", "0", cwd=tmp_path)
     started.append(run)
     from converter.broker.secure import host_client_settings
+
     s = host_client_settings(secure)
     ctx = ssl.create_default_context(cafile=s["ca_file"])
-    assert round_trip(s["host"], s["port"], tls=ctx, username=s["username"],
-                      password=s["password"]) is not None
+    assert (
+        round_trip(s["host"], s["port"], tls=ctx, username=s["username"], password=s["password"]) is not None
+    )
     code, _, err = run.stop(signal.SIGINT)
     assert code == 0, err
 
     (secure / "ca.key").write_bytes(b"garbage\n")
     r = cli("broker", "--secure", str(secure), "--port", "0", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr == (f"litefleet: error: {secure / 'ca.key'} is not a PEM private key; "
-                        "restore it from a backup\n")
+    assert r.stderr == (
+        f"litefleet: error: {secure / 'ca.key'} is not a PEM private key; restore it from a backup\n"
+    )
 
 
 def test_secure_options_need_secure(tmp_path: Path) -> None:

@@ -57,22 +57,25 @@ def allowed(grants: tuple[Grant, ...], access: str, topic: str) -> bool:
 # -- topic matching -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("flt", "topic", "want"), [
-    ("a/b", "a/b", True),
-    ("a/b", "a/c", False),
-    ("a/+", "a/b", True),
-    ("a/+", "a/b/c", False),
-    ("a/+", "a", False),
-    ("a/#", "a", True),
-    ("a/#", "a/b/c", True),
-    ("a/+/c/#", "a/x/c", True),
-    ("a/+/c/#", "a/x/d", False),
-    ("#", "a/b", True),
-    ("#", "$SYS/broker", False),
-    ("+/x", "$SYS/x", False),
-    ("a/b", "a/b/", False),
-    ("a//b", "a//b", True),
-])
+@pytest.mark.parametrize(
+    ("flt", "topic", "want"),
+    [
+        ("a/b", "a/b", True),
+        ("a/b", "a/c", False),
+        ("a/+", "a/b", True),
+        ("a/+", "a/b/c", False),
+        ("a/+", "a", False),
+        ("a/#", "a", True),
+        ("a/#", "a/b/c", True),
+        ("a/+/c/#", "a/x/c", True),
+        ("a/+/c/#", "a/x/d", False),
+        ("#", "a/b", True),
+        ("#", "$SYS/broker", False),
+        ("+/x", "$SYS/x", False),
+        ("a/b", "a/b/", False),
+        ("a//b", "a//b", True),
+    ],
+)
 def test_topic_matches(flt: str, topic: str, want: bool) -> None:
     assert topic_matches(flt, topic) is want
 
@@ -85,19 +88,35 @@ def test_device_may_write_only_its_own_topics() -> None:
     for leaf in ("state", "events", "metrics"):
         assert allowed(g, "write", f"{B}/devices/dev-a/{leaf}")
         assert not allowed(g, "write", f"{B}/devices/dev-b/{leaf}")
-    for topic in (f"{B}/devices/dev-a/infer", f"{B}/devices/dev-a/x", f"{B}/devices/dev-a",
-                  f"{B}/repo/metadata/timestamp.json", f"{B}/repo/targets/f/0",
-                  f"{B}/devices/dev-a/state/x", "litefleet/v2/devices/dev-a/state", "x"):
+    for topic in (
+        f"{B}/devices/dev-a/infer",
+        f"{B}/devices/dev-a/x",
+        f"{B}/devices/dev-a",
+        f"{B}/repo/metadata/timestamp.json",
+        f"{B}/repo/targets/f/0",
+        f"{B}/devices/dev-a/state/x",
+        "litefleet/v2/devices/dev-a/state",
+        "x",
+    ):
         assert not allowed(g, "write", topic), topic
 
 
 def test_device_reads_repository_and_own_topics_only() -> None:
     g = device_grants("litefleet", "dev-a")
-    for topic in (f"{B}/repo/metadata/1.root.json", f"{B}/repo/targets/abc.m.tflite/7",
-                  f"{B}/devices/dev-a/infer", f"{B}/devices/dev-a/state"):
+    for topic in (
+        f"{B}/repo/metadata/1.root.json",
+        f"{B}/repo/targets/abc.m.tflite/7",
+        f"{B}/devices/dev-a/infer",
+        f"{B}/devices/dev-a/state",
+    ):
         assert allowed(g, "read", topic), topic
-    for topic in (f"{B}/devices/dev-b/infer", f"{B}/devices/dev-b/state",
-                  f"{B}/replies/h/dev-a", "$SYS/broker/uptime", "other/topic"):
+    for topic in (
+        f"{B}/devices/dev-b/infer",
+        f"{B}/devices/dev-b/state",
+        f"{B}/replies/h/dev-a",
+        "$SYS/broker/uptime",
+        "other/topic",
+    ):
         assert not allowed(g, "read", topic), topic
 
 
@@ -134,14 +153,20 @@ def test_reply_topics() -> None:
     assert topics.reply_allowed("dev-a", t)
     assert topics.reply_allowed("dev-a", t + "/req-7")
     assert allowed(device_grants("litefleet", "dev-a"), "write", t)
-    for bad in (f"{B}/replies/_lf-host-ab/dev-b", f"{B}/replies/dev-a", f"{B}/replies/+/dev-a",
-                f"{B}/devices/dev-b/state", f"{B}/replies/x/dev-a/#"):
+    for bad in (
+        f"{B}/replies/_lf-host-ab/dev-b",
+        f"{B}/replies/dev-a",
+        f"{B}/replies/+/dev-a",
+        f"{B}/devices/dev-b/state",
+        f"{B}/replies/x/dev-a/#",
+    ):
         assert not topics.reply_allowed("dev-a", bad), bad
 
 
 def test_render_acl_has_user_blocks_and_no_patterns() -> None:
-    text = render_acl([("dev-a", device_grants("litefleet", "dev-a")),
-                       (HOST_USERNAME, host_grants("litefleet"))])
+    text = render_acl(
+        [("dev-a", device_grants("litefleet", "dev-a")), (HOST_USERNAME, host_grants("litefleet"))]
+    )
     assert "pattern" not in text
     assert "\nuser dev-a\n" in text and f"\nuser {HOST_USERNAME}\n" in text
     assert f"topic write {B}/devices/dev-a/state\n" in text
@@ -166,8 +191,9 @@ def test_password_hash_format_and_verification() -> None:
 @pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="no mosquitto_passwd")
 def test_password_hash_agrees_with_mosquitto_passwd(tmp_path: Path) -> None:
     f = tmp_path / "pw"
-    subprocess.run(["mosquitto_passwd", "-c", "-b", str(f), "u1", "pa:ss word"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(f), "u1", "pa:ss word"], check=True, capture_output=True
+    )
     user, theirs = f.read_text().strip().split(":", 1)
     assert user == "u1"
     assert verify_password("pa:ss word", theirs)
@@ -183,8 +209,9 @@ def test_password_file_is_sorted_and_may_be_empty() -> None:
 # -- validation --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["", "-x", "a b", "a/b", "a+b", "a#", "x" * 65, HOST_USERNAME,
-                                 "_lf-host-1", "dev:1"])
+@pytest.mark.parametrize(
+    "bad", ["", "-x", "a b", "a/b", "a+b", "a#", "x" * 65, HOST_USERNAME, "_lf-host-1", "dev:1"]
+)
 def test_bad_device_ids(bad: str) -> None:
     with pytest.raises(BadInputError):
         check_device_id(bad)
@@ -220,8 +247,7 @@ def test_new_folder_is_private_and_complete(tmp_path: Path) -> None:
     reg = sd.ensure(now=NOW)
     p = sd.paths
     assert mode(p.root) == 0o700
-    for secret in (p.ca_key, p.server_key, p.host_password, p.host_passwd, p.devices_passwd,
-                   p.registry):
+    for secret in (p.ca_key, p.server_key, p.host_password, p.host_passwd, p.devices_passwd, p.registry):
         assert mode(secret) == 0o600, secret
     assert reg.ports == ListenerPorts(8883, 8884, 8885)
     assert reg.prefix == "litefleet"
@@ -248,8 +274,11 @@ def test_new_folder_is_private_and_complete(tmp_path: Path) -> None:
 def test_ensure_is_idempotent_and_reissues_server_cert_for_new_names(tmp_path: Path) -> None:
     sd = SecureDir(tmp_path / "s")
     sd.ensure(now=NOW)
-    ca1, key1, srv1 = (sd.paths.ca_cert.read_bytes(), sd.paths.ca_key.read_bytes(),
-                       sd.paths.server_cert.read_bytes())
+    ca1, key1, srv1 = (
+        sd.paths.ca_cert.read_bytes(),
+        sd.paths.ca_key.read_bytes(),
+        sd.paths.server_cert.read_bytes(),
+    )
     pw1 = sd.paths.host_password.read_bytes()
     sd.ensure(now=NOW + dt.timedelta(days=1))
     assert sd.paths.server_cert.read_bytes() == srv1
@@ -308,12 +337,11 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("name", "what"), [("ca.key", "PEM private key"),
-                                            ("ca.pem", "PEM certificate")])
-@pytest.mark.parametrize("damage", [b"", b"garbage\n", b"-----BEGIN PRIVATE KEY-----\nAAAA\n"
-                                    b"-----END PRIVATE KEY-----\n"])
-def test_damaged_ca_is_one_line_of_bad_input(tmp_path: Path, name: str, what: str,
-                                             damage: bytes) -> None:
+@pytest.mark.parametrize(("name", "what"), [("ca.key", "PEM private key"), ("ca.pem", "PEM certificate")])
+@pytest.mark.parametrize(
+    "damage", [b"", b"garbage\n", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"]
+)
+def test_damaged_ca_is_one_line_of_bad_input(tmp_path: Path, name: str, what: str, damage: bytes) -> None:
     """The CA cannot be remade without re-enrolling every device: a damaged ca.key or
     ca.pem stops every command with one line (exit 2), and is left as it was."""
     folder = tmp_path / "s"
@@ -321,9 +349,11 @@ def test_damaged_ca_is_one_line_of_bad_input(tmp_path: Path, name: str, what: st
     sd.add_device("pi-01", now=NOW)
     (folder / name).write_bytes(damage)
     registry = sd.paths.registry.read_bytes()
-    for args in (("broker", "--secure", str(folder)),
-                 ("device", "add", "pi-02", "--secure", str(folder)),
-                 ("device", "remove", "pi-01", "--secure", str(folder))):
+    for args in (
+        ("broker", "--secure", str(folder)),
+        ("device", "add", "pi-02", "--secure", str(folder)),
+        ("device", "remove", "pi-01", "--secure", str(folder)),
+    ):
         code, _, err = litefleet(*args)
         assert code == 2, (args, err)
         line = one_error_line(err)
@@ -346,8 +376,7 @@ def test_ca_certificate_of_another_key_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["server.pem", "server.key"])
 @pytest.mark.parametrize("damage", [b"", b"garbage\n"])
-def test_damaged_server_certificate_is_issued_anew(tmp_path: Path, name: str,
-                                                  damage: bytes) -> None:
+def test_damaged_server_certificate_is_issued_anew(tmp_path: Path, name: str, damage: bytes) -> None:
     """server.pem and server.key derive from the CA: damaged, they are replaced (by
     ``ensure``, which ``litefleet broker --secure`` runs before it starts Mosquitto)."""
     sd = SecureDir(tmp_path / "s")
@@ -362,6 +391,7 @@ def test_damaged_server_certificate_is_issued_anew(tmp_path: Path, name: str,
     new.verify_directly_issued_by(load_cert(sd.paths.ca_cert))
     assert mode(sd.paths.server_key) == 0o600
     from cryptography.hazmat.primitives import serialization
+
     key = serialization.load_pem_private_key(sd.paths.server_key.read_bytes(), None)
     assert key.public_key() == new.public_key()
 
@@ -428,8 +458,7 @@ def test_device_twice_needs_renew_and_renew_revokes(tmp_path: Path) -> None:
     assert [d.device_id for d in sd.devices()] == ["pi-01"]
 
 
-def test_failed_renew_leaves_the_old_identity(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_renew_leaves_the_old_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sd = SecureDir(tmp_path / "s")
     first = sd.add_device("pi-01", now=NOW)
     before = {f.name: f.read_bytes() for f in sd.paths.device_dir("pi-01").iterdir()}
@@ -506,8 +535,7 @@ def test_broker_config_has_no_plain_or_anonymous_listener(tmp_path: Path) -> Non
     sd.ensure(now=NOW)
     conf = sd.broker_config(data_dir=tmp_path / "data").render()
     listeners = [ln for ln in conf.splitlines() if ln.startswith("listener ")]
-    assert listeners == ["listener 8883 127.0.0.1", "listener 8884 127.0.0.1",
-                         "listener 8885 127.0.0.1"]
+    assert listeners == ["listener 8883 127.0.0.1", "listener 8884 127.0.0.1", "listener 8885 127.0.0.1"]
     assert "allow_anonymous true" not in conf
     assert conf.count("allow_anonymous false") == 3
     assert conf.count("use_username_as_clientid true") == 2  # the device listeners
@@ -520,8 +548,7 @@ def test_broker_config_has_no_plain_or_anonymous_listener(tmp_path: Path) -> Non
     assert "devices.acl" in blocks[0] and "devices.acl" in blocks[1] and "host.acl" in blocks[2]
 
 
-def test_agent_toml_snippet_is_accepted_by_the_agent(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agent_toml_snippet_is_accepted_by_the_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``device add`` prints must load in the agent's strict config reader, and its
     file names must resolve the way the packaged unit hands the files over
     (LoadCredential=litefleet:/etc/litefleet/credentials: file F -> litefleet_F)."""
@@ -529,7 +556,7 @@ def test_agent_toml_snippet_is_accepted_by_the_agent(tmp_path: Path,
 
     from agent.service.config import config_from_mapping
 
-    unit = (Path(__file__).resolve().parents[3] / "systemd" / "litefleet-agent.service")
+    unit = Path(__file__).resolve().parents[3] / "systemd" / "litefleet-agent.service"
     if unit.exists():
         assert f"LoadCredential=litefleet:{DEVICE_CRED_DIR}" in unit.read_text()
     creds = tmp_path / "creds"
@@ -539,14 +566,18 @@ def test_agent_toml_snippet_is_accepted_by_the_agent(tmp_path: Path,
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     for auth, prefix in ((AUTH_CERT, "litefleet"), (AUTH_PASSWORD, "acme")):
         doc = tomllib.loads(agent_toml_snippet("pi-01", auth, "mqtts://hub.local:8883", prefix))
-        cfg = config_from_mapping({**doc, "state_dir": str(tmp_path), "trusted_root":
-                                   str(tmp_path / "root.json")})
+        cfg = config_from_mapping(
+            {**doc, "state_dir": str(tmp_path), "trusted_root": str(tmp_path / "root.json")}
+        )
         assert cfg.broker_address.tls
         assert cfg.credential_path(cfg.ca_file) == creds / "litefleet_ca.pem"
         if auth == AUTH_CERT:
             assert cfg.credential_path(cfg.key_file) == creds / "litefleet_client.key"
         else:
             assert cfg.password() == "pw" and cfg.topic_prefix == "acme"
-    plain = tomllib.loads(agent_toml_snippet("pi-01", AUTH_CERT, "mqtts://h:1", "litefleet",
-                                             credential_prefix=f"{DEVICE_CRED_DIR}/"))
+    plain = tomllib.loads(
+        agent_toml_snippet(
+            "pi-01", AUTH_CERT, "mqtts://h:1", "litefleet", credential_prefix=f"{DEVICE_CRED_DIR}/"
+        )
+    )
     assert plain["key_file"] == f"{DEVICE_CRED_DIR}/{CRED_KEY}"

@@ -40,35 +40,23 @@ from tests.support.secure import (
     tls_context,
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None and not Path(
-    "/usr/sbin/mosquitto").exists(), reason="mosquitto is not installed")
-
+pytestmark = pytest.mark.skipif(
+    shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+    reason="mosquitto is not installed",
+)
 
 
 # -- a small synchronous client for tests --------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
 # -- the broker ---------------------------------------------------------------------------
-
-
-
-
 
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
-    s = start_secure(tmp_path_factory.mktemp("secure"),
-                     {"dev-a": "cert", "dev-b": "cert", "dev-p": "password"})
+    s = start_secure(
+        tmp_path_factory.mktemp("secure"), {"dev-a": "cert", "dev-b": "cert", "dev-p": "password"}
+    )
     try:
         yield s
     finally:
@@ -112,8 +100,9 @@ def nonce() -> bytes:
 
 
 @pytest.mark.parametrize("protocol", [V5, V311])
-def test_device_with_certificate_connects_over_tls(secure: Secure, clients: list[Client],
-                                                   protocol: int) -> None:
+def test_device_with_certificate_connects_over_tls(
+    secure: Secure, clients: list[Client], protocol: int
+) -> None:
     c = secure.device("dev-a", protocol=protocol)
     clients.append(c)
     assert c.connected.is_set(), c.connack
@@ -126,8 +115,7 @@ def test_device_with_certificate_connects_over_tls(secure: Secure, clients: list
 
 
 @pytest.mark.parametrize("protocol", [V5, V311])
-def test_device_with_password_connects_over_tls(secure: Secure, clients: list[Client],
-                                                protocol: int) -> None:
+def test_device_with_password_connects_over_tls(secure: Secure, clients: list[Client], protocol: int) -> None:
     c = secure.device("dev-p", protocol=protocol)
     clients.append(c)
     assert c.connected.is_set(), c.connack
@@ -139,8 +127,10 @@ def test_server_certificate_names_are_checked(secure: Secure, clients: list[Clie
     clients.append(ok)
     assert ok.connected.is_set(), ok.connack
     ctx = tls_context(secure.dir.paths.ca_cert)
-    with socket.create_connection(("127.0.0.1", secure.ports.cert)) as raw, \
-            pytest.raises(ssl.SSLCertVerificationError, match="mismatch"):
+    with (
+        socket.create_connection(("127.0.0.1", secure.ports.cert)) as raw,
+        pytest.raises(ssl.SSLCertVerificationError, match="mismatch"),
+    ):
         ctx.wrap_socket(raw, server_hostname="not-the-broker.example")
 
 
@@ -189,8 +179,7 @@ def test_wrong_password_refused(secure: Secure, protocol: int) -> None:
     c.close()
 
 
-def test_certificate_listener_needs_a_certificate_from_our_ca(secure: Secure,
-                                                              tmp_path: Path) -> None:
+def test_certificate_listener_needs_a_certificate_from_our_ca(secure: Secure, tmp_path: Path) -> None:
     ca = secure.dir.paths.ca_cert
     # no client certificate, even with the right device password
     good = (secure.dir.paths.device_dir("dev-p") / "password").read_text().strip()
@@ -202,10 +191,13 @@ def test_certificate_listener_needs_a_certificate_from_our_ca(secure: Secure,
     key = new_key()
     cert = make_client_cert(other_key, other_ca, key, "dev-a", now)
     from cryptography.hazmat.primitives import serialization
+
     (tmp_path / "evil.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "evil.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    (tmp_path / "evil.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     c = connect(secure.ports.cert, ca=ca, cert=tmp_path / "evil.pem", key=tmp_path / "evil.key")
     assert refused(c)
 
@@ -214,8 +206,9 @@ def test_certificate_listener_needs_a_certificate_from_our_ca(secure: Secure,
 
 
 @pytest.mark.parametrize("protocol", [V5, V311])
-def test_device_publishes_only_to_its_own_topics(secure: Secure, clients: list[Client],
-                                                 protocol: int) -> None:
+def test_device_publishes_only_to_its_own_topics(
+    secure: Secure, clients: list[Client], protocol: int
+) -> None:
     watcher = host_watcher(secure, clients)
     a = secure.device("dev-a", protocol=protocol)
     clients.append(a)
@@ -239,8 +232,12 @@ def test_device_publishes_only_to_its_own_topics(secure: Secure, clients: list[C
         rc = a.publish(topic, tag)
         if protocol == V5:
             assert rc.value == 0x87, (topic, rc)  # Not authorized
-    allowed = [f"{B}/devices/dev-a/state", f"{B}/devices/dev-a/events",
-               f"{B}/devices/dev-a/metrics", f"{B}/replies/{HOST_CLIENT_ID_PREFIX}x/dev-a"]
+    allowed = [
+        f"{B}/devices/dev-a/state",
+        f"{B}/devices/dev-a/events",
+        f"{B}/devices/dev-a/metrics",
+        f"{B}/replies/{HOST_CLIENT_ID_PREFIX}x/dev-a",
+    ]
     for topic in allowed:
         rc = a.publish(topic, tag)
         if protocol == V5:
@@ -252,8 +249,7 @@ def test_device_publishes_only_to_its_own_topics(secure: Secure, clients: list[C
     assert sorted(got) == sorted(allowed)
 
 
-def test_device_cannot_overwrite_or_clear_the_repository(secure: Secure,
-                                                         clients: list[Client]) -> None:
+def test_device_cannot_overwrite_or_clear_the_repository(secure: Secure, clients: list[Client]) -> None:
     host = host_watcher(secure, clients)
     topic = f"{B}/repo/metadata/{uuid.uuid4().hex}.json"
     signed = nonce()
@@ -273,7 +269,8 @@ def test_device_cannot_overwrite_or_clear_the_repository(secure: Secure,
 
 
 def test_devices_read_the_repository_and_only_their_own_requests(
-        secure: Secure, clients: list[Client]) -> None:
+    secure: Secure, clients: list[Client]
+) -> None:
     host = secure.host()
     clients.append(host)
     meta, chunk = f"{B}/repo/metadata/timestamp.json", f"{B}/repo/targets/abc.model.tflite/0"
@@ -294,10 +291,12 @@ def test_devices_read_the_repository_and_only_their_own_requests(
     assert b.wait_for(f"{B}/devices/dev-a/infer", timeout_s=0) is None
 
 
-@pytest.mark.parametrize("wildcard", ["#", "litefleet/#", f"{B}/devices/+/state",
-                                      f"{B}/devices/#", f"{B}/replies/#", "$SYS/#"])
+@pytest.mark.parametrize(
+    "wildcard", ["#", "litefleet/#", f"{B}/devices/+/state", f"{B}/devices/#", f"{B}/replies/#", "$SYS/#"]
+)
 def test_wildcard_subscription_yields_only_what_the_device_may_read(
-        secure: Secure, clients: list[Client], wildcard: str) -> None:
+    secure: Secure, clients: list[Client], wildcard: str
+) -> None:
     """Mosquitto 2.0's ACL file grants every SUBSCRIBE and checks read access per
     message delivered, so a device's ``#`` sees its own topics and the repository
     and nothing of other devices."""
@@ -319,13 +318,11 @@ def test_wildcard_subscription_yields_only_what_the_device_may_read(
     if wildcard in ("#", "litefleet/#"):
         assert spy.wait_for(f"{B}/repo/metadata/marker-{tag.decode()}", tag) is not None
     time.sleep(GRACE_S)
-    leaked = [t for t in spy.topics() if "/devices/dev-b/" in t or "/replies/" in t
-              or t.startswith("$")]
+    leaked = [t for t in spy.topics() if "/devices/dev-b/" in t or "/replies/" in t or t.startswith("$")]
     assert leaked == []
 
 
-def test_host_writes_the_repository_and_reads_devices(secure: Secure,
-                                                      clients: list[Client]) -> None:
+def test_host_writes_the_repository_and_reads_devices(secure: Secure, clients: list[Client]) -> None:
     host = host_watcher(secure, clients)
     tag = nonce()
     rc = host.publish(f"{B}/repo/targets/x.tflite/0", tag, retain=True)
@@ -395,8 +392,7 @@ def test_will_only_on_own_topics(secure: Secure, clients: list[Client]) -> None:
 # -- sessions and packet size ---------------------------------------------------------------
 
 
-def test_reused_device_identity_takes_over_the_older_session(secure: Secure,
-                                                              clients: list[Client]) -> None:
+def test_reused_device_identity_takes_over_the_older_session(secure: Secure, clients: list[Client]) -> None:
     first = secure.device("dev-b")
     clients.append(first)
     second = secure.device("dev-b", client_id="anything-else")
@@ -410,12 +406,13 @@ def test_reused_device_identity_takes_over_the_older_session(secure: Secure,
     assert not first.client.is_connected()
 
 
-def test_device_cannot_take_over_another_devices_session(secure: Secure,
-                                                          clients: list[Client]) -> None:
+def test_device_cannot_take_over_another_devices_session(secure: Secure, clients: list[Client]) -> None:
     victim = secure.device("dev-b", client_id="dev-b")  # as the agent does
     clients.append(victim)
-    for make in (lambda: secure.device("dev-a", client_id="dev-b"),
-                 lambda: secure.device("dev-p", client_id="dev-b")):
+    for make in (
+        lambda: secure.device("dev-a", client_id="dev-b"),
+        lambda: secure.device("dev-p", client_id="dev-b"),
+    ):
         attacker = make()
         clients.append(attacker)
         assert attacker.connected.is_set()
@@ -507,8 +504,9 @@ def test_removed_device_is_locked_out(fresh: Secure, clients: list[Client]) -> N
     # new connections: the certificate is revoked (CRL), the password is gone
     for name, data in saved.items():
         (fresh.dir.root / name).write_bytes(data)
-    again = connect(fresh.ports.cert, ca=ca, cert=fresh.dir.root / "dev-a.pem",
-                    key=fresh.dir.root / "dev-a.key")
+    again = connect(
+        fresh.ports.cert, ca=ca, cert=fresh.dir.root / "dev-a.pem", key=fresh.dir.root / "dev-a.key"
+    )
     assert refused(again)
     again_p = connect(fresh.ports.password, ca=ca, username="dev-p", password=password)
     assert refused(again_p)
@@ -524,8 +522,12 @@ def test_renewed_certificate_replaces_the_old_one(fresh: Secure, clients: list[C
     new = fresh.device("dev-a")
     clients.append(new)
     assert new.connected.is_set()
-    stale = connect(fresh.ports.cert, ca=fresh.dir.paths.ca_cert,
-                    cert=fresh.dir.root / "old-dev-a.pem", key=fresh.dir.root / "old-dev-a.key")
+    stale = connect(
+        fresh.ports.cert,
+        ca=fresh.dir.paths.ca_cert,
+        cert=fresh.dir.root / "old-dev-a.pem",
+        key=fresh.dir.root / "old-dev-a.key",
+    )
     assert refused(stale)
 
 

@@ -45,15 +45,30 @@ def test_convert_writes_everything_and_keeps_tensorflow_quiet(
     capfd: pytest.CaptureFixture[str], digits_files: dict[str, Path], out_dir: Path
 ) -> None:
     rc, out, err = run(
-        capfd, str(digits_files["keras"]), "-o", str(out_dir / "digits.tflite"),
-        "--quantize", "int8", "--calibration", str(digits_files["calibration"]),
-        "--validate", str(digits_files["validation"]), "--report", str(out_dir / "report.json"),
-        "--compare", "none", "--latency-runs", "20",
+        capfd,
+        str(digits_files["keras"]),
+        "-o",
+        str(out_dir / "digits.tflite"),
+        "--quantize",
+        "int8",
+        "--calibration",
+        str(digits_files["calibration"]),
+        "--validate",
+        str(digits_files["validation"]),
+        "--report",
+        str(out_dir / "report.json"),
+        "--compare",
+        "none",
+        "--latency-runs",
+        "20",
     )
     assert rc == 0, err
     assert err == ""  # TensorFlow's and LiteRT's chatter is hidden without --debug
     assert sorted(p.name for p in out_dir.iterdir()) == [
-        "digits.card.json", "digits.golden.npz", "digits.tflite", "report.json"
+        "digits.card.json",
+        "digits.golden.npz",
+        "digits.tflite",
+        "report.json",
     ]
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["variant", "size", "x", "fp32"]
@@ -79,8 +94,7 @@ def test_existing_output_needs_force(
     target.unlink()
     rc, _, err = run(capfd, str(digits_files["keras"]), "-o", str(target))
     assert rc == 2 and "m.golden.npz" in err
-    rc, _, err = run(capfd, str(digits_files["keras"]), "-o", str(target), "--force",
-                     "--latency-runs", "20")
+    rc, _, err = run(capfd, str(digits_files["keras"]), "-o", str(target), "--force", "--latency-runs", "20")
     assert rc == 0, err
     assert target.read_bytes()[4:8] == b"TFL3"  # the flatbuffer identifier
 
@@ -96,18 +110,25 @@ def _corrupt_keras(path: Path) -> Path:
     ("make_source", "fragments"),
     [
         (lambda d: d / "missing.keras", ("missing.keras", "does not exist")),
-        (lambda d: (d / "dangling.keras").symlink_to(d / "gone") or d / "dangling.keras",
-         ("cannot read source",)),
+        (
+            lambda d: (d / "dangling.keras").symlink_to(d / "gone") or d / "dangling.keras",
+            ("cannot read source",),
+        ),
         (lambda d: _corrupt_keras(d / "broken.keras"), ("cannot read Keras model",)),
-        (lambda d: (d / "model.onnx").write_bytes(b"\x08\x07onnx-ish") and d / "model.onnx",
-         ("not a model litefleet can read", ".keras", "SavedModel")),
+        (
+            lambda d: (d / "model.onnx").write_bytes(b"\x08\x07onnx-ish") and d / "model.onnx",
+            ("not a model litefleet can read", ".keras", "SavedModel"),
+        ),
         (lambda d: (d / "empty_dir").mkdir() or d / "empty_dir", ("not a SavedModel",)),
     ],
     ids=["missing", "dangling-symlink", "corrupt-keras", "unknown-format", "folder-not-savedmodel"],
 )
 def test_unreadable_or_unknown_sources_are_exit_2(
-    capfd: pytest.CaptureFixture[str], tmp_path: Path, out_dir: Path,
-    make_source: object, fragments: tuple[str, ...],
+    capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    out_dir: Path,
+    make_source: object,
+    fragments: tuple[str, ...],
 ) -> None:
     src = make_source(tmp_path)  # type: ignore[operator]
     rc, out, err = run(capfd, str(src), "-o", str(out_dir / "m.tflite"))
@@ -117,8 +138,9 @@ def test_unreadable_or_unknown_sources_are_exit_2(
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_permission_denied_source(capfd: pytest.CaptureFixture[str], tmp_path: Path,
-                                  digits_files: dict[str, Path], out_dir: Path) -> None:
+def test_permission_denied_source(
+    capfd: pytest.CaptureFixture[str], tmp_path: Path, digits_files: dict[str, Path], out_dir: Path
+) -> None:
     src = tmp_path / "locked.keras"
     src.write_bytes(digits_files["keras"].read_bytes())
     src.chmod(0)
@@ -136,13 +158,25 @@ def test_permission_denied_source(capfd: pytest.CaptureFixture[str], tmp_path: P
     ids=["shape", "dtype"],
 )
 def test_calibration_that_does_not_fit_is_exit_2(
-    capfd: pytest.CaptureFixture[str], digits_files: dict[str, Path], tmp_path: Path,
-    out_dir: Path, data: np.ndarray, fragments: tuple[str, ...],
+    capfd: pytest.CaptureFixture[str],
+    digits_files: dict[str, Path],
+    tmp_path: Path,
+    out_dir: Path,
+    data: np.ndarray,
+    fragments: tuple[str, ...],
 ) -> None:
     cal = tmp_path / "cal.npy"
     np.save(cal, data)
-    rc, _, err = run(capfd, str(digits_files["keras"]), "-o", str(out_dir / "m.tflite"),
-                     "--quantize", "int8", "--calibration", str(cal))
+    rc, _, err = run(
+        capfd,
+        str(digits_files["keras"]),
+        "-o",
+        str(out_dir / "m.tflite"),
+        "--quantize",
+        "int8",
+        "--calibration",
+        str(cal),
+    )
     assert rc == 2
     assert_one_line_error(err, "calibration data", str(cal), *fragments)
     assert list(out_dir.iterdir()) == []
@@ -150,15 +184,20 @@ def test_calibration_that_does_not_fit_is_exit_2(
 
 @pytest.mark.parametrize(
     ("mode", "fragment"),
-    [("int8", "needs calibration data"), ("int16x8", "needs calibration data"),
-     ("auto", "auto needs --validate DATA")],
+    [
+        ("int8", "needs calibration data"),
+        ("int16x8", "needs calibration data"),
+        ("auto", "auto needs --validate DATA"),
+    ],
 )
 def test_modes_that_need_data_refuse_without_it(
-    capfd: pytest.CaptureFixture[str], digits_files: dict[str, Path], out_dir: Path,
-    mode: str, fragment: str,
+    capfd: pytest.CaptureFixture[str],
+    digits_files: dict[str, Path],
+    out_dir: Path,
+    mode: str,
+    fragment: str,
 ) -> None:
-    rc, _, err = run(capfd, str(digits_files["keras"]), "-o", str(out_dir / "m.tflite"),
-                     "--quantize", mode)
+    rc, _, err = run(capfd, str(digits_files["keras"]), "-o", str(out_dir / "m.tflite"), "--quantize", mode)
     assert rc == 2
     assert_one_line_error(err, fragment)
     assert list(out_dir.iterdir()) == []
@@ -170,14 +209,16 @@ def test_ops_int8_cannot_express_are_named_exit_2(
     src = save_model_with_op(tmp_path / "with_sin.keras", "sin")
     cal = tmp_path / "cal.npy"
     np.save(cal, np.random.default_rng(0).random((16, 8), dtype=np.float32))
-    rc, _, err = run(capfd, str(src), "-o", str(out_dir / "m.tflite"),
-                     "--quantize", "int8", "--calibration", str(cal))
+    rc, _, err = run(
+        capfd, str(src), "-o", str(out_dir / "m.tflite"), "--quantize", "int8", "--calibration", str(cal)
+    )
     assert rc == 2
     assert_one_line_error(err, "int8 cannot express", "SIN", "dynamic", "float16")
     assert list(out_dir.iterdir()) == []
     # the suggestion works
-    rc, _, err = run(capfd, str(src), "-o", str(out_dir / "m.tflite"), "--quantize", "dynamic",
-                     "--latency-runs", "20")
+    rc, _, err = run(
+        capfd, str(src), "-o", str(out_dir / "m.tflite"), "--quantize", "dynamic", "--latency-runs", "20"
+    )
     assert rc == 0, err
 
 
@@ -200,8 +241,7 @@ def test_bad_flag_values_are_usage_errors(
     capfd: pytest.CaptureFixture[str], digits_files: dict[str, Path], out_dir: Path
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["convert", str(digits_files["keras"]), "-o", str(out_dir / "m.tflite"),
-              "--quantize", "int4"])
+        main(["convert", str(digits_files["keras"]), "-o", str(out_dir / "m.tflite"), "--quantize", "int4"])
     assert exc.value.code == 2
     assert "invalid choice: 'int4'" in capfd.readouterr().err
     rc, _, err = run(capfd, str(digits_files["keras"]), "-o", str(out_dir / "m.bin"))
@@ -218,9 +258,25 @@ def test_console_script_failure_after_tensorflow_ran_is_one_line(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["KERAS_BACKEND"] = "jax"  # the user's setting must not matter
     proc = subprocess.run(
-        [sys.executable, "-m", "converter", "convert", str(src), "-o", str(out / "m.tflite"),
-         "--quantize", "int8", "--calibration", str(cal)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "converter",
+            "convert",
+            str(src),
+            "-o",
+            str(out / "m.tflite"),
+            "--quantize",
+            "int8",
+            "--calibration",
+            str(cal),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr
     assert_one_line_error(proc.stderr, "SIN")

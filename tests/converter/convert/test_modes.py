@@ -19,8 +19,12 @@ from tests.support.models import ConvertedModel, convert_digits
 def _convert(digits_files: dict[str, Path], tmp_path: Path, mode: str, **options: object) -> ConvertedModel:
     options.setdefault("latency_runs", 20)
     return convert_digits(
-        digits_files["keras"], digits_files["calibration"], digits_files["validation"],
-        tmp_path / f"digits_{mode}.tflite", mode, **options,
+        digits_files["keras"],
+        digits_files["calibration"],
+        digits_files["validation"],
+        tmp_path / f"digits_{mode}.tflite",
+        mode,
+        **options,
     )
 
 
@@ -68,7 +72,8 @@ def test_int8_keeps_accuracy_within_one_point_at_under_040x_size(
     assert [t.dtype for t in card.inputs + card.outputs] == ["int8", "int8"]
     assert card.inputs[0].quantized and card.outputs[0].quantized
     assert doc["quantization"] == {  # type: ignore[comparison-overlap]
-        "requested": "int8", "io_type": "int8",
+        "requested": "int8",
+        "io_type": "int8",
         "calibration": {"file": str(digits_int8.calibration), "samples": 1347, "samples_used": 200},
     }
     assert metrics["latency_ms_p50"] > 0 and metrics["latency_ms_p99"] >= metrics["latency_ms_p50"]
@@ -95,7 +100,8 @@ def test_int8_io_types(digits_files: dict[str, Path], tmp_path: Path, io_type: s
     ops = list_ops(m.tflite.read_bytes())
     assert ops is not None
     assert {o.name for o in ops if "float32" in o.input_dtypes + o.output_dtypes} <= {
-        "QUANTIZE", "DEQUANTIZE"
+        "QUANTIZE",
+        "DEQUANTIZE",
     }
 
 
@@ -103,8 +109,11 @@ def test_dynamic_range(digits_files: dict[str, Path], tmp_path: Path, digits_flo
     from converter.convert.pipeline import convert_model
 
     r = convert_model(  # no calibration data: dynamic range needs none
-        digits_files["keras"], tmp_path / "d.tflite", quantize="dynamic",
-        validate=digits_files["validation"], latency_runs=20,
+        digits_files["keras"],
+        tmp_path / "d.tflite",
+        quantize="dynamic",
+        validate=digits_files["validation"],
+        latency_runs=20,
     )
     m = ConvertedModel(*r.paths.all(), digits_files["keras"], Path(), Path(), r)
     check_artifacts(m)
@@ -159,8 +168,12 @@ def test_golden_vectors_fall_back_to_calibration_then_random(
     from converter.convert.pipeline import convert_model
 
     r = convert_model(
-        digits_files["keras"], tmp_path / "a.tflite", quantize="int8",
-        calibration=digits_files["calibration"], golden_count=3, latency_runs=20,
+        digits_files["keras"],
+        tmp_path / "a.tflite",
+        quantize="int8",
+        calibration=digits_files["calibration"],
+        golden_count=3,
+        latency_runs=20,
     )
     assert r.card.golden == {"file": "a.golden.npz", "count": 3, "inputs": "calibration"}
     assert r.card.metrics.get("accuracy") is None  # nothing to validate against

@@ -37,8 +37,7 @@ def two_input_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, obj
 
 def data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return (rng.uniform(0, 1, (n, 8, 8, 1)).astype(np.float32),
-            rng.normal(0, 1, (n, 5)).astype(np.float32))
+    return (rng.uniform(0, 1, (n, 8, 8, 1)).astype(np.float32), rng.normal(0, 1, (n, 5)).astype(np.float32))
 
 
 @pytest.mark.parametrize("io_type", ["int8", "float32"])
@@ -51,9 +50,22 @@ def test_two_inputs_two_outputs_int8(two_input_model, tmp_path: Path, io_type: s
     np.savez(tmp_path / "calib.npz", x_0=z_cal, x_1=a_cal)
     np.savez(tmp_path / "val.npz", x_0=z_val, x_1=a_val)
     out = tmp_path / "two.tflite"
-    code, _, err = litefleet("convert", str(src), "-o", str(out), "--quantize", "int8",
-                             "--io-type", io_type, "--calibration", str(tmp_path / "calib.npz"),
-                             "--validate", str(tmp_path / "val.npz"), "--report", str(tmp_path / "r.json"))
+    code, _, err = litefleet(
+        "convert",
+        str(src),
+        "-o",
+        str(out),
+        "--quantize",
+        "int8",
+        "--io-type",
+        io_type,
+        "--calibration",
+        str(tmp_path / "calib.npz"),
+        "--validate",
+        str(tmp_path / "val.npz"),
+        "--report",
+        str(tmp_path / "r.json"),
+    )
     assert code == 0, err
     card = json.loads(out.with_suffix(".card.json").read_text())
     names = sorted(i["name"] for i in card["inputs"])
@@ -100,8 +112,9 @@ def test_calibration_with_too_few_arrays_is_refused(two_input_model, tmp_path: P
     z_cal, _ = data(16, 1)
     np.savez(tmp_path / "one.npz", x=z_cal)
     out = tmp_path / "bad.tflite"
-    code, _, err = litefleet("convert", str(src), "-o", str(out), "--quantize", "int8",
-                             "--calibration", str(tmp_path / "one.npz"))
+    code, _, err = litefleet(
+        "convert", str(src), "-o", str(out), "--quantize", "int8", "--calibration", str(tmp_path / "one.npz")
+    )
     assert code == 2 and "2" in err and "x_0" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
@@ -110,6 +123,14 @@ def test_inputs_in_the_wrong_order_are_refused_by_shape(two_input_model, tmp_pat
     src, _ = two_input_model
     z_cal, a_cal = data(16, 1)
     np.savez(tmp_path / "swapped.npz", x_0=a_cal, x_1=z_cal)
-    code, _, err = litefleet("convert", str(src), "-o", str(tmp_path / "s.tflite"), "--quantize", "int8",
-                             "--calibration", str(tmp_path / "swapped.npz"))
+    code, _, err = litefleet(
+        "convert",
+        str(src),
+        "-o",
+        str(tmp_path / "s.tflite"),
+        "--quantize",
+        "int8",
+        "--calibration",
+        str(tmp_path / "swapped.npz"),
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1, err

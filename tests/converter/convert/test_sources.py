@@ -22,8 +22,13 @@ REPO = Path(__file__).resolve().parents[3]
 
 def _int8(src: Path, out: Path, files: dict[str, Path], **kw: object) -> dict[str, float]:
     r = convert_model(
-        src, out, quantize="int8", calibration=kw.pop("calibration", files["calibration"]),
-        validate=files["validation"], latency_runs=20, **kw,  # type: ignore[arg-type]
+        src,
+        out,
+        quantize="int8",
+        calibration=kw.pop("calibration", files["calibration"]),
+        validate=files["validation"],
+        latency_runs=20,
+        **kw,  # type: ignore[arg-type]
     )
     metrics: dict[str, float] = parse_card(r.paths.card.read_bytes()).metrics
     assert abs(metrics["accuracy"] - metrics["source_accuracy"]) <= 1.0
@@ -63,7 +68,12 @@ def test_keras_file_trained_under_jax(digits_files: dict[str, Path], tmp_path: P
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "support" / "models.py"), str(model), "6"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "jax"  # it really trained under JAX

@@ -32,18 +32,25 @@ def test_merge_metrics_takes_the_fresh_figures() -> None:
 
 
 def test_status_with_metrics_against_a_broker(broker, tmp_path: Path) -> None:
-    publish_many(broker.port, [
-        ("litefleet/v1/devices/pi-on/state", state_payload(device_id="pi-on")),
-        ("litefleet/v1/devices/pi-off/state", state_payload(device_id="pi-off", online=False)),
-    ], retain=True)
+    publish_many(
+        broker.port,
+        [
+            ("litefleet/v1/devices/pi-on/state", state_payload(device_id="pi-on")),
+            ("litefleet/v1/devices/pi-off/state", state_payload(device_id="pi-off", online=False)),
+        ],
+        retain=True,
+    )
     stop = threading.Event()
 
     def device() -> None:  # pi-on reports every 0.2 s, like an agent with a short interval
         seq = 0
         while not stop.is_set():
             seq += 1
-            publish_one(broker.port, "litefleet/v1/devices/pi-on/metrics",
-                        agent_payload("pi-on", seq=seq, ts=time.time()))
+            publish_one(
+                broker.port,
+                "litefleet/v1/devices/pi-on/metrics",
+                agent_payload("pi-on", seq=seq, ts=time.time()),
+            )
             stop.wait(0.2)
 
     t = threading.Thread(target=device, daemon=True)

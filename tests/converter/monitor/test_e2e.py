@@ -36,14 +36,11 @@ from tests.support.payloads import agent_payload, state_payload
 
 
 def post_json(url: str, body: object) -> int:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.status
-
-
-
-
 
 
 class RawMetrics:
@@ -51,8 +48,9 @@ class RawMetrics:
 
     def __init__(self, port: int, device_id: str) -> None:
         self.payloads: list[bytes] = []
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:6]}",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"rec-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+        )
         self.client.on_message = lambda c, u, msg: self.payloads.append(bytes(msg.payload))
         self.client.connect("127.0.0.1", port)
         self.client.subscribe(f"litefleet/v1/devices/{device_id}/metrics", 1)
@@ -68,8 +66,14 @@ def test_monitor_sees_a_real_agent(broker, tmp_path: Path, digits_int8, digits_d
     must("repo", "init", str(repo))
     must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
     rest_port = free_port()
-    agent = AgentProcess(tmp_path, "pi-m", broker.url, repo / "root.json", http=f"127.0.0.1:{rest_port}",
-                         metrics_interval_s=0.5)
+    agent = AgentProcess(
+        tmp_path,
+        "pi-m",
+        broker.url,
+        repo / "root.json",
+        http=f"127.0.0.1:{rest_port}",
+        metrics_interval_s=0.5,
+    )
     raw = RawMetrics(broker.port, "pi-m")
     with running_monitor(broker.port, tmp_path / "monitor.db") as mon:
         try:
@@ -77,27 +81,39 @@ def test_monitor_sees_a_real_agent(broker, tmp_path: Path, digits_int8, digits_d
 
             def serving() -> bool:
                 dev = mon.collector.snapshot().device("pi-m")
-                return bool(dev and dev.state and dev.state.online and dev.state.model == "digits"
-                            and dev.state.version == "1")
+                return bool(
+                    dev
+                    and dev.state
+                    and dev.state.online
+                    and dev.state.model == "digits"
+                    and dev.state.version == "1"
+                )
 
             assert wait_until(serving, 60), agent.log()[-3000:]
             _, _, x_test, _ = digits_data
             requests = 6
             for i in range(requests):
-                assert post_json(f"http://127.0.0.1:{rest_port}/v1/models/digits:predict",
-                                 {"instances": x_test[i:i + 1].tolist()}) == 200
+                assert (
+                    post_json(
+                        f"http://127.0.0.1:{rest_port}/v1/models/digits:predict",
+                        {"instances": x_test[i : i + 1].tolist()},
+                    )
+                    == 200
+                )
 
             labels = 'device="pi-m",model="digits",version="1"'
-            assert wait_until(lambda: mon.metric(f"litefleet_model_requests_total{{{labels}}}") == requests,
-                              15), mon.get("/metrics")
+            assert wait_until(
+                lambda: mon.metric(f"litefleet_model_requests_total{{{labels}}}") == requests, 15
+            ), mon.get("/metrics")
             scrape = mon.get("/metrics")
             assert f"litefleet_model_inferences_total{{{labels}}} {requests}" in scrape
             assert f"litefleet_model_errors_total{{{labels}}} 0" in scrape
-            assert f'litefleet_model_inference_duration_seconds_count{{{labels}}} {requests}' in scrape
+            assert f"litefleet_model_inference_duration_seconds_count{{{labels}}} {requests}" in scrape
             rss = mon.metric('litefleet_device_resident_memory_bytes{device="pi-m"}')
             assert rss is not None and rss > 10_000_000
             assert 'litefleet_device_online{device="pi-m"} 1' in scrape
             assert f'litefleet_model_info{{{labels},sha256="' in scrape
+
             # a latency quantile appears for an interval that had the requests in it: the
             # history has it (the live value may already be a later, idle interval)
             def stored_samples() -> int:
@@ -146,18 +162,24 @@ def test_monitor_sees_a_real_agent(broker, tmp_path: Path, digits_int8, digits_d
         store.close()
 
 
-
-
 def test_two_monitors_in_a_share_group_split_the_metrics(broker, tmp_path: Path) -> None:
     devices = ["pi-a", "pi-b", "pi-c"]
-    publish_many(broker.port, [(f"litefleet/v1/devices/{d}/state", state_payload(device_id=d))
-                               for d in devices], retain=True)
+    publish_many(
+        broker.port,
+        [(f"litefleet/v1/devices/{d}/state", state_payload(device_id=d)) for d in devices],
+        retain=True,
+    )
     per_device = 60
-    with running_monitor(broker.port, tmp_path / "m1.db", share="fleet") as m1, \
-            running_monitor(broker.port, tmp_path / "m2.db", share="fleet") as m2, \
-            running_monitor(broker.port, tmp_path / "all.db") as everything:
-        messages = [(f"litefleet/v1/devices/{d}/metrics", agent_payload(d, seq=s, ts=1_800_000_000.0 + s))
-                    for s in range(1, per_device + 1) for d in devices]
+    with (
+        running_monitor(broker.port, tmp_path / "m1.db", share="fleet") as m1,
+        running_monitor(broker.port, tmp_path / "m2.db", share="fleet") as m2,
+        running_monitor(broker.port, tmp_path / "all.db") as everything,
+    ):
+        messages = [
+            (f"litefleet/v1/devices/{d}/metrics", agent_payload(d, seq=s, ts=1_800_000_000.0 + s))
+            for s in range(1, per_device + 1)
+            for d in devices
+        ]
         publish_many(broker.port, messages)
         total = len(messages)
         assert wait_until(lambda: m1.received("metrics") + m2.received("metrics") >= total, 20)
@@ -182,14 +204,31 @@ def test_two_monitors_in_a_share_group_split_the_metrics(broker, tmp_path: Path)
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.Popen([sys.executable, "-m", "converter", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "converter", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+    )
 
 
 def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> None:
     db = tmp_path / "cli.db"
-    proc = run_cli("monitor", "--broker", broker.url, "--db", str(db), "--prometheus", "127.0.0.1:0",
-                   "--share", "cli", "--summary-interval", "0.5")
+    proc = run_cli(
+        "monitor",
+        "--broker",
+        broker.url,
+        "--db",
+        str(db),
+        "--prometheus",
+        "127.0.0.1:0",
+        "--share",
+        "cli",
+        "--summary-interval",
+        "0.5",
+    )
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
@@ -201,8 +240,10 @@ def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> Non
 
         def scraped() -> bool:
             with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-                return 'litefleet_model_requests_total{device="pi-z",model="digits",version="3"} 5' \
+                return (
+                    'litefleet_model_requests_total{device="pi-z",model="digits",version="3"} 5'
                     in resp.read().decode()
+                )
 
         assert wait_until(scraped, 10)
         with urllib.request.urlopen(url + "/", timeout=5) as resp:
@@ -232,16 +273,25 @@ def test_monitor_command_errors(tmp_path: Path) -> None:
         (["--prometheus", "nonsense"], "HOST:PORT"),
         (["--retention-days", "-1"], "--retention-days"),
     ]:
-        code, _, err = litefleet("monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "x.db"),
-                                 *args)
+        code, _, err = litefleet(
+            "monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "x.db"), *args
+        )
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database at all" * 100)
     code, _, err = litefleet("monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(junk))
     assert code == 2 and "--db" in err and len(err.strip().splitlines()) == 1, err
     dead = free_port()
-    code, _, err = litefleet("monitor", "--broker", f"mqtt://127.0.0.1:{dead}",
-                             "--db", str(tmp_path / "y.db"), "--timeout", "1", "--quiet")
+    code, _, err = litefleet(
+        "monitor",
+        "--broker",
+        f"mqtt://127.0.0.1:{dead}",
+        "--db",
+        str(tmp_path / "y.db"),
+        "--timeout",
+        "1",
+        "--quiet",
+    )
     assert code == 1 and "could not connect" in err, err
     assert not (tmp_path / "y.db").exists()  # a failed start leaves no file behind
 
@@ -249,11 +299,17 @@ def test_monitor_command_errors(tmp_path: Path) -> None:
 def test_number_flags_refuse_nan_and_inf(tmp_path: Path) -> None:
     """nan made the summary loop spin, inf overflowed the clock (a traceback): now one usage line."""
     for command, flag, value in [
-        ("monitor", "--summary-interval", "nan"), ("monitor", "--summary-interval", "inf"),
-        ("monitor", "--summary-interval", "0"), ("monitor", "--timeout", "inf"),
-        ("monitor", "--timeout", "1e300"), ("monitor", "--retention-days", "nan"),
-        ("monitor", "--session-expiry", "inf"), ("status", "--timeout", "inf"),
-        ("status", "--timeout", "nan"), ("status", "--metrics", "inf"), ("status", "--metrics", "nan"),
+        ("monitor", "--summary-interval", "nan"),
+        ("monitor", "--summary-interval", "inf"),
+        ("monitor", "--summary-interval", "0"),
+        ("monitor", "--timeout", "inf"),
+        ("monitor", "--timeout", "1e300"),
+        ("monitor", "--retention-days", "nan"),
+        ("monitor", "--session-expiry", "inf"),
+        ("status", "--timeout", "inf"),
+        ("status", "--timeout", "nan"),
+        ("status", "--metrics", "inf"),
+        ("status", "--metrics", "nan"),
     ]:
         extra = ["--db", str(tmp_path / "x.db")] if command == "monitor" else []
         code, out, err = litefleet(command, "--broker", "mqtt://127.0.0.1:1", *extra, flag, value)
@@ -269,8 +325,11 @@ def test_why_state_is_not_a_shared_subscription(broker) -> None:
     got: list[list[tuple[bool, bytes]]] = [[], []]
     clients = []
     for i in range(2):
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"_lf-probe-{i}-{uuid.uuid4().hex[:6]}",
-                        protocol=paho.MQTTv5)
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"_lf-probe-{i}-{uuid.uuid4().hex[:6]}",
+            protocol=paho.MQTTv5,
+        )
         c.on_message = lambda cl, u, msg, i=i: got[i].append((bool(msg.retain), bytes(msg.payload)))
         c.connect("127.0.0.1", broker.port)
         c.subscribe("$share/probe/litefleet/v1/devices/+/state", 1)
@@ -279,8 +338,12 @@ def test_why_state_is_not_a_shared_subscription(broker) -> None:
     try:
         assert wait_until(lambda: all(len(g) == 1 for g in got), 5), got
         assert all(g[0][0] for g in got)  # both got the retained message
-        publish_one(broker.port, "litefleet/v1/devices/pi-r/state",
-                    state_payload(device_id="pi-r", online=False), retain=True)
+        publish_one(
+            broker.port,
+            "litefleet/v1/devices/pi-r/state",
+            state_payload(device_id="pi-r", online=False),
+            retain=True,
+        )
         assert wait_until(lambda: len(got[0]) + len(got[1]) == 3, 5)
         time.sleep(0.3)
         assert sorted(len(g) for g in got) == [1, 2]  # the change went to one member only
@@ -294,8 +357,13 @@ def test_collectors_of_a_group_can_share_one_history_file(broker, tmp_path: Path
     """On one machine several collectors may write one SQLite file: the unique keys
     drop a replay even when the other collector stored the original."""
     db = tmp_path / "shared.db"
-    messages = [(f"litefleet/v1/devices/pi-{i % 20}/metrics",
-                 agent_payload(f"pi-{i % 20}", seq=i // 20 + 1, ts=1_800_000_000.0 + i)) for i in range(600)]
+    messages = [
+        (
+            f"litefleet/v1/devices/pi-{i % 20}/metrics",
+            agent_payload(f"pi-{i % 20}", seq=i // 20 + 1, ts=1_800_000_000.0 + i),
+        )
+        for i in range(600)
+    ]
     replays = messages[:200]
     with running_monitor(broker.port, db, share="g") as m1, running_monitor(broker.port, db, share="g") as m2:
         publish_many(broker.port, messages + replays)
@@ -325,8 +393,18 @@ def test_monitor_survives_a_broker_restart(broker, tmp_path: Path) -> None:
 
 
 def _cli_monitor(broker: Any, db: Path, *extra: str) -> subprocess.Popen[str]:
-    proc = run_cli("monitor", "--broker", broker.url, "--db", str(db), "--prometheus", "127.0.0.1:0",
-                   "--summary-interval", "60", *extra)
+    proc = run_cli(
+        "monitor",
+        "--broker",
+        broker.url,
+        "--db",
+        str(db),
+        "--prometheus",
+        "127.0.0.1:0",
+        "--summary-interval",
+        "60",
+        *extra,
+    )
     assert proc.stderr is not None
     line = proc.stderr.readline()  # "serving http://..." once connected and subscribed
     assert "serving" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
@@ -353,11 +431,26 @@ def test_a_monitor_session_keeps_what_came_while_the_collector_was_away(broker, 
             time.sleep(0.5)
             _stop_cli(proc)
             # the collector is away: two metrics messages and an event are published
-            publish_many(broker.port, [(topic, agent_payload("pi-s", seq=2)),
-                                       (topic, agent_payload("pi-s", seq=3)),
-                                       ("litefleet/v1/devices/pi-s/events",
-                                        json.dumps({"event": "activated", "model": "digits", "version": 3,
-                                                    "ts": time.time(), "boot": "b1", "seq": 1}).encode())])
+            publish_many(
+                broker.port,
+                [
+                    (topic, agent_payload("pi-s", seq=2)),
+                    (topic, agent_payload("pi-s", seq=3)),
+                    (
+                        "litefleet/v1/devices/pi-s/events",
+                        json.dumps(
+                            {
+                                "event": "activated",
+                                "model": "digits",
+                                "version": 3,
+                                "ts": time.time(),
+                                "boot": "b1",
+                                "seq": 1,
+                            }
+                        ).encode(),
+                    ),
+                ],
+            )
             proc = _cli_monitor(broker, db, *session)
             publish_one(broker.port, topic, agent_payload("pi-s", seq=4))
             time.sleep(1.0)
@@ -379,6 +472,7 @@ def test_a_monitor_session_keeps_what_came_while_the_collector_was_away(broker, 
 
 def test_monitor_session_name_is_checked(tmp_path: Path) -> None:
     for bad in ("a/b", "+", "#", "x" * 65, ""):
-        code, _, err = litefleet("monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "x.db"),
-                                 "--session", bad)
+        code, _, err = litefleet(
+            "monitor", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "x.db"), "--session", bad
+        )
         assert code == 2 and "--session" in err and len(err.strip().splitlines()) == 1, (bad, err)

@@ -21,9 +21,13 @@ DEVICES = 200
 
 
 def test_collector_keeps_up_with_a_synthetic_fleet(broker, tmp_path: Path) -> None:
-    messages = [(f"litefleet/v1/devices/pi-{i % DEVICES}/metrics",
-                 agent_payload(f"pi-{i % DEVICES}", seq=i // DEVICES + 1, ts=1_800_000_000.0 + i))
-                for i in range(MESSAGES)]
+    messages = [
+        (
+            f"litefleet/v1/devices/pi-{i % DEVICES}/metrics",
+            agent_payload(f"pi-{i % DEVICES}", seq=i // DEVICES + 1, ts=1_800_000_000.0 + i),
+        )
+        for i in range(MESSAGES)
+    ]
     with running_monitor(broker.port, tmp_path / "load.db") as mon:
         t0 = time.perf_counter()
         publish_many(broker.port, messages)
@@ -34,7 +38,9 @@ def test_collector_keeps_up_with_a_synthetic_fleet(broker, tmp_path: Path) -> No
         scrape = mon.get("/metrics")
         scrape_ms = (time.perf_counter() - scrape_t0) * 1000
     rate = MESSAGES / elapsed
-    print(f"\ncollector: {MESSAGES} messages from {DEVICES} devices stored in {elapsed:.2f} s "
-          f"({rate:.0f} msg/s); /metrics of {DEVICES} devices in {scrape_ms:.0f} ms, "
-          f"{len(scrape) / 1024:.0f} KiB")
+    print(
+        f"\ncollector: {MESSAGES} messages from {DEVICES} devices stored in {elapsed:.2f} s "
+        f"({rate:.0f} msg/s); /metrics of {DEVICES} devices in {scrape_ms:.0f} ms, "
+        f"{len(scrape) / 1024:.0f} KiB"
+    )
     assert stats.stored_samples == MESSAGES and stats.dropped == 0 and stats.write_errors == 0

@@ -85,17 +85,20 @@ def test_metrics_of_a_machine_without_sensors() -> None:
     assert m.temperature_c is None and m.throttled == () and m.throttled_raw is None and m.load_avg is None
 
 
-@pytest.mark.parametrize("payload, reason", [
-    (b"{not json", "not JSON"),
-    (b"[1, 2]", "not a JSON object"),
-    (b'{"ts": 1.0}', "no valid seq and ts"),
-    (b'{"seq": true, "ts": 1.0}', "no valid seq and ts"),
-    (b'{"seq": -1, "ts": 1.0}', "no valid seq and ts"),
-    (b'{"seq": 1, "ts": NaN}', "no valid seq and ts"),
-    (b'{"seq": 1, "ts": "yesterday"}', "no valid seq and ts"),
-    (b'{"seq": 1, "ts": 1.0, "device_id": "pi-2"}', "device_id differs from the topic's"),
-    (b"\xff\xfe", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"ts": 1.0}', "no valid seq and ts"),
+        (b'{"seq": true, "ts": 1.0}', "no valid seq and ts"),
+        (b'{"seq": -1, "ts": 1.0}', "no valid seq and ts"),
+        (b'{"seq": 1, "ts": NaN}', "no valid seq and ts"),
+        (b'{"seq": 1, "ts": "yesterday"}', "no valid seq and ts"),
+        (b'{"seq": 1, "ts": 1.0, "device_id": "pi-2"}', "device_id differs from the topic's"),
+        (b"\xff\xfe", "not JSON"),
+    ],
+)
 def test_malformed_metrics_say_why(payload: bytes, reason: str) -> None:
     got = parse_metrics("pi-1", payload)
     assert got == Malformed("metrics", "pi-1", reason)
@@ -118,9 +121,22 @@ def test_odd_fields_are_ignored_not_fatal() -> None:
 
 
 def test_event_and_state() -> None:
-    ev = parse_event("pi-1", json.dumps({"ts": 5.0, "device_id": "pi-1", "boot": "b1", "seq": 17,
-                                         "event": "rejected", "model": "digits", "version": 4,
-                                         "reason": "golden", "message": "differs"}).encode())
+    ev = parse_event(
+        "pi-1",
+        json.dumps(
+            {
+                "ts": 5.0,
+                "device_id": "pi-1",
+                "boot": "b1",
+                "seq": 17,
+                "event": "rejected",
+                "model": "digits",
+                "version": 4,
+                "reason": "golden",
+                "message": "differs",
+            }
+        ).encode(),
+    )
     assert isinstance(ev, EventRecord)
     assert (ev.boot, ev.seq, ev.event, ev.version, ev.reason) == ("b1", 17, "rejected", "4", "golden")
     assert isinstance(parse_event("pi-1", b'{"seq": 1}'), Malformed)
@@ -133,14 +149,17 @@ def test_event_and_state() -> None:
 
 
 # -- decisions -------------------------------------------------------------------------------
-@pytest.mark.parametrize("latest, seq, ts, newer", [
-    (None, 1, 1.0, True),
-    ((5, 50.0), 6, 60.0, True),    # the next message
-    ((5, 50.0), 5, 50.0, False),   # a QoS 1 duplicate
-    ((5, 50.0), 3, 30.0, False),   # replayed from before an outage, arriving late
-    ((500, 50.0), 1, 60.0, True),  # the device lost its queue file: seq restarts, time goes on
-    ((5, 50.0), 6, 40.0, True),    # the device's clock stepped back (NTP): seq still orders
-])
+@pytest.mark.parametrize(
+    "latest, seq, ts, newer",
+    [
+        (None, 1, 1.0, True),
+        ((5, 50.0), 6, 60.0, True),  # the next message
+        ((5, 50.0), 5, 50.0, False),  # a QoS 1 duplicate
+        ((5, 50.0), 3, 30.0, False),  # replayed from before an outage, arriving late
+        ((500, 50.0), 1, 60.0, True),  # the device lost its queue file: seq restarts, time goes on
+        ((5, 50.0), 6, 40.0, True),  # the device's clock stepped back (NTP): seq still orders
+    ],
+)
 def test_is_newer(latest: tuple[int, float] | None, seq: int, ts: float, newer: bool) -> None:
     assert is_newer(latest, seq, ts) is newer
 
@@ -149,8 +168,8 @@ def test_device_health() -> None:
     assert device_health(None, 100.0, 10.0, 100.0) == "unknown"
     assert device_health(False, 100.0, 10.0, 100.0) == "offline"
     assert device_health(True, 100.0, 10.0, 129.0) == "online"
-    assert device_health(True, 100.0, 10.0, 131.0) == "stale"      # 3 intervals, but at least 30 s
-    assert device_health(True, 100.0, 60.0, 250.0) == "online"     # slow reporter: 3 x 60 s
+    assert device_health(True, 100.0, 10.0, 131.0) == "stale"  # 3 intervals, but at least 30 s
+    assert device_health(True, 100.0, 60.0, 250.0) == "online"  # slow reporter: 3 x 60 s
     assert device_health(True, 100.0, 60.0, 281.0) == "stale"
 
 
@@ -185,8 +204,13 @@ def test_live_view_keeps_the_newest_metrics_and_counts() -> None:
     live = FleetLive(started=0.0)
     new = parse_metrics("pi-1", agent_payload(seq=10, ts=2000.0))
     old = parse_metrics("pi-1", agent_payload(seq=4, ts=1400.0))
-    live.apply([(received(new, 2001.0), False), (received(old, 2002.0), False),
-                (received(parse_metrics("pi-1", b"junk"), 2003.0), False)])
+    live.apply(
+        [
+            (received(new, 2001.0), False),
+            (received(old, 2002.0), False),
+            (received(parse_metrics("pi-1", b"junk"), 2003.0), False),
+        ]
+    )
     snap = live.snapshot(2005.0)
     dev = snap.device("pi-1")
     assert dev is not None and dev.metrics is not None and dev.metrics.seq == 10
@@ -206,9 +230,10 @@ def test_retained_state_counts_with_its_own_time() -> None:
 
 # -- Prometheus exposition ------------------------------------------------------------------------
 SAMPLE_RE = re.compile(
-    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)'
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
     r'(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")(?:,[a-zA-Z_][a-zA-Z0-9_]*='
-    r'"(?:[^"\\\n]|\\[\\"n])*")*)\})? (?P<value>\S+)$')
+    r'"(?:[^"\\\n]|\\[\\"n])*")*)\})? (?P<value>\S+)$'
+)
 
 
 def check_exposition(text: str) -> dict[str, list[str]]:
@@ -247,8 +272,14 @@ def test_escaping() -> None:
     assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
     assert escape_help("x\\y\nz") == "x\\\\y\\nz"
     assert format_sample("m", (("l", 'say "hi"\n'),), 1.5) == 'm{l="say \\"hi\\"\\n"} 1.5'
-    assert [format_value(v) for v in (True, 3, 2.0, 0.25, math.inf, -math.inf)] == \
-        ["1", "3", "2", "0.25", "+Inf", "-Inf"]
+    assert [format_value(v) for v in (True, 3, 2.0, 0.25, math.inf, -math.inf)] == [
+        "1",
+        "3",
+        "2",
+        "0.25",
+        "+Inf",
+        "-Inf",
+    ]
     assert format_value(math.nan) == "NaN"
 
 
@@ -259,36 +290,48 @@ def test_exposition_of_a_hostile_fleet_is_valid() -> None:
     doc["models"][0]["name"] = 'evil"}\nlitefleet_pwned 1 #'
     doc["models"].append(dict(doc["models"][0]))  # the same version twice in one message
     doc["models"][1]["name"] = 'evil"}\nlitefleet_pwned 1 #'
-    live.apply([
-        (received(parse_metrics("pi-1", json.dumps(doc).encode())), False),
-        (received(parse_state("pi-1", state_payload(status='a\\b"c', agent_version="1\n2"))), False),
-        (received(parse_state("pi-2", state_payload(online=False))), False),
-    ])
+    live.apply(
+        [
+            (received(parse_metrics("pi-1", json.dumps(doc).encode())), False),
+            (received(parse_state("pi-1", state_payload(status='a\\b"c', agent_version="1\n2"))), False),
+            (received(parse_state("pi-2", state_payload(online=False))), False),
+        ]
+    )
     text = render(live.snapshot(1001.0))
     families = check_exposition(text)
     assert list(families) == metric_names()
     assert "\nlitefleet_pwned" not in text
-    assert families["litefleet_device_online"] == ['litefleet_device_online{device="pi-1"} 1',
-                                                   'litefleet_device_online{device="pi-2"} 0']
+    assert families["litefleet_device_online"] == [
+        'litefleet_device_online{device="pi-1"} 1',
+        'litefleet_device_online{device="pi-2"} 0',
+    ]
     assert 'litefleet_devices{health="offline"} 1' in families["litefleet_devices"]
     assert len(families["litefleet_model_requests_total"]) == 1
 
 
 def test_real_values_appear() -> None:
     live = FleetLive(started=1.0)
-    live.apply([(received(parse_metrics("pi-1", agent_payload())), False),
-                (received(parse_state("pi-1", state_payload())), False)])
+    live.apply(
+        [
+            (received(parse_metrics("pi-1", agent_payload())), False),
+            (received(parse_state("pi-1", state_payload())), False),
+        ]
+    )
     fam = check_exposition(render(live.snapshot(1001.0)))
     lbl = 'device="pi-1",model="digits",version="3"'
     assert f"litefleet_model_requests_total{{{lbl}}} 5" in fam["litefleet_model_requests_total"]
     assert f"litefleet_model_inferences_total{{{lbl}}} 3" in fam["litefleet_model_inferences_total"]
     assert f"litefleet_model_errors_total{{{lbl}}} 1" in fam["litefleet_model_errors_total"]
-    for line in ('litefleet_device_temperature_celsius{device="pi-1"} 51',
-                 'litefleet_device_throttled{device="pi-1",flag="throttled"} 1',
-                 'litefleet_device_cpu_percent{device="pi-1",scope="system"} 12.4'):
+    for line in (
+        'litefleet_device_temperature_celsius{device="pi-1"} 51',
+        'litefleet_device_throttled{device="pi-1",flag="throttled"} 1',
+        'litefleet_device_cpu_percent{device="pi-1",scope="system"} 12.4',
+    ):
         assert line in fam[line.split("{")[0]]
-    assert any(f'model="digits",version="3",sha256="{"ab" * 32}",trial="false"' in ln
-               for ln in fam["litefleet_model_info"])
+    assert any(
+        f'model="digits",version="3",sha256="{"ab" * 32}",trial="false"' in ln
+        for ln in fam["litefleet_model_info"]
+    )
     hist = fam["litefleet_model_inference_duration_seconds"]
     assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="+Inf"}} 3' in hist
     # 0.4 ms and 0.5 ms lie below 2**19 ns = 0.524288 ms; 2 ms below 2**21 ns
@@ -318,14 +361,22 @@ def test_rebucketing_is_exact_at_every_bound(latencies_ns: list[int]) -> None:
 
 
 # -- the page and its SVG -----------------------------------------------------------------------------
-def points(values: list[tuple[float, float | None, float | None]], version: str = "1",
-           interval: float = 10.0) -> list[LatencyPoint]:
+def points(
+    values: list[tuple[float, float | None, float | None]], version: str = "1", interval: float = 10.0
+) -> list[LatencyPoint]:
     return [LatencyPoint(ts, version, p50, p99, interval) for ts, p50, p99 in values]
 
 
 def test_nice_ceiling_and_format() -> None:
-    assert [nice_ceiling(v) for v in (0.7, 1.0, 1.3, 2.2, 4.0, 7.0, 0.013)] == \
-        [1.0, 1.0, 2.0, 2.5, 5.0, 10.0, 0.02]
+    assert [nice_ceiling(v) for v in (0.7, 1.0, 1.3, 2.2, 4.0, 7.0, 0.013)] == [
+        1.0,
+        1.0,
+        2.0,
+        2.5,
+        5.0,
+        10.0,
+        0.02,
+    ]
     assert nice_ceiling(0.0) == 1.0
     assert format_ms(0.0213) == "21.3 µs" and format_ms(4.5) == "4.5 ms" and format_ms(None) == "-"
 
@@ -360,20 +411,33 @@ def test_chart_has_lines_gaps_and_version_marks() -> None:
 def test_page_escapes_device_text_and_fetches_nothing() -> None:
     live = FleetLive(started=1.0)
     bad = "<script>alert(1)</script>"
-    live.apply([(received(parse_state("pi-1", state_payload(error=bad, status=bad))), False),
-                (received(parse_metrics("pi-1", agent_payload())), False)])
+    live.apply(
+        [
+            (received(parse_state("pi-1", state_payload(error=bad, status=bad))), False),
+            (received(parse_metrics("pi-1", agent_payload())), False),
+        ]
+    )
     snap = live.snapshot(1001.0)
     ev = StoredEvent("pi-1", 1000.0, "rejected", "digits", "4", "golden", bad)
-    page = render_page(devices=snap.devices, charts=[latency_chart_svg(
-        points([(900.0, 0.5, 1.0), (910.0, 0.6, 1.2)]), since=0.0, until=1000.0, title=bad)],
-        events=[ev], now=1001.0, window_s=3600)
+    page = render_page(
+        devices=snap.devices,
+        charts=[
+            latency_chart_svg(
+                points([(900.0, 0.5, 1.0), (910.0, 0.6, 1.2)]), since=0.0, until=1000.0, title=bad
+            )
+        ],
+        events=[ev],
+        now=1001.0,
+        window_s=3600,
+    )
     assert "<script" not in page and "&lt;script&gt;" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
-    assert '<meta http-equiv="refresh"' in page and "<path d=\"M" in page
+    assert '<meta http-equiv="refresh"' in page and '<path d="M' in page
     assert device_json(snap.devices[0])["inferences"] == 3
     assert '<a href="?device=pi-1">pi-1</a>' in page
-    one = render_page(devices=snap.devices, charts=[], events=[], now=1001.0, window_s=3600,
-                      only_device="pi 1&x")
+    one = render_page(
+        devices=snap.devices, charts=[], events=[], now=1001.0, window_s=3600, only_device="pi 1&x"
+    )
     assert 'href="?hours=6&amp;device=pi%201%26x"' in one and 'href="?">whole fleet' in one
 
 
@@ -386,8 +450,9 @@ def test_one_model_stands_for_the_device_everywhere() -> None:
         for _ in range(n):
             stats.record_ok(ns)
         reports.append(model_report(stats.snapshot(), None, 10.0, active=True))
-    payload = build_metrics_payload(device_id="pi-1", seq=1, ts=1000.0, interval_s=10.0, models=reports,
-                                    device={}, api={}, queue={})
+    payload = build_metrics_payload(
+        device_id="pi-1", seq=1, ts=1000.0, interval_s=10.0, models=reports, device={}, api={}, queue={}
+    )
     sample = parse_metrics("pi-1", payload)
     assert isinstance(sample, MetricsSample) and [m.name for m in sample.models] == ["digits", "faces"]
     faces = shown_model(sample, "faces")
@@ -460,12 +525,22 @@ def test_store_filters_one_device_in_sql(tmp_path: Path) -> None:
     store = MonitorStore.open(tmp_path / "m.db")
     try:
         first = b'{"ts": 10, "boot": "q", "seq": 1, "event": "activated"}'
-        quiet = [received(parse_event("pi-quiet", first)),
-                 received(parse_metrics("pi-quiet", agent_payload("pi-quiet", seq=1, ts=10.0)))]
-        busy = [received(parse_event(f"pi-{i % 7}", json.dumps(
-            {"ts": 100 + i, "boot": "b", "seq": i, "event": "activated"}).encode())) for i in range(300)]
-        busy += [received(parse_metrics(f"pi-{i}", agent_payload(f"pi-{i}", seq=1, ts=20.0)))
-                 for i in range(5)]
+        quiet = [
+            received(parse_event("pi-quiet", first)),
+            received(parse_metrics("pi-quiet", agent_payload("pi-quiet", seq=1, ts=10.0))),
+        ]
+        busy = [
+            received(
+                parse_event(
+                    f"pi-{i % 7}",
+                    json.dumps({"ts": 100 + i, "boot": "b", "seq": i, "event": "activated"}).encode(),
+                )
+            )
+            for i in range(300)
+        ]
+        busy += [
+            received(parse_metrics(f"pi-{i}", agent_payload(f"pi-{i}", seq=1, ts=20.0))) for i in range(5)
+        ]
         store.write(quiet + busy)
         with store.reader() as r:
             assert all(e.device_id != "pi-quiet" for e in r.recent_events(200))

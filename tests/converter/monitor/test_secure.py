@@ -24,9 +24,26 @@ from tests.support.secure import start_secure
 def test_monitor_with_the_host_identity_of_a_secure_broker(tmp_path: Path) -> None:
     secure = start_secure(tmp_path, {"dev-p": "password"})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "converter", "monitor", "--secure-dir", str(secure.dir.root),
-         "--db", str(tmp_path / "m.db"), "--prometheus", "127.0.0.1:0", "--share", "g", "--quiet"],
-        stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=REPO_ROOT)
+        [
+            sys.executable,
+            "-m",
+            "converter",
+            "monitor",
+            "--secure-dir",
+            str(secure.dir.root),
+            "--db",
+            str(tmp_path / "m.db"),
+            "--prometheus",
+            "127.0.0.1:0",
+            "--share",
+            "g",
+            "--quiet",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        cwd=REPO_ROOT,
+    )
     device = None
     try:
         assert proc.stderr is not None
@@ -36,17 +53,19 @@ def test_monitor_with_the_host_identity_of_a_secure_broker(tmp_path: Path) -> No
         url = found.group(1)
         device = secure.device("dev-p")
         assert device.connected.is_set()
-        device.client.publish("litefleet/v1/devices/dev-p/state", state_payload(device_id="dev-p"),
-                              qos=1, retain=True).wait_for_publish(5)
+        device.client.publish(
+            "litefleet/v1/devices/dev-p/state", state_payload(device_id="dev-p"), qos=1, retain=True
+        ).wait_for_publish(5)
         for seq in (1, 2):
-            device.client.publish("litefleet/v1/devices/dev-p/metrics", agent_payload("dev-p", seq=seq),
-                                  qos=1).wait_for_publish(5)
+            device.client.publish(
+                "litefleet/v1/devices/dev-p/metrics", agent_payload("dev-p", seq=seq), qos=1
+            ).wait_for_publish(5)
 
         def scrape() -> str:
             with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
                 return resp.read().decode()
 
-        assert wait_until(lambda: 'litefleet_monitor_samples_stored_total 2' in scrape(), 10), scrape()
+        assert wait_until(lambda: "litefleet_monitor_samples_stored_total 2" in scrape(), 10), scrape()
         body = scrape()
         assert 'litefleet_device_online{device="dev-p"} 1' in body
         assert 'litefleet_model_requests_total{device="dev-p",model="digits",version="3"} 5' in body

@@ -59,8 +59,11 @@ def test_releases_versions_and_publish_plans(tmp_path: Path) -> None:
     repo = Repository.init(tmp_path / "r")
     r1 = repo.add_release("m", b"TFL3" * 1000, card=b"{}", golden=b"PK")
     assert (r1.version, r1.targets_version) == (1, 2)
-    assert [u.path for u in r1.plan.uploads] == ["models/m/1/model.tflite", "models/m/1/card.json",
-                                                 "models/m/1/golden.npz"]
+    assert [u.path for u in r1.plan.uploads] == [
+        "models/m/1/model.tflite",
+        "models/m/1/card.json",
+        "models/m/1/golden.npz",
+    ]
     assert [n for n, _ in r1.plan.metadata] == ["2.targets.json", "2.snapshot.json", "timestamp.json"]
     r2 = repo.add_release("m", b"v2")
     r3 = repo.add_release("m", b"v3")
