@@ -11,7 +11,8 @@ from converter.cli.host_mqtt import add_broker_args, connect
 from converter.cli.progress import ProgressBar
 from converter.errors import BadInputError
 from converter.repo.publish import RepoPublisher
-from converter.repo.repository import DEFAULT_EXPIRY_DAYS, PublishPlan, Repository, TargetUpload
+from converter.repo.repository import DEFAULT_EXPIRY_DAYS, Repository
+from converter.repo.targets import PublishPlan, TargetUpload
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,7 +80,7 @@ def run_init(args: argparse.Namespace) -> int:
         f"created repository {args.dir}\n"
         f"  signing keys: {args.dir / 'keys'} (owner-only; keep the root keys offline)\n"
         f"  give devices: {args.dir / 'root.json'} as trusted_root\n"
-        f"  expiry (days): {json.dumps(repo.state['expiry_days'])}\n"
+        f"  expiry (days): {json.dumps(repo.state.expiry_days.to_json())}\n"
     )
     return 0
 
@@ -87,7 +88,7 @@ def run_init(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     repo = Repository.open(args.dir)
     rows = []
-    for name in sorted(repo.state["models"]):
+    for name in repo.model_names():
         for version, rollout in sorted(repo.model_releases(name).items()):
             rows.append(
                 {"name": name, "version": version, "target": rollout.target, "canary_pct": rollout.canary_pct}
@@ -112,8 +113,8 @@ def run_show(args: argparse.Namespace) -> int:
     for r in rows:
         canary = f" (canary {r['canary_pct']}%)" if r["canary_pct"] < 100 else ""
         sys.stdout.write(f"  {r['name']:<20} v{r['version']:<5} {r['target']}{canary}\n")
-    if repo.state.get("pending_uploads"):
-        sys.stdout.write("  not yet published: " + ", ".join(repo.state["pending_uploads"]) + "\n")
+    if repo.state.pending_uploads:
+        sys.stdout.write("  not yet published: " + ", ".join(repo.state.pending_uploads) + "\n")
     return 0
 
 
