@@ -19,9 +19,13 @@ import threading
 import time
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from converter.cli.table import Align, Column, format_table
 from converter.errors import BadInputError
+
+if TYPE_CHECKING:
+    from converter.convert.results import ConversionResult
 
 DEFAULT_QUANTIZE = "none"
 
@@ -134,7 +138,6 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from converter.convert.pipeline import convert_model
-    from converter.convert.report import format_table
 
     debug = bool(getattr(args, "debug", False))
     if debug:
@@ -161,8 +164,18 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             progress=spinner.phase,
         )
-    sys.stdout.write(format_table(result) + "\n")
+    sys.stdout.write(result_table(result))
     return 0
+
+
+def result_table(result: ConversionResult) -> str:
+    """The comparison of the source and every variant, then the notes under it."""
+    from converter.convert.report import TABLE_COLUMNS, table_notes, table_rows
+
+    first, *figures, mark = TABLE_COLUMNS
+    columns = [Column(first), *(Column(t, Align.RIGHT) for t in figures), Column(mark)]
+    table = format_table(columns, table_rows(result), rule=True)
+    return table + "".join(line + "\n" for line in table_notes(result))
 
 
 @contextlib.contextmanager

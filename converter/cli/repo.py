@@ -9,6 +9,7 @@ from pathlib import Path
 
 from converter.cli.host_mqtt import add_broker_args, connect
 from converter.cli.progress import ProgressBar
+from converter.cli.table import format_table
 from converter.errors import BadInputError
 from converter.repo.publish import RepoPublisher
 from converter.repo.repository import DEFAULT_EXPIRY_DAYS, Repository
@@ -87,32 +88,32 @@ def run_init(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     repo = Repository.open(args.dir)
-    rows = []
-    for name in repo.model_names():
-        for version, rollout in sorted(repo.model_releases(name).items()):
-            rows.append(
-                {"name": name, "version": version, "target": rollout.target, "canary_pct": rollout.canary_pct}
-            )
+    releases = [
+        (name, version, rollout)
+        for name in repo.model_names()
+        for version, rollout in sorted(repo.model_releases(name).items())
+    ]
     if args.json:
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "targets_version": repo.targets.signed.version,
-                    "timestamp_expires": repo.timestamp.signed.expires.isoformat(),
-                    "releases": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        doc = {
+            "targets_version": repo.targets.signed.version,
+            "timestamp_expires": repo.timestamp.signed.expires.isoformat(),
+            "releases": [
+                {"name": name, "version": version, "target": r.target, "canary_pct": r.canary_pct}
+                for name, version, r in releases
+            ],
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return 0
     sys.stdout.write(
         f"repository {args.dir}: targets v{repo.targets.signed.version}, "
         f"timestamp expires {repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC\n"
     )
-    for r in rows:
-        canary = f" (canary {r['canary_pct']}%)" if r["canary_pct"] < 100 else ""
-        sys.stdout.write(f"  {r['name']:<20} v{r['version']:<5} {r['target']}{canary}\n")
+    if releases:
+        cells = [
+            (name, f"v{version}", r.target + (f" (canary {r.canary_pct}%)" if r.canary_pct < 100 else ""))
+            for name, version, r in releases
+        ]
+        sys.stdout.write(format_table(("MODEL", "VERSION", "ROLLOUT"), cells, indent="  "))
     if repo.state.pending_uploads:
         sys.stdout.write("  not yet published: " + ", ".join(repo.state.pending_uploads) + "\n")
     return 0

@@ -19,8 +19,7 @@ from agent.mqtt.client import topic_filter_of as subscription_topic_filter
 from agent.serving.stats import ModelStats
 from agent.telemetry.metrics import build_metrics_payload, model_report
 from converter.errors import BadInputError
-from converter.fleet.view import merge_metrics
-from converter.fleet.view import parse_state as status_row
+from converter.fleet.view import merge_metrics, state_row
 from converter.monitor.collector import check_share_group, retention_cutoff, shared_filter
 from converter.monitor.http_server import device_json, parse_listen
 from converter.monitor.live import FleetLive
@@ -470,9 +469,9 @@ def test_one_model_stands_for_the_device_everywhere() -> None:
     cells = dict(zip(FLEET_HEADERS, (text for _, text in row), strict=True))
     assert cells["model"] == "faces v3" and cells["p50"] == format_ms(faces.p50_ms)
     assert cells["requests"] == "4"
-    status = status_row("pi-1", state)
-    assert status is not None
-    merged = merge_metrics(status, sample)
+    status = parse_state("pi-1", state)
+    assert isinstance(status, StateRecord)
+    merged = merge_metrics(state_row(status), sample)
     assert (merged["latency_ms_p50"], merged["latency_ms_p99"]) == (faces.p50_ms, faces.p99_ms)
     assert merged["inferences"] == 6
 
