@@ -38,7 +38,7 @@ DEFAULT_PLAIN_PORT = 1883
 DEFAULT_DATA_DIR = Path(".litefleet-broker")
 
 
-def register(sub: Any) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "broker",
         help="run a private Mosquitto (TLS and per-device ACLs with --secure)",

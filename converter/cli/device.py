@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from converter.broker.registry import (
     AUTH_CERT,
@@ -26,7 +25,7 @@ from converter.broker.secure import SecureDir
 from converter.cli.table import format_table
 
 
-def register(sub: Any) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "device",
         help="add, list or remove device identities (--secure broker)",

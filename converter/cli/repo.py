@@ -16,7 +16,7 @@ from converter.repo.repository import DEFAULT_EXPIRY_DAYS, Repository
 from converter.repo.targets import PublishPlan, TargetUpload
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("repo", help="manage the signed model repository")
     rsub = p.add_subparsers(dest="repo_command", metavar="ACTION")
     rsub.required = True

@@ -29,7 +29,7 @@ from converter.fleet.view import (
 MAX_CELL_CHARS = 48
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="show every device's model, state and latency")
     add_broker_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
