@@ -39,6 +39,7 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 import numpy as np  # noqa: E402
 
 from converter.cli.convert import native_output_hidden, result_table  # noqa: E402
+from converter.convert.pipeline import ConvertConfig  # noqa: E402
 from converter.convert.pipeline import convert_model as _convert_model  # noqa: E402
 from converter.convert.results import ConversionResult  # noqa: E402
 from converter.convert.selection import Candidate, choose_variant  # noqa: E402
@@ -132,13 +133,10 @@ def bench_digits(out: Path, runs: int) -> dict[str, Any]:
     r = convert_model(
         src,
         out / "digits.tflite",
-        quantize="auto",
+        ConvertConfig(quantize="auto", compare=("int16x8",), latency_runs=runs, force=True),
         calibration=cal,
         validate=val,
-        compare=("int16x8",),
         report=out / "digits.report.json",
-        latency_runs=runs,
-        force=True,
     )
     convert_s = time.monotonic() - t0
     print(result_table(r), end="", flush=True)
@@ -184,13 +182,10 @@ def bench_mobilenet(out: Path, runs: int) -> dict[str, Any]:
     r = convert_model(
         src,
         out / "mobilenet_v2.tflite",
-        quantize="auto",
+        ConvertConfig(quantize="auto", max_accuracy_drop=100.0, latency_runs=runs, force=True),
         calibration=out / "mnv2_cal.npz",
         validate=out / "mnv2_val.npz",
-        max_accuracy_drop=100.0,
-        latency_runs=runs,
         report=out / "mobilenet_v2.report.json",
-        force=True,
     )
     convert_s = time.monotonic() - t0
     print(result_table(r), end="", flush=True)
