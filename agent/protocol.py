@@ -82,6 +82,25 @@ class Topics:
     def devices_filter(self, leaf: str) -> str:
         return f"{self.base}/devices/+/{leaf}"
 
+    def device_outbound(self, device_id: str) -> tuple[str, ...]:
+        """The topics a device publishes about itself (its replies aside: :meth:`reply_filter`).
+        Every per-device topic is here or in :meth:`device_inbound`; the secure broker's
+        ACL is built from these two lists."""
+        return (self.state(device_id), self.events(device_id), self.metrics(device_id))
+
+    def device_inbound(self, device_id: str) -> tuple[str, ...]:
+        """The topics others publish on for a device to read."""
+        return (self.infer(device_id),)
+
+    def device_filter(self, device_id: str) -> str:
+        """Every topic of one device."""
+        return f"{self.base}/devices/{device_id}/#"
+
+    @property
+    def repo_filter(self) -> str:
+        """Every repository topic: metadata and target chunks."""
+        return f"{self.base}/repo/#"
+
     def device_of(self, topic: str) -> tuple[str, str] | None:
         """``(device_id, leaf)`` of a device topic, or None."""
         head = f"{self.base}/devices/"
@@ -96,6 +115,15 @@ class Topics:
         """Where a requester (``client_id``) asks ``device_id`` to answer an inference
         request; it subscribes to ``replies/<client_id>/#``."""
         return f"{self.base}/replies/{client_id}/{device_id}"
+
+    def reply_filter(self, device_id: str) -> str:
+        """Every topic :meth:`reply_allowed` lets ``device_id`` answer on."""
+        return f"{self.reply('+', device_id)}/#"
+
+    @property
+    def replies_filter(self) -> str:
+        """Every reply of every device."""
+        return f"{self.base}/replies/#"
 
     def reply_allowed(self, device_id: str, topic: str) -> bool:
         """Whether a request's response topic is one this device may answer on:

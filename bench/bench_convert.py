@@ -38,9 +38,9 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 
 import numpy as np  # noqa: E402
 
-from converter.cli.convert import native_output_hidden  # noqa: E402
+from converter.cli.convert import native_output_hidden, result_table  # noqa: E402
+from converter.convert.pipeline import ConvertConfig  # noqa: E402
 from converter.convert.pipeline import convert_model as _convert_model  # noqa: E402
-from converter.convert.report import format_table  # noqa: E402
 from converter.convert.results import ConversionResult  # noqa: E402
 from converter.convert.selection import Candidate, choose_variant  # noqa: E402
 
@@ -133,16 +133,13 @@ def bench_digits(out: Path, runs: int) -> dict[str, Any]:
     r = convert_model(
         src,
         out / "digits.tflite",
-        quantize="auto",
+        ConvertConfig(quantize="auto", compare=("int16x8",), latency_runs=runs, force=True),
         calibration=cal,
         validate=val,
-        compare=("int16x8",),
         report=out / "digits.report.json",
-        latency_runs=runs,
-        force=True,
     )
     convert_s = time.monotonic() - t0
-    print(format_table(r), flush=True)
+    print(result_table(r), end="", flush=True)
     fp32, int8 = variant(r, "none"), variant(r, "int8")
     assert r.source_accuracy is not None and int8.comparison is not None
     drop = r.source_accuracy - int8.comparison.accuracy
@@ -185,16 +182,13 @@ def bench_mobilenet(out: Path, runs: int) -> dict[str, Any]:
     r = convert_model(
         src,
         out / "mobilenet_v2.tflite",
-        quantize="auto",
+        ConvertConfig(quantize="auto", max_accuracy_drop=100.0, latency_runs=runs, force=True),
         calibration=out / "mnv2_cal.npz",
         validate=out / "mnv2_val.npz",
-        max_accuracy_drop=100.0,
-        latency_runs=runs,
         report=out / "mobilenet_v2.report.json",
-        force=True,
     )
     convert_s = time.monotonic() - t0
-    print(format_table(r), flush=True)
+    print(result_table(r), end="", flush=True)
     fp32, f16, dyn, int8 = (variant(r, m) for m in ("none", "float16", "dynamic", "int8"))
     logits = np.sort(model.predict(np.load(out / "mnv2_val.npz")["x"], verbose=0), axis=-1)
     from converter.convert.artifacts import tensor_specs

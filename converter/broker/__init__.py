@@ -1,6 +1,8 @@
 """Brokers the host runs.
 
 - ``mosquitto``: a private Mosquitto (config, start, stop);
-- ``secure``: the secure broker's folder (CA, server and device identities, reloads);
-- ``certs``/``acl``/``registry``: X.509, topic grants, the device registry as plain data.
+- ``secure``: the secure broker's folder (CA, server and device identities);
+- ``reload``: the running secure broker (find it, make it reread its files);
+- ``certs``/``acl``/``registry``/``layout``: X.509, topic grants, the device registry,
+  file names and listener configuration, as plain data.
 """

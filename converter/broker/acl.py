@@ -8,6 +8,10 @@ Guarantees:
 * a device identity is granted exactly :func:`device_grants` (its own topics,
   replies under its own id, reading the repository) and the host exactly
   :func:`host_grants`; no device is ever granted another device's topics;
+* every topic filter comes from :class:`agent.protocol.Topics`, which owns the
+  topic tree: a topic renamed or added there (and listed in its
+  ``device_outbound``/``device_inbound``) is granted here without a change;
+  :meth:`Grant.allows` matches filters with paho's ``topic_matches_sub``;
 * :func:`render_acl` writes one ``user`` block per identity and never a
   ``pattern``, so an identity missing from its input has no rights at all;
 * a device may reply only under ``<prefix>/v1/replies/+/<its id>/#``, the rule
@@ -24,6 +28,10 @@ import hmac
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from paho.mqtt.client import topic_matches_sub
+
+from agent.protocol import Topics
 
 # Mosquitto's own default iteration count. The passwords are 256-bit random
 # strings, so key stretching adds nothing against guessing; it only costs CPU
@@ -43,56 +51,32 @@ class Grant:
     topic: str
 
     def allows(self, access: str, topic: str) -> bool:
-        return (self.access == "readwrite" or self.access == access) and topic_matches(self.topic, topic)
+        return (self.access == "readwrite" or self.access == access) and topic_matches_sub(self.topic, topic)
 
 
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT matching of a concrete ``topic`` against a filter with ``+`` and ``#``.
-
-    ``a/#`` matches ``a`` itself; wildcards never match a topic starting with ``$``.
-    """
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    fparts, tparts = topic_filter.split("/"), topic.split("/")
-    for i, f in enumerate(fparts):
-        if f == "#":
-            return True
-        if i >= len(tparts):
-            return False
-        if f != "+" and f != tparts[i]:
-            return False
-    return len(fparts) == len(tparts)
-
-
-def base_topic(prefix: str) -> str:
-    return f"{prefix}/v1"
-
-
-def device_grants(prefix: str, device_id: str) -> tuple[Grant, ...]:
-    """What device ``device_id`` may do: publish its own state, events, metrics and
-    inference replies; read the repository and its own topics (inference requests)."""
-    b = base_topic(prefix)
+def device_grants(topics: Topics, device_id: str) -> tuple[Grant, ...]:
+    """What device ``device_id`` may do: publish its own reports
+    (:meth:`~agent.protocol.Topics.device_outbound`) and inference replies; read the
+    repository and its own topics (among them :meth:`~agent.protocol.Topics.device_inbound`)."""
     return (
-        Grant("write", f"{b}/devices/{device_id}/state"),
-        Grant("write", f"{b}/devices/{device_id}/events"),
-        Grant("write", f"{b}/devices/{device_id}/metrics"),
-        Grant("write", f"{b}/replies/+/{device_id}/#"),
-        Grant("read", f"{b}/devices/{device_id}/#"),
-        Grant("read", f"{b}/repo/#"),
+        *(Grant("write", t) for t in topics.device_outbound(device_id)),
+        Grant("write", topics.reply_filter(device_id)),
+        Grant("read", topics.device_filter(device_id)),
+        Grant("read", topics.repo_filter),
     )
 
 
-def host_grants(prefix: str) -> tuple[Grant, ...]:
+def host_grants(topics: Topics) -> tuple[Grant, ...]:
     """What the host identity may do: write (and read back) the repository, read all
-    device topics and replies, send inference requests, clear a device's retained state."""
-    b = base_topic(prefix)
+    device topics and replies, send what devices read (inference requests), clear a
+    device's retained state."""
     return (
-        Grant("readwrite", f"{b}/repo/#"),
-        Grant("read", f"{b}/devices/#"),
-        Grant("write", f"{b}/devices/+/infer"),
+        Grant("readwrite", topics.repo_filter),
+        Grant("read", topics.device_filter("+")),
+        *(Grant("write", t) for t in topics.device_inbound("+")),
         # an empty retained message clears the row of a removed device
-        Grant("write", f"{b}/devices/+/state"),
-        Grant("read", f"{b}/replies/#"),
+        Grant("write", topics.state("+")),
+        Grant("read", topics.replies_filter),
     )
 
 

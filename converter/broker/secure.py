@@ -36,7 +36,9 @@ password and (via the CRL) its certificate at the next broker reload.
 The rules live in pure modules: :mod:`converter.broker.acl` (grants, ACL and
 password files), :mod:`converter.broker.certs` (CA, certificates, CRL) and
 :mod:`converter.broker.registry` (the ``secure.json`` data, what a device is
-told); :class:`SecureDir` here does the file and process I/O around them.
+told), :mod:`converter.broker.layout` (file names, listener configuration);
+:class:`SecureDir` here does the file I/O around them, and
+:mod:`converter.broker.reload` finds and reloads the running broker.
 """
 
 from __future__ import annotations
@@ -49,10 +51,8 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent.files import atomic_write, fsync_dir
-from agent.protocol import DEFAULT_PREFIX
+from agent.protocol import DEFAULT_PREFIX, Topics
 from converter.broker.acl import (
     device_grants,
     hash_password,
@@ -83,6 +83,7 @@ from converter.broker.certs import (
     pem_key,
     server_cert_fits,
 )
+from converter.broker.layout import HOST_CLIENT_ID_PREFIX, MAX_PACKET_SIZE_BYTES, SecurePaths, listener_lines
 from converter.broker.mosquitto import BrokerConfig
 from converter.broker.registry import (
     AUTH_CERT,
@@ -103,128 +104,10 @@ from converter.broker.registry import (
     check_san,
     device_broker_url,
 )
+from converter.broker.reload import reload, running_pid
 from converter.errors import BadInputError
 
-__all__ = [
-    "HOST_CLIENT_ID_PREFIX",
-    "MAX_PACKET_SIZE_BYTES",
-    "RELOADED_LOG_LINE",
-    "SecureDir",
-    "SecurePaths",
-    "host_client_settings",
-    "listener_lines",
-]
-
 logger = logging.getLogger(__name__)
-
-# Host processes choose client ids starting with this: a leading "_" is never
-# a valid device id, so a host client can never take over a device's session.
-HOST_CLIENT_ID_PREFIX = "_lf-host-"
-# Delivery chunks are <= 256 KiB (agent.protocol.MAX_CHUNK_SIZE: 1 MiB); 4 MiB
-# leaves room for metadata (targets.json of a large repository) and properties.
-MAX_PACKET_SIZE_BYTES = 4 * 1024 * 1024
-
-
-# -- Mosquitto configuration (pure) ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class SecurePaths:
-    root: Path
-
-    @property
-    def registry(self) -> Path:
-        return self.root / "secure.json"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.root / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.root / "ca.key"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.root / "server.pem"
-
-    @property
-    def server_key(self) -> Path:
-        return self.root / "server.key"
-
-    @property
-    def crl(self) -> Path:
-        return self.root / "crl.pem"
-
-    @property
-    def host_password(self) -> Path:
-        return self.root / "host.password"
-
-    @property
-    def devices_acl(self) -> Path:
-        return self.root / "devices.acl"
-
-    @property
-    def devices_passwd(self) -> Path:
-        return self.root / "devices.passwd"
-
-    @property
-    def host_acl(self) -> Path:
-        return self.root / "host.acl"
-
-    @property
-    def host_passwd(self) -> Path:
-        return self.root / "host.passwd"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.root / "mosquitto.pid"
-
-    @property
-    def default_data_dir(self) -> Path:
-        return self.root / "broker"
-
-    def device_dir(self, device_id: str) -> Path:
-        return self.root / "devices" / device_id
-
-
-def listener_lines(paths: SecurePaths, ports: ListenerPorts, bind: str) -> list[str]:
-    """The three TLS listener blocks (see the module docstring)."""
-    tls = [
-        f"cafile {paths.ca_cert}",
-        f"certfile {paths.server_cert}",
-        f"keyfile {paths.server_key}",
-        "tls_version tlsv1.2",
-        "allow_anonymous false",
-    ]
-    return [
-        "# devices, client certificates: username = certificate CN, client id = username",
-        f"listener {ports.cert} {bind}",
-        *tls,
-        "require_certificate true",
-        "use_identity_as_username true",
-        "use_username_as_clientid true",
-        f"crlfile {paths.crl}",
-        f"acl_file {paths.devices_acl}",
-        "# devices, username/password: client id = username",
-        f"listener {ports.password} {bind}",
-        *tls,
-        "require_certificate false",
-        "use_username_as_clientid true",
-        f"password_file {paths.devices_passwd}",
-        f"acl_file {paths.devices_acl}",
-        "# the host (push, status, monitor): username/password, free client ids",
-        f"listener {ports.host} {bind}",
-        *tls,
-        "require_certificate false",
-        f"password_file {paths.host_passwd}",
-        f"acl_file {paths.host_acl}",
-    ]
-
 
 # -- files -------------------------------------------------------------------------------
 
@@ -252,14 +135,6 @@ def _load_cert(path: Path) -> x509.Certificate | None:
 def _private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
-
-
-def _proc_is_mosquitto(pid: int) -> bool:
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-    except OSError:
-        return False
-    return argv0.endswith(b"mosquitto")
 
 
 class SecureDir:
@@ -403,12 +278,11 @@ class SecureDir:
     ) -> None:
         """Write the registry and every file derived from it."""
         p = self.paths
+        topics = Topics(registry.prefix)
         atomic_write(p.crl, pem_crl(make_crl(ca_key, ca, registry.revoked, now)), 0o644)
         atomic_write(
             p.devices_acl,
-            render_acl(
-                (d.device_id, device_grants(registry.prefix, d.device_id)) for d in registry.devices
-            ).encode(),
+            render_acl((d.device_id, device_grants(topics, d.device_id)) for d in registry.devices).encode(),
         )
         atomic_write(
             p.devices_passwd,
@@ -420,7 +294,7 @@ class SecureDir:
                 }
             ).encode(),
         )
-        atomic_write(p.host_acl, render_acl([(HOST_USERNAME, host_grants(registry.prefix))]).encode())
+        atomic_write(p.host_acl, render_acl([(HOST_USERNAME, host_grants(topics))]).encode())
         atomic_write(
             p.host_passwd, render_password_file({HOST_USERNAME: registry.host_password_hash}).encode()
         )
@@ -569,64 +443,14 @@ class SecureDir:
         )
 
     def running_broker_pid(self) -> int | None:
-        """The pid of the Mosquitto serving this folder, or None (a stale pid file,
-        or a pid now used by another program, counts as none)."""
-        try:
-            pid = int(self.paths.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _proc_is_mosquitto(pid) else None
+        """The pid of the Mosquitto serving this folder, or None
+        (see :func:`converter.broker.reload.running_pid`)."""
+        return running_pid(self.paths.pid_file)
 
     def reload_broker(self, *, timeout_s: float = 5.0) -> int | None:
-        """SIGHUP the running broker so it rereads ACL, password and CRL files, and wait
-        (up to ``timeout_s``) until its log says it did; returns its pid, or None when
-        no broker runs for this folder."""
-        pid = self.running_broker_pid()
-        if pid is None:
-            return None
-        log = _broker_log_file(pid)
-        offset = log.stat().st_size if log is not None and log.exists() else 0
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except ProcessLookupError:
-            return None
-        if log is not None and not _wait_for_log_line(log, offset, RELOADED_LOG_LINE, timeout_s):
-            logger.warning("mosquitto pid %s did not log a reload within %.0f s", pid, timeout_s)
-        logger.info("reloaded mosquitto pid %s", pid)
-        return pid
-
-
-RELOADED_LOG_LINE = b"Reloading config."
-
-
-def _broker_log_file(pid: int) -> Path | None:
-    """Mosquitto's log file, from the ``-c CONFIG`` it was started with (``log_dest file``)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        conf = Path(os.fsdecode(argv[argv.index(b"-c") + 1]))
-        for line in conf.read_text().splitlines():
-            if line.startswith("log_dest file "):
-                return Path(line[len("log_dest file ") :].strip())
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _wait_for_log_line(log: Path, offset: int, needle: bytes, timeout_s: float) -> bool:
-    """Mosquitto logs the reload before it rereads the files and serves no client in
-    between (one thread), so once the line is there new connections see the new files."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with open(log, "rb") as f:
-                f.seek(offset)
-                if needle in f.read():
-                    return True
-        except OSError:
-            return False
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
+        """Make the running broker reread ACL, password and CRL files; its pid, or None
+        when no broker runs for this folder (see :func:`converter.broker.reload.reload`)."""
+        return reload(self.paths.pid_file, timeout_s=timeout_s)
 
 
 def host_client_settings(directory: str | Path) -> dict[str, Any]:

@@ -28,16 +28,17 @@ from types import FrameType
 from typing import Any
 
 from agent.errors import TransportError
+from converter.broker.layout import MAX_PACKET_SIZE_BYTES
 from converter.broker.mosquitto import BrokerConfig, BrokerProcess, free_port
 from converter.broker.registry import DEFAULT_CERT_PORT, HOST_USERNAME, ListenerPorts, Registry
-from converter.broker.secure import MAX_PACKET_SIZE_BYTES, SecureDir
+from converter.broker.secure import SecureDir
 from converter.errors import BadInputError
 
 DEFAULT_PLAIN_PORT = 1883
 DEFAULT_DATA_DIR = Path(".litefleet-broker")
 
 
-def register(sub: Any) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "broker",
         help="run a private Mosquitto (TLS and per-device ACLs with --secure)",

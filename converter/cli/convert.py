@@ -19,9 +19,12 @@ import threading
 import time
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
-from converter.errors import BadInputError
+from converter.cli.table import Align, Column, format_table
+
+if TYPE_CHECKING:
+    from converter.convert.results import ConversionResult
 
 DEFAULT_QUANTIZE = "none"
 
@@ -38,7 +41,7 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from converter.convert.artifacts import DEFAULT_GOLDEN_COUNT
     from converter.convert.measure import DEFAULT_LATENCY_RUNS
     from converter.convert.pipeline import QUANTIZE_CHOICES
@@ -133,36 +136,46 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from converter.convert.pipeline import convert_model
-    from converter.convert.report import format_table
+    from converter.convert.pipeline import ConvertConfig, convert_model
 
     debug = bool(getattr(args, "debug", False))
     if debug:
         logging.getLogger().setLevel(logging.DEBUG)
-    if args.calibration_samples < 1 or args.latency_runs < 1:
-        raise BadInputError("--calibration-samples and --latency-runs must be at least 1")
+    config = ConvertConfig(
+        quantize=args.quantize,
+        io_type=args.io_type,
+        threads=args.threads,
+        runtime=args.runtime,
+        max_accuracy_drop=args.max_accuracy_drop,
+        candidates=args.candidates,
+        compare=args.compare,
+        golden_count=args.golden_count,
+        calibration_samples=args.calibration_samples,
+        latency_runs=args.latency_runs,
+        force=args.force,
+    )
     with native_output_hidden(not debug) as terminal, Spinner(terminal) as spinner:
         result = convert_model(
             args.src,
             args.output,
-            quantize=args.quantize,
+            config,
             calibration=args.calibration,
             validate=args.validate,
-            io_type=args.io_type,
-            threads=args.threads,
-            runtime=args.runtime,
-            max_accuracy_drop=args.max_accuracy_drop,
-            candidates=args.candidates,
-            compare=args.compare,
-            golden_count=args.golden_count,
-            calibration_samples=args.calibration_samples,
-            latency_runs=args.latency_runs,
             report=args.report,
-            force=args.force,
             progress=spinner.phase,
         )
-    sys.stdout.write(format_table(result) + "\n")
+    sys.stdout.write(result_table(result))
     return 0
+
+
+def result_table(result: ConversionResult) -> str:
+    """The comparison of the source and every variant, then the notes under it."""
+    from converter.convert.report import TABLE_COLUMNS, table_notes, table_rows
+
+    first, *figures, mark = TABLE_COLUMNS
+    columns = [Column(first), *(Column(t, Align.RIGHT) for t in figures), Column(mark)]
+    table = format_table(columns, table_rows(result), rule=True)
+    return table + "".join(line + "\n" for line in table_notes(result))
 
 
 @contextlib.contextmanager

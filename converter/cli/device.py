@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from converter.broker.registry import (
     AUTH_CERT,
@@ -23,9 +22,10 @@ from converter.broker.registry import (
     agent_toml_snippet,
 )
 from converter.broker.secure import SecureDir
+from converter.cli.table import format_table
 
 
-def register(sub: Any) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "device",
         help="add, list or remove device identities (--secure broker)",
@@ -102,7 +102,7 @@ def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None, pr
 def run_list(args: argparse.Namespace) -> int:
     devices = SecureDir(args.secure).devices()
     if args.json:
-        rows = [
+        doc = [
             {
                 "device_id": d.device_id,
                 "auth": d.auth,
@@ -112,16 +112,13 @@ def run_list(args: argparse.Namespace) -> int:
             }
             for d in devices
         ]
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return 0
     if not devices:
         sys.stdout.write("no devices\n")
         return 0
-    header = ("DEVICE", "AUTH", "CREATED", "CERT EXPIRES")
-    rows_t = [(d.device_id, d.auth, d.created, d.not_after or "-") for d in devices]
-    widths = [max(len(r[i]) for r in [header, *rows_t]) for i in range(len(header))]
-    for r in [header, *rows_t]:
-        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    rows = [(d.device_id, d.auth, d.created, d.not_after or "-") for d in devices]
+    sys.stdout.write(format_table(("DEVICE", "AUTH", "CREATED", "CERT EXPIRES"), rows))
     return 0
 
 

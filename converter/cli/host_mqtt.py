@@ -12,9 +12,10 @@ import os
 import uuid
 from pathlib import Path
 
+from agent.errors import ConfigError
 from agent.mqtt.client import ConnectionSettings, MqttClient
 from agent.protocol import DEFAULT_PREFIX, Topics
-from agent.service.config import ConfigError, parse_broker_url
+from agent.service.config import parse_broker_url
 from converter.errors import BadInputError
 
 

@@ -30,7 +30,7 @@ DEFAULT_DB = "litefleet-monitor.db"
 MAX_SESSION_EXPIRY_S = 0xFFFFFFFE  # MQTT 5: 0xFFFFFFFF would mean "never expires"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "monitor",
         help="collect fleet metrics into SQLite; serve Prometheus and a page",

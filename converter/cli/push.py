@@ -18,7 +18,7 @@ from converter.repo.publish import RepoPublisher
 from converter.repo.repository import Repository
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "push",
         help="sign a model and publish it to the fleet",

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from converter.cli.host_mqtt import add_broker_args, connect
 from converter.cli.progress import ProgressBar
+from converter.cli.table import format_table
 from converter.errors import BadInputError
 from converter.repo.publish import RepoPublisher
-from converter.repo.repository import DEFAULT_EXPIRY_DAYS, PublishPlan, Repository, TargetUpload
+from converter.repo.repository import DEFAULT_EXPIRY_DAYS, Repository
+from converter.repo.targets import PublishPlan, TargetUpload
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("repo", help="manage the signed model repository")
     rsub = p.add_subparsers(dest="repo_command", metavar="ACTION")
     rsub.required = True
@@ -79,41 +81,41 @@ def run_init(args: argparse.Namespace) -> int:
         f"created repository {args.dir}\n"
         f"  signing keys: {args.dir / 'keys'} (owner-only; keep the root keys offline)\n"
         f"  give devices: {args.dir / 'root.json'} as trusted_root\n"
-        f"  expiry (days): {json.dumps(repo.state['expiry_days'])}\n"
+        f"  expiry (days): {json.dumps(repo.state.expiry_days.to_json())}\n"
     )
     return 0
 
 
 def run_show(args: argparse.Namespace) -> int:
     repo = Repository.open(args.dir)
-    rows = []
-    for name in sorted(repo.state["models"]):
-        for version, rollout in sorted(repo.model_releases(name).items()):
-            rows.append(
-                {"name": name, "version": version, "target": rollout.target, "canary_pct": rollout.canary_pct}
-            )
+    releases = [
+        (name, version, rollout)
+        for name in repo.model_names()
+        for version, rollout in sorted(repo.model_releases(name).items())
+    ]
     if args.json:
-        sys.stdout.write(
-            json.dumps(
-                {
-                    "targets_version": repo.targets.signed.version,
-                    "timestamp_expires": repo.timestamp.signed.expires.isoformat(),
-                    "releases": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        doc = {
+            "targets_version": repo.targets.signed.version,
+            "timestamp_expires": repo.timestamp.signed.expires.isoformat(),
+            "releases": [
+                {"name": name, "version": version, "target": r.target, "canary_pct": r.canary_pct}
+                for name, version, r in releases
+            ],
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return 0
     sys.stdout.write(
         f"repository {args.dir}: targets v{repo.targets.signed.version}, "
         f"timestamp expires {repo.timestamp.signed.expires:%Y-%m-%d %H:%M} UTC\n"
     )
-    for r in rows:
-        canary = f" (canary {r['canary_pct']}%)" if r["canary_pct"] < 100 else ""
-        sys.stdout.write(f"  {r['name']:<20} v{r['version']:<5} {r['target']}{canary}\n")
-    if repo.state.get("pending_uploads"):
-        sys.stdout.write("  not yet published: " + ", ".join(repo.state["pending_uploads"]) + "\n")
+    if releases:
+        cells = [
+            (name, f"v{version}", r.target + (f" (canary {r.canary_pct}%)" if r.canary_pct < 100 else ""))
+            for name, version, r in releases
+        ]
+        sys.stdout.write(format_table(("MODEL", "VERSION", "ROLLOUT"), cells, indent="  "))
+    if repo.state.pending_uploads:
+        sys.stdout.write("  not yet published: " + ", ".join(repo.state.pending_uploads) + "\n")
     return 0
 
 

@@ -11,13 +11,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 from converter.cli.host_mqtt import add_broker_args, connect, finite_float
-from converter.fleet.view import METRICS_COLUMNS, collect_metrics, collect_states, format_table, merge_metrics
+from converter.cli.table import format_table
+from converter.fleet.view import (
+    METRICS_COLUMNS,
+    STATUS_FIELDS,
+    collect_metrics,
+    collect_states,
+    merge_metrics,
+)
+
+# a cell longer than this (an error message) is cut
+MAX_CELL_CHARS = 48
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="show every device's model, state and latency")
     add_broker_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -47,5 +59,24 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     else:
-        sys.stdout.write(format_table(rows, METRICS_COLUMNS) if args.metrics > 0 else format_table(rows))
+        sys.stdout.write(status_table(rows, METRICS_COLUMNS if args.metrics > 0 else STATUS_FIELDS))
     return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def status_table(rows: list[dict[str, Any]], columns: Sequence[str] = STATUS_FIELDS) -> str:
+    """The rows as a table with the given columns (field names, upper case as titles)."""
+    if not rows:
+        return "no devices have reported yet\n"
+    return format_table(
+        [c.upper() for c in columns], ([_cell(r.get(c))[:MAX_CELL_CHARS] for c in columns] for r in rows)
+    )

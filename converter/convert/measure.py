@@ -67,7 +67,7 @@ def top1(scores: np.ndarray) -> np.ndarray | None:
     """Predicted classes of a [N, C] (or [N, ..., C]) score array; None if not a classifier."""
     if scores.ndim < 2 or scores.shape[-1] < 2:
         return None
-    return np.argmax(scores.reshape(scores.shape[0], -1, scores.shape[-1])[:, 0, :], axis=-1)
+    return np.asarray(np.argmax(scores.reshape(scores.shape[0], -1, scores.shape[-1])[:, 0, :], axis=-1))
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray | None) -> float | None:

@@ -14,6 +14,7 @@ Guarantees:
   :class:`converter.convert.artifacts.AtomicOutputs`).
 - The requested mode's failure is raised; a failure of an ``auto``
   candidate or a ``compare`` variant is recorded in the result instead.
+- The settings are one frozen :class:`ConvertConfig`, checked when it is made.
 - ``progress`` (if given) is called with a short phrase at each phase; it
   is how the CLI shows a spinner. This module never prints.
 """
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ from converter.convert.selection import (
     DEFAULT_CANDIDATES,
     DEFAULT_MAX_ACCURACY_DROP,
     Candidate,
+    Selection,
     choose_variant,
 )
 from converter.convert.sources import SourceModel, load_source
@@ -69,36 +72,69 @@ QUANTIZE_CHOICES = (*MODES, "auto")
 Progress = Callable[[str], None]
 
 
-def _variant_plan(quantize: str, candidates: Sequence[str], compare: Sequence[str]) -> tuple[list[str], bool]:
-    """Modes to convert, in order, and whether the first failure is fatal. Pure."""
-    for m in (*candidates, *compare):
-        if m not in MODES:
-            raise BadInputError(f"unknown quantize mode {m!r}; choose from {', '.join(MODES)}")
-    if quantize == "auto":
-        modes = [BASELINE, *[m for m in candidates if m != BASELINE]]
-        return list(dict.fromkeys([*modes, *compare])), False
-    return list(dict.fromkeys([quantize, *compare])), True
+@dataclass(frozen=True)
+class ConvertConfig:
+    """How :func:`convert_model` converts and measures: one setting per ``convert`` flag,
+    with the CLI's defaults (in the manner of python-tuf's ``UpdaterConfig``).
+
+    ``quantize`` is one of ``none|dynamic|float16|int8|int16x8|auto``; ``io_type`` the
+    int8 model's input/output type (``int8``, ``uint8`` or ``float32``); ``candidates``
+    the modes ``auto`` chooses from; ``compare`` extra variants measured for the report
+    but not written. A setting out of range raises :class:`BadInputError` here, before
+    anything is loaded."""
+
+    quantize: str = "none"
+    io_type: str = "int8"
+    threads: int = 1
+    runtime: str = "auto"
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP
+    candidates: Sequence[str] = DEFAULT_CANDIDATES
+    compare: Sequence[str] = ()
+    golden_count: int = DEFAULT_GOLDEN_COUNT
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
+    latency_runs: int = measure.DEFAULT_LATENCY_RUNS
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise BadInputError(
+                f"unknown quantize mode {self.quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}"
+            )
+        if self.io_type not in IO_TYPES:
+            raise BadInputError(f"unknown I/O type {self.io_type!r}; choose one of {', '.join(IO_TYPES)}")
+        for m in (*self.candidates, *self.compare):
+            if m not in MODES:
+                raise BadInputError(f"unknown quantize mode {m!r}; choose from {', '.join(MODES)}")
+        if self.threads < 1:
+            raise BadInputError("--threads must be at least 1")
+        if self.golden_count < 1:
+            raise BadInputError("the golden vector count must be at least 1")
+        if self.max_accuracy_drop < 0:
+            raise BadInputError("--max-accuracy-drop must not be negative")
+        if self.calibration_samples < 1 or self.latency_runs < 1:
+            raise BadInputError("--calibration-samples and --latency-runs must be at least 1")
+
+    def variant_plan(self) -> tuple[list[str], bool]:
+        """Modes to convert, in order, and whether the first failure is fatal."""
+        if self.quantize == "auto":
+            modes = [BASELINE, *[m for m in self.candidates if m != BASELINE]]
+            return list(dict.fromkeys([*modes, *self.compare])), False
+        return list(dict.fromkeys([self.quantize, *self.compare])), True
 
 
-def _check_request(
-    quantize: str,
-    io_type: str,
-    threads: int,
-    golden_count: int,
-    max_accuracy_drop: float,
-) -> None:
-    if quantize not in QUANTIZE_CHOICES:
-        raise BadInputError(
-            f"unknown quantize mode {quantize!r}; choose one of {', '.join(QUANTIZE_CHOICES)}"
-        )
-    if io_type not in IO_TYPES:
-        raise BadInputError(f"unknown I/O type {io_type!r}; choose one of {', '.join(IO_TYPES)}")
-    if threads < 1:
-        raise BadInputError("--threads must be at least 1")
-    if golden_count < 1:
-        raise BadInputError("the golden vector count must be at least 1")
-    if max_accuracy_drop < 0:
-        raise BadInputError("--max-accuracy-drop must not be negative")
+@dataclass
+class _Data:
+    """The data of one conversion, as loaded and checked against the model's inputs."""
+
+    calibration: Dataset | None
+    validation: Dataset | None
+    notes: list[str] = field(default_factory=list)
+
+    def evaluation(self, quantize: str) -> Dataset | None:
+        """What variants are compared on: validation data, else (``auto``) calibration data."""
+        if self.validation is not None:
+            return self.validation
+        return self.calibration if quantize == "auto" else None
 
 
 def _versions() -> dict[str, str]:
@@ -112,165 +148,204 @@ def _versions() -> dict[str, str]:
     }
 
 
-def convert_model(
-    src: str | Path,
-    out: str | Path,
-    *,
-    quantize: str = "none",
-    calibration: str | Path | None = None,
-    validate: str | Path | None = None,
-    io_type: str = "int8",
-    threads: int = 1,
-    runtime: str = "auto",
-    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-    candidates: Sequence[str] = DEFAULT_CANDIDATES,
-    compare: Sequence[str] = (),
-    golden_count: int = DEFAULT_GOLDEN_COUNT,
-    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
-    latency_runs: int = measure.DEFAULT_LATENCY_RUNS,
-    report: str | Path | None = None,
-    force: bool = False,
-    progress: Progress | None = None,
-) -> ConversionResult:
-    """Convert ``src`` to ``out`` (a ``.tflite`` path); see the module docstring.
-
-    ``quantize`` is one of ``none|dynamic|float16|int8|int16x8|auto``.
-    ``calibration``/``validate`` are ``.npy``/``.npz`` files or image folders.
-    ``io_type`` is the int8 model's input/output type (``int8``, ``uint8`` or
-    ``float32``). ``compare`` adds variants that are measured for the report
-    but not written. Raises :class:`BadInputError` or :class:`ConversionError`.
-    """
-    say = progress or (lambda _msg: None)
-    _check_request(quantize, io_type, threads, golden_count, max_accuracy_drop)
-    paths = OutputPaths.for_model(out)
-    report_path = Path(report) if report is not None else None
-    targets = [*paths.all(), *([report_path] if report_path else [])]
+def _check_outputs(targets: Sequence[Path], force: bool) -> None:
     if not force:
         existing = [str(p) for p in targets if os.path.lexists(p)]
         if existing:
             raise BadInputError(f"{', '.join(existing)} already exist(s); use --force to overwrite")
-    modes, strict = _variant_plan(quantize, candidates, compare)
-    if calibration is None and validate is None:  # refuse before loading anything
+
+
+def _check_data_given(quantize: str, calibration: object, validate: object) -> None:
+    """Refuse a mode that needs data before anything is loaded."""
+    if calibration is None and validate is None:
         if quantize in CALIBRATED_MODES:
             raise BadInputError(f"--quantize {quantize} needs calibration data (--calibration DATA)")
         if quantize == "auto":
             raise BadInputError("--quantize auto needs --validate DATA (or --calibration DATA)")
-    notes: list[str] = []
 
-    say("loading the model")
-    source = load_source(src)
-    say("reading data")
-    cal = load_dataset(calibration, "calibration", source.inputs) if calibration else None
-    val = load_dataset(validate, "validation", source.inputs) if validate else None
-    if cal is None and val is not None and any(m in CALIBRATED_MODES for m in modes):
-        cal = val
-        notes.append("no --calibration given: calibrated on the validation data")
-    evaluation = val if val is not None else (cal if quantize == "auto" else None)
-    if quantize == "auto" and val is None:
-        notes.append("no --validate given: auto compared variants on the calibration data")
 
+def _load_data(
+    source: SourceModel,
+    calibration: str | Path | None,
+    validate: str | Path | None,
+    modes: Sequence[str],
+    quantize: str,
+) -> _Data:
+    data = _Data(
+        load_dataset(calibration, "calibration", source.inputs) if calibration else None,
+        load_dataset(validate, "validation", source.inputs) if validate else None,
+    )
+    if data.calibration is None and data.validation is not None and any(m in CALIBRATED_MODES for m in modes):
+        data.calibration = data.validation
+        data.notes.append("no --calibration given: calibrated on the validation data")
+    if quantize == "auto" and data.validation is None:
+        data.notes.append("no --validate given: auto compared variants on the calibration data")
+    return data
+
+
+def _convert_variants(
+    source: SourceModel,
+    modes: list[str],
+    strict: bool,
+    cal: Dataset | None,
+    config: ConvertConfig,
+    say: Progress,
+) -> dict[str, VariantResult]:
+    """Every mode converted; a failure is recorded, or raised for the requested mode."""
     variants: dict[str, VariantResult] = {}
     for mode in modes:
         say(f"converting ({mode})")
         try:
-            variants[mode] = VariantResult(
-                mode, convert_variant(source, mode, cal, io_type=io_type, max_samples=calibration_samples)
+            tflite = convert_variant(
+                source, mode, cal, io_type=config.io_type, max_samples=config.calibration_samples
             )
+            variants[mode] = VariantResult(mode, tflite)
         except (BadInputError, ConversionError) as exc:
             if strict and mode == modes[0]:
                 raise
             logger.info("variant %s failed: %s", mode, exc)
             variants[mode] = VariantResult(mode, error=str(exc))
-    ok = {m: v for m, v in variants.items() if v.error is None}
-    input_names = [s.name for s in source.inputs]
+    return variants
 
-    source_accuracy = None
-    if evaluation is not None:
-        say(f"running the source model on {len(evaluation)} samples")
-        ref = source.predict(list(evaluation.xs))
-        source_accuracy = measure.accuracy(ref[0], evaluation.y)
-        for mode, v in ok.items():
-            say(f"running {mode} on {len(evaluation)} samples")
-            got = measure.run_converted(
-                v.tflite,
-                list(evaluation.xs),
-                input_names=input_names,
-                output_names=source.output_names,
-                threads=threads,
-                runtime=runtime,
-            )
-            v.comparison = measure.compare_outputs(ref, got, evaluation.y)
 
-    timing_data = evaluation if evaluation is not None else cal
+def _compare(
+    source: SourceModel,
+    evaluation: Dataset,
+    ok: dict[str, VariantResult],
+    config: ConvertConfig,
+    say: Progress,
+) -> float | None:
+    """Run the source and every variant on ``evaluation``; the source's accuracy."""
+    say(f"running the source model on {len(evaluation)} samples")
+    ref = source.predict(list(evaluation.xs))
+    for mode, v in ok.items():
+        say(f"running {mode} on {len(evaluation)} samples")
+        got = measure.run_converted(
+            v.tflite,
+            list(evaluation.xs),
+            input_names=[s.name for s in source.inputs],
+            output_names=source.output_names,
+            threads=config.threads,
+            runtime=config.runtime,
+        )
+        v.comparison = measure.compare_outputs(ref, got, evaluation.y)
+    return measure.accuracy(ref[0], evaluation.y)
+
+
+def _time_variants(
+    source: SourceModel, timing_data: Dataset | None, ok: dict[str, VariantResult], config: ConvertConfig
+) -> None:
     sample = list(timing_data.xs) if timing_data is not None else random_inputs(source.inputs, 1)
-    say(f"timing {len(ok)} variant(s)")
     stats = measure.measure_latency(
         {m: v.tflite for m, v in ok.items()},
         [x[:1] for x in sample],
-        input_names=input_names,
-        threads=threads,
-        runtime=runtime,
-        runs=latency_runs,
+        input_names=[s.name for s in source.inputs],
+        threads=config.threads,
+        runtime=config.runtime,
+        runs=config.latency_runs,
     )
     for mode, s in stats.items():
-        variants[mode].latency = s
+        ok[mode].latency = s
 
-    selection = None
-    chosen = modes[0]
-    if quantize == "auto":
-        auto_modes = {BASELINE, *candidates}  # --compare extras are shown, not chosen
-        selection = choose_variant(
-            [_candidate(v) for m, v in variants.items() if m in auto_modes],
-            source_accuracy=source_accuracy,
-            max_accuracy_drop=max_accuracy_drop,
-        )
-        chosen = selection.mode
-        logger.info("auto chose %s", selection.reason)
+
+def _choose(
+    config: ConvertConfig, variants: dict[str, VariantResult], first: str, source_accuracy: float | None
+) -> tuple[str, Selection | None]:
+    """The mode to write: the requested one, or ``auto``'s choice among its candidates."""
+    if config.quantize != "auto":
+        return first, None
+    auto_modes = {BASELINE, *config.candidates}  # --compare extras are shown, not chosen
+    selection = choose_variant(
+        [_candidate(v) for m, v in variants.items() if m in auto_modes],
+        source_accuracy=source_accuracy,
+        max_accuracy_drop=config.max_accuracy_drop,
+    )
+    logger.info("auto chose %s", selection.reason)
+    return selection.mode, selection
+
+
+def _write(result: ConversionResult, golden: dict[str, np.ndarray]) -> None:
+    """All outputs at once (:class:`AtomicOutputs`), the model last."""
+    paths = result.paths
+    with AtomicOutputs() as outputs:
+        outputs.stage(paths.golden, golden_bytes(golden))
+        outputs.stage(paths.card, result.card.to_json().encode())
+        if result.report_path is not None:
+            outputs.stage(result.report_path, (json.dumps(build_report(result), indent=2) + "\n").encode())
+        outputs.stage(paths.tflite, result.chosen.tflite)  # last: readers key on it
+        outputs.commit()
+
+
+def convert_model(
+    src: str | Path,
+    out: str | Path,
+    config: ConvertConfig | None = None,
+    *,
+    calibration: str | Path | None = None,
+    validate: str | Path | None = None,
+    report: str | Path | None = None,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Convert ``src`` to ``out`` (a ``.tflite`` path) as ``config`` says; see the module docstring.
+
+    ``calibration``/``validate`` are ``.npy``/``.npz`` files or image folders; ``report``
+    a JSON file to write beside the outputs. Raises :class:`BadInputError` or
+    :class:`ConversionError`.
+    """
+    config = config or ConvertConfig()
+    say = progress or (lambda _msg: None)
+    paths = OutputPaths.for_model(out)
+    report_path = Path(report) if report is not None else None
+    _check_outputs([*paths.all(), *([report_path] if report_path else [])], config.force)
+    modes, strict = config.variant_plan()
+    _check_data_given(config.quantize, calibration, validate)
+
+    say("loading the model")
+    source = load_source(src)
+    say("reading data")
+    data = _load_data(source, calibration, validate, modes, config.quantize)
+    cal, val, evaluation = data.calibration, data.validation, data.evaluation(config.quantize)
+
+    variants = _convert_variants(source, modes, strict, cal, config, say)
+    ok = {m: v for m, v in variants.items() if v.error is None}
+    source_accuracy = _compare(source, evaluation, ok, config, say) if evaluation is not None else None
+    say(f"timing {len(ok)} variant(s)")
+    _time_variants(source, evaluation if evaluation is not None else cal, ok, config)
+    chosen, selection = _choose(config, variants, modes[0], source_accuracy)
 
     say("writing golden vectors")
-    golden_src, golden_from = _golden_source(val, cal, source, golden_count)
+    golden_src, golden_from = _golden_source(val, cal, source, config.golden_count)
     golden = build_golden(
         variants[chosen].tflite,
         golden_src,
-        input_names=input_names,
+        input_names=[s.name for s in source.inputs],
         mode=chosen,
-        count=golden_count,
-        threads=threads,
-        runtime=runtime,
+        count=config.golden_count,
+        threads=config.threads,
+        runtime=config.runtime,
     )
-    rt = resolve_runtime(runtime)
+    rt = resolve_runtime(config.runtime)
     result = ConversionResult(
         paths=paths,
-        requested=quantize,
+        requested=config.quantize,
         mode=chosen,
-        io_type=io_type,
+        io_type=config.io_type,
         source=source.describe(),
         variants=variants,
         card=ModelCard(mode=chosen, inputs=(), outputs=()),  # replaced below
-        threads=threads,
+        threads=config.threads,
         runtime={"name": rt.name, "version": rt.version},
         versions=_versions(),
         source_accuracy=source_accuracy,
         evaluation=_describe_data(evaluation, val is not None),
         selection=selection,
         report_path=report_path,
-        notes=notes,
-        calibration_samples=calibration_samples,
+        notes=data.notes,
+        calibration_samples=config.calibration_samples,
     )
-    golden_info = {
-        "file": paths.golden.name,
-        "count": int(golden["input_0"].shape[0]),
-        "inputs": golden_from,
-    }
+    golden_info = {"file": paths.golden.name, "count": int(golden["input_0"].shape[0]), "inputs": golden_from}
     result.card = _card(result, golden_info, cal)
-
-    with AtomicOutputs() as outputs:
-        outputs.stage(paths.golden, golden_bytes(golden))
-        outputs.stage(paths.card, result.card.to_json().encode())
-        if report_path is not None:
-            outputs.stage(report_path, (json.dumps(build_report(result), indent=2) + "\n").encode())
-        outputs.stage(paths.tflite, variants[chosen].tflite)  # last: readers key on it
-        outputs.commit()
+    _write(result, golden)
     return result
 
 

@@ -1,8 +1,9 @@
 """Turn a :class:`converter.convert.results.ConversionResult` into the JSON report and the terminal table.
 
-Pure functions of the result: no TensorFlow, no I/O. The CLI prints the
-table; :func:`build_report` is what ``--report PATH.json`` holds (its keys
-are listed in docs/converter.md).
+Pure functions of the result: no TensorFlow, no I/O. :func:`build_report`
+is what ``--report PATH.json`` holds (its keys are listed in
+docs/converter.md); :func:`table_rows` and :func:`table_notes` are what the
+CLI prints (:mod:`converter.cli.convert` lays out the table).
 """
 
 from __future__ import annotations
@@ -92,32 +93,31 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def format_table(result: ConversionResult) -> str:
-    """A readable comparison of the source and every variant, with the choice explained."""
+# the comparison table's columns: the variant, figures, then what became of it
+TABLE_COLUMNS = (
+    "variant",
+    "size",
+    "x fp32",
+    "top-1 %",
+    "agree %",
+    "max err",
+    "mean err",
+    "p50 ms",
+    "p99 ms",
+    "",
+)
+
+
+def table_rows(result: ConversionResult) -> list[tuple[str, ...]]:
+    """The source and every variant as text cells under :data:`TABLE_COLUMNS`."""
     base = _base_size(result)
-    header = (
-        "variant",
-        "size",
-        "x fp32",
-        "top-1 %",
-        "agree %",
-        "max err",
-        "mean err",
-        "p50 ms",
-        "p99 ms",
-        "",
-    )
     rows: list[tuple[str, ...]] = [
         (
             f"{result.source['format']} (source)",
             "-",
             "-",
             _fmt(result.source_accuracy, ".2f"),
-            "-",
-            "-",
-            "-",
-            "-",
-            "-",
+            *["-"] * 5,
             "",
         ),
     ]
@@ -125,7 +125,7 @@ def format_table(result: ConversionResult) -> str:
     for v in result.variants.values():
         label = _LABELS.get(v.mode, v.mode)
         if v.error is not None:
-            rows.append((label, "-", "-", "-", "-", "-", "-", "-", "-", "failed"))
+            rows.append((label, *["-"] * 8, "failed"))
             continue
         c, lat = v.comparison, v.latency
         mark = "<- written" if v.mode == result.mode else ("rejected" if v.mode in rejected else "")
@@ -143,16 +143,13 @@ def format_table(result: ConversionResult) -> str:
                 mark,
             )
         )
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return rows
 
-    def line(cells: tuple[str, ...]) -> str:
-        parts = [cells[0].ljust(widths[0])]
-        parts += [cells[i].rjust(widths[i]) for i in range(1, len(cells) - 1)]
-        parts.append(cells[-1])
-        return "  ".join(parts).rstrip()
 
-    out = [line(header), line((*("-" * w for w in widths[:-1]), ""))]
-    out += [line(r) for r in rows]
+def table_notes(result: ConversionResult) -> list[str]:
+    """The lines under the table: what was measured how, the choice explained, what was written."""
+    out = []
+    rejected = result.selection.rejected if result.selection else {}
     ev = result.evaluation
     if ev:
         out.append(
@@ -178,4 +175,4 @@ def format_table(result: ConversionResult) -> str:
         f"wrote {result.paths.tflite}, {result.paths.card.name}, {result.paths.golden.name}"
         + (f" and {result.report_path}" if result.report_path else "")
     )
-    return "\n".join(out)
+    return out

@@ -4,13 +4,20 @@
 waits for the sync barrier (all retained messages delivered), and returns one
 row per device. :func:`collect_metrics` optionally waits a little for each
 online device's next metrics message (metrics are not retained), and the pure
-:func:`merge_metrics` puts its fresh figures into the row. Pure helpers turn
-rows into a table.
+:func:`merge_metrics` puts its fresh figures into the row.
+
+Guarantees:
+
+* a state message is read by the monitor's parser
+  (:func:`converter.monitor.payloads.parse_state`): ``status`` and the monitor
+  accept, refuse and clip the same messages; a malformed one leaves the device's
+  previous row (or none), an empty one (a removed device) removes it;
+* rows are plain JSON values; ``litefleet status`` (:mod:`converter.cli.status`)
+  prints them as a table or as JSON.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -20,7 +27,16 @@ from agent.errors import TransportError
 from agent.mqtt.client import MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
-from converter.monitor.payloads import Malformed, MetricsSample, is_newer, parse_metrics, shown_model
+from converter.monitor.payloads import (
+    Malformed,
+    MetricsSample,
+    StateCleared,
+    StateRecord,
+    is_newer,
+    parse_metrics,
+    parse_state,
+    shown_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +59,27 @@ METRICS_COLUMNS = (
 )
 
 
-def parse_state(device_id: str, payload: bytes) -> dict[str, Any] | None:
-    """A device's state message as a row; None for an empty or malformed one."""
-    if not payload:
-        return None
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
-        return None
-    row = {k: doc.get(k) for k in STATUS_FIELDS}
-    row["device_id"] = device_id
-    row["online"] = bool(doc.get("online"))
-    for k, v in doc.items():
-        row.setdefault(k, v)
-    return row
+def state_row(state: StateRecord) -> dict[str, Any]:
+    """A device's row: the contract's fields (:data:`STATUS_FIELDS`) first, then the rest of
+    its state, all as :func:`converter.monitor.payloads.parse_state` validated them."""
+    return {
+        "device_id": state.device_id,
+        "online": state.online,
+        "model": state.model,
+        "version": state.version,
+        "status": state.status,
+        "error": state.error,
+        "latency_ms_p50": state.latency_ms_p50,
+        "inferences": state.inferences,
+        "models": {
+            m.name: {"version": m.version, "sha256": m.sha256, "trial": m.trial} for m in state.models
+        },
+        "groups": list(state.groups),
+        "repo_version": state.repo_version,
+        "agent_version": state.agent_version,
+        "boot": state.boot,
+        "ts": state.ts,
+    }
 
 
 def collect_states(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -> list[dict[str, Any]]:
@@ -69,12 +90,14 @@ def collect_states(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -
         dev = topics.device_of(msg.topic)
         if dev is None:
             return
-        row = parse_state(dev[0], msg.payload)
+        state = parse_state(dev[0], msg.payload)
         with lock:
-            if row is None:
+            if isinstance(state, StateRecord):
+                rows[dev[0]] = state_row(state)
+            elif isinstance(state, StateCleared):
                 rows.pop(dev[0], None)
             else:
-                rows[dev[0]] = row
+                logger.debug("state of %.64s: %s", dev[0], state.reason)
 
     client.subscribe(topics.devices_filter("state"), handle, qos=1)
     client.sync()
@@ -149,26 +172,3 @@ def merge_metrics(row: dict[str, Any], sample: MetricsSample | None) -> dict[str
     out["rss_mb"] = round(sample.rss_bytes / 2**20, 1) if sample.rss_bytes is not None else None
     out["metrics_ts"] = sample.ts
     return out
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
-
-
-def format_table(
-    rows: list[dict[str, Any]], columns: tuple[str, ...] = STATUS_FIELDS, max_width: int = 48
-) -> str:
-    if not rows:
-        return "no devices have reported yet\n"
-    cells = [[_cell(r.get(c))[:max_width] for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    for row in cells:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-    return "\n".join(lines) + "\n"

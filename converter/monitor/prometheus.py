@@ -1,15 +1,21 @@
-"""Prometheus text exposition (format 0.0.4) of a fleet snapshot (pure).
+"""Prometheus exposition of the fleet monitor's live view, through ``prometheus_client``.
+
+:class:`FleetCollector` is a custom collector: on every scrape it takes one
+snapshot of the live view (:class:`converter.monitor.live.FleetSnapshot`) and
+yields one metric family per entry of :data:`FAMILIES`; ``prometheus_client``
+writes the text format (escaping, number formatting). :func:`render` is what
+``/metrics`` serves.
 
 Guarantees:
 
-- Output follows the text format 0.0.4: every family has one ``# HELP`` and
-  one ``# TYPE`` line followed by all its samples, contiguous; label values
-  escape backslash, double quote and line feed; HELP text escapes backslash
-  and line feed; values are Go-parsable floats (``NaN``, ``+Inf``, ``-Inf``).
+- The output passes ``promtool check metrics`` (a test runs Debian's promtool
+  on a live scrape): every family has one ``# HELP`` and one ``# TYPE`` and
+  its samples together; the latency quantiles are a summary (``quantile``
+  label), the per-version latency distribution a histogram (``le`` label).
 - No label set appears twice within a family (a device sending the same model
   version twice in one message cannot make the scrape invalid).
 - Every family is listed even when it has no samples yet, so the endpoint
-  documents itself; ``docs/monitor.md`` has the same list.
+  documents itself; ``docs/monitor.md`` has the same list (a test checks it).
 - No explicit timestamps: Prometheus stamps a scrape itself; a metrics message
   replayed after an outage never becomes the "current" value
   (:class:`converter.monitor.live.FleetLive` keeps only the newest).
@@ -24,78 +30,40 @@ every device, which ``histogram_quantile(sum by (le) (...))`` needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Sample
 
 from converter.monitor.live import DeviceView, FleetSnapshot
 from converter.monitor.payloads import MetricsSample, ModelSample
 
+# what generate_latest writes (prometheus_client's choose_encoder pairs the two)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # le bounds of the re-bucketed histogram: 2**10 .. 2**37 ns
 HIST_MIN_EXP, HIST_MAX_EXP = 10, 37
 LE_SECONDS = tuple((1 << n) / 1e9 for n in range(HIST_MIN_EXP, HIST_MAX_EXP + 1))
+# their label values; repr() of these floats is Go's formatting too (1.024e-06 ... 137.438953472)
+LE_LABELS = (*(repr(le) for le in LE_SECONDS), "+Inf")
+QUANTILES = ("0.5", "0.9", "0.99")
 
 Labels = tuple[tuple[str, str], ...]
 
-
-def escape_label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float | int | bool) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def format_sample(name: str, labels: Labels, value: float | int | bool) -> str:
-    if labels:
-        inner = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels)
-        return f"{name}{{{inner}}} {format_value(value)}"
-    return f"{name} {format_value(value)}"
-
-
-@dataclass
-class Family:
-    """One metric family: HELP, TYPE and its samples (``suffix`` for histograms)."""
-
-    name: str
-    type: str
-    help: str
-    samples: list[tuple[str, Labels, float | int | bool]] = field(default_factory=list)
-    _seen: set[tuple[str, Labels]] = field(default_factory=set, repr=False)
-
-    def add(self, labels: Labels, value: float | int | bool | None, suffix: str = "") -> None:
-        """Add a sample; ``None`` (not reported) and repeated label sets are skipped."""
-        if value is None or (suffix, labels) in self._seen:
-            return
-        self._seen.add((suffix, labels))
-        self.samples.append((suffix, labels, value))
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {escape_help(self.help)}", f"# TYPE {self.name} {self.type}"]
-        lines += [format_sample(self.name + suffix, labels, value) for suffix, labels, value in self.samples]
-        return lines
-
-
-def render_families(families: Iterable[Family]) -> str:
-    out: list[str] = []
-    for fam in families:
-        out += fam.render()
-    return "\n".join(out) + "\n"
+_KINDS: dict[str, Callable[[str, str], Metric]] = {
+    "gauge": GaugeMetricFamily,
+    "counter": CounterMetricFamily,
+    "summary": SummaryMetricFamily,
+    "histogram": HistogramMetricFamily,
+}
 
 
 # -- the families ---------------------------------------------------------------------
@@ -187,8 +155,9 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "litefleet_model_latency_seconds",
-        "gauge",
-        "Inference latency quantile (0.5, 0.9, 0.99) over the last interval; absent without requests.",
+        "summary",
+        "Inference latency quantiles (0.5, 0.9, 0.99) over the last interval (absent without requests); "
+        "_sum and _count since the version was loaded.",
     ),
     (
         "litefleet_model_inference_duration_seconds",
@@ -238,7 +207,45 @@ def rebucket(histogram_ms: Iterable[tuple[float | None, int]]) -> list[int]:
     return out
 
 
-def _model_samples(fam: dict[str, Family], dev: str, m: ModelSample, histograms: bool) -> None:
+class _Family:
+    """One family being filled: samples in order, each label set once."""
+
+    def __init__(self, name: str, kind: str, text: str) -> None:
+        self.name = name
+        self.metric = _KINDS[kind](name, text)
+        self._seen: set[tuple[str, Labels]] = set()
+
+    def add(self, labels: Labels, value: float | int | bool | None, suffix: str = "") -> None:
+        """Add a sample; ``None`` (not reported) and repeated label sets are skipped."""
+        if value is None or (suffix, labels) in self._seen:
+            return
+        self._seen.add((suffix, labels))
+        self.metric.samples.append(Sample(self.name + suffix, dict(labels), float(value)))
+
+
+def _latency(fam: dict[str, _Family], labels: Labels, m: ModelSample, histograms: bool) -> None:
+    """The summary (quantiles of the last interval) and, with ``histograms``, the histogram;
+    both count since the version was loaded."""
+    summary = fam["litefleet_model_latency_seconds"]
+    for q, v in zip(QUANTILES, (m.p50_ms, m.p90_ms, m.p99_ms), strict=True):
+        summary.add((*labels, ("quantile", q)), None if v is None else v / 1000.0)
+    if not m.histogram_ms:
+        return
+    cumulative = rebucket(m.histogram_ms)
+    count = cumulative[-1]
+    mean = m.mean_ms_total
+    total_s = (mean * count / 1000.0) if mean is not None else (0.0 if count == 0 else math.nan)
+    summary.add(labels, total_s, "_sum")
+    summary.add(labels, count, "_count")
+    if histograms:
+        h = fam["litefleet_model_inference_duration_seconds"]
+        for le, n in zip(LE_LABELS, cumulative, strict=True):
+            h.add((*labels, ("le", le)), n, "_bucket")
+        h.add(labels, total_s, "_sum")
+        h.add(labels, count, "_count")
+
+
+def _model_samples(fam: dict[str, _Family], dev: str, m: ModelSample, histograms: bool) -> None:
     labels: Labels = (("device", dev), ("model", m.name), ("version", m.version))
     fam["litefleet_model_active"].add(labels, m.active)
     fam["litefleet_model_requests_total"].add(labels, m.requests)
@@ -246,24 +253,10 @@ def _model_samples(fam: dict[str, Family], dev: str, m: ModelSample, histograms:
     fam["litefleet_model_errors_total"].add(labels, m.errors)
     fam["litefleet_model_bad_requests_total"].add(labels, m.bad_requests)
     fam["litefleet_model_throughput_per_second"].add(labels, m.throughput_rps)
-    for q, v in (("0.5", m.p50_ms), ("0.9", m.p90_ms), ("0.99", m.p99_ms)):
-        fam["litefleet_model_latency_seconds"].add(
-            (*labels, ("quantile", q)), None if v is None else v / 1000.0
-        )
-    if histograms and m.histogram_ms:
-        h = fam["litefleet_model_inference_duration_seconds"]
-        cumulative = rebucket(m.histogram_ms)
-        for le, n in zip((*LE_SECONDS, math.inf), cumulative, strict=True):
-            h.add((*labels, ("le", format_value(le))), n, "_bucket")
-        count = cumulative[-1]
-        mean = m.mean_ms_total
-        h.add(
-            labels, (mean * count / 1000.0) if mean is not None else (0.0 if count == 0 else math.nan), "_sum"
-        )
-        h.add(labels, count, "_count")
+    _latency(fam, labels, m, histograms)
 
 
-def _device_samples(fam: dict[str, Family], d: DeviceView, histograms: bool) -> None:
+def _device_samples(fam: dict[str, _Family], d: DeviceView, histograms: bool) -> None:
     dev = d.device_id
     labels: Labels = (("device", dev),)
     st = d.state
@@ -309,8 +302,9 @@ def _device_samples(fam: dict[str, Family], d: DeviceView, histograms: bool) -> 
         _model_samples(fam, dev, model, histograms)
 
 
-def fleet_families(snap: FleetSnapshot, *, histograms: bool = True) -> list[Family]:
-    fam = {name: Family(name, kind, text) for name, kind, text in FAMILIES}
+def fleet_families(snap: FleetSnapshot, *, histograms: bool = True) -> list[Metric]:
+    """Every family of :data:`FAMILIES`, in order, filled from ``snap``."""
+    fam = {name: _Family(name, kind, text) for name, kind, text in FAMILIES}
     health: dict[str, int] = {"online": 0, "stale": 0, "offline": 0, "unknown": 0}
     for d in snap.devices:
         health[d.health] = health.get(d.health, 0) + 1
@@ -331,11 +325,26 @@ def fleet_families(snap: FleetSnapshot, *, histograms: bool = True) -> list[Fami
     fam["litefleet_monitor_write_errors_total"].add((), s.write_errors)
     fam["litefleet_monitor_queue_depth"].add((), s.queue_depth)
     fam["litefleet_monitor_start_time_seconds"].add((), s.started)
-    return [fam[name] for name, _, _ in FAMILIES]
+    return [fam[name].metric for name, _, _ in FAMILIES]
+
+
+class FleetCollector:
+    """A ``prometheus_client`` collector over the monitor's live view: ``snapshot`` is
+    called once per scrape (from the scraping thread; it must be safe to call there,
+    as :meth:`converter.monitor.live.FleetLive.snapshot` is)."""
+
+    def __init__(self, snapshot: Callable[[], FleetSnapshot], *, histograms: bool = True) -> None:
+        self._snapshot = snapshot
+        self._histograms = histograms
+
+    def collect(self) -> Iterator[Metric]:
+        yield from fleet_families(self._snapshot(), histograms=self._histograms)
 
 
 def render(snap: FleetSnapshot, *, histograms: bool = True) -> str:
     """The whole ``/metrics`` body. Histograms are ~3 KB per device and model
     version (31 series: 29 ``_bucket``, ``_sum``, ``_count``); ``histograms=False`` leaves them
     out for large fleets."""
-    return render_families(fleet_families(snap, histograms=histograms))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(lambda: snap, histograms=histograms))
+    return generate_latest(registry).decode()

@@ -24,7 +24,7 @@ from agent.errors import TransportError
 from agent.mqtt.client import MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics, split_chunks
-from converter.repo.repository import PublishPlan, TargetUpload
+from converter.repo.targets import PublishPlan, TargetUpload
 
 logger = logging.getLogger(__name__)
 

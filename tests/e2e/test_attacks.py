@@ -13,7 +13,7 @@ import io
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -151,7 +151,7 @@ def test_expired_timestamp_freezes_nothing(fleet: Fleet, digits_float32) -> None
     """A repository whose timestamp has expired (a freeze) is refused; v1 keeps serving."""
     fleet.agent.stop()
     repo = Repository.open(fleet.repo)
-    repo.state["expiry_days"]["timestamp"] = -1
+    repo.state = replace(repo.state, expiry_days=replace(repo.state.expiry_days, timestamp=-1))
     model = copy_model(digits_float32, fleet.tmp / "v2").read_bytes()
     repo.add_release("digits", model)
     assert repo.timestamp.signed.expires < datetime.now(UTC)

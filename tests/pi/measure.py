@@ -61,7 +61,7 @@ def _median_runs(land: Userland, args: list[Any], runs: int) -> tuple[float, lis
 
 def _models(folder: Path) -> dict[str, Path]:
     """int8 digits CNN and int8 MobileNetV2 96x96 (random weights), made with the converter."""
-    from converter.convert.pipeline import convert_model
+    from converter.convert.pipeline import ConvertConfig, convert_model
     from tests.support.models import digits_data, mobilenet_v2, save_digits_cnn, save_digits_npz
 
     data = digits_data()
@@ -69,7 +69,11 @@ def _models(folder: Path) -> dict[str, Path]:
     calib = save_digits_npz(folder / "digits_calib.npz", data.x_train)
     valid = save_digits_npz(folder / "digits_valid.npz", data.x_test, data.y_test)
     convert_model(
-        digits, folder / "digits.tflite", quantize="int8", calibration=calib, validate=valid, latency_runs=10
+        digits,
+        folder / "digits.tflite",
+        ConvertConfig(quantize="int8", latency_runs=10),
+        calibration=calib,
+        validate=valid,
     )
     mnet = mobilenet_v2(96)
     mnet.save(folder / "mnet.keras")
@@ -78,9 +82,8 @@ def _models(folder: Path) -> dict[str, Path]:
     convert_model(
         folder / "mnet.keras",
         folder / "mnet.tflite",
-        quantize="int8",
+        ConvertConfig(quantize="int8", latency_runs=5),
         calibration=folder / "mnet_calib.npz",
-        latency_runs=5,
     )
     return {"digits CNN int8": folder / "digits.tflite", "MobileNetV2 96 int8": folder / "mnet.tflite"}
 

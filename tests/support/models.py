@@ -165,16 +165,17 @@ def convert_digits(
     **options: Any,
 ) -> ConvertedModel:
     """Convert the digits CNN with the converter's API (latency runs kept short)."""
-    from converter.convert.pipeline import convert_model
+    from converter.convert.pipeline import ConvertConfig, convert_model
 
     options.setdefault("latency_runs", 50)
+    report = options.pop("report", None)
     result = convert_model(
         keras_path,
         out,
-        quantize=quantize,
+        ConvertConfig(quantize=quantize, **options),
         calibration=calibration,
         validate=validation,
-        **options,
+        report=report,
     )
     paths = result.paths
     return ConvertedModel(paths.tflite, paths.card, paths.golden, keras_path, calibration, validation, result)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import shutil
+import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -10,13 +14,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.mqtt.client import ConnectionSettings
 from agent.protocol import Topics
 from converter.monitor.collector import Collector, CollectorConfig, make_client
 from converter.monitor.http_server import MonitorHttpServer
 from converter.monitor.store import MonitorStore
+
+_SELECTOR = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scraped_value(text: str, selector: str) -> float | None:
+    """The value of one series of a ``/metrics`` body, ``selector`` written as in a scrape
+    (``name{label="value",...}``, labels in any order), read with prometheus_client's parser."""
+    m = _SELECTOR.match(selector)
+    assert m, selector
+    want = dict(_LABEL.findall(m["labels"] or ""))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == m["name"] and sample.labels == want:
+                return float(sample.value)
+    return None
+
+
+def promtool_check(text: str) -> None:
+    """``promtool check metrics`` (Debian's ``prometheus`` package) on a ``/metrics`` body:
+    the format and Prometheus' naming rules. Skipped where promtool is missing, except
+    under CI (``scripts/setup.sh`` installs it there)."""
+    tool = shutil.which("promtool")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: scripts/setup.sh setup_test_tools installs it")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    done = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"promtool: {done.stdout}{done.stderr}"
 
 
 @dataclass
@@ -34,11 +69,9 @@ class RunningMonitor:
         with urllib.request.urlopen(self.url + path, timeout=10) as resp:
             return resp.read().decode()
 
-    def metric(self, line_prefix: str) -> float | None:
-        for line in self.get("/metrics").splitlines():
-            if line.startswith(line_prefix + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+    def metric(self, selector: str) -> float | None:
+        """One series of a fresh scrape (see :func:`scraped_value`), None if absent."""
+        return scraped_value(self.get("/metrics"), selector)
 
     def received(self, kind: str) -> int:
         return self.collector.snapshot().stats.received.get(kind, 0)

@@ -152,7 +152,7 @@ while not a.registry.names() and time.time() < deadline:
     time.sleep(0.1)
 a.registry.get("digits").runner.predict(__import__("numpy").zeros((1, 8, 8, 1), "float32"))
 a.stop(); t.join(); a.shutdown()
-host_only = ("tensorflow", "keras", "converter", "jax", "torch")
+host_only = ("tensorflow", "keras", "converter", "jax", "torch", "prometheus_client")
 bad = sorted(m for m in sys.modules if m.split(".")[0] in host_only)
 print("ACTIVE", a.registry.names(), "HOST_MODULES", bad)
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import inspect
 import json
 import shutil
 import stat
@@ -25,9 +26,9 @@ from converter.broker.acl import (
     host_grants,
     render_acl,
     render_password_file,
-    topic_matches,
     verify_password,
 )
+from converter.broker.layout import MAX_PACKET_SIZE_BYTES
 from converter.broker.registry import (
     AUTH_CERT,
     AUTH_PASSWORD,
@@ -43,7 +44,7 @@ from converter.broker.registry import (
     check_device_id,
     check_san,
 )
-from converter.broker.secure import MAX_PACKET_SIZE_BYTES, SecureDir, host_client_settings
+from converter.broker.secure import SecureDir, host_client_settings
 from converter.errors import BadInputError
 from tests.support.harness import litefleet
 
@@ -77,14 +78,15 @@ def allowed(grants: tuple[Grant, ...], access: str, topic: str) -> bool:
     ],
 )
 def test_topic_matches(flt: str, topic: str, want: bool) -> None:
-    assert topic_matches(flt, topic) is want
+    """The grants are matched with paho's matcher; these are the cases the ACL relies on."""
+    assert Grant("read", flt).allows("read", topic) is want
 
 
 # -- grants -----------------------------------------------------------------------------
 
 
 def test_device_may_write_only_its_own_topics() -> None:
-    g = device_grants("litefleet", "dev-a")
+    g = device_grants(Topics("litefleet"), "dev-a")
     for leaf in ("state", "events", "metrics"):
         assert allowed(g, "write", f"{B}/devices/dev-a/{leaf}")
         assert not allowed(g, "write", f"{B}/devices/dev-b/{leaf}")
@@ -102,7 +104,7 @@ def test_device_may_write_only_its_own_topics() -> None:
 
 
 def test_device_reads_repository_and_own_topics_only() -> None:
-    g = device_grants("litefleet", "dev-a")
+    g = device_grants(Topics("litefleet"), "dev-a")
     for topic in (
         f"{B}/repo/metadata/1.root.json",
         f"{B}/repo/targets/abc.m.tflite/7",
@@ -121,13 +123,13 @@ def test_device_reads_repository_and_own_topics_only() -> None:
 
 
 def test_no_grant_covers_everything() -> None:
-    for g in (*device_grants("litefleet", "d"), *host_grants("litefleet")):
+    for g in (*device_grants(Topics("litefleet"), "d"), *host_grants(Topics("litefleet"))):
         assert g.topic.startswith(f"{B}/"), g
         assert "#" not in g.topic[:-1], g  # "#" only as the last level
 
 
 def test_host_writes_repository_but_not_device_reports() -> None:
-    g = host_grants("litefleet")
+    g = host_grants(Topics("litefleet"))
     assert allowed(g, "write", f"{B}/repo/metadata/timestamp.json")
     assert allowed(g, "read", f"{B}/repo/targets/x/0")
     assert allowed(g, "write", f"{B}/devices/dev-a/infer")
@@ -141,7 +143,7 @@ def test_host_writes_repository_but_not_device_reports() -> None:
 
 
 def test_prefix_is_honoured() -> None:
-    g = device_grants("acme/fleet", "d1")
+    g = device_grants(Topics("acme/fleet"), "d1")
     assert allowed(g, "read", "acme/fleet/v1/repo/metadata/timestamp.json")
     assert not allowed(g, "read", f"{B}/repo/metadata/timestamp.json")
 
@@ -152,7 +154,7 @@ def test_reply_topics() -> None:
     assert t == f"{B}/replies/_lf-host-ab/dev-a"
     assert topics.reply_allowed("dev-a", t)
     assert topics.reply_allowed("dev-a", t + "/req-7")
-    assert allowed(device_grants("litefleet", "dev-a"), "write", t)
+    assert allowed(device_grants(Topics("litefleet"), "dev-a"), "write", t)
     for bad in (
         f"{B}/replies/_lf-host-ab/dev-b",
         f"{B}/replies/dev-a",
@@ -163,9 +165,87 @@ def test_reply_topics() -> None:
         assert not topics.reply_allowed("dev-a", bad), bad
 
 
+def per_device_topics(topics: Topics, device_id: str) -> dict[str, str]:
+    """method name -> topic of every ``Topics`` method that names one device's topic
+    (one parameter, ``device_id``; a concrete topic, no wildcard)."""
+    out = {}
+    for name, member in inspect.getmembers(type(topics), inspect.isfunction):
+        if name.startswith("_") or list(inspect.signature(member).parameters) != ["self", "device_id"]:
+            continue
+        topic = getattr(topics, name)(device_id)
+        if isinstance(topic, str) and "+" not in topic and "#" not in topic:
+            out[name] = topic
+    return out
+
+
+def unclassified(topics: Topics) -> set[str]:
+    """Per-device topics that are neither outbound nor inbound: the ACL would not grant
+    their writer anything."""
+    known = {*topics.device_outbound("dev-a"), *topics.device_inbound("dev-a")}
+    return {name for name, t in per_device_topics(topics, "dev-a").items() if t not in known}
+
+
+def check_acl_follows_topics(topics: Topics) -> None:
+    dev_a, dev_b, host = device_grants(topics, "dev-a"), device_grants(topics, "dev-b"), host_grants(topics)
+    for t in topics.device_outbound("dev-a"):
+        assert allowed(dev_a, "write", t) and allowed(host, "read", t), t
+        assert not allowed(dev_b, "write", t) and not allowed(dev_b, "read", t), t
+    for t in topics.device_inbound("dev-a"):
+        assert allowed(host, "write", t) and allowed(dev_a, "read", t), t
+        assert not allowed(dev_a, "write", t) and not allowed(dev_b, "read", t), t
+    for t in (topics.metadata("timestamp.json"), topics.chunk("abc.model.tflite", 3)):
+        assert allowed(dev_a, "read", t) and allowed(host, "write", t) and not allowed(dev_a, "write", t)
+    reply = topics.reply("_lf-host-1", "dev-a")
+    assert allowed(dev_a, "write", reply) and allowed(host, "read", reply)
+    assert not allowed(dev_b, "write", reply)
+
+
+def test_every_device_topic_of_topics_is_in_the_acl() -> None:
+    """The ACL is built from ``Topics``: each per-device topic it derives is granted to its
+    device (and to no other), and a new per-device method must say who writes it."""
+    topics = Topics("litefleet")
+    assert set(per_device_topics(topics, "dev-a")) >= {"state", "events", "metrics", "infer"}
+    assert unclassified(topics) == set()
+    check_acl_follows_topics(topics)
+    check_acl_follows_topics(Topics("acme/fleet"))
+
+
+def test_a_renamed_or_added_topic_follows_into_the_acl() -> None:
+    class Renamed(Topics):
+        def state(self, device_id: str) -> str:
+            return self.device(device_id, "status")
+
+    renamed = Renamed("litefleet")
+    grants = device_grants(renamed, "dev-a")
+    assert allowed(grants, "write", f"{B}/devices/dev-a/status")
+    assert not allowed(grants, "write", f"{B}/devices/dev-a/state")
+    assert allowed(host_grants(renamed), "write", f"{B}/devices/dev-b/status")  # clearing a row
+    check_acl_follows_topics(renamed)
+
+    class Added(Topics):
+        def availability(self, device_id: str) -> str:
+            return self.device(device_id, "availability")
+
+    # a per-device topic in neither list is caught ...
+    assert unclassified(Added("litefleet")) == {"availability"}
+
+    class Listed(Added):
+        def device_outbound(self, device_id: str) -> tuple[str, ...]:
+            return (*super().device_outbound(device_id), self.availability(device_id))
+
+    # ... and once listed, the device may publish it
+    listed = Listed("litefleet")
+    assert unclassified(listed) == set()
+    assert allowed(device_grants(listed, "dev-a"), "write", f"{B}/devices/dev-a/availability")
+    check_acl_follows_topics(listed)
+
+
 def test_render_acl_has_user_blocks_and_no_patterns() -> None:
     text = render_acl(
-        [("dev-a", device_grants("litefleet", "dev-a")), (HOST_USERNAME, host_grants("litefleet"))]
+        [
+            ("dev-a", device_grants(Topics("litefleet"), "dev-a")),
+            (HOST_USERNAME, host_grants(Topics("litefleet"))),
+        ]
     )
     assert "pattern" not in text
     assert "\nuser dev-a\n" in text and f"\nuser {HOST_USERNAME}\n" in text

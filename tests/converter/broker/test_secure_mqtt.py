@@ -24,8 +24,8 @@ from paho.mqtt.properties import Properties
 
 from agent.protocol import Topics
 from converter.broker.certs import make_ca, make_client_cert, new_key
+from converter.broker.layout import HOST_CLIENT_ID_PREFIX, MAX_PACKET_SIZE_BYTES
 from converter.broker.registry import AUTH_PASSWORD
-from converter.broker.secure import HOST_CLIENT_ID_PREFIX, MAX_PACKET_SIZE_BYTES
 from tests.support.secure import (
     GRACE_S,
     V5,

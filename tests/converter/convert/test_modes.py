@@ -106,14 +106,13 @@ def test_int8_io_types(digits_files: dict[str, Path], tmp_path: Path, io_type: s
 
 
 def test_dynamic_range(digits_files: dict[str, Path], tmp_path: Path, digits_float32: ConvertedModel) -> None:
-    from converter.convert.pipeline import convert_model
+    from converter.convert.pipeline import ConvertConfig, convert_model
 
     r = convert_model(  # no calibration data: dynamic range needs none
         digits_files["keras"],
         tmp_path / "d.tflite",
-        quantize="dynamic",
+        ConvertConfig(quantize="dynamic", latency_runs=20),
         validate=digits_files["validation"],
-        latency_runs=20,
     )
     m = ConvertedModel(*r.paths.all(), digits_files["keras"], Path(), Path(), r)
     check_artifacts(m)
@@ -165,19 +164,17 @@ def test_auto_picks_int8_for_digits_and_reports_every_candidate(
 def test_golden_vectors_fall_back_to_calibration_then_random(
     digits_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    from converter.convert.pipeline import convert_model
+    from converter.convert.pipeline import ConvertConfig, convert_model
 
     r = convert_model(
         digits_files["keras"],
         tmp_path / "a.tflite",
-        quantize="int8",
+        ConvertConfig(quantize="int8", golden_count=3, latency_runs=20),
         calibration=digits_files["calibration"],
-        golden_count=3,
-        latency_runs=20,
     )
     assert r.card.golden == {"file": "a.golden.npz", "count": 3, "inputs": "calibration"}
     assert r.card.metrics.get("accuracy") is None  # nothing to validate against
-    r = convert_model(digits_files["keras"], tmp_path / "b.tflite", latency_runs=20)
+    r = convert_model(digits_files["keras"], tmp_path / "b.tflite", ConvertConfig(latency_runs=20))
     assert r.card.golden["inputs"] == "random" and r.card.mode == "none"
     with np.load(tmp_path / "b.golden.npz") as g:
         assert g["input_0"].shape == (8, 8, 8, 1)

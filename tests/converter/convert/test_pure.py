@@ -273,3 +273,34 @@ def test_permission_denied_is_bad_input(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setattr("converter.convert.sources.open", deny, raising=False)
     with pytest.raises(BadInputError, match=r"cannot read source .*locked\.keras: Permission denied"):
         detect_format(src)
+
+
+# -- the settings ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("settings_", "message"),
+    [
+        ({"quantize": "int4"}, "unknown quantize mode 'int4'"),
+        ({"io_type": "int4"}, "unknown I/O type"),
+        ({"candidates": ("none", "fp8")}, "unknown quantize mode 'fp8'"),
+        ({"compare": ("x",)}, "unknown quantize mode 'x'"),
+        ({"threads": 0}, "--threads"),
+        ({"golden_count": 0}, "golden vector count"),
+        ({"max_accuracy_drop": -0.1}, "--max-accuracy-drop"),
+        ({"calibration_samples": 0}, "--calibration-samples"),
+        ({"latency_runs": 0}, "--latency-runs"),
+    ],
+)
+def test_convert_settings_are_checked_when_made(settings_: dict[str, object], message: str) -> None:
+    from converter.convert.pipeline import ConvertConfig
+
+    with pytest.raises(BadInputError, match=message):
+        ConvertConfig(**settings_)  # type: ignore[arg-type]
+
+
+def test_variant_plan() -> None:
+    from converter.convert.pipeline import ConvertConfig
+
+    assert ConvertConfig().variant_plan() == (["none"], True)
+    assert ConvertConfig(quantize="int8", compare=("none", "int8")).variant_plan() == (["int8", "none"], True)
+    auto = ConvertConfig(quantize="auto", candidates=("int8", "none"), compare=("int16x8",))
+    assert auto.variant_plan() == (["none", "int8", "int16x8"], False)

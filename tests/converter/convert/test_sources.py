@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from agent.model_card import parse_card
-from converter.convert.pipeline import convert_model
+from converter.convert.pipeline import ConvertConfig, convert_model
 from converter.convert.sources import source_sha256
 from tests.support.models import DigitsData
 
@@ -21,14 +21,13 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _int8(src: Path, out: Path, files: dict[str, Path], **kw: object) -> dict[str, float]:
+    calibration = kw.pop("calibration", files["calibration"])
     r = convert_model(
         src,
         out,
-        quantize="int8",
-        calibration=kw.pop("calibration", files["calibration"]),
+        ConvertConfig(quantize="int8", latency_runs=20, **kw),  # type: ignore[arg-type]
+        calibration=calibration,  # type: ignore[arg-type]
         validate=files["validation"],
-        latency_runs=20,
-        **kw,  # type: ignore[arg-type]
     )
     metrics: dict[str, float] = parse_card(r.paths.card.read_bytes()).metrics
     assert abs(metrics["accuracy"] - metrics["source_accuracy"]) <= 1.0

@@ -7,16 +7,18 @@ import threading
 import time
 from pathlib import Path
 
-from converter.fleet.view import METRICS_COLUMNS, STATUS_FIELDS, format_table, merge_metrics, parse_state
-from converter.monitor.payloads import MetricsSample, parse_metrics
+from converter.cli.status import status_table
+from converter.fleet.view import METRICS_COLUMNS, STATUS_FIELDS, merge_metrics, state_row
+from converter.monitor.payloads import MetricsSample, StateRecord, parse_metrics, parse_state
 from tests.support.harness import litefleet, must
 from tests.support.monitor import publish_many, publish_one
 from tests.support.payloads import agent_payload, state_payload
 
 
 def test_merge_metrics_takes_the_fresh_figures() -> None:
-    row = parse_state("pi-1", state_payload(latency_ms_p50=9.9, inferences=1))
-    assert row is not None
+    state = parse_state("pi-1", state_payload(latency_ms_p50=9.9, inferences=1))
+    assert isinstance(state, StateRecord)
+    row = state_row(state)
     sample = parse_metrics("pi-1", agent_payload())
     assert isinstance(sample, MetricsSample)
     merged = merge_metrics(row, sample)
@@ -27,7 +29,7 @@ def test_merge_metrics_takes_the_fresh_figures() -> None:
     unchanged = merge_metrics(row, None)
     assert unchanged["latency_ms_p50"] == 9.9 and unchanged["cpu_percent"] is None
     assert set(STATUS_FIELDS) <= set(merged)
-    table = format_table([merged, unchanged], METRICS_COLUMNS)
+    table = status_table([merged, unchanged], METRICS_COLUMNS)
     assert "LATENCY_MS_P99" in table.splitlines()[0] and "12.40" in table
 
 
@@ -74,3 +76,28 @@ def test_status_with_metrics_against_a_broker(broker, tmp_path: Path) -> None:
     assert "cpu_percent" not in plain[0] and plain[0]["inferences"] == 3  # without --metrics: as before
     code, _, err = litefleet("status", "--broker", broker.url, "--metrics", "-1")
     assert code == 2 and "--metrics" in err
+
+
+def test_status_reads_the_state_with_the_monitors_parser(broker) -> None:
+    """``status`` and the monitor take a state message the same way: validated and clipped,
+    a malformed one is no row, unknown fields are left out."""
+    odd = state_payload(device_id="pi-odd", online="yes", status="s" * 100, future={"x": 1})
+    publish_many(
+        broker.port,
+        [
+            ("litefleet/v1/devices/pi-odd/state", odd),
+            ("litefleet/v1/devices/pi-bad/state", b"[1, 2]"),
+            ("litefleet/v1/devices/pi-ok/state", state_payload(device_id="pi-ok")),
+        ],
+        retain=True,
+    )
+    rows = json.loads(must("status", "--broker", broker.url, "--json"))
+    assert [r["device_id"] for r in rows] == ["pi-odd", "pi-ok"]
+    expected = parse_state("pi-odd", odd)
+    assert isinstance(expected, StateRecord)
+    assert rows[0] == state_row(expected)
+    assert rows[0]["online"] is False and rows[0]["status"] == "s" * 32 and "future" not in rows[0]
+    assert rows[1]["models"] == {"digits": {"version": "3", "sha256": "ab" * 32, "trial": False}}
+    table = must("status", "--broker", broker.url)
+    assert table.splitlines()[0].split() == [f.upper() for f in STATUS_FIELDS]
+    assert table.splitlines()[1].split()[:2] == ["pi-odd", "no"]

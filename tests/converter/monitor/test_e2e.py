@@ -31,7 +31,7 @@ from agent.mqtt.client import wait_until
 from converter.broker.mosquitto import free_port
 from converter.monitor.store import MonitorStore
 from tests.support.harness import REPO_ROOT, AgentProcess, litefleet, must
-from tests.support.monitor import publish_many, publish_one, running_monitor
+from tests.support.monitor import promtool_check, publish_many, publish_one, running_monitor, scraped_value
 from tests.support.payloads import agent_payload, state_payload
 
 
@@ -106,13 +106,17 @@ def test_monitor_sees_a_real_agent(broker, tmp_path: Path, digits_int8, digits_d
                 lambda: mon.metric(f"litefleet_model_requests_total{{{labels}}}") == requests, 15
             ), mon.get("/metrics")
             scrape = mon.get("/metrics")
-            assert f"litefleet_model_inferences_total{{{labels}}} {requests}" in scrape
-            assert f"litefleet_model_errors_total{{{labels}}} 0" in scrape
-            assert f"litefleet_model_inference_duration_seconds_count{{{labels}}} {requests}" in scrape
-            rss = mon.metric('litefleet_device_resident_memory_bytes{device="pi-m"}')
+            assert scraped_value(scrape, f"litefleet_model_inferences_total{{{labels}}}") == requests
+            assert scraped_value(scrape, f"litefleet_model_errors_total{{{labels}}}") == 0
+            count = scraped_value(scrape, f"litefleet_model_inference_duration_seconds_count{{{labels}}}")
+            assert count == requests
+            rss = scraped_value(scrape, 'litefleet_device_resident_memory_bytes{device="pi-m"}')
             assert rss is not None and rss > 10_000_000
-            assert 'litefleet_device_online{device="pi-m"} 1' in scrape
-            assert f'litefleet_model_info{{{labels},sha256="' in scrape
+            assert scraped_value(scrape, 'litefleet_device_online{device="pi-m"}') == 1
+            assert re.search(
+                r'litefleet_model_info\{device="pi-m",model="digits",sha256="[0-9a-f]{64}"', scrape
+            )
+            promtool_check(scrape)
 
             # a latency quantile appears for an interval that had the requests in it: the
             # history has it (the live value may already be a later, idle interval)
@@ -240,10 +244,9 @@ def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> Non
 
         def scraped() -> bool:
             with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-                return (
-                    'litefleet_model_requests_total{device="pi-z",model="digits",version="3"} 5'
-                    in resp.read().decode()
-                )
+                body = resp.read().decode()
+            series = 'litefleet_model_requests_total{device="pi-z",model="digits",version="3"}'
+            return scraped_value(body, series) == 5
 
         assert wait_until(scraped, 10)
         with urllib.request.urlopen(url + "/", timeout=5) as resp:
@@ -265,6 +268,34 @@ def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> Non
             assert [k[:2] for k in r.sample_keys()] == [("pi-z", 1), ("pi-z", 2)]
     finally:
         store.close()
+
+
+def test_a_live_scrape_passes_promtool(broker, tmp_path: Path) -> None:
+    """Debian's ``promtool check metrics`` on what a running monitor serves: every kind of
+    family filled (gauges, counters, the latency summary, the histogram), hostile text in
+    label values, an offline device, a device with state only."""
+    hostile = json.loads(agent_payload("pi-2", seq=1))
+    hostile["models"][0]["name"] = 'evil"}\nx 1 #'
+    publish_many(
+        broker.port,
+        [
+            ("litefleet/v1/devices/pi-1/state", state_payload(device_id="pi-1")),
+            ("litefleet/v1/devices/pi-2/state", state_payload(device_id="pi-2", status='a\\b"c')),
+            ("litefleet/v1/devices/pi-3/state", state_payload(device_id="pi-3", online=False)),
+        ],
+        retain=True,
+    )
+    with running_monitor(broker.port, tmp_path / "monitor.db") as mon:
+        publish_one(broker.port, "litefleet/v1/devices/pi-1/metrics", agent_payload("pi-1", seq=1))
+        publish_one(broker.port, "litefleet/v1/devices/pi-2/metrics", json.dumps(hostile).encode())
+        assert wait_until(lambda: mon.metric('litefleet_devices{health="offline"}') == 1, 10)
+        assert wait_until(lambda: mon.metric('litefleet_monitor_messages_total{kind="metrics"}') == 2, 10)
+        body = mon.get("/metrics")
+    for kind in ("gauge", "counter", "summary", "histogram"):
+        assert f" {kind}\n" in body
+    labels = 'device="pi-1",model="digits",quantile="0.99",version="3"'
+    assert scraped_value(body, f"litefleet_model_latency_seconds{{{labels}}}") is not None
+    promtool_check(body)
 
 
 def test_monitor_command_errors(tmp_path: Path) -> None:

@@ -7,20 +7,19 @@ change in what the agent publishes that the monitor cannot read fails here.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.mqtt.client import topic_filter_of as subscription_topic_filter
 from agent.serving.stats import ModelStats
 from agent.telemetry.metrics import build_metrics_payload, model_report
 from converter.errors import BadInputError
-from converter.fleet.view import merge_metrics
-from converter.fleet.view import parse_state as status_row
+from converter.fleet.view import merge_metrics, state_row
 from converter.monitor.collector import check_share_group, retention_cutoff, shared_filter
 from converter.monitor.http_server import device_json, parse_listen
 from converter.monitor.live import FleetLive
@@ -48,16 +47,7 @@ from converter.monitor.payloads import (
     parse_state,
     shown_model,
 )
-from converter.monitor.prometheus import (
-    LE_SECONDS,
-    escape_help,
-    escape_label_value,
-    format_sample,
-    format_value,
-    metric_names,
-    rebucket,
-    render,
-)
+from converter.monitor.prometheus import LE_SECONDS, metric_names, rebucket, render
 from converter.monitor.store import LatencyPoint, MonitorStore, Received, StoredEvent
 from tests.support.payloads import agent_payload, state_payload
 
@@ -234,10 +224,13 @@ SAMPLE_RE = re.compile(
     r'(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")(?:,[a-zA-Z_][a-zA-Z0-9_]*='
     r'"(?:[^"\\\n]|\\[\\"n])*")*)\})? (?P<value>\S+)$'
 )
+SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count")}
+
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def check_exposition(text: str) -> dict[str, list[str]]:
-    """Validate text format 0.0.4 structure; return sample lines by family."""
+    """Validate the text format's structure; return sample lines by family."""
     assert text.endswith("\n")
     families: dict[str, list[str]] = {}
     current: str | None = None
@@ -250,17 +243,14 @@ def check_exposition(text: str) -> dict[str, list[str]]:
             current = name
         elif line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
-            assert name == current and kind in ("gauge", "counter", "histogram")
+            assert name == current and kind in ("gauge", "counter", "histogram", "summary")
             types[name] = kind
         else:
             m = SAMPLE_RE.match(line)
             assert m, f"bad sample line: {line!r}"
             assert current is not None
-            base = m["name"]
-            if types[current] == "histogram":
-                assert base in (current + "_bucket", current + "_sum", current + "_count")
-            else:
-                assert base == current, f"{base} outside its family {current}"
+            allowed = [current + suffix for suffix in SUFFIXES.get(types[current], ("",))]
+            assert m["name"] in allowed, f"{m['name']} outside its family {current}"
             float(m["value"].replace("+Inf", "inf"))
             families[current].append(line)
     for name, lines in families.items():
@@ -268,19 +258,28 @@ def check_exposition(text: str) -> dict[str, list[str]]:
     return families
 
 
-def test_escaping() -> None:
-    assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
-    assert escape_help("x\\y\nz") == "x\\\\y\\nz"
-    assert format_sample("m", (("l", 'say "hi"\n'),), 1.5) == 'm{l="say \\"hi\\"\\n"} 1.5'
-    assert [format_value(v) for v in (True, 3, 2.0, 0.25, math.inf, -math.inf)] == [
-        "1",
-        "3",
-        "2",
-        "0.25",
-        "+Inf",
-        "-Inf",
-    ]
-    assert format_value(math.nan) == "NaN"
+def series(text: str) -> Series:
+    """Every sample as (name, labels) -> value, read by prometheus_client's own parser."""
+    out: Series = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(got: Series, name: str, **labels: str) -> float | None:
+    return got.get((name, frozenset(labels.items())))
+
+
+def test_label_values_are_escaped() -> None:
+    live = FleetLive(started=1.0)
+    live.apply([(received(parse_state("pi-1", state_payload(status='a\\b"c', agent_version="1\n2"))), False)])
+    text = render(live.snapshot(1001.0))
+    assert 'litefleet_device_info{agent_version="1\\n2",device="pi-1",status="a\\\\b\\"c"} 1.0' in text
+    assert (
+        value(series(text), "litefleet_device_info", device="pi-1", status='a\\b"c', agent_version="1\n2")
+        == 1
+    )
 
 
 def test_exposition_of_a_hostile_fleet_is_valid() -> None:
@@ -301,11 +300,11 @@ def test_exposition_of_a_hostile_fleet_is_valid() -> None:
     families = check_exposition(text)
     assert list(families) == metric_names()
     assert "\nlitefleet_pwned" not in text
-    assert families["litefleet_device_online"] == [
-        'litefleet_device_online{device="pi-1"} 1',
-        'litefleet_device_online{device="pi-2"} 0',
-    ]
-    assert 'litefleet_devices{health="offline"} 1' in families["litefleet_devices"]
+    got = series(text)
+    assert len(families["litefleet_device_online"]) == 2
+    assert value(got, "litefleet_device_online", device="pi-1") == 1
+    assert value(got, "litefleet_device_online", device="pi-2") == 0
+    assert value(got, "litefleet_devices", health="offline") == 1
     assert len(families["litefleet_model_requests_total"]) == 1
 
 
@@ -317,30 +316,36 @@ def test_real_values_appear() -> None:
             (received(parse_state("pi-1", state_payload())), False),
         ]
     )
-    fam = check_exposition(render(live.snapshot(1001.0)))
-    lbl = 'device="pi-1",model="digits",version="3"'
-    assert f"litefleet_model_requests_total{{{lbl}}} 5" in fam["litefleet_model_requests_total"]
-    assert f"litefleet_model_inferences_total{{{lbl}}} 3" in fam["litefleet_model_inferences_total"]
-    assert f"litefleet_model_errors_total{{{lbl}}} 1" in fam["litefleet_model_errors_total"]
-    for line in (
-        'litefleet_device_temperature_celsius{device="pi-1"} 51',
-        'litefleet_device_throttled{device="pi-1",flag="throttled"} 1',
-        'litefleet_device_cpu_percent{device="pi-1",scope="system"} 12.4',
-    ):
-        assert line in fam[line.split("{")[0]]
-    assert any(
-        f'model="digits",version="3",sha256="{"ab" * 32}",trial="false"' in ln
-        for ln in fam["litefleet_model_info"]
-    )
-    hist = fam["litefleet_model_inference_duration_seconds"]
-    assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="+Inf"}} 3' in hist
+    text = render(live.snapshot(1001.0))
+    fam = check_exposition(text)
+    got = series(text)
+    lbl = {"device": "pi-1", "model": "digits", "version": "3"}
+    assert value(got, "litefleet_model_requests_total", **lbl) == 5
+    assert value(got, "litefleet_model_inferences_total", **lbl) == 3
+    assert value(got, "litefleet_model_errors_total", **lbl) == 1
+    assert value(got, "litefleet_device_temperature_celsius", device="pi-1") == 51
+    assert value(got, "litefleet_device_throttled", device="pi-1", flag="throttled") == 1
+    assert value(got, "litefleet_device_cpu_percent", device="pi-1", scope="system") == 12.4
+    assert value(got, "litefleet_device_disk_total_bytes", device="pi-1") == 31914983424
+    info = {"device": "pi-1", "model": "digits", "version": "3", "sha256": "ab" * 32, "trial": "false"}
+    assert value(got, "litefleet_model_info", **info) == 1
+    hist = "litefleet_model_inference_duration_seconds"
+    assert value(got, hist + "_bucket", **lbl, le="+Inf") == 3
     # 0.4 ms and 0.5 ms lie below 2**19 ns = 0.524288 ms; 2 ms below 2**21 ns
-    assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.000524288"}} 2' in hist
-    assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.001048576"}} 2' in hist
-    assert f'litefleet_model_inference_duration_seconds_bucket{{{lbl},le="0.002097152"}} 3' in hist
-    lean = check_exposition(render(live.snapshot(1001.0), histograms=False))
-    assert lean["litefleet_model_inference_duration_seconds"] == []
+    assert value(got, hist + "_bucket", **lbl, le="0.000524288") == 2
+    assert value(got, hist + "_bucket", **lbl, le="0.001048576") == 2
+    assert value(got, hist + "_bucket", **lbl, le="0.002097152") == 3
+    # the latency quantiles are a summary; its _sum and _count are the histogram's
+    assert "# TYPE litefleet_model_latency_seconds summary" in text
+    p50 = value(got, "litefleet_model_latency_seconds", **lbl, quantile="0.5")
+    assert p50 is not None and 0.00045 < p50 < 0.00055
+    assert value(got, "litefleet_model_latency_seconds_count", **lbl) == 3
+    assert value(got, "litefleet_model_latency_seconds_sum", **lbl) == value(got, hist + "_sum", **lbl)
+    lean_text = render(live.snapshot(1001.0), histograms=False)
+    lean = check_exposition(lean_text)
+    assert lean[hist] == []
     assert lean["litefleet_model_requests_total"] == fam["litefleet_model_requests_total"]
+    assert lean["litefleet_model_latency_seconds"] == fam["litefleet_model_latency_seconds"]
 
 
 @settings(max_examples=60, deadline=None)
@@ -470,9 +475,9 @@ def test_one_model_stands_for_the_device_everywhere() -> None:
     cells = dict(zip(FLEET_HEADERS, (text for _, text in row), strict=True))
     assert cells["model"] == "faces v3" and cells["p50"] == format_ms(faces.p50_ms)
     assert cells["requests"] == "4"
-    status = status_row("pi-1", state)
-    assert status is not None
-    merged = merge_metrics(status, sample)
+    status = parse_state("pi-1", state)
+    assert isinstance(status, StateRecord)
+    merged = merge_metrics(state_row(status), sample)
     assert (merged["latency_ms_p50"], merged["latency_ms_p99"]) == (faces.p50_ms, faces.p99_ms)
     assert merged["inferences"] == 6
 

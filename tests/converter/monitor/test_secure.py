@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent.mqtt.client import wait_until
 from tests.support.harness import REPO_ROOT
+from tests.support.monitor import scraped_value
 from tests.support.payloads import agent_payload, state_payload
 from tests.support.secure import start_secure
 
@@ -65,10 +66,15 @@ def test_monitor_with_the_host_identity_of_a_secure_broker(tmp_path: Path) -> No
             with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
                 return resp.read().decode()
 
-        assert wait_until(lambda: "litefleet_monitor_samples_stored_total 2" in scrape(), 10), scrape()
+        assert wait_until(
+            lambda: scraped_value(scrape(), "litefleet_monitor_samples_stored_total") == 2, 10
+        ), scrape()
         body = scrape()
-        assert 'litefleet_device_online{device="dev-p"} 1' in body
-        assert 'litefleet_model_requests_total{device="dev-p",model="digits",version="3"} 5' in body
+        assert scraped_value(body, 'litefleet_device_online{device="dev-p"}') == 1
+        assert (
+            scraped_value(body, 'litefleet_model_requests_total{device="dev-p",model="digits",version="3"}')
+            == 5
+        )
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err

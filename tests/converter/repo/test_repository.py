@@ -10,7 +10,8 @@ import pytest
 
 from agent.protocol import Rollout
 from converter.errors import BadInputError, RepositoryError
-from converter.repo.repository import Repository, versions_to_keep
+from converter.repo.repository import Repository
+from converter.repo.targets import versions_to_keep
 
 
 def test_versions_to_keep() -> None:

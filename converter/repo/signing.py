@@ -1,0 +1,91 @@
+"""Signing keys and the signature chain of the repository's metadata.
+
+Guarantees:
+
+* :func:`sign_chain` links targets -> snapshot -> timestamp with the version,
+  length and SHA-256 of the file below, clears old signatures first and signs
+  with every given key, so a role is never published with a stale signature;
+* :func:`load_signers` returns only keys that root lists for the role and
+  raises :class:`~converter.errors.RepositoryError` when fewer than the role's
+  threshold are on disk: the tool never signs below threshold.
+
+``tuf.api.metadata`` re-exports its payload classes without ``__all__``, so
+strict type checking takes them from ``tuf.api._payload``, where they are
+defined (likewise ``securesystemslib.signer``'s classes); they are the same objects.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer._crypto_signer import CryptoSigner
+from securesystemslib.signer._signer import Signer
+from tuf.api._payload import MetaFile, Root, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata
+from tuf.api.serialization.json import JSONSerializer
+
+from converter.errors import RepositoryError
+
+SERIALIZER = JSONSerializer(compact=True)
+
+
+def now_utc() -> datetime:
+    """Whole seconds: TUF's expiry dates have no fractions."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def copy_metadata(md: Metadata[Any]) -> Metadata[Any]:
+    """An independent copy to change (the loaded one stays as signed)."""
+    return Metadata.from_bytes(md.to_bytes(SERIALIZER))
+
+
+def load_signers(root: Root, keys_dir: Path, role: str) -> list[Signer]:
+    """The private keys of ``role`` in ``keys_dir/<role>/<keyid>.pem`` that ``root`` lists."""
+    found: list[Signer] = []
+    for keyid in root.roles[role].keyids:
+        pem = keys_dir / role / f"{keyid}.pem"
+        if pem.exists():
+            found.append(CryptoSigner.from_priv_key_uri(f"file2:{pem}", root.keys[keyid]))
+    threshold = root.roles[role].threshold
+    if len(found) < threshold:
+        raise RepositoryError(
+            f"only {len(found)} of the {threshold} {role} keys needed are in {keys_dir / role}"
+        )
+    return found
+
+
+def new_signer() -> CryptoSigner:
+    return CryptoSigner.generate_ed25519()
+
+
+def _sign(md: Metadata[Any], signers: list[Signer]) -> bytes:
+    md.signatures.clear()
+    for s in signers:
+        md.sign(s, append=True)
+    return md.to_bytes(SERIALIZER)
+
+
+def sign_root(root: Metadata[Root], signers: list[Signer]) -> tuple[str, bytes]:
+    """``N.root.json`` signed by every one of ``signers``."""
+    return f"{root.signed.version}.root.json", _sign(root, signers)
+
+
+def sign_chain(
+    signers: dict[str, list[Signer]],
+    targets: Metadata[Targets],
+    snapshot: Metadata[Snapshot],
+    timestamp: Metadata[Timestamp],
+) -> list[tuple[str, bytes]]:
+    """Sign targets -> snapshot -> timestamp, each pointing at the one below.
+    Returns (file name, bytes) in publishing order, timestamp last."""
+    t_bytes = _sign(targets, signers["targets"])
+    snapshot.signed.meta["targets.json"] = MetaFile.from_data(targets.signed.version, t_bytes, ["sha256"])
+    s_bytes = _sign(snapshot, signers["snapshot"])
+    timestamp.signed.snapshot_meta = MetaFile.from_data(snapshot.signed.version, s_bytes, ["sha256"])
+    return [
+        (f"{targets.signed.version}.targets.json", t_bytes),
+        (f"{snapshot.signed.version}.snapshot.json", s_bytes),
+        ("timestamp.json", _sign(timestamp, signers["timestamp"])),
+    ]
