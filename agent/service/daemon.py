@@ -47,7 +47,8 @@ from agent.serving.mqtt_requests import InferWorker
 from agent.serving.registry import ModelRegistry
 from agent.serving.rest import RestServer
 from agent.serving.runtime import resolve_runtime
-from agent.serving.stats import ApiCounters
+from agent.serving.stats import ApiCounters, StatsSnapshot
+from agent.state_message import DeviceStatus, Served, served, standing_model, state_document
 from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporter
 from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
 
@@ -116,7 +117,7 @@ class Agent:
         self.ready_at: float | None = None
         self._first_refresh_done = False
         self._notified_status = ""
-        self._last_served: tuple[int, float | None] = (0, None)
+        self._last_served = Served(0, None)
         self._shutting_down = False
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -193,31 +194,26 @@ class Agent:
         if kind in ("activated", "rolled_back"):
             self._will_dirty = True
 
-    def _served(self) -> tuple[int, float | None]:
-        snaps = [m.runner.stats.snapshot() for m in self.registry.snapshot().values()]
-        p50 = snaps[0].quantile_ms(0.5) if snaps else None
-        return sum(s.ok for s in snaps), round(p50, 3) if p50 is not None else None
+    def _snapshots(self) -> dict[str, StatsSnapshot]:
+        return {name: m.runner.stats.snapshot() for name, m in self.registry.snapshot().items()}
+
+    def _served(self) -> Served:
+        return served(standing_model(self.manager.summary()), self._snapshots())
 
     def _state_payload(self, *, online: bool) -> bytes:
-        models = self.manager.summary()
-        first = next(iter(models.items()), None)
-        inferences, p50 = self._served()
-        doc = {
-            "device_id": self.cfg.device_id,
-            "online": online,
-            "model": first[0] if first else None,
-            "version": str(first[1]["version"]) if first else None,
-            "status": self.status if online else "offline",
-            "error": self.error,
-            "models": models,
-            "groups": list(self.cfg.groups),
-            "repo_version": self.updater.repo_version,
-            "agent_version": __version__,
-            "boot": self.boot_id,
-            "inferences": inferences,
-            "latency_ms_p50": p50,
-            "ts": round(time.time(), 3),
-        }
+        doc = state_document(
+            device_id=self.cfg.device_id,
+            online=online,
+            status=DeviceStatus(self.status),
+            error=self.error,
+            models=self.manager.summary(),
+            snapshots=self._snapshots(),
+            groups=self.cfg.groups,
+            repo_version=self.updater.repo_version,
+            agent_version=__version__,
+            boot=self.boot_id,
+            ts=time.time(),
+        )
         return json.dumps(doc).encode()
 
     def publish_state(self) -> None:
@@ -370,9 +366,9 @@ class Agent:
                 self.reporter.report_once()
                 next_metrics = max(next_metrics + self.cfg.metrics_interval_s, self._clock())
                 # the retained state carries the inference count and p50 for `status`
-                served = self._served()
-                if served != self._last_served:
-                    self._last_served = served
+                figures = self._served()
+                if figures != self._last_served:
+                    self._last_served = figures
                     self.publish_state()
             self._maybe_ready()
 
