@@ -30,6 +30,7 @@ from pathlib import Path
 from agent.errors import ModelRejectedError, StorageError, TransportError
 from agent.mqtt.transport import Message, Subscriber
 from agent.protocol import ChunkInfo, Topics
+from agent.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -204,13 +205,13 @@ class ChunkDownloader:
                     want = self._chunk_len(i, length, info.chunk_size)
                     if len(msg.payload) != want:
                         raise ModelRejectedError(
-                            "chunk_size",
+                            Reason.CHUNK_SIZE,
                             f"{target_file} chunk {i} has {len(msg.payload)} bytes, "
                             f"the signed metadata says {want}",
                         )
                     if hashlib.sha256(msg.payload).hexdigest() != info.hashes[i]:
                         raise ModelRejectedError(
-                            "chunk_hash", f"{target_file} chunk {i} does not match its signed hash"
+                            Reason.CHUNK_HASH, f"{target_file} chunk {i} does not match its signed hash"
                         )
                     os.pwrite(fd, msg.payload, i * info.chunk_size)
                     del open_since[i]

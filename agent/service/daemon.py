@@ -35,14 +35,17 @@ from agent.delivery.updater import ModelUpdater, read_trusted_root
 from agent.errors import (
     ConfigError,
     ModelRejectedError,
+    NoRepositoryError,
     StorageError,
     TransportError,
 )
 from agent.mqtt.client import ConnectionSettings, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
+from agent.reasons import PERMANENT, Reason
 from agent.service.config import AgentConfig
 from agent.service.sdnotify import Notifier
+from agent.service.work import RefreshOutcome, Work, coalesce, retry_after
 from agent.serving.mqtt_requests import InferWorker
 from agent.serving.registry import ModelRegistry
 from agent.serving.rest import RestServer
@@ -53,23 +56,6 @@ from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporte
 from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
 
 logger = logging.getLogger(__name__)
-
-# refusals that say something about the signed release itself: remembered, never retried.
-# Others (a corrupt chunk on the broker, a full disk) are retried at the next refresh.
-PERMANENT_REASONS = frozenset(
-    {
-        "too_large",
-        "invalid_target",
-        "missing_target",
-        "load",
-        "signature",
-        "card",
-        "golden",
-        "inference",
-        "crashed",
-        "timeout",
-    }
-)
 
 
 def connection_settings(cfg: AgentConfig, will_payload: bytes) -> ConnectionSettings:
@@ -101,9 +87,9 @@ class Agent:
         self.registry = ModelRegistry()
         self._clock = clock
         self._notifier = notifier
-        self._work: queue.Queue[str] = queue.Queue()
+        self._work: queue.Queue[Work] = queue.Queue()
         self._stop = threading.Event()
-        self.status = "starting"
+        self.status = DeviceStatus.STARTING
         self.error: str | None = None
         self._last_reported: tuple[str, str] | None = None
         self._will_dirty = False
@@ -188,7 +174,7 @@ class Agent:
         log = logger.warning if kind in ("rejected", "rolled_back") else logger.info
         log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
         if kind == "downloading":
-            self._set_status("downloading")
+            self._set_status(DeviceStatus.DOWNLOADING)
         with contextlib.suppress(TransportError):
             self.client.publish(self.topics.events(self.cfg.device_id), json.dumps(payload).encode(), qos=1)
         if kind in ("activated", "rolled_back"):
@@ -204,7 +190,7 @@ class Agent:
         doc = state_document(
             device_id=self.cfg.device_id,
             online=online,
-            status=DeviceStatus(self.status),
+            status=self.status,
             error=self.error,
             models=self.manager.summary(),
             snapshots=self._snapshots(),
@@ -222,7 +208,9 @@ class Agent:
                 self.topics.state(self.cfg.device_id), self._state_payload(online=True), qos=1, retain=True
             )
 
-    def _set_status(self, status: str, error: str | None = None, *, keep_error: bool = False) -> None:
+    def _set_status(
+        self, status: DeviceStatus, error: str | None = None, *, keep_error: bool = False
+    ) -> None:
         changed = status != self.status or (not keep_error and error != self.error)
         self.status = status
         if not keep_error:
@@ -234,13 +222,13 @@ class Agent:
     def _on_metadata_change(self, name: str) -> None:
         if name == "timestamp.json" or name.endswith(".root.json"):
             self._meta_changes += 1
-            self._work.put("refresh")
+            self._work.put(Work.REFRESH)
 
     def _on_connected(self) -> None:
         if self._shutting_down:
             return
         self.publish_state()
-        self._work.put("wake")  # readiness may be due now: don't wait for the next tick
+        self._work.put(Work.WAKE)  # readiness may be due now: don't wait for the next tick
         self.sender.wake()  # replay what was queued while offline
 
     def _on_infer(self, message: Message) -> None:
@@ -264,7 +252,7 @@ class Agent:
             runtime.version,
         )
         self.manager.start()
-        self.status = "serving" if self.registry.names() else "idle"
+        self.status = self._serving_status()
         if self.manager.last_error:
             self.error = ": ".join(self.manager.last_error)
         self.client.set_will(self._state_payload(online=False))
@@ -279,11 +267,11 @@ class Agent:
         self.infer.start()
         self.sender.start()
         self.client.start()
-        self._work.put("refresh!")
+        self._work.put(Work.REFRESH_NOW)
 
     def stop(self) -> None:
         self._stop.set()
-        self._work.put("stop")
+        self._work.put(Work.STOP)
 
     def shutdown(self) -> None:
         """Say goodbye on the broker (retained state: offline), stop serving, disconnect."""
@@ -330,35 +318,20 @@ class Agent:
             now = self._clock()
             timeout = max(0.0, min(next_refresh - now, next_metrics - now, 1.0))
             try:
-                item = self._work.get(timeout=timeout)
+                item = coalesce(self._work.get(timeout=timeout), self._work)
             except queue.Empty:
-                item = "tick"
-            if item == "stop":
-                break
-            while item.startswith("refresh") and not self._work.empty():
-                nxt = self._work.get_nowait()  # coalesce a burst of metadata changes
-                if nxt == "stop":
-                    item = "stop"
-                    break
-                if nxt == "refresh!":
-                    item = nxt
-            if item == "stop":
+                item = Work.TICK
+            if item is Work.STOP:
                 break
             self._tick()
             # a metadata change already seen by the last refresh needs no other
-            wanted = item == "refresh!" or (item == "refresh" and self._meta_changes != self._seen_changes)
+            wanted = item is Work.REFRESH_NOW or (
+                item is Work.REFRESH and self._meta_changes != self._seen_changes
+            )
             if wanted or self._clock() >= next_refresh:
-                outcome = self.refresh_once()
-                if outcome == "ok":
-                    fails = 0
-                    delay = self.cfg.refresh_interval_s
-                else:
-                    # back off: 5, 10, 20 ... s for a broker that is away; 15, 30 ...
-                    # for bad data on the broker (a new timestamp wakes us at once anyway)
-                    base = 5.0 if outcome == "transport" else 15.0
-                    delay = min(self.cfg.refresh_interval_s, base * 2 ** min(fails, 10))
-                    fails += 1
-                next_refresh = self._clock() + delay
+                retry = retry_after(self.refresh_once(), fails, self.cfg.refresh_interval_s)
+                fails = retry.fails
+                next_refresh = self._clock() + retry.delay_s
                 release_free_memory()
             self.manager.poll_trials()
             self._after_changes()
@@ -374,45 +347,47 @@ class Agent:
 
     def _after_changes(self) -> None:
         # never while stopping: a reconnect after the goodbye would say "online" again
-        if self._will_dirty and self.status != "downloading" and not self._stop.is_set():
+        if self._will_dirty and self.status is not DeviceStatus.DOWNLOADING and not self._stop.is_set():
             self._will_dirty = False
             self.client.replace_will(self._state_payload(online=False))
 
-    def refresh_once(self) -> str:
-        """One refresh: ``"ok"``, ``"transport"`` (retry soon) or ``"failed"`` (back off)."""
+    def refresh_once(self) -> RefreshOutcome:
+        """One refresh, and how it ended (the loop's retry policy reads it)."""
         outcome = self._refresh_once()
-        if outcome != "transport":
+        if outcome.settled:
             self._first_refresh_done = True
         return outcome
 
-    def _refresh_once(self) -> str:
+    def _refresh_once(self) -> RefreshOutcome:
         try:
             result = self.updater.refresh(self.manager.state, self._should_stop)
+        except NoRepositoryError:
+            # connected and synced, and there is nothing to fetch yet: ready; the first
+            # push's metadata wakes the loop
+            self._set_status(self._serving_status(), None)
+            return RefreshOutcome.NO_REPOSITORY
         except ModelRejectedError as exc:
-            if exc.reason == "no_repository":
-                # connected and synced, and there is nothing to fetch yet: ready
-                self._first_refresh_done = True
-                self._set_status(self._serving_status(), None)
-                return "transport"
             self._report_failure(exc.reason, str(exc))
-            return "transport" if exc.reason == "missing_metadata" else "failed"
+            if exc.reason is Reason.MISSING_METADATA:  # a push still on its way, most likely
+                return RefreshOutcome.TRANSPORT
+            return RefreshOutcome.FAILED
         except TransportError as exc:
             logger.info("refresh postponed: %s", exc)
             self._set_status(self._serving_status(), keep_error=True)
-            return "transport"
+            return RefreshOutcome.TRANSPORT
         except StorageError as exc:
-            self._report_failure("storage", str(exc))
-            return "failed"
-        for name, (reason, message, version, sha) in sorted(result.failures.items()):
-            if reason in PERMANENT_REASONS:
-                self.manager.refuse(name, version, sha, reason, message)
+            self._report_failure(Reason.STORAGE, str(exc))
+            return RefreshOutcome.FAILED
+        for name, failure in sorted(result.failures.items()):
+            if failure.reason in PERMANENT:
+                self.manager.refuse(name, failure.version, failure.sha256, failure.reason, failure.message)
             else:
-                self._report_failure(reason, message, model=name, version=version)
+                self._report_failure(failure.reason, failure.message, model=name, version=failure.version)
         for cand in result.candidates:
-            self._set_status("checking", keep_error=True)
+            self._set_status(DeviceStatus.CHECKING, keep_error=True)
             self.manager.consider(cand)
         self.manager.cleanup()
-        transient = any(r not in PERMANENT_REASONS for r, *_ in result.failures.values())
+        transient = any(f.reason not in PERMANENT for f in result.failures.values())
         if self.manager.last_error and (result.candidates or result.failures):
             self.error = ": ".join(self.manager.last_error)
         elif not transient:
@@ -420,7 +395,7 @@ class Agent:
             self._last_reported = None
         self._set_status(self._serving_status(), self.error)
         self.publish_state()
-        return "failed" if transient else "ok"
+        return RefreshOutcome.FAILED if transient else RefreshOutcome.OK
 
     def _maybe_ready(self) -> None:
         """READY=1 once connected with the active models loaded and the first refresh
@@ -436,10 +411,10 @@ class Agent:
             self._notifier.status(text)
         self._notified_status = text
 
-    def _serving_status(self) -> str:
-        return "serving" if self.registry.names() else "idle"
+    def _serving_status(self) -> DeviceStatus:
+        return DeviceStatus.SERVING if self.registry.names() else DeviceStatus.IDLE
 
-    def _report_failure(self, reason: str, message: str, **fields: Any) -> None:
+    def _report_failure(self, reason: Reason, message: str, **fields: Any) -> None:
         key = (reason, message)
         if key != self._last_reported:
             self._last_reported = key
