@@ -6,6 +6,8 @@ is a bug and is left to crash the process (systemd restarts it).
 
 from __future__ import annotations
 
+from agent.reasons import Reason
+
 
 class LitefleetError(Exception):
     """Base class of every error litefleet raises on purpose."""
@@ -40,15 +42,21 @@ class BadRequestError(LitefleetError):
 
 
 class ModelRejectedError(LitefleetError):
-    """A candidate model failed verification and will not be activated.
+    """A release or the repository's metadata was refused and nothing changes.
 
-    ``reason`` is a short machine-readable word (``signature``, ``hash``,
-    ``golden``, ``signature_mismatch``, ...) and the message says it in words.
+    ``reason`` says why, as one of :class:`agent.reasons.Reason` (the wire word of
+    docs/protocol.md section 6.3), and the message says it in words.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class NoRepositoryError(LitefleetError):
+    """Not a failure: the broker holds no repository metadata yet (nothing was ever pushed).
+
+    The device is connected and synced and has nothing to fetch; a first push wakes it."""
 
 
 class StorageError(LitefleetError):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.errors import ModelRejectedError
+from agent.reasons import Reason
 
 CARD_FORMAT = "litefleet.card/1"
 MAX_CARD_BYTES = 1 << 20
@@ -119,7 +120,7 @@ _KNOWN = {"format", "mode", "tflite", "source", "inputs", "outputs", "metrics", 
 def parse_card(data: bytes) -> ModelCard:
     """Parse a card's bytes; raise :class:`ModelRejectedError` (reason ``card``)."""
     if len(data) > MAX_CARD_BYTES:
-        raise ModelRejectedError("card", f"model card is larger than {MAX_CARD_BYTES} bytes")
+        raise ModelRejectedError(Reason.CARD, f"model card is larger than {MAX_CARD_BYTES} bytes")
     try:
         doc = json.loads(data)
         if not isinstance(doc, dict):
@@ -141,7 +142,7 @@ def parse_card(data: bytes) -> ModelCard:
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         # AttributeError: an object where a field should be (quantization: null, tflite: 3);
         # OverflowError: int(1e999)
-        raise ModelRejectedError("card", f"model card is malformed: {exc}") from exc
+        raise ModelRejectedError(Reason.CARD, f"model card is malformed: {exc}") from exc
 
 
 def _describe(specs: Sequence[TensorSpec]) -> str:
@@ -161,7 +162,7 @@ def check_signature(card: ModelCard, inputs: Sequence[TensorSpec], outputs: Sequ
             for c, a in zip(claimed, actual, strict=False)
         ):
             raise ModelRejectedError(
-                "signature",
+                Reason.SIGNATURE,
                 f"model {role} do not match its card: card says {_describe(claimed)}, "
                 f"model has {_describe(actual)}",
             )

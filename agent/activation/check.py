@@ -32,6 +32,7 @@ import numpy as np
 from agent.errors import InferenceError, ModelLoadError, ModelRejectedError
 from agent.files import file_sha256
 from agent.model_card import check_signature, parse_card
+from agent.reasons import Reason, parse_reason
 from agent.serving.inference import ModelRunner
 from agent.serving.runtime import load_interpreter
 
@@ -56,12 +57,14 @@ def load_checked(
     try:
         interpreter = load_interpreter(model, threads=threads, runtime=runtime)
     except ModelLoadError as exc:
-        raise ModelRejectedError("load", str(exc)) from exc
+        raise ModelRejectedError(Reason.LOAD, str(exc)) from exc
     runner = ModelRunner(interpreter, name=name, version=version)
     if card is not None:
         parsed = parse_card(card.read_bytes())
         if parsed.tflite_sha256 and parsed.tflite_sha256 != file_sha256(model):
-            raise ModelRejectedError("card", "the card describes a different model file (sha256 differs)")
+            raise ModelRejectedError(
+                Reason.CARD, "the card describes a different model file (sha256 differs)"
+            )
         check_signature(parsed, runner.inputs, runner.outputs)
     if golden is not None:
         check_golden(runner, golden)
@@ -70,7 +73,7 @@ def load_checked(
         try:
             runner.run_raw(zeros)
         except InferenceError as exc:
-            raise ModelRejectedError("inference", str(exc)) from exc
+            raise ModelRejectedError(Reason.INFERENCE, str(exc)) from exc
     return runner
 
 
@@ -80,21 +83,21 @@ def check_golden(runner: ModelRunner, golden: Path) -> None:
         with np.load(golden, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
-        raise ModelRejectedError("golden", f"golden vectors unreadable: {exc}") from exc
+        raise ModelRejectedError(Reason.GOLDEN, f"golden vectors unreadable: {exc}") from exc
     n_in, n_out = len(runner.inputs), len(runner.outputs)
     try:
         xs = [arrays[f"input_{k}"] for k in range(n_in)]
         ys = [arrays[f"output_{k}"] for k in range(n_out)]
         atols = [float(arrays[f"atol_{k}"]) for k in range(n_out)]
     except KeyError as exc:
-        raise ModelRejectedError("golden", f"golden vectors lack {exc}") from exc
+        raise ModelRejectedError(Reason.GOLDEN, f"golden vectors lack {exc}") from exc
     count = xs[0].shape[0] if xs[0].ndim else 0
     if not 0 < count <= MAX_GOLDEN_SAMPLES:
-        raise ModelRejectedError("golden", f"golden vectors hold {count} samples")
+        raise ModelRejectedError(Reason.GOLDEN, f"golden vectors hold {count} samples")
     for spec, x in zip(runner.inputs, xs, strict=True):
         if x.dtype != np.dtype(spec.dtype) or tuple(x.shape[1:]) != spec.shape[1:] or x.shape[0] != count:
             raise ModelRejectedError(
-                "golden",
+                Reason.GOLDEN,
                 f"golden input for {spec.name} is {x.dtype}{list(x.shape)}, "
                 f"the model takes {spec.dtype}{list(spec.shape)}",
             )
@@ -102,13 +105,13 @@ def check_golden(runner: ModelRunner, golden: Path) -> None:
         try:
             outs = runner.run_raw([x[j : j + 1] for x in xs])
         except (InferenceError, ValueError) as exc:
-            raise ModelRejectedError("inference", f"golden sample {j}: {exc}") from exc
+            raise ModelRejectedError(Reason.INFERENCE, f"golden sample {j}: {exc}") from exc
         for k, (out, want, atol) in enumerate(zip(outs, ys, atols, strict=True)):
             diff = np.abs(out.astype(np.float64) - want[j : j + 1].astype(np.float64))
             worst = float(diff.max()) if diff.size else 0.0
             if not np.isfinite(worst) or worst > atol:
                 raise ModelRejectedError(
-                    "golden",
+                    Reason.GOLDEN,
                     f"golden sample {j}, output {k}: differs by {worst:g}, more than the {atol:g} allowed",
                 )
 
@@ -128,7 +131,7 @@ def _child_check(
     except ModelRejectedError as exc:
         return {"ok": False, "reason": exc.reason, "message": str(exc)}
     except Exception as exc:  # anything else the model does to the runtime
-        return {"ok": False, "reason": "crashed", "message": f"{type(exc).__name__}: {exc}"}
+        return {"ok": False, "reason": Reason.CRASHED, "message": f"{type(exc).__name__}: {exc}"}
 
 
 def check_isolated(
@@ -185,7 +188,9 @@ def check_isolated(
     if data is None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise ModelRejectedError("timeout", f"checking the model took more than {2 * timeout_s + 10:g} s")
+        raise ModelRejectedError(
+            Reason.TIMEOUT, f"checking the model took more than {2 * timeout_s + 10:g} s"
+        )
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status)).name
@@ -194,14 +199,17 @@ def check_isolated(
             if sig == "SIGXCPU"
             else "crashed"
         )
-        raise ModelRejectedError("crashed", f"the runtime was killed by {sig} running this model: {why}")
+        raise ModelRejectedError(Reason.CRASHED, f"the runtime was killed by {sig} running this model: {why}")
     try:
         result = json.loads(data)
     except ValueError as exc:
-        raise ModelRejectedError("crashed", f"the check process failed (exit status {status})") from exc
+        raise ModelRejectedError(Reason.CRASHED, f"the check process failed (exit status {status})") from exc
     if result.get("ok"):
         return True
-    raise ModelRejectedError(str(result.get("reason", "check")), str(result.get("message", "")))
+    reason = parse_reason(result.get("reason"))
+    if reason is None:  # the child said something no check says: it did not finish its work
+        raise ModelRejectedError(Reason.CRASHED, f"the check process answered {data[:200]!r}")
+    raise ModelRejectedError(reason, str(result.get("message", "")))
 
 
 def _die_with_parent(parent: int, wall_s: float) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.protocol import ModelRelease
+from agent.reasons import Reason
 
 STATE_FORMAT = 1
 MAX_REJECTIONS = 20
@@ -53,6 +54,8 @@ class Installed:
 class Rejection:
     version: int
     sha256: str
+    # a Reason's word; kept as the text the state file holds, which an older or newer
+    # agent may have written with a word this version does not know
     reason: str
     message: str
 
@@ -160,7 +163,7 @@ def begin_check(ms: ModelState, candidate: Installed) -> ModelState:
     return replace(ms, checking=candidate)
 
 
-def reject(ms: ModelState, candidate: Installed, reason: str, message: str) -> ModelState:
+def reject(ms: ModelState, candidate: Installed, reason: Reason, message: str) -> ModelState:
     rejected = (*ms.rejected, Rejection(candidate.version, candidate.sha256, reason, message))
     return replace(ms, checking=None, rejected=rejected[-MAX_REJECTIONS:])
 
@@ -179,7 +182,7 @@ def mark_good(ms: ModelState) -> ModelState:
     return replace(ms, trial_starts=None)
 
 
-def roll_back(ms: ModelState, reason: str, message: str) -> ModelState:
+def roll_back(ms: ModelState, reason: Reason, message: str) -> ModelState:
     """The active version failed: reject it and make the previous one active.
     With no previous version the model name is left without an active model."""
     if ms.active is None:
@@ -209,7 +212,7 @@ def on_start(ms: ModelState, max_crash_restarts: int) -> tuple[ModelState, Start
     if ms.checking is not None:
         cand = ms.checking
         return (
-            reject(ms, cand, "crashed", "the agent stopped while checking this model"),
+            reject(ms, cand, Reason.CRASHED, "the agent stopped while checking this model"),
             StartAction.REJECTED_CHECK,
         )
     if ms.trial_starts is not None and ms.active is not None:
@@ -217,7 +220,9 @@ def on_start(ms: ModelState, max_crash_restarts: int) -> tuple[ModelState, Start
         if starts > max_crash_restarts:
             return (
                 roll_back(
-                    ms, "crash_loop", f"the agent restarted {starts} times before this model was marked good"
+                    ms,
+                    Reason.CRASH_LOOP,
+                    f"the agent restarted {starts} times before this model was marked good",
                 ),
                 StartAction.ROLLED_BACK,
             )
@@ -234,8 +239,18 @@ class Probation:
     age_s: float
 
 
-def judge_trial(p: Probation, *, good_after_inferences: int, good_after_s: float, max_errors: int = 3) -> str:
-    """``"good"``, ``"bad"`` or ``"wait"`` for a model on trial.
+class Verdict(Enum):
+    """The judgement on a model on trial."""
+
+    GOOD = "good"  # mark it good: the trial is over
+    BAD = "bad"  # roll it back
+    WAIT = "wait"  # keep watching
+
+
+def judge_trial(
+    p: Probation, *, good_after_inferences: int, good_after_s: float, max_errors: int = 3
+) -> Verdict:
+    """The :class:`Verdict` on a model on trial.
 
     Only runtime failures count as errors (a caller's bad request does not).
     Good: at most one error per ten successes, and either enough successes or
@@ -244,12 +259,12 @@ def judge_trial(p: Probation, *, good_after_inferences: int, good_after_s: float
     """
     rate_ok = p.errors * 10 <= p.ok
     if p.errors >= max_errors and not rate_ok:
-        return "bad"
+        return Verdict.BAD
     if rate_ok and (p.ok >= good_after_inferences or p.age_s >= good_after_s):
-        return "good"
+        return Verdict.GOOD
     if p.age_s >= good_after_s and not rate_ok:
-        return "bad"
-    return "wait"
+        return Verdict.BAD
+    return Verdict.WAIT
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from agent.activation import decisions as act
 from agent.activation.check import check_isolated, load_checked
 from agent.activation.store import ModelStore, StateFile
 from agent.errors import ModelRejectedError, StorageError
+from agent.reasons import Reason
 from agent.serving.inference import ModelRunner
 from agent.serving.registry import ActiveModel, ModelRegistry
 
@@ -134,7 +135,7 @@ class ModelManager:
             try:
                 runner = self._load_runner(name, ms.active)
             except (ModelRejectedError, StorageError, OSError, KeyError) as exc:
-                reason = getattr(exc, "reason", "load")
+                reason = exc.reason if isinstance(exc, ModelRejectedError) else Reason.LOAD
                 message = f"installed model no longer loads: {exc}"
                 failed = ms.active
                 self._save(self.state.with_model(name, act.roll_back(ms, reason, message)))
@@ -184,11 +185,11 @@ class ModelManager:
         self.last_error = None
         return True
 
-    def refuse(self, name: str, version: int, sha256: str, reason: str, message: str) -> None:
+    def refuse(self, name: str, version: int, sha256: str, reason: Reason, message: str) -> None:
         """Record a candidate that failed before it could be checked (download, size)."""
         self._refuse(name, act.Installed(version, sha256), reason, message)
 
-    def _refuse(self, name: str, inst: act.Installed, reason: str, message: str) -> None:
+    def _refuse(self, name: str, inst: act.Installed, reason: Reason, message: str) -> None:
         ms = act.reject(self.state.get(name), inst, reason, message)
         self._save(self.state.with_model(name, ms))
         self._event("rejected", model=name, version=inst.version, reason=reason, message=message)
@@ -210,20 +211,20 @@ class ModelManager:
                 good_after_inferences=self.probation_inferences,
                 good_after_s=self.probation_s,
             )
-            if verdict == "good":
+            if verdict is act.Verdict.GOOD:
                 self._save(self.state.with_model(name, act.mark_good(ms)))
                 self._trials.pop(name)
                 self._event("marked_good", model=name, version=ms.active.version if ms.active else None)
-            elif verdict == "bad":
+            elif verdict is act.Verdict.BAD:
                 self._trials.pop(name)
                 self.roll_back(
                     name,
-                    "inference_errors",
+                    Reason.INFERENCE_ERRORS,
                     f"{err - trial.err0} inference errors in its first "
                     f"{ok - trial.ok0 + err - trial.err0} uses",
                 )
 
-    def roll_back(self, name: str, reason: str, message: str) -> None:
+    def roll_back(self, name: str, reason: Reason, message: str) -> None:
         ms = self.state.get(name)
         failed = ms.active
         if failed is None:

@@ -24,12 +24,13 @@ import os
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import ModelRejectedError, StorageError, TransportError
 from agent.mqtt.transport import Message, Subscriber
 from agent.protocol import ChunkInfo, Topics
+from agent.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
@@ -167,77 +168,113 @@ class ChunkDownloader:
         should_stop: Callable[[], bool],
     ) -> None:
         topic_of = {i: self._topics.chunk(target_file, i) for i in missing}
-        index_of = {t: i for i, t in topic_of.items()}
-        pending = list(missing)  # not yet asked for, in order
-        open_since: dict[int, float] = {}  # asked for, not yet arrived
-        timeouts: dict[int, int] = {}
-        last_progress = time.monotonic()
+        t = _Transfer(
+            target_file=target_file,
+            length=length,
+            info=info,
+            fd=fd,
+            stats=stats,
+            progress=progress,
+            done_bytes=done_bytes,
+            topic_of=topic_of,
+            index_of={topic: i for i, topic in topic_of.items()},
+            pending=list(missing),
+            last_progress=time.monotonic(),
+        )
         while self._inbox.qsize():  # stale messages of an earlier download
             self._inbox.get_nowait()
         try:
-            while pending or open_since:
+            while t.pending or t.open_since:
                 if should_stop():
                     raise TransportError("download interrupted")
-                # fill the window
-                if len(open_since) < self._window and pending:
-                    batch = pending[: self._window - len(open_since)]
-                    del pending[: len(batch)]
-                    now = time.monotonic()
-                    for i in batch:
-                        open_since[i] = now
-                    self._client.subscribe_many([topic_of[i] for i in batch], self._handle)
+                self._fill_window(t)
                 self._tick()
                 try:
                     msg = self._inbox.get(timeout=0.5)
                 except queue.Empty:
                     msg = None
-                now = time.monotonic()
                 if msg is not None:
-                    got = index_of.get(msg.topic)
-                    stats.bytes_received += len(msg.payload)
-                    self.total_bytes_received += len(msg.payload)
-                    if got is None or got not in open_since:
-                        continue  # a duplicate after a reconnect, or not ours
-                    i = got
-                    if not msg.payload:
-                        continue  # the retained chunk was deleted; wait for a republish
-                    want = self._chunk_len(i, length, info.chunk_size)
-                    if len(msg.payload) != want:
-                        raise ModelRejectedError(
-                            "chunk_size",
-                            f"{target_file} chunk {i} has {len(msg.payload)} bytes, "
-                            f"the signed metadata says {want}",
-                        )
-                    if hashlib.sha256(msg.payload).hexdigest() != info.hashes[i]:
-                        raise ModelRejectedError(
-                            "chunk_hash", f"{target_file} chunk {i} does not match its signed hash"
-                        )
-                    os.pwrite(fd, msg.payload, i * info.chunk_size)
-                    del open_since[i]
-                    self._client.unsubscribe(topic_of[i])
-                    stats.chunks_received += 1
-                    done_bytes += want
-                    last_progress = now
-                    if progress:
-                        progress(done_bytes, length)
-                    continue
-                if not self._client.connected:
-                    # nothing can arrive; the client reconnects and re-subscribes by itself
-                    for i in open_since:
-                        open_since[i] = now
-                    if now - last_progress > self._max_stall_s:
-                        raise TransportError(f"{target_file}: no connection for {self._max_stall_s:g} s")
-                    continue
-                for i, since in list(open_since.items()):
-                    if now - since > self._chunk_timeout_s:
-                        timeouts[i] = timeouts.get(i, 0) + 1
-                        if timeouts[i] >= 3:
-                            raise TransportError(f"{target_file} chunk {i} is not on the broker")
-                        # ask again: the broker may have restarted without it, or lost our SUBSCRIBE
-                        stats.resubscribes += 1
-                        self._client.unsubscribe(topic_of[i])
-                        self._client.subscribe_many([topic_of[i]], self._handle)
-                        open_since[i] = now
+                    self._receive(t, msg, time.monotonic())
+                else:
+                    self._when_quiet(t, time.monotonic())
         finally:
-            if open_since:
-                self._client.unsubscribe(*(topic_of[i] for i in open_since))
+            if t.open_since:
+                self._client.unsubscribe(*(t.topic_of[i] for i in t.open_since))
+
+    def _fill_window(self, t: _Transfer) -> None:
+        """Ask for the next chunks while fewer than ``window`` are awaited."""
+        if len(t.open_since) < self._window and t.pending:
+            batch = t.pending[: self._window - len(t.open_since)]
+            del t.pending[: len(batch)]
+            now = time.monotonic()
+            for i in batch:
+                t.open_since[i] = now
+            self._client.subscribe_many([t.topic_of[i] for i in batch], self._handle)
+
+    def _receive(self, t: _Transfer, msg: Message, now: float) -> None:
+        """Check a chunk against its signed size and hash; write it at its offset."""
+        got = t.index_of.get(msg.topic)
+        t.stats.bytes_received += len(msg.payload)
+        self.total_bytes_received += len(msg.payload)
+        if got is None or got not in t.open_since:
+            return  # a duplicate after a reconnect, or not ours
+        i = got
+        if not msg.payload:
+            return  # the retained chunk was deleted; wait for a republish
+        want = self._chunk_len(i, t.length, t.info.chunk_size)
+        if len(msg.payload) != want:
+            raise ModelRejectedError(
+                Reason.CHUNK_SIZE,
+                f"{t.target_file} chunk {i} has {len(msg.payload)} bytes, the signed metadata says {want}",
+            )
+        if hashlib.sha256(msg.payload).hexdigest() != t.info.hashes[i]:
+            raise ModelRejectedError(
+                Reason.CHUNK_HASH, f"{t.target_file} chunk {i} does not match its signed hash"
+            )
+        os.pwrite(t.fd, msg.payload, i * t.info.chunk_size)
+        del t.open_since[i]
+        self._client.unsubscribe(t.topic_of[i])
+        t.stats.chunks_received += 1
+        t.done_bytes += want
+        t.last_progress = now
+        if t.progress:
+            t.progress(t.done_bytes, t.length)
+
+    def _when_quiet(self, t: _Transfer, now: float) -> None:
+        """Nothing arrived for a while: wait out a lost connection, ask again for late chunks."""
+        if not self._client.connected:
+            # nothing can arrive; the client reconnects and re-subscribes by itself
+            for i in t.open_since:
+                t.open_since[i] = now
+            if now - t.last_progress > self._max_stall_s:
+                raise TransportError(f"{t.target_file}: no connection for {self._max_stall_s:g} s")
+            return
+        for i, since in list(t.open_since.items()):
+            if now - since > self._chunk_timeout_s:
+                t.timeouts[i] = t.timeouts.get(i, 0) + 1
+                if t.timeouts[i] >= 3:
+                    raise TransportError(f"{t.target_file} chunk {i} is not on the broker")
+                # ask again: the broker may have restarted without it, or lost our SUBSCRIBE
+                t.stats.resubscribes += 1
+                self._client.unsubscribe(t.topic_of[i])
+                self._client.subscribe_many([t.topic_of[i]], self._handle)
+                t.open_since[i] = now
+
+
+@dataclass
+class _Transfer:
+    """One download in progress (the downloading thread's own state)."""
+
+    target_file: str
+    length: int
+    info: ChunkInfo
+    fd: int
+    stats: DownloadStats
+    progress: ProgressFn | None
+    done_bytes: int
+    topic_of: dict[int, str]  # chunk index -> its topic
+    index_of: dict[str, int]
+    pending: list[int]  # not yet asked for, in order
+    last_progress: float  # monotonic time of the last chunk written
+    open_since: dict[int, float] = field(default_factory=dict)  # asked for, not yet arrived
+    timeouts: dict[int, int] = field(default_factory=dict)  # times each was asked for again

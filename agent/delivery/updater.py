@@ -12,8 +12,9 @@ One :meth:`ModelUpdater.refresh`:
    installs them in the store, returning them as :class:`Candidate` objects.
 
 It never changes what is active: that is :mod:`agent.activation.manager`'s job.
-Failures come out as :class:`agent.errors.ModelRejectedError` with a reason
-word, or :class:`agent.errors.TransportError`.
+Failures come out as :class:`agent.errors.ModelRejectedError` with a
+:class:`agent.reasons.Reason`, or :class:`agent.errors.TransportError`; a broker
+without any repository yet is :class:`agent.errors.NoRepositoryError`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from agent.activation.store import ModelStore
 from agent.delivery.chunks import ChunkDownloader, DownloadStats
 from agent.delivery.metadata import METADATA_URL, MqttMetadataFetcher, RetainedMetadata
 from agent.delivery.tuf_client import Updater
-from agent.errors import ModelRejectedError, StorageError, TransportError
+from agent.errors import ModelRejectedError, NoRepositoryError, StorageError, TransportError
 from agent.mqtt.transport import Subscriber
 from agent.protocol import (
     ModelRelease,
@@ -45,19 +46,19 @@ from agent.protocol import (
     parse_chunk_info,
     parse_release,
 )
+from agent.reasons import Reason, SkipReason
 
 logger = logging.getLogger(__name__)
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
-# python-tuf exception -> the reason word reported in events and state
-_TUF_REASONS: tuple[tuple[type[Exception], str], ...] = (
-    (tuf_errors.UnsignedMetadataError, "bad_signature"),
-    (tuf_errors.BadVersionNumberError, "rollback"),
-    (tuf_errors.ExpiredMetadataError, "expired"),
-    (tuf_errors.LengthOrHashMismatchError, "mismatch"),
-    (tuf_errors.DownloadLengthMismatchError, "too_large"),
-    (tuf_errors.RepositoryError, "invalid_metadata"),
+# python-tuf's verdict on metadata -> the reason reported in events and state (first match)
+_TUF_REASONS: tuple[tuple[type[Exception], Reason], ...] = (
+    (tuf_errors.UnsignedMetadataError, Reason.BAD_SIGNATURE),
+    (tuf_errors.BadVersionNumberError, Reason.ROLLBACK),
+    (tuf_errors.ExpiredMetadataError, Reason.EXPIRED),
+    (tuf_errors.LengthOrHashMismatchError, Reason.MISMATCH),
+    (tuf_errors.DownloadLengthMismatchError, Reason.TOO_LARGE),
 )
 
 
@@ -67,23 +68,34 @@ def signed_sha256(info: TargetFile) -> str:
     ``../x``) is an invalid target, never a path."""
     sha = info.hashes.get("sha256")
     if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-        raise ModelRejectedError("invalid_target", f"{info.path[:80]} has no valid signed SHA-256")
+        raise ModelRejectedError(Reason.INVALID_TARGET, f"{info.path[:80]} has no valid signed SHA-256")
     return sha
 
 
-def tuf_reason(exc: Exception) -> str:
+def tuf_reason(exc: Exception) -> Reason:
+    """The reason for python-tuf refusing metadata (any other RepositoryError: invalid)."""
     for cls, reason in _TUF_REASONS:
         if isinstance(exc, cls):
             return reason
-    return "metadata"
+    return Reason.INVALID_METADATA
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A release that failed before it could be installed (download, size, malformed)."""
+
+    reason: Reason
+    message: str
+    version: int
+    sha256: str
 
 
 @dataclass
 class RefreshResult:
     chosen: dict[str, ModelRelease] = field(default_factory=dict)
     candidates: list[Candidate] = field(default_factory=list)
-    # per model name: (reason, message) of a candidate that failed before installation
-    failures: dict[str, tuple[str, str, int, str]] = field(default_factory=dict)
+    # per model name
+    failures: dict[str, Failure] = field(default_factory=dict)
 
 
 EventFn = Callable[..., None]
@@ -131,7 +143,7 @@ class ModelUpdater:
         if not self._wait_synced(self._sync_timeout_s):
             raise TransportError("not connected to the broker (no metadata sync)")
         if self._cache.get("timestamp.json") is None:
-            raise ModelRejectedError("no_repository", "the broker holds no repository metadata yet")
+            raise NoRepositoryError("the broker holds no repository metadata yet")
         updater = Updater(
             metadata_dir=str(self._store.tuf),
             metadata_base_url=METADATA_URL,
@@ -142,9 +154,11 @@ class ModelUpdater:
         try:
             updater.refresh()
         except tuf_errors.DownloadLengthMismatchError as exc:
-            raise ModelRejectedError("too_large", f"repository metadata refused: {exc}") from exc
+            raise ModelRejectedError(Reason.TOO_LARGE, f"repository metadata refused: {exc}") from exc
         except tuf_errors.DownloadError as exc:
-            raise ModelRejectedError("missing_metadata", f"repository metadata incomplete: {exc}") from exc
+            raise ModelRejectedError(
+                Reason.MISSING_METADATA, f"repository metadata incomplete: {exc}"
+            ) from exc
         except tuf_errors.RepositoryError as exc:
             raise ModelRejectedError(tuf_reason(exc), f"repository metadata refused: {exc}") from exc
         except OSError as exc:
@@ -182,7 +196,7 @@ class ModelUpdater:
                     "skipped",
                     model=name,
                     version=rel.version,
-                    reason="other_target",
+                    reason=SkipReason.OTHER_TARGET,
                     message=f"v{rel.version} is for {rel.rollout.target}"
                     + (f" (canary {rel.rollout.canary_pct}%)" if rel.rollout.canary_pct < 100 else ""),
                 )
@@ -207,7 +221,9 @@ class ModelUpdater:
             try:
                 sha = signed_sha256(info)
             except ModelRejectedError as exc:
-                result.failures[name] = (exc.reason, str(exc), rel.version, str(info.hashes.get("sha256")))
+                result.failures[name] = Failure(
+                    exc.reason, str(exc), rel.version, str(info.hashes.get("sha256"))
+                )
                 continue
             plan = plan_release(state.get(name), rel.version, sha)
             logger.debug("model %s: signed v%s for this device, plan %s", name, rel.version, plan.value)
@@ -216,8 +232,8 @@ class ModelUpdater:
             try:
                 result.candidates.append(self._fetch_release(updater, targets, rel, should_stop))
             except (ModelRejectedError, StorageError) as exc:
-                reason = exc.reason if isinstance(exc, ModelRejectedError) else "storage"
-                result.failures[name] = (reason, str(exc), rel.version, sha)
+                reason = exc.reason if isinstance(exc, ModelRejectedError) else Reason.STORAGE
+                result.failures[name] = Failure(reason, str(exc), rel.version, sha)
         return result
 
     def _fetch_release(
@@ -230,12 +246,12 @@ class ModelUpdater:
                 continue
             info = targets.targets.get(path)
             if info is None:
-                raise ModelRejectedError("missing_target", f"{path} is referenced but not signed")
+                raise ModelRejectedError(Reason.MISSING_TARGET, f"{path} is referenced but not signed")
             infos[role] = info
         total = sum(i.length for i in infos.values())
         if total > self._max_model_bytes:
             raise ModelRejectedError(
-                "too_large",
+                Reason.TOO_LARGE,
                 f"{rel.name} v{rel.version} is {total} bytes, more than max_model_bytes "
                 f"({self._max_model_bytes})",
             )
@@ -274,7 +290,7 @@ class ModelUpdater:
         try:
             chunks = parse_chunk_info(info.custom or {}, info.length)
         except ProtocolError as exc:
-            raise ModelRejectedError("invalid_target", f"{info.path}: {exc}") from exc
+            raise ModelRejectedError(Reason.INVALID_TARGET, f"{info.path}: {exc}") from exc
         target_file = consistent_target_file(info.path, sha)
         last = [0.0]
 
@@ -301,7 +317,7 @@ class ModelUpdater:
                 info.verify_length_and_hashes(f)
         except tuf_errors.LengthOrHashMismatchError as exc:
             self._store.discard_download(sha)
-            raise ModelRejectedError("hash", f"{info.path}: {exc}") from exc
+            raise ModelRejectedError(Reason.HASH, f"{info.path}: {exc}") from exc
         except ModelRejectedError:
             self._store.discard_download(sha)
             raise

@@ -43,6 +43,11 @@ from agent.mqtt.transport import Message
 logger = logging.getLogger(__name__)
 
 
+def _properties(packet_type: int) -> Properties:
+    """MQTT 5 properties for one packet (paho's constructor has no type hints)."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
 class _QuietNotConnected(logging.Filter):
     """paho logs "Client is not connected" at ERROR from its network loop's last turn after
     every disconnect, our own included (each will renewal, each shutdown). A lost connection
@@ -181,7 +186,7 @@ class MqttClient:
         self._started = True
         props = None
         if self.settings.session_expiry_s > 0:
-            props = Properties(PacketTypes.CONNECT)
+            props = _properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.settings.session_expiry_s
         try:
             self._client.connect_async(
@@ -275,7 +280,7 @@ class MqttClient:
             raise TransportError("not connected to the broker")
         props = None
         if response_topic or correlation_data or content_type or user_properties:
-            props = Properties(PacketTypes.PUBLISH)
+            props = _properties(PacketTypes.PUBLISH)
             if response_topic:
                 props.ResponseTopic = response_topic
             if correlation_data is not None:

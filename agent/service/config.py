@@ -185,16 +185,28 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _check(cfg: AgentConfig) -> None:
+    """Raise :class:`ConfigError` for the first key that is wrong, or wrong with another."""
+    _check_names(cfg)
+    _check_numbers(cfg)
+    _check_connection(cfg)
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, got {cfg.log_level!r}")
+
+
+def _check_names(cfg: AgentConfig) -> None:
     if not DEVICE_ID_RE.match(cfg.device_id):
         raise ConfigError(f"device_id {cfg.device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     for g in cfg.groups:
         if not GROUP_RE.match(g):
             raise ConfigError(f"group {g!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    addr = parse_broker_url(cfg.broker)
+    parse_broker_url(cfg.broker)
     if cfg.http:
         parse_host_port(cfg.http)
     if cfg.runtime not in RUNTIME_CHOICES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {cfg.runtime!r}")
+
+
+def _check_numbers(cfg: AgentConfig) -> None:
     if not 1 <= cfg.threads <= 64:
         raise ConfigError(f"threads must be between 1 and 64, got {cfg.threads}")
     positive = ("metrics_interval_s", "refresh_interval_s", "probation_s", "check_timeout_s")
@@ -212,6 +224,10 @@ def _check(cfg: AgentConfig) -> None:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_crash_restarts < 0:
         raise ConfigError("max_crash_restarts must not be negative")
+
+
+def _check_connection(cfg: AgentConfig) -> None:
+    addr = parse_broker_url(cfg.broker)
     if not TOPIC_PREFIX_RE.match(cfg.topic_prefix):
         raise ConfigError(f"topic_prefix {cfg.topic_prefix!r} may not contain wildcards or empty levels")
     if bool(cfg.cert_file) != bool(cfg.key_file):
@@ -220,8 +236,6 @@ def _check(cfg: AgentConfig) -> None:
         raise ConfigError("ca_file/cert_file are set but the broker URL is not mqtts://")
     if cfg.password_file and addr.password:
         raise ConfigError("give the password in the broker URL or in password_file, not both")
-    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"log_level must be debug, info, warning or error, got {cfg.log_level!r}")
 
 
 def config_from_mapping(doc: dict[str, Any], *, source: str = "config") -> AgentConfig:

@@ -35,40 +35,27 @@ from agent.delivery.updater import ModelUpdater, read_trusted_root
 from agent.errors import (
     ConfigError,
     ModelRejectedError,
+    NoRepositoryError,
     StorageError,
     TransportError,
 )
 from agent.mqtt.client import ConnectionSettings, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
+from agent.reasons import PERMANENT, Reason
 from agent.service.config import AgentConfig
 from agent.service.sdnotify import Notifier
+from agent.service.work import RefreshOutcome, Work, coalesce, retry_after
 from agent.serving.mqtt_requests import InferWorker
 from agent.serving.registry import ModelRegistry
 from agent.serving.rest import RestServer
 from agent.serving.runtime import resolve_runtime
-from agent.serving.stats import ApiCounters
+from agent.serving.stats import ApiCounters, StatsSnapshot
+from agent.state_message import DeviceStatus, Served, served, standing_model, state_document
 from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporter
 from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
 
 logger = logging.getLogger(__name__)
-
-# refusals that say something about the signed release itself: remembered, never retried.
-# Others (a corrupt chunk on the broker, a full disk) are retried at the next refresh.
-PERMANENT_REASONS = frozenset(
-    {
-        "too_large",
-        "invalid_target",
-        "missing_target",
-        "load",
-        "signature",
-        "card",
-        "golden",
-        "inference",
-        "crashed",
-        "timeout",
-    }
-)
 
 
 def connection_settings(cfg: AgentConfig, will_payload: bytes) -> ConnectionSettings:
@@ -100,9 +87,9 @@ class Agent:
         self.registry = ModelRegistry()
         self._clock = clock
         self._notifier = notifier
-        self._work: queue.Queue[str] = queue.Queue()
+        self._work: queue.Queue[Work] = queue.Queue()
         self._stop = threading.Event()
-        self.status = "starting"
+        self.status = DeviceStatus.STARTING
         self.error: str | None = None
         self._last_reported: tuple[str, str] | None = None
         self._will_dirty = False
@@ -116,7 +103,7 @@ class Agent:
         self.ready_at: float | None = None
         self._first_refresh_done = False
         self._notified_status = ""
-        self._last_served: tuple[int, float | None] = (0, None)
+        self._last_served = Served(0, None)
         self._shutting_down = False
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -187,37 +174,32 @@ class Agent:
         log = logger.warning if kind in ("rejected", "rolled_back") else logger.info
         log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
         if kind == "downloading":
-            self._set_status("downloading")
+            self._set_status(DeviceStatus.DOWNLOADING)
         with contextlib.suppress(TransportError):
             self.client.publish(self.topics.events(self.cfg.device_id), json.dumps(payload).encode(), qos=1)
         if kind in ("activated", "rolled_back"):
             self._will_dirty = True
 
-    def _served(self) -> tuple[int, float | None]:
-        snaps = [m.runner.stats.snapshot() for m in self.registry.snapshot().values()]
-        p50 = snaps[0].quantile_ms(0.5) if snaps else None
-        return sum(s.ok for s in snaps), round(p50, 3) if p50 is not None else None
+    def _snapshots(self) -> dict[str, StatsSnapshot]:
+        return {name: m.runner.stats.snapshot() for name, m in self.registry.snapshot().items()}
+
+    def _served(self) -> Served:
+        return served(standing_model(self.manager.summary()), self._snapshots())
 
     def _state_payload(self, *, online: bool) -> bytes:
-        models = self.manager.summary()
-        first = next(iter(models.items()), None)
-        inferences, p50 = self._served()
-        doc = {
-            "device_id": self.cfg.device_id,
-            "online": online,
-            "model": first[0] if first else None,
-            "version": str(first[1]["version"]) if first else None,
-            "status": self.status if online else "offline",
-            "error": self.error,
-            "models": models,
-            "groups": list(self.cfg.groups),
-            "repo_version": self.updater.repo_version,
-            "agent_version": __version__,
-            "boot": self.boot_id,
-            "inferences": inferences,
-            "latency_ms_p50": p50,
-            "ts": round(time.time(), 3),
-        }
+        doc = state_document(
+            device_id=self.cfg.device_id,
+            online=online,
+            status=self.status,
+            error=self.error,
+            models=self.manager.summary(),
+            snapshots=self._snapshots(),
+            groups=self.cfg.groups,
+            repo_version=self.updater.repo_version,
+            agent_version=__version__,
+            boot=self.boot_id,
+            ts=time.time(),
+        )
         return json.dumps(doc).encode()
 
     def publish_state(self) -> None:
@@ -226,7 +208,9 @@ class Agent:
                 self.topics.state(self.cfg.device_id), self._state_payload(online=True), qos=1, retain=True
             )
 
-    def _set_status(self, status: str, error: str | None = None, *, keep_error: bool = False) -> None:
+    def _set_status(
+        self, status: DeviceStatus, error: str | None = None, *, keep_error: bool = False
+    ) -> None:
         changed = status != self.status or (not keep_error and error != self.error)
         self.status = status
         if not keep_error:
@@ -238,13 +222,13 @@ class Agent:
     def _on_metadata_change(self, name: str) -> None:
         if name == "timestamp.json" or name.endswith(".root.json"):
             self._meta_changes += 1
-            self._work.put("refresh")
+            self._work.put(Work.REFRESH)
 
     def _on_connected(self) -> None:
         if self._shutting_down:
             return
         self.publish_state()
-        self._work.put("wake")  # readiness may be due now: don't wait for the next tick
+        self._work.put(Work.WAKE)  # readiness may be due now: don't wait for the next tick
         self.sender.wake()  # replay what was queued while offline
 
     def _on_infer(self, message: Message) -> None:
@@ -268,7 +252,7 @@ class Agent:
             runtime.version,
         )
         self.manager.start()
-        self.status = "serving" if self.registry.names() else "idle"
+        self.status = self._serving_status()
         if self.manager.last_error:
             self.error = ": ".join(self.manager.last_error)
         self.client.set_will(self._state_payload(online=False))
@@ -283,11 +267,11 @@ class Agent:
         self.infer.start()
         self.sender.start()
         self.client.start()
-        self._work.put("refresh!")
+        self._work.put(Work.REFRESH_NOW)
 
     def stop(self) -> None:
         self._stop.set()
-        self._work.put("stop")
+        self._work.put(Work.STOP)
 
     def shutdown(self) -> None:
         """Say goodbye on the broker (retained state: offline), stop serving, disconnect."""
@@ -334,35 +318,20 @@ class Agent:
             now = self._clock()
             timeout = max(0.0, min(next_refresh - now, next_metrics - now, 1.0))
             try:
-                item = self._work.get(timeout=timeout)
+                item = coalesce(self._work.get(timeout=timeout), self._work)
             except queue.Empty:
-                item = "tick"
-            if item == "stop":
-                break
-            while item.startswith("refresh") and not self._work.empty():
-                nxt = self._work.get_nowait()  # coalesce a burst of metadata changes
-                if nxt == "stop":
-                    item = "stop"
-                    break
-                if nxt == "refresh!":
-                    item = nxt
-            if item == "stop":
+                item = Work.TICK
+            if item is Work.STOP:
                 break
             self._tick()
             # a metadata change already seen by the last refresh needs no other
-            wanted = item == "refresh!" or (item == "refresh" and self._meta_changes != self._seen_changes)
+            wanted = item is Work.REFRESH_NOW or (
+                item is Work.REFRESH and self._meta_changes != self._seen_changes
+            )
             if wanted or self._clock() >= next_refresh:
-                outcome = self.refresh_once()
-                if outcome == "ok":
-                    fails = 0
-                    delay = self.cfg.refresh_interval_s
-                else:
-                    # back off: 5, 10, 20 ... s for a broker that is away; 15, 30 ...
-                    # for bad data on the broker (a new timestamp wakes us at once anyway)
-                    base = 5.0 if outcome == "transport" else 15.0
-                    delay = min(self.cfg.refresh_interval_s, base * 2 ** min(fails, 10))
-                    fails += 1
-                next_refresh = self._clock() + delay
+                retry = retry_after(self.refresh_once(), fails, self.cfg.refresh_interval_s)
+                fails = retry.fails
+                next_refresh = self._clock() + retry.delay_s
                 release_free_memory()
             self.manager.poll_trials()
             self._after_changes()
@@ -370,53 +339,55 @@ class Agent:
                 self.reporter.report_once()
                 next_metrics = max(next_metrics + self.cfg.metrics_interval_s, self._clock())
                 # the retained state carries the inference count and p50 for `status`
-                served = self._served()
-                if served != self._last_served:
-                    self._last_served = served
+                figures = self._served()
+                if figures != self._last_served:
+                    self._last_served = figures
                     self.publish_state()
             self._maybe_ready()
 
     def _after_changes(self) -> None:
         # never while stopping: a reconnect after the goodbye would say "online" again
-        if self._will_dirty and self.status != "downloading" and not self._stop.is_set():
+        if self._will_dirty and self.status is not DeviceStatus.DOWNLOADING and not self._stop.is_set():
             self._will_dirty = False
             self.client.replace_will(self._state_payload(online=False))
 
-    def refresh_once(self) -> str:
-        """One refresh: ``"ok"``, ``"transport"`` (retry soon) or ``"failed"`` (back off)."""
+    def refresh_once(self) -> RefreshOutcome:
+        """One refresh, and how it ended (the loop's retry policy reads it)."""
         outcome = self._refresh_once()
-        if outcome != "transport":
+        if outcome.settled:
             self._first_refresh_done = True
         return outcome
 
-    def _refresh_once(self) -> str:
+    def _refresh_once(self) -> RefreshOutcome:
         try:
             result = self.updater.refresh(self.manager.state, self._should_stop)
+        except NoRepositoryError:
+            # connected and synced, and there is nothing to fetch yet: ready; the first
+            # push's metadata wakes the loop
+            self._set_status(self._serving_status(), None)
+            return RefreshOutcome.NO_REPOSITORY
         except ModelRejectedError as exc:
-            if exc.reason == "no_repository":
-                # connected and synced, and there is nothing to fetch yet: ready
-                self._first_refresh_done = True
-                self._set_status(self._serving_status(), None)
-                return "transport"
             self._report_failure(exc.reason, str(exc))
-            return "transport" if exc.reason == "missing_metadata" else "failed"
+            if exc.reason is Reason.MISSING_METADATA:  # a push still on its way, most likely
+                return RefreshOutcome.TRANSPORT
+            return RefreshOutcome.FAILED
         except TransportError as exc:
             logger.info("refresh postponed: %s", exc)
             self._set_status(self._serving_status(), keep_error=True)
-            return "transport"
+            return RefreshOutcome.TRANSPORT
         except StorageError as exc:
-            self._report_failure("storage", str(exc))
-            return "failed"
-        for name, (reason, message, version, sha) in sorted(result.failures.items()):
-            if reason in PERMANENT_REASONS:
-                self.manager.refuse(name, version, sha, reason, message)
+            self._report_failure(Reason.STORAGE, str(exc))
+            return RefreshOutcome.FAILED
+        for name, failure in sorted(result.failures.items()):
+            if failure.reason in PERMANENT:
+                self.manager.refuse(name, failure.version, failure.sha256, failure.reason, failure.message)
             else:
-                self._report_failure(reason, message, model=name, version=version)
+                self._report_failure(failure.reason, failure.message, model=name, version=failure.version)
         for cand in result.candidates:
-            self._set_status("checking", keep_error=True)
+            self._set_status(DeviceStatus.CHECKING, keep_error=True)
             self.manager.consider(cand)
         self.manager.cleanup()
-        transient = any(r not in PERMANENT_REASONS for r, *_ in result.failures.values())
+        transient = any(f.reason not in PERMANENT for f in result.failures.values())
         if self.manager.last_error and (result.candidates or result.failures):
             self.error = ": ".join(self.manager.last_error)
         elif not transient:
@@ -424,7 +395,7 @@ class Agent:
             self._last_reported = None
         self._set_status(self._serving_status(), self.error)
         self.publish_state()
-        return "failed" if transient else "ok"
+        return RefreshOutcome.FAILED if transient else RefreshOutcome.OK
 
     def _maybe_ready(self) -> None:
         """READY=1 once connected with the active models loaded and the first refresh
@@ -440,10 +411,10 @@ class Agent:
             self._notifier.status(text)
         self._notified_status = text
 
-    def _serving_status(self) -> str:
-        return "serving" if self.registry.names() else "idle"
+    def _serving_status(self) -> DeviceStatus:
+        return DeviceStatus.SERVING if self.registry.names() else DeviceStatus.IDLE
 
-    def _report_failure(self, reason: str, message: str, **fields: Any) -> None:
+    def _report_failure(self, reason: Reason, message: str, **fields: Any) -> None:
         key = (reason, message)
         if key != self._last_reported:
             self._last_reported = key

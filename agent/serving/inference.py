@@ -61,7 +61,7 @@ def _round_half_away(t: np.ndarray) -> np.ndarray:
     (unlike ``t + copysign(0.5, t)``, which rounds 0.49999997 + 0.5 up to 1.0).
     Overwrites ``t`` and returns a new array.
     """
-    whole = np.trunc(t)
+    whole: np.ndarray = np.trunc(t)
     t -= whole
     t *= 2
     np.trunc(t, out=t)
@@ -96,7 +96,7 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Integer -> float32: ``(q - zero_point) * scale``."""
     scale, zp, _, _ = _constants(spec, q.ndim)
-    out = np.subtract(q, zp, dtype=np.float32)
+    out: np.ndarray = np.subtract(q, zp, dtype=np.float32)
     out *= scale
     return out
 
@@ -418,42 +418,41 @@ class ModelRunner:
         for arr, spec, key, want, shape in zip(
             arrays, self.inputs, self.input_keys, self._in_dtype, self._in_shape, strict=True
         ):
-            x = self._as_batch(arr, key, want, shape)
+            x = _as_batch(arr, key, want, shape, self.model_batch)
             if batch is None:
                 batch = x.shape[0]
             elif x.shape[0] != batch:
                 raise BadRequestError("all inputs must have the same batch size")
-            x, quantized = _to_model_dtype(x, spec, key, want)
+            x, quantized = _convert(x, spec, key, want)
             floats_in = floats_in or quantized
             prepared.append(x)
         return prepared, floats_in
 
-    def _as_batch(self, arr: Any, key: str, want: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
-        """One input as an array of numbers with the model's shape and a whole number of batches."""
-        try:
-            x = np.asarray(arr)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise BadRequestError(f"input {key!r}: not a rectangular array of numbers") from exc
-        kind = x.dtype.kind
-        if kind not in "biuf" or (kind == "b" and want.kind != "b"):
-            raise BadRequestError(f"input {key!r}: expected numbers, got {x.dtype}")
-        if x.ndim == len(shape) - 1:  # one sample without its batch axis
-            x = x[np.newaxis]
-        if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:]:
-            raise BadRequestError(
-                f"input {key!r}: shape {list(x.shape)} does not fit the model's {['N', *shape[1:]]}"
-            )
-        if x.shape[0] == 0:
-            raise BadRequestError(f"input {key!r}: empty batch")
-        if x.shape[0] % self.model_batch:
-            raise BadRequestError(f"input {key!r}: batch must be a multiple of {self.model_batch}")
-        return x
+
+def _as_batch(arr: Any, key: str, want: np.dtype[Any], shape: tuple[int, ...], step: int) -> np.ndarray:
+    """``arr`` as a batch of numbers that fits an input of ``shape`` (batch a multiple of ``step``)."""
+    try:
+        x = np.asarray(arr)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequestError(f"input {key!r}: not a rectangular array of numbers") from exc
+    kind = x.dtype.kind
+    if kind not in "biuf" or (kind == "b" and want.kind != "b"):
+        raise BadRequestError(f"input {key!r}: expected numbers, got {x.dtype}")
+    if x.ndim == len(shape) - 1:  # one sample without its batch axis
+        x = x[np.newaxis]
+    if x.ndim != len(shape) or tuple(x.shape[1:]) != shape[1:]:
+        raise BadRequestError(
+            f"input {key!r}: shape {list(x.shape)} does not fit the model's {['N', *shape[1:]]}"
+        )
+    if x.shape[0] == 0:
+        raise BadRequestError(f"input {key!r}: empty batch")
+    if x.shape[0] % step:
+        raise BadRequestError(f"input {key!r}: batch must be a multiple of {step}")
+    return x
 
 
-def _to_model_dtype(
-    x: np.ndarray, spec: TensorSpec, key: str, want: np.dtype[Any]
-) -> tuple[np.ndarray, bool]:
-    """``x`` in the input's dtype (floats quantized for a quantized input); whether it was quantized."""
+def _convert(x: np.ndarray, spec: TensorSpec, key: str, want: np.dtype[Any]) -> tuple[np.ndarray, bool]:
+    """``x`` in the input's dtype, contiguous; and whether floats were quantized for it."""
     kind = x.dtype.kind
     quantized = False
     if kind == "f":

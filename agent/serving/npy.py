@@ -40,8 +40,9 @@ def is_npy(data: bytes | bytearray | memoryview) -> bool:
 
 
 def _dtype(descr: Any) -> np.dtype[Any]:
-    plain = isinstance(descr, str) and len(descr) == 3 and descr[0] in "<>|="
-    if not plain or descr[1:] not in ALLOWED_DTYPES:
+    if not (
+        isinstance(descr, str) and len(descr) == 3 and descr[0] in "<>|=" and descr[1:] in ALLOWED_DTYPES
+    ):
         raise BadRequestError(
             f".npy dtype {str(descr)[:40]!r} is not allowed: plain numbers only "
             "(bool, int8..int64, uint8..uint64, float16, float32 or float64)"

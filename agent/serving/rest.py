@@ -33,23 +33,26 @@ Guarantees:
 - Memory stays bounded: bodies over ``large_body_bytes`` (1 MiB) are read
   and decoded one at a time (others wait up to ``timeout_s``, then get 503),
   since JSON takes about ten times its size once parsed.
+- Every answer is counted in ``counters`` (channel ``rest``, by status class)
+  except the probes' (``/healthz``, ``/readyz``): a supervisor asking whether
+  the agent is ready is not API traffic. The routes are one table
+  (:mod:`agent.http_routes`, the monitor's idiom too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from agent.errors import BadRequestError, InferenceError
+from agent.http_routes import Found, NotAllowed, NotFound, Reply, Request, RoutedHandler, RouteTable, route
 from agent.serving import npy
 from agent.serving.formats import (
     JSON_CONTENT_TYPE,
@@ -62,24 +65,12 @@ from agent.serving.formats import (
     predict_json,
 )
 from agent.serving.inference import ModelRunner
-from agent.serving.registry import ModelRegistry
+from agent.serving.registry import ActiveModel, ModelRegistry
 from agent.serving.stats import ApiCounters
 
 logger = logging.getLogger(__name__)
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
-MODEL_PATH = re.compile(
-    rf"^/v1/models/(?P<name>{NAME})(?:/versions/(?P<version>[0-9A-Za-z_.-]{{1,64}}))?"
-    r"(?P<tail>/metadata|:predict|:classify|:regress|)$"
-)
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    body: bytes
-    content_type: str = JSON_CONTENT_TYPE
-    close: bool = False
 
 
 def json_reply(status: int, doc: Any, *, close: bool = False) -> Reply:
@@ -150,11 +141,16 @@ class _Server(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
 
 
-class _Handler(BaseHTTPRequestHandler):
+MODEL = rf"/v1/models/(?P<name>{NAME})(?:/versions/(?P<version>[0-9A-Za-z_.-]{{1,64}}))?"
+
+
+class _Handler(RoutedHandler):
     protocol_version = "HTTP/1.1"
     server_version = "litefleet-agent"
     sys_version = ""
     disable_nagle_algorithm = True
+    # the rest (HEAD, PATCH, ...) is refused by send_error as 405
+    methods = ("GET", "POST", "PUT", "DELETE")
     server: _Server
 
     def setup(self) -> None:
@@ -170,73 +166,99 @@ class _Handler(BaseHTTPRequestHandler):
             code, message = 405, f"method {str(self.command)[:20]!r} is not allowed"
         self.close_connection = True
         self.server.app.counters.record("rest", code)
-        self._send(error_reply(code, message or HTTPStatus(code).phrase, close=True))
+        self.send_reply(error_reply(code, message or HTTPStatus(code).phrase, close=True))
 
     def handle_expect_100(self) -> bool:
         length = self.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.server.app.max_body_bytes:
             self.close_connection = True
             self.server.app.counters.record("rest", 413)
-            self._send(error_reply(413, self._too_large(int(length)), close=True))
+            self.send_reply(error_reply(413, self._too_large(int(length)), close=True))
             return False
         return super().handle_expect_100()
 
-    def handle_one_request(self) -> None:
-        # (the base class already closes quietly on a timeout while reading a request line)
-        try:
-            super().handle_one_request()
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
+    # -- the routes ------------------------------------------------------------------------------
+    def healthz(self, req: Request) -> Reply:
+        return json_reply(200, {"status": "ok"})
 
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    def _serve(self, method: str) -> None:
+    def readyz(self, req: Request) -> Reply:
         app = self.server.app
-        try:
-            reply = self._route(method)
-        except BadRequestError as exc:
-            reply = error_reply(exc.status, str(exc))
-        except InferenceError as exc:
-            reply = error_reply(500, str(exc))
-        except TimeoutError:
-            reply = error_reply(408, "the request body arrived too slowly", close=True)
-        except ConnectionError:
-            self.close_connection = True
-            return
-        except Exception:
-            logger.exception("REST %s %s failed", method, self.path[:200])
-            reply = error_reply(500, "internal error (see the agent's log)", close=True)
-        app.counters.record("rest", reply.status)
-        if reply.close:
-            self.close_connection = True
-        try:
-            self._send(reply)
-        except (OSError, ValueError):
-            self.close_connection = True
+        ready = app.ready()
+        return json_reply(200 if ready else 503, {"ready": ready, "models": app.registry.names()})
 
-    def _send(self, reply: Reply) -> None:
-        phrase = HTTPStatus(reply.status).phrase if reply.status in HTTPStatus._value2member_map_ else ""
-        head = (
-            f"HTTP/1.1 {reply.status} {phrase}\r\n"
-            f"Content-Type: {reply.content_type}\r\n"
-            f"Content-Length: {len(reply.body)}\r\n"
-            + ("Connection: close\r\n" if self.close_connection else "")
-            + "\r\n"
-        ).encode("latin1")
-        self.log_request(reply.status, len(reply.body))
-        self.wfile.write(head + reply.body if len(reply.body) < 65536 else head)
-        if len(reply.body) >= 65536:
-            self.wfile.write(reply.body)
+    def list_models(self, req: Request) -> Reply:
+        snap = self.server.app.registry.snapshot()
+        models = [{"name": m.name, "version": m.version} for m in sorted(snap.values(), key=lambda m: m.name)]
+        return json_reply(200, {"models": models})
+
+    def status(self, req: Request) -> Reply:
+        return json_reply(200, model_status(self._active(req)))
+
+    def metadata(self, req: Request) -> Reply:
+        return json_reply(200, model_metadata(self._active(req)))
+
+    def unsupported(self, req: Request) -> Reply:
+        self.close_connection = True  # a body, if any, stays unread
+        return error_reply(404, f"{req.params['verb']} is not supported; use :predict")
+
+    def predict(self, req: Request) -> Reply:
+        app = self.server.app
+        length = self._body_length()
+        # large bodies one at a time: JSON grows ~10x in memory once parsed, and
+        # a small device must survive many clients sending the largest allowed
+        large = length > app.large_body_bytes
+        if large and not app.large_bodies.acquire(timeout=app.timeout_s):
+            self.close_connection = True
+            return error_reply(503, "busy with other large requests; try again", close=True)
+        try:
+            body = self._read_body(length)
+            return self._predict(self._active(req).runner, body)
+        finally:
+            if large:
+                app.large_bodies.release()
+
+    routes = RouteTable["_Handler"](
+        route("GET", "/healthz", healthz, probe=True),
+        route("GET", "/readyz", readyz, probe=True),
+        route("GET", "/v1/models/?", list_models),
+        route("POST", MODEL + ":predict", predict),
+        route("*", MODEL + ":(?P<verb>classify|regress)", unsupported),
+        route("GET", MODEL + "/metadata", metadata),
+        route("GET", MODEL, status),
+    )
+
+    # -- the hooks -------------------------------------------------------------------------------
+    def not_found(self, req: Request) -> Reply:
+        if req.method == "POST" and self.headers.get("Content-Length"):
+            self.close_connection = True  # the body stays unread
+        return error_reply(404, f"no such route: {req.path[:200]}")
+
+    def not_allowed(self, req: Request, allowed: frozenset[str]) -> Reply:
+        self.close_connection = bool(self.headers.get("Content-Length"))  # the body stays unread
+        if req.path.endswith(":predict"):
+            return error_reply(405, "use POST for :predict")
+        return error_reply(405, f"{req.method} is not allowed on {req.path[:200]}")
+
+    def failed(self, req: Request, exc: Exception) -> Reply | None:
+        if isinstance(exc, BadRequestError):
+            return error_reply(exc.status, str(exc))
+        if isinstance(exc, InferenceError):
+            return error_reply(500, str(exc))
+        if isinstance(exc, TimeoutError):
+            return error_reply(408, "the request body arrived too slowly", close=True)
+        if isinstance(exc, ConnectionError):
+            return None
+        logger.error("REST %s %s failed", req.method, req.path[:200], exc_info=exc)
+        return error_reply(500, "internal error (see the agent's log)", close=True)
+
+    def replied(self, req: Request, resolved: Found[Any] | NotAllowed | NotFound, reply: Reply) -> None:
+        # probes are not API traffic: a 503 from /readyz before the first model is no error
+        if not (isinstance(resolved, Found) and resolved.route.probe):
+            self.server.app.counters.record("rest", reply.status)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _active(self, req: Request) -> ActiveModel:
+        return self.server.app.registry.get(req.params["name"], req.params.get("version"))
 
     def _too_large(self, length: int) -> str:
         return f"a body of {length} bytes is larger than the {self.server.app.max_body_bytes} allowed"
@@ -275,61 +297,6 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequestError("the body ended before its Content-Length")
             got += n
         return body
-
-    def _route(self, method: str) -> Reply:
-        app = self.server.app
-        path = self.path.split("?", 1)[0]
-        if path in ("/healthz", "/readyz", "/v1/models", "/v1/models/"):
-            if method != "GET":
-                return error_reply(405, f"{method} is not allowed on {path}")
-            if path == "/healthz":
-                return json_reply(200, {"status": "ok"})
-            if path == "/readyz":
-                ready = app.ready()
-                return json_reply(200 if ready else 503, {"ready": ready, "models": app.registry.names()})
-            snap = app.registry.snapshot()
-            return json_reply(
-                200,
-                {
-                    "models": [
-                        {"name": m.name, "version": m.version}
-                        for m in sorted(snap.values(), key=lambda m: m.name)
-                    ]
-                },
-            )
-        match = MODEL_PATH.match(path)
-        if match is None:
-            if method == "POST" and self.headers.get("Content-Length"):
-                self.close_connection = True  # the body stays unread
-            return error_reply(404, f"no such route: {path[:200]}")
-        name, version, tail = match["name"], match["version"], match["tail"]
-        if tail in (":classify", ":regress"):
-            self.close_connection = True
-            return error_reply(404, f"{tail[1:]} is not supported; use :predict")
-        if tail == ":predict":
-            if method != "POST":
-                return error_reply(405, "use POST for :predict")
-            length = self._body_length()
-            # large bodies one at a time: JSON grows ~10x in memory once parsed, and
-            # a small device must survive many clients sending the largest allowed
-            large = length > app.large_body_bytes
-            if large and not app.large_bodies.acquire(timeout=app.timeout_s):
-                self.close_connection = True
-                return error_reply(503, "busy with other large requests; try again", close=True)
-            try:
-                body = self._read_body(length)
-                active = app.registry.get(name, version)
-                return self._predict(active.runner, body)
-            finally:
-                if large:
-                    app.large_bodies.release()
-        if method != "GET":
-            self.close_connection = bool(self.headers.get("Content-Length"))
-            return error_reply(405, f"{method} is not allowed on {path[:200]}")
-        active = app.registry.get(name, version)
-        if tail == "/metadata":
-            return json_reply(200, model_metadata(active))
-        return json_reply(200, model_status(active))
 
     def _predict(self, runner: ModelRunner, body: bytearray) -> Reply:
         ctype = (self.headers.get("Content-Type") or JSON_CONTENT_TYPE).split(";", 1)[0].strip().lower()

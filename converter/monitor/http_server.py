@@ -10,8 +10,9 @@ Guarantees:
   (:mod:`converter.monitor.page`); ``/api/devices`` the fleet as JSON (the
   columns of ``litefleet status`` plus health and metrics, see
   ``docs/monitor.md``); ``/healthz`` 200 while serving.
-- Only GET and HEAD; anything else is 405, unknown paths 404. Access logs go
-  to :mod:`logging` at debug level, never to the console.
+- Only GET and HEAD; anything else is 405, unknown paths 404 (the routes are a
+  table: :mod:`agent.http_routes`). Access logs go to :mod:`logging` at debug
+  level, never to the console.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
+from agent.http_routes import Reply, Request, RoutedHandler, RouteTable, route
 from converter.errors import BadInputError
 from converter.monitor.live import DeviceView, FleetSnapshot
 from converter.monitor.page import latency_chart_svg, render_page
@@ -115,57 +117,74 @@ def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -
     )
 
 
-class _Handler(BaseHTTPRequestHandler):
+TEXT = "text/plain; charset=utf-8"
+NO_STORE = (("Cache-Control", "no-store"),)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        source: MonitorSource,
+        clock: Callable[[], float],
+        histograms: bool,
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.source = source
+        self.clock = clock
+        self.histograms = histograms
+        super().__init__(address, _Handler)
+
+
+class _Handler(RoutedHandler):
     server_version = "litefleet-monitor"
-    source: MonitorSource
-    clock: Callable[[], float]
-    histograms: bool = True
+    send_server_headers = True
+    # GET and HEAD are served; the others are answered 405 on any path
+    methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH")
+    server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    # -- the routes ------------------------------------------------------------------------------
+    def metrics(self, req: Request) -> Reply:
+        body = render_prometheus(self.server.source.snapshot(), histograms=self.server.histograms).encode()
+        return Reply(200, body, PROMETHEUS_CONTENT_TYPE, headers=NO_STORE)
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
+    def page(self, req: Request) -> Reply:
+        page = build_page(self.server.source, parse_qs(req.query), self.server.clock())
+        return Reply(200, page.encode(), "text/html; charset=utf-8", headers=NO_STORE)
 
-    def do_GET(self) -> None:
-        url = urlsplit(self.path)
-        try:
-            if url.path == "/metrics":
-                body = render_prometheus(self.source.snapshot(), histograms=self.histograms).encode()
-                self._send(200, body, PROMETHEUS_CONTENT_TYPE)
-            elif url.path in ("/", "/index.html"):
-                page = build_page(self.source, parse_qs(url.query), self.clock())
-                self._send(200, page.encode(), "text/html; charset=utf-8")
-            elif url.path == "/api/devices":
-                doc = [device_json(d) for d in self.source.snapshot().devices]
-                self._send(200, json.dumps(doc, indent=1).encode(), "application/json")
-            elif url.path == "/healthz":
-                self._send(200, b'{"status": "ok"}', "application/json")
-            else:
-                self._send(404, b"not found\n", "text/plain; charset=utf-8")
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception:
-            logger.exception("monitor page %s failed", url.path)
-            self._send(500, b"internal error (see the monitor's log)\n", "text/plain; charset=utf-8")
+    def devices(self, req: Request) -> Reply:
+        doc = [device_json(d) for d in self.server.source.snapshot().devices]
+        return Reply(200, json.dumps(doc, indent=1).encode(), "application/json", headers=NO_STORE)
 
-    def _not_allowed(self) -> None:
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", "text/plain; charset=utf-8")
+    def healthz(self, req: Request) -> Reply:
+        return Reply(200, b'{"status": "ok"}', "application/json", headers=NO_STORE)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed
+    routes = RouteTable["_Handler"](
+        route("GET", "/metrics", metrics),
+        route("GET", r"/(?:index\.html)?", page),
+        route("GET", "/api/devices", devices),
+        route("GET", "/healthz", healthz, probe=True),
+    )
 
+    # -- the hooks -------------------------------------------------------------------------------
+    def not_found(self, req: Request) -> Reply:
+        if req.method not in ("GET", "HEAD"):
+            return self.not_allowed(req, frozenset({"GET", "HEAD"}))
+        return Reply(404, b"not found\n", TEXT, headers=NO_STORE)
 
-class _Server6(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
+    def not_allowed(self, req: Request, allowed: frozenset[str]) -> Reply:
+        return Reply(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", TEXT, headers=NO_STORE)
+
+    def failed(self, req: Request, exc: Exception) -> Reply | None:
+        if isinstance(exc, BrokenPipeError | ConnectionResetError):
+            return None
+        logger.error("monitor page %s failed", req.path, exc_info=exc)
+        return Reply(500, b"internal error (see the monitor's log)\n", TEXT, headers=NO_STORE)
 
 
 class MonitorHttpServer:
@@ -179,15 +198,10 @@ class MonitorHttpServer:
         clock: Callable[[], float] = time.time,
         histograms: bool = True,
     ) -> None:
-        handler = type(
-            "Handler", (_Handler,), {"source": source, "clock": staticmethod(clock), "histograms": histograms}
-        )
-        server_class = _Server6 if ":" in host else ThreadingHTTPServer
         try:
-            self._server = server_class((host, port), handler)
+            self._server = _Server((host, port), source, clock, histograms)
         except OSError as exc:
             raise BadInputError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
     @property

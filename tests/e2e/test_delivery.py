@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -103,6 +104,30 @@ def test_canary_reaches_a_stable_documented_subset(broker, repo: Path, tmp_path:
         finally:
             for ag in agents:
                 ag.stop()
+
+
+def test_a_device_before_the_first_push_is_ready_and_the_push_wakes_it(
+    broker, repo: Path, tmp_path: Path, digits_int8
+) -> None:
+    """No repository on the broker is no failure: the agent says it is ready (no rejection,
+    no error) and waits; the first push's metadata wakes it long before its next regular
+    refresh (an hour here)."""
+    url = broker.url
+    agent = AgentProcess(tmp_path, "pi-n", url, repo / "root.json", refresh_interval_s=3600.0)
+    with watching(broker.port) as fleet:
+        agent.start()
+        try:
+            fleet.wait_for(
+                lambda: re.search(r"ready [0-9.]+ s after start", agent.log()) is not None,
+                60,
+                "the agent to say it is ready without a repository",
+            )
+            fleet.wait_for(lambda: fleet.states.get("pi-n", {}).get("status") == "idle", 30, "idle")
+            assert fleet.states["pi-n"]["error"] is None and fleet.events_of("pi-n", "rejected") == []
+            must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", url)
+            fleet.wait_active("pi-n", "digits", 1, timeout_s=120)
+        finally:
+            agent.stop()
 
 
 def test_key_rotation_reaches_devices_and_retires_old_keys(

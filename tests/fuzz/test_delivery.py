@@ -44,7 +44,7 @@ from agent.activation.store import ModelStore
 from agent.delivery.chunks import ChunkDownloader
 from agent.delivery.metadata import MAX_FILES, MAX_METADATA_BYTES, MAX_TOTAL_BYTES, RetainedMetadata
 from agent.delivery.updater import ModelUpdater
-from agent.errors import ModelRejectedError, StorageError, TransportError
+from agent.errors import ModelRejectedError, NoRepositoryError, StorageError, TransportError
 from agent.mqtt.transport import Message
 from agent.protocol import (
     ChunkInfo,
@@ -60,7 +60,7 @@ TOPICS = Topics()
 REAL_PWRITE = os.pwrite
 SOAK = os.environ.get("HYPOTHESIS_PROFILE") == "soak"
 # the errors the daemon's work loop catches and reports
-DECLARED = (ModelRejectedError, TransportError, StorageError)
+DECLARED = (ModelRejectedError, NoRepositoryError, TransportError, StorageError)
 
 
 def fuzz(examples: int) -> settings:
@@ -458,7 +458,7 @@ def test_refresh_over_arbitrary_signed_targets(
     updater.downloader._chunk_timeout_s = 0.0
     try:
         result = updater.refresh(DeviceState.empty())
-        reasons = sorted(r for r, *_ in result.failures.values())
+        reasons = sorted(f.reason for f in result.failures.values())
         event(f"candidates {len(result.candidates)}, failures {reasons}")
     except DECLARED as exc:
         event(type(exc).__name__)

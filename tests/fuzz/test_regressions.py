@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from agent.protocol import ProtocolError, parse_chunk_info, parse_release
+from agent.reasons import Reason
 
 MODEL = "models/m/1/model.tflite"
 
@@ -86,7 +87,7 @@ def test_target_without_a_valid_sha256_is_an_invalid_target(tmp_path, hashes: di
     )
     updater.verified_targets = lambda: (NoCache(), targets)  # type: ignore[method-assign,assignment,return-value]
     result = updater.refresh(DeviceState.empty())
-    assert result.candidates == [] and result.failures["m"][0] == "invalid_target"
+    assert result.candidates == [] and result.failures["m"].reason is Reason.INVALID_TARGET
     assert [p for p in tmp_path.rglob("*") if p.is_file() and state not in p.parents] == []
 
 

@@ -14,7 +14,6 @@ datagram the agent sends (``READY=1``, ``WATCHDOG=1``...) with the host time it 
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import socket
@@ -30,6 +29,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.harness import AgentProcess
+from tests.support.http_client import KeepAliveClient
 
 from .userland import Userland
 
@@ -179,18 +179,18 @@ def model_metrics(doc: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 class Rest:
-    """One keep-alive HTTP connection to the agent's REST API."""
+    """One keep-alive HTTP connection to the agent's REST API (reopened, as real clients do,
+    when the agent closed it while idle: :class:`tests.support.http_client.KeepAliveClient`)."""
 
     def __init__(self, port: int, timeout_s: float = 60.0) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+        self.client = KeepAliveClient("127.0.0.1", port, timeout_s)
 
     def request(
         self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
     ) -> tuple[int, str, bytes]:
         headers = {"Content-Type": content_type} if body is not None else {}
-        self.conn.request(method, path, body=body, headers=headers)
-        resp = self.conn.getresponse()
-        return resp.status, resp.getheader("Content-Type") or "", resp.read()
+        answer = self.client.request(method, path, body, headers)
+        return answer.status, answer.content_type, answer.body
 
     def get_json(self, path: str) -> tuple[int, Any]:
         status, _, body = self.request("GET", path)
@@ -213,4 +213,4 @@ class Rest:
         return np.load(io.BytesIO(body), allow_pickle=False)
 
     def close(self) -> None:
-        self.conn.close()
+        self.client.close()

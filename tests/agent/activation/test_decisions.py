@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from agent.activation import decisions as act
-from agent.activation.decisions import DeviceState, Installed, ModelState, Plan, Probation, StartAction
+from agent.activation.decisions import (
+    DeviceState,
+    Installed,
+    ModelState,
+    Plan,
+    Probation,
+    StartAction,
+    Verdict,
+)
+from agent.reasons import Reason
 
 V1, V2, V3 = Installed(1, "a" * 64), Installed(2, "b" * 64), Installed(3, "c" * 64)
 
@@ -12,7 +21,7 @@ def test_plan_keeps_skips_or_installs() -> None:
     ms = ModelState(active=V1)
     assert act.plan_release(ms, 1, V1.sha256) is Plan.KEEP
     assert act.plan_release(ms, 2, V2.sha256) is Plan.INSTALL
-    ms = act.reject(ms, V2, "golden", "off by 3")
+    ms = act.reject(ms, V2, Reason.GOLDEN, "off by 3")
     assert act.plan_release(ms, 2, V2.sha256) is Plan.SKIP_REJECTED
     # the same version number with other content is a different candidate
     assert act.plan_release(ms, 2, "d" * 64) is Plan.INSTALL
@@ -31,11 +40,11 @@ def test_activation_keeps_the_previous_version() -> None:
 
 def test_rollback_restores_previous_and_remembers_the_failure() -> None:
     ms = act.activate(act.mark_good(act.activate(ModelState(), V1)), V2)
-    back = act.roll_back(ms, "inference_errors", "3 errors")
+    back = act.roll_back(ms, Reason.INFERENCE_ERRORS, "3 errors")
     assert back.active == V1 and back.previous is None and back.trial_starts is None
     assert back.is_rejected(2, V2.sha256).reason == "inference_errors"
     # with nothing to go back to, the name is left without a model
-    alone = act.roll_back(act.activate(ModelState(), V1), "load", "x")
+    alone = act.roll_back(act.activate(ModelState(), V1), Reason.LOAD, "x")
     assert alone.active is None
 
 
@@ -65,19 +74,19 @@ def test_trial_verdicts() -> None:
     judge = lambda ok, err, age: act.judge_trial(  # noqa: E731
         Probation(ok, err, age), good_after_inferences=20, good_after_s=60
     )
-    assert judge(0, 0, 1) == "wait"
-    assert judge(20, 0, 1) == "good"
-    assert judge(0, 0, 61) == "good"  # no traffic: good once the trial time is over
-    assert judge(1, 3, 5) == "bad"
-    assert judge(40, 3, 5) == "good"  # rare errors at a tolerable rate
-    assert judge(5, 1, 61) == "bad"  # trial over, too many errors for its successes
-    assert judge(2, 1, 10) == "wait"
+    assert judge(0, 0, 1) is Verdict.WAIT
+    assert judge(20, 0, 1) is Verdict.GOOD
+    assert judge(0, 0, 61) is Verdict.GOOD  # no traffic: good once the trial time is over
+    assert judge(1, 3, 5) is Verdict.BAD
+    assert judge(40, 3, 5) is Verdict.GOOD  # rare errors at a tolerable rate
+    assert judge(5, 1, 61) is Verdict.BAD  # trial over, too many errors for its successes
+    assert judge(2, 1, 10) is Verdict.WAIT
 
 
 def test_state_round_trips_and_bounds_rejections() -> None:
     ms = ModelState(active=V2, previous=V1, trial_starts=1, checking=V3)
     for i in range(30):
-        ms = act.reject(ms, Installed(100 + i, "e" * 64), "golden", f"try {i}")
+        ms = act.reject(ms, Installed(100 + i, "e" * 64), Reason.GOLDEN, f"try {i}")
     state = DeviceState({"m": ms})
     again = DeviceState.from_dict(state.to_dict())
     assert again == state

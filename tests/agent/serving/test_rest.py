@@ -265,6 +265,40 @@ def test_methods_types_and_sizes(server: RestServer) -> None:
     assert code == 413 and "200000" in json.loads(data)["error"]
 
 
+ROUTE_ERRORS = [  # method, path, status, the whole error message
+    ("GET", "/v1/models/digits:predict", 405, "use POST for :predict"),
+    ("PUT", "/v1/models/digits/versions/1:predict", 405, "use POST for :predict"),
+    ("DELETE", "/v1/models/digits", 405, "DELETE is not allowed on /v1/models/digits"),
+    ("POST", "/v1/models/digits/metadata", 405, "POST is not allowed on /v1/models/digits/metadata"),
+    ("PUT", "/healthz", 405, "PUT is not allowed on /healthz"),
+    ("POST", "/v1/models/", 405, "POST is not allowed on /v1/models/"),
+    ("HEAD", "/healthz", 405, "method 'HEAD' is not allowed"),
+    ("OPTIONS", "/v1/models", 405, "method 'OPTIONS' is not allowed"),
+    ("GET", "/v1/models/digits:regress", 404, "regress is not supported; use :predict"),
+    ("DELETE", "/v1/models/digits:classify", 404, "classify is not supported; use :predict"),
+    ("GET", "/v1/models/digits/versions/", 404, "no such route: /v1/models/digits/versions/"),
+    ("GET", "/v1/models/digits/versions/9", 404, "model 'digits' version 9 is not active (active: 1)"),
+    ("GET", "/healthz/", 404, "no such route: /healthz/"),
+    ("PUT", "/nowhere?x=1", 404, "no such route: /nowhere"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "message"), ROUTE_ERRORS)
+def test_route_errors(server: RestServer, method: str, path: str, status: int, message: str) -> None:
+    code, data, ctype = call(server, method, path)
+    assert (code, ctype) == (status, "application/json")
+    if method != "HEAD":
+        assert json.loads(data) == {"error": message}
+
+
+def test_the_listing_and_queries(server: RestServer) -> None:
+    for path in ("/v1/models", "/v1/models/", "/v1/models?x=1"):
+        code, data, _ = call(server, "GET", path)
+        assert code == 200 and [m["name"] for m in json.loads(data)["models"]] == ["digits", "float", "multi"]
+    code, data, _ = call(server, "GET", "/v1/models/digits/versions/1?debug=1")
+    assert code == 200 and json.loads(data)["model_version_status"][0]["version"] == "1"
+
+
 def raw_exchange(server: RestServer, data: bytes, *, wait_s: float = 5.0) -> bytes:
     with socket.create_connection(server.address, timeout=wait_s) as s:
         s.sendall(data)
@@ -441,17 +475,20 @@ def test_no_npy_body_gets_a_5xx(server: RestServer, junk: bytes) -> None:
         assert code == 400
 
 
-def test_counters_see_every_answer() -> None:
+def test_counters_see_every_answer_but_probes() -> None:
     counters = ApiCounters()
     server = RestServer(ModelRegistry(), port=0, counters=counters)
     server.start()
     try:
-        call(server, "GET", "/healthz")
-        call(server, "GET", "/v1/models/x")
+        assert call(server, "GET", "/healthz")[0] == 200
+        assert call(server, "GET", "/readyz")[0] == 503  # no model yet: not ready, and no API error
+        assert call(server, "GET", "/v1/models")[0] == 200
+        assert call(server, "GET", "/v1/models/x")[0] == 404
+        assert call(server, "POST", "/readyz", b"{}")[0] == 405  # not a probe: a caller's mistake
         raw_exchange(server, b"BAD\r\n\r\n")
     finally:
         server.stop()
-    assert counters.snapshot() == {"rest": {"2xx": 1, "4xx": 2}}
+    assert counters.snapshot() == {"rest": {"2xx": 1, "4xx": 3}}
 
 
 def test_parse_npy_roundtrip_and_byte_order() -> None:
