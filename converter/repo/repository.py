@@ -45,9 +45,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from securesystemslib.signer._signer import Signer
-from tuf.api._payload import TOP_LEVEL_ROLE_NAMES, Root, Snapshot, Targets, Timestamp
-from tuf.api.metadata import Metadata
+from securesystemslib.signer import Signer
+from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, Root, Snapshot, Targets, Timestamp
 
 from agent.files import atomic_write, fsync_dir
 from agent.protocol import DEFAULT_CHUNK_SIZE, Rollout

@@ -9,9 +9,9 @@ Guarantees:
   raises :class:`~converter.errors.RepositoryError` when fewer than the role's
   threshold are on disk: the tool never signs below threshold.
 
-``tuf.api.metadata`` re-exports its payload classes without ``__all__``, so
-strict type checking takes them from ``tuf.api._payload``, where they are
-defined (likewise ``securesystemslib.signer``'s classes); they are the same objects.
+The tuf and securesystemslib classes come from their documented public modules
+(``tuf.api.metadata``, ``securesystemslib.signer``); pyproject.toml tells mypy that
+those modules re-export them.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from securesystemslib.signer._crypto_signer import CryptoSigner
-from securesystemslib.signer._signer import Signer
-from tuf.api._payload import MetaFile, Root, Snapshot, Targets, Timestamp
-from tuf.api.metadata import Metadata
+from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
 from converter.errors import RepositoryError

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tuf.api._payload import TargetFile, Targets
+from tuf.api.metadata import TargetFile, Targets
 
 from agent.protocol import (
     CARD_FILE,
