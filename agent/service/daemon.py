@@ -89,6 +89,9 @@ class Agent:
         self._notifier = notifier
         self._work: queue.Queue[Work] = queue.Queue()
         self._stop = threading.Event()
+        # set by a signal handler: a plain attribute, because a handler must take no lock
+        # (the main thread it interrupts may hold the queue's or the logging's)
+        self._signalled: int | None = None
         self.status = DeviceStatus.STARTING
         self.error: str | None = None
         self._last_reported: tuple[str, str] | None = None
@@ -306,7 +309,12 @@ class Agent:
         self._notifier.watchdog()
 
     def _should_stop(self) -> bool:
-        return self._stop.is_set()
+        return self._stop.is_set() or self._signalled is not None
+
+    def stop_from_signal(self, signum: int) -> None:
+        """Ask the work loop to stop, from a signal handler: no lock, no logging (the loop
+        notices within its 1 s tick and logs it)."""
+        self._signalled = signum
 
     def run(self) -> None:
         """The work loop; returns after :meth:`stop`."""
@@ -314,7 +322,7 @@ class Agent:
         next_refresh = self._clock() + self.cfg.refresh_interval_s
         next_metrics = self._clock() + self.cfg.metrics_interval_s
         fails = 0
-        while not self._stop.is_set():
+        while not self._should_stop():
             now = self._clock()
             timeout = max(0.0, min(next_refresh - now, next_metrics - now, 1.0))
             try:
@@ -344,10 +352,12 @@ class Agent:
                     self._last_served = figures
                     self.publish_state()
             self._maybe_ready()
+        if self._signalled is not None:
+            logger.info("signal %s: stopping", signal.Signals(self._signalled).name)
 
     def _after_changes(self) -> None:
         # never while stopping: a reconnect after the goodbye would say "online" again
-        if self._will_dirty and self.status is not DeviceStatus.DOWNLOADING and not self._stop.is_set():
+        if self._will_dirty and self.status is not DeviceStatus.DOWNLOADING and not self._should_stop():
             self._will_dirty = False
             self.client.replace_will(self._state_payload(online=False))
 
@@ -444,9 +454,11 @@ _malloc_trim: Any = None
 
 
 def install_signal_handlers(agent: Agent) -> None:
+    # A handler runs between two bytecodes of the main thread, which may hold the work
+    # queue's lock or be inside a logging call on stderr: logging from here raised
+    # "reentrant call inside <_io.BufferedWriter name='<stderr>'>" (seen under emulation).
     def handle(signum: int, frame: Any) -> None:
-        logger.info("signal %s: stopping", signal.Signals(signum).name)
-        agent.stop()
+        agent.stop_from_signal(signum)
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
