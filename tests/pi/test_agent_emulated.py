@@ -259,8 +259,8 @@ from pathlib import Path
 import agent.activation.check as cc
 from agent.errors import ModelRejectedError
 
-def report_pid(*_):
-    return {"ok": False, "reason": "probe", "message": str(os.getpid())}
+def report_pid(*_):  # a verdict only the child can give: its own pid
+    return {"ok": False, "reason": "golden", "message": str(os.getpid())}
 
 def crash(*_):
     os.kill(os.getpid(), signal.SIGSEGV)
@@ -291,7 +291,7 @@ def test_candidate_checks_fork_and_isolate_under_emulation(userland: Userland, t
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["machine"] == userland.spec.machine
     reason, child_pid = out["report_pid"]
-    assert reason == "probe" and int(child_pid) != out["pid"]
+    assert reason == "golden" and int(child_pid) != out["pid"]
     assert out["crash"][0] == "crashed" and "SIGSEGV" in out["crash"][1]
     assert out["spin"][0] == "crashed" and "SIGXCPU" in out["spin"][1]
     # why install.sh is given LITEFLEET_UNAME_M here: qemu runs an exec'd program natively,
