@@ -22,6 +22,7 @@ the hung-broker watchdog in tests/converter/site/test_supervisor.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.protocol import Topics
 from tests.support.harness import AgentProcess, FleetWatcher, must
@@ -173,6 +176,7 @@ def received(fleet: Sites, devices: list[str], version: int) -> int:
 
 def test_two_sites(fleet: Sites, models: list[Path]) -> None:
     check_each_byte_crosses_each_bridge_once(fleet, models[0])
+    check_inference_from_central_reaches_a_site_device(fleet)
     check_a_site_cut_off_during_a_rollout_catches_up(fleet, models[1], models[2])
     check_a_site_broker_sigkill_keeps_what_was_retained(fleet)
     check_a_sigkill_inside_the_autosave_window_is_made_good(fleet, models[3])
@@ -198,6 +202,32 @@ def check_each_byte_crosses_each_bridge_once(fleet: Sites, model: Path) -> None:
         assert devices >= len(SITES[name]) * size, report
         assert devices >= 4 * bridge, report  # once per site, not once per device
         assert st["sessions"] == 1, st  # no reconnect re-sent the repository meanwhile
+
+
+def check_inference_from_central_reaches_a_site_device(fleet: Sites) -> None:
+    """An MQTT 5 request from central's host to a device at site b: down the bridge, the
+    reply up it, with its response topic and correlation data intact."""
+    n_in = int(MODEL_MB * 1e6 / 4 / 1000)  # the dense model's input width (big_models.py)
+    client_id = "_lf-host-asker"
+    host = fleet.central.host(client_id)
+    try:
+        reply_topic = TOPICS.reply(client_id, "pi-b0")
+        host.subscribe(f"{TOPICS.base}/replies/{client_id}/#")
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_topic
+        body = json.dumps({"model": "dense", "instances": [[0.0] * n_in]}).encode()
+        got = None
+        for attempt in range(10):  # the agent drops requests while it renews its will
+            props.CorrelationData = b"req-%d" % attempt
+            host.publish(TOPICS.infer("pi-b0"), body, props=props)
+            got = host.wait_for(reply_topic, timeout_s=3)
+            if got is not None:
+                break
+        assert got is not None, "no reply through the bridge"
+        assert got.props.CorrelationData.startswith(b"req-")
+        assert len(json.loads(got.payload)["predictions"][0]) == 1000
+    finally:
+        host.close()
 
 
 def check_a_site_cut_off_during_a_rollout_catches_up(fleet: Sites, m2: Path, m3: Path) -> None:

@@ -58,14 +58,14 @@ def retained(client: Client, topic_filter: str) -> dict[str, bytes]:
     return view
 
 
-def host_client(secure: SecureDir) -> Client:
+def host_client(secure: SecureDir, client_id: str | None = None) -> Client:
     s = secure.host_client_settings()
     c = connect(
         s["port"],
         ca=Path(s["ca_file"]),
         username=s["username"],
         password=s["password"],
-        client_id=f"{s['client_id_prefix']}t-{uuid.uuid4().hex[:8]}",
+        client_id=client_id or f"{s['client_id_prefix']}t-{uuid.uuid4().hex[:8]}",
     )
     assert c.connected.is_set(), c.connack
     return c
@@ -80,8 +80,8 @@ class Central:
     def cert_port(self) -> int:
         return self.dir.load().ports.cert
 
-    def host(self) -> Client:
-        return host_client(self.dir)
+    def host(self, client_id: str | None = None) -> Client:
+        return host_client(self.dir, client_id)
 
     def stop(self) -> None:
         self.broker.kill()
