@@ -334,7 +334,8 @@ class SiteSupervisor:
                 prunes=f.prunes + 1,
                 pruned=f.pruned + len(plan.stale),
                 last_prune_ts=time.time(),
-                prune_error=plan.note,
+                prune_error=None,
+                prune_note=plan.note,
             )
 
     def _write_status_file(self, doc: dict[str, Any]) -> None:
