@@ -3,9 +3,11 @@ a plain MQTT 5 client and a real TLS Mosquitto that knows the site's certificate
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,5 +190,28 @@ def test_a_revoked_site_certificate_fails_after_the_handshake(central: Central) 
         assert relay.counters().sessions == 0
         # TLS 1.3: the server checks the client certificate after the client's handshake is done
         assert "closed before central's CONNACK" in str(relay.counters().last_error)
+    finally:
+        relay.stop()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK), reason="needs root and a system python3"
+)
+def test_a_connection_from_another_user_is_refused_before_central_is_dialled(central: Central) -> None:
+    """Any local process reaching the relay would speak to central as the site: one of
+    another user gets its connection closed, and central is never contacted for it."""
+    relay = relay_for(central)
+    try:
+        code = (
+            "import socket, sys\n"
+            f"s = socket.create_connection(('127.0.0.1', {relay.port}))\n"
+            "s.settimeout(5)\n"
+            "sys.exit(0 if s.recv(1) == b'' else 1)\n"
+        )
+        # the system interpreter: the test's venv may not be readable by another user
+        r = subprocess.run(["/usr/bin/python3", "-c", code], user="nobody", capture_output=True, timeout=20)
+        assert r.returncode == 0, r.stderr  # closed at once, nothing relayed
+        n = relay.counters()
+        assert (n.sessions, n.failures, n.bytes_up, n.bytes_down) == (0, 0, 0, 0), n
     finally:
         relay.stop()
