@@ -260,8 +260,10 @@ def check_a_site_broker_sigkill_keeps_what_was_retained(fleet: Sites) -> None:
     repo = fleet.site_view("a")
     states = fleet.site_view("a", TOPICS.devices_filter("state"))
     assert repo == fleet.central_view() and len(states) == len(SITES["a"])
-    # Mosquitto writes its persistence file every autosave_interval (2 s) when something
-    # changed; wait for a save that began after the views above were read
+    # Mosquitto writes its persistence file autosave_interval (2 s) after a change (the
+    # agents' states and metrics keep changing something). The repository has not changed
+    # since before `offset` (the last push finished in the step before, and site a holds
+    # exactly central's), so any save logged after `offset` holds the repository read above.
     wait_until(lambda: b"Saving in-memory database" in a.log_file.read_bytes()[offset:], 10, "an autosave")
     fleet.cut("a")  # the restarted broker can only serve its own file
     old = a.mosquitto_pid()

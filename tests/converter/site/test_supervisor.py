@@ -113,6 +113,25 @@ def test_mosquitto_dies_with_a_killed_supervisor_and_the_site_starts_again(site:
     assert site.mosquitto_pid() != pid
 
 
+def test_a_broker_that_keeps_dying_ends_the_command_with_exit_1(site: SiteBroker) -> None:
+    """Five restarts within two minutes are the supervisor's to make; the sixth death is the
+    service manager's business: exit 1, one line."""
+    site.start()
+    for n in range(1, 7):
+        pid = site.mosquitto_pid()
+        os.kill(pid, signal.SIGKILL)
+        if n <= 5:
+            site.wait_status(
+                lambda s, n=n, pid=pid: s.get("broker_restarts") == n and s["mosquitto_pid"] != pid,
+                30,
+                f"restart {n}",
+            )
+    assert site.proc is not None
+    assert site.proc.wait(30) == 1
+    err = (site.dir.root / "supervisor.log").read_text().strip().splitlines()
+    assert err[-1].startswith("litefleet: error: mosquitto exited") and "giving up" in err[-1], err[-3:]
+
+
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "converter", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60
