@@ -234,11 +234,12 @@ class Relay:
             return
         if self._current is not None and not self._current.done():
             self._current.cancel()  # a new bridge connection replaces the old one
-        self._current = asyncio.current_task()
+        me = self._current = asyncio.current_task()
         try:
             await self._serve(reader, writer)
         finally:
-            self._update(link_up=False)
+            if self._current is me:  # a replaced connection must not mark its successor down
+                self._update(link_up=False)
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.errors import TransportError
+from agent.errors import StorageError, TransportError
 from agent.files import atomic_write
 from agent.mqtt.client import ConnectionSettings, MqttClient
 from agent.protocol import Topics
@@ -342,9 +342,13 @@ class SiteSupervisor:
         same = {k: v for k, v in doc.items() if k != "ts"}
         if same == self._last_file:
             return
-        self._last_file = same
         # not durable: a status a power cut loses is simply written again
-        atomic_write(self.status_file, (json.dumps(doc, indent=2) + "\n").encode(), 0o644, durable=False)
+        try:
+            atomic_write(self.status_file, (json.dumps(doc, indent=2) + "\n").encode(), 0o644, durable=False)
+        except StorageError as exc:  # a full disk must not stop the broker; the topic still has it
+            logger.warning("status file not written: %s", exc)
+            return
+        self._last_file = same
 
     def _publish_status(self, doc: dict[str, Any]) -> None:
         try:
