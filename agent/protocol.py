@@ -125,6 +125,21 @@ class Topics:
         """Every reply of every device."""
         return f"{self.base}/replies/#"
 
+    # -- sites (docs/sites.md): a site broker bridged to the central one ------------------
+    def site(self, name: str, leaf: str) -> str:
+        """A site's own topic: ``bridge`` (Mosquitto's link notification, retained ``1``/``0``),
+        ``status`` (the site supervisor's retained JSON), ``ping`` (its watchdog, site only)."""
+        return f"{self.base}/sites/{name}/{leaf}"
+
+    def site_filter(self, name: str) -> str:
+        """Every topic of one site."""
+        return f"{self.base}/sites/{name}/#"
+
+    @property
+    def sites_filter(self) -> str:
+        """Every topic of every site."""
+        return f"{self.base}/sites/#"
+
     def reply_allowed(self, device_id: str, topic: str) -> bool:
         """Whether a request's response topic is one this device may answer on:
         ``<base>/replies/<requester>/<device_id>[/...]``, no wildcards. The secure

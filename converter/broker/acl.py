@@ -16,6 +16,10 @@ Guarantees:
   ``pattern``, so an identity missing from its input has no rights at all;
 * a device may reply only under ``<prefix>/v1/replies/+/<its id>/#``, the rule
   :meth:`agent.protocol.Topics.reply_allowed` checks on the agent's side;
+* a site's bridge identity (:func:`site_grants`) may read the repository and
+  write exactly what its own devices may write, and its own ``sites/<name>/#``;
+  its prune identity (:func:`site_sync_grants`) may only read repository
+  metadata. Neither may write the repository or another site's device;
 * :func:`hash_password` writes Mosquitto's ``$7$`` (PBKDF2-HMAC-SHA512) format,
   which :func:`verify_password` and Mosquitto both accept.
 """
@@ -77,7 +81,28 @@ def host_grants(topics: Topics) -> tuple[Grant, ...]:
         # an empty retained message clears the row of a removed device
         Grant("write", topics.state("+")),
         Grant("read", topics.replies_filter),
+        # central: read each site's link status; a site: its supervisor publishes it
+        Grant("readwrite", topics.sites_filter),
     )
+
+
+def site_grants(topics: Topics, site: str, device_ids: Iterable[str]) -> tuple[Grant, ...]:
+    """What site ``site``'s bridge may do at central: read the repository, write its link
+    status (``sites/<site>/#``: Mosquitto's notification and the supervisor's status), and
+    for each of its devices exactly what :func:`device_grants` lets that device write, plus
+    reading what others send it. One line per device: Mosquitto's patterns substitute only
+    the username, and device topics name the device, not its site (docs/sites.md)."""
+    grants = [Grant("read", topics.repo_filter), Grant("write", topics.site_filter(site))]
+    for device_id in device_ids:
+        grants += [Grant("write", t) for t in topics.device_outbound(device_id)]
+        grants.append(Grant("write", topics.reply_filter(device_id)))
+        grants += [Grant("read", t) for t in topics.device_inbound(device_id)]
+    return tuple(grants)
+
+
+def site_sync_grants(topics: Topics) -> tuple[Grant, ...]:
+    """What a site's prune may do at central: read the repository's metadata, nothing else."""
+    return (Grant("read", topics.metadata_filter),)
 
 
 def render_acl(entries: Iterable[tuple[str, Sequence[Grant]]]) -> str:

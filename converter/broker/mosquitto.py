@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,14 @@ from pathlib import Path
 from agent.errors import TransportError
 
 logger = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: PR_SET_PDEATHSIG(SIGKILL)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def find_mosquitto() -> str:
@@ -122,8 +131,13 @@ class BrokerProcess:
     ``restart`` keeps the port and the persisted retained messages.
     """
 
-    def __init__(self, config: BrokerConfig, *, binary: str | None = None) -> None:
+    def __init__(
+        self, config: BrokerConfig, *, binary: str | None = None, die_with_parent: bool = False
+    ) -> None:
         self.config = config
+        # Linux: Mosquitto gets SIGKILL when the thread that started it ends (a supervisor
+        # killed with SIGKILL leaves no orphan broker holding the ports and the pid file)
+        self.die_with_parent = die_with_parent
         if not self.config.port:
             self.config.port = free_port(self.config.host)
         self.binary = binary or find_mosquitto()
@@ -151,6 +165,7 @@ class BrokerProcess:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux" else None,
             )
         finally:
             log.close()

@@ -11,12 +11,17 @@ Guarantees:
   device id, topic prefix or ``--san`` name the broker or the agent would not
   take, and the host's username (:data:`HOST_USERNAME`) is never a device id;
 * :func:`agent_toml_snippet` and :func:`device_broker_url` give a device the
-  listener that matches its kind of identity (certificate or password).
+  listener that matches its kind of identity (certificate or password);
+* a site's identities (:func:`site_identity`, :func:`site_sync_identity`) start
+  with ``_``, so they are never a device id, a host client id or each other;
+  a device id belongs to at most one site, and a site device has no credentials
+  at central (:data:`AUTH_SITE`): it connects to its site's broker only.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +38,10 @@ LOOPBACK_SANS = ("localhost", "127.0.0.1", "::1")
 
 AUTH_CERT = "cert"
 AUTH_PASSWORD = "password"
+# a device behind a site broker (docs/sites.md): central knows its id, to grant the
+# site's bridge its topics, but holds no credentials for it
+AUTH_SITE = "site"
+SITE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 
 # Files go into DEVICE_CRED_DIR on the device. The packaged unit
 # (systemd/litefleet-agent.service: LoadCredential=litefleet:/etc/litefleet/credentials)
@@ -68,6 +77,29 @@ class DeviceRecord:
     serial: int | None = None  # of its client certificate
     not_after: str | None = None
     password_hash: str | None = field(default=None, repr=False)
+    site: str | None = None  # AUTH_SITE: the site whose broker it uses
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """A site broker's identities at central: the bridge's certificate (CN
+    :func:`site_identity`) and the prune's read-only one (CN :func:`site_sync_identity`)."""
+
+    name: str
+    created: str  # ISO 8601, UTC
+    serial: int
+    sync_serial: int
+    not_after: str
+
+
+def site_identity(name: str) -> str:
+    """The CN (so the MQTT username and client id) of site ``name``'s bridge at central."""
+    return f"_site-{name}"
+
+
+def site_sync_identity(name: str) -> str:
+    """The CN of site ``name``'s read-only metadata reader at central (the prune)."""
+    return f"_sync-{name}"
 
 
 @dataclass(frozen=True)
@@ -85,6 +117,7 @@ class Registry:
     host_password_hash: str = field(repr=False)
     devices: tuple[DeviceRecord, ...] = ()
     revoked: tuple[Revocation, ...] = ()
+    sites: tuple[SiteRecord, ...] = ()
 
     @property
     def public_host(self) -> str:
@@ -110,6 +143,33 @@ class Registry:
             revoked=revoked,
         )
 
+    def site(self, name: str) -> SiteRecord | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+    def site_devices(self, name: str) -> tuple[str, ...]:
+        return tuple(d.device_id for d in self.devices if d.site == name)
+
+    def with_site(self, record: SiteRecord) -> Registry:
+        rest = [s for s in self.sites if s.name != record.name]
+        return replace(self, sites=tuple(sorted([*rest, record], key=lambda s: s.name)))
+
+    def without_site(self, name: str, revoked_at: str) -> Registry:
+        """Forget site ``name``: its two certificates are revoked, its devices' grants go."""
+        gone = self.site(name)
+        if gone is None:
+            return self
+        revoked = (
+            *self.revoked,
+            Revocation(gone.serial, site_identity(name), revoked_at),
+            Revocation(gone.sync_serial, site_sync_identity(name), revoked_at),
+        )
+        return replace(
+            self,
+            sites=tuple(s for s in self.sites if s.name != name),
+            devices=tuple(d for d in self.devices if d.site != name),
+            revoked=revoked,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": REGISTRY_FORMAT,
@@ -127,10 +187,21 @@ class Registry:
                         "serial": None if d.serial is None else format(d.serial, "x"),
                         "not_after": d.not_after,
                         "password_hash": d.password_hash,
+                        "site": d.site,
                     }.items()
                     if v is not None
                 }
                 for d in self.devices
+            ],
+            "sites": [
+                {
+                    "name": s.name,
+                    "created": s.created,
+                    "serial": format(s.serial, "x"),
+                    "sync_serial": format(s.sync_serial, "x"),
+                    "not_after": s.not_after,
+                }
+                for s in self.sites
             ],
             "revoked": [
                 {"serial": format(r.serial, "x"), "device_id": r.device_id, "revoked": r.revoked}
@@ -156,8 +227,20 @@ class Registry:
                     serial=int(d["serial"], 16) if "serial" in d else None,
                     not_after=d.get("not_after"),
                     password_hash=d.get("password_hash"),
+                    site=d.get("site"),
                 )
                 for d in doc["devices"]
+            ),
+            # folders made before sites existed have no "sites" key
+            sites=tuple(
+                SiteRecord(
+                    name=str(s["name"]),
+                    created=str(s["created"]),
+                    serial=int(s["serial"], 16),
+                    sync_serial=int(s["sync_serial"], 16),
+                    not_after=str(s["not_after"]),
+                )
+                for s in doc.get("sites", ())
             ),
             revoked=tuple(
                 Revocation(int(r["serial"], 16), str(r["device_id"]), str(r["revoked"]))
@@ -174,6 +257,14 @@ def check_device_id(device_id: str) -> None:
         )
     if device_id == HOST_USERNAME:
         raise BadInputError(f"{HOST_USERNAME!r} is the host's identity, not a device id")
+
+
+def check_site_name(name: str) -> None:
+    if not SITE_NAME_RE.match(name):
+        raise BadInputError(
+            f"site name {name!r} must be 1-32 lowercase letters, digits, '.', '_' or '-' "
+            "and start with a letter or digit"
+        )
 
 
 def check_prefix(prefix: str) -> None:

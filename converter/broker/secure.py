@@ -65,12 +65,15 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from agent.files import atomic_write, fsync_dir
 from agent.protocol import DEFAULT_PREFIX, Topics
 from converter.broker.acl import (
+    Grant,
     device_grants,
     hash_password,
     host_grants,
     new_password,
     render_acl,
     render_password_file,
+    site_grants,
+    site_sync_grants,
 )
 from converter.broker.certs import (
     make_ca,
@@ -103,6 +106,8 @@ from converter.broker.registry import (
     check_prefix,
     check_san,
     device_broker_url,
+    site_identity,
+    site_sync_identity,
 )
 from converter.broker.reload import reload, running_pid
 from converter.errors import BadInputError
@@ -280,10 +285,7 @@ class SecureDir:
         p = self.paths
         topics = Topics(registry.prefix)
         atomic_write(p.crl, pem_crl(make_crl(ca_key, ca, registry.revoked, now)), 0o644)
-        atomic_write(
-            p.devices_acl,
-            render_acl((d.device_id, device_grants(topics, d.device_id)) for d in registry.devices).encode(),
-        )
+        atomic_write(p.devices_acl, render_acl(device_acl_entries(topics, registry)).encode())
         atomic_write(
             p.devices_passwd,
             render_password_file(
@@ -315,6 +317,11 @@ class SecureDir:
         with self._locked():
             registry = self.load()
             old = registry.device(device_id)
+            if old is not None and old.site is not None:
+                raise BadInputError(
+                    f"device {device_id!r} belongs to site {old.site!r}: it has credentials at its "
+                    "site's broker only (litefleet device remove it here first to move it)"
+                )
             if old is not None and not renew:
                 raise BadInputError(f"device {device_id!r} exists already; --renew replaces its credentials")
             if old is not None:
@@ -451,6 +458,18 @@ class SecureDir:
         """Make the running broker reread ACL, password and CRL files; its pid, or None
         when no broker runs for this folder (see :func:`converter.broker.reload.reload`)."""
         return reload(self.paths.pid_file, timeout_s=timeout_s)
+
+
+def device_acl_entries(topics: Topics, registry: Registry) -> list[tuple[str, tuple[Grant, ...]]]:
+    """The device listeners' ACL: one block per device with credentials here, and per
+    site its bridge's block (its devices' topics) and its prune's (docs/sites.md)."""
+    entries = [(d.device_id, device_grants(topics, d.device_id)) for d in registry.devices if d.site is None]
+    for site in registry.sites:
+        entries.append(
+            (site_identity(site.name), site_grants(topics, site.name, registry.site_devices(site.name)))
+        )
+        entries.append((site_sync_identity(site.name), site_sync_grants(topics)))
+    return entries
 
 
 def host_client_settings(directory: str | Path) -> dict[str, Any]:

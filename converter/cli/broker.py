@@ -11,6 +11,14 @@ credentials live in DIR (created on first use, see
 :mod:`converter.broker.secure`), the broker's data in ``DIR/broker``. With
 ``--bind 0.0.0.0`` and ``--san NAME`` devices on the network can reach it.
 
+``--secure DIR --upstream mqtts://central:8883``: a site broker (docs/sites.md),
+bridged to a central secure broker through a TLS relay in this process, with the
+identity ``litefleet site add NAME`` made at central (copied to ``DIR/uplink``, or
+``--uplink BUNDLE``). The repository comes down, the devices' reports go up; this
+process prunes what central cleared during an outage, reports the link on
+``<prefix>/v1/sites/NAME/status`` and in ``DATA/site-status.json``, and restarts
+Mosquitto when it exits or stops answering.
+
 Retained messages persist (``persistence true``) across restarts. SIGHUP is
 passed on to Mosquitto (it rereads ACL, password and CRL files).
 """
@@ -25,14 +33,19 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.errors import TransportError
+from agent.errors import ConfigError, TransportError
+from agent.service.config import parse_broker_url
 from converter.broker.layout import MAX_PACKET_SIZE_BYTES
 from converter.broker.mosquitto import BrokerConfig, BrokerProcess, free_port
 from converter.broker.registry import DEFAULT_CERT_PORT, HOST_USERNAME, ListenerPorts, Registry
 from converter.broker.secure import SecureDir
+from converter.broker.uplink import load_uplink
 from converter.errors import BadInputError
+
+if TYPE_CHECKING:
+    from converter.site.supervisor import SiteSettings, SiteSupervisor
 
 DEFAULT_PLAIN_PORT = 1883
 DEFAULT_DATA_DIR = Path(".litefleet-broker")
@@ -83,6 +96,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="--secure: topic prefix the ACLs are written for (default litefleet; fixed when DIR is created)",
     )
+    site = p.add_argument_group("site broker (docs/sites.md)")
+    site.add_argument(
+        "--upstream",
+        metavar="URL",
+        default=None,
+        help="with --secure: bridge to this central broker (mqtts://HOST:PORT: its device-certificate port)",
+    )
+    site.add_argument(
+        "--uplink",
+        metavar="BUNDLE",
+        type=Path,
+        default=None,
+        help="the site's identity from `litefleet site add` at central (default: DIR/uplink)",
+    )
+    site.add_argument(
+        "--uplink-retry-max-s",
+        type=int,
+        default=10,
+        metavar="S",
+        help="longest wait between the bridge's reconnect attempts (default 10)",
+    )
+    site.add_argument(
+        "--watchdog-s",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="probe the site's Mosquitto every S seconds; 3 missed probes restart it (0: off; default 5)",
+    )
     p.set_defaults(func=run)
 
 
@@ -119,9 +160,11 @@ def choose_ports(args: argparse.Namespace, stored: ListenerPorts | None) -> List
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.upstream is None and args.uplink is not None:
+        raise BadInputError("--uplink only applies with --upstream URL")
     if args.secure is None:
-        if args.san or args.prefix:
-            raise BadInputError("--san and --prefix only apply with --secure DIR")
+        if args.san or args.prefix or args.upstream:
+            raise BadInputError("--san, --prefix and --upstream only apply with --secure DIR")
         if not is_loopback(args.bind):
             raise BadInputError(
                 "a plain broker is anonymous and listens on loopback only; "
@@ -153,15 +196,87 @@ def run(args: argparse.Namespace) -> int:
     pid = secure.running_broker_pid()
     if pid is not None:
         raise TransportError(f"a broker for {secure.root} runs already (mosquitto pid {pid})")
+    # a site's flags are checked before DIR is created or changed
+    site = site_settings(args, secure) if args.upstream is not None else None
     stored = secure.load().ports if secure.exists() else None
     ports = choose_ports(args, stored) or ListenerPorts.from_base(DEFAULT_CERT_PORT)
     registry = secure.ensure(prefix=args.prefix, sans=args.san, ports=ports)
     for p in (registry.ports.cert, registry.ports.password, registry.ports.host):
         check_port_free(args.bind, p)
     data_dir = args.data.resolve() if args.data else secure.paths.default_data_dir
+    if site is not None:
+        from converter.site.supervisor import SiteSupervisor
+
+        return _serve_site(
+            SiteSupervisor(secure, site, data_dir=data_dir, bind=args.bind),
+            _secure_banner(secure, registry, data_dir, args.bind),
+        )
     with _Signals() as signals:
         proc = BrokerProcess(secure.broker_config(data_dir=data_dir, bind=args.bind, registry=registry))
         return _serve(proc, signals, _secure_banner(secure, registry, data_dir, args.bind))
+
+
+def site_settings(args: argparse.Namespace, secure: SecureDir) -> SiteSettings:
+    """``--upstream``/``--uplink`` and the site's tuning flags as settings, or one clear
+    BadInputError."""
+    try:
+        addr = parse_broker_url(args.upstream)
+    except ConfigError as exc:
+        raise BadInputError(f"--upstream: {exc}") from exc
+    if not addr.tls or addr.username or addr.password:
+        raise BadInputError(
+            "--upstream must be mqtts://HOST:PORT (central's device-certificate listener; "
+            "the site's identity is its certificate)"
+        )
+    info, paths = load_uplink((args.uplink or secure.root / "uplink").expanduser().resolve())
+    stored = secure.load().prefix if secure.exists() else None
+    for prefix in (stored, args.prefix):
+        if prefix is not None and prefix != info.prefix:
+            raise BadInputError(
+                f"the uplink bundle is for topic prefix {info.prefix!r}, this broker's is {prefix!r}"
+            )
+    if args.prefix is None:
+        args.prefix = info.prefix
+    from converter.site.supervisor import SiteSettings
+
+    if not 1 <= args.uplink_retry_max_s <= 3600:
+        raise BadInputError("--uplink-retry-max-s must be between 1 and 3600")
+    if not (args.watchdog_s == 0 or 0.5 <= args.watchdog_s <= 3600):
+        raise BadInputError("--watchdog-s must be 0 (off) or between 0.5 and 3600")
+    return SiteSettings(
+        site=info.site,
+        upstream_host=addr.host,
+        upstream_port=addr.port,
+        uplink=paths,
+        retry_max_s=args.uplink_retry_max_s,
+        watchdog_s=args.watchdog_s,
+    )
+
+
+def _serve_site(sup: SiteSupervisor, banner: list[str]) -> int:
+    """Run the site supervisor until Ctrl-C/SIGTERM; it restarts Mosquitto itself and
+    raises TransportError (exit 1) only when that does not help."""
+    s = sup.settings
+    with _Signals() as signals:
+        try:
+            sup.start()
+            signals.proc = sup.broker
+            if not signals.stop.is_set():
+                title = banner[0].replace("secure broker", f"site broker {s.site!r}")
+                _say(
+                    f"{title} (mosquitto pid {sup.facts().mosquitto_pid})",
+                    *banner[1:-1],
+                    f"  upstream:                      mqtts://{s.upstream_host}:{s.upstream_port} "
+                    f"(through a relay on 127.0.0.1:{sup.relay.port})",
+                    f"  link status:                   {sup.status_file}",
+                    banner[-1],
+                )
+            while not signals.stop.wait(0.5):
+                sup.poll()
+        finally:
+            sup.stop()
+    _say(f"broker stopped ({signal.Signals(signals.received[0]).name}); data kept")
+    return 0
 
 
 def _secure_banner(secure: SecureDir, registry: Registry, data_dir: Path, bind: str) -> list[str]:

@@ -4,6 +4,10 @@
 random password, updates the broker's ACL and password files, reloads a
 running broker (SIGHUP) and prints exactly what to copy onto the device.
 ``remove ID`` revokes it. See :mod:`converter.broker.secure` and docs/security.md.
+
+``add ID --site NAME`` at central makes no credentials: it lets site NAME's
+bridge carry device ID's topics (docs/sites.md); the device's identity is made
+at its site with ``litefleet device add ID --secure SITE_DIR``.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ from pathlib import Path
 from converter.broker.registry import (
     AUTH_CERT,
     AUTH_PASSWORD,
+    AUTH_SITE,
     CRED_PREFIX,
     DEVICE_CRED_DIR,
     DeviceBundle,
     agent_toml_snippet,
 )
 from converter.broker.secure import SecureDir
+from converter.broker.sites import CentralDir
 from converter.cli.table import format_table
+from converter.errors import BadInputError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,6 +52,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="replace the credentials of an existing device (the old ones stop working at once)",
     )
+    add.add_argument(
+        "--site",
+        metavar="NAME",
+        default=None,
+        help="at central: the device uses site NAME's broker (no credentials here; see docs/sites.md)",
+    )
     add.set_defaults(func=run_add)
 
     lst = dsub.add_parser("list", help="list device identities")
@@ -59,6 +72,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_add(args: argparse.Namespace) -> int:
+    if args.site is not None:
+        return run_add_site_device(args)
     secure = SecureDir(args.secure)
     bundle = secure.add_device(
         args.device_id, auth=AUTH_PASSWORD if args.password else AUTH_CERT, renew=args.renew
@@ -66,6 +81,22 @@ def run_add(args: argparse.Namespace) -> int:
     pid = secure.reload_broker()
     prefix = secure.load().prefix
     sys.stdout.write(format_bundle(bundle, secure.paths.device_dir(bundle.device_id), pid, prefix))
+    return 0
+
+
+def run_add_site_device(args: argparse.Namespace) -> int:
+    if args.password or args.renew:
+        raise BadInputError(
+            "--password and --renew do not apply with --site (credentials are made at the site)"
+        )
+    central = CentralDir(args.secure)
+    record = central.add_site_device(args.device_id, args.site)
+    pid = central.reload_broker()
+    sys.stdout.write(
+        f"device {record.device_id}: reached through site {record.site}; no credentials here.\n"
+        f"Now make its identity at the site: litefleet device add {record.device_id} --secure SITE_DIR\n"
+        + (f"Running broker reloaded (mosquitto pid {pid}).\n" if pid else "No broker is running.\n")
+    )
     return 0
 
 
@@ -109,6 +140,7 @@ def run_list(args: argparse.Namespace) -> int:
                 "created": d.created,
                 "serial": None if d.serial is None else format(d.serial, "x"),
                 "not_after": d.not_after,
+                "site": d.site,
             }
             for d in devices
         ]
@@ -117,8 +149,8 @@ def run_list(args: argparse.Namespace) -> int:
     if not devices:
         sys.stdout.write("no devices\n")
         return 0
-    rows = [(d.device_id, d.auth, d.created, d.not_after or "-") for d in devices]
-    sys.stdout.write(format_table(("DEVICE", "AUTH", "CREATED", "CERT EXPIRES"), rows))
+    rows = [(d.device_id, d.auth, d.site or "-", d.created, d.not_after or "-") for d in devices]
+    sys.stdout.write(format_table(("DEVICE", "AUTH", "SITE", "CREATED", "CERT EXPIRES"), rows))
     return 0
 
 
@@ -126,7 +158,10 @@ def run_remove(args: argparse.Namespace) -> int:
     secure = SecureDir(args.secure)
     record = secure.remove_device(args.device_id)
     pid = secure.reload_broker()
-    what = "its certificate is revoked (CRL)" if record.auth == AUTH_CERT else "its password is deleted"
+    what = {
+        AUTH_CERT: "its certificate is revoked (CRL)",
+        AUTH_SITE: f"site {record.site}'s bridge no longer carries its topics",
+    }.get(record.auth, "its password is deleted")
     sys.stdout.write(
         f"device {record.device_id} removed: ACL entries gone, {what}.\n"
         + (

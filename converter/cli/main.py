@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "converter.cli.monitor",
     "converter.cli.broker",
     "converter.cli.device",
+    "converter.cli.site",
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
