@@ -89,7 +89,9 @@ def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None, pr
         "   Without systemd, use the files' paths instead:",
         *(f"   {line}" for line in plain.splitlines() if "_file" in line),
         "",
-        f"The same files and agent.toml are in {folder}/.",
+        f"The same files are in {folder}/, with an agent.toml that names them beside it: without",
+        f"systemd, `litefleet-agent run --config {folder}/agent.toml --trusted-root ROOT --state-dir DIR`",
+        "runs the agent from that folder (or a copy of it) as it is.",
         f"The agent connects with client id = {bundle.device_id} (the broker enforces it): "
         "run one agent per identity.",
         f"Running broker reloaded (mosquitto pid {broker_pid})."
