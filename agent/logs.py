@@ -6,8 +6,8 @@ An event is logged as a short message plus fields, never as a Python repr::
 
 and comes out, by where the output goes and what was asked for, as
 
-* text (the default): ``2026-05-01 12:00:00,123 INFO agent.x: activated event=activated
-  model=digits version=3``;
+* text (the default): ``2026-05-01 12:00:00,123 INFO agent.x: activated model=digits
+  version=3`` (an ``event`` field equal to the message is not repeated);
 * JSON lines (``--log-format json``, ``log_format = "json"``): ``{"ts": ..., "level":
   "info", "logger": "agent.x", "message": "activated", "event": "activated", ...}``;
 * a native journald entry when stderr is the journal (systemd sets ``$JOURNAL_STREAM``
@@ -134,7 +134,10 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = format_kv(record_fields(record))
+        values = record_fields(record)
+        if values.get("event") == record.getMessage():  # "activated event=activated" says it twice
+            del values["event"]
+        extra = format_kv(values)
         if not extra:
             return line
         head, sep, tail = line.partition("\n")  # a traceback follows the line, not the fields
