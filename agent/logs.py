@@ -249,13 +249,17 @@ def make_handler(
 
 
 def configure(identifier: str, level: int, **options: Any) -> logging.Handler:
-    """Replace the root logger's handlers with :func:`make_handler`'s and set ``level``."""
+    """Install :func:`make_handler`'s handler on the root logger (replacing one an earlier
+    call installed; handlers of others, such as pytest's, stay) and set ``level``."""
     if options.get("fmt", "text") not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}")
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if getattr(old, "_litefleet", False):
+            root.removeHandler(old)
+            old.close()
     handler = make_handler(identifier, **options)
+    handler._litefleet = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     return handler

@@ -41,10 +41,13 @@ from converter.monitor.payloads import (
 logger = logging.getLogger(__name__)
 
 STATUS_FIELDS = ("device_id", "online", "model", "version", "status", "error", "latency_ms_p50", "inferences")
+# the table of `litefleet status`: the contract's fields plus the groups (push targets them)
+TABLE_COLUMNS = (*STATUS_FIELDS[:2], "groups", *STATUS_FIELDS[2:])
 # the table with --metrics: the same rows plus what the newest metrics message says
 METRICS_COLUMNS = (
     "device_id",
     "online",
+    "groups",
     "model",
     "version",
     "status",
@@ -172,3 +175,25 @@ def merge_metrics(row: dict[str, Any], sample: MetricsSample | None) -> dict[str
     out["rss_mb"] = round(sample.rss_bytes / 2**20, 1) if sample.rss_bytes is not None else None
     out["metrics_ts"] = sample.ts
     return out
+
+
+def clear_state(client: MqttClient, topics: Topics, device_id: str, timeout_s: float = 5.0) -> bool:
+    """Delete ``device_id``'s retained state (an empty retained message, the MQTT rule), so
+    ``status`` and the monitor stop listing it. False when the broker held none."""
+    topic = topics.state(device_id)
+    held = threading.Event()
+
+    def handle(msg: Message) -> None:  # paho thread
+        if msg.topic == topic and msg.payload:
+            held.set()
+
+    client.subscribe(topic, handle, qos=1)
+    client.sync()
+    if not client.wait_synced(timeout_s):
+        raise TransportError("the broker did not answer the state subscription")
+    client.unsubscribe(topic)
+    if not held.is_set():
+        return False
+    if not client.publish(topic, b"", qos=1, retain=True).wait(timeout_s):
+        raise TransportError(f"the broker did not acknowledge clearing {topic}")
+    return True
