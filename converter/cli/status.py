@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -20,10 +21,12 @@ from converter.cli.table import format_table
 from converter.fleet.view import (
     METRICS_COLUMNS,
     TABLE_COLUMNS,
+    collect_expiry,
     collect_metrics,
     collect_states,
     merge_metrics,
 )
+from converter.repo.expiry import expiry_warnings
 
 # a cell longer than this (an error message) is cut
 MAX_CELL_CHARS = 48
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     client, topics = connect(args, "status", timeout_s=args.timeout)
     try:
         rows = collect_states(client, topics, timeout_s=args.timeout)
+        for line in expiry_lines(collect_expiry(client, topics, timeout_s=args.timeout)):
+            say(f"litefleet: warning: {line}")
         if args.metrics > 0:
             online = [r["device_id"] for r in rows if r.get("online")]
             say(waiting_line(online, args.metrics))
@@ -65,6 +70,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(status_table(rows, METRICS_COLUMNS if args.metrics > 0 else TABLE_COLUMNS))
     return 0
+
+
+def expiry_lines(expires: dict[str, datetime], now: datetime | None = None) -> list[str]:
+    """Warnings for the repository's expiry dates as the broker holds them. The broker does
+    not say how long each role is valid for: the windows are those of the default periods."""
+    lines = []
+    for w in expiry_warnings(expires, now or datetime.now(UTC)):
+        extra = " (with --root-keys DIR if its root keys are offline)" if w.role == "root" else ""
+        lines.append(f"{w.describe()}: run `litefleet repo resign DIR --broker ...`{extra} on the host")
+    return lines
 
 
 def say(line: str) -> None:
