@@ -43,17 +43,18 @@ def credential_files(cfg: AgentConfig, env: Mapping[str, str] | None = None) -> 
         if not value:
             continue
         lookup = resolve_credential(value, env, cfg.base_dir)
-        where = f" (looked in {' and '.join(lookup.looked_in)})" if lookup.looked_in else ""
-        _readable(key, lookup.path, where)
+        if lookup.looked_in and not lookup.path.exists():  # a relative name found nowhere
+            raise ConfigError(f"{key} {value}: no such file (looked in {' and '.join(lookup.looked_in)})")
+        _readable(key, lookup.path)
         found[key] = lookup.path
     return found
 
 
-def _readable(key: str, path: Path, where: str = "") -> None:
+def _readable(key: str, path: Path) -> None:
     if not path.exists():
-        raise ConfigError(f"{key} {path}: no such file{where}")
+        raise ConfigError(f"{key} {path}: no such file")
     if not path.is_file():
-        raise ConfigError(f"{key} {path}: not a file{where}")
+        raise ConfigError(f"{key} {path}: not a file")
     try:
         with open(path, "rb") as f:
             f.read(1)

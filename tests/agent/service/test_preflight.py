@@ -108,7 +108,7 @@ def test_a_missing_password_file(setup: dict[str, Path], tmp_path: Path) -> None
     config = write_config(tmp_path / "agent.toml", setup["pi-p"], setup["root"], password_file="gone")
     shutil.copy(setup["pi-p"] / "ca.pem", tmp_path / "ca.pem")
     for result in both(config, cwd=tmp_path):
-        assert_one_line(result, "password_file", str(tmp_path / "gone"), "no such file")
+        assert_one_line(result, "password_file gone: no such file", f"the config file's folder ({tmp_path})")
 
 
 def test_files_that_are_not_what_they_claim(setup: dict[str, Path], tmp_path: Path) -> None:
