@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from converter.cli.main import build_parser
-from tests.support.cli import Background, litefleet
+from tests.support.cli import Background, argv, environment, litefleet
 from tests.support.harness import FleetWatcher
+from tests.support.journal import FakeJournal
 from tests.support.monitor import publish_many, publish_one
 from tests.support.payloads import agent_payload, state_payload
 
@@ -216,3 +219,36 @@ def _publish_state_as_host(folder: Path, device: str) -> None:
         assert not client.publish(f"litefleet/v1/devices/{device}/state", payload, retain=True).is_failure
     finally:
         client.close()
+
+
+def test_host_logs_are_json_lines_or_journal_entries(broker, tmp_path: Path) -> None:
+    """Item 6 for the host commands: ``--log-format json`` makes every log line a JSON
+    object; under systemd (stderr is the journal) each record is a journal entry."""
+    out = litefleet("--debug", "--log-format", "json", "status", "--broker", broker.url)
+    assert out.returncode == 0, out.stderr
+    docs = [json.loads(line) for line in out.stderr.splitlines()]  # every line: JSON
+    assert any(d["logger"] == "agent.mqtt.client" and d["message"].startswith("connected to") for d in docs)
+    assert all({"ts", "level", "logger", "message"} <= set(d) for d in docs)
+
+    journal = FakeJournal(tmp_path / "journal.sock")
+    err = tmp_path / "stderr"
+    try:
+        with open(err, "wb") as f:
+            st = os.fstat(f.fileno())
+            env = environment(
+                {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", "LITEFLEET_JOURNAL_SOCKET": str(journal.path)}
+            )
+            done = subprocess.run(
+                argv("litefleet", ["--debug", "status", "--broker", broker.url]),
+                stdout=subprocess.PIPE,
+                stderr=f,
+                env=env,
+                timeout=120,
+                check=False,
+            )
+        assert done.returncode == 0
+        entry = journal.wait_for(SYSLOG_IDENTIFIER="litefleet", LITEFLEET_LOGGER="agent.mqtt.client")
+        assert entry["PRIORITY"] == "6" and "connected to" in entry["MESSAGE"]
+    finally:
+        journal.close()
+    assert err.read_text() == ""  # every record went to the journal
