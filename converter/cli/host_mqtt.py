@@ -52,7 +52,7 @@ def _secure_dir(args: argparse.Namespace) -> Path | None:
 
 
 def topic_prefix(args: argparse.Namespace) -> str:
-    """``--prefix``, else the prefix the ``--secure-dir`` broker was made with (its ACLs
+    """``--prefix``, else the prefix the ``--secure`` broker was made with (its ACLs
     grant nothing under another one), else the default."""
     if getattr(args, "prefix", None):
         return str(args.prefix)
