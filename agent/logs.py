@@ -260,6 +260,10 @@ def configure(identifier: str, level: int, **options: Any) -> logging.Handler:
             old.close()
     handler = make_handler(identifier, **options)
     handler._litefleet = True  # type: ignore[attr-defined]
+    # the level on the handler too: a filter that relabels a record to a lower level after
+    # the logger's own check (paho's "Client is not connected", ERROR -> DEBUG) is still
+    # held back here, where the record's final level is compared
+    handler.setLevel(level)
     root.addHandler(handler)
     root.setLevel(level)
     return handler

@@ -193,6 +193,8 @@ def test_agent_text_log_is_key_value_without_reprs_or_runtime_chatter(
         watch.close()
     log = agent.log()
     assert "XNNPACK" not in log and "{'" not in log and "Traceback" not in log, log
+    # at info, nothing below info: not even a record a filter relabelled to DEBUG late (paho's)
+    assert " DEBUG " not in log, log
     activated = [ln for ln in log.splitlines() if " INFO agent.service.daemon: activated " in ln]
     assert activated and " model=digits version=1 " in activated[0], log
     rejected = [ln for ln in log.splitlines() if " WARNING agent.service.daemon: rejected " in ln]
