@@ -27,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 EventFn = Callable[..., None]
 
+NO_GOLDEN_WARNING = (
+    "activated without golden vectors: only checked that it loads and runs once on zeros, "
+    "not that its outputs are right (push it with its .golden.npz)"
+)
+
 
 @dataclass
 class _Trial:
@@ -175,12 +180,16 @@ class ModelManager:
         self._save(self.state.with_model(name, act.activate(self.state.get(name), inst)))
         self._serve(name, inst, runner)
         self._begin_trial(name, runner)
+        golden = files.get("golden") is not None
         self._event(
             "activated",
             model=name,
             version=inst.version,
             sha256=inst.sha256,
             previous=old.version if old else None,
+            golden=golden,
+            # the pre-activation check is a promise: say so when it could not be kept
+            **({} if golden else {"warning": NO_GOLDEN_WARNING}),
         )
         self.last_error = None
         return True

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.errors import ConfigError, LitefleetError
+from agent.logs import FORMATS as LOG_FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,17 +27,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     run = sub.add_parser("run", help="run the agent in the foreground")
-    run.add_argument("--config", type=Path, help="agent.toml (flags below override its keys)")
-    run.add_argument("--device-id")
-    run.add_argument("--broker", help="mqtt://[user[:password]@]host[:port] or mqtts://...")
-    run.add_argument("--state-dir")
-    run.add_argument("--trusted-root", help="the repository's root.json this device trusts")
-    run.add_argument("--groups", help="comma-separated group names")
-    run.add_argument("--http", help="host:port of the local REST API ('' disables it)")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    check = sub.add_parser("check-config", help="validate the configuration and exit")
-    check.add_argument("--config", type=Path, required=True)
+    _add_config_args(run)
+    check = sub.add_parser(
+        "check-config",
+        help="check the configuration and every file it names (root, TLS, password), then exit",
+        description="Check what `run` with the same arguments would start with: the keys, and "
+        "that every file named is there and usable (TLS files are loaded as the agent loads them).",
+    )
+    _add_config_args(check)
     return parser
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="agent.toml (flags below override its keys)")
+    p.add_argument("--device-id")
+    p.add_argument("--broker", help="mqtt://[user[:password]@]host[:port] or mqtts://...")
+    p.add_argument("--state-dir")
+    p.add_argument("--trusted-root", help="the repository's root.json this device trusts")
+    p.add_argument("--groups", help="comma-separated group names")
+    p.add_argument("--http", help="host:port of the local REST API ('' disables it)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text: one line per event with key=value (default); json: one JSON object per line "
+        "(under systemd the agent writes journal entries with LITEFLEET_* fields either way)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -48,30 +64,37 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "groups": args.groups,
         "http": args.http,
         "log_level": args.log_level,
+        "log_format": args.log_format,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from agent.service.config import load_config
+    from agent.service.preflight import check_files
 
     try:
-        if args.command == "check-config":
-            cfg = load_config(args.config)
-            sys.stdout.write(f"{args.config}: ok (device {cfg.device_id}, broker {cfg.broker_address})\n")
-            return 0
         if args.config is None and not all((args.device_id, args.broker, args.state_dir, args.trusted_root)):
             raise ConfigError(
                 "give --config agent.toml, or all of --device-id --broker --state-dir --trusted-root"
             )
         cfg = load_config(args.config, _overrides(args))
+        check_files(cfg)  # before anything starts: a missing ca_file is one line, not a traceback
     except ConfigError as exc:
         sys.stderr.write(f"litefleet-agent: error: {exc}\n")
         return 2
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    if args.command == "check-config":
+        sys.stdout.write(
+            f"{args.config or 'flags'}: ok (device {cfg.device_id}, broker {cfg.broker_address})\n"
+        )
+        return 0
+    from agent.logs import configure
+
+    configure(
+        "litefleet-agent",
+        getattr(logging, cfg.log_level.upper()),
+        fmt=cfg.log_format,
+        static={"device_id": cfg.device_id},
     )
     from agent.service.daemon import Agent, install_signal_handlers
     from agent.service.sdnotify import Notifier

@@ -5,8 +5,12 @@ overrides, rejects unknown keys and checks every field and the fields against
 each other; it returns a frozen :class:`AgentConfig` or raises
 :class:`agent.errors.ConfigError` with one clear sentence.
 
-Secrets (the MQTT password, the TLS client key) may be files named relative
-to ``$CREDENTIALS_DIRECTORY``, which systemd's ``LoadCredential=`` sets.
+Relative paths in the file are relative to the file's own folder (a flag's
+relative path to the working directory, as usual in a shell). A relative TLS or
+password file name is first looked up in ``$CREDENTIALS_DIRECTORY``, which
+systemd's ``LoadCredential=`` sets, then in the config file's folder
+(:func:`resolve_credential`; :mod:`agent.service.preflight` checks that each one
+is there before the agent starts).
 """
 
 from __future__ import annotations
@@ -14,17 +18,23 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from agent.errors import ConfigError
+from agent.logs import FORMATS as LOG_FORMATS
 from agent.serving.runtime import RUNTIME_CHOICES
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GROUP_RE = DEVICE_ID_RE
 TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+# keys naming a file the agent reads; relative names are credentials (see resolve_credential)
+CREDENTIAL_KEYS = ("ca_file", "cert_file", "key_file", "password_file")
+# keys holding a path that, given relative in the file, is relative to the file's folder
+PATH_KEYS = ("state_dir", "trusted_root")
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,11 @@ class AgentConfig:
     username: str = ""
     password_file: str = ""
     log_level: str = "info"
+    # "text": one line per event with key=value; "json": one JSON object per line
+    log_format: str = "text"
+    # not a key: the folder of the config file, where relative credential names are
+    # looked up when $CREDENTIALS_DIRECTORY does not have them (None: the working directory)
+    base_dir: Path | None = field(default=None, metadata={"key": False})
 
     @property
     def broker_address(self) -> BrokerAddress:
@@ -117,15 +132,10 @@ class AgentConfig:
         return parse_host_port(self.http) if self.http else None
 
     def credential_path(self, value: str) -> Path | None:
-        """Resolve a secret file name (absolute, or in ``$CREDENTIALS_DIRECTORY``)."""
+        """Resolve a secret file name (see :func:`resolve_credential`); None for ""."""
         if not value:
             return None
-        p = Path(value)
-        if not p.is_absolute():
-            creds = os.environ.get("CREDENTIALS_DIRECTORY")
-            if creds and (Path(creds) / p).exists():
-                return Path(creds) / p
-        return p
+        return resolve_credential(value, os.environ, self.base_dir).path
 
     def password(self) -> str | None:
         addr = self.broker_address
@@ -140,7 +150,37 @@ class AgentConfig:
             raise ConfigError(f"cannot read password_file {path}: {exc.strerror}") from exc
 
 
-_FIELDS = {f.name: f for f in fields(AgentConfig)}
+@dataclass(frozen=True)
+class CredentialLookup:
+    """Where a credential file name led: ``path`` (the first place that has it, else the
+    last place looked) and every folder looked in, in order, for an error message."""
+
+    path: Path
+    looked_in: tuple[str, ...]
+
+
+def resolve_credential(value: str, env: Mapping[str, str], base_dir: Path | None) -> CredentialLookup:
+    """An absolute name is itself. A relative one is looked up in ``$CREDENTIALS_DIRECTORY``
+    (systemd's ``LoadCredential=``) when that is set, then in ``base_dir`` (the config
+    file's folder; the working directory when None). Pure but for ``exists()``."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return CredentialLookup(p, ())
+    places: list[tuple[str, Path]] = []
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        places.append((f"$CREDENTIALS_DIRECTORY ({creds})", Path(creds)))
+    if base_dir is not None:
+        places.append((f"the config file's folder ({base_dir})", base_dir))
+    else:
+        places.append((f"the working directory ({Path.cwd()})", Path.cwd()))
+    for _, folder in places:
+        if (folder / p).exists():
+            return CredentialLookup(folder / p, tuple(label for label, _ in places))
+    return CredentialLookup(places[-1][1] / p, tuple(label for label, _ in places))
+
+
+_FIELDS = {f.name: f for f in fields(AgentConfig) if f.metadata.get("key", True)}
 REQUIRED = ("device_id", "broker", "state_dir", "trusted_root")
 
 
@@ -191,6 +231,8 @@ def _check(cfg: AgentConfig) -> None:
     _check_connection(cfg)
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {cfg.log_level!r}")
+    if cfg.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log_format must be {' or '.join(LOG_FORMATS)}, got {cfg.log_format!r}")
 
 
 def _check_names(cfg: AgentConfig) -> None:
@@ -238,7 +280,9 @@ def _check_connection(cfg: AgentConfig) -> None:
         raise ConfigError("give the password in the broker URL or in password_file, not both")
 
 
-def config_from_mapping(doc: dict[str, Any], *, source: str = "config") -> AgentConfig:
+def config_from_mapping(
+    doc: dict[str, Any], *, source: str = "config", base_dir: Path | None = None
+) -> AgentConfig:
     unknown = sorted(set(doc) - set(_FIELDS))
     if unknown:
         # repr() for a name that would not print as one plain word (an error is one line)
@@ -248,7 +292,7 @@ def config_from_mapping(doc: dict[str, Any], *, source: str = "config") -> Agent
     if missing:
         raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
     values = {k: _coerce(k, v) for k, v in doc.items()}
-    cfg = AgentConfig(**values)
+    cfg = AgentConfig(**values, base_dir=base_dir)
     _check(cfg)
     return cfg
 
@@ -258,6 +302,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     ``overrides`` (flag values; None means "not given")."""
     doc: dict[str, Any] = {}
     source = "command line"
+    base_dir: Path | None = None
     if path is not None:
         source = str(path)
         try:
@@ -271,10 +316,16 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             # tomllib raises UnicodeDecodeError for a file that is not UTF-8 and
             # RecursionError for absurdly nested arrays
             raise ConfigError(f"{path} is not valid TOML: {str(exc)[:200]}") from exc
+        base_dir = Path(path).absolute().parent
+        for key in PATH_KEYS:  # relative to the file, as its credential names are
+            value = doc.get(key)
+            # an absolute value stays itself; "~" is expanded later, by _coerce
+            if isinstance(value, str) and value and not value.startswith("~") and "\0" not in value:
+                doc[key] = str(base_dir / value)
     for key, value in (overrides or {}).items():
         if value is not None:
             doc[key] = value
-    return config_from_mapping(doc, source=source)
+    return config_from_mapping(doc, source=source, base_dir=base_dir)
 
 
 def with_overrides(cfg: AgentConfig, **changes: Any) -> AgentConfig:

@@ -39,6 +39,7 @@ from agent.errors import (
     StorageError,
     TransportError,
 )
+from agent.logs import fields as log_fields
 from agent.mqtt.client import ConnectionSettings, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
@@ -174,8 +175,7 @@ class Agent:
             "boot": self.boot_id,
             **fields,
         }
-        log = logger.warning if kind in ("rejected", "rolled_back") else logger.info
-        log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
+        logger.log(event_level(kind, fields), "%s", kind, extra=log_fields(event=kind, **fields))
         if kind == "downloading":
             self._set_status(DeviceStatus.DOWNLOADING)
         with contextlib.suppress(TransportError):
@@ -248,11 +248,13 @@ class Agent:
         """Load active models, connect, start serving. Returns at once."""
         runtime = resolve_runtime(self.cfg.runtime)
         logger.info(
-            "litefleet-agent %s, device %s, runtime %s %s",
-            __version__,
-            self.cfg.device_id,
-            runtime.name,
-            runtime.version,
+            "starting",
+            extra=log_fields(
+                agent_version=__version__,
+                device_id=self.cfg.device_id,
+                runtime=runtime.name,
+                runtime_version=runtime.version,
+            ),
         )
         self.manager.start()
         self.status = self._serving_status()
@@ -416,7 +418,8 @@ class Agent:
         if self.ready_at is None and self.client.connected and self._first_refresh_done:
             self.ready_at = time.time()
             self._notifier.ready(text)
-            logger.info("ready %.2f s after start", self.ready_at - self.started_at)
+            after_s = self.ready_at - self.started_at
+            logger.info("ready %.2f s after start", after_s, extra=log_fields(event="ready"))
         elif self.ready_at is not None and text != self._notified_status:
             self._notifier.status(text)
         self._notified_status = text
@@ -430,6 +433,16 @@ class Agent:
             self._last_reported = key
             self.event("rejected", reason=reason, message=message, **fields)
         self._set_status(self._serving_status(), f"{reason}: {message}")
+
+
+def event_level(kind: str, fields: dict[str, Any]) -> int:
+    """How loud an event is in the log: refusals, rollbacks and anything carrying a
+    ``warning`` field at warning, download progress at debug, the rest at info."""
+    if kind in ("rejected", "rolled_back") or fields.get("warning"):
+        return logging.WARNING
+    if kind == "downloading":
+        return logging.DEBUG
+    return logging.INFO
 
 
 def release_free_memory() -> None:

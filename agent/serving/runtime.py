@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import RuntimeUnavailableError
+from agent.logs import native_stderr_logged
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +114,12 @@ def load_interpreter(
     else:
         kwargs["model_path"] = str(model)
     try:
-        interpreter = rt.interpreter_class(**kwargs)
-        if allocate:
-            interpreter.allocate_tensors()
+        # LiteRT's C++ side prints an unprefixed "INFO: Created ... XNNPACK delegate" on
+        # stderr here: it goes to the debug log instead of the operator's console
+        with native_stderr_logged(logger):
+            interpreter = rt.interpreter_class(**kwargs)
+            if allocate:
+                interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{rt.name} could not load the model: {exc}") from exc
     return interpreter

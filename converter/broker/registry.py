@@ -306,17 +306,27 @@ class DeviceBundle:
 
 
 def agent_toml_snippet(
-    device_id: str, auth: str, broker_url: str, prefix: str, *, credential_prefix: str = CRED_PREFIX
+    device_id: str,
+    auth: str,
+    broker_url: str,
+    prefix: str,
+    *,
+    credential_prefix: str = CRED_PREFIX,
+    names: Mapping[str, str] | None = None,
 ) -> str:
     """The device's agent.toml lines for the broker. File names are systemd credential
     names (``litefleet_<file>``); ``credential_prefix=DEVICE_CRED_DIR + "/"`` gives
-    absolute paths for an agent run without systemd."""
-    c = credential_prefix
-    lines = [f'device_id = "{device_id}"', f'broker = "{broker_url}"', f'ca_file = "{c}{CRED_CA}"']
+    absolute paths for an agent run without systemd; ``credential_prefix=""`` with
+    ``names`` (name on the device -> file name) names files beside the agent.toml."""
+
+    def f(name: str) -> str:
+        return credential_prefix + (names or {}).get(name, name)
+
+    lines = [f'device_id = "{device_id}"', f'broker = "{broker_url}"', f'ca_file = "{f(CRED_CA)}"']
     if auth == AUTH_CERT:
-        lines += [f'cert_file = "{c}{CRED_CERT}"', f'key_file = "{c}{CRED_KEY}"']
+        lines += [f'cert_file = "{f(CRED_CERT)}"', f'key_file = "{f(CRED_KEY)}"']
     else:
-        lines += [f'username = "{device_id}"', f'password_file = "{c}{CRED_PASSWORD}"']
+        lines += [f'username = "{device_id}"', f'password_file = "{f(CRED_PASSWORD)}"']
     if prefix != DEFAULT_PREFIX:
         lines.append(f'topic_prefix = "{prefix}"')
     return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ keep everything in ``DIR`` (mode 0700):
 * ``devices.acl``, ``devices.passwd``, ``host.acl``, ``host.passwd``: Mosquitto's
   ACL and password files.
 * ``devices/<id>/``: what to copy onto device ``<id>`` (CA, its certificate and
-  key or its password, an ``agent.toml`` snippet).
+  key or its password) and an ``agent.toml`` naming those files beside it, which
+  ``litefleet-agent run --config`` takes as it is (without systemd).
 
 Three TLS listeners, each with its own identities (``per_listener_settings``):
 
@@ -338,7 +339,17 @@ class SecureDir:
                 registry = registry.with_device(record)
                 url = device_broker_url(registry, auth)
                 toml = agent_toml_snippet(device_id, auth, url, registry.prefix)
-                atomic_write(tmp / "agent.toml", toml.encode(), 0o644)
+                # the folder's own agent.toml names the files beside it: an agent runs from
+                # it as it is, without systemd (relative names resolve against its folder)
+                local = agent_toml_snippet(
+                    device_id,
+                    auth,
+                    url,
+                    registry.prefix,
+                    credential_prefix="",
+                    names={device: mine for mine, device in names},
+                )
+                atomic_write(tmp / "agent.toml", local.encode(), 0o644)
                 self._save(registry, ca_key, ca, now)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

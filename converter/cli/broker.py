@@ -47,6 +47,26 @@ from converter.errors import BadInputError
 if TYPE_CHECKING:
     from converter.site.supervisor import SiteSettings, SiteSupervisor
 
+DESCRIPTION = """\
+Runs Mosquitto in the foreground until Ctrl-C or SIGTERM: give it its own terminal,
+or run it as a service.
+
+Plain (default): one anonymous MQTT listener on loopback (port 1883), data in
+./.litefleet-broker (--data). It only ever listens on loopback: an anonymous broker
+must not be reachable from the network.
+
+--secure DIR: three TLS listeners (devices with client certificates on --port,
+devices with passwords on --port + 1, the host on --port + 2; default 8883),
+anonymous clients refused, per-device ACLs. The CA, keys and credentials live in
+DIR (created on first use), the broker's data in DIR/broker. With --bind 0.0.0.0
+and --san NAME, devices on the network can reach it as NAME.
+
+--upstream mqtts://central:PORT (with --secure SITE_DIR): a site broker bridged
+to a central one through a local TLS relay, pruned after each reconnect and
+watched by a supervisor (docs/sites.md).
+
+Retained messages persist across restarts. SIGHUP is passed on to Mosquitto (it
+rereads the ACL, password and CRL files)."""
 DEFAULT_PLAIN_PORT = 1883
 DEFAULT_DATA_DIR = Path(".litefleet-broker")
 
@@ -54,8 +74,8 @@ DEFAULT_DATA_DIR = Path(".litefleet-broker")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "broker",
-        help="run a private Mosquitto (TLS and per-device ACLs with --secure)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        help="run a private Mosquitto in the foreground (TLS and per-device ACLs with --secure)",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

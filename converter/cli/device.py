@@ -3,7 +3,9 @@
 ``add ID`` creates a client certificate (CN = ID) or, with ``--password``, a
 random password, updates the broker's ACL and password files, reloads a
 running broker (SIGHUP) and prints exactly what to copy onto the device.
-``remove ID`` revokes it. See :mod:`converter.broker.secure` and docs/security.md.
+``remove ID`` revokes it and, with the broker running, deletes its retained state
+(:func:`converter.fleet.view.clear_state`). See :mod:`converter.broker.secure`
+and docs/security.md.
 
 ``add ID --site NAME`` at central makes no credentials: it lets site NAME's
 bridge carry device ID's topics (docs/sites.md); the device's identity is made
@@ -31,19 +33,31 @@ from converter.broker.sites import CentralDir
 from converter.cli.table import format_table
 from converter.errors import BadInputError
 
+DESCRIPTION = (
+    "add ID creates a client certificate (CN = ID) or, with --password, a random password, "
+    "updates the broker's ACL and password files, reloads a running broker (SIGHUP) and prints "
+    "exactly what to copy onto the device. remove ID revokes it and clears its retained state "
+    "from a running broker, so status no longer lists it. add ID --site NAME (at central) lets "
+    "site NAME's bridge carry the device's topics instead (docs/sites.md). See docs/security.md."
+)
+
+
+def _secure_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--secure", metavar="DIR", type=Path, required=True, help="the secure broker's folder")
+    # the spelling push, status and monitor used to have: accepted here too
+    p.add_argument("--secure-dir", dest="secure", type=Path, help=argparse.SUPPRESS)
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "device",
-        help="add, list or remove device identities (--secure broker)",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        "device", help="add, list or remove device identities (--secure broker)", description=DESCRIPTION
     )
     dsub = p.add_subparsers(dest="device_command", metavar="ACTION", parser_class=type(p))
     dsub.required = True
 
     add = dsub.add_parser("add", help="create a device's credentials and print what to copy")
     add.add_argument("device_id", metavar="ID")
-    add.add_argument("--secure", metavar="DIR", type=Path, required=True)
+    _secure_arg(add)
     add.add_argument(
         "--password", action="store_true", help="username/password instead of a client certificate"
     )
@@ -61,13 +75,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add.set_defaults(func=run_add)
 
     lst = dsub.add_parser("list", help="list device identities")
-    lst.add_argument("--secure", metavar="DIR", type=Path, required=True)
+    _secure_arg(lst)
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=run_list)
 
     rm = dsub.add_parser("remove", help="revoke a device's credentials")
     rm.add_argument("device_id", metavar="ID")
-    rm.add_argument("--secure", metavar="DIR", type=Path, required=True)
+    _secure_arg(rm)
     rm.set_defaults(func=run_remove)
 
 
@@ -120,7 +134,9 @@ def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None, pr
         "   Without systemd, use the files' paths instead:",
         *(f"   {line}" for line in plain.splitlines() if "_file" in line),
         "",
-        f"The same files and agent.toml are in {folder}/.",
+        f"The same files are in {folder}/, with an agent.toml that names them beside it: without",
+        f"systemd, `litefleet-agent run --config {folder}/agent.toml --trusted-root ROOT --state-dir DIR`",
+        "runs the agent from that folder (or a copy of it) as it is.",
         f"The agent connects with client id = {bundle.device_id} (the broker enforces it): "
         "run one agent per identity.",
         f"Running broker reloaded (mosquitto pid {broker_pid})."
@@ -156,19 +172,53 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_remove(args: argparse.Namespace) -> int:
     secure = SecureDir(args.secure)
-    record = secure.remove_device(args.device_id)
+    try:
+        record = secure.remove_device(args.device_id)
+    except BadInputError:
+        # removed before while no broker ran: its retained state may still be there to clear
+        if secure.running_broker_pid() is None or not _clear_state(args):
+            raise
+        sys.stdout.write(f"device {args.device_id} had no identity left; its retained state is cleared.\n")
+        return 0
     pid = secure.reload_broker()
     what = {
         AUTH_CERT: "its certificate is revoked (CRL)",
         AUTH_SITE: f"site {record.site}'s bridge no longer carries its topics",
     }.get(record.auth, "its password is deleted")
-    sys.stdout.write(
-        f"device {record.device_id} removed: ACL entries gone, {what}.\n"
-        + (
+    lines = [f"device {record.device_id} removed: ACL entries gone, {what}."]
+    if pid:
+        lines.append(
             f"Running broker reloaded (mosquitto pid {pid}): new connections with the old "
-            "credentials are refused; a session still open has no rights left.\n"
-            if pid
-            else "No broker is running; it picks this up when it starts.\n"
+            "credentials are refused; a session still open has no rights left."
         )
-    )
+        cleared = _clear_state(args)
+        lines.append(
+            "Its retained state is cleared: status and the monitor no longer list it."
+            if cleared
+            else "It had no retained state on the broker."
+        )
+    else:
+        lines.append(
+            "No broker is running; it picks this up when it starts. The device's last retained "
+            "state stays with the broker's data, so status lists it (offline) until you run "
+            f"`litefleet device remove {record.device_id} --secure {args.secure}` again with the "
+            "broker running."
+        )
+    sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _clear_state(args: argparse.Namespace) -> bool:
+    """Delete the device's retained state through the host identity; True if there was one."""
+    from converter.cli.host_mqtt import connect
+    from converter.fleet.view import clear_state
+
+    conn = argparse.Namespace(
+        broker=None, prefix=None, ca_file=None, cert_file=None, key_file=None, password_file=None
+    )
+    conn.secure_dir = args.secure
+    client, topics = connect(conn, "device")
+    try:
+        return clear_state(client, topics, args.device_id)
+    finally:
+        client.stop()

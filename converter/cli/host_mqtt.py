@@ -20,19 +20,29 @@ from converter.errors import BadInputError
 
 
 def add_broker_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    # required in effect: settings_from_args insists on --broker or --secure-dir
+    # required in effect: settings_from_args insists on --broker or --secure
     parser.add_argument(
         "--broker",
         help="mqtt://[user[:password]@]host[:port] or mqtts://..." + ("" if required else " (optional)"),
     )
-    parser.add_argument("--prefix", help=f"topic prefix (default: the --secure-dir's, else {DEFAULT_PREFIX})")
+    parser.add_argument(
+        "--prefix", help=f"topic prefix (default: the --secure folder's, else {DEFAULT_PREFIX})"
+    )
     parser.add_argument("--ca-file", help="CA certificate for mqtts:// (PEM)")
     parser.add_argument("--cert-file", help="client certificate (PEM)")
     parser.add_argument("--key-file", help="client private key (PEM)")
     parser.add_argument("--password-file", help="file holding the MQTT password")
+    # one spelling everywhere: --secure DIR, as `litefleet broker --secure DIR` and `device add
+    # --secure DIR` name the same folder; --secure-dir (the older spelling) stays as an alias
     parser.add_argument(
-        "--secure-dir", type=Path, help="a `litefleet broker --secure` folder: use its host identity"
+        "--secure",
+        dest="secure_dir",
+        type=Path,
+        metavar="DIR",
+        help="the folder of a 'litefleet broker --secure DIR': connect with its host identity over TLS "
+        "(also $LITEFLEET_SECURE_DIR)",
     )
+    parser.add_argument("--secure-dir", dest="secure_dir", type=Path, help=argparse.SUPPRESS)
 
 
 def _secure_dir(args: argparse.Namespace) -> Path | None:
@@ -42,7 +52,7 @@ def _secure_dir(args: argparse.Namespace) -> Path | None:
 
 
 def topic_prefix(args: argparse.Namespace) -> str:
-    """``--prefix``, else the prefix the ``--secure-dir`` broker was made with (its ACLs
+    """``--prefix``, else the prefix the ``--secure`` broker was made with (its ACLs
     grant nothing under another one), else the default."""
     if getattr(args, "prefix", None):
         return str(args.prefix)
@@ -68,7 +78,7 @@ def settings_from_args(
         host = host_client_settings(secure_dir)
     url = args.broker or host.get("url")
     if not url:
-        raise BadInputError("give --broker URL (or --secure-dir DIR of a secure broker)")
+        raise BadInputError("give --broker URL (or --secure DIR of a secure broker)")
     try:
         addr = parse_broker_url(str(url))
     except ConfigError as exc:

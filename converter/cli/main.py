@@ -16,6 +16,9 @@ import sys
 from collections.abc import Sequence
 
 from agent.errors import BadRequestError, ConfigError, LitefleetError
+from agent.logs import FORMATS as LOG_FORMATS
+from agent.logs import configure
+from converter import __version__
 from converter.errors import BadInputError
 
 # modules that define commands, in the order `--help` lists them
@@ -45,7 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="litefleet",
         description="Convert, sign and publish TF Lite models to a fleet of devices over MQTT.",
     )
+    parser.add_argument("--version", action="version", version=f"litefleet {__version__}")
     parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log lines as text with key=value (default) or as JSON objects; under systemd "
+        "they are journal entries with LITEFLEET_* fields",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMAND_MODULES:
@@ -62,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+    configure(
+        "litefleet",
+        logging.DEBUG if args.debug else logging.WARNING,
+        fmt=args.log_format,
+        text_format="%(levelname)s %(name)s: %(message)s",
     )
     if not args.debug:
         # TensorFlow's C++ and Python chatter is not for the user's console

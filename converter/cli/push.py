@@ -37,8 +37,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PCT",
         help="only this percentage of the targeted devices, chosen by a stable hash (default 100)",
     )
+    p.add_argument(
+        "--no-check-data",
+        action="store_true",
+        help="push a model without its card or golden vectors (devices then only check that it "
+        "loads and runs once on zeros, not that its inputs, outputs and results are right)",
+    )
     add_broker_args(p)
     p.set_defaults(func=run)
+
+
+# what a device cannot check without each sidecar (docs/protocol.md 7.2)
+LOST_WITHOUT = {
+    "card": "its inputs and outputs against the model card",
+    "golden vectors": "its outputs against the golden vectors (only that it runs once on zeros)",
+}
+
+
+def missing_check_data(model: Path, card: bytes | None, golden: bytes | None) -> str | None:
+    """What the pre-activation check would lose, in words, or None when nothing is missing."""
+    card_path, golden_path = sidecars(model)
+    missing = [
+        (n, p)
+        for n, p, d in (("card", card_path, card), ("golden vectors", golden_path, golden))
+        if d is None
+    ]
+    if not missing:
+        return None
+    names = " and ".join(f"no {n} ({p.name})" for n, p in missing)
+    lost = "; ".join(LOST_WITHOUT[n] for n, _ in missing)
+    return f"{model} has {names} beside it: devices could not check {lost}"
 
 
 def sidecars(model: Path) -> tuple[Path, Path]:
@@ -76,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
     except ProtocolError as exc:
         raise BadInputError(str(exc)) from exc
     model, card, golden = read_model_files(args.model)
+    lost = missing_check_data(args.model, card, golden)
+    if lost and not args.no_check_data:
+        raise BadInputError(
+            f"{lost}. `litefleet convert` writes both; --no-check-data pushes it without them"
+        )
+    if lost:
+        sys.stderr.write(f"litefleet: warning: {lost}\n")
     repo = Repository.open(args.repo)
     client, topics = connect(args, "push")
     started = time.monotonic()

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -19,11 +20,13 @@ from converter.cli.host_mqtt import add_broker_args, connect, finite_float
 from converter.cli.table import format_table
 from converter.fleet.view import (
     METRICS_COLUMNS,
-    STATUS_FIELDS,
+    TABLE_COLUMNS,
+    collect_expiry,
     collect_metrics,
     collect_states,
     merge_metrics,
 )
+from converter.repo.expiry import expiry_warnings
 
 # a cell longer than this (an error message) is cut
 MAX_CELL_CHARS = 48
@@ -50,17 +53,49 @@ def run(args: argparse.Namespace) -> int:
     client, topics = connect(args, "status", timeout_s=args.timeout)
     try:
         rows = collect_states(client, topics, timeout_s=args.timeout)
+        for line in expiry_lines(collect_expiry(client, topics, timeout_s=args.timeout)):
+            say(f"litefleet: warning: {line}")
         if args.metrics > 0:
             online = [r["device_id"] for r in rows if r.get("online")]
+            say(waiting_line(online, args.metrics))
             samples = collect_metrics(client, topics, online, args.metrics)
+            if online and set(online) - set(samples):
+                missing = ", ".join(sorted(set(online) - set(samples)))
+                say(f"no metrics within {args.metrics:g} s from {missing}: their rows show the state only")
             rows = [merge_metrics(r, samples.get(r["device_id"])) for r in rows]
     finally:
         client.stop()
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     else:
-        sys.stdout.write(status_table(rows, METRICS_COLUMNS if args.metrics > 0 else STATUS_FIELDS))
+        sys.stdout.write(status_table(rows, METRICS_COLUMNS if args.metrics > 0 else TABLE_COLUMNS))
     return 0
+
+
+def expiry_lines(expires: dict[str, datetime], now: datetime | None = None) -> list[str]:
+    """Warnings for the repository's expiry dates as the broker holds them. The broker does
+    not say how long each role is valid for: the windows are those of the default periods."""
+    lines = []
+    for w in expiry_warnings(expires, now or datetime.now(UTC)):
+        extra = " (with --root-keys DIR if its root keys are offline)" if w.role == "root" else ""
+        lines.append(f"{w.describe()}: run `litefleet repo resign DIR --broker ...`{extra} on the host")
+    return lines
+
+
+def say(line: str) -> None:
+    """A progress line on stderr (stdout stays the table or the JSON)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def waiting_line(online: Sequence[str], seconds: float) -> str:
+    if not online:
+        return "no device is online: no metrics to wait for"
+    shown = ", ".join(online[:5]) + (f" and {len(online) - 5} more" if len(online) > 5 else "")
+    return (
+        f"waiting up to {seconds:g} s for the next metrics message of {len(online)} online "
+        f"device(s) ({shown}); devices send one every metrics_interval_s (10 s by default)"
+    )
 
 
 def _cell(value: Any) -> str:
@@ -68,12 +103,14 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "-"
     if isinstance(value, float):
         return f"{value:.2f}"
     return str(value)
 
 
-def status_table(rows: list[dict[str, Any]], columns: Sequence[str] = STATUS_FIELDS) -> str:
+def status_table(rows: list[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
     """The rows as a table with the given columns (field names, upper case as titles)."""
     if not rows:
         return "no devices have reported yet\n"

@@ -172,7 +172,7 @@ def table_notes(result: ConversionResult) -> list[str]:
             out.append(f"  {_LABELS.get(v.mode, v.mode)} failed: {v.error}")
     out.extend(f"note: {n}" for n in result.notes)
     out.append(
-        f"wrote {result.paths.tflite}, {result.paths.card.name}, {result.paths.golden.name}"
+        f"wrote {result.paths.tflite}, {result.paths.card}, {result.paths.golden}"
         + (f" and {result.report_path}" if result.report_path else "")
     )
     return out

@@ -13,14 +13,19 @@ Guarantees:
   accept, refuse and clip the same messages; a malformed one leaves the device's
   previous row (or none), an empty one (a removed device) removes it;
 * rows are plain JSON values; ``litefleet status`` (:mod:`converter.cli.status`)
-  prints them as a table or as JSON.
+  prints them as a table or as JSON;
+* :func:`collect_expiry` reads the signed expiry of the newest retained metadata of
+  each role (for ``status``'s warning; nothing is trusted from it), and
+  :func:`clear_state` deletes a removed device's retained state.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.errors import TransportError
@@ -41,10 +46,13 @@ from converter.monitor.payloads import (
 logger = logging.getLogger(__name__)
 
 STATUS_FIELDS = ("device_id", "online", "model", "version", "status", "error", "latency_ms_p50", "inferences")
+# the table of `litefleet status`: the contract's fields plus the groups (push targets them)
+TABLE_COLUMNS = (*STATUS_FIELDS[:2], "groups", *STATUS_FIELDS[2:])
 # the table with --metrics: the same rows plus what the newest metrics message says
 METRICS_COLUMNS = (
     "device_id",
     "online",
+    "groups",
     "model",
     "version",
     "status",
@@ -172,3 +180,82 @@ def merge_metrics(row: dict[str, Any], sample: MetricsSample | None) -> dict[str
     out["rss_mb"] = round(sample.rss_bytes / 2**20, 1) if sample.rss_bytes is not None else None
     out["metrics_ts"] = sample.ts
     return out
+
+
+def clear_state(client: MqttClient, topics: Topics, device_id: str, timeout_s: float = 5.0) -> bool:
+    """Delete ``device_id``'s retained state (an empty retained message, the MQTT rule), so
+    ``status`` and the monitor stop listing it. False when the broker held none."""
+    topic = topics.state(device_id)
+    held = threading.Event()
+
+    def handle(msg: Message) -> None:  # paho thread
+        if msg.topic == topic and msg.payload:
+            held.set()
+
+    client.subscribe(topic, handle, qos=1)
+    client.sync()
+    if not client.wait_synced(timeout_s):
+        raise TransportError("the broker did not answer the state subscription")
+    client.unsubscribe(topic)
+    if not held.is_set():
+        return False
+    if not client.publish(topic, b"", qos=1, retain=True).wait(timeout_s):
+        raise TransportError(f"the broker did not acknowledge clearing {topic}")
+    return True
+
+
+def collect_expiry(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -> dict[str, datetime]:
+    """role -> the signed expiry of the newest metadata of that role the broker holds
+    (read, not verified: it only decides whether ``status`` warns)."""
+    newest: dict[str, tuple[int, bytes]] = {}
+    lock = threading.Lock()
+
+    def handle(msg: Message) -> None:  # paho thread
+        name = topics.metadata_filename(msg.topic)
+        if name is None or not msg.payload:
+            return
+        role, number = metadata_role(name)
+        if role is None:
+            return
+        with lock:
+            if number >= newest.get(role, (-1, b""))[0]:
+                newest[role] = (number, msg.payload)
+
+    client.subscribe(topics.metadata_filter, handle, qos=1)
+    client.sync()
+    if not client.wait_synced(timeout_s):
+        raise TransportError("the broker did not answer the metadata subscription")
+    client.unsubscribe(topics.metadata_filter)
+    out: dict[str, datetime] = {}
+    with lock:
+        for role, (_, payload) in newest.items():
+            expires = signed_expiry(payload)
+            if expires is not None:
+                out[role] = expires
+    return out
+
+
+def metadata_role(name: str) -> tuple[str | None, int]:
+    """``("snapshot", 7)`` for ``7.snapshot.json``, ``("timestamp", 0)`` for ``timestamp.json``."""
+    parts = name.split(".")
+    if parts == ["timestamp", "json"]:
+        return "timestamp", 0
+    if (
+        len(parts) == 3
+        and parts[0].isdigit()
+        and parts[1] in ("root", "targets", "snapshot")
+        and parts[2] == "json"
+    ):
+        return parts[1], int(parts[0])
+    return None, 0
+
+
+def signed_expiry(payload: bytes) -> datetime | None:
+    """``signed.expires`` of TUF metadata, or None for anything else."""
+    try:
+        doc = json.loads(payload)
+        text = doc["signed"]["expires"]
+        when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)

@@ -4,7 +4,10 @@ Layout of a repository folder ``DIR``::
 
     DIR/root.json              the root a device is given as ``trusted_root``
     DIR/repo.json              repository state: current versions, settings, pending publishes
-    DIR/keys/<role>/<keyid>.pem  private keys (owner-only; DIR/keys is 0700)
+    DIR/keys/<role>/<keyid>.pem  private keys (owner-only; DIR/keys is 0700); with
+                               ``repo init --root-keys ROOTDIR`` the root keys are in
+                               ROOTDIR/root/ instead (removable media), asked for only
+                               when root is signed (:meth:`Repository.use_root_keys`)
     DIR/metadata/              signed metadata as devices fetch it:
                                N.root.json, N.targets.json, N.snapshot.json, timestamp.json
     DIR/targets/<sha256>       content-addressed copies of the target files
@@ -52,10 +55,13 @@ from agent.files import atomic_write, fsync_dir
 from agent.protocol import DEFAULT_CHUNK_SIZE, Rollout
 from converter.errors import BadInputError, RepositoryError
 from converter.repo.signing import (
+    RootKeysNeededError,
+    check_root_keys_target,
     copy_metadata,
     load_signers,
     new_signer,
     now_utc,
+    private_temp,
     sign_chain,
     sign_root,
 )
@@ -101,6 +107,8 @@ class Repository:
         self.targets_dir = root_dir / "targets"
         self.keys_dir = root_dir / "keys"
         self._signers: dict[str, list[Signer]] = {}
+        # where the root keys are when they are kept offline (repo init --root-keys)
+        self.root_keys_dir: Path | None = None
         self.root: Metadata[Root] = self._load_md("root", state.versions.root)
         self.targets: Metadata[Targets] = self._load_md("targets", state.versions.targets)
         self.snapshot: Metadata[Snapshot] = self._load_md("snapshot", state.versions.snapshot)
@@ -117,11 +125,14 @@ class Repository:
         threshold: int = 1,
         expiry_days: dict[str, int] | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        root_keys: Path | None = None,
     ) -> Repository:
         """Create keys and version 1 of every role in an empty or new folder.
 
-        Everything is made in a temporary folder beside ``root_dir`` and renamed
-        into place at the end: a failure leaves nothing behind."""
+        ``root_keys``: write the root keys into that folder (``root_keys/root/``), not
+        beside the online keys. Everything is made in temporary folders beside
+        ``root_dir`` (and ``root_keys``) and renamed into place at the end: a failure
+        leaves nothing behind."""
         if not 1 <= threshold <= keys <= 16:
             raise BadInputError("need 1 <= --threshold <= --keys <= 16")
         try:
@@ -132,27 +143,52 @@ class Repository:
             raise BadInputError(f"{root_dir} exists and is not a folder; choose another path")
         if root_dir.exists() and any(root_dir.iterdir()):
             raise BadInputError(f"{root_dir} exists and is not empty; refusing to overwrite a repository")
+        if root_keys is not None:
+            check_root_keys_target(root_dir, root_keys)
         try:
             root_dir.parent.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix=f".{root_dir.name}.", dir=root_dir.parent))
+            keys_work = private_temp(root_keys) if root_keys is not None else None
         except OSError as exc:
-            raise BadInputError(f"cannot create {root_dir}: {exc.strerror}") from exc
+            raise BadInputError(f"cannot create {root_dir} or {root_keys}: {exc.strerror}") from exc
+        placed: list[Path] = []
         try:
-            cls._init_into(work, keys=keys, threshold=threshold, expiry=expiry, chunk_size=chunk_size)
-            if root_dir.exists():
-                root_dir.rmdir()  # empty, checked above
-            os.rename(work, root_dir)
+            cls._init_into(
+                work,
+                keys=keys,
+                threshold=threshold,
+                expiry=expiry,
+                chunk_size=chunk_size,
+                root_keys=keys_work,
+            )
+            # the root keys first: a repository whose root keys are lost is lost
+            for tmp, final in ((keys_work, root_keys), (work, root_dir)):
+                if tmp is None or final is None:
+                    continue
+                if final.exists():
+                    final.rmdir()  # empty, checked above
+                os.rename(tmp, final)
+                placed.append(final)
+                fsync_dir(final.parent)  # the rename itself survives a power cut
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            for folder in (work, keys_work, *placed):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
             raise
-        fsync_dir(root_dir.parent)  # the rename itself survives a power cut
         return cls.open(root_dir)
 
     @classmethod
     def _init_into(
-        cls, root_dir: Path, *, keys: int, threshold: int, expiry: ExpiryDays, chunk_size: int
+        cls,
+        root_dir: Path,
+        *,
+        keys: int,
+        threshold: int,
+        expiry: ExpiryDays,
+        chunk_size: int,
+        root_keys: Path | None,
     ) -> None:
-        # root_dir comes from mkdtemp: empty and owner-only (0700) already
+        # root_dir (and root_keys) come from mkdtemp: empty and owner-only (0700) already
         for sub in ("metadata", "targets", "keys"):
             (root_dir / sub).mkdir(mode=0o700)
         now = now_utc()
@@ -163,14 +199,13 @@ class Repository:
         root = Root(expires=until("root"), consistent_snapshot=True)
         signers: dict[str, list[Signer]] = {}
         for role in TOP_LEVEL_ROLE_NAMES:
-            (root_dir / "keys" / role).mkdir(mode=0o700)
+            folder = (root_keys if role == "root" and root_keys is not None else root_dir / "keys") / role
+            folder.mkdir(mode=0o700)
             signers[role] = []
             for _ in range(keys):
                 signer = new_signer()
                 root.add_key(signer.public_key, role)
-                atomic_write(
-                    root_dir / "keys" / role / f"{signer.public_key.keyid}.pem", signer.private_bytes
-                )
+                atomic_write(folder / f"{signer.public_key.keyid}.pem", signer.private_bytes)
                 signers[role].append(signer)
             root.roles[role].threshold = threshold
         files = [
@@ -185,7 +220,12 @@ class Repository:
         for name, data in files:
             atomic_write(root_dir / "metadata" / name, data, 0o644)
         atomic_write(root_dir / "root.json", files[0][1], 0o644)
-        state = RepoState(expiry, chunk_size, pending_metadata=tuple(name for name, _ in files))
+        state = RepoState(
+            expiry,
+            chunk_size,
+            pending_metadata=tuple(name for name, _ in files),
+            root_keys_offline=root_keys is not None,
+        )
         atomic_write(root_dir / STATE_FILE, _state_bytes(state))
 
     @classmethod
@@ -213,10 +253,28 @@ class Repository:
         except (OSError, ValueError) as exc:
             raise RepositoryError(f"cannot read {self.md_dir / name}: {exc}") from exc
 
+    def use_root_keys(self, folder: Path | None) -> None:
+        """Where the root keys are for this session (the offline folder; None: keys/root)."""
+        self.root_keys_dir = folder
+        self._signers.pop("root", None)
+
+    def _role_keys_dir(self, role: str) -> Path:
+        if role != "root":
+            return self.keys_dir
+        if self.root_keys_dir is not None:
+            return self.root_keys_dir
+        if self.state.root_keys_offline:
+            raise RootKeysNeededError(
+                f"the root keys of {self.dir} are kept offline (repo init --root-keys): "
+                "give --root-keys DIR, the folder that holds them"
+            )
+        return self.keys_dir
+
     def signers(self, role: str) -> list[Signer]:
-        """The private keys of ``role`` found in ``keys/<role>/`` that root lists."""
+        """The private keys of ``role`` found in ``keys/<role>/`` (root: in the root keys'
+        folder) that root lists."""
         if role not in self._signers:
-            self._signers[role] = load_signers(self.root.signed, self.keys_dir, role)
+            self._signers[role] = load_signers(self.root.signed, self._role_keys_dir(role), role)
         return self._signers[role]
 
     def _write_state(self, state: RepoState) -> None:
@@ -335,21 +393,35 @@ class Repository:
         root.signed.version += 1
         root.signed.expires = now_utc() + timedelta(days=self.state.expiry_days.root)
         new_signers: list[Signer] = list(new_keys) if role == "root" else []
-        name, data = sign_root(root, old_root_signers + new_signers)
+        keys_dir = self._role_keys_dir(role)
+        (keys_dir / role).mkdir(mode=0o700, parents=True, exist_ok=True)
         for key in new_keys:
-            atomic_write(self.keys_dir / role / f"{key.public_key.keyid}.pem", key.private_bytes)
+            atomic_write(keys_dir / role / f"{key.public_key.keyid}.pem", key.private_bytes)
+        self._publish_root(root, old_root_signers + new_signers)
+        self._signers.pop(role, None)
+        retired = keys_dir / "retired"
+        retired.mkdir(mode=0o700, exist_ok=True)
+        for keyid in old_ids:
+            old = keys_dir / role / f"{keyid}.pem"
+            if old.exists():
+                os.replace(old, retired / f"{role}-{keyid}.pem")
+        return self.resign()
+
+    def _publish_root(self, root: Metadata[Root], signers: list[Signer]) -> None:
+        """Sign root version N+1 and make it current (metadata, root.json, repo.json)."""
+        name, data = sign_root(root, signers)
         atomic_write(self.md_dir / name, data, 0o644)
         atomic_write(self.dir / "root.json", data, 0o644)
         self._write_state(self.state.with_root(root.signed.version, [name]))
         self.root = root
-        self._signers.pop(role, None)
-        retired = self.keys_dir / "retired"
-        retired.mkdir(mode=0o700, exist_ok=True)
-        for keyid in old_ids:
-            old = self.keys_dir / role / f"{keyid}.pem"
-            if old.exists():
-                os.replace(old, retired / f"{role}-{keyid}.pem")
-        return self.resign()
+
+    def resign_root(self) -> None:
+        """Root version N+1 with the same keys and a fresh expiry (needs the root keys);
+        devices take it by walking the root chain."""
+        root: Metadata[Root] = copy_metadata(self.root)
+        root.signed.version += 1
+        root.signed.expires = now_utc() + timedelta(days=self.state.expiry_days.root)
+        self._publish_root(root, self.signers("root"))
 
     def resign(self) -> PublishPlan:
         """New targets, snapshot and timestamp versions with fresh expiry dates."""

@@ -7,7 +7,10 @@ Guarantees:
   with every given key, so a role is never published with a stale signature;
 * :func:`load_signers` returns only keys that root lists for the role and
   raises :class:`~converter.errors.RepositoryError` when fewer than the role's
-  threshold are on disk: the tool never signs below threshold.
+  threshold are on disk: the tool never signs below threshold;
+* offline root keys (``repo init --root-keys``) go in a folder of their own, never
+  inside the repository; when root must be signed without them,
+  :class:`RootKeysNeededError` says which flag gives them.
 
 The tuf and securesystemslib classes come from their documented public modules
 (``tuf.api.metadata``, ``securesystemslib.signer``); pyproject.toml tells mypy that
@@ -16,6 +19,7 @@ those modules re-export them.
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from converter.errors import RepositoryError
+from converter.errors import BadInputError, RepositoryError
 
 SERIALIZER = JSONSerializer(compact=True)
 
@@ -87,3 +91,26 @@ def sign_chain(
         (f"{snapshot.signed.version}.snapshot.json", s_bytes),
         ("timestamp.json", _sign(timestamp, signers["timestamp"])),
     ]
+
+
+class RootKeysNeededError(BadInputError):
+    """Root must be signed and its keys are offline: the operator gives their folder."""
+
+
+def check_root_keys_target(root_dir: Path, root_keys: Path) -> None:
+    """``repo init --root-keys``: an empty or new folder, neither inside the repository nor
+    around it."""
+    if root_keys.exists() and (not root_keys.is_dir() or any(root_keys.iterdir())):
+        raise BadInputError(f"--root-keys {root_keys} exists and is not an empty folder")
+    inside = root_keys.resolve().is_relative_to(root_dir.resolve())
+    if inside or root_dir.resolve().is_relative_to(root_keys.resolve()):
+        raise BadInputError(
+            f"--root-keys {root_keys} must be a folder of its own (removable media), "
+            f"not inside or around the repository {root_dir}"
+        )
+
+
+def private_temp(final: Path) -> Path:
+    """An owner-only temporary folder beside ``final``, to be renamed into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

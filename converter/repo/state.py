@@ -14,7 +14,10 @@ The file (format 1)::
      "versions": {"root": 1, "targets": 2, "snapshot": 2},
      "models": {"digits": {"latest": 3}},
      "pending_uploads": ["models/digits/3/model.tflite"],
-     "pending_metadata": ["2.targets.json", "2.snapshot.json", "timestamp.json"]}
+     "pending_metadata": ["2.targets.json", "2.snapshot.json", "timestamp.json"],
+     "root_keys": "offline"}
+
+``root_keys`` is there only for a repository made with ``repo init --root-keys``.
 
 Guarantees:
 
@@ -87,6 +90,8 @@ class RepoState:
     # target paths and metadata file names not yet known to be on the broker
     pending_uploads: tuple[str, ...] = ()
     pending_metadata: tuple[str, ...] = ()
+    # the root keys live in a folder of their own (removable media), not in keys/root
+    root_keys_offline: bool = False
 
     def latest_version(self, name: str) -> int:
         """The newest version of ``name`` ever published, 0 for none."""
@@ -133,6 +138,8 @@ class RepoState:
             "models": {name: {"latest": v} for name, v in sorted(self.latest.items())},
             "pending_uploads": list(self.pending_uploads),
             "pending_metadata": list(self.pending_metadata),
+            # written only when set: a repository made without it reads as before
+            **({"root_keys": "offline"} if self.root_keys_offline else {}),
         }
 
 
@@ -181,4 +188,11 @@ def parse_state(doc: Any) -> RepoState:
         latest=latest,
         pending_uploads=_names(doc.get("pending_uploads", []), "pending_uploads"),
         pending_metadata=_names(doc.get("pending_metadata", []), "pending_metadata"),
+        root_keys_offline=_root_keys(doc.get("root_keys", "online")),
     )
+
+
+def _root_keys(value: Any) -> bool:
+    if value not in ("online", "offline"):
+        raise ValueError(f"root_keys must be online or offline, not {value!r}")
+    return bool(value == "offline")

@@ -252,7 +252,7 @@ def test_model_larger_than_allowed(broker, tmp_path: Path, digits_int8) -> None:
         watch.wait_active(DEV, "digits", 1, timeout_s=60)
         big = tmp_path / "big.tflite"
         big.write_bytes(Path(digits_int8.tflite).read_bytes() + b"\0" * 300_000)
-        f.push(big)
+        f.push(big, "--no-check-data")
         f.expect_refused("too_large")
         # refused for good: the state file remembers it
         assert f.agent.state_file()["models"]["digits"]["rejected"][-1]["reason"] == "too_large"
@@ -293,7 +293,7 @@ def test_model_that_never_returns_is_killed_and_refused(fleet: Fleet) -> None:
     bad = fleet.tmp / "hang" / "hang.tflite"
     bad.parent.mkdir()
     _never_returning_model(bad)
-    fleet.push(bad)
+    fleet.push(bad, "--no-check-data")
     ev = fleet.expect_refused("crashed", timeout_s=60)
     assert "SIGXCPU" in ev["message"]
 
@@ -304,7 +304,7 @@ def test_a_model_that_fails_at_load(fleet: Fleet) -> None:
     data = bytearray(Path(fleet.v1.tflite).read_bytes())  # type: ignore[attr-defined]
     data[8:] = bytes(len(data) - 8)  # keep the TFL3 identifier, zero the rest
     bad.write_bytes(bytes(data))
-    fleet.push(bad)
+    fleet.push(bad, "--no-check-data")
     fleet.expect_refused("load")
 
 
@@ -368,7 +368,7 @@ def test_disk_filling_during_download(broker, tmp_path: Path, digits_int8) -> No
         watch.wait_active(DEV, "digits", 1, timeout_s=60)
         big = tmp_path / "big.tflite"
         big.write_bytes(Path(digits_int8.tflite).read_bytes() + bytes(5_000_000))
-        f.push(big)
+        f.push(big, "--no-check-data")
         f.expect_refused("storage")
         # not remembered as a bad model: space may come back
         assert all(r["reason"] != "storage" for r in agent.state_file()["models"]["digits"]["rejected"])

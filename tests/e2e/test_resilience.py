@@ -48,8 +48,8 @@ def test_broker_killed_halfway_through_a_14mb_model(
         watch = FleetWatcher(broker.port)
         watch.wait_active("pi-1", "m", 2, timeout_s=90)
         # events are not retained: the one sent while our watcher reconnected is in the agent's log
-        line = next(ln for ln in agent.log().splitlines() if " verified " in ln and "'version': 2" in ln)
-        received = int(line.split("'bytes_received': ")[1].split(",")[0])
+        line = next(ln for ln in agent.log().splitlines() if " verified " in ln and " version=2 " in ln)
+        received = int(line.split(" bytes_received=")[1].split()[0])
         # the model once, plus at most the window that was in flight when the broker died
         assert size <= received <= size + WINDOW * DEFAULT_CHUNK_SIZE, (received, size)
         assert agent.alive()

@@ -57,4 +57,28 @@ def build_dense_models(paths: list[Path], *, megabytes: float, seeds: list[int])
         check=True,
         capture_output=True,
     )
+    for path in paths:
+        write_card(path)
     return paths
+
+
+def write_card(path: Path, mode: str = "none") -> Path:
+    """``<stem>.card.json`` beside a model, describing its tensors as the converter's card does
+    (``litefleet push`` wants a card and golden vectors with every model)."""
+    import hashlib
+
+    from agent.model_card import ModelCard, TensorSpec
+    from agent.serving.runtime import load_interpreter
+
+    data = path.read_bytes()
+    it = load_interpreter(data)
+    card = ModelCard(
+        mode=mode,
+        inputs=tuple(TensorSpec.from_details(d) for d in it.get_input_details()),
+        outputs=tuple(TensorSpec.from_details(d) for d in it.get_output_details()),
+        tflite_sha256=hashlib.sha256(data).hexdigest(),
+        tflite_size_bytes=len(data),
+    )
+    out = path.with_name(path.name[: -len(".tflite")] + ".card.json")
+    out.write_text(card.to_json())
+    return out

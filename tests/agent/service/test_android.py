@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -129,6 +130,11 @@ def test_log_run_hands_over_to_svlogger(tmp_path: Path) -> None:
 
 def test_documented_config_loads_and_check_config_passes(tmp_path: Path) -> None:
     prefix = fake_prefix(tmp_path)
+    # the doc's step before: "cp root.json $PREFIX/etc/litefleet/root.json" (check-config reads it)
+    from converter.repo.repository import Repository
+
+    Repository.init(tmp_path / "repo")
+    shutil.copy(tmp_path / "repo" / "root.json", prefix / "etc/litefleet/root.json")
     conf = prefix / "etc/litefleet/agent.toml"
     conf.write_text(documented_config(prefix))
     cfg = load_config(conf)

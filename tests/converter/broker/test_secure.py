@@ -11,6 +11,7 @@ import json
 import shutil
 import stat
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -507,7 +508,10 @@ def test_add_certificate_device(tmp_path: Path) -> None:
     assert f"user pi-01\ntopic write {B}/devices/pi-01/state\n" in sd.paths.devices_acl.read_text()
     assert "pi-01" not in sd.paths.devices_passwd.read_text()  # certificate only
     assert 'key_file = "litefleet_client.key"' in bundle.agent_toml
-    assert (out / "agent.toml").read_text() == bundle.agent_toml
+    # the folder's own agent.toml names the files beside it (an agent without systemd)
+    local = tomllib.loads((out / "agent.toml").read_text())
+    assert (local["ca_file"], local["cert_file"], local["key_file"]) == ("ca.pem", "pi-01.pem", "pi-01.key")
+    assert local["broker"] == bundle.broker_url and local["device_id"] == "pi-01"
 
 
 def test_add_password_device(tmp_path: Path) -> None:
@@ -523,6 +527,8 @@ def test_add_password_device(tmp_path: Path) -> None:
     assert 'username = "pi-02"' in bundle.agent_toml
     assert 'password_file = "litefleet_mqtt-password"' in bundle.agent_toml
     assert [name for _, name in bundle.files] == ["ca.pem", "mqtt-password"]
+    local = tomllib.loads((out / "agent.toml").read_text())
+    assert (local["username"], local["password_file"]) == ("pi-02", "password")
 
 
 def test_device_twice_needs_renew_and_renew_revokes(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from converter.cli.status import status_table
-from converter.fleet.view import METRICS_COLUMNS, STATUS_FIELDS, merge_metrics, state_row
+from converter.fleet.view import METRICS_COLUMNS, STATUS_FIELDS, TABLE_COLUMNS, merge_metrics, state_row
 from converter.monitor.payloads import MetricsSample, StateRecord, parse_metrics, parse_state
 from tests.support.harness import litefleet, must
 from tests.support.monitor import publish_many, publish_one
@@ -99,5 +99,5 @@ def test_status_reads_the_state_with_the_monitors_parser(broker) -> None:
     assert rows[0]["online"] is False and rows[0]["status"] == "s" * 32 and "future" not in rows[0]
     assert rows[1]["models"] == {"digits": {"version": "3", "sha256": "ab" * 32, "trial": False}}
     table = must("status", "--broker", broker.url)
-    assert table.splitlines()[0].split() == [f.upper() for f in STATUS_FIELDS]
+    assert table.splitlines()[0].split() == [f.upper() for f in TABLE_COLUMNS]
     assert table.splitlines()[1].split()[:2] == ["pi-odd", "no"]
