@@ -20,12 +20,21 @@ from converter.broker.registry import site_identity, site_sync_identity
 from converter.broker.sites import CentralDir, SiteBundle
 from converter.cli.table import format_table
 
+DESCRIPTION = (
+    "add NAME issues the site's two certificates from central's CA (its bridge's and its "
+    "prune's), writes the uplink bundle CENTRAL_DIR/sites/NAME/, grants the site its own status "
+    "topics, reloads a running central broker and prints how to start the site broker. Devices "
+    "join a site at central with 'litefleet device add ID --site NAME --secure CENTRAL_DIR' "
+    "(first), then at the site with 'litefleet device add ID --secure SITE_DIR'. remove NAME "
+    "revokes both certificates and the grants of its devices. See docs/sites.md."
+)
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "site",
         help="add, list or remove site brokers bridged to this (--secure) broker",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=DESCRIPTION,
     )
     ssub = p.add_subparsers(dest="site_command", metavar="ACTION", parser_class=type(p))
     ssub.required = True

@@ -225,7 +225,7 @@ class SiteBroker:
 
 
 def dense_models(count: int, megabytes: float) -> list[Path]:
-    """``count`` float32 models of ``megabytes`` with golden vectors, different bytes each,
+    """``count`` float32 models of ``megabytes`` with their cards and golden vectors, different bytes each,
     built once and cached in the temp folder (one TensorFlow process: ~10-20 s here)."""
     from tests.support import big_models
     from tests.support.big_models import build_dense_models
@@ -235,7 +235,8 @@ def dense_models(count: int, megabytes: float) -> list[Path]:
     ).hexdigest()
     out = Path(tempfile.gettempdir()) / "litefleet-site-models" / stamp[:16]
     paths = [out / f"m{i}" / "model.tflite" for i in range(count)]
-    if not all(p.exists() and p.with_name("model.golden.npz").exists() for p in paths):
+    sidecars = ("model.golden.npz", "model.card.json")
+    if not all(p.exists() and all(p.with_name(n).exists() for n in sidecars) for p in paths):
         work = out.parent / f".build-{os.getpid()}"
         built = build_dense_models(
             [work / f"m{i}" / "model.tflite" for i in range(count)],
@@ -244,7 +245,8 @@ def dense_models(count: int, megabytes: float) -> list[Path]:
         )
         for i, b in enumerate(built):
             paths[i].parent.mkdir(parents=True, exist_ok=True)
-            os.replace(b.with_name("model.golden.npz"), paths[i].with_name("model.golden.npz"))
+            for n in sidecars:
+                os.replace(b.with_name(n), paths[i].with_name(n))
             os.replace(b, paths[i])
         shutil.rmtree(work, ignore_errors=True)
     return paths
