@@ -229,6 +229,7 @@ class ShadowWorker:
                 self._bytes -= job.nbytes
                 self._busy = True
             job.shadow.run(job)
+            del job  # the last sample must not keep its shadow (and the active runner) alive
 
 
 # -- one shadowed version ---------------------------------------------------------------------------
