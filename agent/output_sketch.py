@@ -52,6 +52,10 @@ CONFIDENCE_UPPER = tuple(round((k + 1) / CONFIDENCE_BUCKETS, 2) for k in range(C
 # (measured: tolist + max/index/min/sum on 10 floats ~1 µs, three numpy reductions ~6 µs)
 SMALL_CLASSES = 64
 MAX_CLASSES = 1 << 20  # what a sketch may name (a junk guard for parsers)
+# rows of more than SMALL_CLASSES classes: checked one by one at first, then 1 in RECHECK_EVERY
+DECIDE_ROWS = 16
+RECHECK_EVERY = 64
+_UNDECIDED, _PROBS, _SCORES, _PER_ROW = range(4)
 SUB_BUCKETS = 4  # per power of two
 MIN_EXP, MAX_EXP = -16, 16
 
@@ -224,8 +228,10 @@ class ClassRecorder:
         "_czp",
         "_hi",
         "_lo",
+        "_mode",
         "_need_hi",
         "_need_lo",
+        "_rows",
         "_scale",
         "_sum_tol",
         "_zp",
@@ -253,6 +259,8 @@ class ClassRecorder:
             info = np.iinfo(spec.dtype)
             self._need_lo = (info.min - self._zp) * scale < self._lo
             self._need_hi = (info.max - self._zp) * scale > self._hi
+        self._mode = _UNDECIDED  # how the numpy path checks rows, see _large_row
+        self._rows = 0
         self.classes = [0] * c
         self.confidence = [0] * CONFIDENCE_BUCKETS
         self.record: Callable[[np.ndarray], None] = self._small if c <= SMALL_CLASSES else self._large
@@ -262,6 +270,7 @@ class ClassRecorder:
     def reset(self) -> None:
         self.classes[:] = [0] * len(self.classes)
         self.confidence[:] = [0] * CONFIDENCE_BUCKETS
+        self._mode, self._rows = _UNDECIDED, 0
 
     def counts(self) -> RecorderCounts:
         """A copy of the counters (the caller holds the runner's lock)."""
@@ -296,16 +305,38 @@ class ClassRecorder:
         for row in (y.reshape(-1),) if y.size == c else y.reshape(-1, c):
             self._large_row(row)
 
-    def _large_row(self, row: np.ndarray) -> None:
+    def _is_probabilities(self, row: np.ndarray, top: float) -> bool:
         sc, zp = self._scale, self._zp
+        return (
+            (not self._need_lo or (float(row.min()) - zp) * sc >= self._lo)
+            and (not self._need_hi or (top - zp) * sc <= self._hi)
+            and abs((float(row.sum()) - self._czp) * sc - 1.0) <= self._sum_tol
+        )
+
+    def _large_row(self, row: np.ndarray) -> None:
+        """One row of many classes. Right after an inference the caches are cold and every
+        numpy reduction costs ~5-17 µs (measured on MobileNetV2's 1,000 int8 scores: the sum
+        17 µs, a row checked in full 31 µs, 1 % of the inference), so the numpy path checks
+        every row only until the model has shown what its rows are: the first
+        :data:`DECIDE_ROWS` rows, then every :data:`RECHECK_EVERY`-th; a row that contradicts
+        the others makes every later row checked. A model whose rows are all alike (softmax
+        scores, or logits: every real classifier) gets exactly the per-row rule."""
         i = int(row.argmax())
         top = float(row[i])
-        conf = (top - zp) * sc
-        if not (
-            (not self._need_lo or (float(row.min()) - zp) * sc >= self._lo)
-            and (not self._need_hi or conf <= self._hi)
-            and abs((float(row.sum()) - self._czp) * sc - 1.0) <= self._sum_tol
-        ):
+        self._rows += 1
+        mode = self._mode
+        if mode == _PER_ROW or self._rows <= DECIDE_ROWS or self._rows % RECHECK_EVERY == 0:
+            probs = self._is_probabilities(row, top)
+            if mode == _UNDECIDED:
+                self._mode = _PROBS if probs else _SCORES
+            elif mode != _PER_ROW and (mode == _PROBS) != probs:
+                self._mode = _PER_ROW
+        else:
+            probs = mode == _PROBS
+        sc = self._scale
+        if probs:
+            conf = (top - self._zp) * sc
+        else:
             conf = float(1.0 / np.exp((row.astype(np.float64) - top) * sc).sum())
         self._bump(i, conf)
 

@@ -90,6 +90,42 @@ def test_many_classes_take_the_numpy_path_with_the_same_rule() -> None:
     assert sketch_of(rec) == sketch_of(small)
 
 
+def test_many_classes_are_checked_row_by_row_until_the_model_shows_its_kind() -> None:
+    """The numpy path checks the first DECIDE_ROWS rows, then 1 in RECHECK_EVERY; a row that
+    contradicts the others turns checking on for every later row."""
+    from agent.output_sketch import DECIDE_ROWS, RECHECK_EVERY
+
+    rng = np.random.default_rng(2)
+    spec = TensorSpec("p", (1, 100), "float32")
+
+    def probs() -> np.ndarray:
+        p = rng.random((1, 100)).astype(np.float32) ** 8
+        return p / p.sum()
+
+    def logits() -> np.ndarray:
+        return rng.normal(0, 0.2, (1, 100)).astype(np.float32)  # sums near 0: not probabilities
+
+    rows = [probs() for _ in range(RECHECK_EVERY * 2)]
+    rows[RECHECK_EVERY - 1] = logits()  # a checked row: the contradiction is seen
+    rows.append(logits())
+    numpy_path, per_row = ClassRecorder(spec), ClassRecorder(spec)
+    per_row.record = per_row._small  # the list path checks every row
+    for r in rows:
+        numpy_path.record(r)
+        per_row.record(r)
+    assert sketch_of(numpy_path) == sketch_of(per_row)
+    # an unchecked row between two checks follows the model's kind so far (documented)
+    latched = ClassRecorder(spec)
+    sure = np.full((1, 100), 0.04 / 99, np.float32)
+    sure[0, 0] = 0.96
+    for _ in range(DECIDE_ROWS):
+        latched.record(sure)
+    odd = np.zeros((1, 100), np.float32)
+    odd[0, 5] = 0.3  # sums to 0.3: its softmax top-1 would be 0.013 (bucket 0.05)
+    latched.record(odd)
+    assert sketch_of(latched).confidence == ((0.35, 1), (1.0, DECIDE_ROWS))  # its top value
+
+
 def test_nan_and_infinity_never_raise() -> None:
     rec = ClassRecorder(FLOAT10)
     rec.record(np.full((1, 10), np.nan, np.float32))
