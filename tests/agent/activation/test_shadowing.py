@@ -151,3 +151,11 @@ def test_an_activation_or_a_rollback_ends_the_shadow(tmp_path: Path, tiny: TinyM
     manager.roll_back("m", Reason.INFERENCE_ERRORS, "errors in its first uses")
     assert dev.registry.get("m").version == "2" and dev.shadows.shadow_of("m") is None
     dev.shadows.close()
+
+
+def test_every_off_reason_is_documented() -> None:
+    docs = Path(__file__).resolve().parents[3] / "docs"
+    for page in ("agent-api.md", "protocol.md"):
+        text = (docs / page).read_text()
+        missing = [w.value for w in ShadowOff if f"`{w.value}`" not in text]
+        assert missing == [], f"docs/{page} does not name {missing}"
