@@ -12,7 +12,10 @@ top-1 confidence in 20 buckets of width 0.05 over [0, 1] (bucket k holds
 ``k/20 <= confidence < (k+1)/20``; 1.0 falls in the last). The confidence is the top-1 value
 when the dequantized row already is a probability vector (every value within one quantum of
 [0, 1] and the sum within ``0.01 + C * scale / 2`` of 1; ``scale`` = 0 for float outputs), else
-the top-1 softmax probability of the row. Any other model's sketch (kind ``values``) is a
+the top-1 softmax probability of the row. Above :data:`SMALL_CLASSES` classes the recorder
+checks that on every row only until the model has shown what its rows are (see
+:meth:`ClassRecorder._large_row`); for a model whose rows are all alike, which every real
+classifier's are, that is the same rule. Any other model's sketch (kind ``values``) is a
 histogram of the first output's dequantized elements over :data:`VALUE_EDGES`: signed
 quarter-octave buckets from 2**-16 to 2**16 in magnitude, a zero bucket ``[-2**-16, 2**-16)``,
 and an open bucket at each end.
@@ -22,8 +25,9 @@ Guarantees:
 - Buckets are fixed for every model, version, device and converter, so sketches add up
   (:meth:`Sketch.plus`) and difference (:meth:`Sketch.minus`) across messages and devices.
 - The recorders allocate their counters once; recording one row costs a few list operations
-  for ``C <= 64`` classes (measured ~1.5 µs, ``bench/RESULTS.md``), a few numpy reductions
-  above. They are not thread-safe: the model runner calls them under its own lock.
+  for ``C <= 64`` classes (~1.5 µs), an argmax (and now and then two reductions) above
+  (``bench/RESULTS.md``, "Rollouts"). They are not thread-safe: the model runner calls them
+  under its own lock.
 - :meth:`Sketch.from_json` accepts exactly what :meth:`Sketch.to_json` writes (buckets from the
   fixed scheme, counts that add up) and raises :class:`SketchError` for anything else, so a
   consumer can skip a junk sketch instead of trusting it.

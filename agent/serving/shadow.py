@@ -5,7 +5,8 @@ While a rollout rule asks for it (``shadow_k``, :mod:`agent.activation.shadowing
 every ``k``-th answered call on the active version (REST, MQTT and in-process alike; calls
 number 1, 2, ... since the shadow started, so calls k, 2k, 3k, ... are sampled) puts a copy of
 its inputs and outputs on the :class:`ShadowWorker`'s bounded queue. The worker's one thread
-runs the previous version's runner on the inputs and compares (:func:`compare_outputs`).
+runs the previous version's runner on the inputs and compares (:func:`compare_outputs`), a
+batch at a time (8 samples, or whatever is queued 50 ms after the first one).
 
 Agreement: for a classifier (:func:`agent.output_sketch.classifier_classes`) a row agrees when
 both top-1 classes are equal; otherwise when every element of every output is within
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 VALUE_ATOL = 1e-3
 VALUE_RTOL = 1e-2
 DEFAULT_MAX_JOBS = 16
+# the worker runs samples in batches of this many, or whatever is queued after DEFAULT_LINGER_S
+DEFAULT_BATCH = 8
+DEFAULT_LINGER_S = 0.05
 # a sampled MobileNetV2 float input is 0.6 MB: 8 MiB holds a dozen of them
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 
@@ -161,11 +165,20 @@ class ShadowWorker:
     thread calls it when the first shadow starts, so an agent that never shadows has none).
     """
 
-    def __init__(self, *, max_jobs: int = DEFAULT_MAX_JOBS, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_jobs: int = DEFAULT_MAX_JOBS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        batch: int = DEFAULT_BATCH,
+        linger_s: float = DEFAULT_LINGER_S,
+    ) -> None:
         if max_jobs < 1 or max_bytes < 1:
             raise ValueError("the shadow queue needs room for at least one sample")
         self.max_jobs = max_jobs
         self.max_bytes = max_bytes
+        self.batch = max(1, min(batch, max_jobs))
+        self.linger_s = linger_s
         self._jobs: collections.deque[ShadowJob] = collections.deque()
         self._bytes = 0
         self._cond = threading.Condition()
@@ -209,7 +222,8 @@ class ShadowWorker:
             self._jobs.append(job)
             self._bytes += size
             self.high_water = max(self.high_water, len(self._jobs))
-            self._cond.notify()
+            if len(self._jobs) in (1, self.batch):  # the only moments the worker acts on
+                self._cond.notify()
         return True
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -223,13 +237,20 @@ class ShadowWorker:
                 self._busy = False
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: self._jobs or self._stopping)
+                # a few samples at a time: every wake-up of this thread takes the GIL from
+                # the request threads (measured on digits over REST at k = 10: ~350 µs of
+                # CPU per sample woken one by one, against ~25 µs of work)
+                self._cond.wait_for(lambda: len(self._jobs) >= self.batch or self._stopping, self.linger_s)
                 if self._stopping:
                     return
-                job = self._jobs.popleft()
-                self._bytes -= job.nbytes
+                jobs = list(self._jobs)
+                self._jobs.clear()
+                self._bytes = 0
                 self._busy = True
-            job.shadow.run(job)
-            del job  # the last sample must not keep its shadow (and the active runner) alive
+            for job in jobs:
+                job.shadow.run(job)
+            # the last samples must not keep their shadow (and the active runner) alive
+            del jobs, job
 
 
 # -- one shadowed version ---------------------------------------------------------------------------
