@@ -291,6 +291,8 @@ class ClassRecorder:
         self.confidence[b] += 1
 
     def _small(self, y: np.ndarray) -> None:
+        # one Python frame, builtins only: right after a REST request's JSON and HTTP work the
+        # caches are cold, and every extra frame or numpy call costs microseconds there
         rows = y.tolist()
         sc, zp = self._scale, self._zp
         for r in rows if y.ndim == 2 else (rows,):
@@ -302,7 +304,13 @@ class ClassRecorder:
                 and abs((sum(r) - self._czp) * sc - 1.0) <= self._sum_tol
             ):
                 conf = 1.0 / math.fsum([math.exp((v - top) * sc) for v in r])
-            self._bump(r.index(top), conf)
+            self.classes[r.index(top)] += 1
+            if conf >= 1.0:
+                self.confidence[CONFIDENCE_BUCKETS - 1] += 1
+            elif conf > 0.0:
+                self.confidence[int(conf * CONFIDENCE_BUCKETS)] += 1
+            else:  # 0, negative, NaN
+                self.confidence[0] += 1
 
     def _large(self, y: np.ndarray) -> None:
         c = len(self.classes)

@@ -108,7 +108,6 @@ def counted_fast_path(
     o0 = out_index[0]
     # perf_counter (a float) is about twice as cheap to call as perf_counter_ns
     counts, acc, clock = stats.counts, stats.acc, time.perf_counter
-    record = stats.outputs.record if stats.outputs is not None else None
 
     def fast_counted(x: Any) -> list[np.ndarray] | None:
         try:
@@ -132,9 +131,10 @@ def counted_fast_path(
             d = int((clock() - t0) * 1e9)
             b = d.bit_length()
             counts[BASE[b] + ((d >> SHIFT[b]) & MASK)] += 1
-            if record is not None:
+            recorder = stats.outputs  # read per call: None switches the sketch off
+            if recorder is not None:
                 try:
-                    record(out[0])
+                    recorder.record(out[0])
                 except Exception as exc:  # the answer stands whatever the sketch does
                     sketch_failed(exc)
         finally:

@@ -274,7 +274,12 @@ class ModelRunner:
                 raise InferenceError(f"{self._label}: runtime failed: {exc}") from exc
             if self._recording:
                 self._count_ok(time.perf_counter_ns() - t0)
-                self._sketch(out)
+                recorder = self.stats.outputs
+                if recorder is not None:
+                    try:
+                        recorder.record(out[0])
+                    except Exception as exc:  # the answer stands whatever the sketch does
+                        self._sketch_failed(exc)
             return out
 
     def predict(

@@ -156,7 +156,9 @@ class ModelStats:
     The inference hot path writes ``counts``, ``acc`` and the ``outputs``
     recorder directly while it holds ``lock`` (the model runner's lock);
     everybody else goes through the methods, which take that lock. ``acc`` is
-    ``[errors, bad_requests]``. ``shadow`` is set and cleared by the main
+    ``[errors, bad_requests]``. ``outputs`` is read at every call, so setting
+    it to None switches the sketch off (the benchmarks compare one runner with
+    and without it). ``shadow`` is set and cleared by the main
     thread (:mod:`agent.activation.shadowing`); it answers the shadow's report,
     taking the shadow's own lock.
     """
