@@ -205,7 +205,8 @@ def _confidence_key(value: object) -> float:
 def _value_key(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or float(value) not in _EDGE_INDEX:
+    # value in the table compares an int of any size without converting it (float(10**400) raises)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value not in _EDGE_INDEX:
         raise SketchError("histogram bounds must be edges of the fixed value buckets")
     return float(value)
 

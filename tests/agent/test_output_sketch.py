@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.model_card import TensorSpec
 from agent.output_sketch import (
@@ -175,6 +177,7 @@ def test_json_round_trip_and_junk_refused() -> None:
         {"kind": "values", "n": 1, "histogram": [[0.3, 1]]},  # not an edge
         {"kind": "values", "n": 1, "histogram": [[None, 1], [1.25, 1]]},  # open bucket is last
         {"kind": "values", "n": 1, "histogram": "1.25"},
+        {"kind": "values", "n": 1, "histogram": [[10**400, 1]]},  # no OverflowError either
     ]
     for doc in junk:
         with pytest.raises(SketchError):
@@ -192,3 +195,36 @@ def test_sketches_add_and_difference() -> None:
     with pytest.raises(SketchError):
         a.plus(Sketch(SketchKind.VALUES, 1, histogram=((None, 1),)))
     assert all(isinstance(u, float) for u in CONFIDENCE_UPPER) and CONFIDENCE_UPPER[-1] == 1.0
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "kind": st.sampled_from(["classes", "values", "x"]) | _json,
+            "n": st.integers(-2, 5) | _json,
+            "classes": st.lists(st.lists(st.integers(-1, 3) | _json, max_size=3), max_size=4) | _json,
+            "confidence": st.lists(
+                st.lists(st.sampled_from([0.05, 1.0, 0.3]) | _json, max_size=3), max_size=4
+            ),
+            "histogram": st.lists(
+                st.lists(st.sampled_from([None, 1.25, 0.3]) | _json, max_size=3), max_size=4
+            ),
+        },
+    )
+    | _json
+)
+def test_any_json_is_a_sketch_or_a_sketch_error(doc: object) -> None:
+    """A consumer reading sketches off the wire gets a Sketch or SketchError, nothing else."""
+    try:
+        sketch = Sketch.from_json(doc)
+    except SketchError:
+        return
+    assert Sketch.from_json(sketch.to_json()) == sketch
