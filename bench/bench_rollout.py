@@ -395,8 +395,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"`.venv/bin/python bench/bench_rollout.py{' --quick' if res['quick'] else ''}`, {res['date']}. "
         f"{res['machine']}. One interpreter thread (XNNPACK). Every comparison: alternating blocks "
-        "in one process, order reversed every other round; *A/A* is a second identical set-up "
-        "(the noise floor of that comparison).",
+        "on one runner in one process, order reversed every other round; *A/A* compares two "
+        "blocks of the same set-up (the noise floor of that comparison).",
         "",
         "### The output sketch on the inference path",
         "",
