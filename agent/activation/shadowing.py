@@ -25,6 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from agent.protocol import ModelRelease
 from agent.reasons import ShadowOff
 from agent.serving.inference import ModelRunner
 from agent.serving.registry import ActiveModel, ModelRegistry
-from agent.serving.shadow import Shadow, ShadowWorker, compatible
+from agent.serving.shadow import Shadow, ShadowCounts, ShadowWorker, compatible
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class ShadowManager:
         self._attached: dict[str, _Attached] = {}
         # (name, active version, previous version) that failed to load: not tried again
         self._failed: set[tuple[str, int, int]] = set()
+        # each active runner's shadow counters, kept while the runner lives
+        self._counts: weakref.WeakKeyDictionary[ModelRunner, ShadowCounts] = weakref.WeakKeyDictionary()
 
     def shadow_of(self, name: str) -> Shadow | None:
         att = self._attached.get(name)
@@ -209,7 +212,8 @@ class ShadowManager:
             self._off(name, model, prev.version, ShadowOff.INCOMPATIBLE)
             return
         self.worker.start()
-        shadow = Shadow(active=model.runner, runner=runner, k=k, submit=self.worker.submit)
+        counts = self._counts.setdefault(model.runner, ShadowCounts())
+        shadow = Shadow(active=model.runner, runner=runner, k=k, submit=self.worker.submit, counts=counts)
         model.runner.stats.shadow = shadow.report
         model.runner.set_tap(shadow.offer)
         self._attached[name] = _Attached(model.runner, prev.version, shadow=shadow)

@@ -21,11 +21,12 @@ Guarantees:
 - Memory is bounded: at most ``max_jobs`` samples and ``max_bytes`` of their arrays wait in the
   queue; a sample that does not fit is dropped (counted).
 - Counters are in rows (one per sample of a batch): ``sampled = compared + dropped + errors``
-  once the queue is empty; ``agreed <= compared``.
+  once the queue is empty; ``agreed <= compared``. They are kept per active version
+  (:class:`ShadowCounts`), so they only grow within one boot.
 - Threads: :meth:`Shadow.offer` runs on the request's thread, :meth:`Shadow.run` on the worker's;
   the counters sit behind the shadow's own lock. The main thread creates and closes shadows
   (:class:`agent.activation.shadowing.ShadowManager`); a closed shadow's queued samples are
-  skipped and its runner is released as soon as the worker lets go of it.
+  skipped (counted as dropped) and its runner is released as soon as the worker lets go of it.
 """
 
 from __future__ import annotations
@@ -254,6 +255,19 @@ class ShadowWorker:
 
 
 # -- one shadowed version ---------------------------------------------------------------------------
+class ShadowCounts:
+    """The counters of one active version's shadows, in samples, behind their own lock. One
+    object per active runner (:class:`agent.activation.shadowing.ShadowManager` keeps it), so
+    a shadow that stops and starts again on the same version (a re-target without ``shadow_k``,
+    then one with it) goes on counting: the counters never go down within one boot."""
+
+    __slots__ = ("agreed", "compared", "dropped", "errors", "lock", "sampled")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sampled = self.compared = self.agreed = self.dropped = self.errors = 0
+
+
 class Shadow:
     """The previous version (``runner``) shadowing the active one (``active``) on 1 in ``k`` calls."""
 
@@ -264,6 +278,7 @@ class Shadow:
         runner: ModelRunner,
         k: int,
         submit: Callable[[ShadowJob], bool],
+        counts: ShadowCounts | None = None,
     ) -> None:
         if k < 1:
             raise ValueError("k must be at least 1")
@@ -272,9 +287,9 @@ class Shadow:
         self.k = k
         self._runner: ModelRunner | None = runner
         self._submit = submit
-        self._lock = threading.Lock()
+        self.counts = counts or ShadowCounts()
+        self._lock = self.counts.lock
         self._calls = 0
-        self.sampled = self.compared = self.agreed = self.dropped = self.errors = 0
         self._warned = False
 
     @property
@@ -293,15 +308,16 @@ class Shadow:
 
     def report(self) -> dict[str, Any]:
         """The metrics payload's ``shadow`` entry."""
+        c = self.counts
         with self._lock:
             return {
                 "against": self.against,
                 "k": self.k,
-                "sampled": self.sampled,
-                "compared": self.compared,
-                "agreed": self.agreed,
-                "dropped": self.dropped,
-                "errors": self.errors,
+                "sampled": c.sampled,
+                "compared": c.compared,
+                "agreed": c.agreed,
+                "dropped": c.dropped,
+                "errors": c.errors,
             }
 
     # -- the request's thread ------------------------------------------------------------------
@@ -326,19 +342,21 @@ class Shadow:
         except Exception as exc:  # a sample is never worth a failed answer
             self._failed(exc)
             with self._lock:
-                self.sampled += 1
-                self.errors += 1
+                self.counts.sampled += 1
+                self.counts.errors += 1
             return
         with self._lock:
-            self.sampled += rows
+            self.counts.sampled += rows
             if not queued:
-                self.dropped += rows
+                self.counts.dropped += rows
 
     # -- the worker's thread -------------------------------------------------------------------
     def run(self, job: ShadowJob) -> None:
         """Run the previous version on ``job`` and count the outcome. Never raises."""
         runner = self._runner
-        if runner is None:  # closed since: nobody reads these counters any more
+        if runner is None:  # closed while the sample waited: it was dropped
+            with self._lock:
+                self.counts.dropped += job.rows
             return
         try:
             old = self._previous_outputs(runner, job.inputs)
@@ -346,11 +364,11 @@ class Shadow:
         except Exception as exc:  # the previous model's failure is a count, not an error
             self._failed(exc)
             with self._lock:
-                self.errors += job.rows
+                self.counts.errors += job.rows
             return
         with self._lock:
-            self.compared += compared
-            self.agreed += agreed
+            self.counts.compared += compared
+            self.counts.agreed += agreed
 
     def _previous_outputs(self, runner: ModelRunner, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         xs = previous_inputs(inputs, self.active.inputs, _by_key(runner.inputs, runner, self.active))

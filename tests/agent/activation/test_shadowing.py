@@ -110,6 +110,31 @@ def test_the_shadow_lives_while_the_rule_asks_and_is_released_after(tmp_path: Pa
     dev.shadows.close()
 
 
+def test_the_counters_never_go_down_within_a_boot(tmp_path: Path, tiny: TinyModels) -> None:
+    """A shadow that stops and starts again on the same active version (a re-target without
+    shadow_k, then one with it) goes on counting: consumers difference consecutive messages."""
+    dev = Device(tmp_path, {1: tiny.int8, 2: tiny.float})
+    active = dev.serve(2)
+    state = dev.state(2, 1)
+    x = np.random.default_rng(1).random((1, 8, 8, 1), dtype=np.float32)
+    dev.shadows.apply(state, {"m": release(2, shadow_k=2, pct=25)})
+    for _ in range(6):
+        active.predict(x)
+    dev.shadows.apply(state, {"m": release(2)})  # paused: no shadow
+    for _ in range(6):
+        active.predict(x)  # not sampled
+    dev.shadows.apply(state, {"m": release(2, shadow_k=2, pct=50)})
+    first = dev.shadows.shadow_of("m")
+    for _ in range(4):
+        active.predict(x)
+    assert dev.shadows.worker.wait_idle(30) and first is not None
+    report = active.stats.snapshot().shadow
+    assert report is not None and report["sampled"] == 3 + 2 and report["errors"] == 0
+    # samples still queued when the shadow stopped count as dropped: the sum holds
+    assert report["compared"] + report["dropped"] == 5 and report["compared"] >= 2
+    dev.shadows.close()
+
+
 @pytest.mark.parametrize("case", ["memory_bound", "no_previous", "load_failed", "incompatible"])
 def test_a_shadow_that_cannot_run_says_why(case: str, tmp_path: Path, tiny: TinyModels) -> None:
     previous_model = tiny.two_out if case == "incompatible" else tiny.int8
