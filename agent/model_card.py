@@ -5,6 +5,14 @@ the agent reads it with :func:`parse_card` and, before activating a model,
 checks with :func:`check_signature` that the interpreter's inputs and outputs
 are the ones the card promises. Parsing is strict: a card that is not what
 this module writes raises :class:`agent.errors.ModelRejectedError`.
+
+One exception, on purpose: ``output_baseline`` (the output sketch of the
+converted model on the converter's data, :mod:`agent.output_sketch`) is
+informational and optional. Cards without it (written before it existed) load
+as before; a baseline this version cannot read (malformed, or a kind a newer
+converter writes) becomes ``output_baseline = None`` and stays in ``extra``, so
+the card still loads and writes back unchanged, and never costs a model its
+activation.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from agent.errors import ModelRejectedError
 from agent.reasons import Reason
 
 CARD_FORMAT = "litefleet.card/1"
+BASELINE_KEY = "output_baseline"
 MAX_CARD_BYTES = 1 << 20
 
 
@@ -98,6 +107,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     golden: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # the sketch's JSON document as written (read it with agent.output_sketch.Sketch.from_json)
+    output_baseline: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         doc: dict[str, Any] = {
@@ -111,10 +122,25 @@ class ModelCard:
             "golden": self.golden,
             **self.extra,
         }
+        if self.output_baseline is not None:
+            doc[BASELINE_KEY] = self.output_baseline
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
 _KNOWN = {"format", "mode", "tflite", "source", "inputs", "outputs", "metrics", "golden"}
+
+
+def _baseline(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The card's output baseline when it is a sketch this version reads, else None."""
+    from agent.output_sketch import Sketch, SketchError
+
+    raw = doc.get(BASELINE_KEY)
+    if raw is None:
+        return None
+    try:
+        return Sketch.from_json(raw).to_json()
+    except SketchError:
+        return None
 
 
 def parse_card(data: bytes) -> ModelCard:
@@ -128,6 +154,7 @@ def parse_card(data: bytes) -> ModelCard:
         if doc.get("format") != CARD_FORMAT:
             raise ValueError(f"format is {doc.get('format')!r}, expected {CARD_FORMAT!r}")
         tfl = doc.get("tflite") or {}
+        baseline = _baseline(doc)
         return ModelCard(
             mode=str(doc["mode"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in doc["inputs"]),
@@ -137,7 +164,8 @@ def parse_card(data: bytes) -> ModelCard:
             source=dict(doc.get("source") or {}),
             metrics=dict(doc.get("metrics") or {}),
             golden=dict(doc.get("golden") or {}),
-            extra={k: v for k, v in doc.items() if k not in _KNOWN},
+            extra={k: v for k, v in doc.items() if k not in _KNOWN and not (k == BASELINE_KEY and baseline)},
+            output_baseline=baseline,
         )
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         # AttributeError: an object where a field should be (quantization: null, tflite: 3);

@@ -92,6 +92,16 @@ class SkipReason(StrEnum):
     OTHER_TARGET = "other_target"  # its rollout rule does not select this device
 
 
+class ShadowOff(StrEnum):
+    """Why a version whose rule asks for a shadow runs without one: the metrics message's
+    ``shadow.off`` (docs/agent-api.md, "Shadow evaluation")."""
+
+    NO_PREVIOUS = "no_previous"  # no previous version of the model on this device
+    MEMORY_BOUND = "memory_bound"  # the previous version's file is over shadow_max_bytes
+    LOAD_FAILED = "load_failed"  # the previous version no longer loads
+    INCOMPATIBLE = "incompatible"  # its inputs or outputs cannot be compared with the active's
+
+
 def parse_reason(word: object) -> Reason | None:
     """The :class:`Reason` spelled ``word``, or None for anything else."""
     if not isinstance(word, str):

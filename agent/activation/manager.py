@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent.activation import decisions as act
 from agent.activation.check import check_isolated, load_checked
+from agent.activation.shadowing import ShadowManager
 from agent.activation.store import ModelStore, StateFile
 from agent.errors import ModelRejectedError, StorageError
+from agent.protocol import ModelRelease
 from agent.reasons import Reason
 from agent.serving.inference import ModelRunner
 from agent.serving.registry import ActiveModel, ModelRegistry
@@ -57,6 +59,7 @@ class ModelManager:
         event: EventFn | None = None,
         clock: Callable[[], float] = time.monotonic,
         tick: Callable[[], None] | None = None,
+        shadows: ShadowManager | None = None,
     ) -> None:
         self.store = store
         self.state_file = state_file
@@ -72,6 +75,8 @@ class ModelManager:
         self._clock = clock
         # called while a candidate's check runs in its child (feeds systemd's watchdog)
         self._tick = tick
+        # the previous versions running as shadows (docs/agent-api.md, "Shadow evaluation")
+        self.shadows = shadows
         self.state = act.DeviceState.empty()
         self._trials: dict[str, _Trial] = {}
         self.last_error: tuple[str, str] | None = None
@@ -97,6 +102,14 @@ class ModelManager:
 
     def _serve(self, name: str, inst: act.Installed, runner: ModelRunner) -> None:
         self.registry.activate(ActiveModel(name, str(inst.version), inst.sha256, runner))
+        if self.shadows is not None:  # the shadow watched the version just replaced
+            self.shadows.detach(name)
+
+    def apply_shadows(self, chosen: Mapping[str, ModelRelease]) -> None:
+        """Start, keep or stop each model's shadow as the releases chosen for this device ask
+        (after a refresh: ``chosen`` is :attr:`agent.delivery.updater.RefreshResult.chosen`)."""
+        if self.shadows is not None:
+            self.shadows.apply(self.state, chosen)
 
     def _begin_trial(self, name: str, runner: ModelRunner) -> None:
         ok, err = _counters(runner)
@@ -243,6 +256,8 @@ class ModelManager:
         self.last_error = (reason, message)
         if new_ms.active is None:
             self.registry.deactivate(name)
+            if self.shadows is not None:
+                self.shadows.detach(name)
         else:
             self._start_model(name)
         self._event(

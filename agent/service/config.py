@@ -110,6 +110,9 @@ class AgentConfig:
     # ~1.5 kB a row: 20,000 rows are ~30 MB, 2.3 days of metrics every 10 s
     metrics_queue_max_rows: int = 20_000
     http_max_body_bytes: int = 32 * 1024 * 1024
+    # the previous version runs as a shadow (a rollout rule's shadow_k) only when its model
+    # file is at most this big; 0 never shadows (docs/agent-api.md, "Shadow evaluation")
+    shadow_max_bytes: int = 64 * 1024 * 1024
     # TLS and credentials; relative paths are looked up in $CREDENTIALS_DIRECTORY
     ca_file: str = ""
     cert_file: str = ""
@@ -266,6 +269,8 @@ def _check_numbers(cfg: AgentConfig) -> None:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_crash_restarts < 0:
         raise ConfigError("max_crash_restarts must not be negative")
+    if cfg.shadow_max_bytes < 0:
+        raise ConfigError(f"shadow_max_bytes must not be negative (0: never), got {cfg.shadow_max_bytes}")
 
 
 def _check_connection(cfg: AgentConfig) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from agent import __version__
 from agent.activation.manager import ModelManager
+from agent.activation.shadowing import ShadowManager
 from agent.activation.store import ModelStore, StateFile
 from agent.delivery.metadata import RetainedMetadata
 from agent.delivery.updater import ModelUpdater, read_trusted_root
@@ -113,6 +114,14 @@ class Agent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = ModelStore(cfg.state_dir)
         trusted_root = read_trusted_root(cfg.trusted_root)
+        # the previous versions a rollout asks to run as shadows; its thread starts with the first
+        self.shadows = ShadowManager(
+            registry=self.registry,
+            store=self.store,
+            max_bytes=cfg.shadow_max_bytes,
+            threads=cfg.threads,
+            runtime=cfg.runtime,
+        )
         self.cache = RetainedMetadata(self.topics, on_change=self._on_metadata_change)
         self.manager = ModelManager(
             store=self.store,
@@ -127,6 +136,7 @@ class Agent:
             event=self.event,
             clock=clock,
             tick=self._tick,  # a candidate's check may take seconds: the loop is alive meanwhile
+            shadows=self.shadows,
         )
         # the will is the state message with online false; it is replaced after activations
         self.client = MqttClient(connection_settings(cfg, b""))
@@ -159,6 +169,7 @@ class Agent:
             probe=DeviceProbe(cfg.state_dir),
             queue=self.metrics_queue,
             agent_version=__version__,
+            boot=self.boot_id,
             on_queued=self.sender.wake,
         )
         self._notifier = notifier if notifier is not None else Notifier()
@@ -295,6 +306,7 @@ class Agent:
         if self.rest is not None:
             self.rest.stop()
         self.infer.stop()
+        self.shadows.close()
         self.sender.stop()
         self.client.stop()
         self.metrics_queue.close()
@@ -399,6 +411,7 @@ class Agent:
             self._set_status(DeviceStatus.CHECKING, keep_error=True)
             self.manager.consider(cand)
         self.manager.cleanup()
+        self.manager.apply_shadows(result.chosen)
         transient = any(f.reason not in PERMANENT for f in result.failures.values())
         if self.manager.last_error and (result.candidates or result.failures):
             self.error = ": ".join(self.manager.last_error)

@@ -1,8 +1,10 @@
 """Per-model counters and a fixed log-bucketed latency histogram.
 
 Guarantees:
-- Memory is constant: a :class:`ModelStats` holds :data:`N_BUCKETS` integers
-  and two counters, however many inferences it records (no list of samples).
+- Memory is constant: a :class:`ModelStats` holds :data:`N_BUCKETS` integers,
+  two counters and the output sketch's fixed counters
+  (:mod:`agent.output_sketch`), however many inferences it records (no list
+  of samples).
 - Buckets are fixed for every model, version and device, so histograms can
   be subtracted (interval = now - previous) and summed across a fleet.
   Bucket 0 holds latencies under 1.024 µs, the last one those of 2**37 ns
@@ -22,8 +24,12 @@ Everything here except :class:`ModelStats` itself is pure.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.output_sketch import OutputRecorder, RecorderCounts
 
 SUB_BITS = 3
 SUB = 1 << SUB_BITS  # sub-buckets per power of two
@@ -126,6 +132,10 @@ class StatsSnapshot:
     errors: int  # runtime failures (not the caller's fault)
     bad_requests: int  # refused before reaching the runtime (the caller's fault)
     counts: tuple[int, ...]  # latency histogram of answered inferences
+    # the output sketch's counters (None: not recorded), and the shadow's report (None: no
+    # shadow asked for this version)
+    outputs: RecorderCounts | None = None
+    shadow: dict[str, Any] | None = None
 
     @property
     def requests(self) -> int:
@@ -143,20 +153,33 @@ class StatsSnapshot:
 class ModelStats:
     """The live counters of one model version.
 
-    The inference hot path writes ``counts`` and ``acc`` directly while it
-    holds ``lock`` (the model runner's lock); everybody else goes through the
-    methods, which take that lock. ``acc`` is ``[errors, bad_requests]``.
+    The inference hot path writes ``counts``, ``acc`` and the ``outputs``
+    recorder directly while it holds ``lock`` (the model runner's lock);
+    everybody else goes through the methods, which take that lock. ``acc`` is
+    ``[errors, bad_requests]``. ``outputs`` is read at every call, so setting
+    it to None switches the sketch off (the benchmarks compare one runner with
+    and without it). ``shadow`` is set and cleared by the main
+    thread (:mod:`agent.activation.shadowing`); it answers the shadow's report,
+    taking the shadow's own lock.
     """
 
-    __slots__ = ("acc", "counts", "lock", "name", "version")
+    __slots__ = ("acc", "counts", "lock", "name", "outputs", "shadow", "version")
 
-    def __init__(self, name: str, version: str, lock: threading.Lock | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        lock: threading.Lock | None = None,
+        outputs: OutputRecorder | None = None,
+    ) -> None:
         self.name = name
         self.version = version
         self.lock = lock or threading.Lock()
         self.counts = [0] * N_BUCKETS
         # one list, so the hot path needs no attribute writes
         self.acc = [0, 0]
+        self.outputs = outputs
+        self.shadow: Callable[[], dict[str, Any]] | None = None
 
     def record_ok(self, ns: int) -> None:
         with self.lock:
@@ -175,11 +198,15 @@ class ModelStats:
         with self.lock:
             self.counts[:] = [0] * N_BUCKETS
             self.acc[:] = [0, 0]
+            if self.outputs is not None:
+                self.outputs.reset()
 
     def snapshot(self) -> StatsSnapshot:
         with self.lock:
             counts = tuple(self.counts)
             errors, bad = self.acc
+            outputs = self.outputs.counts() if self.outputs is not None else None
+        shadow = self.shadow
         return StatsSnapshot(
             name=self.name,
             version=self.version,
@@ -187,6 +214,8 @@ class ModelStats:
             errors=errors,
             bad_requests=bad,
             counts=counts,
+            outputs=outputs,
+            shadow=shadow() if shadow is not None else None,
         )
 
 

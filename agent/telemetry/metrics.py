@@ -272,7 +272,7 @@ def model_report(
     d_ok = sum(interval_counts)
     d_err = now.errors - (before.errors if before else 0)
     d_bad = now.bad_requests - (before.bad_requests if before else 0)
-    return {
+    entry: dict[str, Any] = {
         "name": now.name,
         "version": now.version,
         "active": active,
@@ -286,6 +286,11 @@ def model_report(
         "latency_ms_total": _quantiles(now.counts),
         "histogram_ms": histogram_ms(now.counts),
     }
+    if now.outputs is not None:
+        entry["outputs"] = now.outputs.sketch().to_json()
+    if now.shadow is not None:
+        entry["shadow"] = now.shadow
+    return entry
 
 
 class MetricsRecorder:
@@ -349,11 +354,13 @@ def build_metrics_payload(
     api: dict[str, Any],
     queue: dict[str, int],
     agent_version: str = "",
+    boot: str = "",
 ) -> bytes:
     """The JSON published on ``.../metrics`` (pure)."""
     doc = {
         "v": PAYLOAD_VERSION,
         "device_id": device_id,
+        "boot": boot,
         "seq": seq,
         "ts": round(ts, 3),
         "interval_s": round(interval_s, 3),
@@ -379,9 +386,11 @@ class MetricsReporter:
         queue: Any,  # agent.telemetry.metrics_queue.MetricsQueue
         wall_clock: Callable[[], float] = time.time,
         agent_version: str = "",
+        boot: str = "",
         on_queued: Callable[[], None] | None = None,
     ) -> None:
         self.device_id = device_id
+        self.boot = boot
         self.topic = topic
         self.recorder = recorder
         self.probe = probe
@@ -409,6 +418,7 @@ class MetricsReporter:
                 api=api,
                 queue={"pending": pending, "dropped_total": dropped_total},
                 agent_version=self.agent_version,
+                boot=self.boot,
             )
 
         try:

@@ -153,6 +153,26 @@ def run_converted(
     return ordered
 
 
+def output_baseline(
+    tflite: bytes,
+    xs: Sequence[np.ndarray],
+    *,
+    input_names: Sequence[str],
+    threads: int = 1,
+    runtime: str = "auto",
+) -> dict[str, Any] | None:
+    """The output sketch (:mod:`agent.output_sketch`) of ``tflite`` on float inputs ``xs``
+    (source order), as a device serving those inputs would record it: the same runner, the
+    same recorder, the runtime's first output. None for a model without outputs."""
+    interpreter = load_interpreter(tflite, threads=threads, runtime=runtime)
+    in_perm, _ = signature_order(interpreter, input_names, [])
+    runner = ModelRunner(interpreter, name="baseline")
+    feed = {spec.name: xs[src] for spec, src in zip(runner.inputs, in_perm, strict=True)}
+    runner.predict(feed)
+    counts = runner.stats.snapshot().outputs
+    return counts.sketch().to_json() if counts is not None else None
+
+
 def raw_inputs(interpreter: Any, xs: Sequence[np.ndarray], input_names: Sequence[str]) -> list[np.ndarray]:
     """One sample per runtime input, in the runtime's dtype (quantized if it is integer)."""
     in_perm, _ = signature_order(interpreter, input_names, [])

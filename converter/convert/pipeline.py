@@ -4,7 +4,8 @@ Flow: check the request and the outputs (before any heavy work), load the
 source, load and check the data, convert each variant, run the source model
 and every variant on the same validation inputs, time the variants
 round-robin, choose (``auto``) or keep the requested mode, build golden
-vectors and the card, then publish ``OUT.tflite``, ``OUT.card.json``,
+vectors, the output baseline (the chosen variant's output sketch on the
+validation data, else the calibration data) and the card, then publish ``OUT.tflite``, ``OUT.card.json``,
 ``OUT.golden.npz`` (and the report, if asked) all at once.
 
 Guarantees:
@@ -344,6 +345,17 @@ def convert_model(
         calibration_samples=config.calibration_samples,
     )
     golden_info = {"file": paths.golden.name, "count": int(golden["input_0"].shape[0]), "inputs": golden_from}
+    baseline_data = val if val is not None else cal
+    if baseline_data is not None:
+        say(f"recording the output baseline on {len(baseline_data)} samples")
+        result.output_baseline = measure.output_baseline(
+            variants[chosen].tflite,
+            list(baseline_data.xs),
+            input_names=[s.name for s in source.inputs],
+            threads=config.threads,
+            runtime=config.runtime,
+        )
+        result.baseline_from = "validation" if val is not None else "calibration"
     result.card = _card(result, golden_info, cal)
     _write(result, golden)
     return result
@@ -434,4 +446,5 @@ def _card(result: ConversionResult, golden: dict[str, Any], cal: Dataset | None)
         metrics=metrics,
         golden=golden,
         extra=extra,
+        output_baseline=result.output_baseline,
     )

@@ -77,6 +77,8 @@ def build_report(result: ConversionResult) -> dict[str, Any]:
             "golden": str(result.paths.golden),
         },
         "variants": [_variant_dict(v, base) for v in result.variants.values()],
+        "output_baseline": result.output_baseline,
+        "output_baseline_from": result.baseline_from,
         "notes": list(result.notes),
     }
 

@@ -48,6 +48,10 @@ class ConversionResult:
     report_path: Path | None = None
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
     notes: list[str] = field(default_factory=list)
+    # the chosen variant's output sketch (agent.output_sketch) on the validation data, else
+    # on the calibration data; None without either
+    output_baseline: dict[str, Any] | None = None
+    baseline_from: str | None = None
 
     @property
     def chosen(self) -> VariantResult:

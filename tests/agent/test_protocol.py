@@ -138,3 +138,28 @@ def test_choose_newest_version_that_selects_the_device() -> None:
     assert pick["m"].version == 3
     pick = choose_releases([r for r in rels if r], "pi-2", [])
     assert pick["m"].version == 1
+
+
+def test_shadow_k_is_optional_signed_and_never_fatal() -> None:
+    """An old agent reads only target and canary_pct; this one also shadow_k, which turns
+    shadowing off when malformed but never refuses the release (docs/protocol.md 4.1)."""
+    assert Rollout("all", 25, 10).to_dict() == {"target": "all", "canary_pct": 25, "shadow_k": 10}
+    assert Rollout("all", 25).to_dict() == {"target": "all", "canary_pct": 25}  # as before
+    for bad in (1, -3, 1_000_001, 2.5, True, "10"):
+        with pytest.raises(ProtocolError):
+            Rollout("all", 25, bad)  # type: ignore[arg-type]
+
+    def rule(**ro: object) -> ModelRelease:
+        custom = _custom("m", 2)
+        custom["litefleet"]["rollout"] = {"target": "all", "canary_pct": 5, **ro}
+        rel = parse_release("models/m/2/model.tflite", custom)
+        assert rel is not None and rel.rollout.canary_pct == 5
+        return rel
+
+    assert rule().rollout.shadow_k == 0
+    assert rule(shadow_k=10).rollout.shadow_k == 10
+    assert rule(shadow_k=2).rollout.shadow_k == 2
+    for malformed in (0, 1, -1, 10**9, 2.0, True, "10", None, [10], {"k": 10}):
+        assert rule(shadow_k=malformed).rollout.shadow_k == 0
+    # keys this version does not know are ignored too (a newer host may sign more)
+    assert rule(shadow_k=3, bake_s=600).rollout == Rollout("all", 5, 3)

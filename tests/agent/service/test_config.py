@@ -27,6 +27,8 @@ def test_minimal_config_and_defaults(tmp_path: Path) -> None:
     assert cfg.device_id == "pi-1" and cfg.groups == () and cfg.http == "127.0.0.1:8501"
     assert cfg.http_address == ("127.0.0.1", 8501)
     assert cfg.broker_address.port == 1883 and not cfg.broker_address.tls
+    assert cfg.shadow_max_bytes == 64 * 1024 * 1024
+    assert load_config(write(tmp_path, BASE + "shadow_max_bytes = 0\n")).shadow_max_bytes == 0  # never
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
@@ -49,6 +51,9 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("topic_prefix = 'a/#'\n", "wildcards"),
         ("cert_file = 'c.pem'\n", "go together"),
         ("ca_file = 'ca.pem'\n", "not mqtts"),
+        ("shadow_max_bytes = -1\n", "shadow_max_bytes must not be negative"),
+        ("shadow_max_bytes = '64M'\n", "shadow_max_bytes.*expected an integer"),
+        ("shadow_max_bytes = 1.5\n", "shadow_max_bytes.*expected an integer"),
     ],
 )
 def test_bad_values_are_one_clear_error(tmp_path: Path, extra: str, message: str) -> None:

@@ -250,3 +250,35 @@ def test_reporter_queues_one_message_per_call(tmp_path: Path) -> None:
     assert doc["api"] == {"rest": {"2xx": 1}} and woken == [True, True]
     queue.close()
     assert reporter.report_once() is None  # a broken queue is logged, not raised
+
+
+def test_a_version_entry_carries_its_output_sketch_and_its_shadow() -> None:
+    """outputs: cumulative since loading, like histogram_ms; shadow: the report of whatever
+    the activation code attached (docs/agent-api.md, metrics)."""
+    registry, clock = ModelRegistry(), Clock()
+    v1 = runner("1")
+    registry.activate(ActiveModel("m", "1", "a", v1))
+    recorder = MetricsRecorder(registry, clock=clock)
+    for _ in range(3):
+        v1.predict(np.zeros((1, 2), np.float32))
+    clock.t += 1
+    (entry,), _ = recorder.reports()
+    # [0, 0] is no probability vector: softmax top-1 0.5, the bucket [0.5, 0.55)
+    assert entry["outputs"] == {"kind": "classes", "n": 3, "classes": [[0, 3]], "confidence": [[0.55, 3]]}
+    assert "shadow" not in entry
+    v1.stats.shadow = lambda: {"off": "no_previous"}
+    v1.predict(np.zeros((1, 2), np.float32))
+    (entry,), _ = recorder.reports()
+    assert entry["outputs"]["n"] == 4 and entry["shadow"] == {"off": "no_previous"}
+    payload = build_metrics_payload(
+        device_id="pi-1",
+        seq=1,
+        ts=1.0,
+        interval_s=1.0,
+        models=[entry],
+        device={},
+        api={},
+        queue={},
+        boot="b00t",
+    )
+    assert json.loads(payload)["boot"] == "b00t"

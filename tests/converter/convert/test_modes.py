@@ -174,8 +174,14 @@ def test_golden_vectors_fall_back_to_calibration_then_random(
     )
     assert r.card.golden == {"file": "a.golden.npz", "count": 3, "inputs": "calibration"}
     assert r.card.metrics.get("accuracy") is None  # nothing to validate against
+    # the output baseline too comes from the calibration data then, every sample of it
+    with np.load(digits_files["calibration"]) as cal:
+        assert r.card.output_baseline is not None and r.card.output_baseline["n"] == len(cal["x"])
+    assert r.baseline_from == "calibration"
     r = convert_model(digits_files["keras"], tmp_path / "b.tflite", ConvertConfig(latency_runs=20))
     assert r.card.golden["inputs"] == "random" and r.card.mode == "none"
+    # random stand-ins say nothing about the data a model will see: no baseline
+    assert r.card.output_baseline is None and "output_baseline" not in json.loads(r.card.to_json())
     with np.load(tmp_path / "b.golden.npz") as g:
         assert g["input_0"].shape == (8, 8, 8, 1)
 
