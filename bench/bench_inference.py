@@ -64,7 +64,7 @@ def build_models(out: Path) -> None:  # runs in the child
     os.environ["KERAS_BACKEND"] = "tensorflow"
     import tensorflow as tf
 
-    from tests import models as m
+    from tests.support import models as m
 
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "digits.tflite").exists():
