@@ -29,6 +29,7 @@ CARD_FILE = "card.json"
 GOLDEN_FILE = "golden.npz"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 CUSTOM_KEY = "litefleet"
+MAX_SHADOW_K = 1_000_000
 
 
 class ProtocolError(ValueError):
@@ -111,6 +112,16 @@ class Topics:
             return None
         return parts[0], parts[1]
 
+    def rollout(self, model_name: str) -> str:
+        """The retained record of the rollout of ``model_name`` (the host's rollout
+        controller writes it; monitors read it)."""
+        return f"{self.base}/rollouts/{model_name}"
+
+    @property
+    def rollouts_filter(self) -> str:
+        """Every rollout record."""
+        return f"{self.base}/rollouts/+"
+
     def reply(self, client_id: str, device_id: str) -> str:
         """Where a requester (``client_id``) asks ``device_id`` to answer an inference
         request; it subscribes to ``replies/<client_id>/#``."""
@@ -178,11 +189,15 @@ class Rollout:
 
     ``target`` is ``all``, ``group:<G>`` or ``device:<ID>``; of the devices it
     selects, those whose canary bucket is below ``canary_pct`` take part.
+    ``shadow_k`` (0: none, else >= 2) asks a device that activates this version to
+    keep running its previous version on 1 in ``shadow_k`` live requests and report
+    how often the two agree (a staged rollout's wave below 100 %).
     """
 
     target: str = "all"
     # whole percent: canonical JSON, which TUF signs, has no floats
     canary_pct: int = 100
+    shadow_k: int = 0
 
     def __post_init__(self) -> None:
         kind, _, value = self.target.partition(":")
@@ -194,6 +209,12 @@ class Rollout:
             or not 0 < self.canary_pct <= 100
         ):
             raise ProtocolError(f"canary percentage must be in (0, 100], not {self.canary_pct}")
+        if (
+            isinstance(self.shadow_k, bool)
+            or not isinstance(self.shadow_k, int)
+            or not (self.shadow_k == 0 or 2 <= self.shadow_k <= MAX_SHADOW_K)
+        ):
+            raise ProtocolError(f"shadow_k must be 0 or in [2, {MAX_SHADOW_K}], not {self.shadow_k!r}")
 
     def selects(self, device_id: str, groups: Iterable[str], model_name: str) -> bool:
         kind, _, value = self.target.partition(":")
@@ -204,7 +225,11 @@ class Rollout:
         return canary_bucket(device_id, model_name) < self.canary_pct
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "canary_pct": self.canary_pct}
+        # no shadow: the same bytes as before the field existed
+        out: dict[str, Any] = {"target": self.target, "canary_pct": self.canary_pct}
+        if self.shadow_k:
+            out["shadow_k"] = self.shadow_k
+        return out
 
 
 def canary_bucket(device_id: str, model_name: str) -> float:
@@ -276,7 +301,7 @@ def parse_release(path: str, custom: Mapping[str, Any]) -> ModelRelease | None:
         name = str(lf["name"])
         version = int(lf["version"])
         ro = lf.get("rollout") or {}
-        rollout = Rollout(str(ro.get("target", "all")), ro.get("canary_pct", 100))
+        rollout = Rollout(str(ro.get("target", "all")), ro.get("canary_pct", 100), ro.get("shadow_k") or 0)
         card = lf.get("card")
         golden = lf.get("golden")
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
