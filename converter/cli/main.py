@@ -62,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.DEBUG if args.debug else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        # records a filter demotes after the logger's level check (paho's "Client is not
+        # connected" at each disconnect, agent.mqtt.client) stop here
+        handler.setLevel(level)
     if not args.debug:
         # TensorFlow's C++ and Python chatter is not for the user's console
         import os

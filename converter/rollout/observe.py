@@ -31,13 +31,21 @@ Guarantees:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.protocol import Rollout
 from agent.reasons import PERMANENT, parse_reason
 from agent.serving.stats import N_BUCKETS, bucket_bounds_ns
-from converter.monitor.payloads import EventRecord, MetricsSample, ModelSample, StateCleared, StateRecord
+from converter.monitor.payloads import (
+    EventRecord,
+    Malformed,
+    MetricsSample,
+    ModelSample,
+    Parsed,
+    StateCleared,
+    StateRecord,
+)
 from converter.monitor.sketches import OutputSketch, ShadowCounts, SketchKind
 from converter.rollout.gates import Evidence, SelfLatency, SideStats, p99_ms, sketch_counts
 
@@ -170,12 +178,22 @@ class _Series:
     last: Counters
     base: Counters
     banked: Counters = field(default_factory=Counters)
+    # latency counts from here (None: the latency window has not started)
+    lat_base: tuple[tuple[int, int], ...] | None = None
 
     def window(self) -> Counters:
+        """The window's counts; latency only from the latency window's start."""
         try:
-            return self.banked.plus(self.last.minus(self.base))
+            counts = self.banked.plus(self.last.minus(self.base))
         except JunkError:
-            return self.banked
+            counts = self.banked
+        latency: tuple[tuple[int, int], ...] = ()
+        if self.lat_base is not None:
+            try:
+                latency = _sub(self.last.latency, self.lat_base)
+            except JunkError:
+                latency = ()
+        return replace(counts, latency=latency)
 
 
 class FleetObserver:
@@ -195,8 +213,20 @@ class FleetObserver:
         self.bad_events: list[str] = []
         self.ignored: Counter[str] = Counter()
         self.self_before: dict[str, tuple[float, int]] = {}
+        self._latency_started = False
 
     # -- feeding ---------------------------------------------------------------------------
+    def on_message(self, msg: Parsed) -> None:
+        """Fold in any parsed device message (a malformed metrics message counts as junk)."""
+        if isinstance(msg, StateRecord | StateCleared):
+            self.on_state(msg)
+        elif isinstance(msg, EventRecord):
+            self.on_event(msg)
+        elif isinstance(msg, MetricsSample):
+            self.on_metrics(msg)
+        elif isinstance(msg, Malformed) and msg.kind == "metrics":
+            self.ignore(msg.device_id)
+
     def on_state(self, msg: StateRecord | StateCleared) -> None:
         if isinstance(msg, StateCleared):
             self.devices.pop(msg.device_id, None)
@@ -242,7 +272,10 @@ class FleetObserver:
             return False
         if series is None:
             known = (device_id, boot) in self._boots
-            self._series[key] = _Series(last=now, base=ZERO if known else now)
+            # once latency is measured, a new series' first report is not: it holds the
+            # first requests after a load (slower, and on a shared host, neighbours loading)
+            lat_base = now.latency if self._latency_started else None
+            self._series[key] = _Series(last=now, base=ZERO if known else now, lat_base=lat_base)
             self._keys.setdefault(device_id, []).append((boot, entry.version))
             return True
         try:
@@ -252,6 +285,8 @@ class FleetObserver:
                 return False
             # no boot id: an agent restart; keep what this window earned so far
             series.banked, series.base, series.last = series.window(), ZERO, now
+            if series.lat_base is not None:
+                series.lat_base = now.latency
             return True
         if step.largest() > ABSURD_STEP:
             return False
@@ -278,9 +313,18 @@ class FleetObserver:
 
     # -- windows ---------------------------------------------------------------------------
     def start_window(self) -> None:
-        """A new wave (or a resumed one): count from here on."""
+        """A new wave (or a resumed one): count from here on; latency not yet."""
+        self._latency_started = False
         for series in self._series.values():
-            series.base, series.banked = series.last, ZERO
+            series.base, series.banked, series.lat_base = series.last, ZERO, None
+
+    def start_latency_window(self) -> None:
+        """Count latency from here on (the controller calls it once the wave has settled)."""
+        if self._latency_started:
+            return
+        self._latency_started = True
+        for series in self._series.values():
+            series.lat_base = series.last.latency
 
     def selected(self, rule: Rollout) -> list[str]:
         """Known devices the rule selects, by id."""

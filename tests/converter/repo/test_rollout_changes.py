@@ -19,8 +19,14 @@ def test_rollout_shadow_field_on_the_wire() -> None:
     for bad in (1, -2, True, 2.5, "10"):
         with pytest.raises(ProtocolError):
             Rollout("all", 5, bad)  # type: ignore[arg-type]
-    custom = {"litefleet": {"kind": "model", "name": "m", "version": 2, "rollout": {"target": "all",
-              "canary_pct": 5, "shadow_k": 10, "future_field": 1}}}
+    custom = {
+        "litefleet": {
+            "kind": "model",
+            "name": "m",
+            "version": 2,
+            "rollout": {"target": "all", "canary_pct": 5, "shadow_k": 10, "future_field": 1},
+        }
+    }
     rel = parse_release("models/m/2/model.tflite", custom)
     assert rel is not None and rel.rollout == Rollout("all", 5, 10)
 

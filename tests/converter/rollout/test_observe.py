@@ -39,6 +39,7 @@ def test_window_counts_only_what_happened_since_it_started() -> None:
     dev.counters("3").serve(500, Behaviour(), rng, 0, None)
     obs.on_metrics(metrics(dev))  # first message: its history predates the window
     obs.start_window()
+    obs.start_latency_window()
     dev.counters("3").serve(40, Behaviour(), rng, 0, None)
     obs.on_metrics(metrics(dev))
     rule = Rollout("all", 1)  # selects nobody: dev-a is a control
@@ -61,7 +62,14 @@ def test_a_version_loaded_after_the_last_message_counts_from_zero() -> None:
     obs.on_metrics(metrics(dev))
     ev, devices = obs.evidence(Rollout("all", 100), None)
     assert devices["canary"] == 1 and ev.canary.ok == 100  # nothing of v4 lost
-    assert 20 < ev.canary.compared < 80 and ev.canary.agreed <= ev.canary.compared
+    assert sum(ev.canary.latency) == 0  # latency is not counted until the wave settles
+    obs.start_latency_window()
+    obs.start_latency_window()  # once per window
+    dev.counters("4").serve(100, Behaviour(latency_ms=3.0, agreement=0.5), rng, 2, "3")
+    obs.on_metrics(metrics(dev))
+    ev, _ = obs.evidence(Rollout("all", 100), None)
+    assert ev.canary.ok == 200 and sum(ev.canary.latency) == 100
+    assert 50 < ev.canary.compared < 150 and ev.canary.agreed <= ev.canary.compared
     # the previous version's p99 on this device, from before the switch
     p99_before, n_before = obs.self_before["dev-a"]
     assert n_before == 300 and 0.9 < p99_before < 1.4
@@ -110,6 +118,7 @@ def test_junk_sketch_spoils_neither_latency_nor_the_window() -> None:
     dev.counters("4").serve(50, Behaviour(), rng, 0, None)
     obs.on_metrics(metrics(dev))
     obs.start_window()
+    obs.start_latency_window()
     dev.counters("4").serve(50, Behaviour(), rng, 0, None)
     doc = json.loads(dev.metrics_payload())
     doc["models"][0]["outputs"]["n"] = 10**20  # absurd

@@ -150,14 +150,14 @@ def test_each_gate_passes_and_fails_on_its_formula() -> None:
             ("a",),
             ok=1000,
             errors=2,
-            latency=hist(1.0, 100),
+            latency=hist(1.0, 600),
             kind=SketchKind.CLASSES,
             outputs={0: 50, 1: 50},
             compared=200,
             agreed=190,
         ),
         control=SideStats(
-            ("b",), ok=5000, latency=hist(0.9, 400), kind=SketchKind.CLASSES, outputs={0: 48, 1: 52}
+            ("b",), ok=5000, latency=hist(0.9, 800), kind=SketchKind.CLASSES, outputs={0: 48, 1: 52}
         ),
         self_latency=(SelfLatency("a", 0.95, 300, hist(1.0, 100)),),
         baseline=OutputSketch(SketchKind.CLASSES, 100, classes=((0, 50), (1, 50))),
@@ -174,13 +174,13 @@ def test_each_gate_passes_and_fails_on_its_formula() -> None:
             ("a",),
             ok=900,
             errors=100,
-            latency=hist(40.0, 100),
+            latency=hist(40.0, 600),
             kind=SketchKind.CLASSES,
             outputs={0: 100},
             compared=200,
             agreed=20,
         ),
-        control=SideStats(("b",), ok=5000, latency=hist(1.0, 400), kind=SketchKind.CLASSES, outputs={1: 100}),
+        control=SideStats(("b",), ok=5000, latency=hist(1.0, 800), kind=SketchKind.CLASSES, outputs={1: 100}),
         self_latency=(SelfLatency("a", 1.0, 300, hist(40.0, 100)),),
         bad_events=("a: rolled_back (inference_errors)",),
         baseline=OutputSketch(SketchKind.CLASSES, 100, classes=((1, 100),)),
@@ -191,6 +191,17 @@ def test_each_gate_passes_and_fails_on_its_formula() -> None:
     ratio = r[GateName.LATENCY_P99_RATIO]
     assert 30 < ratio.value < 50 and "p99" in ratio.describe()  # type: ignore[attr-defined,operator]
     assert "a: rolled_back" in r[GateName.HEALTH].describe()  # type: ignore[attr-defined]
+
+
+def test_the_p99_ratio_waits_for_500_requests_a_side_whatever_min_samples_says() -> None:
+    ev = Evidence(
+        canary=SideStats(("a",), ok=499, latency=hist(9.0, 499)),
+        control=SideStats(("b",), ok=900, latency=hist(1.0, 900)),
+    )
+    r = results(ev, min_samples=10)[GateName.LATENCY_P99_RATIO]
+    assert r.verdict is Verdict.WAIT and r.samples == 499  # type: ignore[attr-defined]
+    ev = Evidence(canary=SideStats(("a",), ok=500, latency=hist(9.0, 500)), control=ev.control)
+    assert results(ev, min_samples=10)[GateName.LATENCY_P99_RATIO].verdict is Verdict.FAIL  # type: ignore[attr-defined]
 
 
 def test_too_few_samples_waits_and_off_is_off() -> None:
