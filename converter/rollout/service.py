@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.errors import LitefleetError
+from agent.errors import LitefleetError, TransportError
 from agent.mqtt.client import MqttClient
 from agent.protocol import Topics
 from converter.monitor.payloads import Parsed, StateCleared, StateRecord
@@ -81,8 +81,6 @@ class Controller:
         """Every device whose retained state the broker holds (after the sync barrier)."""
         self.client.sync()
         if not self.client.wait_synced(timeout_s):
-            from agent.errors import TransportError
-
             raise TransportError("the broker did not answer the device state subscription")
         for msg in self.feed.drain(0.0):
             self._early.append(msg)
