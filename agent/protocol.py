@@ -29,7 +29,6 @@ CARD_FILE = "card.json"
 GOLDEN_FILE = "golden.npz"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 CUSTOM_KEY = "litefleet"
-MAX_SHADOW_K = 1_000_000
 
 
 class ProtocolError(ValueError):
@@ -183,15 +182,18 @@ def chunk_hashes(data: bytes, chunk_size: int) -> list[str]:
 # -- rollout rules -------------------------------------------------------------------
 
 
+MAX_SHADOW_K = 1_000_000
+
+
 @dataclass(frozen=True)
 class Rollout:
     """Which devices should run a model version.
 
     ``target`` is ``all``, ``group:<G>`` or ``device:<ID>``; of the devices it
     selects, those whose canary bucket is below ``canary_pct`` take part.
-    ``shadow_k`` (0: none, else >= 2) asks a device that activates this version to
-    keep running its previous version on 1 in ``shadow_k`` live requests and report
-    how often the two agree (a staged rollout's wave below 100 %).
+    ``shadow_k`` (0: none; else 2..:data:`MAX_SHADOW_K`) asks a device that
+    activates this version to run its previous version too on 1 in ``k`` live
+    calls and report how often the two agree (docs/protocol.md, section 4.1).
     """
 
     target: str = "all"
@@ -209,12 +211,8 @@ class Rollout:
             or not 0 < self.canary_pct <= 100
         ):
             raise ProtocolError(f"canary percentage must be in (0, 100], not {self.canary_pct}")
-        if (
-            isinstance(self.shadow_k, bool)
-            or not isinstance(self.shadow_k, int)
-            or not (self.shadow_k == 0 or 2 <= self.shadow_k <= MAX_SHADOW_K)
-        ):
-            raise ProtocolError(f"shadow_k must be 0 or in [2, {MAX_SHADOW_K}], not {self.shadow_k!r}")
+        if shadow_k_of(self.shadow_k) != self.shadow_k:
+            raise ProtocolError(f"shadow_k must be 0 (none) or in 2..{MAX_SHADOW_K}, not {self.shadow_k!r}")
 
     def selects(self, device_id: str, groups: Iterable[str], model_name: str) -> bool:
         kind, _, value = self.target.partition(":")
@@ -225,11 +223,20 @@ class Rollout:
         return canary_bucket(device_id, model_name) < self.canary_pct
 
     def to_dict(self) -> dict[str, Any]:
-        # no shadow: the same bytes as before the field existed
-        out: dict[str, Any] = {"target": self.target, "canary_pct": self.canary_pct}
+        # without a shadow the signed rule is byte for byte what older hosts signed
+        rule: dict[str, Any] = {"target": self.target, "canary_pct": self.canary_pct}
         if self.shadow_k:
-            out["shadow_k"] = self.shadow_k
-        return out
+            rule["shadow_k"] = self.shadow_k
+        return rule
+
+
+def shadow_k_of(value: object) -> int:
+    """A signed rule's ``shadow_k`` as a device reads it: an integer in 2..:data:`MAX_SHADOW_K`,
+    else 0 (absent, 0, 1, negative, too large, not an integer: no shadow). Never raises: a
+    malformed shadow request turns shadowing off, it never refuses the release."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_SHADOW_K:
+        return 0
+    return value
 
 
 def canary_bucket(device_id: str, model_name: str) -> float:
@@ -301,7 +308,10 @@ def parse_release(path: str, custom: Mapping[str, Any]) -> ModelRelease | None:
         name = str(lf["name"])
         version = int(lf["version"])
         ro = lf.get("rollout") or {}
-        rollout = Rollout(str(ro.get("target", "all")), ro.get("canary_pct", 100), ro.get("shadow_k") or 0)
+        # only the keys this version knows are read; shadow_k is optional and never fatal
+        rollout = Rollout(
+            str(ro.get("target", "all")), ro.get("canary_pct", 100), shadow_k_of(ro.get("shadow_k"))
+        )
         card = lf.get("card")
         golden = lf.get("golden")
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:

@@ -27,7 +27,7 @@ from typing import Any
 
 # 2**53: beyond it a JSON number is no longer an exact integer in most parsers
 MAX_COUNT = 2**53
-MAX_CLASSES = 100_000
+MAX_CLASSES = 1 << 20  # as agent.output_sketch
 MAX_BUCKETS = 4096
 # the classifier sketch's confidence buckets: 20 of width 0.05 over [0, 1], by upper bound
 CONFIDENCE_BOUNDS = tuple(round(0.05 * i, 2) for i in range(1, 21))

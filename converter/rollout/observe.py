@@ -7,17 +7,19 @@ It touches no socket, file or clock (``now`` comes in with each call); one threa
 controller's) owns it.
 
 Windows: the counters of a metrics message are cumulative since the version was loaded,
-so each (device, boot, version) is differenced against a baseline: its last message
-before the window started, zero when the same agent process reported earlier without
-this version (it was loaded since), else its first message in the window (what came
-before is unknown and not counted). A counter that goes down is a restart (no ``boot``
-in the message) and the counts earned so far are kept; with a ``boot``, it is junk.
+so each (device, boot, version) is differenced message to message and the steps since the
+window started are summed. A series first seen counts from zero when the same agent
+process (``boot``) reported before without this version (it was loaded since), else from
+its first message (what came before is unknown and not counted). A group of counters that
+goes down (requests, the shadow's, a histogram) was reset: the version was loaded again
+in the same process (a rollback and a return), the shadow started again, or an agent
+without a ``boot`` restarted; the step is then the new value.
 
 Guarantees:
 
 * a message that is malformed, whose sketch or shadow counts are unusable, whose latency
-  buckets are not the agent's, or whose counters go backwards or jump by more than
-  :data:`ABSURD_STEP`, is ignored for the verdict (its usable parts aside: a junk sketch
+  buckets are not the agent's, or whose counters jump by more than :data:`ABSURD_STEP`
+  at once, is ignored for the verdict (its usable parts aside: a junk sketch
   does not spoil the latency of the same message) and counted per device in
   :attr:`FleetObserver.ignored`; nothing a device sends can raise here;
 * canary devices are those the wave's rule selects that report the new version active
@@ -75,23 +77,31 @@ class Counters:
     compared: int = 0
     agreed: int = 0
 
-    def minus(self, base: Counters) -> Counters:
-        """``self - base``; JunkError if any counter went down (a reset or junk)."""
-        kind = self.kind or base.kind
-        if self.kind is not None and base.kind is not None and self.kind is not base.kind:
+    def step_from(self, last: Counters) -> Counters:
+        """What happened between the cumulative ``last`` and ``self``. A group of counters
+        that went down was reset (the version was loaded again in the same process, or the
+        shadow started again): its step is its new value. JunkError if the kind changed."""
+        if self.kind is not None and last.kind is not None and self.kind is not last.kind:
             raise JunkError("the sketch changed kind")
-        out = Counters(
-            ok=self.ok - base.ok,
-            errors=self.errors - base.errors,
-            latency=_sub(self.latency, base.latency),
-            kind=kind,
-            outputs=_sub(self.outputs, base.outputs),
-            compared=self.compared - base.compared,
-            agreed=self.agreed - base.agreed,
+        requests_reset = self.ok < last.ok or self.errors < last.errors
+        shadow_reset = self.compared < last.compared or self.agreed < last.agreed
+        ok, errors = (
+            (self.ok, self.errors) if requests_reset else (self.ok - last.ok, self.errors - last.errors)
         )
-        if min(out.ok, out.errors, out.compared, out.agreed) < 0:
-            raise JunkError("a counter went down")
-        return out
+        compared, agreed = (
+            (self.compared, self.agreed)
+            if shadow_reset
+            else (self.compared - last.compared, self.agreed - last.agreed)
+        )
+        return Counters(
+            ok=ok,
+            errors=errors,
+            latency=_step(self.latency, last.latency),
+            kind=self.kind or last.kind,
+            outputs=_step(self.outputs, last.outputs),
+            compared=compared,
+            agreed=min(agreed, compared),
+        )
 
     def plus(self, other: Counters) -> Counters:
         return Counters(
@@ -119,12 +129,13 @@ class Counters:
 ZERO = Counters()
 
 
-def _sub(a: tuple[tuple[Any, int], ...], b: tuple[tuple[Any, int], ...]) -> tuple[tuple[Any, int], ...]:
-    left = dict(a)
-    for key, n in b:
+def _step(now: tuple[tuple[Any, int], ...], last: tuple[tuple[Any, int], ...]) -> tuple[tuple[Any, int], ...]:
+    """Histogram ``now - last``; ``now`` itself when any bucket went down (a reset)."""
+    left = dict(now)
+    for key, n in last:
         left[key] = left.get(key, 0) - n
     if any(v < 0 for v in left.values()):
-        raise JunkError("a histogram bucket went down")
+        return now
     return tuple(sorted(((k, v) for k, v in left.items() if v), key=_order))
 
 
@@ -173,27 +184,21 @@ class _Device:
 
 @dataclass
 class _Series:
-    """One (device, boot, version): last cumulative counters and the window's share."""
+    """One (device, boot, version): its last cumulative counters and what the window saw."""
 
     last: Counters
-    base: Counters
-    banked: Counters = field(default_factory=Counters)
-    # latency counts from here (None: the latency window has not started)
-    lat_base: tuple[tuple[int, int], ...] | None = None
+    seen: Counters = field(default_factory=Counters)  # steps since the window started
+    # latency steps since the latency window started (None: it has not)
+    latency: tuple[tuple[int, int], ...] | None = None
+
+    def add(self, step: Counters) -> None:
+        self.seen = self.seen.plus(step)
+        if self.latency is not None:
+            self.latency = _add(self.latency, step.latency)
 
     def window(self) -> Counters:
         """The window's counts; latency only from the latency window's start."""
-        try:
-            counts = self.banked.plus(self.last.minus(self.base))
-        except JunkError:
-            counts = self.banked
-        latency: tuple[tuple[int, int], ...] = ()
-        if self.lat_base is not None:
-            try:
-                latency = _sub(self.last.latency, self.lat_base)
-            except JunkError:
-                latency = ()
-        return replace(counts, latency=latency)
+        return replace(self.seen, latency=self.latency or ())
 
 
 class FleetObserver:
@@ -268,29 +273,25 @@ class FleetObserver:
             now = counters_of(entry, series.last if series else None)
             if now.largest() > ABSURD_STEP * 1000:
                 raise JunkError("absurd counts")
+            step = now.step_from(series.last) if series is not None else None
         except JunkError:
             return False
         if series is None:
-            known = (device_id, boot) in self._boots
-            # once latency is measured, a new series' first report is not: it holds the
-            # first requests after a load (slower, and on a shared host, neighbours loading)
-            lat_base = now.latency if self._latency_started else None
-            self._series[key] = _Series(last=now, base=ZERO if known else now, lat_base=lat_base)
+            series = _Series(last=now, latency=() if self._latency_started else None)
+            self._series[key] = series
             self._keys.setdefault(device_id, []).append((boot, entry.version))
+            if (device_id, boot) in self._boots:
+                # the same agent process reported before without this version: it was loaded
+                # since, so all of its counts are new. Not its latency: its first report holds
+                # the first requests after a load (slower; on a shared host, neighbours loading)
+                series.seen = replace(now, latency=())
             return True
-        try:
-            step = now.minus(series.last)
-        except JunkError:
-            if boot:  # the same agent process cannot count backwards
-                return False
-            # no boot id: an agent restart; keep what this window earned so far
-            series.banked, series.base, series.last = series.window(), ZERO, now
-            if series.lat_base is not None:
-                series.lat_base = now.latency
-            return True
+        assert step is not None
         if step.largest() > ABSURD_STEP:
+            series.last = now  # a new footing, but this step counts for nothing
             return False
         series.last = now
+        series.add(step)
         return True
 
     def _note_before(self, device_id: str) -> None:
@@ -316,7 +317,7 @@ class FleetObserver:
         """A new wave (or a resumed one): count from here on; latency not yet."""
         self._latency_started = False
         for series in self._series.values():
-            series.base, series.banked, series.lat_base = series.last, ZERO, None
+            series.seen, series.latency = ZERO, None
 
     def start_latency_window(self) -> None:
         """Count latency from here on (the controller calls it once the wave has settled)."""
@@ -324,7 +325,7 @@ class FleetObserver:
             return
         self._latency_started = True
         for series in self._series.values():
-            series.lat_base = series.last.latency
+            series.latency = ()
 
     def selected(self, rule: Rollout) -> list[str]:
         """Known devices the rule selects, by id."""

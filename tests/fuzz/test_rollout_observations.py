@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.protocol import Rollout
@@ -124,6 +125,14 @@ def as_bytes(doc: Any) -> bytes:
     return json.dumps(doc, allow_nan=True, default=str).encode()
 
 
+# CI draws 300 examples; HYPOTHESIS_PROFILE=soak the profile's (much larger) count
+_CHECKS = [HealthCheck.too_slow, HealthCheck.data_too_large]
+FUZZ = (
+    settings(deadline=None, suppress_health_check=_CHECKS)
+    if os.environ.get("HYPOTHESIS_PROFILE") == "soak"
+    else settings(max_examples=300, deadline=None, suppress_health_check=_CHECKS)
+)
+
 message = st.one_of(
     st.tuples(st.just("metrics"), st.sampled_from(DEVICES), metrics.map(as_bytes)),
     st.tuples(st.just("state"), st.sampled_from(DEVICES), state.map(as_bytes)),
@@ -134,7 +143,7 @@ message = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@FUZZ
 @given(st.lists(message, max_size=25), st.booleans())
 def test_no_device_message_crashes_the_observer_or_the_gates(
     msgs: list[tuple[str, str, bytes]], restart: bool

@@ -78,7 +78,7 @@ def test_a_version_loaded_after_the_last_message_counts_from_zero() -> None:
     assert 2.0 < (r[GateName.LATENCY_P99_SELF].value or 0) < 3.6
 
 
-def test_restart_without_boot_keeps_the_window_and_junk_with_boot_is_ignored() -> None:
+def test_counters_that_restart_keep_the_window_and_absurd_jumps_are_junk() -> None:
     rng = random.Random(3)
     obs = FleetObserver(MODEL, 4, 3, "all")
     dev = FakeDevice("dev-a", MODEL, "4", boot="")
@@ -95,7 +95,8 @@ def test_restart_without_boot_keeps_the_window_and_junk_with_boot_is_ignored() -
     ev, _ = obs.evidence(Rollout("all", 100), None)
     assert ev.canary.ok == 40 and not obs.ignored
 
-    # with a boot id, counters that go down are junk: ignored, counted
+    # with a boot id, counters that go down mean the version was loaded again in the same
+    # process (rolled back and returned to): counted from zero, not junk
     obs2 = FleetObserver(MODEL, 4, 3, "all")
     dev2 = FakeDevice("dev-b", MODEL, "4", boot="b1")
     feed_state(obs2, dev2)
@@ -104,10 +105,19 @@ def test_restart_without_boot_keeps_the_window_and_junk_with_boot_is_ignored() -
     obs2.start_window()
     dev2.counters("4").serve(20, Behaviour(), rng, 0, None)
     obs2.on_metrics(metrics(dev2))
-    dev2.counters("4").ok -= 15
+    dev2.versions.clear()
+    dev2.counters("4").serve(5, Behaviour(), rng, 0, None)
     obs2.on_metrics(metrics(dev2))
     ev2, _ = obs2.evidence(Rollout("all", 100), None)
-    assert ev2.canary.ok == 20 and obs2.ignored["dev-b"] == 1
+    assert ev2.canary.ok == 25 and not obs2.ignored
+    # a jump of more than 10**9 requests in one message is junk: ignored, counted, and the
+    # next message counts from there
+    dev2.counters("4").errors += 2 * 10**9
+    obs2.on_metrics(metrics(dev2))
+    dev2.counters("4").serve(5, Behaviour(), rng, 0, None)
+    obs2.on_metrics(metrics(dev2))
+    ev2, _ = obs2.evidence(Rollout("all", 100), None)
+    assert ev2.canary.ok == 30 and obs2.ignored["dev-b"] == 1
 
 
 def test_junk_sketch_spoils_neither_latency_nor_the_window() -> None:

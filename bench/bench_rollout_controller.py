@@ -1,6 +1,6 @@
 """What the rollout controller costs per device message, against parsing the JSON alone.
 
-    .venv/bin/python bench/bench_rollout.py [--devices 1000] [--messages 20000] [--runs 3]
+    .venv/bin/python bench/bench_rollout_controller.py [--devices 1000] [--messages 20000] [--runs 3]
 
 The messages are metrics in the rollout schema (latency histogram, output sketch of a
 10-class classifier, shadow counts; ``tests.support.fake_fleet``), one per device in
