@@ -67,10 +67,11 @@ class ControllerSettings:
     # has reported metrics on the previous version: the controls' and each canary's own
     # "before" (agents report every metrics_interval_s, 10 s by default)
     warmup_s: float = 15.0
-    # latency is counted from this fraction of the bake on: the canaries' first requests
-    # come while they (and, on a shared host, their neighbours) load and check the new
-    # version. Measured with 20 agents on 2 cores: a second wave's canary/control p99 ratio
-    # of two equal models read 8, 2, 3.1, 3.6 in its first 8 s, counted from the start
+    # latency is counted from this fraction of the bake on (after the wave's start, or after
+    # this controller's start when it resumed a wave): the canaries' first requests come
+    # while they (and, on a shared host, their neighbours) load and check the new version.
+    # Measured with 20 agents on 2 cores: a second wave's canary/control p99 ratio of two
+    # equal models read 8, 2, 3.1, 3.6 in its first 8 s, counted from the start
     latency_settle_bakes: float = 0.25
 
 
@@ -215,9 +216,10 @@ class RolloutDriver:
         if record.wave_started != self._window:
             self.observer.start_window()
             self._window = record.wave_started
-        if record.wave_started is not None and now - record.wave_started >= (
-            record.spec.bake_s * self.settings.latency_settle_bakes
-        ):
+        # a controller that (re)starts in the middle of a wave settles too: the canaries
+        # it first sees may have switched a moment before it started
+        window_start = max(record.wave_started or now, self._adopted)
+        if now - window_start >= record.spec.bake_s * self.settings.latency_settle_bakes:
             self.observer.start_latency_window()
         evidence, devices = self.observer.evidence(record.spec.rule(record.wave), self.baseline)
         self.results = evaluate(evidence, record.spec.gates, record.spec.min_samples)

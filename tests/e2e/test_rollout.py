@@ -56,18 +56,19 @@ DEVICES = 20
 RATE_PER_DEVICE = 10.0
 BAKE = "20s"
 # the same gates for every scenario. 20 agents, their traffic and the controller share 2
-# cores here, so the p99 of a 0.05 ms inference is scheduling noise of ~1 ms: measured, the
-# canary/control ratio of two equal models stayed within 0.8-1.2, while one device's p99
-# from a few dozen requests before the switch against the same device under the rollout's
-# load moved by 8-14x (latency_p99_self is off here for that reason; tests/converter/rollout
-# has it). v2 (~10 ms per inference) is some 10x the noise.
+# cores here, so the p99 of a 0.05 ms inference is scheduling noise of ~0.5-1.5 ms:
+# measured, the canary/control ratio of two equal models read 0.45-1.25 once settled
+# (3.1 when a resumed controller counted canaries that had just switched, before it
+# settled too), while one device's p99 from a few dozen requests before the switch against
+# the same device under the rollout's load moved by 8-14x (latency_p99_self is off here
+# for that reason; tests/converter/rollout has it). v2 read a ratio of 170.
 GATES = (
     "--min-samples",
     "30",
     "--shadow-k",
     "5",
     "--gate",
-    "latency_p99_ratio<=3",
+    "latency_p99_ratio<=4",
     "--gate",
     "latency_p99_self=off",
 )
@@ -229,7 +230,7 @@ class Fleet:
                 "wall_s": round(time.monotonic() - launched, 1),
                 "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
                 # VmHWM while it ran (ru_maxrss of a child counts the forked test process too)
-                "peak_rss_mb": round(peak_kb / 1024, 1),
+                "peak_rss_mb": round(peak_kb / 1024, 1) if peak_kb else None,
                 "exit": proc.returncode,
                 "waves": waves_seen(out),
             }
@@ -377,7 +378,7 @@ def test_a_slower_version_aborts_in_the_first_wave_on_latency(fleet: Fleet, mode
     for d in outside:  # not even a partial download of the slow model's file
         assert not (fleet.agents[d].state_dir / "downloads" / f"{sha}.part").exists()
     gates = json.loads(out)["waves"][0]["gates"]
-    assert gates["latency_p99_ratio"]["value"] > 3, gates
+    assert gates["latency_p99_ratio"]["value"] > 4, gates
     assert version >= 2
 
 
