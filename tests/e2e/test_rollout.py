@@ -18,7 +18,8 @@ waves chosen from the devices' canary buckets so that the first wave holds 3 dev
 
 (b), (c) and (d) need the agent side of issue 10 (output sketches, shadow agreement); (a)
 needs only the latency histograms agents already report (``-k latency`` runs it alone).
-Marked ``slow``; ~4-5 minutes on 2 cores.
+Marked ``slow``; 3 min 39 s on 2 cores (with the agent side merged), ~100 s of it making the
+models and starting the fleet.
 """
 
 from __future__ import annotations
@@ -57,18 +58,19 @@ RATE_PER_DEVICE = 10.0
 BAKE = "20s"
 # the same gates for every scenario. 20 agents, their traffic and the controller share 2
 # cores here, so the p99 of a 0.05 ms inference is scheduling noise of ~0.5-1.5 ms:
-# measured, the canary/control ratio of two equal models read 0.45-1.25 once settled
-# (3.1 when a resumed controller counted canaries that had just switched, before it
+# measured, the canary/control ratio of two equal models read 0.45-2.1 once settled (2.1
+# in a second wave, 10 devices having just loaded the new version; 3.1 when a resumed
+# controller counted canaries that had switched a moment before it started, before it
 # settled too), while one device's p99 from a few dozen requests before the switch against
 # the same device under the rollout's load moved by 8-14x (latency_p99_self is off here
-# for that reason; tests/converter/rollout has it). v2 read a ratio of 170.
+# for that reason; tests/converter/rollout has it). v2 read ratios of 170-190.
 GATES = (
     "--min-samples",
     "30",
     "--shadow-k",
     "5",
     "--gate",
-    "latency_p99_ratio<=4",
+    "latency_p99_ratio<=5",
     "--gate",
     "latency_p99_self=off",
 )
@@ -378,7 +380,7 @@ def test_a_slower_version_aborts_in_the_first_wave_on_latency(fleet: Fleet, mode
     for d in outside:  # not even a partial download of the slow model's file
         assert not (fleet.agents[d].state_dir / "downloads" / f"{sha}.part").exists()
     gates = json.loads(out)["waves"][0]["gates"]
-    assert gates["latency_p99_ratio"]["value"] > 4, gates
+    assert gates["latency_p99_ratio"]["value"] > 5, gates
     assert version >= 2
 
 
