@@ -63,7 +63,7 @@ BAKE = "20s"
 # controller counted canaries that had switched a moment before it started, before it
 # settled too), while one device's p99 from a few dozen requests before the switch against
 # the same device under the rollout's load moved by 8-14x (latency_p99_self is off here
-# for that reason; tests/converter/rollout has it). v2 read ratios of 170-190.
+# for that reason; tests/converter/rollout has it). v2 read ratios of 64-188.
 GATES = (
     "--min-samples",
     "30",
