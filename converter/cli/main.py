@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "converter.cli.convert",
     "converter.cli.repo",
     "converter.cli.push",
+    "converter.cli.rollout",
     "converter.cli.status",
     "converter.cli.monitor",
     "converter.cli.broker",

@@ -14,8 +14,11 @@ from agent.protocol import ProtocolError, Rollout
 from converter.cli.host_mqtt import add_broker_args, connect
 from converter.cli.progress import ProgressBar
 from converter.errors import BadInputError
+from converter.fleet.view import collect_states
+from converter.repo.lock import signing_lock
 from converter.repo.publish import RepoPublisher
 from converter.repo.repository import Repository
+from converter.rollout.selection import KnownDevice, describe
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -115,29 +118,39 @@ def run(args: argparse.Namespace) -> int:
     client, topics = connect(args, "push")
     started = time.monotonic()
     try:
-        result = repo.add_release(
-            args.name, model, card=card, golden=golden, version=args.version, rollout=rollout
-        )
-        if result.unchanged:
-            sys.stdout.write(f"{args.name} v{result.version} already published with this rollout\n")
-        bar = ProgressBar(f"pushing {args.name} v{result.version}")
-        publisher = RepoPublisher(client, topics)
-        try:
-            publisher.apply(
-                result.plan,
-                repo.pending_uploads(result.plan.uploads),
-                repo.current_metadata(),
-                repo.retained_metadata_names(),
-                bar,
+        # before anything is signed: which known devices this rule selects (issue 10: a
+        # `--canary 50` on a fleet of two selected neither, and nothing said so)
+        devices = [KnownDevice(r["device_id"], tuple(r["groups"])) for r in collect_states(client, topics)]
+        version = args.version or repo.next_version(args.name)
+        sys.stdout.write(f"{args.name} v{version} for {rollout.target}")
+        sys.stdout.write(f" (canary {rollout.canary_pct} %): " if rollout.canary_pct < 100 else ": ")
+        sys.stdout.write(describe(rollout, args.name, devices) + "\n")
+        with signing_lock(args.repo):
+            repo = Repository.open(args.repo)  # as it is now that we hold the lock
+            # (held until published: mark_published writes repo.json too)
+            result = repo.add_release(
+                args.name, model, card=card, golden=golden, version=args.version, rollout=rollout
             )
-        except TransportError as exc:
-            raise TransportError(
-                f"{exc}; the repository is signed but not fully published: run "
-                f"`litefleet repo publish {args.repo} --broker ...` or push again"
-            ) from exc
-        finally:
-            bar.close()
-        repo.mark_published()
+            if result.unchanged:
+                sys.stdout.write(f"{args.name} v{result.version} already published with this rollout\n")
+            bar = ProgressBar(f"pushing {args.name} v{result.version}")
+            publisher = RepoPublisher(client, topics)
+            try:
+                publisher.apply(
+                    result.plan,
+                    repo.pending_uploads(result.plan.uploads),
+                    repo.current_metadata(),
+                    repo.retained_metadata_names(),
+                    bar,
+                )
+            except TransportError as exc:
+                raise TransportError(
+                    f"{exc}; the repository is signed but not fully published: run "
+                    f"`litefleet repo publish {args.repo} --broker ...` or push again"
+                ) from exc
+            finally:
+                bar.close()
+            repo.mark_published()
     finally:
         client.stop()
     parts = [f"{args.name} v{result.version} -> {rollout.target}"]

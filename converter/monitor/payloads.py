@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.telemetry.metrics import THROTTLE_BITS
+from converter.monitor.sketches import OutputSketch, ShadowCounts, parse_outputs, parse_shadow
 
 # a metrics message is ~1-3 KB; anything far larger is not from an agent
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -68,6 +69,11 @@ class ModelSample:
     mean_ms_total: float | None = None
     # sparse (upper bound in ms, None for the open bucket; count) since loading
     histogram_ms: tuple[tuple[float | None, int], ...] = ()
+    # since loading (converter.monitor.sketches); None when absent or unusable
+    outputs: OutputSketch | None = None
+    shadow: ShadowCounts | None = None
+    # why a present ``outputs``/``shadow`` was unusable (it is then None)
+    junk: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class MetricsSample:
     interval_s: float | None = None
     agent_version: str | None = None
     models: tuple[ModelSample, ...] = ()
+    boot: str | None = None
     cpu_percent_process: float | None = None
     cpu_percent_system: float | None = None
     rss_bytes: int | None = None
@@ -220,6 +227,8 @@ def parse_model_entry(entry: Any) -> ModelSample | None:
     interval = _dict(entry.get("interval"))
     latency = _dict(entry.get("latency_ms"))
     total = _dict(entry.get("latency_ms_total"))
+    outputs, bad_outputs = parse_outputs(entry.get("outputs"))
+    shadow, bad_shadow = parse_shadow(entry.get("shadow"))
     return ModelSample(
         name=name,
         version=version,
@@ -237,6 +246,9 @@ def parse_model_entry(entry: Any) -> ModelSample | None:
         mean_ms=_num(latency.get("mean")),
         mean_ms_total=_num(total.get("mean")),
         histogram_ms=_histogram(entry.get("histogram_ms")),
+        outputs=outputs,
+        shadow=shadow,
+        junk=tuple(why for why in (bad_outputs, bad_shadow) if why is not None),
     )
 
 
@@ -289,6 +301,7 @@ def parse_metrics(device_id: str, payload: bytes) -> MetricsSample | Malformed:
         interval_s=_num(doc.get("interval_s")),
         agent_version=_text(doc.get("agent_version"), 64),
         models=models,
+        boot=_text(doc.get("boot"), 64),
         cpu_percent_process=_num(dev.get("cpu_percent_process")),
         cpu_percent_system=_num(dev.get("cpu_percent_system")),
         rss_bytes=rss,

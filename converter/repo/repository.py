@@ -53,6 +53,7 @@ from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, Root, Snapshot, Tar
 
 from agent.files import atomic_write, fsync_dir
 from agent.protocol import DEFAULT_CHUNK_SIZE, Rollout
+from converter.crash_points import crash_point
 from converter.errors import BadInputError, RepositoryError
 from converter.repo.signing import (
     RootKeysNeededError,
@@ -68,12 +69,15 @@ from converter.repo.signing import (
 from converter.repo.state import DEFAULT_EXPIRY, ExpiryDays, RepoState, parse_state
 from converter.repo.targets import (
     PublishPlan,
+    ReleaseChange,
     ReleaseFiles,
     SignedTarget,
     TargetUpload,
     model_releases,
     parse_targets,
     plan_release,
+    plan_removal,
+    plan_retarget,
     sha256_hex,
 )
 
@@ -349,9 +353,20 @@ class Repository:
             chunk_size=self.state.chunk_size,
             now=now_utc().isoformat(),
         )
+        return self._apply(change, latest={name: max(latest, change.version)})
+
+    def retarget(self, name: str, version: int, rollout: Rollout) -> ReleaseResult:
+        """Sign a new rollout rule for a version already in the repository (no upload)."""
+        return self._apply(plan_retarget(self.catalog, name=name, version=version, rollout=rollout))
+
+    def remove_release(self, name: str, version: int) -> ReleaseResult:
+        """Take a version out of the signed targets (its number is never used again)."""
+        return self._apply(plan_removal(self.catalog, name=name, version=version))
+
+    def _apply(self, change: ReleaseChange, latest: dict[str, int] | None = None) -> ReleaseResult:
         if change.unchanged:
             return ReleaseResult(
-                name, change.version, self.targets.signed.version, PublishPlan(), unchanged=True
+                change.name, change.version, self.targets.signed.version, PublishPlan(), unchanged=True
             )
         targets: Metadata[Targets] = copy_metadata(self.targets)
         plan = PublishPlan(uploads=list(change.uploads))
@@ -360,9 +375,9 @@ class Repository:
             plan.clear_targets.append((gone.file, len(gone.chunks.hashes)))
         for target in change.put:
             targets.signed.targets[target.path] = target.to_target_file()
-        self._commit(targets, plan, latest={name: max(latest, change.version)})
+        self._commit(targets, plan, latest=latest or {})
         return ReleaseResult(
-            name, change.version, self.targets.signed.version, plan, list(change.removed_versions)
+            change.name, change.version, self.targets.signed.version, plan, list(change.removed_versions)
         )
 
     def rotate(self, role: str, *, keys: int | None = None, threshold: int | None = None) -> PublishPlan:
@@ -449,6 +464,9 @@ class Repository:
                 atomic_write(dest, up.data, 0o644, durable=False)
         for name, data in files:
             atomic_write(self.md_dir / name, data, 0o644)
+        # a crash here leaves new metadata files that repo.json does not name: nothing is
+        # published, and the next change signs the same version numbers over them
+        crash_point("repo-metadata-written")
         old = self.state.versions
         # devices mid-refresh may still ask for the previous versions: keep those, clear older
         if old.targets > 1:

@@ -18,13 +18,16 @@ Guarantees:
 * a version's files never change once signed: a push of an existing version
   with other content is refused (:class:`~converter.errors.BadInputError`), and
   the same content with another rollout changes only the model target's rollout;
-* a version that was published and dropped is never signed again.
+* a version that was published and dropped is never signed again;
+* :func:`plan_retarget` and :func:`plan_removal` change only the rollout rule of one
+  version, or take one version out, and say ``unchanged`` when the targets already are
+  what they ask: applying either twice signs once.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -312,8 +315,46 @@ def plan_release(
         if retargeted is None:
             return ReleaseChange(name, version, unchanged=True)
         put, uploads = (retargeted,), ()
-    releases = {**model_releases(catalog, name), version: rollout}
+    removed, drop = _no_longer_kept(catalog, name, {**model_releases(catalog, name), version: rollout})
+    return ReleaseChange(name, version, put, uploads, drop, removed)
+
+
+def _no_longer_kept(
+    catalog: Mapping[str, SignedTarget], name: str, releases: Mapping[int, Rollout]
+) -> tuple[tuple[int, ...], tuple[SignedTarget, ...]]:
+    """The versions of ``name`` that :func:`versions_to_keep` drops once ``releases`` are
+    signed, and their targets."""
     removed = sorted(set(releases) - versions_to_keep(releases))
-    folders = {f"models/{name}/{v}/" for v in removed}
+    return removed_versions(catalog, name, removed)
+
+
+def removed_versions(
+    catalog: Mapping[str, SignedTarget], name: str, versions: Iterable[int]
+) -> tuple[tuple[int, ...], tuple[SignedTarget, ...]]:
+    folders = {f"models/{name}/{v}/" for v in versions}
     drop = tuple(t for path, t in catalog.items() if path.rsplit("/", 1)[0] + "/" in folders)
-    return ReleaseChange(name, version, put, uploads, drop, tuple(removed))
+    return tuple(sorted(versions)), drop
+
+
+def plan_retarget(
+    catalog: Mapping[str, SignedTarget], *, name: str, version: int, rollout: Rollout
+) -> ReleaseChange:
+    """Give the signed ``version`` of ``name`` another rollout rule; no file changes (the
+    rollout controller's next wave). Versions no longer kept are dropped as by a push."""
+    existing = catalog.get(target_path(name, version, MODEL_FILE))
+    if existing is None or existing.release is None:
+        raise BadInputError(f"{name} version {version} is not in the repository")
+    if existing.release.rollout == rollout:
+        return ReleaseChange(name, version, unchanged=True)
+    removed, drop = _no_longer_kept(catalog, name, {**model_releases(catalog, name), version: rollout})
+    return ReleaseChange(name, version, (existing.with_rollout(rollout),), (), drop, removed)
+
+
+def plan_removal(catalog: Mapping[str, SignedTarget], *, name: str, version: int) -> ReleaseChange:
+    """Take ``version`` of ``name`` (model, card, golden) out of the signed targets: every
+    device that took it goes back to the newest version its rule still selects (an
+    aborted rollout). Nothing to do when it is not there."""
+    removed, drop = removed_versions(catalog, name, [version])
+    if not drop:
+        return ReleaseChange(name, version, unchanged=True)
+    return ReleaseChange(name, version, (), (), drop, removed)

@@ -139,6 +139,9 @@ def test_host_writes_repository_but_not_device_reports() -> None:
         assert allowed(g, "read", f"{B}/devices/dev-a/{leaf}")
     for leaf in ("events", "metrics"):
         assert not allowed(g, "write", f"{B}/devices/dev-a/{leaf}")
+    # the rollout controller's retained records (docs/protocol.md 6.5)
+    assert allowed(g, "write", f"{B}/rollouts/digits") and allowed(g, "read", f"{B}/rollouts/digits")
+    assert not allowed(device_grants(Topics("litefleet"), "dev-a"), "write", f"{B}/rollouts/digits")
     assert allowed(g, "read", f"{B}/replies/_lf-host-1/dev-a")
     assert not allowed(g, "write", f"{B}/replies/_lf-host-1/dev-a")
 
