@@ -40,12 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="PCT",
         help="only this percentage of the targeted devices, chosen by a stable hash (default 100)",
     )
-    p.add_argument(
-        "--no-check-data",
-        action="store_true",
-        help="push a model without its card or golden vectors (devices then only check that it "
-        "loads and runs once on zeros, not that its inputs, outputs and results are right)",
-    )
+    add_check_data_arg(p)
     add_broker_args(p)
     p.set_defaults(func=run)
 
@@ -55,6 +50,26 @@ LOST_WITHOUT = {
     "card": "its inputs and outputs against the model card",
     "golden vectors": "its outputs against the golden vectors (only that it runs once on zeros)",
 }
+
+
+def add_check_data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-check-data",
+        action="store_true",
+        help="publish a model without its card or golden vectors (devices then only check that it "
+        "loads and runs once on zeros, not that its inputs, outputs and results are right)",
+    )
+
+
+def require_check_data(args: argparse.Namespace, card: bytes | None, golden: bytes | None) -> None:
+    """Refuse a model without its card or golden vectors unless --no-check-data says so (then warn)."""
+    lost = missing_check_data(args.model, card, golden)
+    if lost and not args.no_check_data:
+        raise BadInputError(
+            f"{lost}. `litefleet convert` writes both; --no-check-data publishes it without them"
+        )
+    if lost:
+        sys.stderr.write(f"litefleet: warning: {lost}\n")
 
 
 def missing_check_data(model: Path, card: bytes | None, golden: bytes | None) -> str | None:
@@ -107,13 +122,7 @@ def run(args: argparse.Namespace) -> int:
     except ProtocolError as exc:
         raise BadInputError(str(exc)) from exc
     model, card, golden = read_model_files(args.model)
-    lost = missing_check_data(args.model, card, golden)
-    if lost and not args.no_check_data:
-        raise BadInputError(
-            f"{lost}. `litefleet convert` writes both; --no-check-data pushes it without them"
-        )
-    if lost:
-        sys.stderr.write(f"litefleet: warning: {lost}\n")
+    require_check_data(args, card, golden)
     repo = Repository.open(args.repo)
     client, topics = connect(args, "push")
     started = time.monotonic()

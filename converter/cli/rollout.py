@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.protocol import NAME_RE
 from converter.cli.host_mqtt import add_broker_args
-from converter.cli.push import read_model_files, sidecars
+from converter.cli.push import add_check_data_arg, read_model_files, require_check_data, sidecars
 from converter.cli.rollout_ops import register_ops
 from converter.cli.rollout_run import close_controller, follow, open_controller, view_for
 from converter.cli.rollout_view import LiveView
@@ -83,6 +83,7 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
         + ", ".join(f"{s.describe()}" for s in DEFAULT_GATES.values()),
     )
     p.add_argument("--json", action="store_true", help="print the final record (plan: the plan) as JSON")
+    add_check_data_arg(p)
     add_broker_args(p)
 
 
@@ -148,6 +149,7 @@ def _prepare(args: argparse.Namespace) -> tuple[RolloutSpec, ReleaseFiles, dict[
     """Everything ``start`` and ``plan`` check before touching the broker."""
     spec = spec_from_args(args)
     model, card, golden = read_model_files(args.model)
+    require_check_data(args, card, golden)
     baseline = card_baseline(card, str(sidecars(args.model)[0]))
     repo = Repository.open(args.repo)
     version, previous = choose_versions(

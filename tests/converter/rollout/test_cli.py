@@ -58,6 +58,7 @@ class Setup:
             str(self.repo),
             "--name",
             MODEL,
+            "--no-check-data",
             "--broker",
             broker.url,
         )
@@ -79,6 +80,7 @@ class Setup:
             str(self.repo),
             "--name",
             MODEL,
+            "--no-check-data",
             "--broker",
             self.broker.url,
             *args,
@@ -133,6 +135,14 @@ def test_bad_input_is_one_line_exit_2_and_nothing_signed(setup: Setup, fleet_of:
     assert not (setup.tmp / "v2").joinpath("nothing").exists()
 
 
+def test_a_model_without_its_card_and_golden_vectors_is_refused_like_push(setup: Setup) -> None:
+    before = setup.targets_version()
+    args = ["--repo", str(setup.repo), "--name", MODEL, "--broker", setup.broker.url]
+    code, _, err = litefleet("rollout", "start", str(model_file(setup.tmp / "v2", "v2")), *args)
+    assert code == 2 and "no card (v2.card.json) and no golden vectors" in err and "--no-check-data" in err
+    assert setup.targets_version() == before and not RolloutStore(setup.repo).names()
+
+
 def test_a_first_wave_that_selects_no_known_device_is_refused(setup: Setup, fleet_of: Any) -> None:
     _, ids = fleet_of(3, lambda v: Behaviour())
     low = int(canary_bucket(ids[0], MODEL))  # a wave below every device's bucket
@@ -156,6 +166,7 @@ def test_push_says_which_known_devices_a_rule_selects(setup: Setup, fleet_of: An
         str(setup.repo),
         "--name",
         MODEL,
+        "--no-check-data",
         "--canary",
         str(pct),
         "--broker",
@@ -169,6 +180,7 @@ def test_push_says_which_known_devices_a_rule_selects(setup: Setup, fleet_of: An
         str(setup.repo),
         "--name",
         MODEL,
+        "--no-check-data",
         "--broker",
         setup.broker.url,
     )
@@ -186,6 +198,7 @@ def test_plan_names_the_devices_of_each_wave(setup: Setup, fleet_of: Any) -> Non
         str(setup.repo),
         "--name",
         MODEL,
+        "--no-check-data",
         "--broker",
         setup.broker.url,
         "--waves",

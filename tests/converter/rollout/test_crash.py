@@ -54,7 +54,17 @@ def prepared(broker: Any, tmp: Path) -> tuple[Path, Path, int]:
     must("repo", "init", str(repo))
     for tag in ("v1", "v2"):
         (tmp / f"{tag}.tflite").write_bytes(b"\0\0\0\0TFL3" + tag.encode() * 100)
-    must("push", str(tmp / "v1.tflite"), "--repo", str(repo), "--name", MODEL, "--broker", broker.url)
+    must(
+        "push",
+        str(tmp / "v1.tflite"),
+        "--repo",
+        str(repo),
+        "--name",
+        MODEL,
+        "--broker",
+        broker.url,
+        "--no-check-data",
+    )
     return repo, tmp / "v2.tflite", Repository.open(repo).targets.signed.version
 
 
@@ -85,6 +95,7 @@ def test_killed_while_promoting_and_resumed(broker: Any, tmp_path: Path, point: 
         str(model),
         "--name",
         MODEL,
+        "--no-check-data",
         *args,
         "--waves",
         "10,50,100",
@@ -118,6 +129,7 @@ def test_killed_while_aborting_and_resumed(broker: Any, tmp_path: Path, point: s
         str(model),
         "--name",
         MODEL,
+        "--no-check-data",
         *args,
         "--waves",
         "10,100",
