@@ -111,6 +111,16 @@ class Topics:
             return None
         return parts[0], parts[1]
 
+    def rollout(self, model_name: str) -> str:
+        """The retained record of the rollout of ``model_name`` (the host's rollout
+        controller writes it; monitors read it)."""
+        return f"{self.base}/rollouts/{model_name}"
+
+    @property
+    def rollouts_filter(self) -> str:
+        """Every rollout record."""
+        return f"{self.base}/rollouts/+"
+
     def reply(self, client_id: str, device_id: str) -> str:
         """Where a requester (``client_id``) asks ``device_id`` to answer an inference
         request; it subscribes to ``replies/<client_id>/#``."""

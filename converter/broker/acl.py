@@ -71,11 +71,13 @@ def device_grants(topics: Topics, device_id: str) -> tuple[Grant, ...]:
 
 
 def host_grants(topics: Topics) -> tuple[Grant, ...]:
-    """What the host identity may do: write (and read back) the repository, read all
-    device topics and replies, send what devices read (inference requests), clear a
+    """What the host identity may do: write (and read back) the repository and the rollout
+    records, read all device topics and replies, send what devices read (inference requests), clear a
     device's retained state."""
     return (
         Grant("readwrite", topics.repo_filter),
+        # the rollout controller's retained records (written and read back by host tools)
+        Grant("readwrite", topics.rollouts_filter),
         Grant("read", topics.device_filter("+")),
         *(Grant("write", t) for t in topics.device_inbound("+")),
         # an empty retained message clears the row of a removed device
