@@ -127,6 +127,9 @@ tests:
         values: '0 0 0 2x20'
       - series: 'litefleet_monitor_messages_total{{kind="metrics"}}'
         values: '10 20 30 30x20'
+      # a site's status every 5 s is not a device speaking
+      - series: 'litefleet_monitor_messages_total{{kind="sites"}}'
+        values: '0+12x23'
       - series: 'litefleet_monitor_dropped_total'
         values: '0x20'
     alert_rule_test:

@@ -171,7 +171,12 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
         "histogram",
         "Inference latency since the version was loaded, one bucket per power of two of nanoseconds.",
     ),
-    ("litefleet_monitor_messages_total", "counter", "Messages this collector received by kind."),
+    (
+        "litefleet_monitor_messages_total",
+        "counter",
+        "Messages this collector received by kind (device: state, events, metrics; host side: "
+        "rollouts, metadata, sites).",
+    ),
     (
         "litefleet_monitor_duplicates_total",
         "counter",
