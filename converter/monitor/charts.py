@@ -133,10 +133,12 @@ def downsample(
     of each bin's values, at the bin's last timestamp (None when it has none)."""
     if len(points) <= max_points or until <= since:
         return list(points)
-    width = (until - since) / max_points
+    per_s = max_points / (until - since)
+    last = max_points - 1
     bins: dict[int, list[Point]] = {}
     for p in points:
-        idx = min(max_points - 1, max(0, int((p[0] - since) / width)))
+        idx = int((p[0] - since) * per_s)
+        idx = 0 if idx < 0 else last if idx > last else idx
         bins.setdefault(idx, []).append(p)
     out: list[Point] = []
     for idx in sorted(bins):

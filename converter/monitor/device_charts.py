@@ -162,8 +162,11 @@ class _Frame:
         )
 
 
-def device_charts(h: DeviceHistory, axes: Axes, since: float, until: float) -> list[str]:
-    """The charts of one device, as SVG strings."""
+def device_charts(
+    h: DeviceHistory, axes: Axes, since: float, until: float, lines: dict[str, list[Point]] | None = None
+) -> list[str]:
+    """The charts of one device, as SVG strings (``lines``: its :func:`_binned` lines, when
+    the caller has them already)."""
     current = h.view is not None and h.view.current
     last = _last_ts(h)
     health = h.view.health if h.view is not None else "removed"
@@ -175,7 +178,7 @@ def device_charts(h: DeviceHistory, axes: Axes, since: float, until: float) -> l
         shaded=() if current or last is None else ((last, until, health),),
         device_id=h.device_id,
         current=current,
-        lines=_binned(h, since, until),
+        lines=lines if lines is not None else _binned(h, since, until),
     )
     charts = [
         f.chart(
@@ -210,10 +213,11 @@ def device_charts(h: DeviceHistory, axes: Axes, since: float, until: float) -> l
 
 def device_rows(histories: Sequence[DeviceHistory], since: float, until: float, now: float) -> list[str]:
     """One ``<div>`` per device: a heading that says its health, then its charts."""
-    axes = shared_axes([_binned(h, since, until) for h in histories])
+    binned = [_binned(h, since, until) for h in histories]
+    axes = shared_axes(binned)
     out = []
     e = html.escape
-    for h in histories:
+    for h, lines in zip(histories, binned, strict=True):
         v = h.view
         health = v.health if v is not None else "removed"
         model = f" · {v.state.model} v{v.state.version}" if v and v.state and v.state.model else ""
@@ -226,6 +230,6 @@ def device_rows(histories: Sequence[DeviceHistory], since: float, until: float, 
             f'<div class="devrow" data-device="{e(h.device_id)}" data-health="{e(health)}">'
             f'<h3><a href="?device={quote(h.device_id, safe="")}">{e(h.device_id)}</a> '
             f'<span class="{e(health)}">{e(health)}</span>{e(model)}<span class="sub">{e(note)}</span></h3>'
-            '<div class="charts">' + "\n".join(device_charts(h, axes, since, until)) + "</div></div>"
+            '<div class="charts">' + "\n".join(device_charts(h, axes, since, until, lines)) + "</div></div>"
         )
     return out
