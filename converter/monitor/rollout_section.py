@@ -36,6 +36,9 @@ STATE_CLASS = {
 }
 BAD_EVENTS = ("rejected", "rolled_back")
 SHOWN_EVENTS = 12
+# a running rollout's record older than this gets a warning (a bake is minutes long and the
+# controller rewrites the record while gates move; a quiet wave may still be waiting)
+CONTROLLER_SILENT_S = 300.0
 GATE_COLOR = "#1f77b4"
 
 
@@ -178,6 +181,14 @@ def _bake(r: RolloutView, now: float) -> str:
     return f" · this wave for {_minutes(now - r.wave_started)} of a {_minutes(r.bake_s)} bake"
 
 
+def _silent(r: RolloutView, now: float) -> str:
+    """A warning when a running rollout's record has not moved for a while: the controller
+    writes it at least on every change and every few seconds while gates move."""
+    if r.terminal or r.updated is None or now - r.updated < CONTROLLER_SILENT_S:
+        return ""
+    return ' <span class="warn">(nothing new from the controller: is it running?)</span>'
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
@@ -195,7 +206,7 @@ def rollout_panel(p: RolloutPanel, now: float) -> str:
         + (f" · target {e(r.target)}" if r.target else "")
         + "</h3>",
         f'<div class="sub">started {e(started)}{e(_bake(r, now))} · '
-        f"record updated {e(age(now, r.updated))}</div>",
+        f"record updated {e(age(now, r.updated))}{_silent(r, now)}</div>",
         _waves(r),
     ]
     if r.reason:

@@ -268,6 +268,10 @@ def test_rollout_panel_shows_versions_waves_gates_and_events() -> None:
         'data-gate="latency_p99_ratio"' in chart and 'class="threshold"' in chart and ">25 %</text>" in chart
     )
     assert rollouts_section([], NOW) == ""
+    assert "is it running?" not in html_text  # aborted: nothing more to come
+    quiet = parse_rollout("digits", json.dumps({**RECORD, "state": "baking", "updated": NOW - 900}).encode())
+    assert isinstance(quiet, RolloutView)
+    assert "is it running?" in rollouts_section([RolloutPanel(quiet, {})], NOW)
 
 
 def test_sites_table_and_expiry_line() -> None:
