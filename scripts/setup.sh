@@ -105,7 +105,8 @@ setup_test_tools() {
   setup_packages qemu-aarch64-static=qemu-user-static \
     /usr/share/keyrings/debian-archive-keyring.gpg=debian-archive-keyring \
     faketime=faketime \
-    promtool=prometheus
+    promtool=prometheus \
+    chromium=chromium
   # only promtool is wanted: where the package (or its recommended node exporter)
   # started a service, stop it and keep it off
   local unit

@@ -3,6 +3,10 @@
 Runs until Ctrl-C or SIGTERM, then disconnects, writes what is still queued
 and exits 0. The console belongs to this module: a short summary line on
 stderr every ``--summary-interval`` seconds unless ``--quiet``.
+
+``--prometheus HOST:PORT`` serves ``/metrics`` only (and ``/healthz``): a port to
+open to a Prometheus server. ``--http HOST:PORT`` serves the page and its JSON
+API (and ``/healthz``): a port for people. The same address for both serves both.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from agent.protocol import Topics
 from converter.cli.host_mqtt import add_broker_args, finite_float, settings_from_args, topic_prefix
 from converter.errors import BadInputError
 from converter.monitor.collector import Collector, CollectorConfig, check_share_group, make_client
-from converter.monitor.http_server import MonitorHttpServer, parse_listen
+from converter.monitor.http_server import MonitorHttpServer, Serves, parse_listen
 from converter.monitor.live import FleetSnapshot
 from converter.monitor.store import MonitorStore
 
@@ -43,7 +47,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--prometheus",
         metavar="HOST:PORT",
-        help="serve /metrics (Prometheus), / (HTML page) and /api/devices here, e.g. 127.0.0.1:9464",
+        help="serve /metrics for Prometheus (and /healthz) here, e.g. 127.0.0.1:9464",
+    )
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the HTML page (/), /api/devices and /api/rollouts (and /healthz) here, "
+        "e.g. 127.0.0.1:8080; the same address as --prometheus serves both there",
     )
     p.add_argument(
         "--no-histograms",
@@ -99,6 +109,29 @@ def check_session_name(name: str) -> str:
     return name
 
 
+def plan_servers(prometheus: str | None, http: str | None) -> list[tuple[tuple[str, int], frozenset[Serves]]]:
+    """The HTTP servers to start: one per address, serving what was asked there."""
+    wanted: dict[tuple[str, int], set[Serves]] = {}
+    for text, flag, serves in ((prometheus, "--prometheus", Serves.METRICS), (http, "--http", Serves.PAGE)):
+        if text:
+            address = parse_listen(text, flag)
+            # port 0 means "any free port": two of them are two servers
+            key = address if address[1] else (address[0], -len(wanted) - 1)
+            wanted.setdefault(key, set()).add(serves)
+    return [((host, max(port, 0)), frozenset(serves)) for (host, port), serves in wanted.items()]
+
+
+def serving_line(server: MonitorHttpServer) -> str:
+    host, port = server.address
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    parts = []
+    if Serves.PAGE in server.serves:
+        parts.append(f"the page on {url}/")
+    if Serves.METRICS in server.serves:
+        parts.append(f"Prometheus on {url}/metrics")
+    return "monitor: serving " + " and ".join(parts)
+
+
 def summary_line(snap: FleetSnapshot, rate: float) -> str:
     s = snap.stats
     dup = sum(s.duplicates.values())
@@ -120,7 +153,7 @@ def summary_line(snap: FleetSnapshot, rate: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     group = check_share_group(args.share) if args.share is not None else None
-    listen = parse_listen(args.prometheus) if args.prometheus else None
+    listens = plan_servers(args.prometheus, args.http)
     session = check_session_name(args.session) if args.session is not None else None
     if not 1 <= args.session_expiry <= MAX_SESSION_EXPIRY_S:
         raise BadInputError(f"--session-expiry must be between 1 and {MAX_SESSION_EXPIRY_S} seconds")
@@ -136,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         store,
         CollectorConfig(share_group=group, retention_days=args.retention_days),
     )
-    http: MonitorHttpServer | None = None
+    servers: list[MonitorHttpServer] = []
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -145,19 +178,22 @@ def run(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            if listen is not None:
-                http = MonitorHttpServer(collector, *listen, histograms=not args.no_histograms)
+            for address, serves in listens:
+                servers.append(
+                    MonitorHttpServer(collector, *address, histograms=not args.no_histograms, serves=serves)
+                )
             collector.start(args.timeout)
         except LitefleetError:
+            for server in servers:
+                server.stop()
             collector.stop()
             if created:  # a failed command leaves nothing behind
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{args.db}{suffix}").unlink(missing_ok=True)
             raise
-        if http is not None:
-            http.start()
-            host, port = http.address
-            sys.stderr.write(f"monitor: serving http://{host}:{port}/ and /metrics\n")
+        for server in servers:
+            server.start()
+            sys.stderr.write(serving_line(server) + "\n")
         sys.stderr.write(
             f"monitor: collecting into {args.db}"
             + (f" (shared subscription group {group})" if group else "")
@@ -176,8 +212,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if http is not None:
-            http.stop()
+        for server in servers:
+            server.stop()
         collector.stop()
     if not args.quiet:
         sys.stderr.write("monitor: stopped\n")

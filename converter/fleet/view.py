@@ -21,11 +21,10 @@ Guarantees:
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from agent.errors import TransportError
@@ -42,6 +41,7 @@ from converter.monitor.payloads import (
     parse_state,
     shown_model,
 )
+from converter.monitor.repo_expiry import metadata_role, signed_expiry
 
 logger = logging.getLogger(__name__)
 
@@ -233,29 +233,3 @@ def collect_expiry(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -
             if expires is not None:
                 out[role] = expires
     return out
-
-
-def metadata_role(name: str) -> tuple[str | None, int]:
-    """``("snapshot", 7)`` for ``7.snapshot.json``, ``("timestamp", 0)`` for ``timestamp.json``."""
-    parts = name.split(".")
-    if parts == ["timestamp", "json"]:
-        return "timestamp", 0
-    if (
-        len(parts) == 3
-        and parts[0].isdigit()
-        and parts[1] in ("root", "targets", "snapshot")
-        and parts[2] == "json"
-    ):
-        return parts[1], int(parts[0])
-    return None, 0
-
-
-def signed_expiry(payload: bytes) -> datetime | None:
-    """``signed.expires`` of TUF metadata, or None for anything else."""
-    try:
-        doc = json.loads(payload)
-        text = doc["signed"]["expires"]
-        when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except (ValueError, KeyError, TypeError):
-        return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)

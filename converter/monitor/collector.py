@@ -21,6 +21,10 @@ differ on retained messages for shared subscriptions: the MQTT 5 spec says
 they are not sent, Mosquitto 2.0 sends them; see ``docs/monitor.md``).
 ``events`` and ``metrics`` use ``$share/<group>/...`` when a share group is
 given, so collectors with the same group split them message by message.
+The host side's retained topics are ordinary subscriptions too (every collector
+shows them whole): the rollout records (``rollouts/+``), the repository metadata
+(``repo/metadata/+``, for its expiry dates) and the sites' status and bridge link
+(``sites/+/status``, ``sites/+/bridge``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from converter.errors import BadInputError
 from converter.monitor.live import FleetLive, FleetSnapshot
-from converter.monitor.payloads import Malformed, parse_message
+from converter.monitor.payloads import EventRecord, Malformed, parse_message
+from converter.monitor.rollouts import RolloutCleared, RolloutView, parse_rollout
 from converter.monitor.store import MonitorStore, Received
 
 logger = logging.getLogger(__name__)
@@ -104,6 +109,13 @@ class Collector:
         group = self.config.share_group
         for leaf in ("events", "metrics"):
             self.client.subscribe(shared_filter(group, t.devices_filter(leaf)), self._on_message, qos=1)
+        for host_filter in (
+            t.rollouts_filter,
+            t.metadata_filter,
+            t.site("+", "status"),
+            t.site("+", "bridge"),
+        ):
+            self.client.subscribe(host_filter, self._on_message, qos=1)
 
     def start(self, connect_timeout_s: float = 10.0) -> None:
         self._writer = threading.Thread(target=self._write_loop, name="monitor-writer", daemon=True)
@@ -123,7 +135,12 @@ class Collector:
         self.store.close()
 
     def snapshot(self) -> FleetSnapshot:
-        return self.live.snapshot(self._clock(), queue_depth=self._queue.qsize(), dropped=self._dropped)
+        return self.live.snapshot(
+            self._clock(),
+            queue_depth=self._queue.qsize(),
+            dropped=self._dropped,
+            broker_connected=self.client.connected,
+        )
 
     def wait_idle(self, timeout_s: float) -> bool:
         """True once everything received so far is written (for tests and shutdown)."""
@@ -172,23 +189,53 @@ class Collector:
         if not items:
             return
         parsed: list[tuple[Received, bool]] = []
+        rollouts: list[tuple[RolloutView | RolloutCleared | Malformed, float]] = []
         for message, received in items:
             where = self.topics.device_of(message.topic)
             if where is None:
+                self._apply_host(message, received, rollouts)
                 continue
             p = parse_message(where[1], where[0], message.payload)
             if isinstance(p, Malformed):
                 logger.debug("ignored %s from %s: %s", p.kind, p.device_id, p.reason)
             parsed.append((Received(p, received), message.retain))
         self.live.apply(parsed)
+        self.live.apply_rollouts(r for r, _ in rollouts)
+        batch = [r for r, _ in parsed]
+        batch += [Received(r, when) for r, when in rollouts if isinstance(r, RolloutView)]
         cutoff = retention_cutoff(self._clock(), self.config.retention_days)
         try:
-            result = self.store.write([r for r, _ in parsed], cutoff_ts=cutoff)
+            result = self.store.write(batch, cutoff_ts=cutoff)
         except StorageError as exc:
             self.live.count_write_error()
-            logger.error("%s; %d messages not stored", exc, len(parsed))
+            # the alert rules count events: better counted twice later than never
+            self.live.count_events(r.parsed for r in batch if isinstance(r.parsed, EventRecord))
+            logger.error("%s; %d messages not stored", exc, len(batch))
             return
         self.live.count_written(result)
+        self.live.count_events(result.new_events)
+
+    def _apply_host(
+        self,
+        message: Message,
+        received: float,
+        rollouts: list[tuple[RolloutView | RolloutCleared | Malformed, float]],
+    ) -> None:
+        """A host-side retained message: a rollout record, repository metadata or a site's."""
+        t = self.topics
+        name = t.metadata_filename(message.topic)
+        if name is not None:
+            self.live.apply_metadata(name, message.payload)
+            return
+        head = f"{t.base}/"
+        parts = message.topic[len(head) :].split("/") if message.topic.startswith(head) else []
+        if len(parts) == 2 and parts[0] == "rollouts" and parts[1]:
+            record = parse_rollout(parts[1], message.payload)
+            if isinstance(record, Malformed):
+                logger.debug("ignored the rollout record of %s: %s", record.device_id, record.reason)
+            rollouts.append((record, received))
+        elif len(parts) == 3 and parts[0] == "sites" and parts[1]:
+            self.live.apply_site(parts[1], parts[2], message.payload)
 
     def _maybe_prune(self) -> None:
         now = self._clock()

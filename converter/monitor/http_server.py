@@ -1,15 +1,18 @@
-"""The monitor's HTTP server (standard library ``http.server``): ``/metrics``, ``/``, ``/api/devices``.
+"""The monitor's HTTP servers (standard library ``http.server``): Prometheus, and the page with its API.
 
 Guarantees:
 
+- A server serves what it is made for (:class:`Serves`): ``METRICS`` is
+  ``/metrics`` (the Prometheus text format 0.0.4, :mod:`converter.monitor.prometheus`);
+  ``PAGE`` is ``/`` (the HTML page, :mod:`converter.monitor.dashboard`),
+  ``/api/devices`` (the fleet as JSON: the columns of ``litefleet status`` plus
+  health and metrics) and ``/api/rollouts`` (the newest rollout record per model).
+  Both answer ``/healthz`` (200 while serving). ``litefleet monitor --prometheus``
+  and ``--http`` start one each, or one serving both when given the same address;
+  anything a server is not made for is 404 there.
 - One thread per request (``ThreadingHTTPServer``, daemon threads); a request
   only reads: the live snapshot (immutable) and the history through its own
   read-only SQLite connection. Nothing a request does can block the collector.
-- ``/metrics`` is the Prometheus text format 0.0.4
-  (:mod:`converter.monitor.prometheus`); ``/`` the HTML page
-  (:mod:`converter.monitor.page`); ``/api/devices`` the fleet as JSON (the
-  columns of ``litefleet status`` plus health and metrics, see
-  ``docs/monitor.md``); ``/healthz`` 200 while serving.
 - Only GET and HEAD; anything else is 405, unknown paths 404 (the routes are a
   table: :mod:`agent.http_routes`). Access logs go to :mod:`logging` at debug
   level, never to the console.
@@ -23,40 +26,35 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from enum import StrEnum
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
 from agent.http_routes import Reply, Request, RoutedHandler, RouteTable, route
 from converter.errors import BadInputError
-from converter.monitor.live import DeviceView, FleetSnapshot
-from converter.monitor.page import latency_chart_svg, render_page
+from converter.monitor.dashboard import MonitorSource, build_page
+from converter.monitor.live import DeviceView
 from converter.monitor.payloads import shown_model
 from converter.monitor.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from converter.monitor.prometheus import render as render_prometheus
-from converter.monitor.store import MonitorStore
+from converter.monitor.rollouts import RolloutView
 
 logger = logging.getLogger(__name__)
 
-MAX_CHARTS = 60
-MAX_WINDOW_H = 24 * 31
-RECENT_EVENTS = 50
+
+class Serves(StrEnum):
+    METRICS = "metrics"  # /metrics for Prometheus
+    PAGE = "page"  # the page and its JSON API
 
 
-class MonitorSource(Protocol):
-    """What the server reads: the live view and the history file."""
-
-    store: MonitorStore
-
-    def snapshot(self) -> FleetSnapshot: ...
-
-
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, flag: str = "--prometheus") -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:9464`` for IPv6; ``:9464`` means 127.0.0.1)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise BadInputError(f"--prometheus {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+        raise BadInputError(f"{flag} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
@@ -79,6 +77,9 @@ def device_json(d: DeviceView) -> dict[str, Any]:
         "inferences": served if first else (st.inferences if st else None),
         "health": d.health,
         "last_seen": d.last_seen,
+        # the figures below are the newest report's; "now" only while the device is online
+        "metrics_ts": m.ts if m else None,
+        "metrics_current": d.current,
         "latency_ms_p99": first.p99_ms if first else None,
         "throughput_rps": first.throughput_rps if first else None,
         "cpu_percent_system": m.cpu_percent_system if m else None,
@@ -87,34 +88,14 @@ def device_json(d: DeviceView) -> dict[str, Any]:
     }
 
 
-def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -> str:
-    try:
-        hours = float(query.get("hours", ["1"])[0])
-    except ValueError:
-        hours = 1.0
-    hours = min(max(hours, 0.05), MAX_WINDOW_H) if hours == hours else 1.0
-    only = query.get("device", [None])[0]
-    since = now - hours * 3600
-    snap = source.snapshot()
-    devices = [d for d in snap.devices if only is None or d.device_id == only]
-    charts: list[str] = []
-    omitted = 0
-    with source.store.reader() as r:
-        pairs = r.charted_models(since, 100_000, device_id=only)
-        omitted = max(0, len(pairs) - MAX_CHARTS)
-        for device_id, model in pairs[:MAX_CHARTS]:
-            points = r.latency_series(device_id, model, since)
-            charts.append(latency_chart_svg(points, since=since, until=now, title=f"{device_id} · {model}"))
-        events = r.recent_events(RECENT_EVENTS, device_id=only)
-    return render_page(
-        devices=devices,
-        charts=charts,
-        events=events,
-        now=now,
-        window_s=hours * 3600,
-        charts_omitted=omitted,
-        only_device=only,
-    )
+def rollout_json(r: RolloutView) -> dict[str, Any]:
+    """A rollout record as the monitor read it (``/api/rollouts``)."""
+    doc = asdict(r)
+    doc["waves"] = list(r.waves)
+    doc["selected"] = list(r.selected)
+    doc["ignored"] = dict(r.ignored)
+    doc["gates"] = {g["name"]: {k: v for k, v in g.items() if k != "name"} for g in doc["gates"]}
+    return doc
 
 
 TEXT = "text/plain; charset=utf-8"
@@ -130,12 +111,13 @@ class _Server(ThreadingHTTPServer):
         source: MonitorSource,
         clock: Callable[[], float],
         histograms: bool,
+        handler: type[_Handler],
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.source = source
         self.clock = clock
         self.histograms = histograms
-        super().__init__(address, _Handler)
+        super().__init__(address, handler)
 
 
 class _Handler(RoutedHandler):
@@ -161,15 +143,21 @@ class _Handler(RoutedHandler):
         doc = [device_json(d) for d in self.server.source.snapshot().devices]
         return Reply(200, json.dumps(doc, indent=1).encode(), "application/json", headers=NO_STORE)
 
+    def rollouts(self, req: Request) -> Reply:
+        doc = [rollout_json(r) for r in self.server.source.snapshot().rollouts]
+        return Reply(200, json.dumps(doc, indent=1).encode(), "application/json", headers=NO_STORE)
+
     def healthz(self, req: Request) -> Reply:
         return Reply(200, b'{"status": "ok"}', "application/json", headers=NO_STORE)
 
-    routes = RouteTable["_Handler"](
-        route("GET", "/metrics", metrics),
-        route("GET", r"/(?:index\.html)?", page),
-        route("GET", "/api/devices", devices),
-        route("GET", "/healthz", healthz, probe=True),
-    )
+    ROUTES: ClassVar[dict[Serves, tuple[Any, ...]]] = {
+        Serves.METRICS: (route("GET", "/metrics", metrics),),
+        Serves.PAGE: (
+            route("GET", r"/(?:index\.html)?", page),
+            route("GET", "/api/devices", devices),
+            route("GET", "/api/rollouts", rollouts),
+        ),
+    }
 
     # -- the hooks -------------------------------------------------------------------------------
     def not_found(self, req: Request) -> Reply:
@@ -187,8 +175,17 @@ class _Handler(RoutedHandler):
         return Reply(500, b"internal error (see the monitor's log)\n", TEXT, headers=NO_STORE)
 
 
+def _handler_for(serves: frozenset[Serves]) -> type[_Handler]:
+    """A handler class whose route table has exactly what ``serves`` asks for."""
+    table = [r for s in Serves if s in serves for r in _Handler.ROUTES[s]]
+    table.append(route("GET", "/healthz", _Handler.healthz, probe=True))
+    name = "_Handler_" + "_".join(sorted(serves))
+    return type(name, (_Handler,), {"routes": RouteTable["_Handler"](*table)})
+
+
 class MonitorHttpServer:
-    """Serve ``source`` on ``host:port`` in a background thread (port 0: any free port)."""
+    """Serve ``source`` on ``host:port`` in a background thread (port 0: any free port):
+    what ``serves`` names, and ``/healthz``."""
 
     def __init__(
         self,
@@ -197,9 +194,11 @@ class MonitorHttpServer:
         port: int,
         clock: Callable[[], float] = time.time,
         histograms: bool = True,
+        serves: frozenset[Serves] = frozenset(Serves),
     ) -> None:
+        self.serves = serves
         try:
-            self._server = _Server((host, port), source, clock, histograms)
+            self._server = _Server((host, port), source, clock, histograms, _handler_for(serves))
         except OSError as exc:
             raise BadInputError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._thread: threading.Thread | None = None

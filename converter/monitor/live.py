@@ -13,6 +13,15 @@ Guarantees:
   arrived; a retained state delivered at subscribe time counts with its own
   ``ts`` (the device's clock) instead, so a device that went away a week ago
   does not look freshly seen when the monitor starts.
+- A device's figures of the last interval (latency, throughput, CPU, ...) are
+  *current* only while its health is ``online`` (:attr:`DeviceView.current`); for
+  a stale or offline device they are its last report, shown with their age or
+  not at all, never as "now".
+- Besides devices it holds what the host side publishes: the newest rollout record
+  per model (:mod:`converter.monitor.rollouts`), each site's status
+  (:mod:`converter.monitor.sites`), the expiry of the retained repository metadata
+  (:mod:`converter.monitor.repo_expiry`), and counts of the events stored, by
+  device, event and reason (an event received again is not counted again).
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from agent.reasons import Reason, SkipReason
 from converter.monitor.payloads import (
+    EVENT_KINDS,
     EventRecord,
     Malformed,
     MetricsSample,
@@ -31,7 +42,13 @@ from converter.monitor.payloads import (
     device_health,
     is_newer,
 )
+from converter.monitor.repo_expiry import RepoExpiry
+from converter.monitor.rollouts import RolloutCleared, RolloutView
+from converter.monitor.sites import SiteView, apply_site_message
 from converter.monitor.store import Received, WriteResult
+
+# (device, event, reason) of an event: the key of litefleet_device_events_total
+EventKey = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,11 @@ class DeviceView:
     metrics: MetricsSample | None
     last_seen: float | None
     health: str
+
+    @property
+    def current(self) -> bool:
+        """Whether the figures of its newest metrics message describe the device now."""
+        return self.health == "online"
 
 
 @dataclass(frozen=True)
@@ -57,12 +79,18 @@ class CollectorStats:
     write_errors: int = 0
     queue_depth: int = 0
     started: float = 0.0
+    broker_connected: bool = False
 
 
 @dataclass(frozen=True)
 class FleetSnapshot:
     devices: tuple[DeviceView, ...]
     stats: CollectorStats
+    rollouts: tuple[RolloutView, ...] = ()
+    sites: tuple[SiteView, ...] = ()
+    # role -> unix time its newest retained metadata expires
+    repo_expiry: Mapping[str, float] = field(default_factory=dict)
+    events: Mapping[EventKey, int] = field(default_factory=dict)
 
     def device(self, device_id: str) -> DeviceView | None:
         for d in self.devices:
@@ -96,6 +124,10 @@ class FleetLive:
         self._too_old = 0
         self._write_errors = 0
         self._started = started
+        self._rollouts: dict[str, RolloutView] = {}
+        self._sites: dict[str, SiteView] = {}
+        self._expiry = RepoExpiry()
+        self._events: dict[EventKey, int] = {}
 
     # -- writer thread --------------------------------------------------------------
     def apply(self, batch: Iterable[tuple[Received, bool]]) -> None:
@@ -114,6 +146,8 @@ class FleetLive:
         if isinstance(p, StateCleared):
             self._devices.pop(p.device_id, None)
             return
+        if isinstance(p, RolloutView):  # the collector hands these to apply_rollouts
+            return
         dev = self._devices.setdefault(p.device_id, _Device())
         seen: float | None = item.received
         if isinstance(p, StateRecord):
@@ -126,6 +160,43 @@ class FleetLive:
                 dev.metrics = p
         if seen is not None and (dev.last_seen is None or seen > dev.last_seen):
             dev.last_seen = seen
+
+    def apply_rollouts(self, records: Iterable[RolloutView | RolloutCleared | Malformed]) -> None:
+        """Take parsed rollout records (writer thread); a record only replaces an older one."""
+        with self._lock:
+            for r in records:
+                self._received["rollouts"] = self._received.get("rollouts", 0) + 1
+                if isinstance(r, Malformed):
+                    self._malformed["rollouts"] = self._malformed.get("rollouts", 0) + 1
+                elif isinstance(r, RolloutCleared):
+                    self._rollouts.pop(r.name, None)
+                elif _newer_record(self._rollouts.get(r.name), r):
+                    self._rollouts[r.name] = r
+
+    def apply_site(self, name: str, leaf: str, payload: bytes) -> None:
+        """Take one retained ``sites/<name>/<leaf>`` message (writer thread)."""
+        with self._lock:
+            self._received["sites"] = self._received.get("sites", 0) + 1
+            got = apply_site_message(self._sites.get(name), name, leaf, payload)
+            if got is None:
+                self._sites.pop(name, None)
+            elif isinstance(got, Malformed):
+                self._malformed["sites"] = self._malformed.get("sites", 0) + 1
+            else:
+                self._sites[name] = got
+
+    def apply_metadata(self, filename: str, payload: bytes) -> None:
+        """Take one retained repository metadata message (writer thread)."""
+        with self._lock:
+            self._received["metadata"] = self._received.get("metadata", 0) + 1
+            self._expiry.apply(filename, payload)
+
+    def count_events(self, events: Iterable[EventRecord]) -> None:
+        """Count events as stored (writer thread): the store says which ones were new."""
+        with self._lock:
+            for ev in events:
+                key = event_key(ev)
+                self._events[key] = self._events.get(key, 0) + 1
 
     def count_written(self, result: WriteResult) -> None:
         with self._lock:
@@ -142,7 +213,9 @@ class FleetLive:
             self._write_errors += 1
 
     # -- any thread -------------------------------------------------------------------
-    def snapshot(self, now: float, *, queue_depth: int = 0, dropped: int = 0) -> FleetSnapshot:
+    def snapshot(
+        self, now: float, *, queue_depth: int = 0, dropped: int = 0, broker_connected: bool = False
+    ) -> FleetSnapshot:
         with self._lock:
             devices = tuple(
                 DeviceView(
@@ -170,8 +243,33 @@ class FleetLive:
                 write_errors=self._write_errors,
                 queue_depth=queue_depth,
                 started=self._started,
+                broker_connected=broker_connected,
             )
-        return FleetSnapshot(devices=devices, stats=stats)
+            return FleetSnapshot(
+                devices=devices,
+                stats=stats,
+                rollouts=tuple(v for _, v in sorted(self._rollouts.items())),
+                sites=tuple(v for _, v in sorted(self._sites.items())),
+                repo_expiry=MappingProxyType(dict(self._expiry.by_role())),
+                events=MappingProxyType(dict(self._events)),
+            )
+
+
+def event_key(ev: EventRecord) -> EventKey:
+    """``(device, event, reason)`` with the words bounded to the protocol's vocabularies
+    (docs/protocol.md 6.2, 6.3): anything else is ``other``, so a device cannot make
+    the label sets grow without bound."""
+    kind = ev.event if ev.event in EVENT_KINDS else "other"
+    reason = "" if not ev.reason else ev.reason if ev.reason in REASON_WORDS else "other"
+    return ev.device_id, kind, reason
+
+
+def _newer_record(old: RolloutView | None, new: RolloutView) -> bool:
+    """A rollout record replaces the shown one unless it is older (the same version
+    updated earlier: a redelivery after a newer one)."""
+    if old is None or old.version != new.version:
+        return True
+    return (new.updated or 0.0) >= (old.updated or 0.0)
 
 
 def _kind(p: object) -> str:
@@ -184,3 +282,6 @@ def _kind(p: object) -> str:
     if isinstance(p, Malformed):
         return p.kind
     return "other"
+
+
+REASON_WORDS = frozenset({*(r.value for r in Reason), *(r.value for r in SkipReason)})

@@ -35,6 +35,8 @@ THROTTLE_FLAGS = tuple(THROTTLE_BITS[bit] for bit in sorted(THROTTLE_BITS))
 # a device is "stale" when nothing arrived for this many metrics intervals
 STALE_INTERVALS = 3.0
 DEFAULT_INTERVAL_S = 10.0
+# the event words of docs/protocol.md 6.2 (the agent spells them at the call sites)
+EVENT_KINDS = ("downloading", "verified", "activated", "marked_good", "rejected", "rolled_back", "skipped")
 
 
 @dataclass(frozen=True)

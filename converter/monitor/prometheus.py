@@ -19,6 +19,12 @@ Guarantees:
 - No explicit timestamps: Prometheus stamps a scrape itself; a metrics message
   replayed after an outage never becomes the "current" value
   (:class:`converter.monitor.live.FleetLive` keeps only the newest).
+- Gauges that describe a device *now* (CPU, memory, load, temperature, throttling,
+  disk, uptime, pending queue, throughput, the latency quantiles of the last
+  interval, whether a model is active) are exported only while the device is online
+  (:attr:`converter.monitor.live.DeviceView.current`): a stale or offline device's
+  last report is not a current value, and its series go stale in Prometheus instead
+  of repeating it. Counters (and the metrics timestamp) stay: they remain true.
 
 Latency histograms are re-bucketed from the agent's fixed log buckets (8 per
 power of two) onto one bucket per power of two of nanoseconds (1.024 µs to
@@ -30,7 +36,7 @@ every device, which ``histogram_quantile(sum by (le) (...))`` needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -43,7 +49,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.samples import Sample
 
-from converter.monitor.live import DeviceView, FleetSnapshot
+from converter.monitor.host_families import HOST_FAMILIES, fill_host_families
+from converter.monitor.live import DeviceView, EventKey, FleetSnapshot
 from converter.monitor.payloads import MetricsSample, ModelSample
 
 # what generate_latest writes (prometheus_client's choose_encoder pairs the two)
@@ -164,7 +171,12 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
         "histogram",
         "Inference latency since the version was loaded, one bucket per power of two of nanoseconds.",
     ),
-    ("litefleet_monitor_messages_total", "counter", "Messages this collector received by kind."),
+    (
+        "litefleet_monitor_messages_total",
+        "counter",
+        "Messages this collector received by kind (device: state, events, metrics; host side: "
+        "rollouts, metadata, sites).",
+    ),
     (
         "litefleet_monitor_duplicates_total",
         "counter",
@@ -181,7 +193,19 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ),
     ("litefleet_monitor_write_errors_total", "counter", "Batches the database refused."),
     ("litefleet_monitor_queue_depth", "gauge", "Messages received but not yet written."),
+    (
+        "litefleet_device_events_total",
+        "counter",
+        "Events stored by this collector per device, event and reason (empty without one); "
+        "words outside docs/protocol.md 6.2/6.3 count as other.",
+    ),
     ("litefleet_monitor_start_time_seconds", "gauge", "When this collector started (unix time)."),
+    (
+        "litefleet_monitor_broker_connected",
+        "gauge",
+        "1 while this collector is connected to the broker, else 0.",
+    ),
+    *HOST_FAMILIES,
 )
 
 
@@ -223,12 +247,14 @@ class _Family:
         self.metric.samples.append(Sample(self.name + suffix, dict(labels), float(value)))
 
 
-def _latency(fam: dict[str, _Family], labels: Labels, m: ModelSample, histograms: bool) -> None:
-    """The summary (quantiles of the last interval) and, with ``histograms``, the histogram;
-    both count since the version was loaded."""
+def _latency(
+    fam: dict[str, _Family], labels: Labels, m: ModelSample, histograms: bool, current: bool
+) -> None:
+    """The summary (quantiles of the last interval, only when ``current``) and, with
+    ``histograms``, the histogram; both count since the version was loaded."""
     summary = fam["litefleet_model_latency_seconds"]
     for q, v in zip(QUANTILES, (m.p50_ms, m.p90_ms, m.p99_ms), strict=True):
-        summary.add((*labels, ("quantile", q)), None if v is None else v / 1000.0)
+        summary.add((*labels, ("quantile", q)), None if v is None or not current else v / 1000.0)
     if not m.histogram_ms:
         return
     cumulative = rebucket(m.histogram_ms)
@@ -245,15 +271,18 @@ def _latency(fam: dict[str, _Family], labels: Labels, m: ModelSample, histograms
         h.add(labels, count, "_count")
 
 
-def _model_samples(fam: dict[str, _Family], dev: str, m: ModelSample, histograms: bool) -> None:
+def _model_samples(
+    fam: dict[str, _Family], dev: str, m: ModelSample, histograms: bool, current: bool
+) -> None:
     labels: Labels = (("device", dev), ("model", m.name), ("version", m.version))
-    fam["litefleet_model_active"].add(labels, m.active)
+    if current:
+        fam["litefleet_model_active"].add(labels, m.active)
+        fam["litefleet_model_throughput_per_second"].add(labels, m.throughput_rps)
     fam["litefleet_model_requests_total"].add(labels, m.requests)
     fam["litefleet_model_inferences_total"].add(labels, m.ok)
     fam["litefleet_model_errors_total"].add(labels, m.errors)
     fam["litefleet_model_bad_requests_total"].add(labels, m.bad_requests)
-    fam["litefleet_model_throughput_per_second"].add(labels, m.throughput_rps)
-    _latency(fam, labels, m, histograms)
+    _latency(fam, labels, m, histograms, current)
 
 
 def _device_samples(fam: dict[str, _Family], d: DeviceView, histograms: bool) -> None:
@@ -282,6 +311,17 @@ def _device_samples(fam: dict[str, _Family], d: DeviceView, histograms: bool) ->
     if m is None:
         return
     fam["litefleet_device_metrics_timestamp_seconds"].add(labels, m.ts)
+    fam["litefleet_device_metrics_queue_dropped_total"].add(labels, m.queue_dropped_total)
+    for channel, cls, n in m.api:
+        fam["litefleet_device_api_responses_total"].add((*labels, ("channel", channel), ("class", cls)), n)
+    if d.current:
+        _device_now(fam, labels, m)
+    for model in m.models:
+        _model_samples(fam, dev, model, histograms, d.current)
+
+
+def _device_now(fam: dict[str, _Family], labels: Labels, m: MetricsSample) -> None:
+    """The gauges that describe the device now (only for a device that is online)."""
     fam["litefleet_device_cpu_percent"].add((*labels, ("scope", "process")), m.cpu_percent_process)
     fam["litefleet_device_cpu_percent"].add((*labels, ("scope", "system")), m.cpu_percent_system)
     fam["litefleet_device_resident_memory_bytes"].add(labels, m.rss_bytes)
@@ -295,11 +335,6 @@ def _device_samples(fam: dict[str, _Family], d: DeviceView, histograms: bool) ->
     fam["litefleet_device_disk_total_bytes"].add(labels, m.disk_total_bytes)
     fam["litefleet_device_uptime_seconds"].add(labels, m.uptime_s)
     fam["litefleet_device_metrics_queue_pending"].add(labels, m.queue_pending)
-    fam["litefleet_device_metrics_queue_dropped_total"].add(labels, m.queue_dropped_total)
-    for channel, cls, n in m.api:
-        fam["litefleet_device_api_responses_total"].add((*labels, ("channel", channel), ("class", cls)), n)
-    for model in m.models:
-        _model_samples(fam, dev, model, histograms)
 
 
 def fleet_families(snap: FleetSnapshot, *, histograms: bool = True) -> list[Metric]:
@@ -325,7 +360,15 @@ def fleet_families(snap: FleetSnapshot, *, histograms: bool = True) -> list[Metr
     fam["litefleet_monitor_write_errors_total"].add((), s.write_errors)
     fam["litefleet_monitor_queue_depth"].add((), s.queue_depth)
     fam["litefleet_monitor_start_time_seconds"].add((), s.started)
+    fam["litefleet_monitor_broker_connected"].add((), s.broker_connected)
+    _events(fam["litefleet_device_events_total"], snap.events)
+    fill_host_families(fam, snap)
     return [fam[name].metric for name, _, _ in FAMILIES]
+
+
+def _events(family: _Family, events: Mapping[EventKey, int]) -> None:
+    for (device, event, reason), n in sorted(events.items()):
+        family.add((("device", device), ("event", event), ("reason", reason)), n)
 
 
 class FleetCollector:

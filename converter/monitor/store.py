@@ -15,24 +15,32 @@ Guarantees:
   queue byte for byte, so a replayed or QoS 1 duplicate has the same ``seq``
   *and* ``ts``; keying on ``ts`` too keeps the history of a device whose queue
   file was lost (its ``seq`` starts again at 1) instead of dropping it.
-- Retention: :meth:`MonitorStore.prune` deletes samples and events whose
-  device timestamp is older than the cutoff; :meth:`write` does not store
+- Retention: :meth:`MonitorStore.prune` deletes samples, events and rollout
+  records whose timestamp is older than the cutoff; :meth:`write` does not store
   them in the first place (a replay of week-old messages after a long outage
   would otherwise be written and pruned again).
+- Rollout records (:class:`converter.monitor.rollouts.RolloutView`) are stored once
+  per ``(model, version, updated)``: the retained record delivered again at every
+  (re)subscription adds no row. Each record's gates go to ``rollout_gates``, one row
+  per gate, so gate values can be drawn over time.
+- A schema 1 file (before rollouts) is upgraded in place: the new tables are added.
 
-The schema is documented in ``docs/monitor.md``.
+The schema is documented in ``docs/monitor.md``; the queries are in
+:mod:`converter.monitor.history`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import StorageError
+from converter.monitor.history import StoreReader
 from converter.monitor.payloads import (
     EventRecord,
     MetricsSample,
@@ -40,10 +48,13 @@ from converter.monitor.payloads import (
     StateCleared,
     StateRecord,
 )
+from converter.monitor.rollouts import RolloutView
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# schema 1 lacks only the rollout tables, which CREATE TABLE IF NOT EXISTS adds
+UPGRADABLE = ("1",)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,14 +100,44 @@ CREATE TABLE IF NOT EXISTS model_samples (
 );
 CREATE INDEX IF NOT EXISTS model_samples_device_ts ON model_samples (device_id, ts);
 CREATE INDEX IF NOT EXISTS model_samples_ts ON model_samples (ts);
+CREATE TABLE IF NOT EXISTS rollout_records (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL, version TEXT NOT NULL, previous TEXT,
+    state TEXT NOT NULL, wave INTEGER NOT NULL, canary_pct INTEGER,
+    waves TEXT NOT NULL,            -- JSON list of canary percentages
+    started REAL,
+    updated REAL NOT NULL,          -- the record's own time (the controller's clock)
+    received REAL NOT NULL,         -- collector clock
+    canary_devices INTEGER, control_devices INTEGER, selected_devices INTEGER, reason TEXT,
+    UNIQUE (model, version, updated)
+);
+CREATE INDEX IF NOT EXISTS rollout_records_updated ON rollout_records (updated);
+CREATE TABLE IF NOT EXISTS rollout_gates (
+    record_id INTEGER NOT NULL,     -- rollout_records.id
+    model TEXT NOT NULL, version TEXT NOT NULL, ts REAL NOT NULL, wave INTEGER NOT NULL,
+    gate TEXT NOT NULL, verdict TEXT NOT NULL,
+    value REAL, threshold REAL, op TEXT, samples INTEGER,
+    PRIMARY KEY (record_id, gate)
+);
+CREATE INDEX IF NOT EXISTS rollout_gates_model ON rollout_gates (model, version, ts);
 """
+
+
+# (table, time column) that retention prunes
+PRUNED = (
+    ("model_samples", "ts"),
+    ("samples", "ts"),
+    ("events", "ts"),
+    ("rollout_gates", "ts"),
+    ("rollout_records", "updated"),
+)
 
 
 @dataclass(frozen=True)
 class Received:
     """A parsed message with the collector's clock reading when it arrived."""
 
-    parsed: Parsed
+    parsed: Parsed | RolloutView
     received: float
 
 
@@ -109,26 +150,9 @@ class WriteResult:
     duplicate_samples: int = 0
     duplicate_events: int = 0
     too_old: int = 0
-
-
-@dataclass(frozen=True)
-class LatencyPoint:
-    ts: float
-    version: str
-    p50_ms: float | None
-    p99_ms: float | None
-    interval_s: float | None
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    device_id: str
-    ts: float
-    event: str
-    model: str | None
-    version: str | None
-    reason: str | None
-    message: str | None
+    rollout_records: int = 0
+    # the events written by this batch (not those already stored): what is counted
+    new_events: list[EventRecord] = field(default_factory=list)
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -165,8 +189,12 @@ class MonitorStore:
         try:
             db.executescript(SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            if row is None or row[0] in UPGRADABLE:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(SCHEMA_VERSION),),
+                )
             elif row[0] != str(SCHEMA_VERSION):
                 raise StorageError(f"{path} has schema {row[0]}, this monitor writes {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
@@ -295,6 +323,7 @@ class MonitorStore:
                 result.duplicate_events += 1
             else:
                 result.events += 1
+                result.new_events.append(p)
         elif isinstance(p, StateRecord):
             db.execute(
                 "INSERT INTO devices (device_id, online, status, model, version, error, agent_version, boot, "
@@ -322,6 +351,61 @@ class MonitorStore:
         elif isinstance(p, StateCleared):
             # the device left the fleet; its history stays until retention removes it
             db.execute("DELETE FROM devices WHERE device_id = ?", (p.device_id,))
+        elif isinstance(p, RolloutView):
+            self._write_rollout(db, p, now, cutoff_ts, result)
+
+    @staticmethod
+    def _write_rollout(
+        db: sqlite3.Connection, r: RolloutView, now: float, cutoff_ts: float | None, result: WriteResult
+    ) -> None:
+        updated = r.updated if r.updated is not None else now
+        if cutoff_ts is not None and updated < cutoff_ts:
+            result.too_old += 1
+            return
+        cur = db.execute(
+            "INSERT OR IGNORE INTO rollout_records (model, version, previous, state, wave, canary_pct, "
+            "waves, started, updated, received, canary_devices, control_devices, selected_devices, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.name,
+                r.version,
+                r.previous,
+                r.state,
+                r.wave,
+                r.canary_pct,
+                json.dumps(list(r.waves)),
+                r.started,
+                updated,
+                now,
+                r.canary_devices,
+                r.control_devices,
+                len(r.selected),
+                r.reason,
+            ),
+        )
+        if cur.rowcount == 0:
+            return
+        result.rollout_records += 1
+        db.executemany(
+            "INSERT OR IGNORE INTO rollout_gates (record_id, model, version, ts, wave, gate, verdict, value, "
+            "threshold, op, samples) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    cur.lastrowid,
+                    r.name,
+                    r.version,
+                    updated,
+                    r.wave,
+                    g.name,
+                    g.verdict,
+                    g.value,
+                    g.threshold,
+                    g.op,
+                    g.samples,
+                )
+                for g in r.gates
+            ],
+        )
 
     def prune(self, cutoff_ts: float) -> int:
         """Delete samples and events older than ``cutoff_ts``; return rows deleted."""
@@ -329,8 +413,8 @@ class MonitorStore:
         try:
             db.execute("BEGIN IMMEDIATE")
             n = 0
-            for table in ("model_samples", "samples", "events"):
-                n += db.execute(f"DELETE FROM {table} WHERE ts < ?", (cutoff_ts,)).rowcount
+            for table, column in PRUNED:
+                n += db.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff_ts,)).rowcount
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
@@ -349,68 +433,3 @@ class MonitorStore:
             yield StoreReader(db)
         finally:
             db.close()
-
-
-class StoreReader:
-    """Queries for the HTML page and the tests."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def count(self, table: str) -> int:
-        if table not in ("devices", "events", "samples", "model_samples"):
-            raise ValueError(table)
-        return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-
-    def sample_keys(self) -> list[tuple[str, int, float]]:
-        return [
-            (r[0], int(r[1]), float(r[2]))
-            for r in self._db.execute("SELECT device_id, seq, ts FROM samples ORDER BY device_id, seq")
-        ]
-
-    def devices(self) -> list[dict[str, object]]:
-        cur = self._db.execute(
-            "SELECT device_id, online, status, model, version, error, agent_version, first_seen, last_seen "
-            "FROM devices ORDER BY device_id"
-        )
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, row, strict=True)) for row in cur]
-
-    def latency_series(self, device_id: str, model: str, since_ts: float) -> list[LatencyPoint]:
-        """The device's p50/p99 of ``model`` (any version) since ``since_ts``, oldest first."""
-        cur = self._db.execute(
-            "SELECT m.ts, m.version, m.p50_ms, m.p99_ms, s.interval_s FROM model_samples m "
-            "JOIN samples s ON s.id = m.sample_id "
-            "WHERE m.device_id = ? AND m.model = ? AND m.ts >= ? AND m.active = 1 ORDER BY m.ts",
-            (device_id, model, since_ts),
-        )
-        return [LatencyPoint(float(r[0]), str(r[1]), r[2], r[3], r[4]) for r in cur]
-
-    def charted_models(
-        self, since_ts: float, limit: int, *, device_id: str | None = None
-    ) -> list[tuple[str, str]]:
-        """``(device_id, model)`` pairs with samples since ``since_ts`` (at most ``limit``),
-        only ``device_id``'s when given."""
-        if device_id is None:
-            cur = self._db.execute(
-                "SELECT DISTINCT device_id, model FROM model_samples WHERE ts >= ? "
-                "ORDER BY device_id, model LIMIT ?",
-                (since_ts, limit),
-            )
-        else:
-            cur = self._db.execute(
-                "SELECT DISTINCT device_id, model FROM model_samples WHERE device_id = ? AND ts >= ? "
-                "ORDER BY model LIMIT ?",
-                (device_id, since_ts, limit),
-            )
-        return [(str(r[0]), str(r[1])) for r in cur]
-
-    def recent_events(self, limit: int, *, device_id: str | None = None) -> list[StoredEvent]:
-        """The ``limit`` newest events, newest first; only ``device_id``'s when given."""
-        where, params = ("WHERE device_id = ? ", (device_id,)) if device_id is not None else ("", ())
-        cur = self._db.execute(
-            "SELECT device_id, ts, event, model, version, reason, message FROM events "
-            f"{where}ORDER BY ts DESC, id DESC LIMIT ?",
-            (*params, limit),
-        )
-        return [StoredEvent(*row) for row in cur]

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from agent.protocol import Topics
 from converter.monitor.collector import Collector, CollectorConfig, make_client
 from converter.monitor.http_server import MonitorHttpServer
 from converter.monitor.store import MonitorStore
+from tests.support.harness import REPO_ROOT
 
 _SELECTOR = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -91,6 +94,28 @@ def running_monitor(broker_port: int, db: Path, share: str | None = None) -> Ite
     finally:
         http.stop()
         collector.stop()
+
+
+def run_cli(*args: str) -> subprocess.Popen[str]:
+    """``litefleet ARGS`` as a process of this checkout (stdout and stderr piped)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-m", "converter", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+
+
+def status_of(url: str) -> int:
+    """The HTTP status of a GET (an error status too, not an exception)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def publish_many(port: int, messages: list[tuple[str, bytes]], *, retain: bool = False) -> None:

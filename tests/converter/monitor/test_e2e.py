@@ -13,12 +13,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -30,8 +29,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.mqtt.client import wait_until
 from converter.broker.mosquitto import free_port
 from converter.monitor.store import MonitorStore
-from tests.support.harness import REPO_ROOT, AgentProcess, litefleet, must
-from tests.support.monitor import promtool_check, publish_many, publish_one, running_monitor, scraped_value
+from tests.support.harness import AgentProcess, litefleet, must
+from tests.support.monitor import (
+    promtool_check,
+    publish_many,
+    publish_one,
+    run_cli,
+    running_monitor,
+    scraped_value,
+    status_of,
+)
 from tests.support.payloads import agent_payload, state_payload
 
 
@@ -206,19 +213,8 @@ def test_two_monitors_in_a_share_group_split_the_metrics(broker, tmp_path: Path)
         assert k1 | k2 == k_all and len(k_all) == total
 
 
-def run_cli(*args: str, timeout: float = 30) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.Popen(
-        [sys.executable, "-m", "converter", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO_ROOT,
-    )
-
-
 def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> None:
+    """``--prometheus`` serves /metrics only, ``--http`` the page and its API only (issue 12)."""
     db = tmp_path / "cli.db"
     proc = run_cli(
         "monitor",
@@ -228,6 +224,8 @@ def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> Non
         str(db),
         "--prometheus",
         "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
         "--share",
         "cli",
         "--summary-interval",
@@ -235,22 +233,38 @@ def test_monitor_command_serves_and_stops_cleanly(broker, tmp_path: Path) -> Non
     )
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline()
-        found = re.search(r"serving (http://127\.0\.0\.1:\d+)/", line)
-        assert found, line + proc.stderr.read() if proc.poll() is not None else line
-        url = found.group(1)
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+        urls = {}
+        for line in lines:
+            found = re.search(r"serving (the page|Prometheus) on (http://127\.0\.0\.1:\d+)/", line)
+            assert found, "".join(lines) + (proc.stderr.read() if proc.poll() is not None else "")
+            urls[found.group(1)] = found.group(2)
+        prom, page = urls["Prometheus"], urls["the page"]
+        assert prom != page
         topic = "litefleet/v1/devices/pi-z/metrics"
         publish_one(broker.port, topic, agent_payload("pi-z", seq=1))
 
         def scraped() -> bool:
-            with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            with urllib.request.urlopen(prom + "/metrics", timeout=5) as resp:
                 body = resp.read().decode()
             series = 'litefleet_model_requests_total{device="pi-z",model="digits",version="3"}'
             return scraped_value(body, series) == 5
 
         assert wait_until(scraped, 10)
-        with urllib.request.urlopen(url + "/", timeout=5) as resp:
+        with urllib.request.urlopen(page + "/", timeout=5) as resp:
             assert resp.headers["Content-Type"].startswith("text/html")
+        assert [status_of(prom + p) for p in ("/", "/api/devices", "/api/rollouts", "/healthz")] == [
+            404,
+            404,
+            404,
+            200,
+        ]
+        assert [status_of(page + p) for p in ("/metrics", "/api/devices", "/api/rollouts", "/healthz")] == [
+            404,
+            200,
+            200,
+            200,
+        ]
         publish_one(broker.port, topic, agent_payload("pi-z", seq=2))
         time.sleep(1.2)  # at least one summary line
         proc.send_signal(signal.SIGTERM)

@@ -20,19 +20,11 @@ from agent.serving.stats import ModelStats
 from agent.telemetry.metrics import build_metrics_payload, model_report
 from converter.errors import BadInputError
 from converter.fleet.view import merge_metrics, state_row
+from converter.monitor.charts import format_ms
 from converter.monitor.collector import check_share_group, retention_cutoff, shared_filter
 from converter.monitor.http_server import device_json, parse_listen
 from converter.monitor.live import FleetLive
-from converter.monitor.page import (
-    FLEET_HEADERS,
-    downsample,
-    fleet_rows,
-    format_ms,
-    latency_chart_svg,
-    nice_ceiling,
-    render_page,
-    svg_path,
-)
+from converter.monitor.page import FLEET_HEADERS, fleet_rows
 from converter.monitor.payloads import (
     EventRecord,
     Malformed,
@@ -48,7 +40,7 @@ from converter.monitor.payloads import (
     shown_model,
 )
 from converter.monitor.prometheus import LE_SECONDS, metric_names, rebucket, render
-from converter.monitor.store import LatencyPoint, MonitorStore, Received, StoredEvent
+from converter.monitor.store import MonitorStore, Received
 from tests.support.payloads import agent_payload, state_payload
 
 
@@ -365,87 +357,6 @@ def test_rebucketing_is_exact_at_every_bound(latencies_ns: list[int]) -> None:
     assert cumulative[-1] == len(latencies_ns)
 
 
-# -- the page and its SVG -----------------------------------------------------------------------------
-def points(
-    values: list[tuple[float, float | None, float | None]], version: str = "1", interval: float = 10.0
-) -> list[LatencyPoint]:
-    return [LatencyPoint(ts, version, p50, p99, interval) for ts, p50, p99 in values]
-
-
-def test_nice_ceiling_and_format() -> None:
-    assert [nice_ceiling(v) for v in (0.7, 1.0, 1.3, 2.2, 4.0, 7.0, 0.013)] == [
-        1.0,
-        1.0,
-        2.0,
-        2.5,
-        5.0,
-        10.0,
-        0.02,
-    ]
-    assert nice_ceiling(0.0) == 1.0
-    assert format_ms(0.0213) == "21.3 µs" and format_ms(4.5) == "4.5 ms" and format_ms(None) == "-"
-
-
-def test_path_breaks_at_gaps_and_missing_values() -> None:
-    pts = [(0.0, 1.0), (10.0, 2.0), (20.0, None), (30.0, 1.5), (40.0, 1.0), (200.0, 1.0)]
-    d = svg_path(pts, lambda t: t, lambda v: v * 10, gap_s=30.0)
-    assert d == "M0.0,10.0 L10.0,20.0 M30.0,15.0 L40.0,10.0 M200.0,10.0"
-
-
-def test_downsampling_keeps_the_spike() -> None:
-    pts = points([(float(i), 1.0, 2.0) for i in range(1000)])
-    pts[500] = LatencyPoint(500.0, "1", 1.0, 90.0, 10.0)
-    out = downsample(pts, 0.0, 1000.0, 100)
-    assert len(out) == 100
-    assert max(b.p99_ms or 0 for b in out) == 90.0
-    assert all(b.p50_ms == 1.0 for b in out)
-
-
-def test_chart_has_lines_gaps_and_version_marks() -> None:
-    pts = points([(100.0 + 10 * i, 0.5, 1.0) for i in range(10)])
-    pts += points([(1000.0 + 10 * i, 0.6, 1.4) for i in range(10)], version="2")
-    svg = latency_chart_svg(pts, since=0.0, until=1200.0, title="pi-1 · digits")
-    assert svg.startswith("<svg") and svg.endswith("</svg>")
-    p50 = re.search(r'<path d="([^"]+)"[^>]*class="p50"', svg)
-    assert p50 is not None and p50.group(1).count("M") == 2  # the outage is a gap
-    assert 'class="p99"' in svg and ">v2</text>" in svg
-    empty = latency_chart_svg([], since=0.0, until=10.0, title="x")
-    assert "no requests" in empty and "<path" not in empty
-
-
-def test_page_escapes_device_text_and_fetches_nothing() -> None:
-    live = FleetLive(started=1.0)
-    bad = "<script>alert(1)</script>"
-    live.apply(
-        [
-            (received(parse_state("pi-1", state_payload(error=bad, status=bad))), False),
-            (received(parse_metrics("pi-1", agent_payload())), False),
-        ]
-    )
-    snap = live.snapshot(1001.0)
-    ev = StoredEvent("pi-1", 1000.0, "rejected", "digits", "4", "golden", bad)
-    page = render_page(
-        devices=snap.devices,
-        charts=[
-            latency_chart_svg(
-                points([(900.0, 0.5, 1.0), (910.0, 0.6, 1.2)]), since=0.0, until=1000.0, title=bad
-            )
-        ],
-        events=[ev],
-        now=1001.0,
-        window_s=3600,
-    )
-    assert "<script" not in page and "&lt;script&gt;" in page
-    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from elsewhere
-    assert '<meta http-equiv="refresh"' in page and '<path d="M' in page
-    assert device_json(snap.devices[0])["inferences"] == 3
-    assert '<a href="?device=pi-1">pi-1</a>' in page
-    one = render_page(
-        devices=snap.devices, charts=[], events=[], now=1001.0, window_s=3600, only_device="pi 1&x"
-    )
-    assert 'href="?hours=6&amp;device=pi%201%26x"' in one and 'href="?">whole fleet' in one
-
-
 def test_one_model_stands_for_the_device_everywhere() -> None:
     """Two active models, the state names the second: status, the page and /api/devices
     all show that model's figures next to its name."""
@@ -472,7 +383,7 @@ def test_one_model_stands_for_the_device_everywhere() -> None:
     assert api["latency_ms_p99"] == faces.p99_ms
     assert api["inferences"] == 6  # as the state counts: every active model's answers
     (row,) = fleet_rows([dev], 1001.0)
-    cells = dict(zip(FLEET_HEADERS, (text for _, text in row), strict=True))
+    cells = dict(zip(FLEET_HEADERS, (c.text for c in row), strict=True))
     assert cells["model"] == "faces v3" and cells["p50"] == format_ms(faces.p50_ms)
     assert cells["requests"] == "4"
     status = parse_state("pi-1", state)
