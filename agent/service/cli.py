@@ -68,10 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"litefleet-agent: error: {exc}\n")
         return 2
+    from agent.service.journal import handler_for_stderr
+
+    # under systemd each record is a journal entry with its fields; elsewhere a plain line
     logging.basicConfig(
         level=getattr(logging, cfg.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler_for_stderr({"device_id": cfg.device_id})],
     )
     from agent.service.daemon import Agent, install_signal_handlers
     from agent.service.sdnotify import Notifier

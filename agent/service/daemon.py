@@ -114,10 +114,10 @@ class Agent:
         self._event_seq = 0
         self.started_at = time.time()
         self.ready_at: float | None = None
-        self._first_refresh_done = False
         self._notified_status = ""
         self._last_served: tuple[int, float | None] = (0, None)
         self._shutting_down = False
+        self._stopped_as_asked = False  # the loop ended on stop(), not on an exception
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = ModelStore(cfg.state_dir)
@@ -185,7 +185,14 @@ class Agent:
             **fields,
         }
         log = logger.warning if kind in ("rejected", "rolled_back") else logger.info
-        log("%s %s", kind, {k: v for k, v in fields.items() if k != "ts"})
+        shown = {k: v for k, v in fields.items() if k != "ts"}
+        # one line of key=value for a reader; the same fields apart for journald
+        log(
+            "%s %s",
+            kind,
+            " ".join(f"{k}={v}" for k, v in shown.items()),
+            extra={"litefleet_fields": {"event": kind, **shown}},
+        )
         if kind == "downloading":
             self._set_status("downloading")
         with contextlib.suppress(TransportError):
@@ -309,6 +316,11 @@ class Agent:
         self.sender.stop()
         self.client.stop()
         self.metrics_queue.close()
+        if self._stopped_as_asked:
+            try:
+                self.manager.record_clean_stop()
+            except StorageError as exc:
+                logger.warning("could not record the clean stop (the next start counts as a crash): %s", exc)
 
     def _wait_synced(self, timeout_s: float) -> bool:
         synced = self.client.wait_synced(timeout_s)
@@ -330,6 +342,7 @@ class Agent:
         next_refresh = self._clock() + self.cfg.refresh_interval_s
         next_metrics = self._clock() + self.cfg.metrics_interval_s
         fails = 0
+        self._maybe_ready()  # before the first refresh, which may wait for the broker
         while not self._stop.is_set():
             now = self._clock()
             timeout = max(0.0, min(next_refresh - now, next_metrics - now, 1.0))
@@ -375,6 +388,7 @@ class Agent:
                     self._last_served = served
                     self.publish_state()
             self._maybe_ready()
+        self._stopped_as_asked = True
 
     def _after_changes(self) -> None:
         # never while stopping: a reconnect after the goodbye would say "online" again
@@ -384,18 +398,11 @@ class Agent:
 
     def refresh_once(self) -> str:
         """One refresh: ``"ok"``, ``"transport"`` (retry soon) or ``"failed"`` (back off)."""
-        outcome = self._refresh_once()
-        if outcome != "transport":
-            self._first_refresh_done = True
-        return outcome
-
-    def _refresh_once(self) -> str:
         try:
             result = self.updater.refresh(self.manager.state, self._should_stop)
         except ModelRejectedError as exc:
             if exc.reason == "no_repository":
-                # connected and synced, and there is nothing to fetch yet: ready
-                self._first_refresh_done = True
+                # connected and synced, and there is nothing to fetch yet
                 self._set_status(self._serving_status(), None)
                 return "transport"
             self._report_failure(exc.reason, str(exc))
@@ -426,17 +433,28 @@ class Agent:
         self.publish_state()
         return "failed" if transient else "ok"
 
+    def _status_text(self) -> str:
+        """The one line ``systemctl status`` shows: what is served, the broker, the error."""
+        served = ", ".join(f"{name} v{info['version']}" for name, info in self.manager.summary().items())
+        parts = [f"serving {served}" if served else "idle (no model yet)"]
+        if self.status in ("downloading", "checking"):
+            parts.append(self.status)
+        where = "connected to" if self.client.connected else "waiting for the broker"
+        parts.append(f"{where} {self.cfg.broker_address}")
+        if self.error:
+            parts.append(self.error)
+        return "; ".join(parts)
+
     def _maybe_ready(self) -> None:
-        """READY=1 once connected with the active models loaded and the first refresh
-        done (a device without any model yet is ready then too)."""
-        text = f"{self.status}: {', '.join(self.registry.names()) or 'no model'}" + (
-            f"; {self.error}" if self.error else ""
-        )
-        if self.ready_at is None and self.client.connected and self._first_refresh_done:
+        """READY=1 at the work loop's start: the installed models are loaded and REST listens,
+        so the device serves, broker or not (it serves offline). Then STATUS= on each change."""
+        text = self._status_text()
+        if self.ready_at is None:
             self.ready_at = time.time()
-            self._notifier.ready(text)
+            # logged first: in the journal this line precedes systemd's "Started" (one socket)
             logger.info("ready %.2f s after start", self.ready_at - self.started_at)
-        elif self.ready_at is not None and text != self._notified_status:
+            self._notifier.ready(text)
+        elif text != self._notified_status:
             self._notifier.status(text)
         self._notified_status = text
 
