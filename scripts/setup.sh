@@ -5,7 +5,8 @@
 # - installs Mosquitto with apt-get (sudo when not root) when it is missing;
 # - for the tests, also the Debian packages they use: qemu-user-static (the emulated
 #   Raspberry Pi userland), debian-archive-keyring (to fetch its packages), faketime
-#   (an agent with a wrong clock).
+#   (an agent with a wrong clock), systemd-container, mmdebstrap and arch-test (booted
+#   Debian machines with systemd as PID 1, tests/systemd).
 # Every step says what it does; a step that has nothing to do says so in one line.
 
 say() { printf '==> %s\n' "$*"; }
@@ -104,5 +105,6 @@ setup_packages() {
 setup_test_tools() {
   setup_packages qemu-aarch64-static=qemu-user-static \
     /usr/share/keyrings/debian-archive-keyring.gpg=debian-archive-keyring \
-    faketime=faketime
+    faketime=faketime \
+    systemd-nspawn=systemd-container mmdebstrap=mmdebstrap arch-test=arch-test
 }
