@@ -127,6 +127,12 @@ class Device:
     def broker_stop(self) -> None:
         self.broker.stop()
 
+    def ensure_broker(self) -> None:
+        """The broker running (a check before may have failed with it stopped)."""
+        proc = getattr(self.broker, "proc", None)
+        if proc is None or proc.poll() is not None:
+            self.broker_start()
+
     def broker_args(self) -> list[str]:
         if self.secure:
             return ["--secure-dir", str(self.secure_dir)]

@@ -193,12 +193,20 @@ class Machine:
             self.run(["mount", "--bind", f"/{CPUINFO}", "/proc/cpuinfo"])
         state = ""
         while time.monotonic() < deadline:
-            proc = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=BOOT_TIMEOUT_S)
+            left = max(1.0, deadline - time.monotonic())
+            try:
+                proc = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=left)
+            except subprocess.TimeoutExpired:
+                break
             state = proc.stdout.strip()
             if state in ("running", "degraded"):
                 return state
             time.sleep(0.2)  # "starting" while the manager is not up yet
-        raise MachineError(f"{self.name} did not finish booting ({state!r}):\n{self.nspawn_log()}")
+        jobs = self.run(["systemctl", "list-jobs", "--no-pager"], check=False).stdout
+        raise MachineError(
+            f"{self.name} did not finish booting within {BOOT_TIMEOUT_S:g} s ({state or 'starting'}); "
+            f"jobs still running:\n{jobs}"
+        )
 
     def _wait_guest_pid(self, deadline: float) -> int:
         assert self._nspawn is not None

@@ -293,6 +293,7 @@ def test_reboots_without_the_broker_serve_offline_and_keep_the_trial(
 # -- check 9: upgrade, uninstall, purge -----------------------------------------------------------
 def test_upgrade_keeps_everything_and_purge_leaves_nothing(device: Device, tmp_path: Path) -> None:
     m = device.machine
+    device.ensure_broker()
     # the operator makes a wheelhouse of the new release and runs its install.sh with the same options
     source = source_with_version(tmp_path / "src", "0.1.1")
     offline_wheelhouse(device.arch, device.xfer / "wheelhouse-0.1.1", m.rootfs.wheels, source=source)
