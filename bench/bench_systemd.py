@@ -191,7 +191,7 @@ def main() -> int:
         lambda r: f"{statistics.median(r['kill'][UNIT]) / statistics.median(r['kill'][BASELINE]):.2f}x",
     )
     line(
-        "SIGSTOP to active again (WatchdogSec=30s + RestartSec=5s + start), 1 run",
+        "SIGSTOP to active again (WatchdogSec=30s after the last ping; RestartSec=5s; start), 1 run",
         lambda r: f"{r['watchdog']:.1f} s",
     )
     line("systemd-analyze security, live unit", lambda r: r["live"])

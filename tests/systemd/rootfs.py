@@ -4,8 +4,8 @@
 :mod:`.machine` (always under a fresh overlay: the cached tree is never written) and whose
 ``wheels`` folder holds the agent's dependency wheels for that architecture. It guarantees:
 
-- the host's own apt state is never touched: ``mmdebstrap`` runs apt inside the new tree;
-  the .debs are kept in ``debs/`` (sync-in/sync-out) so a rebuild downloads only what changed;
+- the host's own apt state is never touched: ``mmdebstrap`` runs apt inside the new tree
+  (its own sources, state and cache, removed at the end);
 - everything lives under ``.cache/systemd/<arch>/``; ``manifest.json`` records the key of
   :meth:`.specs.MachineSpec.key` (packages, builder version, the project's requirements): a
   warm call with the same key reuses the rootfs and wheels without any network;
@@ -153,9 +153,8 @@ def _build_rootfs(spec: MachineSpec, home: Path) -> list[str]:
     partial = home / "rootfs.partial"
     if partial.exists():
         run_build_tool(["rm", "-rf", "--one-file-system", str(partial)], what="removing a stale build")
-    (home / "debs").mkdir(parents=True, exist_ok=True)
     run_build_tool(
-        mmdebstrap_command(spec, partial, home / "debs"),
+        mmdebstrap_command(spec, partial),
         what=f"mmdebstrap {spec.arch}",
         timeout_s=1800,
     )
