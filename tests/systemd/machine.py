@@ -202,10 +202,10 @@ class Machine:
             if state in ("running", "degraded"):
                 return state
             time.sleep(0.2)  # "starting" while the manager is not up yet
-        jobs = self.run(["systemctl", "list-jobs", "--no-pager"], check=False).stdout
+        jobs = self.run(["systemctl", "list-jobs", "--no-pager"], check=False)
         raise MachineError(
-            f"{self.name} did not finish booting within {BOOT_TIMEOUT_S:g} s ({state or 'starting'}); "
-            f"jobs still running:\n{jobs}"
+            f"{self.name} did not finish booting within {BOOT_TIMEOUT_S:g} s ({state or 'no answer'}); "
+            f"jobs still running:\n{jobs.stdout}{jobs.stderr}\n{self.nspawn_log()}"
         )
 
     def _wait_guest_pid(self, deadline: float) -> int:
@@ -213,9 +213,15 @@ class Machine:
         while time.monotonic() < deadline:
             if self._nspawn.poll() is not None:
                 raise MachineError(f"systemd-nspawn exited ({self._nspawn.returncode}):\n{self.nspawn_log()}")
-            children = _run(["pgrep", "-P", str(self._nspawn.pid)]).stdout.split()
-            if children:
-                return int(children[0])
+            # the child that is PID 1 in its own namespace: nspawn forks short-lived helpers too
+            for child in _run(["pgrep", "-P", str(self._nspawn.pid)]).stdout.split():
+                with contextlib.suppress(OSError):
+                    status = Path(f"/proc/{child}/status").read_text()
+                    nspid = next(
+                        line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")
+                    )
+                    if len(nspid) > 1 and nspid[-1] == "1":
+                        return int(child)
             time.sleep(0.05)
         raise MachineError(f"no guest PID 1 under nspawn:\n{self.nspawn_log()}")
 
