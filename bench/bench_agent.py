@@ -4,9 +4,10 @@
 
 The agent runs as systemd would run it: ``python -m agent run`` with
 ``NOTIFY_SOCKET`` pointing at a datagram socket this script listens on, so
-"ready" is the agent's own ``READY=1`` (sent once it is connected, its active
-models are loaded and the first refresh is done). Two cases: a fresh device
-with no model, and a device restarting with the digits int8 model installed.
+"ready" is the agent's own ``READY=1``, sent once its installed models are loaded
+and its REST API listens (until issue 13 it also waited for the broker and a first
+refresh: figures from before are not comparable). Two cases: a fresh device with no
+model, and a device restarting with the digits int8 model installed.
 RSS is read from ``/proc/<pid>/status`` after a few seconds idle. Baselines in
 the same run: a bare Python interpreter, and one that imports only numpy,
 paho-mqtt, tuf and ai_edge_litert (the agent's dependencies).

@@ -5,7 +5,8 @@
 # - installs Mosquitto with apt-get (sudo when not root) when it is missing;
 # - for the tests, also the Debian packages they use: qemu-user-static (the emulated
 #   Raspberry Pi userland), debian-archive-keyring (to fetch its packages), faketime
-#   (an agent with a wrong clock).
+#   (an agent with a wrong clock), systemd-container, mmdebstrap and arch-test (booted
+#   Debian machines with systemd as PID 1, tests/systemd).
 # Every step says what it does; a step that has nothing to do says so in one line.
 
 say() { printf '==> %s\n' "$*"; }
@@ -106,7 +107,8 @@ setup_test_tools() {
     /usr/share/keyrings/debian-archive-keyring.gpg=debian-archive-keyring \
     faketime=faketime \
     promtool=prometheus \
-    chromium=chromium
+    chromium=chromium \
+    systemd-nspawn=systemd-container mmdebstrap=mmdebstrap arch-test=arch-test
   # only promtool is wanted: where the package (or its recommended node exporter)
   # started a service, stop it and keep it off
   local unit

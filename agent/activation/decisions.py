@@ -17,8 +17,11 @@ The life of a model version on a device::
 * Activation keeps the old active version as ``previous``.
 * A new active version is on trial until it has served well (see
   :class:`agent.service.config.AgentConfig`'s probation settings). Every start-up
-  during the trial counts; more than ``max_crash_restarts`` of them means the
-  model crashes the agent, and it is rolled back.
+  during the trial that follows an unclean end (a crash, a kill, a watchdog abort, a
+  power cut) counts; more than ``max_crash_restarts`` of them means the model crashes
+  the agent, and it is rolled back. A clean stop (``systemctl stop``, a reboot) is
+  recorded in the state (:attr:`DeviceState.clean_stop`) and the start after it does
+  not count.
 * A rejected (version, sha256) is never tried again; a newer version is.
 """
 
@@ -114,6 +117,10 @@ class ModelState:
 @dataclass(frozen=True)
 class DeviceState:
     models: Mapping[str, ModelState] = field(default_factory=dict)
+    # True only between a clean stop and the next start: the agent's last run ended as
+    # asked (SIGTERM handled, goodbye said), so that start is no crash. An older agent
+    # ignores the key.
+    clean_stop: bool = False
 
     @classmethod
     def empty(cls) -> DeviceState:
@@ -125,16 +132,21 @@ class DeviceState:
     def with_model(self, name: str, ms: ModelState) -> DeviceState:
         models = dict(self.models)
         models[name] = ms
-        return DeviceState(models)
+        return replace(self, models=models)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "models": {n: m.to_dict() for n, m in sorted(self.models.items())}}
+        return {
+            "format": STATE_FORMAT,
+            "models": {n: m.to_dict() for n, m in sorted(self.models.items())},
+            "clean_stop": self.clean_stop,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DeviceState:
         if d.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown state format {d.get('format')!r}")
-        return cls({str(n): ModelState.from_dict(m) for n, m in d["models"].items()})
+        models = {str(n): ModelState.from_dict(m) for n, m in d["models"].items()}
+        return cls(models, clean_stop=d.get("clean_stop") is True)
 
     def keep_versions(self) -> dict[str, set[int]]:
         """Versions whose files must stay on disk."""
@@ -205,24 +217,26 @@ class StartAction(Enum):
     REJECTED_CHECK = "rejected_check"
 
 
-def on_start(ms: ModelState, max_crash_restarts: int) -> tuple[ModelState, StartAction]:
+def on_start(
+    ms: ModelState, max_crash_restarts: int, *, after_clean_stop: bool = False
+) -> tuple[ModelState, StartAction]:
     """The agent (re)starts. A check that was running crashed the agent; a
-    version on trial gets one more start-up counted, and is rolled back when
-    it has seen too many."""
+    version on trial gets one more start-up counted unless the last run ended
+    cleanly (``after_clean_stop``), and is rolled back when it has seen too many."""
     if ms.checking is not None:
         cand = ms.checking
         return (
             reject(ms, cand, Reason.CRASHED, "the agent stopped while checking this model"),
             StartAction.REJECTED_CHECK,
         )
-    if ms.trial_starts is not None and ms.active is not None:
+    if ms.trial_starts is not None and ms.active is not None and not after_clean_stop:
         starts = ms.trial_starts + 1
         if starts > max_crash_restarts:
             return (
                 roll_back(
                     ms,
                     Reason.CRASH_LOOP,
-                    f"the agent restarted {starts} times before this model was marked good",
+                    f"the agent ended uncleanly {starts} times before this model was marked good",
                 ),
                 StartAction.ROLLED_BACK,
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent.activation import decisions as act
@@ -119,8 +119,11 @@ class ModelManager:
     def start(self) -> None:
         """Load the state file, apply crash-loop decisions, load every active model."""
         state = self.state_file.load()
+        clean = state.clean_stop
+        # from here on a crash must count: the mark goes with this start's first save
+        state = replace(state, clean_stop=False)
         for name in sorted(state.models):
-            ms, action = act.on_start(state.get(name), self.max_crash_restarts)
+            ms, action = act.on_start(state.get(name), self.max_crash_restarts, after_clean_stop=clean)
             state = state.with_model(name, ms)
             if action is act.StartAction.ROLLED_BACK:
                 rej = ms.rejected[-1]
@@ -164,6 +167,11 @@ class ModelManager:
             if ms.trial_starts is not None:
                 self._begin_trial(name, runner)
             return
+
+    def record_clean_stop(self) -> None:
+        """The agent is stopping as asked: the next start is not a crash (durable: it is
+        written like every state change, before the process exits)."""
+        self._save(replace(self.state, clean_stop=True))
 
     # -- candidates -------------------------------------------------------------------------
     def consider(self, cand: act.Candidate) -> bool:

@@ -51,11 +51,14 @@ def _properties(packet_type: int) -> Properties:
 class _QuietNotConnected(logging.Filter):
     """paho logs "Client is not connected" at ERROR from its network loop's last turn after
     every disconnect, our own included (each will renewal, each shutdown). A lost connection
-    is already reported by :class:`MqttClient` itself, so this line is demoted to DEBUG."""
+    is already reported by :class:`MqttClient` itself, so this line is demoted to DEBUG, and
+    dropped unless the ``paho`` logger is enabled for DEBUG: the level check was made at
+    ERROR before this filter ran, so relabelling alone would let it through at ``info``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.ERROR and str(record.msg).startswith("Client is not connected"):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return _PAHO_LOG.isEnabledFor(logging.DEBUG)
         return True
 
 

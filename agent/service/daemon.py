@@ -106,10 +106,10 @@ class Agent:
         self._event_seq = 0
         self.started_at = time.time()
         self.ready_at: float | None = None
-        self._first_refresh_done = False
         self._notified_status = ""
         self._last_served = Served(0, None)
         self._shutting_down = False
+        self._stopped_as_asked = False  # the loop ended on stop(), not on an exception
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = ModelStore(cfg.state_dir)
@@ -310,6 +310,11 @@ class Agent:
         self.sender.stop()
         self.client.stop()
         self.metrics_queue.close()
+        if self._stopped_as_asked:
+            try:
+                self.manager.record_clean_stop()
+            except StorageError as exc:
+                logger.warning("could not record the clean stop (the next start counts as a crash): %s", exc)
 
     def _wait_synced(self, timeout_s: float) -> bool:
         synced = self.client.wait_synced(timeout_s)
@@ -336,6 +341,7 @@ class Agent:
         next_refresh = self._clock() + self.cfg.refresh_interval_s
         next_metrics = self._clock() + self.cfg.metrics_interval_s
         fails = 0
+        self._maybe_ready()  # before the first refresh, which may wait for the broker
         while not self._should_stop():
             now = self._clock()
             timeout = max(0.0, min(next_refresh - now, next_metrics - now, 1.0))
@@ -368,6 +374,7 @@ class Agent:
             self._maybe_ready()
         if self._signalled is not None:
             logger.info("signal %s: stopping", signal.Signals(self._signalled).name)
+        self._stopped_as_asked = True
 
     def _after_changes(self) -> None:
         # never while stopping: a reconnect after the goodbye would say "online" again
@@ -377,12 +384,6 @@ class Agent:
 
     def refresh_once(self) -> RefreshOutcome:
         """One refresh, and how it ended (the loop's retry policy reads it)."""
-        outcome = self._refresh_once()
-        if outcome.settled:
-            self._first_refresh_done = True
-        return outcome
-
-    def _refresh_once(self) -> RefreshOutcome:
         try:
             result = self.updater.refresh(self.manager.state, self._should_stop)
         except NoRepositoryError:
@@ -422,18 +423,29 @@ class Agent:
         self.publish_state()
         return RefreshOutcome.FAILED if transient else RefreshOutcome.OK
 
+    def _status_text(self) -> str:
+        """The one line ``systemctl status`` shows: what is served, the broker, the error."""
+        served = ", ".join(f"{name} v{info['version']}" for name, info in self.manager.summary().items())
+        parts = [f"serving {served}" if served else "idle (no model yet)"]
+        if self.status in (DeviceStatus.DOWNLOADING, DeviceStatus.CHECKING):
+            parts.append(self.status)
+        where = "connected to" if self.client.connected else "waiting for the broker"
+        parts.append(f"{where} {self.cfg.broker_address}")
+        if self.error:
+            parts.append(self.error)
+        return "; ".join(parts)
+
     def _maybe_ready(self) -> None:
-        """READY=1 once connected with the active models loaded and the first refresh
-        done (a device without any model yet is ready then too)."""
-        text = f"{self.status}: {', '.join(self.registry.names()) or 'no model'}" + (
-            f"; {self.error}" if self.error else ""
-        )
-        if self.ready_at is None and self.client.connected and self._first_refresh_done:
+        """READY=1 at the work loop's start: the installed models are loaded and REST listens,
+        so the device serves, broker or not (it serves offline). Then STATUS= on each change."""
+        text = self._status_text()
+        if self.ready_at is None:
             self.ready_at = time.time()
-            self._notifier.ready(text)
+            # logged first: in the journal this line precedes systemd's "Started" (one socket)
             after_s = self.ready_at - self.started_at
             logger.info("ready %.2f s after start", after_s, extra=log_fields(event="ready"))
-        elif self.ready_at is not None and text != self._notified_status:
+            self._notifier.ready(text)
+        elif text != self._notified_status:
             self._notifier.status(text)
         self._notified_status = text
 

@@ -23,9 +23,9 @@ set, naming this process) say how often ``WATCHDOG=1`` must come.
   loop stopped is, ``start_extension_s`` after its last tick. (systemd arms the
   watchdog itself only once start-up is complete.)
 
-The daemon calls: ``status(text)`` as it goes, ``ready()`` once connected and
-the model is loaded, ``watchdog()`` from its work loop, ``stopping()`` on
-shutdown.
+The daemon calls: ``ready()`` once its installed models are loaded and its
+REST API listens (broker or not), ``status(text)`` on every change after that,
+``watchdog()`` from its work loop, ``stopping()`` on shutdown.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from converter.broker.bundle import check_bundle_target, write_bundle
 from converter.broker.registry import (
     AUTH_CERT,
     AUTH_PASSWORD,
@@ -62,6 +63,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--password", action="store_true", help="username/password instead of a client certificate"
     )
     add.add_argument(
+        "--bundle",
+        metavar="OUT",
+        type=Path,
+        help="also write a credentials bundle folder for `systemd/install.sh --credentials OUT`",
+    )
+    add.add_argument(
+        "--trusted-root",
+        metavar="ROOT_JSON",
+        type=Path,
+        help="with --bundle: put the repository's root.json in the bundle too",
+    )
+    add.add_argument(
         "--renew",
         action="store_true",
         help="replace the credentials of an existing device (the old ones stop working at once)",
@@ -88,6 +101,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run_add(args: argparse.Namespace) -> int:
     if args.site is not None:
         return run_add_site_device(args)
+    if args.trusted_root is not None and args.bundle is None:
+        raise BadInputError("--trusted-root goes with --bundle OUT")
+    if args.bundle is not None:
+        check_bundle_target(args.bundle, args.trusted_root)
     secure = SecureDir(args.secure)
     bundle = secure.add_device(
         args.device_id, auth=AUTH_PASSWORD if args.password else AUTH_CERT, renew=args.renew
@@ -95,6 +112,13 @@ def run_add(args: argparse.Namespace) -> int:
     pid = secure.reload_broker()
     prefix = secure.load().prefix
     sys.stdout.write(format_bundle(bundle, secure.paths.device_dir(bundle.device_id), pid, prefix))
+    if args.bundle is not None:
+        out = write_bundle(bundle, args.bundle, args.trusted_root)
+        root = " and root.json" if args.trusted_root is not None else ""
+        sys.stdout.write(
+            f"\nBundle: {out}/ (agent.toml, credentials/{root}). On the device, one command:\n"
+            f"   sudo systemd/install.sh --credentials {out.name}/\n"
+        )
     return 0
 
 

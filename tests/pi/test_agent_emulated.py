@@ -19,6 +19,7 @@ import json
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +148,15 @@ def test_the_real_agent_pulls_checks_activates_serves_and_reports_under_emulatio
         activated = watch.wait_event(DEVICE, "activated", version=1)
         assert activated["sha256"] == file_sha256(digits_int8.tflite)
         boot = watch.states[DEVICE]["boot"]
-        # systemd's protocol works from the emulated process: READY=1 once serving, watchdog pings
+        # systemd's protocol works from the emulated process: READY=1 as soon as it serves what
+        # is installed (nothing yet on this fresh device), then STATUS= names the model, pings
         _, ready = notify.wait_for("READY", WAIT_S)
-        assert ready["STATUS"].startswith("serving: digits")
+        assert ready["STATUS"].startswith("idle (no model yet); "), ready
+        deadline = time.monotonic() + WAIT_S
+        serving = "serving digits v1; connected to mqtt://"
+        while not any(f.get("STATUS", "").startswith(serving) for _, f in notify.messages):
+            assert time.monotonic() < deadline, notify.messages[-5:]
+            time.sleep(0.1)
         notify.wait_for("WATCHDOG", WAIT_S)
         assert agent.ready_after_s(timeout_s=60) is not None, agent.log()[-3000:]
 

@@ -178,18 +178,23 @@ class AgentProcess:
 class FleetWatcher:
     """Collects every device's retained state and events from the broker.
 
-    Plain MQTT on loopback by default; ``secure_dir`` (a ``litefleet broker --secure``
-    folder) connects with that broker's host identity over TLS instead."""
+    Plain MQTT on loopback by default (``host`` for another address); ``secure_dir`` (a
+    ``litefleet broker --secure`` folder) connects with that broker's host identity over TLS
+    instead."""
 
     def __init__(
-        self, port: int | None = None, prefix: str = "litefleet", *, secure_dir: Path | None = None
+        self,
+        port: int | None = None,
+        prefix: str = "litefleet",
+        *,
+        secure_dir: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.prefix = prefix
         self.states: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.raw: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
-        host = "127.0.0.1"
         client_id = f"watch-{uuid.uuid4().hex[:6]}"
         settings: dict[str, Any] = {}
         if secure_dir is not None:

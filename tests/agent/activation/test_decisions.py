@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from agent.activation import decisions as act
 from agent.activation.decisions import (
     DeviceState,
@@ -92,3 +94,23 @@ def test_state_round_trips_and_bounds_rejections() -> None:
     assert again == state
     assert len(again.get("m").rejected) == act.MAX_REJECTIONS
     assert state.keep_versions() == {"m": {1, 2}}
+
+
+def test_a_start_after_a_clean_stop_does_not_count_toward_a_crash_loop() -> None:
+    ms = act.activate(act.mark_good(act.activate(ModelState(), V1)), V2)
+    for _ in range(10):  # ten reboots during the trial, each after a clean stop
+        ms, action = act.on_start(ms, max_crash_restarts=2, after_clean_stop=True)
+        assert action is StartAction.NONE and ms.active == V2 and ms.trial_starts == 0
+    ms, _ = act.on_start(ms, max_crash_restarts=2)  # a crash still counts
+    assert ms.trial_starts == 1
+
+
+def test_the_clean_stop_mark_round_trips_and_defaults_to_unclean() -> None:
+    state = act.DeviceState.empty().with_model("m", act.activate(ModelState(), V1))
+    assert act.DeviceState.from_dict(state.to_dict()).clean_stop is False
+    marked = act.DeviceState.from_dict(replace(state, clean_stop=True).to_dict())
+    assert marked.clean_stop is True and marked.get("m").active == V1
+    # a state file written by an older agent has no mark: its start counts
+    old = {"format": act.STATE_FORMAT, "models": state.to_dict()["models"]}
+    assert act.DeviceState.from_dict(old).clean_stop is False
+    assert marked.with_model("n", ModelState()).clean_stop is True

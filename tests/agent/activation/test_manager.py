@@ -144,6 +144,28 @@ def test_restarts_during_a_trial_roll_back_a_crash_loop(fleet: Fleet) -> None:
     assert fleet.serve(0)[0][0] == 0.0
 
 
+def test_clean_stops_during_a_trial_keep_the_model(fleet: Fleet) -> None:
+    """Three reboots (each a clean stop, recorded in the state file) within a new model's
+    trial: it stays active and on trial; then a crash counts as before."""
+    m = fleet.manager
+    m.start()
+    m.consider(fleet.candidate(1))  # the first version: nothing to roll back to
+    for _ in range(3):
+        m.record_clean_stop()
+        fleet.events.clear()
+        m = fleet.new_manager()
+        m.start()
+        assert fleet.kinds() == [] and fleet.serve(0)[0][0] == 0.0
+    state = StateFile(fleet.root / "state.json").load()
+    assert state.clean_stop is False  # consumed by the start that followed it
+    gather = state.get("gather")
+    assert gather.active is not None and gather.active.version == 1 and gather.trial_starts == 0
+    for _ in range(3):  # now crashes: no mark, each start counts
+        m = fleet.new_manager()
+        m.start()
+    assert fleet.kinds() == ["rolled_back"] and fleet.events[0][1]["reason"] == "crash_loop"
+
+
 def test_a_damaged_active_model_falls_back_at_start(fleet: Fleet) -> None:
     m = fleet.manager
     m.start()

@@ -54,3 +54,45 @@ def test_a_lost_broker_is_still_reported(broker: Any, caplog: pytest.LogCaptureF
         client.stop()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("disconnected from the broker" in m for m in warnings), warnings
+
+
+def test_pahos_not_connected_line_stays_out_of_an_info_log(broker: Any) -> None:
+    """What the agent's log setup does (``logging.basicConfig`` at ``info``: the root handler
+    takes every level): a will renewal's "Client is not connected" from paho must not reach
+    it. Relabelled to DEBUG but passed on, it did reach the journal."""
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    root = logging.getLogger()
+    handler, level = Keep(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    client = MqttClient(
+        ConnectionSettings(
+            host="127.0.0.1",
+            port=broker.port,
+            client_id="pi-quiet",
+            will_topic="litefleet/v1/devices/pi-quiet/state",
+            will_payload=b'{"online": false}',
+        )
+    )
+    try:
+        client.connect(10)
+        for n in range(5):
+            client.publish("litefleet/v1/devices/pi-quiet/events", b"{}", qos=1)
+            client.replace_will(b'{"online": false, "n": %d}' % n)
+            deadline = time.monotonic() + 10
+            time.sleep(0.2)
+            while not client.connected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.connected
+    finally:
+        client.stop()
+        root.removeHandler(handler)
+        root.setLevel(level)
+    paho_lines = [r.getMessage() for r in seen if r.name == "paho"]
+    assert not [m for m in paho_lines if "not connected" in m], paho_lines
+    assert any(r.name == "agent.mqtt.client" for r in seen)  # the handler did see our own lines

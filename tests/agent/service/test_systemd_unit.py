@@ -153,10 +153,23 @@ def test_install_creates_the_layout_and_is_idempotent(tmp_path: Path) -> None:
     conf = root / "etc/litefleet/agent.toml"
     conf.write_text(conf.read_text().replace("threads = 1", "threads = 4"))
     edited = tree(root)
-    second = install(root, "--no-pip", "--no-systemctl", "--device-id", "other")
+    second = install(root, "--no-pip", "--no-systemctl")
     assert tree(root) == edited
     assert "kept the existing /etc/litefleet/agent.toml" in second.stdout
-    assert load_config(conf).threads == 4
+    # a changed option is applied and said, an unchanged one said to be kept; edits survive
+    third = install(
+        root, "--no-pip", "--no-systemctl", "--device-id", "pi-8", "--broker", "mqtt://hub.local:1883"
+    )
+    assert "agent.toml: device_id changed: pi-7 -> pi-8" in third.stdout
+    assert "agent.toml: broker kept (mqtt://hub.local:1883)" in third.stdout
+    cfg = load_config(conf)
+    assert (cfg.device_id, cfg.threads) == ("pi-8", 4)
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o640
+    other_root = tmp_path / "other.json"
+    other_root.write_text('{"signed": {"version": 2}}')
+    fourth = install(root, "--no-pip", "--no-systemctl", "--trusted-root", str(other_root))
+    assert "kept the existing /etc/litefleet/root.json" in fourth.stdout
+    assert (root / "etc/litefleet/root.json").read_text() == trusted.read_text()
 
 
 def test_install_picks_the_runtime_for_the_machine(tmp_path: Path) -> None:
@@ -165,6 +178,8 @@ def test_install_picks_the_runtime_for_the_machine(tmp_path: Path) -> None:
             tmp_path / f"{machine}-{bits}",
             "--dry-run",
             "--no-systemctl",
+            "--device-id",
+            "pi-1",
             env={"LITEFLEET_UNAME_M": machine, "LITEFLEET_USERLAND_BITS": bits},
         ).stdout
         return out.splitlines()
@@ -180,7 +195,7 @@ def test_install_picks_the_runtime_for_the_machine(tmp_path: Path) -> None:
     assert "--system-site-packages" not in venv_line("aarch64")
     # 32-bit ARM: tflite-runtime, with Debian's numpy seen through the venv
     # (PyPI has no armv7 numpy wheels)
-    for machine, bits in (("armv7l", "32"), ("armv6l", "32"), ("aarch64", "32")):
+    for machine, bits in (("armv7l", "32"), ("aarch64", "32")):
         assert pip_line(machine, bits).endswith(" tflite-runtime")
         assert "--system-site-packages" in venv_line(machine, bits)
     assert f"pip install --upgrade --disable-pip-version-check {REPO}" in pip_line("x86_64")
@@ -188,6 +203,18 @@ def test_install_picks_the_runtime_for_the_machine(tmp_path: Path) -> None:
         tmp_path / "mips", "--dry-run", "--no-systemctl", env={"LITEFLEET_UNAME_M": "mips"}, check=False
     )
     assert bad.returncode == 1 and "no LiteRT runtime is known for mips" in bad.stderr
+
+
+def test_armv6_is_refused_in_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    bad = install(
+        tmp_path / "root", "--no-pip", "--device-id", "pi-0", env={"LITEFLEET_UNAME_M": "armv6l"}, check=False
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.splitlines() == [
+        "litefleet install: error: ARMv6 (armv6l: Raspberry Pi 1, Zero, Zero W) is not supported: "
+        "no LiteRT build exists for it"
+    ]
+    assert not (tmp_path / "root").exists()
 
 
 def test_install_drives_systemctl_and_starts_only_with_a_trusted_root(tmp_path: Path) -> None:
@@ -199,8 +226,9 @@ def test_install_drives_systemctl_and_starts_only_with_a_trusted_root(tmp_path: 
     fake.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
     root = tmp_path / "root"
-    install(root, "--no-pip", env=env)
+    first = install(root, "--no-pip", "--device-id", "pi-1", env=env)
     assert log.read_text().splitlines() == ["daemon-reload", "enable litefleet-agent.service"]
+    assert "installed, not started: missing trusted_root /etc/litefleet/root.json" in first.stdout
     (root / "etc/litefleet/root.json").write_text("{}")
     install(root, "--no-pip", env=env)
     assert log.read_text().splitlines()[-1] == "restart litefleet-agent.service"
@@ -210,7 +238,7 @@ def test_install_drives_systemctl_and_starts_only_with_a_trusted_root(tmp_path: 
 
 def test_uninstall_keeps_configuration_and_purge_removes_it(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    install(root, "--no-pip", "--no-systemctl")
+    install(root, "--no-pip", "--no-systemctl", "--device-id", "pi-1")
     (root / "var/lib/litefleet/state.json").write_text("{}")
     install(root, "--uninstall", "--no-systemctl")
     assert not (root / "opt/litefleet").exists()
@@ -222,7 +250,101 @@ def test_uninstall_keeps_configuration_and_purge_removes_it(tmp_path: Path) -> N
 
 def test_install_refuses_nonsense(tmp_path: Path) -> None:
     bad = install(tmp_path, "--prefix", "/usr", check=False)
-    assert bad.returncode == 1 and "--prefix" in bad.stderr
+    assert bad.returncode == 2 and "--prefix" in bad.stderr
+    bad = install(tmp_path / "r", "--no-pip", check=False)  # no device id, no bundle, no config
+    assert bad.returncode == 2 and "give --device-id ID or --credentials DIR" in bad.stderr
+    assert "raspberrypi" in bad.stderr and not (tmp_path / "r").exists()
+    bad = install(tmp_path / "r", "--no-pip", "--device-id", "pi 1", check=False)
+    assert bad.returncode == 2 and "device id 'pi 1'" in bad.stderr
     bad = install(tmp_path, "--frobnicate", check=False)
     assert bad.returncode == 2 and "unknown option --frobnicate" in bad.stderr
     assert subprocess.run(["sh", "-n", str(INSTALL)]).returncode == 0
+
+
+def test_help_prints_the_usage_with_every_option(tmp_path: Path) -> None:
+    out = subprocess.run(["sh", str(INSTALL), "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("Usage: sudo install.sh [OPTIONS]")
+    parsed = set(re.findall(r"^\s+(--[a-z-]+)(?:\|-h\|--help)?\)", INSTALL.read_text(), re.M))
+    assert len(parsed) >= 18, parsed
+    documented = set(re.findall(r"^\s+(--[a-z-]+)", out, re.M))
+    assert parsed <= documented, parsed - documented
+    assert "set -eu" not in out  # the usage, not the script's own lines
+
+
+def device_bundle(tmp_path: Path, device_id: str, *, password: bool = False, renew: bool = False) -> Path:
+    """What `litefleet device add ID --secure DIR --bundle OUT --trusted-root root.json` writes."""
+    from tests.support.harness import must
+
+    secure, repo = tmp_path / "broker", tmp_path / "repo"
+    if not repo.exists():
+        must("repo", "init", str(repo))
+    out = tmp_path / f"bundle-{device_id}-{'pw' if password else 'cert'}{'-renew' if renew else ''}"
+    args = ["device", "add", device_id, "--secure", str(secure), "--bundle", str(out)]
+    args += ["--trusted-root", str(repo / "root.json")]
+    must(*args, *(["--password"] if password else []), *(["--renew"] if renew else []))
+    return out
+
+
+def test_a_credentials_bundle_makes_a_tls_complete_install(tmp_path: Path) -> None:
+    bundle = device_bundle(tmp_path, "pi-tls")
+    assert sorted(p.name for p in (bundle / "credentials").iterdir()) == [
+        "ca.pem",
+        "client.key",
+        "client.pem",
+    ]
+    root = tmp_path / "root"
+    first = install(root, "--no-pip", "--no-systemctl", "--credentials", str(bundle))
+    creds = root / "etc/litefleet/credentials"
+    for name in ("ca.pem", "client.key", "client.pem"):
+        assert (creds / name).read_bytes() == (bundle / "credentials" / name).read_bytes()
+        assert stat.S_IMODE((creds / name).stat().st_mode) == 0o600
+        assert f"credential {name} added" in first.stdout
+    assert (root / "etc/litefleet/root.json").read_bytes() == (bundle / "root.json").read_bytes()
+    cfg = load_config(root / "etc/litefleet/agent.toml")
+    assert cfg.device_id == "pi-tls" and cfg.broker_address.tls
+    assert (cfg.ca_file, cfg.cert_file, cfg.key_file) == (
+        "litefleet_ca.pem",
+        "litefleet_client.pem",
+        "litefleet_client.key",
+    )
+    assert "installed (systemd left alone" in first.stdout  # every file it names is there
+    # the same device's identity moves to a password: the bundle replaces it whole
+    pw = device_bundle(tmp_path, "pi-tls", password=True, renew=True)
+    second = install(root, "--no-pip", "--no-systemctl", "--credentials", str(pw))
+    assert "credential client.key removed (not in the new bundle)" in second.stdout
+    assert "credential mqtt-password added" in second.stdout and "credential ca.pem kept" in second.stdout
+    assert "agent.toml: cert_file removed (was litefleet_client.pem)" in second.stdout
+    cfg = load_config(root / "etc/litefleet/agent.toml")
+    assert (cfg.cert_file, cfg.username, cfg.password_file) == ("", "pi-tls", "litefleet_mqtt-password")
+    assert sorted(p.name for p in creds.iterdir()) == ["ca.pem", "mqtt-password"]
+    # a bundle for another device with a contradicting --device-id is refused before any change
+    other = device_bundle(tmp_path, "pi-other")
+    bad = install(
+        root, "--no-pip", "--no-systemctl", "--credentials", str(other), "--device-id", "pi-x", check=False
+    )
+    assert bad.returncode == 2 and "differs from the bundle's device id pi-other" in bad.stderr
+
+
+def test_a_configuration_that_cannot_connect_is_not_started(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "systemctl.log"
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    bundle = device_bundle(tmp_path, "pi-half")
+    (bundle / "credentials" / "client.key").unlink()  # a bundle copied without its key
+    root = tmp_path / "root"
+    bad = install(root, "--no-pip", "--credentials", str(bundle), env=env, check=False)
+    assert bad.returncode == 2 and "names key_file 'litefleet_client.key'" in bad.stderr
+    assert not (root / "etc/litefleet/agent.toml").exists()
+    # installed by hand with the key missing from the credentials folder: not started
+    good = device_bundle(tmp_path, "pi-half2")
+    install(root, "--no-pip", "--no-start", "--credentials", str(good), env=env)
+    (root / "etc/litefleet/credentials/client.key").unlink()
+    out = install(root, "--no-pip", env=env).stdout
+    assert (
+        "installed, not started: missing key_file /etc/litefleet/credentials/client.key "
+        "(credential litefleet_client.key)" in out
+    )
+    assert "restart" not in log.read_text()

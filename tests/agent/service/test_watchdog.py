@@ -346,3 +346,33 @@ def test_a_stalled_work_loop_stops_the_pings_and_systemd_restarts_the_agent(
         freezer.thaw()
         agent.stop()
         watch.close()
+
+
+def test_ready_comes_without_the_broker_and_status_follows_it(tmp_path: Path, notify: NotifySocket) -> None:
+    """A device that boots without its broker serves at once: READY=1 with a STATUS= line
+    saying it waits for the broker, then STATUS= says connected once the broker is there
+    (before, READY=1 waited for the broker and the unit stayed "activating")."""
+    from converter.broker.mosquitto import BrokerConfig, BrokerProcess
+
+    repo = tmp_path / "repo"
+    must("repo", "init", str(repo))
+    port = free_port()  # nothing listens there yet
+    rest_port = free_port()
+    agent = AgentProcess(
+        tmp_path, "pi-offline", f"mqtt://127.0.0.1:{port}", repo / "root.json", http=f"127.0.0.1:{rest_port}"
+    )
+    broker = BrokerProcess(BrokerConfig(data_dir=tmp_path / "broker", port=port))
+    try:
+        agent.start(env=notify.env(30.0))
+        ready = notify.wait_for("READY")
+        status = next(f["STATUS"] for t, f in notify.messages if t == ready)
+        assert status == f"idle (no model yet); waiting for the broker mqtt://127.0.0.1:{port}"
+        assert rest_ok(rest_port)
+        broker.start()
+        deadline = time.monotonic() + 60
+        while not any("connected to" in f.get("STATUS", "") for _, f in notify.messages):
+            assert time.monotonic() < deadline, notify.messages[-5:]
+            time.sleep(0.1)
+    finally:
+        agent.stop()
+        broker.stop()
