@@ -198,6 +198,7 @@ class BenchAgent(AgentProcess):
     def __init__(self, *args: Any, module: str = "agent", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.module = module
+        self.tree = "this"
 
     def start(self, *, env: dict[str, str] | None = None) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115
@@ -316,7 +317,44 @@ def print_probe(title: str, tab: dict[str, Any]) -> None:
             print(f"| child: {k} | {n:.1f} | {c:.2f} | {w:.2f} |")
 
 
-def run_fleet(n: int, models: dict[str, Path], args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+def export_trees(spec: str, work: Path) -> dict[str, Path]:
+    """``NAME=REV`` (a commit: exported with ``git archive``) or ``NAME=DIR``; ``this`` = this tree."""
+    trees: dict[str, Path] = {}
+    for item in spec.split(","):
+        name, _, where = item.partition("=")
+        if not where or where == "this":
+            trees[name] = REPO
+        elif Path(where).is_dir():
+            trees[name] = Path(where).resolve()
+        else:
+            dest = work / f"tree-{name}"
+            dest.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(REPO), "archive", where], check=True, capture_output=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+            trees[name] = dest
+    return trees
+
+
+class Window:
+    """CPU, faults and time of a group of agents across one push."""
+
+    def __init__(self, agents: list[BenchAgent]) -> None:
+        self.agents = agents
+        self.cpu0 = fleet_cpu(agents)
+        self.flt0 = sum(proc_faults(a.pid) for a in agents)
+
+    def close(self, idle_rate: float, seconds: float) -> tuple[float, float]:
+        """(CPU ms per agent above idle, minor faults per agent)."""
+        n = len(self.agents)
+        cpu = fleet_cpu(self.agents) - self.cpu0 - idle_rate * seconds
+        return cpu / n * 1000, (sum(proc_faults(a.pid) for a in self.agents) - self.flt0) / n
+
+
+def run_fleet(
+    n: int, models: dict[str, Path], trees: dict[str, Path], args: argparse.Namespace, work: Path
+) -> list[dict[str, Any]]:
     broker = BrokerProcess(BrokerConfig(data_dir=work / f"broker-{n}", persistence=False))
     broker.start()
     repo = work / f"repo-{n}"
@@ -324,18 +362,21 @@ def run_fleet(n: int, models: dict[str, Path], args: argparse.Namespace, work: P
     watch = FleetWatcher(broker.port)
     probe_dir = work / f"probe-{n}"
     agents: list[BenchAgent] = []
+    groups: dict[str, list[BenchAgent]] = {t: [] for t in trees}
     rows: list[dict[str, Any]] = []
+    raws: dict[str, dict[str, float]] = {}
     try:
         for name, model in models.items():  # raw baseline first, agents not yet running
             raw_file = work / f"raw-{name}.bin"
             raw_file.write_bytes(payload_of(model))
-            raw = raw_fanout(broker.port, raw_file, n)
-            rows.append({"n": n, "model": name, "raw": raw, "bytes": raw_file.stat().st_size})
-            print(f"N={n} raw fan-out {name}: {raw['wall_s'] * 1000:.0f} ms", flush=True)
+            raws[name] = raw_fanout(broker.port, raw_file, n)
+            print(f"N={n} raw fan-out {name}: {raws[name]['wall_s'] * 1000:.0f} ms", flush=True)
         adir = work / f"agents-{n}"
         adir.mkdir()
+        names = list(trees)
         for i in range(n):
-            probed = i < args.probe
+            tree = names[i % len(names)]
+            probed = len(groups[tree]) < args.probe
             a = BenchAgent(
                 adir,
                 f"dev-{i:04d}",
@@ -348,11 +389,13 @@ def run_fleet(n: int, models: dict[str, Path], args: argparse.Namespace, work: P
                 probation_s=3600.0,
                 probation_inferences=1000000,
             )
-            env = {"LF_PROBE_OUT": str(probe_dir)}
+            a.tree = tree
+            env = {"LF_PROBE_OUT": str(probe_dir), "PYTHONPATH": str(trees[tree])}
             if probed and args.cprofile:
                 env["LF_PROBE_CPROFILE"] = "1"
             a.start(env=env)
             agents.append(a)
+            groups[tree].append(a)
         ids = [a.device_id for a in agents]
 
         def all_idle() -> bool:
@@ -360,7 +403,7 @@ def run_fleet(n: int, models: dict[str, Path], args: argparse.Namespace, work: P
 
         watch.wait_for(all_idle, 60 + n, "every agent online and idle")
         settle(agents, 0.0, timeout_s=60)
-        probed = agents[: args.probe]
+        probed = {t: g[: args.probe] for t, g in groups.items()}
         snap = 0
         version = 0
         if args.warmup:
@@ -377,70 +420,23 @@ def run_fleet(n: int, models: dict[str, Path], args: argparse.Namespace, work: P
         for run in range(args.runs):
             for name, model in models.items():
                 version += 1
-                c0, w0 = fleet_cpu(agents), time.perf_counter()
-                time.sleep(2.0)
-                idle_rate = (fleet_cpu(agents) - c0) / (time.perf_counter() - w0)
-                if probed:
-                    probe_snapshot(probed, probe_dir, snap)
-                wills0 = offline_states(watch)
-                busy0 = machine_busy()
-                bc0 = proc_cpu_s(broker.proc.pid) if broker.proc else 0.0
-                flt0 = sum(proc_faults(a.pid) for a in agents)
-                cpu0, t0 = fleet_cpu(agents), time.perf_counter()
-                must("push", str(model), "--repo", str(repo), "--name", "bench", "--broker", broker.url)
-                t_push = time.perf_counter() - t0
-
-                def all_active(v: int = version) -> bool:
-                    return all(
-                        (st := watch.states.get(i) or {}).get("version") == str(v)
-                        and st.get("online") is True
-                        for i in ids
-                    )
-
-                watch.wait_for(all_active, 120 + 3 * n, f"every agent serving v{version}")
-                t_active = time.perf_counter() - t0
-                settle(agents, idle_rate)
-                cpu1, t1 = fleet_cpu(agents), time.perf_counter()
-                flt1 = sum(proc_faults(a.pid) for a in agents)
-                busy1 = machine_busy()
-                bc1 = proc_cpu_s(broker.proc.pid) if broker.proc else 0.0
-                if probed:
-                    probe_snapshot(probed, probe_dir, snap + 1)
-                    tab = probe_table(probed, probe_dir, snap, snap + 1)
-                    print_probe(f"N={n} {name} v{version}", tab)
-                    snap += 2
-                per = (cpu1 - cpu0 - idle_rate * (t1 - t0)) / n
-                raw = next(r for r in rows if r["model"] == name and "agents" not in r)["raw"]
-                row = {
-                    "n": n,
-                    "model": name,
-                    "version": version,
-                    "run": run + 1,
-                    "push_s": t_push,
-                    "all_active_s": t_active,
-                    "raw_s": raw["wall_s"],
-                    "ratio": t_active / raw["wall_s"],
-                    "cpu_ms_per_activation": per * 1000,
-                    "minor_faults_per_activation": (flt1 - flt0) / n,
-                    "idle_ms_per_s_per_agent": idle_rate / n * 1000,
-                    "window_s": t1 - t0,
-                    "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
-                    "broker_cpu_s": bc1 - bc0,
-                    "rss_mb_median": statistics.median(rss_mb(a.pid) for a in agents),
-                    "wills_seen": offline_states(watch) - wills0,
-                    "agents": True,
-                }
-                rows.append(row)
-                print(
-                    f"N={n} {name} v{version}: all active {t_active:.2f} s (push command {t_push:.2f} s), "
-                    f"raw {raw['wall_s']:.2f} s, ratio {row['ratio']:.1f}x; agent CPU "
-                    f"{row['cpu_ms_per_activation']:.1f} ms per activation (window {row['window_s']:.1f} s, "
-                    f"idle {row['idle_ms_per_s_per_agent']:.2f} ms/s/agent); machine busy "
-                    f"{row['machine_busy_pct']:.0f} %; broker CPU {row['broker_cpu_s']:.2f} s; "
-                    f"RSS median {row['rss_mb_median']:.1f} MB; offline states seen {row['wills_seen']}; "
-                    f"minor faults {row['minor_faults_per_activation']:.0f} per activation",
-                    flush=True,
+                rows += measure_push(
+                    n,
+                    name,
+                    model,
+                    version,
+                    run,
+                    agents,
+                    groups,
+                    probed,
+                    probe_dir,
+                    snap,
+                    raws[name],
+                    watch,
+                    broker,
+                    repo,
                 )
+                snap += 2
     finally:
         for a in agents:
             a.stop()
@@ -449,12 +445,110 @@ def run_fleet(n: int, models: dict[str, Path], args: argparse.Namespace, work: P
     return rows
 
 
+def measure_push(
+    n: int,
+    name: str,
+    model: Path,
+    version: int,
+    run: int,
+    agents: list[BenchAgent],
+    groups: dict[str, list[BenchAgent]],
+    probed: dict[str, list[BenchAgent]],
+    probe_dir: Path,
+    snap: int,
+    raw: dict[str, float],
+    watch: FleetWatcher,
+    broker: BrokerProcess,
+    repo: Path,
+) -> list[dict[str, Any]]:
+    idle: dict[str, float] = {}
+    c0 = {t: fleet_cpu(g) for t, g in groups.items()}
+    w0 = time.perf_counter()
+    time.sleep(2.0)
+    for t, g in groups.items():
+        idle[t] = (fleet_cpu(g) - c0[t]) / (time.perf_counter() - w0)
+    every_probed = [a for g in probed.values() for a in g]
+    if every_probed:
+        probe_snapshot(every_probed, probe_dir, snap)
+    wills0 = offline_states(watch)
+    busy0 = machine_busy()
+    bc0 = proc_cpu_s(broker.proc.pid) if broker.proc else 0.0
+    windows = {t: Window(g) for t, g in groups.items()}
+    t0 = time.perf_counter()
+    must("push", str(model), "--repo", str(repo), "--name", "bench", "--broker", broker.url)
+    t_push = time.perf_counter() - t0
+    active_at: dict[str, float] = {}
+
+    def all_active() -> bool:
+        for t, g in groups.items():
+            if t not in active_at and all(
+                (st := watch.states.get(a.device_id) or {}).get("version") == str(version)
+                and st.get("online") is True
+                for a in g
+            ):
+                active_at[t] = time.perf_counter() - t0
+        return len(active_at) == len(groups)
+
+    watch.wait_for(all_active, 120 + 3 * n, f"every agent serving v{version}")
+    t_active = time.perf_counter() - t0
+    settle(agents, sum(idle.values()))
+    t1 = time.perf_counter()
+    busy1 = machine_busy()
+    bc1 = proc_cpu_s(broker.proc.pid) if broker.proc else 0.0
+    results = {t: windows[t].close(idle[t], t1 - t0) for t in groups}
+    if every_probed:
+        probe_snapshot(every_probed, probe_dir, snap + 1)
+        for t, g in probed.items():
+            if g:
+                print_probe(f"N={n} {name} v{version} tree {t}", probe_table(g, probe_dir, snap, snap + 1))
+    rows = []
+    for t, g in groups.items():
+        cpu_ms, faults = results[t]
+        row = {
+            "n": n,
+            "tree": t,
+            "agents_in_tree": len(g),
+            "model": name,
+            "version": version,
+            "run": run + 1,
+            "push_s": t_push,
+            "all_active_s": t_active,
+            "tree_active_s": active_at[t],
+            "raw_s": raw["wall_s"],
+            "ratio": t_active / raw["wall_s"],
+            "cpu_ms_per_activation": cpu_ms,
+            "minor_faults_per_activation": faults,
+            "idle_ms_per_s_per_agent": idle[t] / len(g) * 1000,
+            "window_s": t1 - t0,
+            "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+            "broker_cpu_s": bc1 - bc0,
+            "rss_mb_median": statistics.median(rss_mb(a.pid) for a in g),
+            "wills_seen": offline_states(watch) - wills0,
+        }
+        rows.append(row)
+        print(
+            f"N={n} {name} v{version} [{t}, {len(g)} agents]: all active {t_active:.2f} s (this tree "
+            f"{active_at[t]:.2f} s; push command {t_push:.2f} s), raw {raw['wall_s']:.2f} s, ratio "
+            f"{row['ratio']:.1f}x; agent CPU {cpu_ms:.1f} ms per activation (window {t1 - t0:.1f} s, idle "
+            f"{row['idle_ms_per_s_per_agent']:.2f} ms/s/agent); busy {row['machine_busy_pct']:.0f} %; "
+            f"broker CPU {row['broker_cpu_s']:.2f} s; RSS median {row['rss_mb_median']:.1f} MB; offline "
+            f"states seen {row['wills_seen']}; minor faults {faults:.0f} per activation",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--agents", default="10")
     ap.add_argument("--models", default="digits,mobilenet")
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--probe", type=int, default=0, help="run the first K agents under bench.agent_probe")
+    ap.add_argument(
+        "--trees",
+        default="this=this",
+        help="NAME=REV|DIR,...: agents run these source trees round-robin in one fleet (A/B in one run)",
+    )
+    ap.add_argument("--probe", type=int, default=0, help="run K agents per tree under bench.agent_probe")
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="measure the first push too")
     ap.add_argument("--json", type=Path, help="write every row here")
@@ -466,21 +560,33 @@ def main() -> int:
     all_models = ensure_models()
     models = {k: all_models[k] for k in args.models.split(",")}
     work = Path(tempfile.mkdtemp(prefix="lf-bench-activation-"))
+    trees = export_trees(args.trees, work)
     print(f"# machine: {describe('paho-mqtt', 'tuf', 'ai-edge-litert', 'numpy')}")
     print(f"# work dir {work}; models: " + ", ".join(f"{k} {p.stat().st_size} B" for k, p in models.items()))
+    print("# trees: " + ", ".join(f"{k} {v}" for k, v in trees.items()))
     rows: list[dict[str, Any]] = []
     for n in (int(x) for x in args.agents.split(",")):
-        rows += run_fleet(n, models, args, work)
-    head = "| N | model | all active (s) | raw (s) | ratio | agent CPU per activation (ms) | busy | RSS |"
-    print("\n" + head)
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        rows += run_fleet(n, models, trees, args, work)
+    print(
+        "\n| N | tree | model | all active (s) | raw (s) | ratio | agent CPU / activation (ms) | busy | RSS |"
+    )
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        if r.get("agents"):
-            print(
-                f"| {r['n']} | {r['model']} v{r['version']} | {r['all_active_s']:.2f} | {r['raw_s']:.2f} | "
-                f"{r['ratio']:.1f}x | {r['cpu_ms_per_activation']:.1f} | {r['machine_busy_pct']:.0f} % | "
-                f"{r['rss_mb_median']:.1f} MB |"
-            )
+        print(
+            f"| {r['n']} | {r['tree']} | {r['model']} v{r['version']} | {r['all_active_s']:.2f} | "
+            f"{r['raw_s']:.2f} | {r['ratio']:.1f}x | {r['cpu_ms_per_activation']:.1f} | "
+            f"{r['machine_busy_pct']:.0f} % | {r['rss_mb_median']:.1f} MB |"
+        )
+    summary: dict[tuple[int, str, str], list[float]] = {}
+    for r in rows:
+        summary.setdefault((r["n"], r["tree"], r["model"]), []).append(r["cpu_ms_per_activation"])
+    print(
+        "\nmedian agent CPU per activation (ms): "
+        + "; ".join(
+            f"N={k[0]} {k[1]} {k[2]} {statistics.median(v):.1f} (runs: {', '.join(f'{x:.0f}' for x in v)})"
+            for k, v in sorted(summary.items())
+        )
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
