@@ -77,6 +77,27 @@ def load_checked(
     return runner
 
 
+def load_unchecked(
+    model: Path, *, threads: int = 1, runtime: str = "auto", name: str = "model", version: str = "0"
+) -> ModelRunner:
+    """Load ``model`` for serving without checking it again: only for bytes that
+    :func:`check_isolated` has just passed (see :func:`file_identity`)."""
+    try:
+        interpreter = load_interpreter(model, threads=threads, runtime=runtime)
+    except ModelLoadError as exc:
+        raise ModelRejectedError("load", str(exc)) from exc
+    return ModelRunner(interpreter, name=name, version=version)
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns): equal before a check and before the
+    parent's load means the parent loads the very bytes the child checked (the
+    store is the agent's own 0700 folder, written only by its main thread, and
+    a file there is replaced by rename, never rewritten in place)."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def check_golden(runner: ModelRunner, golden: Path) -> None:
     """Run every golden input; each output must be within its ``atol``."""
     try:
