@@ -70,7 +70,8 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _patch(owner: Any, attr: str, name: str | None = None) -> None:
-    setattr(owner, attr, timed(name or attr, getattr(owner, attr)))
+    if hasattr(owner, attr):  # a prototype may have removed it
+        setattr(owner, attr, timed(name or attr, getattr(owner, attr)))
 
 
 def _threads() -> dict[str, float]:
