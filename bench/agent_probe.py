@@ -87,6 +87,8 @@ def _threads() -> dict[str, float]:
 
 
 _profile: Any = None
+_child_cpu = 0.0  # process_time at the end of the last check in a check process
+_child_checks = 0
 _snapshots = 0
 
 
@@ -172,21 +174,19 @@ def install() -> None:
     inner = check._child_check
 
     def child_check(*args: Any, **kwargs: Any) -> Any:
+        global _child_cpu, _child_checks
         with _lock:
-            _table.clear()  # inherited from the parent
-        t0 = os.times()
+            _table.clear()  # inherited from the parent, or the previous check's
         result = inner(*args, **kwargs)
-        t1 = os.times()
+        now = time.process_time()
         OUT.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "phases": _table,
-            "user": t1.user - t0.user,
-            "system": t1.system - t0.system,
-            "process_cpu": time.process_time(),
-            "since_fork_user": t1.user,
-            "since_fork_system": t1.system,
-        }
-        (OUT / f"child-{os.getppid()}-{os.getpid()}.json").write_text(json.dumps(doc))
+        # the CPU of this process since the fork (a child per check) or since the end of
+        # its previous check (a long-lived check process): what this check cost it
+        doc = {"phases": _table, "process_cpu": now - _child_cpu, "check_number": _child_checks}
+        _child_cpu = now
+        _child_checks += 1
+        name = f"child-{os.getppid()}-{os.getpid()}-{_child_checks}.json"
+        (OUT / name).write_text(json.dumps(doc))
         return result
 
     check._child_check = timed("child_check", child_check)

@@ -122,6 +122,34 @@ def proc_cpu_s(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / TICK
 
 
+def children_of(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def agent_cpu_s(pid: int) -> float:
+    """An agent's CPU with its waited children (cutime) and its live ones (a long-lived
+    check process is never waited while the agent runs: its CPU counts here)."""
+    return proc_cpu_s(pid) + sum(proc_cpu_s(c) for c in children_of(pid))
+
+
+def private_mb(pid: int) -> float:
+    """Private (unshared) resident memory of ``pid`` in MB, from smaps_rollup."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return total / 1024
+
+
 def proc_faults(pid: int) -> int:
     """Minor page faults of ``pid`` and its waited children so far."""
     try:
@@ -203,8 +231,10 @@ class BenchAgent(AgentProcess):
     def start(self, *, env: dict[str, str] | None = None) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115
         full_env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+        # the probe always comes from this tree (the agent from PYTHONPATH's): run it as a file
+        entry = ["-m", "agent"] if self.module == "agent" else [str(REPO / "bench" / "agent_probe.py")]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, "run", "--config", str(self.config)],
+            [sys.executable, *entry, "run", "--config", str(self.config)],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -220,7 +250,7 @@ class BenchAgent(AgentProcess):
 
 
 def fleet_cpu(agents: list[BenchAgent]) -> float:
-    return sum(proc_cpu_s(a.pid) for a in agents)
+    return sum(agent_cpu_s(a.pid) for a in agents)
 
 
 def settle(agents: list[BenchAgent], idle_rate: float, step_s: float = 0.5, timeout_s: float = 120) -> None:
@@ -291,7 +321,7 @@ def probe_table(agents: list[BenchAgent], probe_dir: Path, i0: int, i1: int) -> 
             row[0] += v[0] / len(files)
             row[1] += v[1] * 1000 / len(files)
             row[2] += v[2] * 1000 / len(files)
-        row = children.setdefault("(child process CPU from fork to verdict, process_time)", [0, 0.0, 0.0])
+        row = children.setdefault("(check process CPU for this check, process_time)", [0, 0.0, 0.0])
         row[0] += 1 / len(files)
         row[1] += doc["process_cpu"] * 1000 / len(files)
     return {"phases": phases, "threads": threads, "totals": totals, "child": children}
@@ -300,7 +330,7 @@ def probe_table(agents: list[BenchAgent], probe_dir: Path, i0: int, i1: int) -> 
 def print_probe(title: str, tab: dict[str, Any]) -> None:
     print(f"\n#### probe: {title} (mean per probed agent)")
     t = tab["totals"]
-    child = tab["child"].get("(child process CPU from fork to verdict, process_time)", [0, 0.0])[1]
+    child = tab["child"].get("(check process CPU for this check, process_time)", [0, 0.0])[1]
     print(
         f"process CPU (os.times, 10 ms ticks) {t['self'] + t['children']:.1f} ms = own {t['self']:.1f} "
         f"+ waited children {t['children']:.1f}; precise: own {t['process_cpu']:.1f} (process_time, all "
@@ -343,13 +373,14 @@ class Window:
     def __init__(self, agents: list[BenchAgent]) -> None:
         self.agents = agents
         self.cpu0 = fleet_cpu(agents)
-        self.flt0 = sum(proc_faults(a.pid) for a in agents)
+        self.flt0 = sum(proc_faults(p) for a in agents for p in (a.pid, *children_of(a.pid)))
 
     def close(self, idle_rate: float, seconds: float) -> tuple[float, float]:
         """(CPU ms per agent above idle, minor faults per agent)."""
         n = len(self.agents)
         cpu = fleet_cpu(self.agents) - self.cpu0 - idle_rate * seconds
-        return cpu / n * 1000, (sum(proc_faults(a.pid) for a in self.agents) - self.flt0) / n
+        flt = sum(proc_faults(p) for a in self.agents for p in (a.pid, *children_of(a.pid)))
+        return cpu / n * 1000, (flt - self.flt0) / n
 
 
 def run_fleet(
@@ -523,6 +554,10 @@ def measure_push(
             "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
             "broker_cpu_s": bc1 - bc0,
             "rss_mb_median": statistics.median(rss_mb(a.pid) for a in g),
+            "agent_private_mb_median": statistics.median(private_mb(a.pid) for a in g),
+            "children_private_mb_median": statistics.median(
+                sum(private_mb(c) for c in children_of(a.pid)) for a in g
+            ),
             "wills_seen": offline_states(watch) - wills0,
         }
         rows.append(row)
@@ -531,7 +566,9 @@ def measure_push(
             f"{active_at[t]:.2f} s; push command {t_push:.2f} s), raw {raw['wall_s']:.2f} s, ratio "
             f"{row['ratio']:.1f}x; agent CPU {cpu_ms:.1f} ms per activation (window {t1 - t0:.1f} s, idle "
             f"{row['idle_ms_per_s_per_agent']:.2f} ms/s/agent); busy {row['machine_busy_pct']:.0f} %; "
-            f"broker CPU {row['broker_cpu_s']:.2f} s; RSS median {row['rss_mb_median']:.1f} MB; offline "
+            f"broker CPU {row['broker_cpu_s']:.2f} s; RSS median {row['rss_mb_median']:.1f} MB (private "
+            f"{row['agent_private_mb_median']:.1f} MB, live children private "
+            f"{row['children_private_mb_median']:.1f} MB); offline "
             f"states seen {row['wills_seen']}; minor faults {faults:.0f} per activation",
             flush=True,
         )
