@@ -313,7 +313,12 @@ def probe_table(agents: list[BenchAgent], probe_dir: Path, i0: int, i1: int) -> 
         json.loads((probe_dir / f"{agents[0].pid}.json.{i0}").read_text())["time"],
         json.loads((probe_dir / f"{agents[0].pid}.json.{i1}").read_text())["time"],
     )
-    files = [f for f in probe_dir.glob("child-*.json") if t_lo <= f.stat().st_mtime <= t_hi + 1]
+    pids = {str(a.pid) for a in agents}
+    files = [
+        f
+        for f in probe_dir.glob("child-*.json")
+        if f.name.split("-")[1] in pids and t_lo <= f.stat().st_mtime <= t_hi + 1
+    ]
     for f in files:
         doc = json.loads(f.read_text())
         for k, v in doc["phases"].items():
@@ -502,6 +507,7 @@ def measure_push(
     if every_probed:
         probe_snapshot(every_probed, probe_dir, snap)
     wills0 = offline_states(watch)
+    raw0 = len(watch.raw)
     busy0 = machine_busy()
     bc0 = proc_cpu_s(broker.proc.pid) if broker.proc else 0.0
     windows = {t: Window(g) for t, g in groups.items()}
@@ -527,6 +533,11 @@ def measure_push(
     busy1 = machine_busy()
     bc1 = proc_cpu_s(broker.proc.pid) if broker.proc else 0.0
     results = {t: windows[t].close(idle[t], t1 - t0) for t in groups}
+    sent: dict[str, dict[str, int]] = {}
+    for topic, _ in list(watch.raw)[raw0:]:
+        parts = topic.split("/")
+        sent.setdefault(parts[-2], {}).setdefault(parts[-1], 0)
+        sent[parts[-2]][parts[-1]] += 1
     if every_probed:
         probe_snapshot(every_probed, probe_dir, snap + 1)
         for t, g in probed.items():
@@ -559,6 +570,8 @@ def measure_push(
                 sum(private_mb(c) for c in children_of(a.pid)) for a in g
             ),
             "wills_seen": offline_states(watch) - wills0,
+            "state_msgs_per_activation": sum(sent.get(a.device_id, {}).get("state", 0) for a in g) / len(g),
+            "event_msgs_per_activation": sum(sent.get(a.device_id, {}).get("events", 0) for a in g) / len(g),
         }
         rows.append(row)
         print(
@@ -569,7 +582,9 @@ def measure_push(
             f"broker CPU {row['broker_cpu_s']:.2f} s; RSS median {row['rss_mb_median']:.1f} MB (private "
             f"{row['agent_private_mb_median']:.1f} MB, live children private "
             f"{row['children_private_mb_median']:.1f} MB); offline "
-            f"states seen {row['wills_seen']}; minor faults {faults:.0f} per activation",
+            f"states seen {row['wills_seen']}; minor faults {faults:.0f}, state messages "
+            f"{row['state_msgs_per_activation']:.1f}, events {row['event_msgs_per_activation']:.1f} "
+            "per activation",
             flush=True,
         )
     return rows
