@@ -213,13 +213,15 @@ class Agent:
 
     def _set_status(
         self, status: DeviceStatus, error: str | None = None, *, keep_error: bool = False
-    ) -> None:
+    ) -> bool:
+        """Set status (and error); publish the state if either changed. True if it published."""
         changed = status != self.status or (not keep_error and error != self.error)
         self.status = status
         if not keep_error:
             self.error = error
         if changed:
             self.publish_state()
+        return changed
 
     # -- paho thread -------------------------------------------------------------------
     def _on_metadata_change(self, name: str) -> None:
@@ -403,8 +405,9 @@ class Agent:
         elif not transient:
             self.error = None
             self._last_reported = None
-        self._set_status(self._serving_status(), self.error)
-        self.publish_state()
+        # the state carries the models and repo_version too: publish it once either way
+        if not self._set_status(self._serving_status(), self.error):
+            self.publish_state()
         return RefreshOutcome.FAILED if transient else RefreshOutcome.OK
 
     def _maybe_ready(self) -> None:
