@@ -190,7 +190,21 @@ def install() -> None:
         return result
 
     check._child_check = timed("child_check", child_check)
-    # paho's thread
+    # paho's thread, and paho's own work on it
+    import paho.mqtt.client as paho_client
+
+    for attr in (
+        "_packet_read",
+        "_packet_write",
+        "loop_misc",
+        "_handle_publish",
+        "_handle_pubackcomp",
+        "_handle_suback",
+        "_handle_unsuback",
+        "_handle_connack",
+        "_send_puback",
+    ):
+        _patch(paho_client.Client, attr, f"paho.{attr}")
     _patch(client.MqttClient, "_on_message", "paho_on_message")
     _patch(client.MqttClient, "_on_connect", "paho_on_connect")
     _patch(client.MqttClient, "replace_will", "will_renewal")
