@@ -85,7 +85,7 @@ def load_unchecked(
     try:
         interpreter = load_interpreter(model, threads=threads, runtime=runtime)
     except ModelLoadError as exc:
-        raise ModelRejectedError("load", str(exc)) from exc
+        raise ModelRejectedError(Reason.LOAD, str(exc)) from exc
     return ModelRunner(interpreter, name=name, version=version)
 
 
