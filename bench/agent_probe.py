@@ -190,6 +190,17 @@ def install() -> None:
         return result
 
     check._child_check = timed("child_check", child_check)
+    # the download's system calls and hashing (module attributes the downloader looks up)
+    import hashlib as _hashlib
+    import types
+
+    os.pwrite = timed("os.pwrite", os.pwrite)
+    os.fsync = timed("os.fsync", os.fsync)
+    os.posix_fallocate = timed("os.posix_fallocate", os.posix_fallocate)
+    chunks.hashlib = types.SimpleNamespace(sha256=timed("chunk_sha256", _hashlib.sha256))  # type: ignore[assignment]
+    _patch(chunks.ChunkDownloader, "_fetch_missing", "fetch_missing")
+    _patch(client.MqttClient, "subscribe_many")
+    _patch(client.MqttClient, "unsubscribe")
     # paho's thread, and paho's own work on it
     import paho.mqtt.client as paho_client
 
