@@ -435,9 +435,15 @@ class MqttClient:
             content_type=getattr(props, "ContentType", None) if props else None,
             user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
         )
+        # a filter without wildcards matches only its own topic: compare strings, and leave
+        # paho's matcher (10 us a call here) to wildcard and shared filters (a chunk download
+        # holds up to 8 exact filters; this ran for every chunk, metadata file and request)
+        topic = msg.topic
         with self._lock:
             handlers = [
-                h for f, (_, h) in self._subs.items() if paho.topic_matches_sub(topic_filter_of(f), msg.topic)
+                h
+                for f, (_, h) in self._subs.items()
+                if f == topic or (_has_wildcard(f) and paho.topic_matches_sub(topic_filter_of(f), topic))
             ]
         if not handlers:
             logger.debug("message on %s (%d bytes) matches no subscription", msg.topic, len(message.payload))
@@ -447,6 +453,11 @@ class MqttClient:
                 handler(message)
             except Exception:
                 logger.exception("handler for %s failed", msg.topic)
+
+
+def _has_wildcard(subscription: str) -> bool:
+    """True for a filter that may match other topics than itself (wildcards, ``$share/``)."""
+    return "+" in subscription or "#" in subscription or subscription.startswith("$share/")
 
 
 def topic_filter_of(subscription: str) -> str:

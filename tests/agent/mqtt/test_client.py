@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -54,3 +55,33 @@ def test_a_lost_broker_is_still_reported(broker: Any, caplog: pytest.LogCaptureF
         client.stop()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("disconnected from the broker" in m for m in warnings), warnings
+
+
+def test_messages_reach_exact_wildcard_and_shared_subscriptions(broker: Any) -> None:
+    """Exact filters are matched by string comparison, the others by paho's matcher: each
+    message reaches every subscription that matches it, and no other."""
+    import queue
+
+    from tests.support.harness import publish_many
+
+    got: queue.Queue[tuple[str, str]] = queue.Queue()
+    client = MqttClient(ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="pi-match"))
+    for f in ("t/a", "t/+", "$share/g/t/#", "t/a/b", "end"):
+        client.subscribe(f, lambda m, f=f: got.put((f, m.topic)), qos=1)
+    client.connect(10)
+    client.sync()
+    assert client.wait_synced(10)
+    # one connection delivers in order: once "end" is here, everything before it is too
+    publish_many(broker.port, [(t, b"x", False) for t in ("t/a", "t/ab", "t/a/b", "u/a", "end")])
+    seen: set[tuple[str, str]] = set()
+    deadline = time.monotonic() + 10
+    while ("end", "end") not in seen and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            seen.add(got.get(timeout=0.2))
+    client.stop()
+    assert seen == {
+        ("t/a", "t/a"), ("t/+", "t/a"), ("$share/g/t/#", "t/a"),
+        ("t/+", "t/ab"), ("$share/g/t/#", "t/ab"),
+        ("t/a/b", "t/a/b"), ("$share/g/t/#", "t/a/b"),
+        ("end", "end"),
+    }  # fmt: skip
