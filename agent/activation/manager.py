@@ -165,6 +165,8 @@ class ModelManager:
                     runtime=self.runtime,
                     timeout_s=self.check_timeout_s,
                     tick=self._tick,
+                    # the download verified the file against the signed hash moments ago
+                    model_sha256=inst.sha256,
                 )
             if passed is None:
                 # in-process: mark it first, so a crash here rejects it on restart
