@@ -14,7 +14,10 @@ After (re)subscribing, the client sends one more SUBSCRIBE and waits for its
 SUBACK: Mosquitto queues a subscription's retained messages while it handles
 that SUBSCRIBE, before it reads the next packet, and one connection delivers
 in order. This is how the agent tells "no such retained message" (MQTT has
-no "not found") without a timeout.
+no "not found") without a timeout. It holds for subscriptions at
+:data:`RETAINED_READ_QOS` (0): at QoS 1 Mosquitto sends only
+``max_inflight_messages`` (20 on a stock broker) retained messages before the
+SUBACK and the rest as acknowledgements come back.
 """
 
 from __future__ import annotations
@@ -63,6 +66,15 @@ _PAHO_LOG = logging.getLogger("paho")
 _PAHO_LOG.addFilter(_QuietNotConnected())
 
 Handler = Callable[[Message], None]
+
+# QoS of a subscription read for its retained messages behind the sync barrier (the agent's
+# repository metadata, ``litefleet status``, the monitor's device states). A stock Mosquitto
+# (2.0.11, max_inflight_messages 20, max_queued_messages 1000) with N retained states,
+# measured: at QoS 1, 20 arrive before the barrier's SUBACK whatever N, the rest as PUBACKs
+# come back, and beyond 1,020 the rest are dropped ("Outgoing messages are being dropped");
+# at QoS 0 all of 100, 1,000 and 5,000 arrive before it. QoS 0 loses a live message only
+# with the connection, and a reconnect re-subscribes, which sends the retained ones again.
+RETAINED_READ_QOS = 0
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from agent.errors import (
     StorageError,
     TransportError,
 )
-from agent.mqtt.client import ConnectionSettings, MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from agent.reasons import PERMANENT, Reason
@@ -262,7 +262,7 @@ class Agent:
             self.error = ": ".join(self.manager.last_error)
         self.client.set_will(self._state_payload(online=False))
         self.client.add_connect_listener(self._on_connected)
-        self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=1)
+        self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=RETAINED_READ_QOS)
         self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)
         if self.rest is not None:
             try:

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from agent.errors import TransportError
-from agent.mqtt.client import MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from converter.monitor.payloads import (
@@ -99,7 +99,7 @@ def collect_states(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -
             else:
                 logger.debug("state of %.64s: %s", dev[0], state.reason)
 
-    client.subscribe(topics.devices_filter("state"), handle, qos=1)
+    client.subscribe(topics.devices_filter("state"), handle, qos=RETAINED_READ_QOS)
     client.sync()
     if not client.wait_synced(timeout_s):
         raise TransportError("the broker did not answer the state subscription")

@@ -20,7 +20,9 @@ collector needs the whole fleet's state and the state is retained (brokers
 differ on retained messages for shared subscriptions: the MQTT 5 spec says
 they are not sent, Mosquitto 2.0 sends them; see ``docs/monitor.md``).
 ``events`` and ``metrics`` use ``$share/<group>/...`` when a share group is
-given, so collectors with the same group split them message by message.
+given, so collectors with the same group split them message by message. The
+state is read at :data:`agent.mqtt.client.RETAINED_READ_QOS` (0): a stock
+Mosquitto drops retained QoS 1 messages beyond 1,020 per subscriber.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import StorageError
-from agent.mqtt.client import ConnectionSettings, MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from converter.errors import BadInputError
@@ -100,7 +102,7 @@ class Collector:
     def subscribe(self) -> None:
         """Register the subscriptions (made now if connected, and after every reconnect)."""
         t = self.topics
-        self.client.subscribe(t.devices_filter("state"), self._on_message, qos=1)
+        self.client.subscribe(t.devices_filter("state"), self._on_message, qos=RETAINED_READ_QOS)
         group = self.config.share_group
         for leaf in ("events", "metrics"):
             self.client.subscribe(shared_filter(group, t.devices_filter(leaf)), self._on_message, qos=1)

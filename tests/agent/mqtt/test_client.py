@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.mqtt.client import ConnectionSettings, MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
+from tests.support.monitor import publish_many
 
 
 def test_own_disconnects_log_no_errors(broker: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -85,3 +86,24 @@ def test_messages_reach_exact_wildcard_and_shared_subscriptions(broker: Any) -> 
         ("t/a/b", "t/a/b"), ("$share/g/t/#", "t/a/b"),
         ("end", "end"),
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("count", [100, 1000])
+def test_the_sync_barrier_covers_every_retained_message_on_a_stock_broker(
+    stock_broker: Any, count: int
+) -> None:
+    """The barrier's SUBACK follows every retained message of a subscription at
+    RETAINED_READ_QOS, on a Mosquitto with stock limits (20 in flight, 1,000 queued): at
+    QoS 1 only 20 came before it (the agent's metadata, status and the repository's sweep
+    read their retained messages this way)."""
+    topics = [f"litefleet/v1/repo/metadata/{i}.root.json" for i in range(count)]
+    publish_many(stock_broker.port, [(t, t.encode()) for t in topics], retain=True)
+    client = MqttClient(ConnectionSettings(host="127.0.0.1", port=stock_broker.port, client_id="pi-sync"))
+    got: list[str] = []
+    client.subscribe("litefleet/v1/repo/metadata/+", lambda m: got.append(m.topic), qos=RETAINED_READ_QOS)
+    client.connect(10)
+    try:
+        assert client.wait_synced(30)
+        assert sorted(got) == sorted(topics)  # all of them at the barrier, before any wait
+    finally:
+        client.stop()
