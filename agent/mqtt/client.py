@@ -53,7 +53,7 @@ def _properties(packet_type: int) -> Properties:
 
 class _QuietNotConnected(logging.Filter):
     """paho logs "Client is not connected" at ERROR from its network loop's last turn after
-    every disconnect, our own included (each will renewal, each shutdown). A lost connection
+    every disconnect, our own included (each shutdown). A lost connection
     is already reported by :class:`MqttClient` itself, so this line is demoted to DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -185,6 +185,7 @@ class MqttClient:
         self._barrier_topic = f"$litefleet-sync/{token}"
         self.connects = 0
         self._last_delivery: _Delivery | None = None
+        self._will_factory: Callable[[], bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------
     def add_connect_listener(self, fn: Callable[[], None]) -> None:
@@ -243,26 +244,15 @@ class MqttClient:
             self._connected.clear()
             self._stopping = False
 
-    def set_will(self, payload: bytes) -> None:
-        """Set the will message before :meth:`start`."""
+    def set_will(self, payload: bytes | Callable[[], bytes]) -> None:
+        """Set the will message before :meth:`start`. A callable is asked again before each
+        reconnect (on paho's thread, when the connection ends): a will that carries the
+        time of its connection."""
         if not self.settings.will_topic:
             raise ValueError("no will_topic in the connection settings")
-        self._client.will_set(self.settings.will_topic, payload, qos=1, retain=self.settings.will_retain)
-
-    def replace_will(self, payload: bytes) -> None:
-        """Change the will message. MQTT fixes the will at connect time, so this
-        disconnects cleanly (no will sent) and connects again; subscriptions are
-        restored by the reconnect."""
-        if not self.settings.will_topic:
-            raise ValueError("no will_topic in the connection settings")
-        self._client.will_set(self.settings.will_topic, payload, qos=1, retain=self.settings.will_retain)
-        if self._started:
-            # let what is in flight be acknowledged first: paho would send it
-            # again on the new connection and subscribers would see it twice
-            if self._last_delivery is not None:
-                self._last_delivery.wait(2.0)
-            self.stop()
-            self.start()
+        self._will_factory = payload if callable(payload) else None
+        data = payload() if callable(payload) else payload
+        self._client.will_set(self.settings.will_topic, data, qos=1, retain=self.settings.will_retain)
 
     @property
     def connected(self) -> bool:
@@ -391,6 +381,11 @@ class MqttClient:
         was = self._connected.is_set()
         self._connected.clear()
         self._synced.clear()
+        if self._will_factory is not None and self.settings.will_topic:
+            # paho's loop reconnects with the will set now (this runs on its thread first)
+            self._client.will_set(
+                self.settings.will_topic, self._will_factory(), qos=1, retain=self.settings.will_retain
+            )
         self._disconnected.set()
         if was and not self._stopping:
             logger.warning("disconnected from the broker: %s", rc)

@@ -51,7 +51,14 @@ from agent.serving.registry import ModelRegistry
 from agent.serving.rest import RestServer
 from agent.serving.runtime import resolve_runtime
 from agent.serving.stats import ApiCounters, StatsSnapshot
-from agent.state_message import DeviceStatus, Served, served, standing_model, state_document
+from agent.state_message import (
+    DeviceStatus,
+    Served,
+    served,
+    standing_model,
+    state_document,
+    will_document,
+)
 from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporter
 from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
 
@@ -95,7 +102,6 @@ class Agent:
         self.status = DeviceStatus.STARTING
         self.error: str | None = None
         self._last_reported: tuple[str, str] | None = None
-        self._will_dirty = False
         # metadata changes seen on paho's thread, and how many the last refresh covered
         self._meta_changes = 0
         self._seen_changes = -1
@@ -127,7 +133,7 @@ class Agent:
             clock=clock,
             tick=self._tick,  # a candidate's check may take seconds: the loop is alive meanwhile
         )
-        # the will is the state message with online false; it is replaced after activations
+        # the will (set in start) holds nothing an activation changes: it is never renewed
         self.client = MqttClient(connection_settings(cfg, b""))
         self.updater = ModelUpdater(
             device_id=cfg.device_id,
@@ -180,8 +186,6 @@ class Agent:
             self._set_status(DeviceStatus.DOWNLOADING)
         with contextlib.suppress(TransportError):
             self.client.publish(self.topics.events(self.cfg.device_id), json.dumps(payload).encode(), qos=1)
-        if kind in ("activated", "rolled_back"):
-            self._will_dirty = True
 
     def _snapshots(self) -> dict[str, StatsSnapshot]:
         return {name: m.runner.stats.snapshot() for name, m in self.registry.snapshot().items()}
@@ -203,6 +207,11 @@ class Agent:
             boot=self.boot_id,
             ts=time.time(),
         )
+        return json.dumps(doc).encode()
+
+    def _will_payload(self) -> bytes:
+        """The will for the next connection (asked before each connect, docs/protocol.md 6.1)."""
+        doc = will_document(device_id=self.cfg.device_id, boot=self.boot_id, ts=time.time())
         return json.dumps(doc).encode()
 
     def publish_state(self) -> None:
@@ -260,7 +269,7 @@ class Agent:
         self.status = self._serving_status()
         if self.manager.last_error:
             self.error = ": ".join(self.manager.last_error)
-        self.client.set_will(self._state_payload(online=False))
+        self.client.set_will(self._will_payload)
         self.client.add_connect_listener(self._on_connected)
         self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=RETAINED_READ_QOS)
         self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)
@@ -282,8 +291,8 @@ class Agent:
         """Say goodbye on the broker (retained state: offline), stop serving, disconnect."""
         self._notifier.stopping("stopping")
         self._shutting_down = True  # a reconnect from now on must not announce "online"
-        # a reconnect may be under way (a new will after an activation): let it finish,
-        # or the goodbye would be lost and the retained state would stay "online"
+        # a reconnect may be under way (a lost connection): let it finish, or the goodbye
+        # would be lost and the retained state would stay "online"
         self.client.wait_connected(3.0)
         try:
             d = self.client.publish(
@@ -344,7 +353,6 @@ class Agent:
                 next_refresh = self._clock() + retry.delay_s
                 release_free_memory()
             self.manager.poll_trials()
-            self._after_changes()
             if self._clock() >= next_metrics:
                 self.reporter.report_once()
                 next_metrics = max(next_metrics + self.cfg.metrics_interval_s, self._clock())
@@ -356,12 +364,6 @@ class Agent:
             self._maybe_ready()
         if self._signalled is not None:
             logger.info("signal %s: stopping", signal.Signals(self._signalled).name)
-
-    def _after_changes(self) -> None:
-        # never while stopping: a reconnect after the goodbye would say "online" again
-        if self._will_dirty and self.status is not DeviceStatus.DOWNLOADING and not self._should_stop():
-            self._will_dirty = False
-            self.client.replace_will(self._state_payload(online=False))
 
     def refresh_once(self) -> RefreshOutcome:
         """One refresh, and how it ended (the loop's retry policy reads it)."""

@@ -79,6 +79,9 @@ def state_row(state: StateRecord) -> dict[str, Any]:
         "agent_version": state.agent_version,
         "boot": state.boot,
         "ts": state.ts,
+        # offline by its will (docs/protocol.md 6.1): it does not say the model, and a
+        # one-shot read has nothing older to take it from
+        "last_will": state.will,
     }
 
 

@@ -41,7 +41,7 @@ from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from converter.errors import BadInputError
 from converter.monitor.live import FleetLive, FleetSnapshot
-from converter.monitor.payloads import Malformed, parse_message
+from converter.monitor.payloads import Malformed, StateRecord, after_will, parse_message
 from converter.monitor.store import MonitorStore, Received
 
 logger = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ class Collector:
         if not items:
             return
         parsed: list[tuple[Received, bool]] = []
+        states: dict[str, StateRecord] = {}  # this batch's, not yet in the live view
         for message, received in items:
             where = self.topics.device_of(message.topic)
             if where is None:
@@ -181,6 +182,10 @@ class Collector:
             p = parse_message(where[1], where[0], message.payload)
             if isinstance(p, Malformed):
                 logger.debug("ignored %s from %s: %s", p.kind, p.device_id, p.reason)
+            elif isinstance(p, StateRecord):
+                if p.will:
+                    p = after_will(self._known_state(p.device_id, states), p)
+                states[p.device_id] = p
             parsed.append((Received(p, received), message.retain))
         self.live.apply(parsed)
         cutoff = retention_cutoff(self._clock(), self.config.retention_days)
@@ -191,6 +196,18 @@ class Collector:
             logger.error("%s; %d messages not stored", exc, len(parsed))
             return
         self.live.count_written(result)
+
+    def _known_state(self, device_id: str, batch: dict[str, StateRecord]) -> StateRecord | None:
+        """What the monitor knew of the device before its will: this batch, the live view,
+        else the database (a will that is the first message after the monitor started)."""
+        known = batch.get(device_id) or self.live.state_of(device_id)
+        if known is not None:
+            return known
+        try:
+            return self.store.last_state(device_id)
+        except StorageError as exc:
+            logger.error("%s", exc)
+            return None
 
     def _maybe_prune(self) -> None:
         now = self._clock()
