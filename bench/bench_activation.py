@@ -267,8 +267,23 @@ def settle(agents: list[BenchAgent], idle_rate: float, step_s: float = 0.5, time
 
 
 def offline_states(watch: FleetWatcher) -> int:
-    """Retained states saying offline seen so far (the will of an unclean disconnect)."""
-    return sum(1 for t, p in list(watch.raw) if t.endswith("/state") and b'"online": false' in p)
+    """Retained states saying offline seen so far: a will (docs/protocol.md 6.1: no
+    ``models`` key; before issue 11 the full state with online false) of an unclean
+    disconnect. No agent stops cleanly during a push here."""
+    return sum(
+        1
+        for t, p in list(watch.raw)
+        if t.endswith("/state") and (b'"online": false' in p or (p and b'"models"' not in p))
+    )
+
+
+def duplicate_events(watch: FleetWatcher, since: int) -> int:
+    """Events seen more than once (same device, boot and seq: a QoS 1 redelivery) among
+    those after the ``since``-th."""
+    from collections import Counter
+
+    seen = Counter((e.get("device_id"), e.get("boot"), e.get("seq")) for e in list(watch.events)[since:])
+    return sum(n - 1 for n in seen.values() if n > 1)
 
 
 def probe_snapshot(agents: list[BenchAgent], probe_dir: Path, index: int) -> None:
@@ -508,6 +523,7 @@ def measure_push(
         probe_snapshot(every_probed, probe_dir, snap)
     wills0 = offline_states(watch)
     raw0 = len(watch.raw)
+    ev0 = len(watch.events)
     busy0 = machine_busy()
     bc0 = proc_cpu_s(broker.proc.pid) if broker.proc else 0.0
     windows = {t: Window(g) for t, g in groups.items()}
@@ -570,6 +586,7 @@ def measure_push(
                 sum(private_mb(c) for c in children_of(a.pid)) for a in g
             ),
             "wills_seen": offline_states(watch) - wills0,
+            "duplicate_events": duplicate_events(watch, ev0),
             "state_msgs_per_activation": sum(sent.get(a.device_id, {}).get("state", 0) for a in g) / len(g),
             "event_msgs_per_activation": sum(sent.get(a.device_id, {}).get("events", 0) for a in g) / len(g),
         }
@@ -582,7 +599,8 @@ def measure_push(
             f"broker CPU {row['broker_cpu_s']:.2f} s; RSS median {row['rss_mb_median']:.1f} MB (private "
             f"{row['agent_private_mb_median']:.1f} MB, live children private "
             f"{row['children_private_mb_median']:.1f} MB); offline "
-            f"states seen {row['wills_seen']}; minor faults {faults:.0f}, state messages "
+            f"states seen {row['wills_seen']}, duplicate events {row['duplicate_events']}; minor faults "
+            f"{faults:.0f}, state messages "
             f"{row['state_msgs_per_activation']:.1f}, events {row['event_msgs_per_activation']:.1f} "
             "per activation",
             flush=True,

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -40,6 +41,35 @@ logger = logging.getLogger(__name__)
 
 MAX_GOLDEN_SAMPLES = 64
 CHECK_TIMEOUT_S = 300.0
+
+
+class RunnerSource(Protocol):
+    """Where runners come from instead of a new interpreter each (:func:`share_interpreters`)."""
+
+    def runner(self, model: Path, *, threads: int, runtime: str, name: str, version: str) -> ModelRunner:
+        """A runner for the bytes of ``model``; :class:`ModelLoadError` if they do not load."""
+        ...
+
+
+_shared: RunnerSource | None = None
+
+
+def share_interpreters(source: RunnerSource | None) -> None:
+    """Process-wide: runners for checks and serving come from ``source`` (the fleet
+    simulator's one interpreter per model file, :mod:`agent.service.simulate`); None: a new
+    interpreter per load, as a device does."""
+    global _shared
+    _shared = source
+
+
+def _new_runner(model: Path, threads: int, runtime: str, name: str, version: str) -> ModelRunner:
+    try:
+        if _shared is not None:
+            return _shared.runner(model, threads=threads, runtime=runtime, name=name, version=version)
+        interpreter = load_interpreter(model, threads=threads, runtime=runtime)
+    except ModelLoadError as exc:
+        raise ModelRejectedError(Reason.LOAD, str(exc)) from exc
+    return ModelRunner(interpreter, name=name, version=version)
 
 
 def load_checked(
@@ -60,11 +90,7 @@ def load_checked(
     against it (a download checks the signed hash): the card is compared with it
     instead of hashing the file again (4.4 ms of a MobileNetV2 int8 check with 100
     agents, bench/activation_phases.py)."""
-    try:
-        interpreter = load_interpreter(model, threads=threads, runtime=runtime)
-    except ModelLoadError as exc:
-        raise ModelRejectedError(Reason.LOAD, str(exc)) from exc
-    runner = ModelRunner(interpreter, name=name, version=version)
+    runner = _new_runner(model, threads, runtime, name, version)
     if card is not None:
         parsed = parse_card(card.read_bytes())
         if parsed.tflite_sha256 and parsed.tflite_sha256 != (model_sha256 or file_sha256(model)):
@@ -88,11 +114,7 @@ def load_unchecked(
 ) -> ModelRunner:
     """Load ``model`` for serving without checking it again: only for bytes that
     :func:`check_isolated` has just passed (see :func:`file_identity`)."""
-    try:
-        interpreter = load_interpreter(model, threads=threads, runtime=runtime)
-    except ModelLoadError as exc:
-        raise ModelRejectedError(Reason.LOAD, str(exc)) from exc
-    return ModelRunner(interpreter, name=name, version=version)
+    return _new_runner(model, threads, runtime, name, version)
 
 
 def file_identity(path: Path) -> tuple[int, int, int, int]:

@@ -14,10 +14,8 @@ After (re)subscribing, the client sends one more SUBSCRIBE and waits for its
 SUBACK: Mosquitto queues a subscription's retained messages while it handles
 that SUBSCRIBE, before it reads the next packet, and one connection delivers
 in order. This is how the agent tells "no such retained message" (MQTT has
-no "not found") without a timeout. It holds for subscriptions at
-:data:`RETAINED_READ_QOS` (0): at QoS 1 Mosquitto sends only
-``max_inflight_messages`` (20 on a stock broker) retained messages before the
-SUBACK and the rest as acknowledgements come back.
+no "not found") without a timeout, for subscriptions at :data:`RETAINED_READ_QOS`.
+``network``: one shared network thread instead of paho's (:mod:`agent.mqtt.network`).
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import TransportError
+from agent.mqtt.network import SharedNetwork
 from agent.mqtt.transport import Message
 
 logger = logging.getLogger(__name__)
@@ -52,9 +51,8 @@ def _properties(packet_type: int) -> Properties:
 
 
 class _QuietNotConnected(logging.Filter):
-    """paho logs "Client is not connected" at ERROR from its network loop's last turn after
-    every disconnect, our own included (each shutdown). A lost connection
-    is already reported by :class:`MqttClient` itself, so this line is demoted to DEBUG."""
+    """paho logs "Client is not connected" at ERROR after every disconnect, ours included; a
+    lost connection is reported by :class:`MqttClient` itself: this line goes to DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.ERROR and str(record.msg).startswith("Client is not connected"):
@@ -67,13 +65,10 @@ _PAHO_LOG.addFilter(_QuietNotConnected())
 
 Handler = Callable[[Message], None]
 
-# QoS of a subscription read for its retained messages behind the sync barrier (the agent's
-# repository metadata, ``litefleet status``, the monitor's device states). A stock Mosquitto
-# (2.0.11, max_inflight_messages 20, max_queued_messages 1000) with N retained states,
-# measured: at QoS 1, 20 arrive before the barrier's SUBACK whatever N, the rest as PUBACKs
-# come back, and beyond 1,020 the rest are dropped ("Outgoing messages are being dropped");
-# at QoS 0 all of 100, 1,000 and 5,000 arrive before it. QoS 0 loses a live message only
-# with the connection, and a reconnect re-subscribes, which sends the retained ones again.
+# QoS of a subscription read for its retained messages behind the sync barrier (metadata,
+# status, the monitor's states). A stock Mosquitto sent 20 of N retained QoS 1 messages before
+# the barrier's SUBACK and dropped those beyond 1,020; at QoS 0 all of 5,000 came before it
+# (docs/protocol.md 3.3). A reconnect re-subscribes: the retained ones come again.
 RETAINED_READ_QOS = 0
 
 
@@ -131,8 +126,11 @@ def _describe_rc(rc: Any) -> str:
 class MqttClient:
     """A reconnecting MQTT 5 client. Thread-safe: publish/subscribe from any thread."""
 
-    def __init__(self, settings: ConnectionSettings) -> None:
+    def __init__(self, settings: ConnectionSettings, *, network: SharedNetwork | None = None) -> None:
+        """``network``: drive this connection from a shared network thread (the fleet
+        simulator's, :mod:`agent.mqtt.network`) instead of paho's own thread."""
         self.settings = settings
+        self._network = network
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -160,6 +158,10 @@ class MqttClient:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
         self._client.on_socket_open = self._on_socket_open
+        if network is not None:
+            self._client.on_socket_close = lambda c, u, sock: network.socket_close(c, sock)
+            self._client.on_socket_register_write = lambda c, u, sock: network.register_write(c)
+            self._client.on_socket_unregister_write = lambda c, u, sock: network.unregister_write(c)
         # mid -> reason of publishes the broker refused (bounded)
         self._refused: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -212,7 +214,10 @@ class MqttClient:
         except (OSError, ValueError) as exc:
             where = f"{self.settings.host}:{self.settings.port}"
             raise TransportError(f"cannot connect to {where}: {exc}") from exc
-        self._client.loop_start()
+        if self._network is not None:
+            self._network.attach(self._client, on_lost=self._on_connect_failed)
+        else:
+            self._client.loop_start()
 
     def connect(self, timeout_s: float = 10.0) -> None:
         """Start and wait until connected, or raise :class:`TransportError`."""
@@ -240,14 +245,16 @@ class MqttClient:
             # (on_disconnect), not while its loop may still be mid-turn
             self._disconnected.wait(2.0)
         finally:
-            self._client.loop_stop()
+            if self._network is not None:
+                self._network.detach(self._client)
+            else:
+                self._client.loop_stop()
             self._connected.clear()
             self._stopping = False
 
     def set_will(self, payload: bytes | Callable[[], bytes]) -> None:
-        """Set the will message before :meth:`start`. A callable is asked again before each
-        reconnect (on paho's thread, when the connection ends): a will that carries the
-        time of its connection."""
+        """Set the will before :meth:`start`; a callable is asked again (on the network thread)
+        when a connection ends, for the next one: a will that carries its connection's time."""
         if not self.settings.will_topic:
             raise ValueError("no will_topic in the connection settings")
         self._will_factory = payload if callable(payload) else None
@@ -381,6 +388,8 @@ class MqttClient:
         was = self._connected.is_set()
         self._connected.clear()
         self._synced.clear()
+        if self._network is not None and not self._stopping:
+            self._network.reconnect_later(self._client)
         if self._will_factory is not None and self.settings.will_topic:
             # paho's loop reconnects with the will set now (this runs on its thread first)
             self._client.will_set(
@@ -412,13 +421,17 @@ class MqttClient:
                 "broker refused a subscription (mid %s): %s", mid, ", ".join(str(rc) for rc in reason_codes)
             )
 
-    @staticmethod
-    def _on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho leaves Nagle on: every small SUBSCRIBE then waits ~40 ms for a
         # delayed ACK, and a windowed chunk download crawls at 6 MB/s (measured
         # here; 300 MB/s with TCP_NODELAY)
         with contextlib.suppress(OSError, AttributeError):  # not TCP: a test double
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._network is not None:
+            self._network.socket_open(client, sock)
+
+    def _on_connect_failed(self) -> None:  # the shared network thread: an attempt failed
+        self._connect_error = "connection refused or unreachable"
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, properties: Any = None

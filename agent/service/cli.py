@@ -34,6 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--groups", help="comma-separated group names")
     run.add_argument("--http", help="host:port of the local REST API ('' disables it)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    sim = sub.add_parser(
+        "simulate",
+        help="run N simulated devices in one process on the agent's code (benches, tests)",
+        description="N devices, each an agent with its own id (<device-id>-<n>), connection, "
+        "state folder (<state-dir>/<id>), TUF metadata, downloads, checks and activation; they "
+        "share one network thread and one loaded interpreter set per model file (docs/scale.md).",
+    )
+    sim.add_argument("--config", type=Path, help="the template agent.toml (device_id is the id prefix)")
+    sim.add_argument("--devices", type=int, required=True, help="how many devices")
+    sim.add_argument("--first", type=int, default=0, help="number of the first device (default 0)")
+    for flag in ("--device-id", "--broker", "--state-dir", "--trusted-root", "--groups"):
+        sim.add_argument(flag)
+    sim.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     check = sub.add_parser("check-config", help="validate the configuration and exit")
     check.add_argument("--config", type=Path, required=True)
     return parser
@@ -46,7 +59,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "state_dir": args.state_dir,
         "trusted_root": args.trusted_root,
         "groups": args.groups,
-        "http": args.http,
+        "http": getattr(args, "http", None),
         "log_level": args.log_level,
     }
 
@@ -68,6 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"litefleet-agent: error: {exc}\n")
         return 2
+    if args.command == "simulate":
+        logging.basicConfig(
+            level=getattr(logging, cfg.log_level.upper()),
+            format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        from agent.service.simulate import simulate
+
+        return simulate(cfg, args.devices, args.first)
     logging.basicConfig(
         level=getattr(logging, cfg.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -222,7 +222,10 @@ class ModelRunner:
         name: str = "model",
         version: str = "0",
         record_stats: bool = True,
+        lock: threading.Lock | None = None,
     ) -> None:
+        """``lock``: given when runners share ``interpreter`` (the fleet simulator's
+        :class:`agent.serving.pool.InterpreterPool`): every use of it takes it."""
         self.name = name
         self.version = version
         input_details = interpreter.get_input_details()
@@ -239,10 +242,10 @@ class ModelRunner:
         self.input_keys: tuple[str, ...] = keys[0] if keys else tuple(s.name for s in self.inputs)
         self.output_keys: tuple[str, ...] = keys[1] if keys else tuple(s.name for s in self.outputs)
         self._any_quantized_output = any(s.quantized for s in self.outputs)
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.Lock()
         self.stats = ModelStats(name, version, lock=self._lock)
         self._recording = record_stats
-        self._interpreter = interpreter  # owned: only this runner may touch it now
+        self._interpreter = interpreter  # owned (or shared under ``lock``): only through this runner
         self._set, self._invoke, self._get = _native_calls(interpreter)
         self._label = f"{name} v{version}"
         self._fast: _FastPath | None = None
