@@ -12,6 +12,9 @@ Guarantees:
   active model by name), and every per-model figure of the message (``model``, ``version``,
   ``latency_ms_p50``) comes from that one model. ``inferences`` is the device's figure: the
   answered requests of every active model.
+- The will (:func:`will_document`) holds nothing an activation changes (no ``models``
+  key, ``model`` and ``version`` null), so it never needs renewing: the agent sets it once
+  per connection and never reconnects to replace it.
 """
 
 from __future__ import annotations
@@ -91,4 +94,20 @@ def state_document(
         "inferences": figures.inferences,
         "latency_ms_p50": figures.latency_ms_p50,
         "ts": round(ts, 3),
+    }
+
+
+def will_document(*, device_id: str, boot: str, ts: float) -> dict[str, Any]:
+    """The will message: the broker publishes it, retained, on the state topic when the
+    connection ends without a goodbye. Only what the agent knows when it connects (``ts``)
+    and nothing an activation changes; the absent ``models`` key tells consumers that this
+    state does not say which model the device ran (docs/protocol.md 6.1)."""
+    return {
+        "device_id": device_id,
+        "online": False,
+        "status": DeviceStatus.OFFLINE,
+        "boot": boot,
+        "ts": round(ts, 3),
+        "model": None,
+        "version": None,
     }

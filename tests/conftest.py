@@ -25,6 +25,28 @@ def broker(tmp_path: Path) -> Iterator[object]:
         proc.kill()
 
 
+@pytest.fixture
+def stock_broker(tmp_path: Path) -> Iterator[object]:
+    """A Mosquitto with the stock limits (no max_inflight_messages / max_queued_messages
+    lines: 20 QoS 1 messages in flight per client, 1,000 queued), as an operator's own
+    broker would run; ``broker`` runs with ``litefleet broker``'s raised limits."""
+    from converter.broker.mosquitto import BrokerConfig, BrokerProcess
+
+    class StockConfig(BrokerConfig):
+        def render(self) -> str:
+            tuned = ("max_inflight_messages", "max_queued_messages")
+            return "".join(
+                line + "\n" for line in super().render().splitlines() if not line.startswith(tuned)
+            )
+
+    proc = BrokerProcess(StockConfig(data_dir=tmp_path / "stock-broker"))
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
 # -- converted models shared by converter, delivery and agent tests (session-wide) -----------
 # (tests.support.models imports only numpy; TensorFlow loads when a fixture first needs it)
 from tests.support.models import ConvertedModel, DigitsData  # noqa: E402

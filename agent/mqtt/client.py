@@ -14,7 +14,8 @@ After (re)subscribing, the client sends one more SUBSCRIBE and waits for its
 SUBACK: Mosquitto queues a subscription's retained messages while it handles
 that SUBSCRIBE, before it reads the next packet, and one connection delivers
 in order. This is how the agent tells "no such retained message" (MQTT has
-no "not found") without a timeout.
+no "not found") without a timeout, for subscriptions at :data:`RETAINED_READ_QOS`.
+``network``: one shared network thread instead of paho's (:mod:`agent.mqtt.network`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import TransportError
+from agent.mqtt.network import SharedNetwork
 from agent.mqtt.transport import Message
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,12 @@ _PAHO_LOG = logging.getLogger("paho")
 _PAHO_LOG.addFilter(_QuietNotConnected())
 
 Handler = Callable[[Message], None]
+
+# QoS of a subscription read for its retained messages behind the sync barrier (metadata,
+# status, the monitor's states). A stock Mosquitto sent 20 of N retained QoS 1 messages before
+# the barrier's SUBACK and dropped those beyond 1,020; at QoS 0 all of 5,000 came before it
+# (docs/protocol.md 3.3). A reconnect re-subscribes: the retained ones come again.
+RETAINED_READ_QOS = 0
 
 
 @dataclass(frozen=True)
@@ -122,8 +130,11 @@ def _describe_rc(rc: Any) -> str:
 class MqttClient:
     """A reconnecting MQTT 5 client. Thread-safe: publish/subscribe from any thread."""
 
-    def __init__(self, settings: ConnectionSettings) -> None:
+    def __init__(self, settings: ConnectionSettings, *, network: SharedNetwork | None = None) -> None:
+        """``network``: drive this connection from a shared network thread (the fleet
+        simulator's, :mod:`agent.mqtt.network`) instead of paho's own thread."""
         self.settings = settings
+        self._network = network
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -151,6 +162,10 @@ class MqttClient:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_publish = self._on_publish
         self._client.on_socket_open = self._on_socket_open
+        if network is not None:
+            self._client.on_socket_close = lambda c, u, sock: network.socket_close(c, sock)
+            self._client.on_socket_register_write = lambda c, u, sock: network.register_write(c)
+            self._client.on_socket_unregister_write = lambda c, u, sock: network.unregister_write(c)
         # mid -> reason of publishes the broker refused (bounded)
         self._refused: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -176,6 +191,7 @@ class MqttClient:
         self._barrier_topic = f"$litefleet-sync/{token}"
         self.connects = 0
         self._last_delivery: _Delivery | None = None
+        self._will_factory: Callable[[], bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------
     def add_connect_listener(self, fn: Callable[[], None]) -> None:
@@ -202,7 +218,10 @@ class MqttClient:
         except (OSError, ValueError) as exc:
             where = f"{self.settings.host}:{self.settings.port}"
             raise TransportError(f"cannot connect to {where}: {exc}") from exc
-        self._client.loop_start()
+        if self._network is not None:
+            self._network.attach(self._client, on_lost=self._on_connect_failed)
+        else:
+            self._client.loop_start()
 
     def connect(self, timeout_s: float = 10.0) -> None:
         """Start and wait until connected, or raise :class:`TransportError`."""
@@ -230,30 +249,21 @@ class MqttClient:
             # (on_disconnect), not while its loop may still be mid-turn
             self._disconnected.wait(2.0)
         finally:
-            self._client.loop_stop()
+            if self._network is not None:
+                self._network.detach(self._client)
+            else:
+                self._client.loop_stop()
             self._connected.clear()
             self._stopping = False
 
-    def set_will(self, payload: bytes) -> None:
-        """Set the will message before :meth:`start`."""
+    def set_will(self, payload: bytes | Callable[[], bytes]) -> None:
+        """Set the will before :meth:`start`; a callable is asked again (on the network thread)
+        when a connection ends, for the next one: a will that carries its connection's time."""
         if not self.settings.will_topic:
             raise ValueError("no will_topic in the connection settings")
-        self._client.will_set(self.settings.will_topic, payload, qos=1, retain=self.settings.will_retain)
-
-    def replace_will(self, payload: bytes) -> None:
-        """Change the will message. MQTT fixes the will at connect time, so this
-        disconnects cleanly (no will sent) and connects again; subscriptions are
-        restored by the reconnect."""
-        if not self.settings.will_topic:
-            raise ValueError("no will_topic in the connection settings")
-        self._client.will_set(self.settings.will_topic, payload, qos=1, retain=self.settings.will_retain)
-        if self._started:
-            # let what is in flight be acknowledged first: paho would send it
-            # again on the new connection and subscribers would see it twice
-            if self._last_delivery is not None:
-                self._last_delivery.wait(2.0)
-            self.stop()
-            self.start()
+        self._will_factory = payload if callable(payload) else None
+        data = payload() if callable(payload) else payload
+        self._client.will_set(self.settings.will_topic, data, qos=1, retain=self.settings.will_retain)
 
     @property
     def connected(self) -> bool:
@@ -382,6 +392,13 @@ class MqttClient:
         was = self._connected.is_set()
         self._connected.clear()
         self._synced.clear()
+        if self._network is not None and not self._stopping:
+            self._network.reconnect_later(self._client)
+        if self._will_factory is not None and self.settings.will_topic:
+            # paho's loop reconnects with the will set now (this runs on its thread first)
+            self._client.will_set(
+                self.settings.will_topic, self._will_factory(), qos=1, retain=self.settings.will_retain
+            )
         self._disconnected.set()
         if was and not self._stopping:
             logger.warning("disconnected from the broker: %s", rc)
@@ -408,13 +425,17 @@ class MqttClient:
                 "broker refused a subscription (mid %s): %s", mid, ", ".join(str(rc) for rc in reason_codes)
             )
 
-    @staticmethod
-    def _on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho leaves Nagle on: every small SUBSCRIBE then waits ~40 ms for a
         # delayed ACK, and a windowed chunk download crawls at 6 MB/s (measured
         # here; 300 MB/s with TCP_NODELAY)
         with contextlib.suppress(OSError, AttributeError):  # not TCP: a test double
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._network is not None:
+            self._network.socket_open(client, sock)
+
+    def _on_connect_failed(self) -> None:  # the shared network thread: an attempt failed
+        self._connect_error = "connection refused or unreachable"
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, properties: Any = None
@@ -438,9 +459,15 @@ class MqttClient:
             content_type=getattr(props, "ContentType", None) if props else None,
             user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
         )
+        # a filter without wildcards matches only its own topic: compare strings, and leave
+        # paho's matcher (10 us a call here) to wildcard and shared filters (a chunk download
+        # holds up to 8 exact filters; this ran for every chunk, metadata file and request)
+        topic = msg.topic
         with self._lock:
             handlers = [
-                h for f, (_, h) in self._subs.items() if paho.topic_matches_sub(topic_filter_of(f), msg.topic)
+                h
+                for f, (_, h) in self._subs.items()
+                if f == topic or (_has_wildcard(f) and paho.topic_matches_sub(topic_filter_of(f), topic))
             ]
         if not handlers:
             logger.debug("message on %s (%d bytes) matches no subscription", msg.topic, len(message.payload))
@@ -450,6 +477,11 @@ class MqttClient:
                 handler(message)
             except Exception:
                 logger.exception("handler for %s failed", msg.topic)
+
+
+def _has_wildcard(subscription: str) -> bool:
+    """True for a filter that may match other topics than itself (wildcards, ``$share/``)."""
+    return "+" in subscription or "#" in subscription or subscription.startswith("$share/")
 
 
 def topic_filter_of(subscription: str) -> str:

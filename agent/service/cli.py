@@ -35,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
         "that every file named is there and usable (TLS files are loaded as the agent loads them).",
     )
     _add_config_args(check)
+    sim = sub.add_parser(
+        "simulate",
+        help="run N simulated devices in one process on the agent's code (benches, tests)",
+        description="N devices, each an agent with its own id (<device-id>-<n>), connection, "
+        "state folder (<state-dir>/<id>), TUF metadata, downloads, checks and activation; they "
+        "share one network thread and one loaded interpreter set per model file (docs/scale.md).",
+    )
+    sim.add_argument("--config", type=Path, help="the template agent.toml (device_id is the id prefix)")
+    sim.add_argument("--devices", type=int, required=True, help="how many devices")
+    sim.add_argument("--first", type=int, default=0, help="number of the first device (default 0)")
+    for flag in ("--device-id", "--broker", "--state-dir", "--trusted-root", "--groups"):
+        sim.add_argument(flag)
+    sim.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     return parser
 
 
@@ -62,9 +75,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         "state_dir": args.state_dir,
         "trusted_root": args.trusted_root,
         "groups": args.groups,
-        "http": args.http,
+        "http": getattr(args, "http", None),
         "log_level": args.log_level,
-        "log_format": args.log_format,
+        "log_format": getattr(args, "log_format", None),
     }
 
 
@@ -88,6 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.config or 'flags'}: ok (device {cfg.device_id}, broker {cfg.broker_address})\n"
         )
         return 0
+    if args.command == "simulate":
+        logging.basicConfig(
+            level=getattr(logging, cfg.log_level.upper()),
+            format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        from agent.service.simulate import simulate
+
+        return simulate(cfg, args.devices, args.first)
     from agent.logs import configure
 
     configure(

@@ -41,7 +41,8 @@ from agent.errors import (
     TransportError,
 )
 from agent.logs import fields as log_fields
-from agent.mqtt.client import ConnectionSettings, MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
+from agent.mqtt.network import SharedNetwork
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from agent.reasons import PERMANENT, Reason
@@ -53,7 +54,14 @@ from agent.serving.registry import ModelRegistry
 from agent.serving.rest import RestServer
 from agent.serving.runtime import resolve_runtime
 from agent.serving.stats import ApiCounters, StatsSnapshot
-from agent.state_message import DeviceStatus, Served, served, standing_model, state_document
+from agent.state_message import (
+    DeviceStatus,
+    Served,
+    served,
+    standing_model,
+    state_document,
+    will_document,
+)
 from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporter
 from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
 
@@ -82,8 +90,17 @@ class Agent:
     ``stop()`` around an embedding application's own loop."""
 
     def __init__(
-        self, cfg: AgentConfig, *, notifier: Any = None, clock: Callable[[], float] = time.monotonic
+        self,
+        cfg: AgentConfig,
+        *,
+        notifier: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        network: SharedNetwork | None = None,
+        isolate_checks: bool = True,
     ) -> None:
+        """``network`` and ``isolate_checks=False``: a simulated device of
+        :mod:`agent.service.simulate` (its connection on a shared network thread, its candidate
+        checks in-process, as where no child process can be forked)."""
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
         self.registry = ModelRegistry()
@@ -97,7 +114,6 @@ class Agent:
         self.status = DeviceStatus.STARTING
         self.error: str | None = None
         self._last_reported: tuple[str, str] | None = None
-        self._will_dirty = False
         # metadata changes seen on paho's thread, and how many the last refresh covered
         self._meta_changes = 0
         self._seen_changes = -1
@@ -133,13 +149,14 @@ class Agent:
             probation_inferences=cfg.probation_inferences,
             probation_s=cfg.probation_s,
             check_timeout_s=cfg.check_timeout_s,
+            isolate_checks=isolate_checks,
             event=self.event,
             clock=clock,
             tick=self._tick,  # a candidate's check may take seconds: the loop is alive meanwhile
             shadows=self.shadows,
         )
-        # the will is the state message with online false; it is replaced after activations
-        self.client = MqttClient(connection_settings(cfg, b""))
+        # the will (set in start) holds nothing an activation changes: it is never renewed
+        self.client = MqttClient(connection_settings(cfg, b""), network=network)
         self.updater = ModelUpdater(
             device_id=cfg.device_id,
             groups=cfg.groups,
@@ -161,7 +178,10 @@ class Agent:
             self.registry, self.client, counters=self.counters, max_payload_bytes=cfg.http_max_body_bytes
         )
         self.metrics_queue = MetricsQueue.in_state_dir(cfg.state_dir, max_rows=cfg.metrics_queue_max_rows)
-        self.sender = QueueSender(self.metrics_queue, self.client)
+        # woken when a message is queued and on each connect; its own look every 30 s is a
+        # safety net (every 1 s it cost 0.3-2 ms per second per idle agent, 100 agents on
+        # this 2-core VM: 3-20 % of a core, issue 11)
+        self.sender = QueueSender(self.metrics_queue, self.client, idle_s=30.0)
         self.reporter = MetricsReporter(
             device_id=cfg.device_id,
             topic=self.topics.metrics(cfg.device_id),
@@ -191,8 +211,6 @@ class Agent:
             self._set_status(DeviceStatus.DOWNLOADING)
         with contextlib.suppress(TransportError):
             self.client.publish(self.topics.events(self.cfg.device_id), json.dumps(payload).encode(), qos=1)
-        if kind in ("activated", "rolled_back"):
-            self._will_dirty = True
 
     def _snapshots(self) -> dict[str, StatsSnapshot]:
         return {name: m.runner.stats.snapshot() for name, m in self.registry.snapshot().items()}
@@ -216,6 +234,11 @@ class Agent:
         )
         return json.dumps(doc).encode()
 
+    def _will_payload(self) -> bytes:
+        """The will for the next connection (asked before each connect, docs/protocol.md 6.1)."""
+        doc = will_document(device_id=self.cfg.device_id, boot=self.boot_id, ts=time.time())
+        return json.dumps(doc).encode()
+
     def publish_state(self) -> None:
         with contextlib.suppress(TransportError):
             self.client.publish(
@@ -224,13 +247,15 @@ class Agent:
 
     def _set_status(
         self, status: DeviceStatus, error: str | None = None, *, keep_error: bool = False
-    ) -> None:
+    ) -> bool:
+        """Set status (and error); publish the state if either changed. True if it published."""
         changed = status != self.status or (not keep_error and error != self.error)
         self.status = status
         if not keep_error:
             self.error = error
         if changed:
             self.publish_state()
+        return changed
 
     # -- paho thread -------------------------------------------------------------------
     def _on_metadata_change(self, name: str) -> None:
@@ -271,9 +296,9 @@ class Agent:
         self.status = self._serving_status()
         if self.manager.last_error:
             self.error = ": ".join(self.manager.last_error)
-        self.client.set_will(self._state_payload(online=False))
+        self.client.set_will(self._will_payload)
         self.client.add_connect_listener(self._on_connected)
-        self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=1)
+        self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=RETAINED_READ_QOS)
         self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)
         if self.rest is not None:
             try:
@@ -293,8 +318,8 @@ class Agent:
         """Say goodbye on the broker (retained state: offline), stop serving, disconnect."""
         self._notifier.stopping("stopping")
         self._shutting_down = True  # a reconnect from now on must not announce "online"
-        # a reconnect may be under way (a new will after an activation): let it finish,
-        # or the goodbye would be lost and the retained state would stay "online"
+        # a reconnect may be under way (a lost connection): let it finish, or the goodbye
+        # would be lost and the retained state would stay "online"
         self.client.wait_connected(3.0)
         try:
             d = self.client.publish(
@@ -362,7 +387,6 @@ class Agent:
                 next_refresh = self._clock() + retry.delay_s
                 release_free_memory()
             self.manager.poll_trials()
-            self._after_changes()
             if self._clock() >= next_metrics:
                 self.reporter.report_once()
                 next_metrics = max(next_metrics + self.cfg.metrics_interval_s, self._clock())
@@ -375,12 +399,6 @@ class Agent:
         if self._signalled is not None:
             logger.info("signal %s: stopping", signal.Signals(self._signalled).name)
         self._stopped_as_asked = True
-
-    def _after_changes(self) -> None:
-        # never while stopping: a reconnect after the goodbye would say "online" again
-        if self._will_dirty and self.status is not DeviceStatus.DOWNLOADING and not self._should_stop():
-            self._will_dirty = False
-            self.client.replace_will(self._state_payload(online=False))
 
     def refresh_once(self) -> RefreshOutcome:
         """One refresh, and how it ended (the loop's retry policy reads it)."""
@@ -419,8 +437,9 @@ class Agent:
         elif not transient:
             self.error = None
             self._last_reported = None
-        self._set_status(self._serving_status(), self.error)
-        self.publish_state()
+        # the state carries the models and repo_version too: publish it once either way
+        if not self._set_status(self._serving_status(), self.error):
+            self.publish_state()
         return RefreshOutcome.FAILED if transient else RefreshOutcome.OK
 
     def _status_text(self) -> str:

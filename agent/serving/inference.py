@@ -164,7 +164,10 @@ class ModelRunner:
         version: str = "0",
         record_stats: bool = True,
         record_outputs: bool = True,
+        lock: threading.Lock | None = None,
     ) -> None:
+        """``lock``: given when runners share ``interpreter`` (the fleet simulator's
+        :class:`agent.serving.pool.InterpreterPool`): every use of it takes it."""
         self.name = name
         self.version = version
         input_details = interpreter.get_input_details()
@@ -181,7 +184,7 @@ class ModelRunner:
         self.input_keys: tuple[str, ...] = keys[0] if keys else tuple(s.name for s in self.inputs)
         self.output_keys: tuple[str, ...] = keys[1] if keys else tuple(s.name for s in self.outputs)
         self._any_quantized_output = any(s.quantized for s in self.outputs)
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.Lock()
         sketching = record_stats and record_outputs and bool(self.outputs)
         self.stats = ModelStats(
             name, version, lock=self._lock, outputs=recorder_for(self.outputs[0]) if sketching else None
@@ -192,7 +195,7 @@ class ModelRunner:
         # cycle would leave a replaced runner's interpreter to the cyclic GC, which an idle
         # agent seldom runs (measured: +11 MB per MobileNetV2 version replaced)
         self._sketch_failed = _warn_once(f"{name} v{version}")
-        self._interpreter = interpreter  # owned: only this runner may touch it now
+        self._interpreter = interpreter  # owned (or shared under ``lock``): only through this runner
         self._set, self._invoke, self._get = native_calls(interpreter)
         self._label = f"{name} v{version}"
         self._fast: FastPath | None = None

@@ -110,10 +110,22 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _shown(row: dict[str, Any], column: str) -> str:
+    if column in ("model", "version") and row.get("last_will"):
+        return "unknown"
+    return _cell(row.get(column))[:MAX_CELL_CHARS]
+
+
 def status_table(rows: list[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """The rows as a table with the given columns (field names, upper case as titles)."""
+    """The rows as a table with the given columns (field names, upper case as titles); a
+    device offline by its will shows its model as unknown, and a line below says why."""
     if not rows:
         return "no devices have reported yet\n"
-    return format_table(
-        [c.upper() for c in columns], ([_cell(r.get(c))[:MAX_CELL_CHARS] for c in columns] for r in rows)
-    )
+    table = format_table([c.upper() for c in columns], ([_shown(r, c) for c in columns] for r in rows))
+    wills = sum(1 for r in rows if r.get("last_will"))
+    if wills:
+        table += (
+            f"{wills} device(s) went offline without a goodbye (their last will): the broker keeps "
+            "no model for them; `litefleet monitor` shows the last known one\n"
+        )
+    return table

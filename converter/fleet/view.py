@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.errors import TransportError
-from agent.mqtt.client import MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from converter.monitor.payloads import (
@@ -87,6 +87,9 @@ def state_row(state: StateRecord) -> dict[str, Any]:
         "agent_version": state.agent_version,
         "boot": state.boot,
         "ts": state.ts,
+        # offline by its will (docs/protocol.md 6.1): it does not say the model, and a
+        # one-shot read has nothing older to take it from
+        "last_will": state.will,
     }
 
 
@@ -107,7 +110,7 @@ def collect_states(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -
             else:
                 logger.debug("state of %.64s: %s", dev[0], state.reason)
 
-    client.subscribe(topics.devices_filter("state"), handle, qos=1)
+    client.subscribe(topics.devices_filter("state"), handle, qos=RETAINED_READ_QOS)
     client.sync()
     if not client.wait_synced(timeout_s):
         raise TransportError("the broker did not answer the state subscription")

@@ -24,7 +24,9 @@ given, so collectors with the same group split them message by message.
 The host side's retained topics are ordinary subscriptions too (every collector
 shows them whole): the rollout records (``rollouts/+``), the repository metadata
 (``repo/metadata/+``, for its expiry dates) and the sites' status and bridge link
-(``sites/+/status``, ``sites/+/bridge``).
+(``sites/+/status``, ``sites/+/bridge``). The
+state is read at :data:`agent.mqtt.client.RETAINED_READ_QOS` (0): a stock
+Mosquitto drops retained QoS 1 messages beyond 1,020 per subscriber.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import StorageError
-from agent.mqtt.client import ConnectionSettings, MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from converter.errors import BadInputError
 from converter.monitor.live import FleetLive, FleetSnapshot
-from converter.monitor.payloads import EventRecord, Malformed, parse_message
+from converter.monitor.payloads import EventRecord, Malformed, StateRecord, after_will, parse_message
 from converter.monitor.rollouts import RolloutCleared, RolloutView, parse_rollout
 from converter.monitor.store import MonitorStore, Received
 
@@ -105,7 +107,7 @@ class Collector:
     def subscribe(self) -> None:
         """Register the subscriptions (made now if connected, and after every reconnect)."""
         t = self.topics
-        self.client.subscribe(t.devices_filter("state"), self._on_message, qos=1)
+        self.client.subscribe(t.devices_filter("state"), self._on_message, qos=RETAINED_READ_QOS)
         group = self.config.share_group
         for leaf in ("events", "metrics"):
             self.client.subscribe(shared_filter(group, t.devices_filter(leaf)), self._on_message, qos=1)
@@ -190,6 +192,7 @@ class Collector:
             return
         parsed: list[tuple[Received, bool]] = []
         rollouts: list[tuple[RolloutView | RolloutCleared | Malformed, float]] = []
+        states: dict[str, StateRecord] = {}  # this batch's, not yet in the live view
         for message, received in items:
             where = self.topics.device_of(message.topic)
             if where is None:
@@ -198,6 +201,10 @@ class Collector:
             p = parse_message(where[1], where[0], message.payload)
             if isinstance(p, Malformed):
                 logger.debug("ignored %s from %s: %s", p.kind, p.device_id, p.reason)
+            elif isinstance(p, StateRecord):
+                if p.will:
+                    p = after_will(self._known_state(p.device_id, states), p)
+                states[p.device_id] = p
             parsed.append((Received(p, received), message.retain))
         self.live.apply(parsed)
         self.live.apply_rollouts(r for r, _ in rollouts)
@@ -236,6 +243,18 @@ class Collector:
             rollouts.append((record, received))
         elif len(parts) == 3 and parts[0] == "sites" and parts[1]:
             self.live.apply_site(parts[1], parts[2], message.payload)
+
+    def _known_state(self, device_id: str, batch: dict[str, StateRecord]) -> StateRecord | None:
+        """What the monitor knew of the device before its will: this batch, the live view,
+        else the database (a will that is the first message after the monitor started)."""
+        known = batch.get(device_id) or self.live.state_of(device_id)
+        if known is not None:
+            return known
+        try:
+            return self.store.last_state(device_id)
+        except StorageError as exc:
+            logger.error("%s", exc)
+            return None
 
     def _maybe_prune(self) -> None:
         now = self._clock()

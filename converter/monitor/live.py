@@ -212,6 +212,12 @@ class FleetLive:
         with self._lock:
             self._write_errors += 1
 
+    def state_of(self, device_id: str) -> StateRecord | None:
+        """The device's current state (the collector merges a will with it)."""
+        with self._lock:
+            dev = self._devices.get(device_id)
+            return dev.state if dev is not None else None
+
     # -- any thread -------------------------------------------------------------------
     def snapshot(
         self, now: float, *, queue_depth: int = 0, dropped: int = 0, broker_connected: bool = False

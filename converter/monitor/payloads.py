@@ -12,6 +12,9 @@ Guarantees:
 - :func:`is_newer` and :func:`device_health` are the monitor's two decisions
   about time: which metrics message is the device's latest (replayed and
   duplicated messages are not), and whether a device counts as online.
+- A will (a state without ``models``, not online) is marked ``will``;
+  :func:`after_will` turns it into "offline, last known model" and never
+  into a device that changed model.
 
 No socket, file or clock is touched here; the collector passes the time in.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.telemetry.metrics import THROTTLE_BITS
@@ -148,6 +151,9 @@ class StateRecord:
     repo_version: int | None = None
     models: tuple[InstalledModel, ...] = ()
     raw_json: str = field(default="{}", compare=False)
+    # the device's will (docs/protocol.md 6.1: offline, no ``models`` key): it says the
+    # device is gone, not which model it ran; :func:`after_will` keeps what was known
+    will: bool = False
 
 
 @dataclass(frozen=True)
@@ -377,6 +383,7 @@ def parse_state(device_id: str, payload: bytes) -> StateRecord | StateCleared | 
         repo_version=_count(doc.get("repo_version")),
         models=tuple(installed),
         raw_json=json.dumps(doc, separators=(",", ":"), sort_keys=True)[:MAX_EVENT_JSON_CHARS],
+        will=doc.get("online") is not True and "models" not in doc,
     )
 
 
@@ -392,6 +399,24 @@ def parse_message(leaf: str, device_id: str, payload: bytes) -> Parsed:
 
 
 # -- decisions --------------------------------------------------------------------------
+def after_will(known: StateRecord | None, will: StateRecord) -> StateRecord:
+    """The device's state once its will arrived: offline (the will's status, time and boot),
+    with the model, versions, groups and figures ``known`` from its last full state, since
+    the will does not say them (docs/protocol.md 6.1). ``known`` None, or a will itself:
+    the will as it is. A state that is not a will replaces what was known."""
+    if not will.will or known is None or known.device_id != will.device_id:
+        return will
+    return replace(
+        known,
+        online=False,
+        status=will.status,
+        boot=will.boot,
+        ts=will.ts if will.ts is not None else known.ts,
+        raw_json=will.raw_json,
+        will=True,
+    )
+
+
 def shown_model(sample: MetricsSample | None, state_model: str | None) -> ModelSample | None:
     """The model whose figures stand for the device (``status``, the page, ``/api/devices``):
     the active one the state names (``state_model``), else the first active one; None

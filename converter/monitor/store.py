@@ -47,6 +47,7 @@ from converter.monitor.payloads import (
     Parsed,
     StateCleared,
     StateRecord,
+    parse_state,
 )
 from converter.monitor.rollouts import RolloutView
 
@@ -64,7 +65,7 @@ CREATE TABLE IF NOT EXISTS devices (
     status TEXT, model TEXT, version TEXT, error TEXT,
     agent_version TEXT, boot TEXT,
     state_ts REAL,                  -- the state's own ts (device clock)
-    state_json TEXT,                -- the whole retained state
+    state_json TEXT,                -- the whole retained state (a will: the last full one)
     first_seen REAL NOT NULL,       -- collector clock
     last_seen REAL NOT NULL         -- collector clock: last message of any kind
 );
@@ -331,7 +332,9 @@ class MonitorStore:
                 "ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, status = excluded.status, "
                 "model = excluded.model, version = excluded.version, error = excluded.error, "
                 "agent_version = excluded.agent_version, boot = excluded.boot, "
-                "state_ts = excluded.state_ts, state_json = excluded.state_json, "
+                "state_ts = excluded.state_ts, "
+                # a will says nothing of the models: keep the last full state's JSON
+                "state_json = CASE WHEN ? THEN devices.state_json ELSE excluded.state_json END, "
                 "last_seen = max(last_seen, excluded.last_seen)",
                 (
                     p.device_id,
@@ -346,6 +349,7 @@ class MonitorStore:
                     p.raw_json,
                     now,
                     now,
+                    p.will,
                 ),
             )
         elif isinstance(p, StateCleared):
@@ -406,6 +410,20 @@ class MonitorStore:
                 for g in r.gates
             ],
         )
+
+    def last_state(self, device_id: str) -> StateRecord | None:
+        """The device's last full state as stored (writer thread): what a will that arrives
+        after a restart of the monitor is merged with (:func:`after_will`)."""
+        try:
+            row = self._db.execute(
+                "SELECT state_json FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the monitor database {self.path}: {exc}") from exc
+        if row is None or not row[0]:
+            return None
+        state = parse_state(device_id, str(row[0]).encode())
+        return state if isinstance(state, StateRecord) else None
 
     def prune(self, cutoff_ts: float) -> int:
         """Delete samples and events older than ``cutoff_ts``; return rows deleted."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.errors import TransportError
-from agent.mqtt.client import MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics, split_chunks
 from converter.repo.targets import PublishPlan, TargetUpload
@@ -93,7 +93,7 @@ class RepoPublisher:
             if name is not None and msg.payload:
                 seen.add(name)
 
-        self.client.subscribe(self.topics.metadata_filter, handle, qos=1)
+        self.client.subscribe(self.topics.metadata_filter, handle, qos=RETAINED_READ_QOS)
         self.client.sync()
         if not self.client.wait_synced(timeout_s):
             raise TransportError("the broker did not answer the metadata subscription")

@@ -76,3 +76,21 @@ def _args(doc: dict) -> dict:
         "boot": doc["boot"],
         "ts": doc["ts"],
     }
+
+
+def test_the_will_holds_nothing_an_activation_changes() -> None:
+    """The will is set once per connection and never renewed: it must not name a model,
+    and its models key is absent, which is how consumers tell it from a full state."""
+    from agent.state_message import will_document
+
+    doc = will_document(device_id="pi-1", boot="b1", ts=1_800_000_000.12345)
+    assert doc == {
+        "device_id": "pi-1",
+        "online": False,
+        "status": "offline",
+        "boot": "b1",
+        "ts": 1_800_000_000.123,
+        "model": None,
+        "version": None,
+    }
+    assert json.loads(json.dumps(doc))["status"] == DeviceStatus.OFFLINE

@@ -198,3 +198,30 @@ def test_in_process_check_marks_the_candidate_first(fleet: Fleet, monkeypatch: p
     m.consider(fleet.candidate(1))
     assert seen and seen[0] is not None and seen[0].version == 1  # type: ignore[attr-defined]
     assert StateFile(fleet.root / "state.json").load().get("gather").checking is None
+
+
+def test_a_model_replaced_after_its_isolated_check_is_checked_again(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent serves the bytes its check child passed without checking them twice; if
+    the file is no longer the one the child checked, the agent checks it in full."""
+    from agent.activation import manager as manager_module
+
+    real = manager_module.check_isolated
+    swapped: list[Path] = []
+
+    def check_then_swap(model: Path, *args: object, **kwargs: object) -> bool | None:
+        passed = real(model, *args, **kwargs)  # type: ignore[arg-type]
+        other = model.with_name("other.tflite")
+        other.write_bytes(fleet.models[1].read_bytes())  # outputs 100 more than its golden vectors
+        other.replace(model)
+        swapped.append(model)
+        return passed
+
+    m = fleet.manager
+    m.start()
+    monkeypatch.setattr(manager_module, "check_isolated", check_then_swap)
+    assert not m.consider(fleet.candidate(1))
+    assert swapped and fleet.kinds() == ["rejected"]
+    assert fleet.events[0][1]["reason"] == "golden"
+    assert "gather" not in fleet.registry.names()

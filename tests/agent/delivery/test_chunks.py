@@ -27,8 +27,10 @@ class FakeBroker:
         self.open: set[str] = set()
         self.max_open = 0
         self.subscribed: list[str] = []
+        self.requests = 0  # SUBSCRIBE and UNSUBSCRIBE packets
 
     def subscribe_many(self, filters, handler, qos: int = 1) -> None:  # type: ignore[no-untyped-def]
+        self.requests += 1
         for f in filters:
             self.open.add(f)
             self.subscribed.append(f)
@@ -39,6 +41,7 @@ class FakeBroker:
                 threading.Thread(target=handler, args=(msg,)).start()
 
     def unsubscribe(self, *filters: str) -> None:
+        self.requests += 1
         for f in filters:
             self.open.discard(f)
 
@@ -60,8 +63,44 @@ def test_downloads_within_the_window(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_bytes() == data
     assert broker.max_open <= 4 and not broker.open
     assert stats.chunks_received == 103 and stats.bytes_received == len(data)
+    # chunks arrive in any order (one thread each): the whole-file hash is still the file's
+    assert stats.sha256 == hashlib.sha256(data).hexdigest()
     assert progress[-1] == len(data) and progress == sorted(progress)
     assert not (tmp_path / "out.part").exists()
+
+
+def test_the_window_is_refilled_in_batches(tmp_path: Path) -> None:
+    """One SUBSCRIBE and one UNSUBSCRIBE per half window, not per chunk: each is a packet,
+    an acknowledgement and paho work on both sides (bench/bench_activation.py)."""
+    data = bytes(range(256)) * 250  # 64 chunks of 1000
+    info, broker = make(data, 1000)
+    ChunkDownloader(broker, TOPICS, window=8).download(TARGET, len(data), info, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert broker.max_open <= 8 and not broker.open
+    assert broker.requests <= 2 * (1 + (64 - 8) // 4) + 1  # 29; a chunk at a time took 128
+
+
+class ReversingBroker(FakeBroker):
+    """Answers each batch of subscriptions last-first, from one thread: chunks out of order."""
+
+    def subscribe_many(self, filters, handler, qos: int = 1) -> None:  # type: ignore[no-untyped-def]
+        msgs = [Message(topic=f, payload=self.retained[f], retain=True) for f in reversed(filters)]
+        super().subscribe_many(filters, lambda m: None, qos)
+
+        def deliver() -> None:
+            for m in msgs:
+                handler(m)
+
+        threading.Thread(target=deliver).start()
+
+
+def test_the_whole_file_hash_holds_with_chunks_out_of_order(tmp_path: Path) -> None:
+    data = hashlib.sha256(b"x").digest() * 1000  # 32 chunks of 1000
+    info, plain = make(data, 1000)
+    broker = ReversingBroker(plain.retained)
+    stats = ChunkDownloader(broker, TOPICS, window=8).download(TARGET, len(data), info, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert stats.sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_resume_keeps_verified_chunks(tmp_path: Path) -> None:
@@ -75,6 +114,7 @@ def test_resume_keeps_verified_chunks(tmp_path: Path) -> None:
     stats = ChunkDownloader(broker, TOPICS, window=8).download(TARGET, len(data), info, tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == data
     assert stats.chunks_present == 30
+    assert stats.sha256 is None  # not every chunk went through this download: read it back
     assert stats.bytes_received == len(data) - 30000
     assert all(int(t.rsplit("/", 1)[1]) >= 30 for t in broker.subscribed)
 

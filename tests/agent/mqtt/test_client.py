@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
 
 import pytest
 
-from agent.mqtt.client import ConnectionSettings, MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
+from tests.support.monitor import publish_many
 
 
 def test_own_disconnects_log_no_errors(broker: Any, caplog: pytest.LogCaptureFixture) -> None:
-    """A will renewal (disconnect + reconnect) and a clean stop are routine: paho's
-    "Client is not connected" from its loop's last turn must not reach the log as an ERROR."""
+    """A clean stop (and a start again) is routine: paho's "Client is not connected" from
+    its loop's last turn must not reach the log as an ERROR."""
     caplog.set_level(logging.DEBUG)  # (the agent's log_level = "debug"; paho is chattier then)
     client = MqttClient(
         ConnectionSettings(
@@ -28,7 +30,9 @@ def test_own_disconnects_log_no_errors(broker: Any, caplog: pytest.LogCaptureFix
     for n in range(10):
         for _ in range(3):  # as after an activation: events and state in flight
             client.publish("litefleet/v1/devices/pi-log/events", b"{}" * 100, qos=1)
-        client.replace_will(b'{"online": false, "n": %d}' % n)
+        client.stop()
+        client.set_will(b'{"online": false, "n": %d}' % n)
+        client.start()
         deadline = time.monotonic() + 10
         time.sleep(0.2)
         while not client.connected and time.monotonic() < deadline:
@@ -56,10 +60,10 @@ def test_a_lost_broker_is_still_reported(broker: Any, caplog: pytest.LogCaptureF
     assert any("disconnected from the broker" in m for m in warnings), warnings
 
 
-def test_pahos_not_connected_line_stays_out_of_an_info_log(broker: Any) -> None:
-    """What the agent's log setup does (``logging.basicConfig`` at ``info``: the root handler
-    takes every level): a will renewal's "Client is not connected" from paho must not reach
-    it. Relabelled to DEBUG but passed on, it did reach the journal."""
+def test_pahos_not_connected_line_stays_out_of_an_info_log() -> None:
+    """What the agent's log setup does (a root handler at ``info`` that takes every level):
+    paho's "Client is not connected" (logged at ERROR from its loop's last turn after every
+    disconnect) must not reach it. Relabelled to DEBUG but passed on, it reached the journal."""
     seen: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -70,29 +74,62 @@ def test_pahos_not_connected_line_stays_out_of_an_info_log(broker: Any) -> None:
     handler, level = Keep(), root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    client = MqttClient(
-        ConnectionSettings(
-            host="127.0.0.1",
-            port=broker.port,
-            client_id="pi-quiet",
-            will_topic="litefleet/v1/devices/pi-quiet/state",
-            will_payload=b'{"online": false}',
-        )
-    )
     try:
-        client.connect(10)
-        for n in range(5):
-            client.publish("litefleet/v1/devices/pi-quiet/events", b"{}", qos=1)
-            client.replace_will(b'{"online": false, "n": %d}' % n)
-            deadline = time.monotonic() + 10
-            time.sleep(0.2)
-            while not client.connected and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert client.connected
+        paho = logging.getLogger("paho")  # the logger MqttClient hands to paho
+        paho.error("Client is not connected")
+        paho.error("Connection refused: other")
     finally:
-        client.stop()
         root.removeHandler(handler)
         root.setLevel(level)
-    paho_lines = [r.getMessage() for r in seen if r.name == "paho"]
-    assert not [m for m in paho_lines if "not connected" in m], paho_lines
-    assert any(r.name == "agent.mqtt.client" for r in seen)  # the handler did see our own lines
+    assert [r.getMessage() for r in seen] == ["Connection refused: other"]
+
+
+def test_messages_reach_exact_wildcard_and_shared_subscriptions(broker: Any) -> None:
+    """Exact filters are matched by string comparison, the others by paho's matcher: each
+    message reaches every subscription that matches it, and no other."""
+    import queue
+
+    from tests.support.harness import publish_many
+
+    got: queue.Queue[tuple[str, str]] = queue.Queue()
+    client = MqttClient(ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="pi-match"))
+    for f in ("t/a", "t/+", "$share/g/t/#", "t/a/b", "end"):
+        client.subscribe(f, lambda m, f=f: got.put((f, m.topic)), qos=1)
+    client.connect(10)
+    client.sync()
+    assert client.wait_synced(10)
+    # one connection delivers in order: once "end" is here, everything before it is too
+    publish_many(broker.port, [(t, b"x", False) for t in ("t/a", "t/ab", "t/a/b", "u/a", "end")])
+    seen: set[tuple[str, str]] = set()
+    deadline = time.monotonic() + 10
+    while ("end", "end") not in seen and time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            seen.add(got.get(timeout=0.2))
+    client.stop()
+    assert seen == {
+        ("t/a", "t/a"), ("t/+", "t/a"), ("$share/g/t/#", "t/a"),
+        ("t/+", "t/ab"), ("$share/g/t/#", "t/ab"),
+        ("t/a/b", "t/a/b"), ("$share/g/t/#", "t/a/b"),
+        ("end", "end"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("count", [100, 1000])
+def test_the_sync_barrier_covers_every_retained_message_on_a_stock_broker(
+    stock_broker: Any, count: int
+) -> None:
+    """The barrier's SUBACK follows every retained message of a subscription at
+    RETAINED_READ_QOS, on a Mosquitto with stock limits (20 in flight, 1,000 queued): at
+    QoS 1 only 20 came before it (the agent's metadata, status and the repository's sweep
+    read their retained messages this way)."""
+    topics = [f"litefleet/v1/repo/metadata/{i}.root.json" for i in range(count)]
+    publish_many(stock_broker.port, [(t, t.encode()) for t in topics], retain=True)
+    client = MqttClient(ConnectionSettings(host="127.0.0.1", port=stock_broker.port, client_id="pi-sync"))
+    got: list[str] = []
+    client.subscribe("litefleet/v1/repo/metadata/+", lambda m: got.append(m.topic), qos=RETAINED_READ_QOS)
+    client.connect(10)
+    try:
+        assert client.wait_synced(30)
+        assert sorted(got) == sorted(topics)  # all of them at the barrier, before any wait
+    finally:
+        client.stop()

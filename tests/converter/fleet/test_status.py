@@ -101,3 +101,18 @@ def test_status_reads_the_state_with_the_monitors_parser(broker) -> None:
     table = must("status", "--broker", broker.url)
     assert table.splitlines()[0].split() == [f.upper() for f in TABLE_COLUMNS]
     assert table.splitlines()[1].split()[:2] == ["pi-odd", "no"]
+
+
+def test_status_lists_a_thousand_devices_on_a_stock_broker(stock_broker) -> None:
+    """A stock Mosquitto sends 20 retained QoS 1 messages before the sync barrier's SUBACK
+    (max_inflight_messages); ``status`` read its state subscription at QoS 1 and listed
+    20-22 of 100 devices (issue 11). At QoS 0 every retained state comes before the SUBACK."""
+    ids = [f"pi-{i:04d}" for i in range(1000)]
+    publish_many(
+        stock_broker.port,
+        [(f"litefleet/v1/devices/{d}/state", state_payload(device_id=d)) for d in ids],
+        retain=True,
+    )
+    for _ in range(2):
+        rows = json.loads(must("status", "--broker", stock_broker.url, "--json"))
+        assert [r["device_id"] for r in rows] == ids

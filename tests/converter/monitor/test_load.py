@@ -44,3 +44,21 @@ def test_collector_keeps_up_with_a_synthetic_fleet(broker, tmp_path: Path) -> No
         f"{len(scrape) / 1024:.0f} KiB"
     )
     assert stats.stored_samples == MESSAGES and stats.dropped == 0 and stats.write_errors == 0
+
+
+def test_the_monitor_reads_every_retained_state_on_a_stock_broker(stock_broker, tmp_path: Path) -> None:
+    """A stock Mosquitto queues at most 1,000 QoS 1 messages per client beyond the 20 in
+    flight and drops the rest: a monitor that subscribed to the state at QoS 1 saw 1,020
+    of 2,000 devices (and again after each reconnect). The state is read at QoS 0."""
+    from tests.support.payloads import state_payload
+
+    count = 2000
+    publish_many(
+        stock_broker.port,
+        [(f"litefleet/v1/devices/pi-{i}/state", state_payload(device_id=f"pi-{i}")) for i in range(count)],
+        retain=True,
+    )
+    with running_monitor(stock_broker.port, tmp_path / "stock.db") as mon:
+        assert wait_until(lambda: len(mon.collector.snapshot().devices) >= count, 60)
+        assert mon.collector.wait_idle(30)
+        assert len(mon.collector.snapshot().devices) == count

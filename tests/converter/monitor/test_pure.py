@@ -495,3 +495,32 @@ def test_every_metric_is_documented_and_the_dashboard_uses_only_real_ones() -> N
     known = set(names) | {hist + suffix for suffix in ("_bucket", "_sum", "_count")}
     used = {m for e in exprs for m in re.findall(r"litefleet_[a-z0-9_]+", e)}
     assert used and used <= known, used - known
+
+
+def test_a_will_keeps_the_last_known_model_and_never_changes_it() -> None:
+    """A state without models and not online is a will (docs/protocol.md 6.1): after_will
+    makes it "offline, last known model"; a full state replaces what was known."""
+    from agent.state_message import will_document
+    from converter.monitor.payloads import after_will
+    from tests.support.payloads import state_payload
+
+    known = parse_state("pi-1", state_payload(device_id="pi-1", boot="b1", ts=10.0))
+    will = parse_state("pi-1", json.dumps(will_document(device_id="pi-1", boot="b1", ts=5.0)).encode())
+    goodbye = parse_state("pi-1", state_payload(device_id="pi-1", online=False, status="offline", models={}))
+    assert isinstance(known, StateRecord) and isinstance(will, StateRecord)
+    assert isinstance(goodbye, StateRecord)
+    assert will.will and not known.will and not goodbye.will  # a clean stop is a full state
+    assert (will.model, will.models, will.online) == (None, (), False)
+    merged = after_will(known, will)
+    assert merged.will and not merged.online and merged.status == "offline"
+    assert (merged.model, merged.version, merged.models) == (known.model, known.version, known.models)
+    assert merged.groups == known.groups and merged.ts == 5.0 and merged.raw_json == will.raw_json
+    assert after_will(None, will) == will
+    assert after_will(merged, will).model == known.model  # the same will again
+    assert after_will(known, goodbye) == goodbye  # not a will: it replaces
+    other = parse_state("pi-2", state_payload(device_id="pi-2"))
+    assert isinstance(other, StateRecord) and after_will(other, will) == will
+    # status shows it as unknown, and its row says why
+    row = state_row(will)
+    assert row["last_will"] is True and row["model"] is None
+    assert state_row(known)["last_will"] is False

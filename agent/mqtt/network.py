@@ -1,0 +1,252 @@
+"""One network thread for many MQTT connections (the fleet simulator's, ``agent.service.simulate``).
+
+A device runs one :class:`agent.mqtt.client.MqttClient` with paho's own network
+thread (``loop_start``). A simulation of many devices in one process gives each
+of them its own client and connection, but drives every socket from one
+:class:`SharedNetwork` thread through paho's external-loop interface
+(``reconnect``, ``loop_read``, ``loop_write``, ``loop_misc`` and the
+``on_socket_*`` callbacks): a thousand connections need no thousand threads.
+
+Threads: the network thread owns the selector and is the only one that calls
+paho's loop functions, connects and reconnects. Other threads (a device's work
+loop publishing, subscribing) only queue a request and wake it through a socket
+pair; paho queues their packets itself and asks for the socket's write
+readiness through ``on_socket_register_write``.
+
+Guarantees:
+
+- a client attached with :meth:`SharedNetwork.attach` is connected, and after a
+  lost connection reconnected, by this thread with a back-off of 1 s doubling to
+  15 s (paho's ``reconnect_delay_set(1, 15)``, as the device's own thread uses)
+  until it is detached;
+- each connected client's ``loop_misc`` (keep-alive) runs at least once a
+  second;
+- a callback of one client that raises is logged and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import paho.mqtt.client as paho
+
+logger = logging.getLogger(__name__)
+
+MIN_DELAY_S = 1.0
+MAX_DELAY_S = 15.0
+MISC_EVERY_S = 1.0
+
+
+@dataclass
+class _Conn:
+    """One client's connection (network thread only)."""
+
+    client: paho.Client
+    on_lost: Callable[[], None]  # called on this thread when a connection attempt fails
+    sock: Any = None
+    want_write: bool = False
+    delay_s: float = MIN_DELAY_S
+    connect_at: float = 0.0  # monotonic time of the next connection attempt; 0: none due
+
+
+class _Ask(Enum):
+    ATTACH = "attach"
+    DETACH = "detach"
+    LOST = "lost"
+    OPEN = "open"
+    CLOSE = "close"
+    WRITE = "write"
+    NO_WRITE = "no_write"
+
+
+@dataclass(frozen=True)
+class _Request:
+    what: _Ask
+    client: paho.Client
+    on_lost: Callable[[], None] | None = None
+    sock: Any = None
+
+
+class SharedNetwork:
+    """The network thread of many paho clients. :meth:`start` once, :meth:`stop` at the end."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._requests: list[_Request] = []  # from other threads, for the network thread
+        self._conns: dict[int, _Conn] = {}  # id(client) -> connection (network thread only)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connects = 0
+
+    # -- any thread ------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mqtt-shared-network", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def attach(self, client: paho.Client, on_lost: Callable[[], None]) -> None:
+        """Connect ``client`` (after ``connect_async``) and keep it connected; ``on_lost()``
+        runs on this thread after each failed connection attempt."""
+        self._ask(_Request(_Ask.ATTACH, client, on_lost))
+
+    def detach(self, client: paho.Client) -> None:
+        """Stop reconnecting ``client`` and forget its socket (after its disconnect)."""
+        self._ask(_Request(_Ask.DETACH, client))
+
+    def reconnect_later(self, client: paho.Client) -> None:
+        """The connection was lost: connect again after the back-off."""
+        self._ask(_Request(_Ask.LOST, client))
+
+    # paho's socket callbacks: open and close come on the network thread (paho opens and
+    # closes sockets only inside its loop functions and reconnect); writes from any thread
+    def socket_open(self, client: paho.Client, sock: Any) -> None:
+        self._ask(_Request(_Ask.OPEN, client, sock=sock))
+
+    def socket_close(self, client: paho.Client, sock: Any) -> None:
+        self._ask(_Request(_Ask.CLOSE, client, sock=sock))
+
+    def register_write(self, client: paho.Client) -> None:
+        self._ask(_Request(_Ask.WRITE, client))
+
+    def unregister_write(self, client: paho.Client) -> None:
+        self._ask(_Request(_Ask.NO_WRITE, client))
+
+    def _ask(self, request: _Request) -> None:
+        if threading.current_thread() is self._thread:
+            # at once: a closed socket must leave the selector before its fd is reused
+            self._handle(request)
+            return
+        with self._lock:
+            self._requests.append(request)
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"x")
+
+    # -- the network thread -------------------------------------------------------------
+    def _run(self) -> None:
+        next_misc = time.monotonic() + MISC_EVERY_S
+        while not self._stop.is_set():
+            self._handle_requests()
+            now = time.monotonic()
+            due = [c.connect_at for c in self._conns.values() if c.connect_at]
+            timeout = max(0.0, min([next_misc, *due]) - now)
+            for key, mask in self._sel.select(timeout):
+                if key.data is None:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        self._wake_r.recv(4096)
+                    continue
+                self._service(key.data, mask)
+            self._handle_requests()
+            now = time.monotonic()
+            for conn in list(self._conns.values()):
+                if conn.connect_at and conn.connect_at <= now:
+                    self._connect(conn)
+            if now >= next_misc:
+                next_misc = now + MISC_EVERY_S
+                for conn in list(self._conns.values()):
+                    if conn.sock is not None:
+                        self._call(conn.client.loop_misc)
+        for conn in list(self._conns.values()):
+            self._forget_socket(conn)
+        self._sel.close()
+
+    def _handle_requests(self) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, []
+        for request in requests:
+            self._handle(request)
+
+    def _handle(self, r: _Request) -> None:
+        key = id(r.client)
+        if r.what is _Ask.ATTACH:
+            assert r.on_lost is not None
+            self._conns[key] = _Conn(r.client, r.on_lost, connect_at=time.monotonic())
+            return
+        conn = self._conns.get(key)
+        if conn is None:
+            return
+        if r.what is _Ask.DETACH:
+            self._forget_socket(conn)
+            del self._conns[key]
+        elif r.what is _Ask.LOST:
+            conn.connect_at = time.monotonic() + conn.delay_s
+            conn.delay_s = min(conn.delay_s * 2, MAX_DELAY_S)
+        elif r.what is _Ask.OPEN:
+            self._watch(conn, r.sock)
+        elif r.what is _Ask.CLOSE:
+            if r.sock is conn.sock:
+                self._forget_socket(conn)
+        else:
+            conn.want_write = r.what is _Ask.WRITE
+            self._update(conn)
+
+    def _connect(self, conn: _Conn) -> None:
+        conn.connect_at = 0.0
+        try:
+            conn.client.reconnect()  # opens the socket (socket_open) and queues the CONNECT
+            self.connects += 1
+        except (OSError, ValueError) as exc:
+            logger.debug("connection attempt failed: %s", exc)
+            conn.connect_at = time.monotonic() + conn.delay_s
+            conn.delay_s = min(conn.delay_s * 2, MAX_DELAY_S)
+            self._call(conn.on_lost)
+            return
+        conn.delay_s = MIN_DELAY_S
+
+    def _watch(self, conn: _Conn, sock: Any) -> None:
+        if sock is None or sock is conn.sock:
+            return
+        self._forget_socket(conn)
+        conn.sock = sock
+        self._sel.register(sock, self._mask(conn), conn)
+
+    def _forget_socket(self, conn: _Conn) -> None:
+        if conn.sock is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(conn.sock)
+            conn.sock = None
+
+    @staticmethod
+    def _mask(conn: _Conn) -> int:
+        return selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.want_write else 0)
+
+    def _update(self, conn: _Conn) -> None:
+        if conn.sock is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.modify(conn.sock, self._mask(conn), conn)
+
+    def _service(self, conn: _Conn, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self._call(conn.client.loop_read)
+        if mask & selectors.EVENT_WRITE and conn.sock is not None:
+            self._call(conn.client.loop_write)
+
+    @staticmethod
+    def _call(fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception:  # one client's bug must not stop every other connection
+            logger.exception("network work for one client failed")

@@ -1,0 +1,168 @@
+"""``litefleet-agent simulate``: N devices in one process, each a real :class:`Agent`.
+
+``simulate()`` is the command (the agent CLI hands over to it): it prints one line when
+every device is ready (``simulate: N devices ready in S s``) and one when they have
+stopped, and runs until SIGTERM or SIGINT (exit 0; 1 when no device started).
+
+Every simulated device is an :class:`agent.service.daemon.Agent` built from the
+same template config with its own ``device_id`` (``<device_id>-<n>``, n from
+``first``) and ``state_dir`` (``<state_dir>/<its id>``), so each has its own MQTT
+connection and client id, will, retained-metadata cache, TUF metadata and
+verification, chunk downloads, model store and state file, checks, activation,
+trial, events, state and metrics queue, and runs the agent's own work loop on
+its own thread. What the devices share (docs/scale.md says why each):
+
+- the process: the Python interpreter, imported modules, the runtime library;
+- **one network thread** for all connections (:mod:`agent.mqtt.network`) instead
+  of paho's thread per connection;
+- **loaded interpreters**: one set per model file content
+  (:mod:`agent.serving.pool`), used by each device's own runners for its
+  golden check and for serving, one device at a time per interpreter;
+- the candidate check runs **in-process** (``isolate_checks=False``, the agent's
+  path where no child can be forked): a fork per device of a process holding a
+  thousand devices would measure the simulator, not the device; a model that
+  crashes the runtime ends the whole simulation;
+- the device probe of the metrics reads this process (CPU, memory): every
+  device reports the simulator's figures.
+
+The REST API is off (``http = ""``): a thousand devices would need a thousand
+ports. Threads: per device its work loop (``sim:<id>``), its MQTT inference
+worker and its metrics sender; one network thread; the caller's thread waits.
+
+Guarantees: :meth:`SimulatedFleet.stop` stops every device as ``run``'s caller
+would (the goodbye state with ``online`` false, a clean disconnect); a device
+whose start fails is reported and the others run on.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from agent.errors import LitefleetError
+from agent.mqtt.network import SharedNetwork
+from agent.service.config import AgentConfig, with_overrides
+from agent.service.daemon import Agent
+from agent.service.sdnotify import Notifier
+
+logger = logging.getLogger(__name__)
+
+# a simulated device's threads block on queues and sockets; 1 MiB of stack (virtual) is
+# ample for the agent's work and the runtime's invoke (Python's default: 8 MiB each)
+THREAD_STACK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SimulatedDevice:
+    agent: Agent
+    thread: threading.Thread
+
+
+def device_ids(prefix: str, devices: int, first: int = 0) -> list[str]:
+    """The ids of ``devices`` simulated devices: ``<prefix>-00000`` upwards from ``first``."""
+    return [f"{prefix}-{i:05d}" for i in range(first, first + devices)]
+
+
+class SimulatedFleet:
+    """``start()``, then ``stop()`` once. Not thread-safe itself: one owner."""
+
+    def __init__(self, template: AgentConfig, devices: int, *, first: int = 0) -> None:
+        if devices < 1:
+            raise ValueError("devices must be at least 1")
+        self.template = template
+        self.ids = device_ids(template.device_id, devices, first)
+        self.network = SharedNetwork()
+        self.devices: list[SimulatedDevice] = []
+        self.failed: list[tuple[str, str]] = []
+        self.started_at = 0.0
+
+    def config_of(self, device_id: str) -> AgentConfig:
+        return with_overrides(
+            self.template, device_id=device_id, state_dir=self.template.state_dir / device_id, http=""
+        )
+
+    def start(self) -> None:
+        from agent.activation.check import share_interpreters
+        from agent.serving.pool import InterpreterPool
+
+        share_interpreters(InterpreterPool())
+        threading.stack_size(THREAD_STACK_BYTES)
+        self.started_at = time.monotonic()
+        self.network.start()
+        for device_id in self.ids:
+            try:
+                agent = Agent(
+                    self.config_of(device_id),
+                    notifier=Notifier(env={}),  # says nothing: no unit per simulated device
+                    network=self.network,
+                    isolate_checks=False,
+                )
+                agent.start()
+            except (LitefleetError, OSError) as exc:
+                logger.error("device %s did not start: %s", device_id, exc)
+                self.failed.append((device_id, str(exc)))
+                continue
+            thread = threading.Thread(target=_run, args=(agent,), name=f"sim:{device_id}", daemon=True)
+            thread.start()
+            self.devices.append(SimulatedDevice(agent, thread))
+
+    def ready(self) -> int:
+        """How many devices told systemd READY (connected, first refresh done)."""
+        return sum(1 for d in self.devices if d.agent.ready_at is not None)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        for d in self.devices:
+            d.agent.stop()
+        deadline = time.monotonic() + timeout_s
+        for d in self.devices:
+            d.thread.join(max(0.1, deadline - time.monotonic()))
+        self.network.stop()
+        from agent.activation.check import share_interpreters
+
+        share_interpreters(None)
+
+
+def _run(agent: Agent) -> None:
+    """One device's work loop, then its goodbye (as ``litefleet-agent run`` does)."""
+    try:
+        agent.run()
+    except Exception:  # a bug in one device: logged, the others run on
+        logger.exception("device %s stopped on an error", agent.cfg.device_id)
+    finally:
+        agent.shutdown()
+
+
+def simulate(template: AgentConfig, devices: int, first: int = 0) -> int:
+    if devices < 1 or first < 0:
+        sys.stderr.write("litefleet-agent: error: --devices must be at least 1, --first at least 0\n")
+        return 2
+    fleet = SimulatedFleet(template, devices, first=first)
+    stop = threading.Event()
+
+    def handle(signum: int, frame: Any) -> None:  # only records: the main thread acts
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    fleet.start()
+    sys.stdout.write(f"simulate: {len(fleet.devices)} devices started, {len(fleet.failed)} failed\n")
+    sys.stdout.flush()
+    if not fleet.devices:
+        fleet.stop()
+        return 1
+    announced = False
+    while not stop.wait(0.5):
+        if not announced and fleet.ready() == len(fleet.devices):
+            announced = True
+            took = time.monotonic() - fleet.started_at
+            sys.stdout.write(f"simulate: {len(fleet.devices)} devices ready in {took:.1f} s\n")
+            sys.stdout.flush()
+    fleet.stop()
+    sys.stdout.write(f"simulate: {len(fleet.devices)} devices stopped\n")
+    sys.stdout.flush()
+    return 0
