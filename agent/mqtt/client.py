@@ -39,6 +39,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import TransportError
+from agent.mqtt.filters import has_wildcard, topic_filter_of
 from agent.mqtt.network import SharedNetwork
 from agent.mqtt.transport import Message
 
@@ -467,7 +468,7 @@ class MqttClient:
             handlers = [
                 h
                 for f, (_, h) in self._subs.items()
-                if f == topic or (_has_wildcard(f) and paho.topic_matches_sub(topic_filter_of(f), topic))
+                if f == topic or (has_wildcard(f) and paho.topic_matches_sub(topic_filter_of(f), topic))
             ]
         if not handlers:
             logger.debug("message on %s (%d bytes) matches no subscription", msg.topic, len(message.payload))
@@ -477,20 +478,6 @@ class MqttClient:
                 handler(message)
             except Exception:
                 logger.exception("handler for %s failed", msg.topic)
-
-
-def _has_wildcard(subscription: str) -> bool:
-    """True for a filter that may match other topics than itself (wildcards, ``$share/``)."""
-    return "+" in subscription or "#" in subscription or subscription.startswith("$share/")
-
-
-def topic_filter_of(subscription: str) -> str:
-    """The filter a subscription matches topics with: ``$share/<group>/F`` -> ``F``."""
-    if subscription.startswith("$share/"):
-        parts = subscription.split("/", 2)
-        if len(parts) == 3:
-            return parts[2]
-    return subscription
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.01) -> bool:

@@ -47,7 +47,8 @@ from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from agent.reasons import PERMANENT, Reason
 from agent.service.config import AgentConfig
-from agent.service.sdnotify import Notifier
+from agent.service.memory import release_free_memory
+from agent.service.sdnotify import Notifier, status_line
 from agent.service.work import RefreshOutcome, Work, coalesce, retry_after
 from agent.serving.mqtt_requests import InferWorker
 from agent.serving.registry import ModelRegistry
@@ -443,16 +444,10 @@ class Agent:
         return RefreshOutcome.FAILED if transient else RefreshOutcome.OK
 
     def _status_text(self) -> str:
-        """The one line ``systemctl status`` shows: what is served, the broker, the error."""
-        served = ", ".join(f"{name} v{info['version']}" for name, info in self.manager.summary().items())
-        parts = [f"serving {served}" if served else "idle (no model yet)"]
-        if self.status in (DeviceStatus.DOWNLOADING, DeviceStatus.CHECKING):
-            parts.append(self.status)
-        where = "connected to" if self.client.connected else "waiting for the broker"
-        parts.append(f"{where} {self.cfg.broker_address}")
-        if self.error:
-            parts.append(self.error)
-        return "; ".join(parts)
+        busy = self.status if self.status in (DeviceStatus.DOWNLOADING, DeviceStatus.CHECKING) else None
+        return status_line(
+            self.manager.summary(), busy, self.client.connected, self.cfg.broker_address, self.error
+        )
 
     def _maybe_ready(self) -> None:
         """READY=1 at the work loop's start: the installed models are loaded and REST listens,
@@ -487,27 +482,6 @@ def event_level(kind: str, fields: dict[str, Any]) -> int:
     if kind == "downloading":
         return logging.DEBUG
     return logging.INFO
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the system (glibc only; a no-op elsewhere).
-
-    A refresh parses and verifies metadata and may download megabytes; the
-    memory is freed afterwards but glibc keeps it mapped. On a 512 MB Pi
-    that is worth a system call after each refresh (measured: a few MB)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 def install_signal_handlers(agent: Agent) -> None:

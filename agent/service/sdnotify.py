@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +173,22 @@ class Notifier:
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+
+
+def status_line(
+    summary: Mapping[str, Mapping[str, Any]],
+    busy: str | None,
+    connected: bool,
+    broker: object,
+    error: str | None,
+) -> str:
+    """The one line ``systemctl status`` shows (``STATUS=``): what is served (name -> its
+    summary with ``version``), what the agent is busy with, the broker, the last error."""
+    served = ", ".join(f"{name} v{info['version']}" for name, info in summary.items())
+    parts = [f"serving {served}" if served else "idle (no model yet)"]
+    if busy:
+        parts.append(busy)
+    parts.append(f"{'connected to' if connected else 'waiting for the broker'} {broker}")
+    if error:
+        parts.append(error)
+    return "; ".join(parts)

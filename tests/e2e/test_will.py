@@ -82,5 +82,5 @@ def test_a_killed_agent_leaves_its_will_and_consumers_keep_its_last_model(
     assert (row["online"], row["status"], row["model"], row["version"]) == (False, "offline", None, None)
     assert row["last_will"] is True
     table = must("status", "--broker", broker.url)
-    assert table.splitlines()[1].split()[:4] == ["pi-w", "no", "unknown", "unknown"]
+    assert table.splitlines()[1].split()[:5] == ["pi-w", "no", "-", "unknown", "unknown"]  # no groups
     assert "last will" in table

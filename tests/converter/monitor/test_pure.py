@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.mqtt.client import topic_filter_of as subscription_topic_filter
+from agent.mqtt.filters import topic_filter_of as subscription_topic_filter
 from agent.serving.stats import ModelStats
 from agent.telemetry.metrics import build_metrics_payload, model_report
 from converter.errors import BadInputError
