@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/bench_simulate.py [--devices 1000] [--models digits,mobilenet] [--runs 1]
 
-Per model, on one private Mosquitto (``litefleet broker``'s limits), same run:
+Per model, on private Mosquittos (``litefleet broker``'s limits), same run:
 
 * **raw**: N ``mosquitto_sub -C 1 -q 1`` processes receive one retained QoS 1 message of the
-  bytes a device fetches (model + card + golden vectors), as ``bench_activation.py`` does;
+  bytes a device fetches (model + card + golden vectors), as ``bench_activation.py`` does
+  (on a broker of the same configuration started for it, stopped before the simulation);
 * **simulated**: one ``python -m agent simulate --devices N`` process (each device a real
   agent: its own connection, TUF client, download, checks, activation; what they share is
   in ``docs/scale.md``), idle and ready; ``litefleet push``; time until every retained
@@ -62,17 +63,30 @@ def settle(pid: int, idle_rate: float, step_s: float = 0.5, timeout_s: float = 3
         last = now
 
 
+def raw_baselines(n: int, models: dict[str, Path], work: Path) -> dict[str, float]:
+    """Raw fan-out of each model's bytes to N mosquitto_sub, on a broker of its own (same
+    configuration): after 1,000 copies of 5 MB Mosquitto keeps ~3.6 GB resident, which
+    would hide the simulated devices' own footprint on a shared broker."""
+    broker = BrokerProcess(BrokerConfig(data_dir=work / "raw-broker", persistence=False))
+    broker.start()
+    raws: dict[str, float] = {}
+    try:
+        for name, model in models.items():
+            raw_file = work / f"raw-{name}.bin"
+            raw_file.write_bytes(payload_of(model))
+            raws[name] = raw_fanout(broker.port, raw_file, n)["wall_s"]
+            print(f"N={n} raw fan-out {name}: {raws[name]:.2f} s", flush=True)
+    finally:
+        broker.stop()
+    return raws
+
+
 def run(n: int, models: dict[str, Path], runs: int, work: Path) -> list[dict[str, Any]]:
+    raws = raw_baselines(n, models, work)
     broker = BrokerProcess(BrokerConfig(data_dir=work / "broker", persistence=False))
     broker.start()
     repo = work / "repo"
     must("repo", "init", str(repo))
-    raws: dict[str, float] = {}
-    for name, model in models.items():
-        raw_file = work / f"raw-{name}.bin"
-        raw_file.write_bytes(payload_of(model))
-        raws[name] = raw_fanout(broker.port, raw_file, n)["wall_s"]
-        print(f"N={n} raw fan-out {name}: {raws[name]:.2f} s", flush=True)
     config = write_agent_config(
         work / "template.toml",
         device_id="sim",
@@ -188,6 +202,7 @@ def push_once(
         "rss_mb": rss_mb(pid),
         "wills_seen": offline_states(watch) - wills0,
         "duplicate_events": duplicate_events(watch, ev0),
+        "loadavg_1min_after": os.getloadavg()[0],
     }
     print(
         f"N={n} {name} v{version}: all active {active_s:.2f} s, raw {raws[name]:.2f} s, ratio "
@@ -195,7 +210,8 @@ def push_once(
         f"idle {row['idle_cpu_pct']:.1f} % of a core); machine busy "
         f"{row['machine_busy_pct_to_active']:.0f} % "
         f"until all active; broker CPU {row['broker_cpu_s']:.2f} s; RSS {row['rss_mb']:.0f} MB; wills "
-        f"{row['wills_seen']}, duplicate events {row['duplicate_events']}",
+        f"{row['wills_seen']}, duplicate events {row['duplicate_events']}; load average "
+        f"{row['loadavg_1min_after']:.1f}",
         flush=True,
     )
     return row
