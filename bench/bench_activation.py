@@ -170,7 +170,8 @@ def footprint(n: int, agents: list[BenchAgent], what: str) -> dict[str, float]:
         "max_rss_mb": max(rss_mb(a.pid) for a in agents),
     }
     print(
-        f"N={n} idle agents, {what}: RSS median {row['rss_mb']:.1f} MB (max {row['max_rss_mb']:.1f}), "
+        f"N={n} idle agents ({len(agents)}), {what}: RSS median {row['rss_mb']:.1f} MB "
+        f"(max {row['max_rss_mb']:.1f}), "
         f"PSS median {row['pss_mb']:.1f} MB, private median {row['private_mb']:.1f} MB",
         flush=True,
     )
@@ -481,7 +482,8 @@ def run_fleet(
 
         watch.wait_for(all_idle, 60 + n, "every agent online and idle")
         settle(agents, 0.0, timeout_s=60)
-        footprint(n, agents, "no model")
+        for t, g in groups.items():
+            footprint(n, g, f"tree {t}, no model")
         probed = {t: g[: args.probe] for t, g in groups.items()}
         snap = 0
         version = 0
@@ -497,7 +499,8 @@ def run_fleet(
             )
             settle(agents, 0.0, timeout_s=60)
             time.sleep(3.0)  # the state folder's old versions cleaned, malloc_trim done
-            footprint(n, agents, f"serving {next(iter(models))} (the warm-up push)")
+            for t, g in groups.items():
+                footprint(n, g, f"tree {t}, serving {next(iter(models))} (the warm-up push)")
         for run in range(args.runs):
             for name, model in models.items():
                 version += 1
