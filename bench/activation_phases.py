@@ -160,6 +160,10 @@ def table(data: dict[tuple[int, str, str], list[Run]], n: int, model: str, trees
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) != 3 or not argv[1].isdigit():
+        # -h, --help, or too few arguments: the usage, not a traceback
+        sys.stdout.write((__doc__ or "") + "\nusage: activation_phases.py LOG N TREE[,TREE...]\n")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     path, n, trees = argv[0], int(argv[1]), argv[2].split(",")
     data = parse(path)
     for model in sorted({m for (k, m, _) in data if k == n}):

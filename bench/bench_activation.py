@@ -150,6 +150,34 @@ def private_mb(pid: int) -> float:
     return total / 1024
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size of ``pid`` in MB (shared pages divided among their users)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return float("nan")
+
+
+def footprint(n: int, agents: list[BenchAgent], what: str) -> dict[str, float]:
+    """Median RSS, PSS and private memory of the idle agents (``what`` says which model)."""
+    row = {
+        "rss_mb": statistics.median(rss_mb(a.pid) for a in agents),
+        "pss_mb": statistics.median(pss_mb(a.pid) for a in agents),
+        "private_mb": statistics.median(private_mb(a.pid) for a in agents),
+        "max_rss_mb": max(rss_mb(a.pid) for a in agents),
+    }
+    print(
+        f"N={n} idle agents ({len(agents)}), {what}: RSS median {row['rss_mb']:.1f} MB "
+        f"(max {row['max_rss_mb']:.1f}), "
+        f"PSS median {row['pss_mb']:.1f} MB, private median {row['private_mb']:.1f} MB",
+        flush=True,
+    )
+    return row
+
+
 def proc_faults(pid: int) -> int:
     """Minor page faults of ``pid`` and its waited children so far."""
     try:
@@ -454,6 +482,8 @@ def run_fleet(
 
         watch.wait_for(all_idle, 60 + n, "every agent online and idle")
         settle(agents, 0.0, timeout_s=60)
+        for t, g in groups.items():
+            footprint(n, g, f"tree {t}, no model")
         probed = {t: g[: args.probe] for t, g in groups.items()}
         snap = 0
         version = 0
@@ -468,6 +498,9 @@ def run_fleet(
                 "warm-up push active",
             )
             settle(agents, 0.0, timeout_s=60)
+            time.sleep(3.0)  # the state folder's old versions cleaned, malloc_trim done
+            for t, g in groups.items():
+                footprint(n, g, f"tree {t}, serving {next(iter(models))} (the warm-up push)")
         for run in range(args.runs):
             for name, model in models.items():
                 version += 1

@@ -1,11 +1,12 @@
 """The host side at 1,000+ devices, each figure against a baseline of the same run.
 
-    .venv/bin/python bench/bench_host.py [--devices 1000,10000] [--messages 20000] [--runs 3]
+    .venv/bin/python bench/bench_host.py [--devices 1000,10000] [--messages 9000] [--runs 3]
 
 1. ``litefleet status --json`` over N retained device states (agent-shaped, ~700 B), against
    ``mosquitto_sub --retained-only -C N`` reading the same states (both processes, both
-   timed from start to exit); and ``collect_states`` in-process (without the CLI's
-   start-up), against a bare paho subscriber reading them at QoS 0.
+   timed from start to exit; ``litefleet --version`` gives the CLI's own start-up); and
+   ``collect_states`` in-process (without the CLI's start-up), against a bare paho
+   subscriber reading them at QoS 0.
 2. The monitor: two collectors in one share group (``--share``, one SQLite file, as
    ``docs/monitor.md`` describes) storing M agent-shaped metrics messages from the
    devices, against two bare paho subscribers in the same share group counting them.
@@ -80,6 +81,19 @@ def status_cli(url: str, n: int) -> float:
     return took
 
 
+def cli_startup() -> float:
+    """``litefleet --version``: the CLI's interpreter start and imports, no broker."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "converter", "--version"],
+        capture_output=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    return time.perf_counter() - t0
+
+
 def status_baseline(port: int, n: int) -> float:
     t0 = time.perf_counter()
     subprocess.run(
@@ -135,8 +149,9 @@ def bench_status(broker: BrokerProcess, sizes: list[int], runs: int) -> list[dic
     rows = []
     for n in sizes:
         publish_many(broker.port, states(n), retain=True)
-        cli, base, inproc, bare = [], [], [], []
+        cli, base, inproc, bare, startup = [], [], [], [], []
         for _ in range(runs):
+            startup.append(cli_startup())
             base.append(status_baseline(broker.port, n))
             cli.append(status_cli(broker.url, n))
             bare.append(bare_read(broker.port, n))
@@ -146,6 +161,7 @@ def bench_status(broker: BrokerProcess, sizes: list[int], runs: int) -> list[dic
                 "devices": n,
                 "status_cli_s": statistics.median(cli),
                 "mosquitto_sub_s": statistics.median(base),
+                "cli_startup_s": statistics.median(startup),
                 "collect_states_s": statistics.median(inproc),
                 "bare_paho_s": statistics.median(bare),
             }
@@ -153,7 +169,8 @@ def bench_status(broker: BrokerProcess, sizes: list[int], runs: int) -> list[dic
         r = rows[-1]
         print(
             f"status, {n} devices: litefleet status --json {r['status_cli_s']:.2f} s vs mosquitto_sub "
-            f"{r['mosquitto_sub_s']:.2f} s ({r['status_cli_s'] / r['mosquitto_sub_s']:.1f}x); in-process "
+            f"{r['mosquitto_sub_s']:.2f} s ({r['status_cli_s'] / r['mosquitto_sub_s']:.1f}x; the CLI's "
+            f"start-up alone, litefleet --version, {r['cli_startup_s']:.2f} s); in-process "
             f"collect_states {r['collect_states_s'] * 1e3:.0f} ms vs bare paho "
             f"{r['bare_paho_s'] * 1e3:.0f} ms "
             f"({r['collect_states_s'] / r['bare_paho_s']:.1f}x)",

@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/bench_simulate.py [--devices 1000] [--models digits,mobilenet] [--runs 1]
 
-Per model, on one private Mosquitto (``litefleet broker``'s limits), same run:
+Per model, on private Mosquittos (``litefleet broker``'s limits), same run:
 
 * **raw**: N ``mosquitto_sub -C 1 -q 1`` processes receive one retained QoS 1 message of the
-  bytes a device fetches (model + card + golden vectors), as ``bench_activation.py`` does;
+  bytes a device fetches (model + card + golden vectors), as ``bench_activation.py`` does
+  (on a broker of the same configuration started for it, before the simulation and again
+  after it: the machine's load moves within minutes, the ratio is given to each);
 * **simulated**: one ``python -m agent simulate --devices N`` process (each device a real
   agent: its own connection, TUF client, download, checks, activation; what they share is
   in ``docs/scale.md``), idle and ready; ``litefleet push``; time until every retained
@@ -62,17 +64,31 @@ def settle(pid: int, idle_rate: float, step_s: float = 0.5, timeout_s: float = 3
         last = now
 
 
+def raw_baselines(n: int, models: dict[str, Path], work: Path) -> dict[str, float]:
+    """Raw fan-out of each model's bytes to N mosquitto_sub, on a broker of its own (same
+    configuration): after 1,000 copies of 5 MB Mosquitto keeps ~3.6 GB resident, which
+    would hide the simulated devices' own footprint on a shared broker."""
+    work.mkdir(exist_ok=True)
+    broker = BrokerProcess(BrokerConfig(data_dir=work / "raw-broker", persistence=False))
+    broker.start()
+    raws: dict[str, float] = {}
+    try:
+        for name, model in models.items():
+            raw_file = work / f"raw-{name}.bin"
+            raw_file.write_bytes(payload_of(model))
+            raws[name] = raw_fanout(broker.port, raw_file, n)["wall_s"]
+            print(f"N={n} raw fan-out {name}: {raws[name]:.2f} s", flush=True)
+    finally:
+        broker.stop()
+    return raws
+
+
 def run(n: int, models: dict[str, Path], runs: int, work: Path) -> list[dict[str, Any]]:
+    raws = raw_baselines(n, models, work)
     broker = BrokerProcess(BrokerConfig(data_dir=work / "broker", persistence=False))
     broker.start()
     repo = work / "repo"
     must("repo", "init", str(repo))
-    raws: dict[str, float] = {}
-    for name, model in models.items():
-        raw_file = work / f"raw-{name}.bin"
-        raw_file.write_bytes(payload_of(model))
-        raws[name] = raw_fanout(broker.port, raw_file, n)["wall_s"]
-        print(f"N={n} raw fan-out {name}: {raws[name]:.2f} s", flush=True)
     config = write_agent_config(
         work / "template.toml",
         device_id="sim",
@@ -131,6 +147,12 @@ def run(n: int, models: dict[str, Path], runs: int, work: Path) -> list[dict[str
             sim.kill()
         watch.close()
         broker.stop()
+    # the raw fan-out again: the load of this shared machine changes within minutes (1,000
+    # devices: raw 10.8 s at load average 2 before a simulation that ran at load 20-25)
+    after = raw_baselines(n, models, work / "after")
+    for row in rows:
+        row["raw_after_s"] = after[row["model"]]
+        row["ratio_after"] = row["all_active_s"] / after[row["model"]]
     return rows
 
 
@@ -188,6 +210,7 @@ def push_once(
         "rss_mb": rss_mb(pid),
         "wills_seen": offline_states(watch) - wills0,
         "duplicate_events": duplicate_events(watch, ev0),
+        "loadavg_1min_after": os.getloadavg()[0],
     }
     print(
         f"N={n} {name} v{version}: all active {active_s:.2f} s, raw {raws[name]:.2f} s, ratio "
@@ -195,7 +218,8 @@ def push_once(
         f"idle {row['idle_cpu_pct']:.1f} % of a core); machine busy "
         f"{row['machine_busy_pct_to_active']:.0f} % "
         f"until all active; broker CPU {row['broker_cpu_s']:.2f} s; RSS {row['rss_mb']:.0f} MB; wills "
-        f"{row['wills_seen']}, duplicate events {row['duplicate_events']}",
+        f"{row['wills_seen']}, duplicate events {row['duplicate_events']}; load average "
+        f"{row['loadavg_1min_after']:.1f}",
         flush=True,
     )
     return row
@@ -215,19 +239,20 @@ def main() -> int:
     print(f"# work dir {work}")
     rows = run(args.devices, models, args.runs, work)
     print(
-        "\n| N simulated | model | all active (s) | raw fan-out (s) | ratio | simulator CPU (s) "
-        "| per device (ms) | machine busy | RSS |"
+        "\n| N simulated | model | all active (s) | raw fan-out before / after (s) | ratio to each "
+        "| simulator CPU (s) | per device (ms) | machine busy | RSS |"
     )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['n']} | {r['model']} v{r['version']} | {r['all_active_s']:.2f} | {r['raw_s']:.2f} | "
-            f"{r['ratio']:.1f}x | {r['simulator_cpu_s']:.1f} | {r['cpu_ms_per_device']:.1f} | "
+            f"| {r['n']} | {r['model']} v{r['version']} | {r['all_active_s']:.2f} | {r['raw_s']:.2f} / "
+            f"{r['raw_after_s']:.2f} | {r['ratio']:.1f}x / {r['ratio_after']:.1f}x | "
+            f"{r['simulator_cpu_s']:.1f} | {r['cpu_ms_per_device']:.1f} | "
             f"{r['machine_busy_pct_to_active']:.0f} % | {r['rss_mb']:.0f} MB |"
         )
     by_model: dict[str, list[float]] = {}
     for r in rows:
-        by_model.setdefault(r["model"], []).append(r["ratio"])
+        by_model.setdefault(r["model"], []).extend((r["ratio"], r["ratio_after"]))
     print("median ratio: " + ", ".join(f"{k} {statistics.median(v):.1f}x" for k, v in by_model.items()))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
