@@ -217,6 +217,13 @@ def test_the_rollout_service_drives_detached_rollouts(host: Machine, installed: 
     assert "aborted: aborted by the operator" in out, out
     aborted = rollout_status(m)
     assert aborted["state"] == "aborted" and aborted["driver_pid"] is None, aborted
+    # it lets the ended rollout go (its lock too: the next start of demo is not refused)
+    m.wait_unit(
+        "litefleet-rollout.service",
+        lambda p: p["StatusText"] == "idle: no detached rollout",
+        30,
+        "the aborted rollout let go",
+    )
     # a short bake with every gate off: promoted through both waves by the service
     as_operator(
         m,
@@ -240,7 +247,7 @@ def test_the_rollout_service_drives_detached_rollouts(host: Machine, installed: 
     assert [s["wave"] for s in done["steps"]] == [0, 1], done  # each wave signed once
     repo = json.loads(as_operator(m, "repo", "show", "/srv/fleet/repo", "--json"))
     assert repo["targets_version"] == done["steps"][-1]["targets_version"], (repo, done)
-    # the finished rollout is let go at the service's next scan (every 5 s); same process
+    # the promoted rollout is let go too; the same process drove all of it
     shown = m.wait_unit(
         "litefleet-rollout.service",
         lambda p: p["StatusText"] == "idle: no detached rollout",
