@@ -111,7 +111,17 @@ def test_a_shadowed_release_reports_its_sketch_and_agreement_then_stops_shadowin
         # v2 as the rollout controller signs a wave: shadow_k in the rule (k = 2 here)
         with monkeypatch.context() as m:
             m.setattr(push_cli, "Rollout", lambda target, pct: Rollout(target, pct, 2))
-            must("push", str(v2), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
+            must(
+                "push",
+                str(v2),
+                "--repo",
+                str(repo),
+                "--name",
+                "digits",
+                "--no-check-data",
+                "--broker",
+                broker.url,
+            )
         watch.wait_active("pi-sh", "digits", 2, timeout_s=60)
         topics.entry("2", lambda e: e.get("shadow", {}).get("against") == "1")
 
@@ -124,11 +134,9 @@ def test_a_shadowed_release_reports_its_sketch_and_agreement_then_stops_shadowin
             )
             assert status == 200
             answers.append(doc["predictions"][0])
-        watch.wait_for(
-            lambda: device.log().count("agent.mqtt.client: connected to") >= 3,
-            60,
-            "the agent's reconnect with its new will",
-        )
+        # the will is minimal (issue 11): activations no longer reconnect to renew it, so the
+        # MQTT requests below meet the one connection the agent made at start
+        assert device.log().count("agent.mqtt.client: connected to") == 1, device.log()
         answers += [topics.infer(xi[None])[0] for xi in xs[40:]]
         served = np.array(answers).argmax(axis=1)
 
@@ -162,7 +170,17 @@ def test_a_shadowed_release_reports_its_sketch_and_agreement_then_stops_shadowin
 
         # the promotion re-targets v2 without shadow_k: the shadow stops
         must(
-            "push", str(v2), "--repo", str(repo), "--name", "digits", "--version", "2", "--broker", broker.url
+            "push",
+            str(v2),
+            "--repo",
+            str(repo),
+            "--name",
+            "digits",
+            "--version",
+            "2",
+            "--no-check-data",
+            "--broker",
+            broker.url,
         )
         topics.entry("2", lambda e: "shadow" not in e and e["outputs"]["n"] == 50)
         assert "shadow of digits by v1 stopped" in device.log()
