@@ -240,8 +240,9 @@ def make_handler(
         handler: logging.Handler = JournalHandler(
             identifier, static=static, address=env.get(JOURNAL_SOCKET_ENV) or JOURNAL_SOCKET
         )
-        # journald adds the time and the priority; the logger name stays useful
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        # journald adds the time and the priority; the logger name stays useful, and the
+        # fields stay in the message too: `journalctl -u` shows MESSAGE only
+        handler.setFormatter(TextFormatter("%(name)s: %(message)s"))
         return handler
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(text_format))

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Install (or remove) litefleet's host side as systemd services: the broker, the monitor
-# and a timer that re-signs the repository's metadata before it expires.
+# Install (or remove) litefleet's host side as systemd services: the broker, the monitor,
+# the rollout service and a timer that re-signs the repository's metadata before it expires.
 # `install-host.sh --help` prints the usage; docs/systemd.md ("The host side") says more.
 set -eu
 
@@ -14,6 +14,7 @@ BIND=127.0.0.1
 BROKER_ARGS=""
 MONITOR_DB=""
 PROMETHEUS=127.0.0.1:9464
+HTTP=127.0.0.1:8080
 RESIGN_CALENDAR=daily
 DOCS=/usr/local/share/doc/litefleet
 DO_SYSTEMCTL=1
@@ -31,7 +32,8 @@ Usage: sudo install-host.sh --secure-dir DIR --repo DIR [OPTIONS]
 
 Installs litefleet's host side as systemd services, run as the operator's user:
   litefleet-broker.service   litefleet broker --secure DIR (TLS, per-device identities)
-  litefleet-monitor.service  litefleet monitor (history in SQLite, Prometheus endpoint, page)
+  litefleet-monitor.service  litefleet monitor (history in SQLite, Prometheus /metrics, page and API)
+  litefleet-rollout.service  litefleet rollout service (drives `rollout start ... --detach`)
   litefleet-resign.timer     litefleet repo resign REPO, daily (timestamp.json expires in 14 days)
 Every systemd/litefleet-*.service and *.timer template beside this script is installed
 (litefleet-agent.service aside, it is the device's): a new template is picked up as it is.
@@ -44,7 +46,9 @@ Running it again rewrites the units with the new options and restarts what runs.
   --bind ADDR          the broker's listen address (default 127.0.0.1; 0.0.0.0 for devices on the LAN)
   --broker-args "ARGS" more `litefleet broker` options, e.g. "--san broker.lan --port 8883"
   --monitor-db FILE    the monitor's SQLite file (default: DIR/../monitor/litefleet-monitor.db)
-  --prometheus H:P     the monitor's /metrics, page and API (default 127.0.0.1:9464)
+  --prometheus H:P     the monitor's /metrics for Prometheus (default 127.0.0.1:9464)
+  --http H:P           the monitor's page and /api (default 127.0.0.1:8080; the same H:P as
+                       --prometheus serves both there)
   --resign-calendar C  when the timer re-signs (systemd OnCalendar=, default daily)
   --no-start           install and enable, do not (re)start
   --uninstall          stop and remove the units (data folders stay)
@@ -65,6 +69,7 @@ while [ $# -gt 0 ]; do
         --broker-args) [ $# -ge 2 ] || bad "--broker-args needs a value"; BROKER_ARGS=$2; shift 2 ;;
         --monitor-db) need "$@"; MONITOR_DB=$2; shift 2 ;;
         --prometheus) need "$@"; PROMETHEUS=$2; shift 2 ;;
+        --http) need "$@"; HTTP=$2; shift 2 ;;
         --resign-calendar) need "$@"; RESIGN_CALENDAR=$2; shift 2 ;;
         --no-start) DO_START=0; shift ;;
         --uninstall) UNINSTALL=1; shift ;;
@@ -114,7 +119,7 @@ if [ -z "$R" ]; then
 fi
 TEMPLATES=$(ls "$HERE"/litefleet-*.service "$HERE"/litefleet-*.timer 2>/dev/null | grep -v '/litefleet-agent\.service$' || true)
 [ -n "$TEMPLATES" ] || die "no litefleet-*.service templates beside $0"
-KNOWN='@LITEFLEET@ @USER@ @SECURE_DIR@ @REPO_DIR@ @BIND@ @BROKER_ARGS@ @MONITOR_DB@ @MONITOR_DIR@ @PROMETHEUS@ @RESIGN_CALENDAR@ @DOCS@'
+KNOWN='@LITEFLEET@ @USER@ @SECURE_DIR@ @REPO_DIR@ @BIND@ @BROKER_ARGS@ @MONITOR_DB@ @MONITOR_DIR@ @PROMETHEUS@ @HTTP@ @RESIGN_CALENDAR@ @DOCS@'
 for t in $TEMPLATES; do
     for field in $(grep -o '@[A-Z_]*@' "$t" | sort -u); do
         case " $KNOWN " in *" $field "*) ;; *) die "$(basename "$t") uses $field, which this installer does not know" ;; esac
@@ -132,7 +137,7 @@ for d in "$SECURE_DIR" "$MONITOR_DIR"; do
     fi
 done
 mkdir -p "$R/etc/systemd/system" "$R$(dirname "$INSTALLED_LIST")" "$R$DOCS"
-for doc in systemd.md monitor.md security.md; do
+for doc in systemd.md monitor.md rollouts.md security.md; do
     if [ -f "$HERE/../docs/$doc" ]; then install -m 0644 "$HERE/../docs/$doc" "$R$DOCS/$doc"; fi
 done
 esc() { printf '%s' "$1" | sed 's/[#&\\]/\\&/g'; }
@@ -144,7 +149,8 @@ for t in $TEMPLATES; do
         -e "s#@SECURE_DIR@#$(esc "$SECURE_DIR")#g" -e "s#@REPO_DIR@#$(esc "$REPO_DIR")#g" \
         -e "s#@BIND@#$(esc "$BIND")#g" -e "s#@BROKER_ARGS@#$(esc "$BROKER_ARGS")#g" \
         -e "s#@MONITOR_DB@#$(esc "$MONITOR_DB")#g" -e "s#@MONITOR_DIR@#$(esc "$MONITOR_DIR")#g" \
-        -e "s#@PROMETHEUS@#$(esc "$PROMETHEUS")#g" -e "s#@RESIGN_CALENDAR@#$(esc "$RESIGN_CALENDAR")#g" \
+        -e "s#@PROMETHEUS@#$(esc "$PROMETHEUS")#g" -e "s#@HTTP@#$(esc "$HTTP")#g" \
+        -e "s#@RESIGN_CALENDAR@#$(esc "$RESIGN_CALENDAR")#g" \
         -e "s#@DOCS@#$(esc "$DOCS")#g" "$t" > "$dest.tmp"
     chmod 0644 "$dest.tmp"
     if [ -f "$dest" ] && cmp -s "$dest.tmp" "$dest"; then

@@ -410,9 +410,16 @@ WHY_NOT=""
 if [ "$DRY_RUN" = 0 ]; then
     WHY_NOT=$(config_tool missing "$CONF" --root "${R:-/}" --credentials "$CREDS" | sed 's/^/missing /' | paste -sd ';' -)
     if [ -z "$WHY_NOT" ] && [ -x "$VENV/bin/litefleet-agent" ] && [ "$DO_PIP" = 1 ] && [ -z "$R" ]; then
-        if ! CHECK=$("$VENV/bin/litefleet-agent" check-config --config "$CONF" 2>&1); then
+        # check-config looks a credential name litefleet_F up in $CREDENTIALS_DIRECTORY, as
+        # the agent does under the unit: hand it the credentials as LoadCredential= will
+        CHECK_CREDS=$(mktemp -d)
+        for f in "$CREDS"/*; do
+            if [ -f "$f" ]; then ln -s "$f" "$CHECK_CREDS/litefleet_$(basename "$f")"; fi
+        done
+        if ! CHECK=$(CREDENTIALS_DIRECTORY=$CHECK_CREDS "$VENV/bin/litefleet-agent" check-config --config "$CONF" 2>&1); then
             WHY_NOT="check-config: $CHECK"
         fi
+        rm -rf "$CHECK_CREDS"
     fi
 fi
 if [ -n "$WHY_NOT" ]; then

@@ -11,7 +11,8 @@ Guarantees:
   queued events (kept by the broker while a killed controller was away) reach the
   rollouts;
 * a rollout is driven by at most one process (the driver lock); the service adopts a
-  detached rollout only when nobody else holds it, and lets go when it ends;
+  detached rollout only when nobody else holds it, and lets go when it ends (within the
+  controller's tick);
 * a step that fails for the repository's sake (a damaged repository, a key missing) stops
   only that rollout in the service (logged, retried at the next scan); in the foreground
   it is the command's error.
@@ -137,13 +138,19 @@ class RolloutService:
         self._next_scan = 0.0
         self._failed: dict[str, str] = {}
 
-    def scan(self) -> list[str]:
-        """Adopt detached rollouts that are not finished and not driven; drop finished ones."""
+    def release_finished(self) -> None:
+        """Let go of every rollout that ended (its lock too: a new ``rollout start`` of the
+        same model may begin at once)."""
         c = self.controller
         for name, driver in list(c.drivers.items()):
             if driver.record.state.terminal:
                 logger.info("rollout %s v%s %s", name, driver.record.version, driver.record.state)
                 c.release(name)
+
+    def scan(self) -> list[str]:
+        """Adopt detached rollouts that are not finished and not driven; drop finished ones."""
+        c = self.controller
+        self.release_finished()
         adopted = []
         for name in c.store.names():
             if name in c.drivers:
@@ -169,6 +176,9 @@ class RolloutService:
             logger.error("rollout %s: %s", name, message)
 
     def between(self) -> None:
+        # every tick: a rollout that ended (an abort applied, the last wave signed) does not
+        # keep its lock until the next scan (`rollout start` of the model refused meanwhile)
+        self.release_finished()
         now = time.monotonic()
         if now >= self._next_scan:
             self._next_scan = now + self.scan_every_s

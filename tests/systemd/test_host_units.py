@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .specs import REPO_ROOT
 pytestmark = pytest.mark.systemd
 
 LITEFLEET = str(Path(sys.executable).parent / "litefleet")
-UNITS = ("litefleet-broker.service", "litefleet-monitor.service")
+UNITS = ("litefleet-broker.service", "litefleet-monitor.service", "litefleet-rollout.service")
 INSTALL_HOST = [
     "sh",
     f"{REPO_ROOT}/systemd/install-host.sh",
@@ -33,12 +34,37 @@ INSTALL_HOST = [
     "--repo",
     "/srv/fleet/repo",
 ]
+# the broker's TLS port; the monitor's page and API on --http (8080), /metrics alone on
+# --prometheus (9464), which does not serve the API
 PROBE = """
-import json, socket, sys, urllib.request
+import json, socket, sys, urllib.error, urllib.request
 socket.create_connection(("127.0.0.1", 8883), 5).close()
-with urllib.request.urlopen("http://127.0.0.1:9464/api/devices", timeout=5) as r:
+with urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=5) as r:
+    assert r.status == 200 and b"# TYPE" in r.read()
+try:
+    urllib.request.urlopen("http://127.0.0.1:9464/api/devices", timeout=5)
+    sys.exit("the API on the Prometheus port")
+except urllib.error.HTTPError as e:
+    assert e.code == 404, e.code
+with urllib.request.urlopen("http://127.0.0.1:8080/api/devices", timeout=5) as r:
     print(r.status, json.dumps(json.loads(r.read())))
 """
+# what a rollout is made of here: placeholder model bytes (TF Lite's identifier, nothing to
+# run: no device takes part), no card (--no-check-data), every gate off
+PLACEHOLDER = "import sys; open(sys.argv[1], 'wb').write(b'\\0\\0\\0\\0TFL3' + sys.argv[1].encode() * 64)"
+GATES_OFF = [
+    f"--gate={g}=off"
+    for g in (
+        "health",
+        "error_rate",
+        "latency_p99_ratio",
+        "latency_p99_self",
+        "agreement",
+        "drift_js",
+        "drift_baseline_js",
+    )
+]
+BROKER_FLAGS = ["--repo", "/srv/fleet/repo", "--secure", "/srv/fleet/broker"]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +83,41 @@ def host(new_machine: Any) -> Machine:
     return m
 
 
+@pytest.fixture(scope="module")
+def installed(host: Machine) -> str:
+    """install-host.sh's output: every unit installed and started."""
+    return host.run(INSTALL_HOST, timeout=300).stdout
+
+
+def as_operator(m: Machine, *args: str, check: bool = True) -> str:
+    return m.run(["runuser", "-u", "fleetop", "--", LITEFLEET, *args], check=check, timeout=120).stdout
+
+
+def rollout_status(m: Machine) -> dict[str, Any]:
+    doc: list[dict[str, Any]] = json.loads(
+        as_operator(m, "rollout", "status", "demo", "--repo", "/srv/fleet/repo", "--json")
+    )
+    return doc[0]
+
+
+def wait_rollout(m: Machine, predicate: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+
+    def check(_: dict[str, str]) -> bool:
+        record.update(rollout_status(m))
+        return predicate(record)
+
+    m.wait_unit("litefleet-rollout.service", check, 120, what, "ActiveState")
+    return record
+
+
 def timestamp_version(m: Machine) -> int:
     doc = json.loads(m.run(["cat", "/srv/fleet/repo/metadata/timestamp.json"]).stdout)
     return int(doc["signed"]["version"])
 
 
-def test_host_units_start_stop_restart_and_the_timer_re_signs(host: Machine) -> None:
-    m = host
-    out = m.run(INSTALL_HOST, timeout=300).stdout
+def test_host_units_start_stop_restart_and_the_timer_re_signs(host: Machine, installed: str) -> None:
+    m, out = host, installed
     for unit in (*UNITS, "litefleet-resign.service", "litefleet-resign.timer"):
         assert f"{unit} installed" in out, out
     for unit in UNITS:
@@ -115,6 +168,102 @@ def test_host_units_start_stop_restart_and_the_timer_re_signs(host: Machine) -> 
         "the monitor's API after the restarts",
         "ActiveState",
     )
+
+
+def test_the_rollout_service_drives_detached_rollouts(host: Machine, installed: str) -> None:
+    m = host
+    # Type=notify: active only after READY=1 (sent once connected to the broker)
+    shown = m.wait_unit(
+        "litefleet-rollout.service",
+        lambda p: p["ActiveState"] == "active" and p["StatusText"].startswith("idle"),
+        60,
+        "ready and idle",
+    )
+    assert shown["StatusText"] == "idle: no detached rollout", shown
+    service_pid = int(shown["MainPID"])
+    for tag in ("v1", "v2", "v3"):
+        m.run(["runuser", "-u", "fleetop", "--", "python3", "-c", PLACEHOLDER, f"/srv/fleet/{tag}.tflite"])
+    as_operator(m, "push", "/srv/fleet/v1.tflite", "--name", "demo", "--no-check-data", *BROKER_FLAGS)
+    # a rollout that bakes for an hour: the service picks it up and drives it
+    out = as_operator(
+        m,
+        "rollout",
+        "start",
+        "/srv/fleet/v2.tflite",
+        "--name",
+        "demo",
+        "--no-check-data",
+        "--detach",
+        "--allow-empty",
+        "--waves",
+        "50,100",
+        "--bake",
+        "1h",
+        *GATES_OFF,
+        *BROKER_FLAGS,
+    )
+    assert "recorded rollout demo v2" in out, out
+    baking = wait_rollout(m, lambda r: r["state"] == "baking" and r["driver_pid"] is not None, "v2 driven")
+    assert baking["detached"] is True and len(baking["steps"]) == 1, baking
+    assert baking["driver_pid"] == service_pid, (baking, shown)  # its lock: the service's PID
+    m.wait_unit(
+        "litefleet-rollout.service",
+        lambda p: p["StatusText"] == "driving: demo baking",
+        30,
+        "its status names the rollout",
+    )
+    # abort: the service applies it (signs v2 out) and the record says so
+    out = as_operator(m, "rollout", "abort", "demo", *BROKER_FLAGS)
+    assert "aborted: aborted by the operator" in out, out
+    aborted = rollout_status(m)
+    assert aborted["state"] == "aborted" and aborted["driver_pid"] is None, aborted
+    # it lets the ended rollout go (its lock too: the next start of demo is not refused)
+    m.wait_unit(
+        "litefleet-rollout.service",
+        lambda p: p["StatusText"] == "idle: no detached rollout",
+        30,
+        "the aborted rollout let go",
+    )
+    # a short bake with every gate off: promoted through both waves by the service
+    as_operator(
+        m,
+        "rollout",
+        "start",
+        "/srv/fleet/v3.tflite",
+        "--name",
+        "demo",
+        "--no-check-data",
+        "--detach",
+        "--allow-empty",
+        "--waves",
+        "50,100",
+        "--bake",
+        "1s",
+        *GATES_OFF,
+        *BROKER_FLAGS,
+    )
+    done = wait_rollout(m, lambda r: r["state"] in ("promoted", "aborted"), "v3 finished")
+    assert done["state"] == "promoted" and done["version"] == 3, done
+    assert [s["wave"] for s in done["steps"]] == [0, 1], done  # each wave signed once
+    repo = json.loads(as_operator(m, "repo", "show", "/srv/fleet/repo", "--json"))
+    assert repo["targets_version"] == done["steps"][-1]["targets_version"], (repo, done)
+    # the promoted rollout is let go too; the same process drove all of it
+    shown = m.wait_unit(
+        "litefleet-rollout.service",
+        lambda p: p["StatusText"] == "idle: no detached rollout",
+        60,
+        "idle again",
+        "ActiveState",
+        "MainPID",
+        "NRestarts",
+        "StatusText",
+    )
+    assert shown["ActiveState"] == "active" and shown["NRestarts"] == "0", shown
+    assert int(shown["MainPID"]) == service_pid
+
+
+def test_a_second_run_says_unchanged_and_uninstall_keeps_the_data(host: Machine, installed: str) -> None:
+    m = host
     # again, with nothing changed: said so; then removed, the data kept
     again = m.run([*INSTALL_HOST, "--no-start"]).stdout
     assert "litefleet-broker.service unchanged" in again

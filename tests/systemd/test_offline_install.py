@@ -10,6 +10,9 @@ build requirements too. (Installing from the wheelhouse itself is what test_agen
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,10 +21,13 @@ from .specs import REPO_ROOT
 
 pytestmark = pytest.mark.systemd
 
+LITEFLEET = str(Path(sys.executable).parent / "litefleet")
 CHECKOUT = ("pyproject.toml", "README.md", "agent", "converter", "systemd", "docs")
 
 
-def test_install_from_a_checkout_offline_with_the_wheelhouse_as_index(new_machine: Any) -> None:
+def test_install_from_a_checkout_offline_with_the_wheelhouse_as_index(
+    new_machine: Any, tmp_path: Path
+) -> None:
     m = new_machine("amd64")
     src = m.path("/root/litefleet")  # copied in, as onto a Pi's SD card
     src.mkdir(parents=True)
@@ -54,14 +60,19 @@ def test_install_from_a_checkout_offline_with_the_wheelhouse_as_index(new_machin
     )
     assert '"url": "file:///root/litefleet"' in origin.stdout  # built from the checkout, not a wheel
     m.run(["/opt/litefleet/venv/bin/python", "-c", "import agent.service.daemon, ai_edge_litert.interpreter"])
+    check = [
+        "/opt/litefleet/venv/bin/litefleet-agent",
+        "check-config",
+        "--config",
+        "/etc/litefleet/agent.toml",
+    ]
+    # check-config checks every file the configuration names: one line, exit 2, until it is there
+    missing = m.run(check, check=False)
+    assert missing.returncode == 2, missing
     assert (
-        "ok (device pi-checkout"
-        in m.run(
-            [
-                "/opt/litefleet/venv/bin/litefleet-agent",
-                "check-config",
-                "--config",
-                "/etc/litefleet/agent.toml",
-            ]
-        ).stdout
+        missing.stderr.strip()
+        == "litefleet-agent: error: trusted_root /etc/litefleet/root.json: no such file"
     )
+    subprocess.run([LITEFLEET, "repo", "init", str(tmp_path / "repo")], check=True, capture_output=True)
+    shutil.copy2(tmp_path / "repo" / "root.json", m.path("/etc/litefleet/root.json"))
+    assert "ok (device pi-checkout" in m.run(check).stdout

@@ -94,6 +94,20 @@ def test_journal_entries_are_well_formed(journal: FakeJournal) -> None:
     handler.close()
 
 
+def test_under_systemd_the_message_carries_the_fields_as_a_line_does(journal: FakeJournal) -> None:
+    # stderr is the journal when $JOURNAL_STREAM names fd 2's device and inode (systemd's rule)
+    st = os.fstat(2)
+    env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", "LITEFLEET_JOURNAL_SOCKET": str(journal.path)}
+    handler = make_handler("litefleet-agent", env=env)
+    assert isinstance(handler, JournalHandler)
+    handler.handle(record("activated", event="activated", model="digits", version=1))
+    e = journal.wait_for(LITEFLEET_EVENT="activated")
+    # what `journalctl -u litefleet-agent` prints: the fields too, not only "activated"
+    assert e["MESSAGE"] == "agent.x: activated model=digits version=1"
+    assert (e["LITEFLEET_MODEL"], e["LITEFLEET_VERSION"]) == ("digits", "1")
+    handler.close()
+
+
 def test_journal_gone_falls_back_to_stderr(tmp_path: Path) -> None:
     handler = JournalHandler("litefleet-agent", address=str(tmp_path / "nobody-listens"))
     handler.fallback.setStream(io.StringIO())

@@ -118,9 +118,9 @@ def test_a_shadowed_release_reports_its_sketch_and_agreement_then_stops_shadowin
                 str(repo),
                 "--name",
                 "digits",
+                "--no-check-data",
                 "--broker",
                 broker.url,
-                "--no-check-data",
             )
         watch.wait_active("pi-sh", "digits", 2, timeout_s=60)
         topics.entry("2", lambda e: e.get("shadow", {}).get("against") == "1")
@@ -175,9 +175,9 @@ def test_a_shadowed_release_reports_its_sketch_and_agreement_then_stops_shadowin
             "digits",
             "--version",
             "2",
+            "--no-check-data",
             "--broker",
             broker.url,
-            "--no-check-data",
         )
         topics.entry("2", lambda e: "shadow" not in e and e["outputs"]["n"] == 50)
         assert "shadow of digits by v1 stopped" in device.log()

@@ -1,4 +1,5 @@
-"""systemd/litefleet-rollout.service: the command it runs is ours, its lifecycle and hardening."""
+"""litefleet-rollout.service as systemd/install-host.sh renders it: the command it runs is
+ours, its lifecycle and hardening."""
 
 from __future__ import annotations
 
@@ -12,50 +13,47 @@ import pytest
 
 from converter.cli.main import build_parser
 from converter.cli.rollout import run_service
-
-UNIT = Path(__file__).resolve().parents[3] / "systemd" / "litefleet-rollout.service"
-
-
-def settings() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "[")):
-            key, _, value = line.partition("=")
-            out.setdefault(key, []).append(value)
-    return out
+from tests.support.host_units import (
+    LITEFLEET_PATH,
+    REPO_DIR,
+    SECURE_DIR,
+    render_host_units,
+    unit_settings,
+)
 
 
-def test_exec_start_with_the_default_environment_is_a_valid_service_command() -> None:
-    s = settings()
-    env = {}
-    for item in s["Environment"]:
-        key, _, value = item.strip('"').partition("=")
-        env[key] = value
-    cmd = s["ExecStart"][0]
-    # systemd: ${VAR} is one word, $VAR is split on whitespace
-    cmd = re.sub(r"\$\{(\w+)\}", lambda m: shlex.quote(env[m.group(1)]), cmd)
-    cmd = re.sub(r"\$(\w+)", lambda m: env[m.group(1)], cmd)
-    argv = shlex.split(cmd)
-    assert argv[0] == "/opt/litefleet/venv/bin/litefleet"
+@pytest.fixture(scope="module")
+def unit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return render_host_units(tmp_path_factory.mktemp("host"))["litefleet-rollout.service"]
+
+
+def test_exec_start_is_a_valid_service_command_as_the_operator(unit: Path) -> None:
+    s = unit_settings(unit)
+    assert not re.search(r"@[A-Z_]+@", unit.read_text()), unit.read_text()  # every placeholder filled
+    argv = shlex.split(s["ExecStart"][0])
+    assert argv[0] == LITEFLEET_PATH
     args = build_parser().parse_args(argv[1:])
     assert args.func is run_service
-    assert str(args.repo) == "/var/lib/litefleet-host/repo" and args.broker == "mqtt://127.0.0.1:1883"
+    assert str(args.repo) == REPO_DIR and str(args.secure_dir) == SECURE_DIR and args.broker is None
+    assert s["User"] == ["alice"]
     assert (
         s["Type"] == ["notify"]
+        and s["NotifyAccess"] == ["main"]
         and s["Restart"] == ["on-failure"]
         and re.fullmatch(r"\d+s", s["WatchdogSec"][0])
     )
-    assert s["EnvironmentFile"] == ["-/etc/litefleet/rollout.env"]
-    assert s["StateDirectory"] == ["litefleet-host"]
+    # it signs into the repository and nowhere else; the operator's home stays readable
+    assert s["ProtectSystem"] == ["strict"] and s["ReadWritePaths"] == [REPO_DIR]
+    assert s["ProtectHome"] == ["read-only"]
+    assert "RemoveIPC" not in s  # the operator's own IPC objects are not the unit's to remove
 
 
-def test_hardening_exposure_is_at_most_2_5() -> None:
+def test_hardening_exposure_is_at_most_2_5(unit: Path) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
     out = subprocess.run(
-        [tool, "security", "--offline=true", str(UNIT)], capture_output=True, text=True, timeout=60
+        [tool, "security", "--offline=true", str(unit)], capture_output=True, text=True, timeout=60
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
     assert match, out.stdout + out.stderr
