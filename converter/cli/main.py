@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(
         "litefleet",
-        logging.DEBUG if args.debug else logging.WARNING,
+        logging.DEBUG
+        if args.debug
+        else logging.INFO
+        if getattr(args, "log_info", False)
+        else logging.WARNING,
         fmt=args.log_format,
         text_format="%(levelname)s %(name)s: %(message)s",
     )

@@ -113,7 +113,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     service = rsub.add_parser("service", help="drive every rollout started with --detach (systemd service)")
     service.add_argument("--repo", type=Path, required=True)
     add_broker_args(service)
-    service.set_defaults(func=run_service)
+    service.set_defaults(func=run_service, log_info=True)  # a service's journal says what it does
     register_ops(rsub)
 
 

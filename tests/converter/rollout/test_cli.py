@@ -352,3 +352,4 @@ def test_detached_rollout_driven_by_the_service_with_pause_resume_and_abort(
         service.send_signal(signal.SIGTERM)
         output = service.communicate(timeout=30)[0]
     assert service.returncode == 0, output
+    assert f"driving rollout {MODEL} v2" in output  # a service's log says what it does, at info
