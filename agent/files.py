@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,20 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` where ``out`` is, in one rename: an ``out`` that exists is
+    renamed aside first and removed after, so a reader sees the old folder or the new one, never a
+    mix. ``tmp`` and ``out`` must be in the same folder (same file system); the parent is fsynced."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    fsync_dir(out.parent)
 
 
 def read_json(path: Path) -> Any:

@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from agent.files import atomic_write, fsync_dir
+from agent.files import atomic_write, replace_dir
 from agent.protocol import DEFAULT_PREFIX, Topics
 from converter.broker.acl import (
     Grant,
@@ -354,14 +354,7 @@ class SecureDir:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            if out.exists():
-                trash = out.parent / f".{device_id}.{secrets.token_hex(4)}.old"
-                os.replace(out, trash)
-                os.replace(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-            fsync_dir(out.parent)
+            replace_dir(tmp, out)
             logger.info("device %s added (%s)", device_id, auth)
             return DeviceBundle(
                 device_id, auth, url, tuple((out / f, name) for f, name in names), toml, serial=record.serial

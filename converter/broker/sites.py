@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import secrets
 import shutil
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.files import atomic_write, fsync_dir
+from agent.files import atomic_write, replace_dir
 from converter.broker.certs import make_client_cert, new_key, pem_cert, pem_key
 from converter.broker.registry import (
     AUTH_SITE,
@@ -117,14 +116,7 @@ class CentralDir(SecureDir):
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            if out.exists():
-                trash = out.parent / f".{name}.{secrets.token_hex(4)}.old"
-                os.replace(out, trash)
-                os.replace(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-            fsync_dir(out.parent)
+            replace_dir(tmp, out)
             logger.info("site %s added", name)
             return SiteBundle(record, out, info)
 
