@@ -77,6 +77,13 @@ def host(new_machine: Any) -> Machine:
     for parent in (*base.parents, *REPO_ROOT.parents):  # the service user must reach them
         if str(parent) != "/":
             m.run(["chmod", "o+x", str(parent)])
+    # a checkout (or its Python) under /tmp is hidden from units with PrivateTmp=yes: a
+    # test-only drop-in lets them see it (a fresh clone there failed with the broker unit)
+    if any(str(p).startswith(("/tmp/", "/var/tmp/")) for p in binds):
+        for unit in (*UNITS, "litefleet-resign.service"):
+            folder = f"/etc/systemd/system/{unit}.d"
+            m.run(["install", "-d", folder])
+            m.run(["sh", "-c", f"printf '[Service]\\nPrivateTmp=no\\n' > {folder}/zz-test-checkout.conf"])
     m.run(["useradd", "--create-home", "--shell", "/bin/sh", "fleetop"])
     m.run(["install", "-d", "-o", "fleetop", "-g", "fleetop", "/srv/fleet"])
     m.run(["runuser", "-u", "fleetop", "--", LITEFLEET, "repo", "init", "/srv/fleet/repo"])
