@@ -242,10 +242,11 @@ class MqttClient:
         self._started = False
         self._stopping = True  # the disconnect that follows is ours: not worth a warning
         try:
-            if publish_will:
-                self._client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
+            reason = ReasonCode(PacketTypes.DISCONNECT, identifier=4) if publish_will else None
+            if self._network is not None:
+                self._network.disconnect(self._client, reason)
             else:
-                self._client.disconnect()
+                self._client.disconnect(reasoncode=reason)
             # return once paho has sent the DISCONNECT and closed the socket
             # (on_disconnect), not while its loop may still be mid-turn
             self._disconnected.wait(2.0)
@@ -391,9 +392,12 @@ class MqttClient:
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, properties: Any = None
     ) -> None:
         was = self._connected.is_set()
+        # ours: during stop(), or after it (on a shared network thread, the DISCONNECT of a
+        # stopped client may be written after stop() returned)
+        ours = self._stopping or not self._started
         self._connected.clear()
         self._synced.clear()
-        if self._network is not None and not self._stopping:
+        if self._network is not None and not ours:
             self._network.reconnect_later(self._client)
         if self._will_factory is not None and self.settings.will_topic:
             # paho's loop reconnects with the will set now (this runs on its thread first)
@@ -401,7 +405,7 @@ class MqttClient:
                 self.settings.will_topic, self._will_factory(), qos=1, retain=self.settings.will_retain
             )
         self._disconnected.set()
-        if was and not self._stopping:
+        if was and not ours:
             logger.warning("disconnected from the broker: %s", rc)
 
     def _on_subscribe(

@@ -20,8 +20,16 @@ Guarantees:
   15 s (paho's ``reconnect_delay_set(1, 15)``, as the device's own thread uses)
   until it is detached;
 - each connected client's ``loop_misc`` (keep-alive) runs at least once a
-  second;
-- a callback of one client that raises is logged and does not stop the others.
+  second, and a packet queued for it is written within about a second even when
+  paho lost the write registration (see :meth:`SharedNetwork._recover_write`);
+- a callback of one client that raises is logged and does not stop the others;
+- a client disconnected through :meth:`SharedNetwork.disconnect` gets no
+  keep-alive check any more (paho's would close it without its DISCONNECT);
+- a detached or disconnected client whose socket is still open (its last publish and DISCONNECT
+  not yet written: a busy machine) keeps being served, never reconnected, until
+  paho closes its socket; :meth:`SharedNetwork.stop` waits for those (up to its
+  drain bound) so that stopping many devices at once says every goodbye instead
+  of leaving the broker to publish their wills.
 """
 
 from __future__ import annotations
@@ -56,10 +64,12 @@ class _Conn:
     want_write: bool = False
     delay_s: float = MIN_DELAY_S
     connect_at: float = 0.0  # monotonic time of the next connection attempt; 0: none due
+    closing: bool = False  # detached: served until paho closes the socket, then forgotten
 
 
 class _Ask(Enum):
     ATTACH = "attach"
+    DISCONNECT = "disconnect"
     DETACH = "detach"
     LOST = "lost"
     OPEN = "open"
@@ -74,6 +84,7 @@ class _Request:
     client: paho.Client
     on_lost: Callable[[], None] | None = None
     sock: Any = None
+    reasoncode: Any = None
 
 
 class SharedNetwork:
@@ -89,6 +100,7 @@ class SharedNetwork:
         self._requests: list[_Request] = []  # from other threads, for the network thread
         self._conns: dict[int, _Conn] = {}  # id(client) -> connection (network thread only)
         self._stop = threading.Event()
+        self._drain_until = 0.0  # monotonic bound on waiting for closing connections at stop
         self._thread: threading.Thread | None = None
         self.connects = 0
 
@@ -98,11 +110,14 @@ class SharedNetwork:
             self._thread = threading.Thread(target=self._run, name="mqtt-shared-network", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, drain_s: float = 30.0) -> None:
+        """Stop the thread once every detached client's socket is closed (its queued packets
+        written), or after ``drain_s``; the clients still attached are dropped as they are."""
+        self._drain_until = time.monotonic() + drain_s
         self._stop.set()
         self._wake()
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._thread.join(drain_s + 5.0)
             self._thread = None
 
     def attach(self, client: paho.Client, on_lost: Callable[[], None]) -> None:
@@ -110,8 +125,19 @@ class SharedNetwork:
         runs on this thread after each failed connection attempt."""
         self._ask(_Request(_Ask.ATTACH, client, on_lost))
 
+    def disconnect(self, client: paho.Client, reasoncode: Any = None) -> None:
+        """``client.disconnect(reasoncode)``, done on the network thread, which then stops
+        reconnecting it and no longer runs its keep-alive: paho's keep-alive check closes
+        a disconnecting client's socket without writing its queued DISCONNECT once the
+        keep-alive time has passed since it last heard from the broker (seen on 53 of
+        1,000 simulated devices stopping at once: the broker published their wills).
+        Queued packets (the goodbye, the DISCONNECT) are still written; then it is
+        forgotten, as after :meth:`detach`."""
+        self._ask(_Request(_Ask.DISCONNECT, client, reasoncode=reasoncode))
+
     def detach(self, client: paho.Client) -> None:
-        """Stop reconnecting ``client`` and forget its socket (after its disconnect)."""
+        """Stop reconnecting ``client`` (after its ``disconnect()``); what paho still has queued
+        for it is written before its socket is forgotten."""
         self._ask(_Request(_Ask.DETACH, client))
 
     def reconnect_later(self, client: paho.Client) -> None:
@@ -148,7 +174,7 @@ class SharedNetwork:
     # -- the network thread -------------------------------------------------------------
     def _run(self) -> None:
         next_misc = time.monotonic() + MISC_EVERY_S
-        while not self._stop.is_set():
+        while not self._finished():
             self._handle_requests()
             now = time.monotonic()
             due = [c.connect_at for c in self._conns.values() if c.connect_at]
@@ -168,10 +194,24 @@ class SharedNetwork:
                 next_misc = now + MISC_EVERY_S
                 for conn in list(self._conns.values()):
                     if conn.sock is not None:
-                        self._call(conn.client.loop_misc)
+                        if not conn.closing:  # see disconnect(): no keep-alive once closing
+                            self._call(conn.client.loop_misc)
+                        self._recover_write(conn)
+                    elif conn.closing:
+                        self._drop(conn)
         for conn in list(self._conns.values()):
             self._forget_socket(conn)
         self._sel.close()
+
+    def _finished(self) -> bool:
+        if not self._stop.is_set():
+            return False
+        closing = any(c.closing and c.sock is not None for c in self._conns.values())
+        return not closing or time.monotonic() >= self._drain_until
+
+    def _drop(self, conn: _Conn) -> None:
+        self._forget_socket(conn)
+        self._conns.pop(id(conn.client), None)
 
     def _handle_requests(self) -> None:
         with self._lock:
@@ -188,10 +228,21 @@ class SharedNetwork:
         conn = self._conns.get(key)
         if conn is None:
             return
-        if r.what is _Ask.DETACH:
-            self._forget_socket(conn)
-            del self._conns[key]
+        if r.what is _Ask.DISCONNECT:
+            conn.closing = True
+            conn.connect_at = 0.0
+            if conn.sock is None:
+                self._drop(conn)
+            self._call(lambda: r.client.disconnect(reasoncode=r.reasoncode))
+        elif r.what is _Ask.DETACH:
+            conn.closing = True
+            conn.connect_at = 0.0
+            if conn.sock is None:
+                self._drop(conn)
         elif r.what is _Ask.LOST:
+            if conn.closing:
+                self._drop(conn)
+                return
             conn.connect_at = time.monotonic() + conn.delay_s
             conn.delay_s = min(conn.delay_s * 2, MAX_DELAY_S)
         elif r.what is _Ask.OPEN:
@@ -199,6 +250,8 @@ class SharedNetwork:
         elif r.what is _Ask.CLOSE:
             if r.sock is conn.sock:
                 self._forget_socket(conn)
+                if conn.closing:
+                    self._drop(conn)
         else:
             conn.want_write = r.what is _Ask.WRITE
             self._update(conn)
@@ -238,11 +291,25 @@ class SharedNetwork:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._sel.modify(conn.sock, self._mask(conn), conn)
 
+    def _recover_write(self, conn: _Conn) -> None:
+        """paho can lose a write registration: a thread queues a packet just after the
+        network thread's ``loop_write`` found the queue empty and before it unregisters,
+        and the packet waits for the next one (a device's last goodbye and DISCONNECT
+        never went out). So each second the queue itself is read."""
+        if conn.sock is not None and not conn.want_write and conn.client.want_write():
+            conn.want_write = True
+            self._update(conn)
+
     def _service(self, conn: _Conn, mask: int) -> None:
         if mask & selectors.EVENT_READ:
             self._call(conn.client.loop_read)
         if mask & selectors.EVENT_WRITE and conn.sock is not None:
             self._call(conn.client.loop_write)
+            # follow the queue, not only paho's callbacks: after _recover_write paho does not
+            # know it is registered and would never unregister (a writable socket spins)
+            if conn.sock is not None and conn.want_write and not conn.client.want_write():
+                conn.want_write = False
+                self._update(conn)
 
     @staticmethod
     def _call(fn: Callable[[], Any]) -> None:

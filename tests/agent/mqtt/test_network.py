@@ -8,6 +8,7 @@ from typing import Any
 from agent.mqtt.client import ConnectionSettings, MqttClient, wait_until
 from agent.mqtt.network import SharedNetwork
 from agent.mqtt.transport import Message
+from tests.support.harness import read_retained
 
 CLIENTS = 60
 
@@ -69,3 +70,154 @@ def test_many_clients_share_one_network_thread(broker: Any) -> None:
             c.stop()
         net.stop()
     assert not any(c.connected for c in clients)
+
+
+def test_stopping_flushes_every_goodbye_even_when_the_network_thread_is_late(broker: Any) -> None:
+    """Stopping many devices at once on a busy machine: each queues its retained goodbye and
+    its DISCONNECT, then detaches before the network thread had the time to write them. They
+    must still reach the broker (a clean goodbye, not the will) before the thread stops."""
+    net = SharedNetwork()
+    net.start()
+    gate = threading.Event()
+    stalled = threading.Event()
+
+    def stall(m: Message) -> None:  # runs on the network thread: holds every socket still
+        stalled.set()
+        gate.wait(30)
+
+    names = [f"late-{i}" for i in range(5)]
+    clients = []
+    staller = MqttClient(
+        ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="staller"), network=net
+    )
+    staller.subscribe("late/stall", stall, qos=0)
+    try:
+        staller.start()
+        for name in names:
+            c = MqttClient(
+                ConnectionSettings(
+                    host="127.0.0.1",
+                    port=broker.port,
+                    client_id=name,
+                    will_topic=f"late/{name}/state",
+                    will_payload=b"will",
+                ),
+                network=net,
+            )
+            c.start()
+            clients.append(c)
+        assert wait_until(lambda: staller.connected and all(c.connected for c in clients), 30)
+        assert staller.wait_synced(10)
+        staller.publish("late/stall", b"x")
+        assert stalled.wait(10)
+        # the network thread is held: nothing below is written until the gate opens
+        for name, c in zip(names, clients, strict=True):
+            c.publish(f"late/{name}/state", b"goodbye", qos=1, retain=True)
+        stoppers = [threading.Thread(target=c.stop) for c in clients]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(30)  # each gives up waiting for its DISCONNECT after 2 s and detaches
+        gate.set()
+        staller.stop()
+        net.stop()
+    finally:
+        gate.set()
+        net.stop()
+    retained: dict[str, bytes] = {}
+    reader = MqttClient(ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="reader"))
+    reader.subscribe("late/+/state", lambda m: retained.__setitem__(m.topic, m.payload), qos=1)
+    reader.connect(10)
+    try:
+        assert reader.wait_synced(10)
+        assert retained == {f"late/{n}/state": b"goodbye" for n in names}
+    finally:
+        reader.stop()
+
+
+def test_a_lost_write_registration_still_gets_the_packet_out(broker: Any) -> None:
+    """paho's external-loop interface can lose a write registration when a thread queues a
+    packet while the network thread finishes a write (seen: 1 of 1,000 simulated devices'
+    goodbye never left). The network thread must notice the queued packet by itself."""
+    net = SharedNetwork()
+    net.start()
+    c = MqttClient(
+        ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="lost-write", keepalive_s=600),
+        network=net,
+    )
+    try:
+        c.start()
+        assert wait_until(lambda: c.connected, 30)
+        assert c.wait_synced(10)
+        paho_client = c._client  # the race is inside paho: play its outcome
+        paho_client._call_socket_register_write = lambda: None  # type: ignore[method-assign]
+        writes = []
+        loop_write = paho_client.loop_write
+
+        def counted() -> Any:
+            writes.append(1)
+            return loop_write()
+
+        paho_client.loop_write = counted  # type: ignore[method-assign]
+        assert c.publish("lost/write", b"x", qos=1, retain=True).wait(10)
+        # and once written, the socket is not left registered for writing: no spinning
+        seen = len(writes)
+        threading.Event().wait(2.0)  # a window to count in, not a timing assertion
+        assert len(writes) - seen < 20, len(writes) - seen
+    finally:
+        c.stop()
+        net.stop()
+
+
+def test_a_client_stopped_at_its_keepalive_time_still_says_goodbye(broker: Any) -> None:
+    """paho's keep-alive check closes a disconnecting client's socket without its queued
+    DISCONNECT once the keep-alive time has passed since it last heard from the broker; with
+    1,000 devices stopping at once that was ~5 % of them, and the broker published their
+    wills. A client stopped just then must still disconnect cleanly."""
+    net = SharedNetwork()
+    net.start()
+    gate = threading.Event()
+    stalled = threading.Event()
+
+    def stall(m: Message) -> None:
+        stalled.set()
+        gate.wait(30)
+
+    settings = {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 60}
+    staller = MqttClient(ConnectionSettings(client_id="staller2", **settings), network=net)  # type: ignore[arg-type]
+    staller.subscribe("late2/stall", stall, qos=0)
+    c = MqttClient(
+        ConnectionSettings(client_id="due", will_topic="late2/due/state", will_payload=b"will", **settings),  # type: ignore[arg-type]
+        network=net,
+    )
+    try:
+        staller.start()
+        c.start()
+        assert wait_until(lambda: staller.connected and c.connected, 30)
+        assert staller.wait_synced(10) and c.wait_synced(10)
+        assert c.publish("late2/due/state", b"goodbye", qos=1, retain=True).wait(10)
+        staller.publish("late2/stall", b"x")
+        assert stalled.wait(10)
+        c._client._last_bytes_received -= 120  # heard nothing for two keep-alive periods
+        # held past the 1 s keep-alive pass, so that one is due when the thread resumes (this
+        # makes the case, it waits for nothing)
+        threading.Event().wait(1.5)
+        stopper = threading.Thread(target=c.stop)
+        stopper.start()
+        # let the network thread go while stop() still waits for its DISCONNECT to be written
+        assert wait_until(lambda: c._stopping, 10)
+        gate.set()
+        stopper.join(30)
+        staller.stop()
+        net.stop()
+    finally:
+        gate.set()
+        net.stop()
+    log = broker.config.data_dir / "mosquitto.log"
+
+    def ended() -> list[str]:  # the broker's lines about the end of the client's connection
+        return [ln.split(": ", 1)[1] for ln in log.read_text().splitlines() if "Client due " in ln]
+
+    assert wait_until(lambda: bool(ended()), 30)
+    assert ended() == ["Client due disconnected."]  # not "closed its connection." (the will)
+    assert read_retained(broker.port, "late2/due/state") == b"goodbye"
