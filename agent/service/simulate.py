@@ -121,7 +121,15 @@ class SimulatedFleet:
         deadline = time.monotonic() + timeout_s
         for d in self.devices:
             d.thread.join(max(0.1, deadline - time.monotonic()))
-        self.network.stop()
+        late = [d.agent.cfg.device_id for d in self.devices if d.thread.is_alive()]
+        if late:
+            logger.warning(
+                "%d devices did not stop within %g s (%s): the broker publishes their wills",
+                len(late),
+                timeout_s,
+                ", ".join(late[:5]),
+            )
+        self.network.stop()  # writes every stopped device's goodbye and DISCONNECT first
         from agent.activation.check import share_interpreters
 
         share_interpreters(None)

@@ -95,4 +95,10 @@ def test_a_push_reaches_a_thousand_simulated_devices(broker, tmp_path: Path, dig
         assert code == 0, (tmp_path / "simulate.log").read_text()[-3000:]
         # every device said goodbye: its full state with online false, not a will
         watch.wait_for(lambda: every(lambda s: s.get("online") is False), 60, "every goodbye")
-        assert all("models" in watch.states[i] for i in ids)
+        bad = sorted(i for i in ids if "models" not in watch.states[i])
+        history = [(t, p[:200]) for t, p in list(watch.raw) if bad and f"/{bad[0]}/" in t]
+        assert not bad, (
+            f"{len(bad)} wills, first {bad[0]}",
+            history,
+            (tmp_path / "simulate.log").read_text()[-3000:],
+        )
