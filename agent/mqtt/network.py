@@ -54,6 +54,17 @@ MAX_DELAY_S = 15.0
 MISC_EVERY_S = 1.0
 
 
+def _discard_unread(sock: Any) -> None:
+    """Read what has arrived on a socket paho is about to close after its DISCONNECT:
+    closing with unread data sends a reset instead of a FIN, and a broker that then fails
+    a write drops the connection before it reads the DISCONNECT (and publishes the will)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sock.setblocking(False)
+        for _ in range(16):
+            if not sock.recv(65536):
+                return
+
+
 @dataclass
 class _Conn:
     """One client's connection (network thread only)."""
@@ -251,6 +262,7 @@ class SharedNetwork:
             if r.sock is conn.sock:
                 self._forget_socket(conn)
                 if conn.closing:
+                    _discard_unread(r.sock)
                     self._drop(conn)
         else:
             conn.want_write = r.what is _Ask.WRITE
