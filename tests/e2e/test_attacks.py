@@ -107,6 +107,11 @@ def fleet(broker, tmp_path: Path, digits_int8) -> Fleet:
     agent.start()
     try:
         watch.wait_active(DEV, "digits", 1, timeout_s=60)
+        # the agent process checks signatures with libcrypto (agent.delivery.ed25519), as on a
+        # device install without pyca/cryptography: every refusal below went through it
+        assert agent.proc is not None
+        maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        assert "libcrypto" in maps and "/cryptography/" not in maps
         yield f
     finally:
         agent.stop()
