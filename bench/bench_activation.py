@@ -59,7 +59,7 @@ def build_models(out: Path) -> None:  # runs in the child
     os.environ["KERAS_BACKEND"] = "tensorflow"
     import numpy as np
 
-    from converter.convert.pipeline import convert_model
+    from converter.convert.pipeline import ConvertConfig, convert_model
     from tests.support import models as m
 
     out.mkdir(parents=True, exist_ok=True)
@@ -80,10 +80,8 @@ def build_models(out: Path) -> None:  # runs in the child
         convert_model(
             d / "mobilenet.keras",
             d / "mobilenet.tflite",
-            quantize="int8",
+            ConvertConfig(quantize="int8", latency_runs=5, force=True),
             calibration=d / "cal.npz",
-            latency_runs=5,
-            force=True,
         )
 
 
