@@ -162,25 +162,36 @@ class CredentialLookup:
     looked_in: tuple[str, ...]
 
 
+UNIT_CREDENTIAL_PREFIX = "litefleet_"  # LoadCredential=litefleet:DIR names DIR's file F litefleet_F
+
+
 def resolve_credential(value: str, env: Mapping[str, str], base_dir: Path | None) -> CredentialLookup:
     """An absolute name is itself. A relative one is looked up in ``$CREDENTIALS_DIRECTORY``
     (systemd's ``LoadCredential=``) when that is set, then in ``base_dir`` (the config
-    file's folder; the working directory when None). Pure but for ``exists()``."""
+    file's folder; the working directory when None), then, for a name ``litefleet_F``, as
+    ``base_dir/credentials/F``: the folder the unit hands over as ``litefleet_*``
+    (``LoadCredential=litefleet:/etc/litefleet/credentials``), so that the config
+    install.sh writes can be checked by hand (``sudo litefleet-agent check-config``) as it
+    is read under the unit. Pure but for ``exists()``."""
     p = Path(value).expanduser()
     if p.is_absolute():
         return CredentialLookup(p, ())
     places: list[tuple[str, Path]] = []
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds:
-        places.append((f"$CREDENTIALS_DIRECTORY ({creds})", Path(creds)))
-    if base_dir is not None:
-        places.append((f"the config file's folder ({base_dir})", base_dir))
-    else:
-        places.append((f"the working directory ({Path.cwd()})", Path.cwd()))
-    for _, folder in places:
-        if (folder / p).exists():
-            return CredentialLookup(folder / p, tuple(label for label, _ in places))
-    return CredentialLookup(places[-1][1] / p, tuple(label for label, _ in places))
+        places.append((f"$CREDENTIALS_DIRECTORY ({creds})", Path(creds) / p))
+    folder = base_dir if base_dir is not None else Path.cwd()
+    what = "the config file's folder" if base_dir is not None else "the working directory"
+    places.append((f"{what} ({folder})", folder / p))
+    if base_dir is not None and value.startswith(UNIT_CREDENTIAL_PREFIX) and len(p.parts) == 1:
+        unit_dir = base_dir / "credentials"
+        name = value.removeprefix(UNIT_CREDENTIAL_PREFIX)
+        places.append((f"the unit's credentials folder ({unit_dir})", unit_dir / name))
+    labels = tuple(label for label, _ in places)
+    for _, candidate in places:
+        if candidate.exists():
+            return CredentialLookup(candidate, labels)
+    return CredentialLookup(places[1][1] if creds else places[0][1], labels)
 
 
 _FIELDS = {f.name: f for f in fields(AgentConfig) if f.metadata.get("key", True)}

@@ -104,6 +104,28 @@ def test_a_missing_file_is_one_line_naming_key_and_path(
         assert_one_line(result, key, value.lstrip("/").split("/")[-1], needle)
 
 
+def test_the_installed_layout_checks_by_hand(setup: dict[str, Path], tmp_path: Path) -> None:
+    """install.sh writes credential names the unit hands over (``litefleet_F`` for the file F
+    of /etc/litefleet/credentials); `check-config` run by hand, without the unit's
+    $CREDENTIALS_DIRECTORY, finds the same files in the config folder's credentials/."""
+    names = {"ca_file": "ca.pem", "cert_file": "pi-a.pem", "key_file": "pi-a.key"}
+    config = write_config(
+        tmp_path / "agent.toml",
+        setup["pi-a"],
+        setup["root"],
+        **{key: f"litefleet_{name}" for key, name in names.items()},
+    )
+    (tmp_path / "credentials").mkdir()
+    for name in names.values():
+        shutil.copy(setup["pi-a"] / name, tmp_path / "credentials" / name)
+    ok = agent("check-config", "--config", str(config), cwd=tmp_path)  # no $CREDENTIALS_DIRECTORY
+    assert ok.returncode == 0 and ": ok (device " in ok.stdout, ok.stderr
+    # a file missing there is named with every place looked in
+    (tmp_path / "credentials" / "pi-a.key").unlink()
+    for result in both(config, cwd=tmp_path):
+        assert_one_line(result, "key_file litefleet_pi-a.key: no such file", "the unit's credentials folder")
+
+
 def test_a_missing_password_file(setup: dict[str, Path], tmp_path: Path) -> None:
     config = write_config(tmp_path / "agent.toml", setup["pi-p"], setup["root"], password_file="gone")
     shutil.copy(setup["pi-p"] / "ca.pem", tmp_path / "ca.pem")
