@@ -120,7 +120,7 @@ class _Delivery:
         return self._refused.get(self._info.mid)
 
 
-STOP_DRAIN_S = 10.0  # stop(): bound on waiting for the broker to acknowledge what was sent
+STOP_DRAIN_S = 5.0  # stop(): bound on waiting for the broker to acknowledge what was sent
 
 
 def _describe_rc(rc: Any) -> str:

@@ -322,13 +322,10 @@ class Agent:
         # a reconnect may be under way (a lost connection): let it finish, or the goodbye
         # would be lost and the retained state would stay "online"
         self.client.wait_connected(3.0)
-        try:
-            d = self.client.publish(
+        with contextlib.suppress(TransportError):  # client.stop() waits (bounded) for its PUBACK
+            self.client.publish(
                 self.topics.state(self.cfg.device_id), self._state_payload(online=False), qos=1, retain=True
             )
-            d.wait(2.0)
-        except TransportError:
-            pass
         if self.rest is not None:
             self.rest.stop()
         self.infer.stop()
