@@ -13,6 +13,46 @@ from tests.support.harness import read_retained
 CLIENTS = 60
 
 
+def on_network(net: SharedNetwork, port: int, client_id: str, will_topic: str | None = None) -> MqttClient:
+    """A client of ``net`` (keep-alive 60 s), with a retained will ``b"will"`` on ``will_topic``."""
+    settings = ConnectionSettings(
+        host="127.0.0.1",
+        port=port,
+        client_id=client_id,
+        keepalive_s=60,
+        will_topic=will_topic,
+        will_payload=b"will",
+    )
+    return MqttClient(settings, network=net)
+
+
+class Staller:
+    """Holds ``net``'s one thread still on demand: a client whose message handler (which
+    runs on that thread) waits on a gate. Nothing is read or written meanwhile."""
+
+    def __init__(self, net: SharedNetwork, port: int, name: str) -> None:
+        self.topic = f"{name}/stall"
+        self.gate = threading.Event()
+        self.stalled = threading.Event()
+        self.client = on_network(net, port, name)
+        self.client.subscribe(self.topic, self._stall, qos=0)
+
+    def _stall(self, m: Message) -> None:
+        self.stalled.set()
+        self.gate.wait(30)
+
+    def start(self) -> None:
+        self.client.start()
+        assert wait_until(lambda: self.client.connected, 30) and self.client.wait_synced(10)
+
+    def hold(self) -> None:
+        self.client.publish(self.topic, b"x")
+        assert self.stalled.wait(10)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
 def test_many_clients_share_one_network_thread(broker: Any) -> None:
     """Each client has its own connection, subscriptions, will and QoS 1 publishes; one
     thread drives them all, and reconnects them all after the broker restarts."""
@@ -78,61 +118,31 @@ def test_stopping_flushes_every_goodbye_even_when_the_network_thread_is_late(bro
     must still reach the broker (a clean goodbye, not the will) before the thread stops."""
     net = SharedNetwork()
     net.start()
-    gate = threading.Event()
-    stalled = threading.Event()
-
-    def stall(m: Message) -> None:  # runs on the network thread: holds every socket still
-        stalled.set()
-        gate.wait(30)
-
+    staller = Staller(net, broker.port, "staller")
     names = [f"late-{i}" for i in range(5)]
-    clients = []
-    staller = MqttClient(
-        ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="staller"), network=net
-    )
-    staller.subscribe("late/stall", stall, qos=0)
+    clients = [on_network(net, broker.port, name, f"late/{name}/state") for name in names]
     try:
         staller.start()
-        for name in names:
-            c = MqttClient(
-                ConnectionSettings(
-                    host="127.0.0.1",
-                    port=broker.port,
-                    client_id=name,
-                    will_topic=f"late/{name}/state",
-                    will_payload=b"will",
-                ),
-                network=net,
-            )
+        for c in clients:
             c.start()
-            clients.append(c)
-        assert wait_until(lambda: staller.connected and all(c.connected for c in clients), 30)
-        assert staller.wait_synced(10)
-        staller.publish("late/stall", b"x")
-        assert stalled.wait(10)
-        # the network thread is held: nothing below is written until the gate opens
+        assert wait_until(lambda: all(c.connected for c in clients), 30)
+        staller.hold()
+        # the network thread is held: nothing below is written until it is released
         for name, c in zip(names, clients, strict=True):
             c.publish(f"late/{name}/state", b"goodbye", qos=1, retain=True)
         stoppers = [threading.Thread(target=c.stop) for c in clients]
         for t in stoppers:
             t.start()
         for t in stoppers:
-            t.join(30)  # each gives up waiting for its DISCONNECT after 2 s and detaches
-        gate.set()
-        staller.stop()
+            t.join(30)  # each gives up waiting for its acknowledgements and DISCONNECT
+        staller.release()
+        staller.client.stop()
         net.stop()
     finally:
-        gate.set()
+        staller.release()
         net.stop()
-    retained: dict[str, bytes] = {}
-    reader = MqttClient(ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="reader"))
-    reader.subscribe("late/+/state", lambda m: retained.__setitem__(m.topic, m.payload), qos=1)
-    reader.connect(10)
-    try:
-        assert reader.wait_synced(10)
-        assert retained == {f"late/{n}/state": b"goodbye" for n in names}
-    finally:
-        reader.stop()
+    for name in names:
+        assert read_retained(broker.port, f"late/{name}/state") == b"goodbye"
 
 
 def test_a_lost_write_registration_still_gets_the_packet_out(broker: Any) -> None:
@@ -141,10 +151,7 @@ def test_a_lost_write_registration_still_gets_the_packet_out(broker: Any) -> Non
     goodbye never left). The network thread must notice the queued packet by itself."""
     net = SharedNetwork()
     net.start()
-    c = MqttClient(
-        ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="lost-write", keepalive_s=600),
-        network=net,
-    )
+    c = on_network(net, broker.port, "lost-write")
     try:
         c.start()
         assert wait_until(lambda: c.connected, 30)
@@ -176,28 +183,14 @@ def test_a_client_stopped_at_its_keepalive_time_still_says_goodbye(broker: Any) 
     wills. A client stopped just then must still disconnect cleanly."""
     net = SharedNetwork()
     net.start()
-    gate = threading.Event()
-    stalled = threading.Event()
-
-    def stall(m: Message) -> None:
-        stalled.set()
-        gate.wait(30)
-
-    settings = {"host": "127.0.0.1", "port": broker.port, "keepalive_s": 60}
-    staller = MqttClient(ConnectionSettings(client_id="staller2", **settings), network=net)  # type: ignore[arg-type]
-    staller.subscribe("late2/stall", stall, qos=0)
-    c = MqttClient(
-        ConnectionSettings(client_id="due", will_topic="late2/due/state", will_payload=b"will", **settings),  # type: ignore[arg-type]
-        network=net,
-    )
+    staller = Staller(net, broker.port, "staller2")
+    c = on_network(net, broker.port, "due", "late2/due/state")
     try:
         staller.start()
         c.start()
-        assert wait_until(lambda: staller.connected and c.connected, 30)
-        assert staller.wait_synced(10) and c.wait_synced(10)
+        assert wait_until(lambda: c.connected, 30) and c.wait_synced(10)
         assert c.publish("late2/due/state", b"goodbye", qos=1, retain=True).wait(10)
-        staller.publish("late2/stall", b"x")
-        assert stalled.wait(10)
+        staller.hold()
         c._client._last_bytes_received -= 120  # heard nothing for two keep-alive periods
         # held past the 1 s keep-alive pass, so that one is due when the thread resumes (this
         # makes the case, it waits for nothing)
@@ -206,12 +199,12 @@ def test_a_client_stopped_at_its_keepalive_time_still_says_goodbye(broker: Any) 
         stopper.start()
         # let the network thread go while stop() still waits for its DISCONNECT to be written
         assert wait_until(lambda: c._stopping, 10)
-        gate.set()
+        staller.release()
         stopper.join(30)
-        staller.stop()
+        staller.client.stop()
         net.stop()
     finally:
-        gate.set()
+        staller.release()
         net.stop()
     log = broker.config.data_dir / "mosquitto.log"
 
