@@ -40,6 +40,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import TransportError
 from agent.mqtt.filters import has_wildcard, topic_filter_of
+from agent.mqtt.inflight import PublishInFlight
 from agent.mqtt.network import SharedNetwork
 from agent.mqtt.transport import Message
 
@@ -97,27 +98,6 @@ class ConnectionSettings:
     will_topic: str | None = None
     will_payload: bytes = b""
     will_retain: bool = True
-
-
-class _Delivery:
-    """A publish in flight. ``wait`` is True only when the broker accepted it: with
-    MQTT 5 a refused publish (an ACL says no) is acknowledged with a failure
-    reason code (>= 0x80), which counts as not delivered."""
-
-    def __init__(self, info: paho.MQTTMessageInfo, refused: dict[int, str]) -> None:
-        self._info = info
-        self._refused = refused
-
-    def wait(self, timeout_s: float) -> bool:
-        try:
-            self._info.wait_for_publish(timeout_s)
-        except (RuntimeError, ValueError):
-            return False  # the connection went away before the broker acknowledged
-        return self._info.is_published() and self._info.mid not in self._refused
-
-    @property
-    def refused_reason(self) -> str | None:
-        return self._refused.get(self._info.mid)
 
 
 STOP_DRAIN_S = 5.0  # stop(): bound on waiting for the broker to acknowledge what was sent
@@ -194,7 +174,7 @@ class MqttClient:
         )
         self._barrier_topic = f"$litefleet-sync/{token}"
         self.connects = 0
-        self._last_delivery: _Delivery | None = None
+        self._last_delivery: PublishInFlight | None = None
         self._will_factory: Callable[[], bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -301,7 +281,7 @@ class MqttClient:
         correlation_data: bytes | None = None,
         content_type: str | None = None,
         user_properties: list[tuple[str, str]] | None = None,
-    ) -> _Delivery:
+    ) -> PublishInFlight:
         if not self._connected.is_set():
             raise TransportError("not connected to the broker")
         props = None
@@ -319,7 +299,7 @@ class MqttClient:
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish to {topic} failed: {_describe_rc(info.rc)}")
         self._refused.pop(info.mid, None)
-        delivery = _Delivery(info, self._refused)
+        delivery = PublishInFlight(info, self._refused)
         if qos:
             self._last_delivery = delivery
         return delivery

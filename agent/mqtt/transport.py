@@ -1,6 +1,6 @@
 """The small interface the rest of the agent uses to talk to the broker.
 
-Only :mod:`agent.mqtt.client` talks to paho; everything else (metrics outbox,
+Only :mod:`agent.mqtt` (client, inflight, network) talks to paho; everything else (metrics outbox,
 MQTT inference, the updater) takes a :class:`Publisher` in its constructor, so
 tests can pass a recording fake and integration tests the real client.
 """
