@@ -282,7 +282,10 @@ cc.check_isolated(Path("m.tflite"), None, None, threads=1, runtime="auto", timeo
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # that thread ended since the listing (seen under load)
+            continue
     return out
 
 
