@@ -239,17 +239,13 @@ class SharedNetwork:
         conn = self._conns.get(key)
         if conn is None:
             return
-        if r.what is _Ask.DISCONNECT:
+        if r.what in (_Ask.DISCONNECT, _Ask.DETACH):
             conn.closing = True
             conn.connect_at = 0.0
             if conn.sock is None:
                 self._drop(conn)
-            self._call(lambda: r.client.disconnect(reasoncode=r.reasoncode))
-        elif r.what is _Ask.DETACH:
-            conn.closing = True
-            conn.connect_at = 0.0
-            if conn.sock is None:
-                self._drop(conn)
+            if r.what is _Ask.DISCONNECT:
+                self._call(lambda: r.client.disconnect(reasoncode=r.reasoncode))
         elif r.what is _Ask.LOST:
             if conn.closing:
                 self._drop(conn)

@@ -182,7 +182,8 @@ def resolve_credential(value: str, env: Mapping[str, str], base_dir: Path | None
         places.append((f"$CREDENTIALS_DIRECTORY ({creds})", Path(creds) / p))
     folder = base_dir if base_dir is not None else Path.cwd()
     what = "the config file's folder" if base_dir is not None else "the working directory"
-    places.append((f"{what} ({folder})", folder / p))
+    beside = folder / p  # where a missing file is reported
+    places.append((f"{what} ({folder})", beside))
     if base_dir is not None and value.startswith(UNIT_CREDENTIAL_PREFIX) and len(p.parts) == 1:
         unit_dir = base_dir / "credentials"
         name = value.removeprefix(UNIT_CREDENTIAL_PREFIX)
@@ -191,7 +192,7 @@ def resolve_credential(value: str, env: Mapping[str, str], base_dir: Path | None
     for _, candidate in places:
         if candidate.exists():
             return CredentialLookup(candidate, labels)
-    return CredentialLookup(places[1][1] if creds else places[0][1], labels)
+    return CredentialLookup(beside, labels)
 
 
 _FIELDS = {f.name: f for f in fields(AgentConfig) if f.metadata.get("key", True)}
