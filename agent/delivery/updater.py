@@ -19,10 +19,12 @@ without any repository yet is :class:`agent.errors.NoRepositoryError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,7 @@ class ModelUpdater:
         tick: Callable[[], None] | None = None,
         sync_timeout_s: float = 10.0,
         wait_synced: Callable[[float], bool] | None = None,
+        cpu_gate: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.device_id = device_id
         self.groups = groups
@@ -132,6 +135,7 @@ class ModelUpdater:
         self._tick = tick or (lambda: None)
         self._sync_timeout_s = sync_timeout_s
         self._wait_synced = wait_synced or (lambda t: True)
+        self._cpu_gate = cpu_gate or contextlib.nullcontext()  # around the TUF workflow
         self.downloader = ChunkDownloader(client, topics, window=window, tick=self._tick)
         # version of the targets metadata last verified (shown in the device's state)
         self.repo_version: int | None = None
@@ -152,7 +156,8 @@ class ModelUpdater:
             bootstrap=self._trusted_root,
         )
         try:
-            updater.refresh()
+            with self._cpu_gate:
+                updater.refresh()
         except tuf_errors.DownloadLengthMismatchError as exc:
             raise ModelRejectedError(Reason.TOO_LARGE, f"repository metadata refused: {exc}") from exc
         except tuf_errors.DownloadError as exc:

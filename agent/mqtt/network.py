@@ -114,6 +114,9 @@ class SharedNetwork:
         self._drain_until = 0.0  # monotonic bound on waiting for closing connections at stop
         self._thread: threading.Thread | None = None
         self.connects = 0
+        # how late the keep-alive checks ran at worst (s): past paho's keep-alive, a client
+        # is dropped for silence (a process too busy to run this thread: the simulator's)
+        self.max_misc_lag_s = 0.0
 
     # -- any thread ------------------------------------------------------------------
     def start(self) -> None:
@@ -202,6 +205,7 @@ class SharedNetwork:
                 if conn.connect_at and conn.connect_at <= now:
                     self._connect(conn)
             if now >= next_misc:
+                self.max_misc_lag_s = max(self.max_misc_lag_s, now - next_misc)
                 next_misc = now + MISC_EVERY_S
                 for conn in list(self._conns.values()):
                     if conn.sock is not None:

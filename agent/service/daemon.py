@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from agent import __version__
@@ -98,10 +99,13 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         network: SharedNetwork | None = None,
         isolate_checks: bool = True,
+        cpu_gate: AbstractContextManager[Any] | None = None,
     ) -> None:
-        """``network`` and ``isolate_checks=False``: a simulated device of
+        """``network``, ``isolate_checks=False`` and ``cpu_gate``: a simulated device of
         :mod:`agent.service.simulate` (its connection on a shared network thread, its candidate
-        checks in-process, as where no child process can be forked)."""
+        checks in-process, as where no child process can be forked, its CPU-heavy steps taken
+        under a gate the devices of the process share)."""
+        self._cpu_gate = cpu_gate or contextlib.nullcontext()
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
         self.registry = ModelRegistry()
@@ -171,6 +175,7 @@ class Agent:
             event=self.event,
             tick=self._tick,
             wait_synced=self._wait_synced,
+            cpu_gate=self._cpu_gate,
         )
         # the service face: REST, MQTT inference, metrics through the on-disk queue
         self.counters = ApiCounters()
@@ -426,7 +431,8 @@ class Agent:
                 self._report_failure(failure.reason, failure.message, model=name, version=failure.version)
         for cand in result.candidates:
             self._set_status(DeviceStatus.CHECKING, keep_error=True)
-            self.manager.consider(cand)
+            with self._cpu_gate:
+                self.manager.consider(cand)
         self.manager.cleanup()
         self.manager.apply_shadows(result.chosen)
         transient = any(f.reason not in PERMANENT for f in result.failures.values())
