@@ -31,6 +31,7 @@ from converter.broker.registry import (
 )
 from converter.broker.secure import SecureDir
 from converter.broker.sites import CentralDir
+from converter.cli.reloaded import reload_line
 from converter.cli.table import format_table
 from converter.errors import BadInputError
 
@@ -133,7 +134,8 @@ def run_add_site_device(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"device {record.device_id}: reached through site {record.site}; no credentials here.\n"
         f"Now make its identity at the site: litefleet device add {record.device_id} --secure SITE_DIR\n"
-        + (f"Running broker reloaded (mosquitto pid {pid}).\n" if pid else "No broker is running.\n")
+        + reload_line(pid)
+        + "\n"
     )
     return 0
 
@@ -163,9 +165,7 @@ def format_bundle(bundle: DeviceBundle, folder: Path, broker_pid: int | None, pr
         "runs the agent from that folder (or a copy of it) as it is.",
         f"The agent connects with client id = {bundle.device_id} (the broker enforces it): "
         "run one agent per identity.",
-        f"Running broker reloaded (mosquitto pid {broker_pid})."
-        if broker_pid
-        else "No broker is running; it picks this up when it starts.",
+        reload_line(broker_pid),
     ]
     return "\n".join(lines) + "\n"
 
@@ -212,8 +212,11 @@ def run_remove(args: argparse.Namespace) -> int:
     lines = [f"device {record.device_id} removed: ACL entries gone, {what}."]
     if pid:
         lines.append(
-            f"Running broker reloaded (mosquitto pid {pid}): new connections with the old "
-            "credentials are refused; a session still open has no rights left."
+            reload_line(
+                pid,
+                "new connections with the old credentials are refused; "
+                "a session still open has no rights left",
+            )
         )
         cleared = _clear_state(args)
         lines.append(
@@ -223,7 +226,7 @@ def run_remove(args: argparse.Namespace) -> int:
         )
     else:
         lines.append(
-            "No broker is running; it picks this up when it starts. The device's last retained "
+            reload_line(None) + " The device's last retained "
             "state stays with the broker's data, so status lists it (offline) until you run "
             f"`litefleet device remove {record.device_id} --secure {args.secure}` again with the "
             "broker running."

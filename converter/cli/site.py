@@ -18,6 +18,7 @@ from pathlib import Path
 
 from converter.broker.registry import site_identity, site_sync_identity
 from converter.broker.sites import CentralDir, SiteBundle
+from converter.cli.reloaded import reload_line
 from converter.cli.table import format_table
 
 DESCRIPTION = (
@@ -83,9 +84,7 @@ def format_site_bundle(bundle: SiteBundle, broker_pid: int | None) -> str:
         "3. For each device of the site, first here, then at the site:",
         f"   litefleet device add ID --site {name} --secure {Path(bundle.folder).parents[1]}",
         "   litefleet device add ID --secure SITE_DIR",
-        f"Running broker reloaded (mosquitto pid {broker_pid})."
-        if broker_pid
-        else "No broker is running; it picks this up when it starts.",
+        reload_line(broker_pid),
     ]
     return "\n".join(lines) + "\n"
 
@@ -121,10 +120,7 @@ def run_remove(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"site {record.name} removed: both certificates revoked (CRL), "
         f"{len(devices)} devices' grants gone.\n"
-        + (
-            f"Running broker reloaded (mosquitto pid {pid}); an open bridge session has no rights left.\n"
-            if pid
-            else "No broker is running; it picks this up when it starts.\n"
-        )
+        + reload_line(pid, "an open bridge session has no rights left")
+        + "\n"
     )
     return 0
