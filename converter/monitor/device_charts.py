@@ -10,7 +10,7 @@ Guarantees:
   latency on a log axis spanning every p50 and p99 shown, throughput, CPU and memory
   linear from 0 to a nice ceiling of the largest value shown. Two devices' charts
   can be compared by eye; their tick labels are the same.
-- A device that is not online gets a grey span from its last report to now on each
+- A device that is not online gets a grey span from its last metrics to now on each
   of its charts ("offline", "stale"), and its legends carry no figures: nothing about
   it reads as current.
 - A version change is a dashed vertical line on its model's charts.
@@ -225,7 +225,7 @@ def device_rows(histories: Sequence[DeviceHistory], since: float, until: float, 
             note = ""
         else:
             last = v.metrics.ts if v is not None and v.metrics is not None else _last_ts(h)
-            note = f" · last report {age(now, last)}; nothing after it is known"
+            note = f" · last metrics {age(now, last)}; nothing after them is known"
         out.append(
             f'<div class="devrow" data-device="{e(h.device_id)}" data-health="{e(health)}">'
             f'<h3><a href="?device={quote(h.device_id, safe="")}">{e(h.device_id)}</a> '

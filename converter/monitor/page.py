@@ -9,9 +9,9 @@ Guarantees:
   messages) is HTML-escaped; device text can never become markup.
 - A device's figures of the last interval are shown as *now* only while it is online
   (:attr:`converter.monitor.live.DeviceView.current`). For a stale, offline or unknown
-  device the table says so and shows its last report in one grey cell, with the
-  report's age ("last report 14 min ago: p50 ..."), never in the columns of current
-  figures.
+  device the table says so and shows its last metrics in one grey cell, with their
+  age ("last metrics 14 min ago: p50 ..."; "last seen" is its last message of any
+  kind), never in the columns of current figures.
 - The charts (:mod:`converter.monitor.device_charts`,
   :mod:`converter.monitor.rollout_section`) come in as finished markup.
 """
@@ -137,7 +137,7 @@ def last_report(d: DeviceView, now: float) -> str:
             f"{_fmt(first.requests)} requests",
         ]
     parts += [f"CPU {_fmt(m.cpu_percent_system, ' %')}", _mib(m)]
-    return f"{head} · last report {age(now, m.ts)}: " + ", ".join(parts)
+    return f"{head} · last metrics {age(now, m.ts)}: " + ", ".join(parts)
 
 
 def fleet_rows(devices: Sequence[DeviceView], now: float) -> list[list[Cell]]:
@@ -319,7 +319,7 @@ def render_page(
     if charts:
         out.append(
             '<p class="sub">Charts in one column share one scale: latency on a log axis, '
-            "throughput, CPU and memory from 0. Grey: the device is not online since its last report.</p>"
+            "throughput, CPU and memory from 0. Grey: the device is not online since its last metrics.</p>"
         )
         out += charts
         if charts_omitted:

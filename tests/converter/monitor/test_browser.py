@@ -224,7 +224,7 @@ def test_the_page_in_a_real_browser(broker: Any, tmp_path: Path) -> None:
     off = dom.rows["pi-3"]
     assert ("offline", "offline") in off
     (was,) = [text for cls, text in off if cls == "was"]
-    assert re.match(r"offline · last report 2\d min ago: p50 [\d.]+ (µs|ms), p99 ", was), was
+    assert re.match(r"offline · last metrics 2\d min ago: p50 [\d.]+ (µs|ms), p99 ", was), was
     assert not [text for cls, text in off if cls == "num"]
     on = dom.rows["pi-2"]
     assert ("online", "online") in on and len([t for c, t in on if c == "num"]) == 7

@@ -121,7 +121,7 @@ def test_an_offline_or_stale_device_shows_its_last_report_with_its_age_not_as_cu
         cells = rows[device_id]
         (was,) = [c for c in cells if c.cls == "was"]
         assert was.span == NOW_COLUMNS and len(cells) == len(FLEET_HEADERS) - NOW_COLUMNS + 1
-        assert was.text.startswith(word) and f"last report {ago}: p50 " in was.text, was.text
+        assert was.text.startswith(word) and f"last metrics {ago}: p50 " in was.text, was.text
         assert not any(c.cls == "num" for c in cells)  # no figure in a column of current figures
     page = render_page(devices=[online, stale, offline], charts=[], events=[], now=NOW, window_s=3600)
     assert re.search(
@@ -201,7 +201,7 @@ def test_chart_has_gaps_version_marks_and_an_offline_span() -> None:
     )
     # nothing in a legend reads as current for a device that is offline
     assert re.search(r'class="legend">.*?µs', svg.group(0)) is None
-    assert "last report 5 min ago" in row and 'data-health="offline"' in row
+    assert "last metrics 5 min ago" in row and 'data-health="offline"' in row
     (empty,) = device_rows([DeviceHistory("pi-x", None, (("digits", ()),), ())], 0.0, 10.0, 10.0)
     assert "no requests in this window" in empty
 
