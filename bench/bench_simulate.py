@@ -1,6 +1,7 @@
 """N simulated devices (``litefleet-agent simulate``) take a push, against raw retained fan-out.
 
     .venv/bin/python bench/bench_simulate.py [--devices 1000] [--models digits,mobilenet] [--runs 1]
+        [--processes 1] [--raw-max 2000]
 
 Per model, on private Mosquittos (``litefleet broker``'s limits), same run:
 
@@ -8,13 +9,19 @@ Per model, on private Mosquittos (``litefleet broker``'s limits), same run:
   bytes a device fetches (model + card + golden vectors), as ``bench_activation.py`` does
   (on a broker of the same configuration started for it, before the simulation and again
   after it: the machine's load moves within minutes, the ratio is given to each);
-* **simulated**: one ``python -m agent simulate --devices N`` process (each device a real
+* **simulated**: ``--processes P`` processes of ``python -m agent simulate`` (default one;
+  with P they split the N devices through ``--first``, each its own Python and GIL: P
+  cores of simulation instead of one) (each device a real
   agent: its own connection, TUF client, download, checks, activation; what they share is
   in ``docs/scale.md``), idle and ready; ``litefleet push``; time until every retained
   state shows the version online (**all active**); the simulator's CPU (utime + stime of
   the process) from the push until its CPU use is back to idle, minus the idle rate
   measured just before, divided by N; the machine's busy share over the same window; the
   broker's CPU; wills (states without ``models``) and duplicate events seen.
+
+Beyond ``--raw-max`` devices (default 2,000: one ``mosquitto_sub`` process per subscriber)
+the raw fan-out is measured with ``--raw-max`` subscribers and scaled by N / raw-max; the
+rows say so (``raw_scaled_from``).
 
 The models are ``bench_activation.py``'s (built once with TensorFlow in
 ``bench/out/activation``). Agents run with metrics, refresh and probation at an hour.
@@ -51,20 +58,26 @@ from bench.machine import describe  # noqa: E402
 from converter.broker.mosquitto import BrokerConfig, BrokerProcess  # noqa: E402
 from tests.support.harness import FleetWatcher, must, write_agent_config  # noqa: E402
 
+SIMULATE = [sys.executable, "-m", "agent", "simulate"]
 
-def settle(pid: int, idle_rate: float, step_s: float = 0.5, timeout_s: float = 300) -> None:
-    """Return once the simulator's CPU use is back near its idle rate for two steps."""
+
+def cpu_s(pids: list[int]) -> float:
+    return sum(proc_cpu_s(p) for p in pids)
+
+
+def settle(pids: list[int], idle_rate: float, step_s: float = 0.5, timeout_s: float = 300) -> None:
+    """Return once the simulators' CPU use is back near its idle rate for two steps."""
     quiet = 0
-    last = proc_cpu_s(pid)
+    last = cpu_s(pids)
     deadline = time.monotonic() + timeout_s
     while quiet < 2 and time.monotonic() < deadline:
         time.sleep(step_s)
-        now = proc_cpu_s(pid)
+        now = cpu_s(pids)
         quiet = quiet + 1 if now - last <= idle_rate * step_s + 0.03 else 0
         last = now
 
 
-def raw_baselines(n: int, models: dict[str, Path], work: Path) -> dict[str, float]:
+def raw_baselines(n: int, models: dict[str, Path], work: Path, raw_max: int) -> dict[str, float]:
     """Raw fan-out of each model's bytes to N mosquitto_sub, on a broker of its own (same
     configuration): after 1,000 copies of 5 MB Mosquitto keeps ~3.6 GB resident, which
     would hide the simulated devices' own footprint on a shared broker."""
@@ -76,15 +89,19 @@ def raw_baselines(n: int, models: dict[str, Path], work: Path) -> dict[str, floa
         for name, model in models.items():
             raw_file = work / f"raw-{name}.bin"
             raw_file.write_bytes(payload_of(model))
-            raws[name] = raw_fanout(broker.port, raw_file, n)["wall_s"]
-            print(f"N={n} raw fan-out {name}: {raws[name]:.2f} s", flush=True)
+            subs = min(n, raw_max)
+            raws[name] = raw_fanout(broker.port, raw_file, subs)["wall_s"] * n / subs
+            scaled = f" (measured with {subs}, scaled)" if subs < n else ""
+            print(f"N={n} raw fan-out {name}: {raws[name]:.2f} s{scaled}", flush=True)
     finally:
         broker.stop()
     return raws
 
 
-def run(n: int, models: dict[str, Path], runs: int, work: Path) -> list[dict[str, Any]]:
-    raws = raw_baselines(n, models, work)
+def run(
+    n: int, models: dict[str, Path], runs: int, work: Path, processes: int = 1, raw_max: int = 2000
+) -> list[dict[str, Any]]:
+    raws = raw_baselines(n, models, work, raw_max)
     broker = BrokerProcess(BrokerConfig(data_dir=work / "broker", persistence=False))
     broker.start()
     repo = work / "repo"
@@ -105,14 +122,19 @@ def run(n: int, models: dict[str, Path], runs: int, work: Path) -> list[dict[str
     assert broker.proc is not None
     broker_rss0 = rss_mb(broker.proc.pid)
     t0 = time.perf_counter()
-    sim = subprocess.Popen(
-        [sys.executable, "-m", "agent", "simulate", "--config", str(config), "--devices", str(n)],
-        stdout=subprocess.PIPE,
-        stderr=open(work / "simulate.log", "wb"),  # noqa: SIM115
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    shares = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
+    sims = [
+        subprocess.Popen(
+            [*SIMULATE, "--config", str(config), "--devices", str(k), "--first", str(sum(shares[:i]))],
+            stdout=subprocess.PIPE,
+            stderr=open(work / f"simulate-{i}.log", "wb"),  # noqa: SIM115
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        for i, k in enumerate(shares)
+    ]
+    pids = [p.pid for p in sims]
     rows: list[dict[str, Any]] = []
     try:
         ids = [f"sim-{i:05d}" for i in range(n)]
@@ -120,36 +142,41 @@ def run(n: int, models: dict[str, Path], runs: int, work: Path) -> list[dict[str
             lambda: all((watch.states.get(i) or {}).get("status") == "idle" for i in ids), 600, "all idle"
         )
         start_s = time.perf_counter() - t0
-        start_cpu = proc_cpu_s(sim.pid)
+        start_cpu = cpu_s(pids)
         broker_rss = rss_mb(broker.proc.pid)
         print(
-            f"N={n} simulated devices idle after {start_s:.1f} s, simulator CPU {start_cpu:.1f} s, "
-            f"RSS {rss_mb(sim.pid):.0f} MB; broker RSS {broker_rss0:.1f} -> {broker_rss:.1f} MB "
+            f"N={n} simulated devices ({processes} processes) idle after {start_s:.1f} s, simulator CPU "
+            f"{start_cpu:.1f} s, RSS {sum(rss_mb(p) for p in pids):.0f} MB; "
+            f"broker RSS {broker_rss0:.1f} -> {broker_rss:.1f} MB "
             f"({(broker_rss - broker_rss0) * 1024 / n:.1f} KB per connected device)",
             flush=True,
         )
-        settle(sim.pid, 0.05)
+        settle(pids, 0.05 * processes)
         version = 0
         for run_no in range(runs):
             for name, model in models.items():
                 version += 1
-                rows.append(push_once(n, name, model, version, run_no, sim.pid, watch, broker, repo, raws))
+                rows.append(push_once(n, name, model, version, run_no, pids, watch, broker, repo, raws))
+                rows[-1]["processes"] = processes
+                rows[-1]["raw_scaled_from"] = min(n, raw_max) if raw_max < n else None
                 rows[-1]["start_s"] = start_s
                 rows[-1]["start_cpu_s"] = start_cpu
                 rows[-1]["broker_rss_mb_before"] = broker_rss0
                 rows[-1]["broker_rss_mb_connected"] = broker_rss
                 rows[-1]["broker_rss_mb_after_push"] = rss_mb(broker.proc.pid)
     finally:
-        sim.send_signal(signal.SIGTERM)
-        try:
-            sim.wait(300)
-        except subprocess.TimeoutExpired:
-            sim.kill()
+        for sim in sims:
+            sim.send_signal(signal.SIGTERM)
+        for sim in sims:
+            try:
+                sim.wait(300)
+            except subprocess.TimeoutExpired:
+                sim.kill()
         watch.close()
         broker.stop()
     # the raw fan-out again: the load of this shared machine changes within minutes (1,000
     # devices: raw 10.8 s at load average 2 before a simulation that ran at load 20-25)
-    after = raw_baselines(n, models, work / "after")
+    after = raw_baselines(n, models, work / "after", raw_max)
     for row in rows:
         row["raw_after_s"] = after[row["model"]]
         row["ratio_after"] = row["all_active_s"] / after[row["model"]]
@@ -162,19 +189,19 @@ def push_once(
     model: Path,
     version: int,
     run_no: int,
-    pid: int,
+    pids: list[int],
     watch: FleetWatcher,
     broker: BrokerProcess,
     repo: Path,
     raws: dict[str, float],
 ) -> dict[str, Any]:
-    c0, w0 = proc_cpu_s(pid), time.perf_counter()
+    c0, w0 = cpu_s(pids), time.perf_counter()
     time.sleep(3.0)
-    idle = (proc_cpu_s(pid) - c0) / (time.perf_counter() - w0)
+    idle = (cpu_s(pids) - c0) / (time.perf_counter() - w0)
     wills0, ev0 = offline_states(watch), len(watch.events)
     busy0 = machine_busy()
     bc0 = proc_cpu_s(broker.proc.pid) if broker.proc else 0.0
-    cpu0 = proc_cpu_s(pid)
+    cpu0 = cpu_s(pids)
     t0 = time.perf_counter()
     must("push", str(model), "--repo", str(repo), "--name", "bench", "--broker", broker.url)
     ids = [f"sim-{i:05d}" for i in range(n)]
@@ -188,10 +215,10 @@ def push_once(
     )
     active_s = time.perf_counter() - t0
     busy_active = machine_busy()
-    settle(pid, idle)
+    settle(pids, idle)
     t1 = time.perf_counter()
     busy1 = machine_busy()
-    cpu = proc_cpu_s(pid) - cpu0 - idle * (t1 - t0)
+    cpu = cpu_s(pids) - cpu0 - idle * (t1 - t0)
     row = {
         "n": n,
         "model": name,
@@ -207,7 +234,7 @@ def push_once(
         "window_s": t1 - t0,
         "broker_cpu_s": (proc_cpu_s(broker.proc.pid) if broker.proc else 0.0) - bc0,
         "idle_cpu_pct": idle * 100,
-        "rss_mb": rss_mb(pid),
+        "rss_mb": sum(rss_mb(p) for p in pids),
         "wills_seen": offline_states(watch) - wills0,
         "duplicate_events": duplicate_events(watch, ev0),
         "loadavg_1min_after": os.getloadavg()[0],
@@ -230,6 +257,8 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--models", default="digits,mobilenet")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--processes", type=int, default=1, help="simulator processes sharing the devices")
+    ap.add_argument("--raw-max", type=int, default=2000, help="most mosquitto_sub processes for raw")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     all_models = ensure_models()
@@ -237,15 +266,16 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lf-bench-simulate-"))
     print(f"# machine: {describe('paho-mqtt', 'tuf', 'ai-edge-litert', 'numpy')}")
     print(f"# work dir {work}")
-    rows = run(args.devices, models, args.runs, work)
+    rows = run(args.devices, models, args.runs, work, args.processes, args.raw_max)
     print(
-        "\n| N simulated | model | all active (s) | raw fan-out before / after (s) | ratio to each "
-        "| simulator CPU (s) | per device (ms) | machine busy | RSS |"
+        "\n| N simulated (processes) | model | all active (s) | raw fan-out before / after (s) "
+        "| ratio to each | simulator CPU (s) | per device (ms) | machine busy | RSS |"
     )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['n']} | {r['model']} v{r['version']} | {r['all_active_s']:.2f} | {r['raw_s']:.2f} / "
+            f"| {r['n']} ({r['processes']}) | {r['model']} v{r['version']} | {r['all_active_s']:.2f} | "
+            f"{r['raw_s']:.2f} / "
             f"{r['raw_after_s']:.2f} | {r['ratio']:.1f}x / {r['ratio_after']:.1f}x | "
             f"{r['simulator_cpu_s']:.1f} | {r['cpu_ms_per_device']:.1f} | "
             f"{r['machine_busy_pct_to_active']:.0f} % | {r['rss_mb']:.0f} MB |"
