@@ -45,7 +45,7 @@ def _stack() -> list[str]:
     st = getattr(_local, "stack", None)
     if st is None:
         st = _local.stack = []
-    return st  # type: ignore[no-any-return]
+    return st
 
 
 def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

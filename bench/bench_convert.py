@@ -214,7 +214,8 @@ def bench_mobilenet(out: Path, runs: int) -> dict[str, Any]:
     )
     check(r.mode != "dynamic", f"auto picked {r.mode}, not dynamic")
     check(
-        not slower or "slower than float32" in r.selection.rejected.get("dynamic", ""),
+        not slower
+        or (r.selection is not None and "slower than float32" in r.selection.rejected.get("dynamic", "")),
         "auto's report says dynamic is slower than float32",
     )
     # the same measurements under the default budget (1 % top-1 disagreement)

@@ -253,7 +253,7 @@ def bench_monitor(broker: BrokerProcess, devices: int, m: int, runs: int, work: 
         took, split = shared_collectors(broker.port, msgs, work / f"shared-{run}.db")
         coll.append(took)
         splits.append(split)
-    r = {
+    r: dict[str, Any] = {
         "devices": devices,
         "messages": m,
         "two_collectors_s": statistics.median(coll),
@@ -291,16 +291,16 @@ def bench_sqlite(devices: int, m: int, work: Path) -> dict[str, Any]:
         size = db.stat().st_size + sum(
             p.stat().st_size for p in (Path(f"{db}-wal"), Path(f"{db}-shm")) if p.exists()
         )
-        with store.reader() as r:
-            samples = r.count("samples")
-            model_rows = r.count("model_samples")
+        with store.reader() as reader:
+            samples = reader.count("samples")
+            model_rows = reader.count("model_samples")
         t0 = time.perf_counter()
         pruned = store.prune(1.8e9 + m / 2)  # the older half (ts = 1.8e9 + i)
         prune_s = time.perf_counter() - t0
     finally:
         store.close()
     per_msg = size / samples
-    r = {
+    r: dict[str, Any] = {
         "samples": samples,
         "model_rows": model_rows,
         "bytes": size,

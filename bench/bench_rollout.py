@@ -291,12 +291,12 @@ def shadow_rule(k: int) -> Iterator[None]:
     import converter.cli.push as push_cli
     from agent.protocol import Rollout
 
-    original = push_cli.Rollout
-    push_cli.Rollout = lambda target, pct: Rollout(target, pct, k)  # type: ignore[assignment,misc]
+    original = Rollout
+    setattr(push_cli, "Rollout", lambda target, pct: Rollout(target, pct, k))  # noqa: B010 (a patch)
     try:
         yield
     finally:
-        push_cli.Rollout = original  # type: ignore[misc]
+        setattr(push_cli, "Rollout", original)  # noqa: B010
 
 
 def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -384,7 +384,7 @@ def added(r: dict[str, dict[str, Any]], on: str, off: str, key: str = "p50") -> 
     if key == "p50":
         ratios = np.asarray(r[on]["rounds_p50"]) / np.asarray(r[off]["rounds_p50"])
         return (float(np.median(ratios)) - 1.0) * 100.0
-    return (r[on][key] / r[off][key] - 1.0) * 100.0
+    return float((r[on][key] / r[off][key] - 1.0) * 100.0)
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -476,7 +476,8 @@ def int8_input(path: Path, seed: int = 0) -> np.ndarray:
     r = runner(path)
     spec = r.inputs[0]
     info = np.iinfo(spec.dtype)
-    return np.random.default_rng(seed).integers(info.min, info.max + 1, spec.shape, dtype=spec.dtype)
+    x: np.ndarray = np.random.default_rng(seed).integers(info.min, info.max + 1, spec.shape, dtype=spec.dtype)
+    return x
 
 
 def main() -> int:

@@ -219,7 +219,11 @@ def push_once(fleet: Fleet, model: Path, name: str, version: int) -> dict[str, A
     pushed = live_bytes(fleet.tap, mark)
     row: dict[str, Any] = {"seen_s": seen_s, "last_activated_s": max(activated) - t0_wall, "pushed": pushed}
     for s, site in fleet.sites.items():
-        st = site.wait_status(lambda x, s=s: x["bytes_down"] - before[s] >= pushed, 30, "bytes counted")
+
+        def counted(x: dict[str, Any], s: str = s) -> bool:
+            return bool(x["bytes_down"] - before[s] >= pushed)
+
+        st = site.wait_status(counted, 30, "bytes counted")
         ids = fleet.site_devices[s]
         row[f"bridge_{s}"] = st["bytes_down"] - before[s]
         row[f"devices_{s}"] = sum(

@@ -172,7 +172,8 @@ class AgentProcess:
             return ""
 
     def state_file(self) -> dict[str, Any]:
-        return json.loads((self.state_dir / "state.json").read_text())
+        doc: dict[str, Any] = json.loads((self.state_dir / "state.json").read_text())
+        return doc
 
 
 class FleetWatcher:
@@ -357,7 +358,7 @@ class PersistentSubscriber:
             CallbackAPIVersion.VERSION2, client_id=f"monitor-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5
         )
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
 
         def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, properties: Any = None) -> None:

@@ -70,7 +70,7 @@ class RunningMonitor:
 
     def get(self, path: str) -> str:
         with urllib.request.urlopen(self.url + path, timeout=10) as resp:
-            return resp.read().decode()
+            return str(resp.read().decode())
 
     def metric(self, selector: str) -> float | None:
         """One series of a fresh scrape (see :func:`scraped_value`), None if absent."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 
 from converter.broker.mosquitto import BrokerProcess, free_port
@@ -141,8 +141,8 @@ def connect(
     p = paho.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id or f"t-{uuid.uuid4().hex[:8]}",
-        protocol=protocol,
-        **({} if protocol == V5 else {"clean_session": clean}),
+        protocol=MQTTProtocolVersion(protocol),
+        clean_session=None if protocol == V5 else clean,
     )
     c = Client(p, protocol)
     if tls:
@@ -165,7 +165,8 @@ def connect(
 
     def on_message(client: Any, userdata: Any, msg: paho.MQTTMessage) -> None:
         with c.new_message:
-            c.messages.append(Got(msg.topic, msg.payload, bool(msg.retain), getattr(msg, "properties", None)))
+            props = getattr(msg, "properties", None)
+            c.messages.append(Got(msg.topic, bytes(msg.payload), bool(msg.retain), props))
             c.new_message.notify_all()
 
     def on_publish(client: Any, userdata: Any, mid: int, rc: Any, props: Any = None) -> None:

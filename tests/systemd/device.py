@@ -224,7 +224,8 @@ class Device:
         (self.xfer / "x.npy").write_bytes(buf.getvalue())
         status, body = self.rest("predict", "digits", "/media/litefleet/x.npy")
         assert status == 200, body[:500]
-        return np.load(io.BytesIO(body), allow_pickle=False)
+        got: np.ndarray = np.load(io.BytesIO(body), allow_pickle=False)
+        return got
 
     def close(self) -> None:
         if self.watcher is not None:
