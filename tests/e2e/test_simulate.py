@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.service.simulate import device_ids
-from tests.support.harness import REPO_ROOT, must, watching, write_agent_config
+from tests.support.harness import REPO_ROOT, must, push, watching, write_agent_config
 
 DEVICES = 1000
 
@@ -62,16 +62,7 @@ def test_a_push_reaches_a_thousand_simulated_devices(broker, tmp_path: Path, dig
                 return all(pred(watch.states.get(i) or {}) for i in ids)
 
             watch.wait_for(lambda: every(lambda s: s.get("status") == "idle"), 300, "every device idle")
-            must(
-                "push",
-                str(digits_int8.tflite),
-                "--repo",
-                str(repo),
-                "--name",
-                "digits",
-                "--broker",
-                broker.url,
-            )
+            push(digits_int8.tflite, repo, broker.url)
             watch.wait_for(
                 lambda: every(lambda s: s.get("online") is True and s.get("version") == "1"),
                 600,

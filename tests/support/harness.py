@@ -52,6 +52,11 @@ def must(*args: str) -> str:
     return out
 
 
+def push(model: Path, repo: Path, broker_url: str, name: str = "digits", *extra: str) -> str:
+    """``litefleet push MODEL --repo REPO --name NAME --broker URL [extra...]``; its output."""
+    return must("push", str(model), "--repo", str(repo), "--name", name, "--broker", broker_url, *extra)
+
+
 def copy_model(src: Any, dest_dir: Path, name: str = "model") -> Path:
     """Copy a converted model (:class:`tests.support.models.ConvertedModel`) with its card and
     golden vectors under a new stem; returns the new ``.tflite``."""

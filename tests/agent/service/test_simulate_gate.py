@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.service.config import load_config
 from agent.service.simulate import SimulatedFleet
-from tests.support.harness import must, watching, write_agent_config
+from tests.support.harness import must, push, watching, write_agent_config
 
 
 class RecordingGate:
@@ -61,16 +61,7 @@ def test_each_device_verifies_and_activates_under_the_shared_gate(
     with watching(broker.port) as watch:
         fleet.start()
         try:
-            must(
-                "push",
-                str(digits_int8.tflite),
-                "--repo",
-                str(repo),
-                "--name",
-                "digits",
-                "--broker",
-                broker.url,
-            )
+            push(digits_int8.tflite, repo, broker.url)
             for device_id in fleet.ids:
                 watch.wait_active(device_id, "digits", 1, timeout_s=120)
         finally:
