@@ -419,18 +419,19 @@ def test_a_controller_killed_mid_rollout_and_resumed_reaches_the_same_end(
     fleet: Fleet, models: dict[str, Path]
 ) -> None:
     base = Repository.open(fleet.repo).targets.signed.version
-    proc = fleet.start(models["seed2"])
     store = RolloutStore(fleet.repo)
+    earlier = store.load(MODEL)  # the last test's rollout, promoted: not this one
+    proc = fleet.start(models["seed2"])
     # generous: the first wave bakes 20 s but may wait up to its max wait for samples, and
-    # a loaded machine slows all of it (once, 180 s was not enough in a full local run)
+    # a loaded machine slows all of it
     deadline = time.monotonic() + 480
     rec = None
     while time.monotonic() < deadline:  # after the first promotion, while wave 2 bakes
         rec = store.load(MODEL)
-        if rec is not None and rec.wave == 1 and rec.state is RolloutState.BAKING and rec.version > 1:
-            break
-        if rec is not None and rec.state.terminal:
-            break  # it will not get there: say why below
+        if rec is not None and earlier is not None and rec.started == earlier.started:
+            rec = None  # this rollout has not written its record yet
+        elif rec is not None and ((rec.wave == 1 and rec.state is RolloutState.BAKING) or rec.state.terminal):
+            break  # there, or it will never get there (say why below)
         time.sleep(0.2)
     if rec is None or rec.wave != 1 or rec.state is not RolloutState.BAKING:
         proc.kill()
