@@ -131,6 +131,7 @@ class Agent:
         self._last_served = Served(0, None)
         self._shutting_down = False
         self._stopped_as_asked = False  # the loop ended on stop(), not on an exception
+        self.tick_s = 1.0  # the loop's longest wait (watchdog, trial deadlines); a simulation's is longer
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = ModelStore(cfg.state_dir)
@@ -372,7 +373,7 @@ class Agent:
         self._maybe_ready()  # before the first refresh, which may wait for the broker
         while not self._should_stop():
             now = self._clock()
-            timeout = max(0.0, min(next_refresh - now, next_metrics - now, 1.0))
+            timeout = max(0.0, min(next_refresh - now, next_metrics - now, self.tick_s))
             try:
                 item = coalesce(self._work.get(timeout=timeout), self._work)
             except queue.Empty:
