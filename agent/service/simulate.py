@@ -70,8 +70,8 @@ logger = logging.getLogger(__name__)
 # ample for the agent's work and the runtime's invoke (Python's default: 8 MiB each)
 THREAD_STACK_BYTES = 1024 * 1024
 # devices started but not ready yet, at most: a start-up at a steady pace, as real fleets
-# boot staggered (started all at once, 2,500 devices per process on 2 cores kept the network
-# threads silent for 45 s: the broker dropped every connection; docs/scale.md)
+# boot staggered. It does not make more devices fit: 2,500 per process on 2 cores lost
+# their connections with or without it (docs/scale.md)
 STARTING_AT_ONCE = 100
 # no device became ready for this long (a broker away): start the rest without waiting
 RAMP_PATIENCE_S = 60.0
