@@ -42,6 +42,7 @@ from agent.errors import TransportError
 from agent.mqtt.filters import has_wildcard, topic_filter_of
 from agent.mqtt.inflight import PublishInFlight
 from agent.mqtt.network import SharedNetwork
+from agent.mqtt.paho_log import PAHO_LOG, quiet_paho_log
 from agent.mqtt.transport import Message
 
 logger = logging.getLogger(__name__)
@@ -52,22 +53,7 @@ def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
-class _QuietNotConnected(logging.Filter):
-    """paho logs "Client is not connected" at ERROR from its network loop's last turn after
-    every disconnect, our own included (each will renewal, each shutdown). A lost connection
-    is already reported by :class:`MqttClient` itself, so this line is demoted to DEBUG, and
-    dropped unless the ``paho`` logger is enabled for DEBUG: the level check was made at
-    ERROR before this filter ran, so relabelling alone would let it through at ``info``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR and str(record.msg).startswith("Client is not connected"):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return _PAHO_LOG.isEnabledFor(logging.DEBUG)
-        return True
-
-
-_PAHO_LOG = logging.getLogger("paho")
-_PAHO_LOG.addFilter(_QuietNotConnected())
+quiet_paho_log()
 
 Handler = Callable[[Message], None]
 
@@ -124,7 +110,7 @@ class MqttClient:
             client_id=settings.client_id,
             protocol=paho.MQTTv5,
         )
-        self._client.enable_logger(_PAHO_LOG)
+        self._client.enable_logger(PAHO_LOG)
         self._client.reconnect_delay_set(min_delay=1, max_delay=15)
         # paho's default of 20 in flight stalls large pushes; the broker allows 50
         self._client.max_inflight_messages_set(50)
@@ -164,6 +150,7 @@ class MqttClient:
         self._acked_mids: set[int] = set()
         self._connect_error: str | None = None
         self._on_connected: list[Callable[[], None]] = []
+        self._connect_barrier: int | None = None  # its SUBACK runs the connect listeners
         self._started = False
         # a persistent session keeps its subscriptions: one barrier topic per session, not
         # one more per process
@@ -179,7 +166,11 @@ class MqttClient:
 
     # -- lifecycle -------------------------------------------------------------
     def add_connect_listener(self, fn: Callable[[], None]) -> None:
-        """``fn()`` runs on paho's thread after each (re)connect and re-subscribe."""
+        """``fn()`` runs on paho's thread after each (re)connect, once the broker has
+        answered the re-subscribe: after paho has re-sent the publishes the last
+        connection left unacknowledged, so what ``fn`` publishes reaches the broker
+        after them (paho re-sends them only after ``on_connect`` returns: a retained
+        state published from there was overwritten by the older one re-sent)."""
         self._on_connected.append(fn)
 
     def start(self) -> None:
@@ -338,18 +329,22 @@ class MqttClient:
             if self._connected.is_set():
                 self._send_barrier()
 
-    def _send_barrier(self) -> None:
+    def _send_barrier(self) -> int | None:
+        """Send a barrier SUBSCRIBE; its mid, or None when it was answered already or
+        could not be sent."""
         # a filter nobody publishes to; only its SUBACK matters. A broker that
         # refuses it still answers with a SUBACK, which is all we need.
         rc, mid = self._client.subscribe(self._barrier_topic, qos=0)
-        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
-            with self._lock:
-                # the SUBACK may have been handled already, on paho's thread
-                if mid in self._acked_mids:
-                    self._acked_mids.discard(mid)
-                    self._synced.set()
-                else:
-                    self._barrier_mids.add(mid)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        with self._lock:
+            # the SUBACK may have been handled already, on paho's thread
+            if mid in self._acked_mids:
+                self._acked_mids.discard(mid)
+                self._synced.set()
+                return None
+            self._barrier_mids.add(mid)
+        return mid
 
     # -- paho callbacks (paho's network thread) ---------------------------------------
     def _on_connect(
@@ -369,10 +364,16 @@ class MqttClient:
                 self._synced.clear()
             if subs:
                 client.subscribe([(f, q) for f, (q, _) in subs])
-            self._send_barrier()
+            barrier = self._send_barrier()
+            with self._lock:
+                self._connect_barrier = barrier
             self._disconnected.clear()
             self._connected.set()
         logger.info("connected to %s:%s", self.settings.host, self.settings.port)
+        if barrier is None:  # nothing will answer: run them now
+            self._run_connect_listeners()
+
+    def _run_connect_listeners(self) -> None:
         for fn in self._on_connected:
             try:
                 fn()
@@ -410,12 +411,17 @@ class MqttClient:
         with self._lock:
             is_barrier = mid in self._barrier_mids
             self._barrier_mids.discard(mid)
+            connected_now = mid == self._connect_barrier
+            if connected_now:
+                self._connect_barrier = None
             if is_barrier:
                 self._synced.set()
             else:
                 self._acked_mids.add(mid)
                 if len(self._acked_mids) > 256:
                     self._acked_mids.pop()
+        if connected_now:
+            self._run_connect_listeners()
         if not is_barrier and any(rc.is_failure for rc in reason_codes):
             logger.warning(
                 "broker refused a subscription (mid %s): %s", mid, ", ".join(str(rc) for rc in reason_codes)

@@ -10,6 +10,7 @@ each accepted connection to the upstream port. While it runs, a test can:
 * ``slice_bytes``: forward in tiny pieces (exercises partial reads);
 * ``cut()``: drop every open connection at once (a network drop);
 * ``refuse``: refuse new connections (the network stays down);
+* ``mute_down``: drop what the upstream sends meanwhile (a PUBACK that never arrives);
 * ``bytes_down``: count what went to clients.
 """
 
@@ -30,6 +31,7 @@ class FaultProxy:
         self.latency_s = 0.0
         self.slice_bytes: int | None = None
         self.refuse = False
+        self.mute_down = False
         self.bytes_down = 0
         self.bytes_up = 0
         self.connections = 0
@@ -83,6 +85,8 @@ class FaultProxy:
                 if self.slice_bytes:
                     n = self.slice_bytes
                     pieces = [data[i : i + n] for i in range(0, len(data), n)]
+                if downstream and self.mute_down:
+                    continue
                 for piece in pieces:
                     if self.delay_s:
                         time.sleep(self.delay_s)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient, wait_until
 from tests.support.monitor import publish_many
 
 
@@ -133,3 +133,46 @@ def test_the_sync_barrier_covers_every_retained_message_on_a_stock_broker(
         assert sorted(got) == sorted(topics)  # all of them at the barrier, before any wait
     finally:
         client.stop()
+
+
+def test_a_state_published_on_reconnect_lands_after_the_one_left_unacknowledged(broker: Any) -> None:
+    """The last connection ended before the broker's PUBACK of a retained state: paho re-sends
+    that older state after a reconnect. What the connect listener publishes (the state as it
+    is now) must reach the broker after it, or the broker keeps the older one (seen in the
+    two-site test: a device served v4 while its site broker held "checking v3")."""
+    from tests.support.tcp_proxy import FaultProxy
+
+    topic = "litefleet/v1/devices/pi-order/state"
+    seen: list[bytes] = []
+    observer = MqttClient(ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="observer"))
+    observer.subscribe(topic, lambda m: seen.append(m.payload), qos=1)
+    observer.connect(10)
+    latest = [b"v1"]
+    with FaultProxy(broker.port) as proxy:
+        client = MqttClient(ConnectionSettings(host="127.0.0.1", port=proxy.port, client_id="pi-order"))
+        client.add_connect_listener(lambda: client.publish(topic, latest[0], qos=1, retain=True))
+        try:
+            client.connect(10)
+            assert wait_until(lambda: seen[-1:] == [b"v1"], 30), "v1 never reached the broker"
+            proxy.mute_down = True  # the broker's PUBACK of v2 never arrives
+            client.publish(topic, b"v2", qos=1, retain=True)
+            assert wait_until(lambda: seen[-1:] == [b"v2"], 30), "v2 never reached the broker"
+            latest[0] = b"v3"  # what changed while v2 waited for its PUBACK
+            mark = len(seen)
+            proxy.cut()
+            proxy.mute_down = False
+            # both arrive once the client is back: v2 re-sent by paho, v3 from the listener
+            assert wait_until(lambda: {b"v2", b"v3"} <= set(seen[mark:]), 30), seen[mark:]
+        finally:
+            client.stop()
+    observer.stop()
+    assert seen[-1] == b"v3", seen
+    reader = MqttClient(ConnectionSettings(host="127.0.0.1", port=broker.port, client_id="reader"))
+    retained: list[bytes] = []
+    reader.subscribe(topic, lambda m: retained.append(m.payload), qos=RETAINED_READ_QOS)
+    reader.connect(10)
+    try:
+        assert reader.wait_synced(10)
+        assert retained == [b"v3"], retained
+    finally:
+        reader.stop()
