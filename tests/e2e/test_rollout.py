@@ -63,14 +63,16 @@ BAKE = "20s"
 # controller counted canaries that had switched a moment before it started, before it
 # settled too), while one device's p99 from a few dozen requests before the switch against
 # the same device under the rollout's load moved by 8-14x (latency_p99_self is off here
-# for that reason; tests/converter/rollout has it). v2 read ratios of 64-188.
+# for that reason; tests/converter/rollout has it). v2 read ratios of 64-241. With a
+# busy-loop process beside the test, a retrained (equal-cost) v4 read 5.46 (p99 1.1 ms vs
+# 0.20 ms) and was aborted at the old bound of 5: the bound is 20, between the two.
 GATES = (
     "--min-samples",
     "30",
     "--shadow-k",
     "5",
     "--gate",
-    "latency_p99_ratio<=5",
+    "latency_p99_ratio<=20",
     "--gate",
     "latency_p99_self=off",
 )
@@ -380,7 +382,7 @@ def test_a_slower_version_aborts_in_the_first_wave_on_latency(fleet: Fleet, mode
     for d in outside:  # not even a partial download of the slow model's file
         assert not (fleet.agents[d].state_dir / "downloads" / f"{sha}.part").exists()
     gates = json.loads(out)["waves"][0]["gates"]
-    assert gates["latency_p99_ratio"]["value"] > 5, gates
+    assert gates["latency_p99_ratio"]["value"] > 20, gates
     assert version >= 2
 
 
