@@ -180,11 +180,15 @@ class Fleet:
         return (self.watch.states.get(device) or {}).get("version")
 
     def wait_all_on(self, version: int, timeout_s: float = 90) -> None:
-        self.watch.wait_for(
-            lambda: all(self.active(d) == str(version) for d in self.ids),
-            timeout_s,
-            f"every device on v{version}",
-        )
+        try:
+            self.watch.wait_for(
+                lambda: all(self.active(d) == str(version) for d in self.ids),
+                timeout_s,
+                f"every device on v{version}",
+            )
+        except AssertionError as exc:
+            dead = {d: a.log()[-600:] for d, a in self.agents.items() if not a.alive()}
+            raise AssertionError(f"{exc}\nagents that exited: {dead}") from None
 
     def rollout(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         """A controller process; its output goes to files (a pipe could fill and stall it)."""
