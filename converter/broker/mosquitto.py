@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -41,8 +42,38 @@ def find_mosquitto() -> str:
     raise TransportError("mosquitto is not installed (Debian/Ubuntu: sudo apt-get install -y mosquitto)")
 
 
+LOWEST_PICKED_PORT = 10000
+_picker = random.Random()
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections and ``bind(port 0)`` (Linux's default
+    where it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
+    """A TCP port that was free a moment ago on ``host``, below the ephemeral range.
+
+    A port picked by binding to port 0 comes from the range the kernel also gives every
+    outgoing connection: between the pick and the bind of the process it was picked for,
+    any connection on the machine could take it ("Address already in use", seen once for
+    one of 20 agents' REST ports in tests/e2e/test_rollout.py). Below the range only
+    another explicit bind can."""
+    low, _ = ephemeral_ports()
+    if low - LOWEST_PICKED_PORT >= 1000:
+        for _ in range(100):
+            port = _picker.randrange(LOWEST_PICKED_PORT, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -364,3 +365,16 @@ def test_secure_broker_replaces_a_damaged_server_certificate(tmp_path: Path, sta
 def test_secure_options_need_secure(tmp_path: Path) -> None:
     r = cli("broker", "--san", "hub.local", "--port", "0", cwd=tmp_path)
     assert r.returncode == 2 and "--secure" in r.stderr
+
+
+def test_free_ports_come_from_below_the_ephemeral_range() -> None:
+    """Outgoing connections never take them between the pick and the bind that uses them."""
+    from converter.broker.mosquitto import LOWEST_PICKED_PORT, ephemeral_ports
+
+    low, high = ephemeral_ports()
+    assert 1024 < low < high
+    ports = [free_port() for _ in range(50)]
+    assert all(LOWEST_PICKED_PORT <= p < low for p in ports), ports
+    assert len(set(ports)) > 40, ports  # spread, so two pickers seldom meet
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[0]))  # free indeed
