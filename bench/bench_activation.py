@@ -45,6 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import build_in_child  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from converter.broker.mosquitto import BrokerConfig, BrokerProcess  # noqa: E402
 from tests.support.harness import AgentProcess, FleetWatcher, must  # noqa: E402
@@ -88,18 +89,7 @@ def build_models(out: Path) -> None:  # runs in the child
 def ensure_models() -> dict[str, Path]:
     want = {"digits": OUT / "digits" / "digits.tflite", "mobilenet": OUT / "mobilenet" / "mobilenet.tflite"}
     if not all(p.exists() for p in want.values()):
-        print(
-            "building models with TensorFlow (child process, once; log in bench/out/activation)", flush=True
-        )
-        OUT.mkdir(parents=True, exist_ok=True)
-        with open(OUT / "build.log", "wb") as log:
-            subprocess.run(
-                [sys.executable, __file__, "--build", str(OUT)],
-                check=True,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        build_in_child(__file__, OUT)
     return want
 
 

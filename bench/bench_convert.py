@@ -33,6 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.common import CHECKS, check, exit_code  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
@@ -43,13 +45,6 @@ from converter.convert.pipeline import ConvertConfig  # noqa: E402
 from converter.convert.pipeline import convert_model as _convert_model  # noqa: E402
 from converter.convert.results import ConversionResult  # noqa: E402
 from converter.convert.selection import Candidate, choose_variant  # noqa: E402
-
-CHECKS: list[tuple[bool, str]] = []
-
-
-def check(ok: bool, text: str) -> None:
-    CHECKS.append((ok, text))
-    print(f"{'PASS' if ok else 'FAIL'}  {text}", flush=True)
 
 
 def machine() -> dict[str, Any]:
@@ -405,7 +400,7 @@ def main() -> int:
     if args.write_results:
         write_section(REPO / "bench" / "RESULTS.md", md)
         print("updated the ## Converter section of bench/RESULTS.md")
-    return 0 if all(ok for ok, _ in CHECKS) else 1
+    return exit_code()
 
 
 if __name__ == "__main__":

@@ -44,18 +44,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.common import build_in_child, check, exit_code  # noqa: E402
+
 OUT = REPO / "bench" / "out" / "inference"
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Inference"
 
 import numpy as np  # noqa: E402
-
-CHECKS: list[tuple[bool, str]] = []
-
-
-def check(ok: bool, text: str) -> None:
-    CHECKS.append((ok, text))
-    print(f"{'PASS' if ok else 'FAIL'}  {text}", flush=True)
 
 
 # -- models (child process with TensorFlow) ----------------------------------------------
@@ -95,19 +90,7 @@ def build_models(out: Path) -> None:  # runs in the child
 def ensure_models() -> dict[str, Path]:
     want = {"digits": OUT / "digits.tflite", "mobilenet_v2": OUT / "mobilenet_v2_int8.tflite"}
     if not all(p.exists() for p in want.values()):
-        print(
-            "building models with TensorFlow (child process, once; log in bench/out/inference) ...",
-            flush=True,
-        )
-        OUT.mkdir(parents=True, exist_ok=True)
-        with open(OUT / "build.log", "wb") as log:
-            subprocess.run(
-                [sys.executable, __file__, "--build", str(OUT)],
-                check=True,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        build_in_child(__file__, OUT)
     return want
 
 
@@ -388,7 +371,7 @@ def main() -> int:
     if args.write_results:
         write_results(section)
         print(f"wrote the {SECTION!r} section of {RESULTS.relative_to(REPO)}")
-    return 0 if all(ok for ok, _ in CHECKS) else 1
+    return exit_code()
 
 
 if __name__ == "__main__":

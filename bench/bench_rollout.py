@@ -51,14 +51,8 @@ SECTION = "## Rollouts: output sketch and shadow evaluation"
 
 import numpy as np  # noqa: E402
 
+from bench.common import build_in_child, check, exit_code  # noqa: E402
 from bench.machine import describe  # noqa: E402
-
-CHECKS: list[tuple[bool, str]] = []
-
-
-def check(ok: bool, text: str) -> None:
-    CHECKS.append((ok, text))
-    print(f"{'PASS' if ok else 'FAIL'}  {text}", flush=True)
 
 
 # -- models (child process with TensorFlow) ---------------------------------------------------
@@ -101,17 +95,7 @@ def ensure_models() -> dict[str, Path]:
         "mobilenet_v2": OUT / "mobilenet_v2_int8.tflite",
     }
     if not all(p.exists() for p in want.values()):
-        print("building models with TensorFlow (child process, once) ...", flush=True)
-        OUT.mkdir(parents=True, exist_ok=True)
-        with open(OUT / "build.log", "wb") as log:
-            subprocess.run(
-                [sys.executable, __file__, "--build", str(OUT)],
-                check=True,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-            )
+        build_in_child(__file__, OUT)
     return want
 
 
@@ -550,7 +534,7 @@ def main() -> int:
     if args.write_results:
         write_results(section)
         print(f"wrote the {SECTION!r} section of {RESULTS.relative_to(REPO)}")
-    return 0 if all(ok for ok, _ in CHECKS) else 1
+    return exit_code()
 
 
 if __name__ == "__main__":
