@@ -100,11 +100,12 @@ class Agent:
         network: SharedNetwork | None = None,
         isolate_checks: bool = True,
         cpu_gate: AbstractContextManager[Any] | None = None,
+        tick_s: float = 1.0,
     ) -> None:
-        """``network``, ``isolate_checks=False`` and ``cpu_gate``: a simulated device of
-        :mod:`agent.service.simulate` (its connection on a shared network thread, its candidate
-        checks in-process, as where no child process can be forked, its CPU-heavy steps taken
-        under a gate the devices of the process share)."""
+        """``network``, ``isolate_checks=False``, ``cpu_gate`` and ``tick_s``: a simulated
+        device of :mod:`agent.service.simulate` (its connection on a shared network thread, its
+        candidate checks in-process, as where no child process can be forked, its CPU-heavy steps
+        taken under a gate the devices of the process share, a longer idle wait)."""
         self._cpu_gate = cpu_gate or contextlib.nullcontext()
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
@@ -131,7 +132,7 @@ class Agent:
         self._last_served = Served(0, None)
         self._shutting_down = False
         self._stopped_as_asked = False  # the loop ended on stop(), not on an exception
-        self.tick_s = 1.0  # the loop's longest wait (watchdog, trial deadlines); a simulation's is longer
+        self.tick_s = tick_s  # the loop's longest wait (watchdog, trial deadlines)
 
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = ModelStore(cfg.state_dir)

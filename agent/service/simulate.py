@@ -129,8 +129,8 @@ class SimulatedFleet:
                     network=self.network,
                     isolate_checks=False,
                     cpu_gate=self.cpu_gate,
+                    tick_s=TICK_S,
                 )
-                agent.tick_s = TICK_S
                 agent.start()
             except (LitefleetError, OSError) as exc:
                 logger.error("device %s did not start: %s", device_id, exc)
