@@ -334,3 +334,13 @@ def _restored(saved: int, held: list[logging.Handler]) -> None:
         os.close(saved)
         for h in reversed(held):
             h.release()
+
+
+def event_level(kind: str, fields: dict[str, Any]) -> int:
+    """How loud an event is in the log: refusals, rollbacks and anything carrying a
+    ``warning`` field at warning, download progress at debug, the rest at info."""
+    if kind in ("rejected", "rolled_back") or fields.get("warning"):
+        return logging.WARNING
+    if kind == "downloading":
+        return logging.DEBUG
+    return logging.INFO

@@ -28,6 +28,8 @@ MODEL_FILE = "model.tflite"
 CARD_FILE = "card.json"
 GOLDEN_FILE = "golden.npz"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# a site broker's name (docs/sites.md): a level of its topics and of its identities' names
+SITE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 CUSTOM_KEY = "litefleet"
 
 

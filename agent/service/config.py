@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 from agent.errors import ConfigError
 from agent.logs import FORMATS as LOG_FORMATS
+from agent.protocol import SITE_NAME_RE
 from agent.serving.runtime import RUNTIME_CHOICES
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -113,6 +114,9 @@ class AgentConfig:
     # the previous version runs as a shadow (a rollout rule's shadow_k) only when its model
     # file is at most this big; 0 never shadows (docs/agent-api.md, "Shadow evaluation")
     shadow_max_bytes: int = 64 * 1024 * 1024
+    # the site whose broker this device uses (docs/sites.md): while its uplink to central
+    # is down, metrics stay queued on disk and events are held; "" for a central broker
+    site: str = ""
     # TLS and credentials; relative paths are looked up in $CREDENTIALS_DIRECTORY
     ca_file: str = ""
     cert_file: str = ""
@@ -256,6 +260,8 @@ def _check_names(cfg: AgentConfig) -> None:
     for g in cfg.groups:
         if not GROUP_RE.match(g):
             raise ConfigError(f"group {g!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    if cfg.site and not SITE_NAME_RE.match(cfg.site):
+        raise ConfigError(f"site {cfg.site!r} must be a site broker's name: 1-32 of a-z, 0-9, '.', '_', '-'")
     parse_broker_url(cfg.broker)
     if cfg.http:
         parse_host_port(cfg.http)

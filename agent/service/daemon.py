@@ -41,6 +41,7 @@ from agent.errors import (
     StorageError,
     TransportError,
 )
+from agent.logs import event_level
 from agent.logs import fields as log_fields
 from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
 from agent.mqtt.network import SharedNetwork
@@ -66,6 +67,7 @@ from agent.state_message import (
 )
 from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporter
 from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
+from agent.telemetry.uplink import SiteUplink
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +188,12 @@ class Agent:
             self.registry, self.client, counters=self.counters, max_payload_bytes=cfg.http_max_body_bytes
         )
         self.metrics_queue = MetricsQueue.in_state_dir(cfg.state_dir, max_rows=cfg.metrics_queue_max_rows)
+        # behind a site broker, what it is told about its uplink holds metrics and events
+        self.uplink = SiteUplink(self.client, on_up=lambda: self.sender.wake())
         # woken when a message is queued and on each connect; its own look every 30 s is a
         # safety net (every 1 s it cost 0.3-2 ms per second per idle agent, 100 agents on
         # this 2-core VM: 3-20 % of a core, issue 11)
-        self.sender = QueueSender(self.metrics_queue, self.client, idle_s=30.0)
+        self.sender = QueueSender(self.metrics_queue, self.client, idle_s=30.0, may_send=self.uplink.may_send)
         self.reporter = MetricsReporter(
             device_id=cfg.device_id,
             topic=self.topics.metrics(cfg.device_id),
@@ -204,7 +208,8 @@ class Agent:
 
     # -- events and state ------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
-        """Publish an event (best effort: events are not queued while offline)."""
+        """Publish an event (best effort: not queued while offline; held in memory while a
+        site's uplink is down, :mod:`agent.telemetry.uplink`)."""
         self._event_seq += 1
         payload = {
             "ts": round(time.time(), 3),
@@ -218,7 +223,7 @@ class Agent:
         if kind == "downloading":
             self._set_status(DeviceStatus.DOWNLOADING)
         with contextlib.suppress(TransportError):
-            self.client.publish(self.topics.events(self.cfg.device_id), json.dumps(payload).encode(), qos=1)
+            self.uplink.send_event(self.topics.events(self.cfg.device_id), json.dumps(payload).encode())
 
     def _snapshots(self) -> dict[str, StatsSnapshot]:
         return {name: m.runner.stats.snapshot() for name, m in self.registry.snapshot().items()}
@@ -308,6 +313,9 @@ class Agent:
         self.client.add_connect_listener(self._on_connected)
         self.client.subscribe(self.topics.metadata_filter, self.cache.handle, qos=RETAINED_READ_QOS)
         self.client.subscribe(self.topics.infer(self.cfg.device_id), self._on_infer, qos=0)
+        if self.cfg.site:
+            bridge = self.topics.site(self.cfg.site, "bridge")
+            self.client.subscribe(bridge, self.uplink.handle, qos=RETAINED_READ_QOS)
         if self.rest is not None:
             try:
                 self.rest.start()
@@ -477,16 +485,6 @@ class Agent:
             self._last_reported = key
             self.event("rejected", reason=reason, message=message, **fields)
         self._set_status(self._serving_status(), f"{reason}: {message}")
-
-
-def event_level(kind: str, fields: dict[str, Any]) -> int:
-    """How loud an event is in the log: refusals, rollbacks and anything carrying a
-    ``warning`` field at warning, download progress at debug, the rest at info."""
-    if kind in ("rejected", "rolled_back") or fields.get("warning"):
-        return logging.WARNING
-    if kind == "downloading":
-        return logging.DEBUG
-    return logging.INFO
 
 
 def install_signal_handlers(agent: Agent) -> None:

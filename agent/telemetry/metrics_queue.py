@@ -80,7 +80,7 @@ class QueueStats:
 @dataclass(frozen=True)
 class DrainResult:
     acked: int  # messages acknowledged and deleted by this drain
-    reason: str  # "empty", "disconnected" or "failed"
+    reason: str  # "empty", "disconnected", "held" (may_send said no) or "failed"
 
 
 class MetricsQueue:
@@ -204,13 +204,17 @@ class MetricsQueue:
         window: int = 16,
         ack_timeout_s: float = 10.0,
         max_messages: int | None = None,
+        may_send: Callable[[], bool] = lambda: True,
     ) -> DrainResult:
         """Publish the oldest messages in order until the queue is empty, the
-        publisher disconnects, or a message is not acknowledged in time."""
+        publisher disconnects, a message is not acknowledged in time, or (looked at
+        before each window) ``may_send()`` turns false."""
         acked = 0
         while max_messages is None or acked < max_messages:
             if not publisher.connected:
                 return DrainResult(acked, "disconnected")
+            if not may_send():
+                return DrainResult(acked, "held")
             batch = self.peek(window if max_messages is None else min(window, max_messages - acked))
             if not batch:
                 return DrainResult(acked, "empty")
@@ -241,7 +245,9 @@ class QueueSender:
 
     Call :meth:`wake` after queueing a message or after a (re)connection; it
     also looks by itself every ``idle_s`` seconds, and waits ``retry_s``
-    after a failed drain.
+    after a failed drain. While ``may_send()`` is false (a site's uplink is
+    down: :mod:`agent.telemetry.uplink`) it drains nothing; wake it when that
+    changes.
     """
 
     def __init__(
@@ -253,8 +259,10 @@ class QueueSender:
         ack_timeout_s: float = 10.0,
         idle_s: float = 1.0,
         retry_s: float = 2.0,
+        may_send: Callable[[], bool] = lambda: True,
     ) -> None:
         self.queue = queue
+        self.may_send = may_send
         self.publisher = publisher
         self.window = window
         self.ack_timeout_s = ack_timeout_s
@@ -285,7 +293,10 @@ class QueueSender:
             self._wake.clear()
             try:
                 result = self.queue.drain(
-                    self.publisher, window=self.window, ack_timeout_s=self.ack_timeout_s
+                    self.publisher,
+                    window=self.window,
+                    ack_timeout_s=self.ack_timeout_s,
+                    may_send=self.may_send,
                 )
             except StorageError as exc:
                 logger.warning("metrics sender: %s", exc)

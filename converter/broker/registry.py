@@ -21,13 +21,12 @@ Guarantees:
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import DEFAULT_PREFIX
+from agent.protocol import DEFAULT_PREFIX, SITE_NAME_RE
 from agent.service.config import DEVICE_ID_RE, TOPIC_PREFIX_RE
 from converter.errors import BadInputError
 
@@ -41,7 +40,6 @@ AUTH_PASSWORD = "password"
 # a device behind a site broker (docs/sites.md): central knows its id, to grant the
 # site's bridge its topics, but holds no credentials for it
 AUTH_SITE = "site"
-SITE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 
 # Files go into DEVICE_CRED_DIR on the device. The packaged unit
 # (systemd/litefleet-agent.service: LoadCredential=litefleet:/etc/litefleet/credentials)

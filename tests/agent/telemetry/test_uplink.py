@@ -1,0 +1,154 @@
+"""A site's uplink as the agent reads it: metrics and events held while the site broker says
+its bridge to central is down, sent in order when it is back.
+
+The logic with a recording publisher; then the real agent process on a real Mosquitto, the
+test playing the site broker's part (its retained ``1``/``0`` on ``sites/<site>/bridge``):
+metrics made while down stay on disk, unsent, and events wait; after ``1`` every metric
+arrives with no gap in its numbering, and the events too."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.errors import TransportError
+from agent.mqtt.transport import Message
+from agent.protocol import Topics
+from agent.telemetry.metrics_queue import FILE_NAME
+from agent.telemetry.uplink import SiteUplink
+from tests.support.harness import AgentProcess, FleetWatcher, PersistentSubscriber, must
+
+TOPICS = Topics()
+BRIDGE = TOPICS.site("s1", "bridge")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.connected = True
+
+    def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
+        if not self.connected:
+            raise TransportError("not connected to the broker")
+        self.sent.append(payload)
+
+
+def word(w: bytes) -> Message:
+    return Message(topic=BRIDGE, payload=w, retain=True)
+
+
+def test_events_wait_while_down_and_go_in_order_before_newer_ones() -> None:
+    rec, ups = Recorder(), []
+    uplink = SiteUplink(rec, on_up=lambda: ups.append(1), max_held=3)
+    uplink.send_event("e", b"1")
+    assert uplink.up and rec.sent == [b"1"]
+    uplink.handle(word(b"0"))
+    assert not uplink.may_send()
+    for e in (b"2", b"3", b"4", b"5"):
+        uplink.send_event("e", e)
+    assert rec.sent == [b"1"] and uplink.events_dropped == 1  # bounded: the oldest went
+    uplink.handle(word(b"0"))  # a repeat changes nothing
+    uplink.handle(word(b"1"))
+    uplink.send_event("e", b"6")
+    assert rec.sent == [b"1", b"3", b"4", b"5", b"6"] and ups == [1] and uplink.outages == 1
+
+
+def test_unknown_words_are_ignored_and_a_cleared_message_means_up() -> None:
+    rec = Recorder()
+    uplink = SiteUplink(rec)
+    uplink.handle(word(b"garbage"))
+    assert uplink.up
+    uplink.handle(word(b"0"))
+    uplink.handle(word(b"{}"))
+    assert not uplink.up
+    uplink.handle(word(b""))  # the retained message was cleared: no word against sending
+    assert uplink.up
+
+
+def test_held_events_wait_for_the_next_word_when_the_broker_is_gone_at_up() -> None:
+    rec = Recorder()
+    uplink = SiteUplink(rec)
+    uplink.handle(word(b"0"))
+    uplink.send_event("e", b"a")
+    uplink.send_event("e", b"b")
+    rec.connected = False
+    uplink.handle(word(b"1"))  # the device lost its site broker at that moment
+    assert rec.sent == [] and not uplink.up
+    rec.connected = True
+    uplink.handle(word(b"1"))  # the retained word again, after the reconnect
+    assert rec.sent == [b"a", b"b"] and uplink.up
+
+
+def pending(state_dir: Path) -> tuple[int, int | None]:
+    """Rows in the agent's on-disk metrics queue, and the oldest one's seq."""
+    with sqlite3.connect(f"file:{state_dir / FILE_NAME}?mode=ro", uri=True, timeout=10) as db:
+        n, low = db.execute("SELECT COUNT(*), MIN(seq) FROM outbox").fetchone()
+    return int(n), low
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
+    broker: Any, tmp_path: Path, digits_int8: Any
+) -> None:
+    repo = tmp_path / "repo"
+    must("repo", "init", str(repo))
+    site = paho.Client(CallbackAPIVersion.VERSION2, client_id="site-notifier", protocol=paho.MQTTv5)
+    site.connect("127.0.0.1", broker.port)
+    site.loop_start()
+
+    def say(w: bytes) -> None:
+        site.publish(BRIDGE, w, qos=1, retain=True).wait_for_publish(10)
+
+    agent = AgentProcess(tmp_path, "pi-u", broker.url, repo / "root.json", site="s1", metrics_interval_s=0.5)
+    metrics = PersistentSubscriber(broker.port, TOPICS.metrics("pi-u"))
+    assert metrics.subscribed.wait(10)
+    watch = FleetWatcher(broker.port)
+    got: list[tuple[float, dict[str, Any]]] = []
+    try:
+        say(b"1")
+        agent.start()
+        metrics.collect(lambda docs: len(docs) >= 2, 30, got)
+        assert len(got) >= 2, "no metrics while the uplink was up"
+
+        say(b"0")
+        wait_until(lambda: "site uplink down" in agent.log(), 30, "the agent to read the 0")
+        # metrics go on being made, and stay on disk
+        wait_until(lambda: pending(agent.state_dir)[0] >= 4, 60, "4 metrics held on disk")
+        # events too: a push while down is taken (its state is retained, not held) but its
+        # events wait
+        must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
+        watch.wait_active("pi-u", "digits", 1, timeout_s=60)
+        metrics.collect(lambda docs: False, 1.0, got)
+        n, oldest = pending(agent.state_dir)
+        assert n >= 4 and oldest is not None
+        assert max(d["seq"] for _, d in got) < oldest, "a held metric was sent while down"
+        assert watch.events_of("pi-u", "activated") == [], "an event was sent while down"
+
+        say(b"1")
+        watch.wait_for(lambda: bool(watch.events_of("pi-u", "activated")), 30, "the held events")
+        metrics.collect(lambda docs: max(d["seq"] for d in docs) > oldest + n, 30, got)
+        wait_until(lambda: pending(agent.state_dir)[0] <= 1, 30, "the queue drained")
+    finally:
+        agent.stop()
+        metrics.stop()
+        watch.close()
+        site.loop_stop()
+        site.disconnect()
+
+    seen = sorted({d["seq"] for _, d in got})
+    assert seen == list(range(seen[0], seen[-1] + 1)), f"lost: {set(range(seen[0], seen[-1])) - set(seen)}"
+    kinds = [e["event"] for e in watch.events_of("pi-u")]
+    assert "verified" in kinds and kinds.index("verified") < kinds.index("activated"), kinds
+    seqs = [e["seq"] for e in watch.events_of("pi-u")]
+    assert seqs == sorted(seqs), "held events were sent out of order"
