@@ -38,11 +38,15 @@ SETTABLE = (
     "username",
     "password_file",
     "topic_prefix",
+    "site",
 )
 # keys naming a file: relative names are systemd credentials (LoadCredential=)
 FILE_KEYS = ("trusted_root", "ca_file", "cert_file", "key_file", "password_file")
 # TLS and identity keys a credentials bundle sets together: one it lacks is removed
 BUNDLE_KEYS = ("device_id", "broker", "ca_file", "cert_file", "key_file", "username", "password_file")
+# what a bundle may say beside them (a site broker's bundle names its site); a bundle
+# without one removes it too (the default prefix; a device of a central broker)
+BUNDLE_EXTRA = ("topic_prefix", "site")
 CRED_PREFIX = "litefleet_"
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -98,7 +102,7 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
 def bundle_keys(bundle: Path) -> dict[str, str]:
     """The identity and TLS keys of a credentials bundle's agent.toml (``device add --bundle``)."""
     doc = read_toml(bundle / "agent.toml")
-    keys = {k: v for k, v in doc.items() if k in (*BUNDLE_KEYS, "topic_prefix")}
+    keys = {k: v for k, v in doc.items() if k in (*BUNDLE_KEYS, *BUNDLE_EXTRA)}
     bad = [k for k, v in keys.items() if not isinstance(v, str)]
     unknown = sorted(set(doc) - set(keys))
     if bad or unknown or "device_id" not in keys or "broker" not in keys:
@@ -223,7 +227,7 @@ def _wanted(args: argparse.Namespace) -> dict[str, str | None]:
     if args.bundle:
         keys = bundle_keys(Path(args.bundle))
         # the bundle's identity replaces the old one whole: a key it lacks goes
-        wanted = {k: keys.get(k) for k in (*BUNDLE_KEYS, "topic_prefix")}
+        wanted = {k: keys.get(k) for k in (*BUNDLE_KEYS, *BUNDLE_EXTRA)}
     wanted.update(parse_sets(args.set))
     return wanted
 

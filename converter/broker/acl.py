@@ -6,7 +6,8 @@ Pure: every function takes plain values and touches no file, socket or clock
 Guarantees:
 
 * a device identity is granted exactly :func:`device_grants` (its own topics,
-  replies under its own id, reading the repository) and the host exactly
+  replies under its own id, reading the repository and, at a site's broker, that
+  site's bridge notification) and the host exactly
   :func:`host_grants`; no device is ever granted another device's topics;
 * every topic filter comes from :class:`agent.protocol.Topics`, which owns the
   topic tree: a topic renamed or added there (and listed in its
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from paho.mqtt.client import topic_matches_sub
 
 from agent.protocol import Topics
+from converter.broker.registry import Registry, site_identity, site_sync_identity
 
 # Mosquitto's own default iteration count. The passwords are 256-bit random
 # strings, so key stretching adds nothing against guessing; it only costs CPU
@@ -58,15 +60,17 @@ class Grant:
         return (self.access == "readwrite" or self.access == access) and topic_matches_sub(self.topic, topic)
 
 
-def device_grants(topics: Topics, device_id: str) -> tuple[Grant, ...]:
+def device_grants(topics: Topics, device_id: str, site: str | None = None) -> tuple[Grant, ...]:
     """What device ``device_id`` may do: publish its own reports
     (:meth:`~agent.protocol.Topics.device_outbound`) and inference replies; read the
-    repository and its own topics (among them :meth:`~agent.protocol.Topics.device_inbound`)."""
+    repository and its own topics (among them :meth:`~agent.protocol.Topics.device_inbound`);
+    at site ``site``'s broker, read its bridge's notification (uplink up or down)."""
     return (
         *(Grant("write", t) for t in topics.device_outbound(device_id)),
         Grant("write", topics.reply_filter(device_id)),
         Grant("read", topics.device_filter(device_id)),
         Grant("read", topics.repo_filter),
+        *([Grant("read", topics.site(site, "bridge"))] if site else []),
     )
 
 
@@ -105,6 +109,25 @@ def site_grants(topics: Topics, site: str, device_ids: Iterable[str]) -> tuple[G
 def site_sync_grants(topics: Topics) -> tuple[Grant, ...]:
     """What a site's prune may do at central: read the repository's metadata, nothing else."""
     return (Grant("read", topics.metadata_filter),)
+
+
+def device_acl_entries(
+    topics: Topics, registry: Registry, uplink_site: str | None = None
+) -> list[tuple[str, tuple[Grant, ...]]]:
+    """The device listeners' ACL: one block per device with credentials here (at site
+    ``uplink_site``'s broker, with its bridge notification), and per site its bridge's block
+    (its devices' topics) and its prune's (docs/sites.md)."""
+    entries = [
+        (d.device_id, device_grants(topics, d.device_id, uplink_site))
+        for d in registry.devices
+        if d.site is None
+    ]
+    for site in registry.sites:
+        entries.append(
+            (site_identity(site.name), site_grants(topics, site.name, registry.site_devices(site.name)))
+        )
+        entries.append((site_sync_identity(site.name), site_sync_grants(topics)))
+    return entries
 
 
 def render_acl(entries: Iterable[tuple[str, Sequence[Grant]]]) -> str:

@@ -116,6 +116,9 @@ class Registry:
     devices: tuple[DeviceRecord, ...] = ()
     revoked: tuple[Revocation, ...] = ()
     sites: tuple[SiteRecord, ...] = ()
+    # this folder's broker is site NAME's (``broker --upstream``): its devices may read the
+    # bridge's notification, and their agent.toml says ``site = NAME`` (docs/sites.md)
+    uplink_site: str | None = None
 
     @property
     def public_host(self) -> str:
@@ -205,6 +208,7 @@ class Registry:
                 {"serial": format(r.serial, "x"), "device_id": r.device_id, "revoked": r.revoked}
                 for r in self.revoked
             ],
+            **({"uplink_site": self.uplink_site} if self.uplink_site else {}),
         }
 
     @classmethod
@@ -244,6 +248,7 @@ class Registry:
                 Revocation(int(r["serial"], 16), str(r["device_id"]), str(r["revoked"]))
                 for r in doc["revoked"]
             ),
+            uplink_site=doc.get("uplink_site"),
         )
 
 
@@ -311,6 +316,7 @@ def agent_toml_snippet(
     *,
     credential_prefix: str = CRED_PREFIX,
     names: Mapping[str, str] | None = None,
+    site: str | None = None,
 ) -> str:
     """The device's agent.toml lines for the broker. File names are systemd credential
     names (``litefleet_<file>``); ``credential_prefix=DEVICE_CRED_DIR + "/"`` gives
@@ -327,6 +333,8 @@ def agent_toml_snippet(
         lines += [f'username = "{device_id}"', f'password_file = "{f(CRED_PASSWORD)}"']
     if prefix != DEFAULT_PREFIX:
         lines.append(f'topic_prefix = "{prefix}"')
+    if site:
+        lines.append(f'site = "{site}"')
     return "\n".join(lines) + "\n"
 
 

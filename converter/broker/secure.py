@@ -66,15 +66,12 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from agent.files import atomic_write, replace_dir
 from agent.protocol import DEFAULT_PREFIX, Topics
 from converter.broker.acl import (
-    Grant,
-    device_grants,
+    device_acl_entries,
     hash_password,
     host_grants,
     new_password,
     render_acl,
     render_password_file,
-    site_grants,
-    site_sync_grants,
 )
 from converter.broker.certs import (
     make_ca,
@@ -107,10 +104,9 @@ from converter.broker.registry import (
     check_prefix,
     check_san,
     device_broker_url,
-    site_identity,
-    site_sync_identity,
 )
 from converter.broker.reload import reload, running_pid
+from converter.broker.uplink import UplinkInfo, UplinkPaths
 from converter.errors import BadInputError
 
 logger = logging.getLogger(__name__)
@@ -186,6 +182,7 @@ class SecureDir:
         prefix: str | None = None,
         sans: Sequence[str] = (),
         ports: ListenerPorts | None = None,
+        uplink_site: str | None = None,
         now: dt.datetime | None = None,
     ) -> Registry:
         """Create or reuse the authority. Idempotent: keys are never replaced; the
@@ -193,7 +190,8 @@ class SecureDir:
         ``sans`` or the CA changed or it expires within 30 days; a missing
         ``host.password`` is made anew (that is how it is rotated). ``sans`` are
         extra names (the loopback ones are always in); empty keeps the stored ones.
-        Every derived file is rewritten."""
+        ``uplink_site``: this folder's broker is that site's (``broker --upstream``),
+        recorded. Every derived file is rewritten."""
         for s in sans:
             check_san(s)
         if prefix is not None:
@@ -210,6 +208,11 @@ class SecureDir:
                     registry = replace(registry, sans=tuple(dict.fromkeys((*LOOPBACK_SANS, *sans))))
                 if ports is not None:
                     registry = replace(registry, ports=ports)
+                if uplink_site is not None and registry.uplink_site not in (None, uplink_site):
+                    raise BadInputError(
+                        f"{self.root} is site {registry.uplink_site!r}'s broker folder, "
+                        f"not site {uplink_site!r}'s"
+                    )
                 if not self.paths.host_password.exists():
                     # deleting host.password is how the host password is rotated
                     host_password = new_password()
@@ -226,6 +229,8 @@ class SecureDir:
                     host_password_hash=hash_password(host_password),
                 )
                 logger.info("new secure broker folder %s", self.root)
+            if uplink_site is not None:
+                registry = replace(registry, uplink_site=uplink_site)
             ca_key, ca = self._ensure_ca(now)
             self._ensure_server_cert(ca_key, ca, registry.sans, now)
             self._save(registry, ca_key, ca, now)
@@ -286,7 +291,8 @@ class SecureDir:
         p = self.paths
         topics = Topics(registry.prefix)
         atomic_write(p.crl, pem_crl(make_crl(ca_key, ca, registry.revoked, now)), 0o644)
-        atomic_write(p.devices_acl, render_acl(device_acl_entries(topics, registry)).encode())
+        acl = device_acl_entries(topics, registry, self.uplink_site(registry))
+        atomic_write(p.devices_acl, render_acl(acl).encode())
         atomic_write(
             p.devices_passwd,
             render_password_file(
@@ -338,7 +344,8 @@ class SecureDir:
                 record, names = self._write_credentials(tmp, device_id, auth, ca_key, ca, now)
                 registry = registry.with_device(record)
                 url = device_broker_url(registry, auth)
-                toml = agent_toml_snippet(device_id, auth, url, registry.prefix)
+                site = self.uplink_site(registry)
+                toml = agent_toml_snippet(device_id, auth, url, registry.prefix, site=site)
                 # the folder's own agent.toml names the files beside it: an agent runs from
                 # it as it is, without systemd (relative names resolve against its folder)
                 local = agent_toml_snippet(
@@ -348,6 +355,7 @@ class SecureDir:
                     registry.prefix,
                     credential_prefix="",
                     names={device: mine for mine, device in names},
+                    site=site,
                 )
                 atomic_write(tmp / "agent.toml", local.encode(), 0o644)
                 self._save(registry, ca_key, ca, now)
@@ -453,6 +461,18 @@ class SecureDir:
             extra_lines=listener_lines(self.paths, registry.ports, bind),
         )
 
+    def uplink_site(self, registry: Registry) -> str | None:
+        """The site whose broker this folder's is: as ``broker --upstream`` recorded it,
+        else as the bundle ``site add`` wrote says, where docs/sites.md has it copied
+        (``DIR/uplink``, before the first ``device add``); None for a central broker."""
+        if registry.uplink_site:
+            return registry.uplink_site
+        try:
+            doc = json.loads(UplinkPaths(self.root / "uplink").site_json.read_text())
+            return UplinkInfo.from_json(doc).site
+        except (OSError, ValueError, KeyError, TypeError, BadInputError):
+            return None
+
     def running_broker_pid(self) -> int | None:
         """The pid of the Mosquitto serving this folder, or None
         (see :func:`converter.broker.reload.running_pid`)."""
@@ -462,18 +482,6 @@ class SecureDir:
         """Make the running broker reread ACL, password and CRL files; its pid, or None
         when no broker runs for this folder (see :func:`converter.broker.reload.reload`)."""
         return reload(self.paths.pid_file, timeout_s=timeout_s)
-
-
-def device_acl_entries(topics: Topics, registry: Registry) -> list[tuple[str, tuple[Grant, ...]]]:
-    """The device listeners' ACL: one block per device with credentials here, and per
-    site its bridge's block (its devices' topics) and its prune's (docs/sites.md)."""
-    entries = [(d.device_id, device_grants(topics, d.device_id)) for d in registry.devices if d.site is None]
-    for site in registry.sites:
-        entries.append(
-            (site_identity(site.name), site_grants(topics, site.name, registry.site_devices(site.name)))
-        )
-        entries.append((site_sync_identity(site.name), site_sync_grants(topics)))
-    return entries
 
 
 def host_client_settings(directory: str | Path) -> dict[str, Any]:

@@ -220,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
     site = site_settings(args, secure) if args.upstream is not None else None
     stored = secure.load().ports if secure.exists() else None
     ports = choose_ports(args, stored) or ListenerPorts.from_base(DEFAULT_CERT_PORT)
-    registry = secure.ensure(prefix=args.prefix, sans=args.san, ports=ports)
+    registry = secure.ensure(
+        prefix=args.prefix, sans=args.san, ports=ports, uplink_site=site.site if site is not None else None
+    )
     for p in (registry.ports.cert, registry.ports.password, registry.ports.host):
         check_port_free(args.bind, p)
     data_dir = args.data.resolve() if args.data else secure.paths.default_data_dir

@@ -16,6 +16,7 @@ import os
 import queue
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -179,6 +180,16 @@ class AgentProcess:
     def state_file(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads((self.state_dir / "state.json").read_text())
         return doc
+
+
+def queued_metrics(state_dir: Path) -> tuple[int, int | None, int]:
+    """An agent's on-disk metrics queue, read beside the running agent: (messages waiting,
+    the oldest one's seq, the last seq given)."""
+    path = state_dir / "metrics-queue.sqlite3"
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+        rows, oldest = db.execute("SELECT COUNT(*), MIN(seq) FROM outbox").fetchone()
+        (last,) = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+    return int(rows), oldest, int(last)
 
 
 class FleetWatcher:

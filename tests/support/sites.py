@@ -110,9 +110,10 @@ class SiteBroker:
         self.name = name
         self.dir = SecureDir(root / f"site-{name}")
         self.dir.ensure(ports=ListenerPorts(free_port(), free_port(), free_port()))
+        # the bundle first, as docs/sites.md says: device add then tells devices their site
+        shutil.copytree(central.dir.site_dir(name), self.dir.root / "uplink")
         for device_id in devices:
             self.dir.add_device(device_id)
-        shutil.copytree(central.dir.site_dir(name), self.dir.root / "uplink")
         self.upstream = f"mqtts://127.0.0.1:{upstream_port or central.cert_port}"
         self.proc: subprocess.Popen[str] | None = None
         self.stdout: list[str] = []
@@ -192,7 +193,9 @@ class SiteBroker:
     def device_keys(self, device_id: str) -> dict[str, str]:
         """agent.toml keys of a device of this site (absolute paths, no systemd)."""
         d = self.dir.paths.device_dir(device_id)
+        assert f'site = "{self.name}"' in (d / "agent.toml").read_text()
         return {
+            "site": self.name,
             "ca_file": str(d / "ca.pem"),
             "cert_file": str(d / f"{device_id}.pem"),
             "key_file": str(d / f"{device_id}.key"),

@@ -49,6 +49,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("groups = 'a b'\n", "group"),
         ("metrics_interval_s = -1\n", "positive"),
         ("topic_prefix = 'a/#'\n", "wildcards"),
+        ("site = 'North/1'\n", "site broker's name"),
         ("cert_file = 'c.pem'\n", "go together"),
         ("ca_file = 'ca.pem'\n", "not mqtts"),
         ("shadow_max_bytes = -1\n", "shadow_max_bytes must not be negative"),

@@ -325,6 +325,28 @@ def test_a_credentials_bundle_makes_a_tls_complete_install(tmp_path: Path) -> No
     assert bad.returncode == 2 and "differs from the bundle's device id pi-other" in bad.stderr
 
 
+def test_a_site_brokers_bundle_tells_the_device_its_site(tmp_path: Path) -> None:
+    """``device add`` in a site's folder (its uplink bundle copied in, as docs/sites.md says)
+    writes ``site = NAME``; install.sh --credentials carries it into agent.toml, and a bundle
+    without it (the device moved to a central broker) takes it out."""
+    from converter.broker.secure import SecureDir
+    from converter.broker.sites import CentralDir
+
+    central = CentralDir(tmp_path / "central")
+    central.ensure()
+    central.add_site("north")
+    SecureDir(tmp_path / "broker").ensure()
+    shutil.copytree(central.site_dir("north"), tmp_path / "broker" / "uplink")
+    root = tmp_path / "root"
+    install(root, "--no-pip", "--no-systemctl", "--credentials", str(device_bundle(tmp_path, "pi-n1")))
+    assert load_config(root / "etc/litefleet/agent.toml").site == "north"
+    shutil.rmtree(tmp_path / "broker" / "uplink")
+    moved = device_bundle(tmp_path, "pi-n1", renew=True)
+    second = install(root, "--no-pip", "--no-systemctl", "--credentials", str(moved))
+    assert "agent.toml: site removed" in second.stdout, second.stdout
+    assert load_config(root / "etc/litefleet/agent.toml").site == ""
+
+
 def test_a_configuration_that_cannot_connect_is_not_started(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -8,7 +8,6 @@ arrives with no gap in its numbering, and the events too."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.errors import TransportError
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
-from agent.telemetry.metrics_queue import FILE_NAME
 from agent.telemetry.uplink import SiteUplink
-from tests.support.harness import AgentProcess, FleetWatcher, PersistentSubscriber, must
+from tests.support.harness import AgentProcess, FleetWatcher, PersistentSubscriber, must, queued_metrics
 
 TOPICS = Topics()
 BRIDGE = TOPICS.site("s1", "bridge")
@@ -86,9 +84,8 @@ def test_held_events_wait_for_the_next_word_when_the_broker_is_gone_at_up() -> N
 
 def pending(state_dir: Path) -> tuple[int, int | None]:
     """Rows in the agent's on-disk metrics queue, and the oldest one's seq."""
-    with sqlite3.connect(f"file:{state_dir / FILE_NAME}?mode=ro", uri=True, timeout=10) as db:
-        n, low = db.execute("SELECT COUNT(*), MIN(seq) FROM outbox").fetchone()
-    return int(n), low
+    rows, oldest, _ = queued_metrics(state_dir)
+    return rows, oldest
 
 
 def wait_until(predicate: Any, timeout_s: float, what: str) -> None:

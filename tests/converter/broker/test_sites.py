@@ -14,8 +14,9 @@ import pytest
 from cryptography import x509
 
 from agent.protocol import Topics
-from converter.broker.acl import Grant, site_grants, site_sync_grants
+from converter.broker.acl import Grant, device_grants, site_grants, site_sync_grants
 from converter.broker.registry import AUTH_SITE, Registry
+from converter.broker.secure import SecureDir
 from converter.broker.sites import CentralDir
 from converter.broker.uplink import load_uplink
 from converter.errors import BadInputError
@@ -128,6 +129,45 @@ def test_site_devices_are_granted_to_their_site_only(central_dir: CentralDir) ->
     # a device leaves its site with `device remove`
     central_dir.remove_device("dev-a1")
     assert f"{B}/devices/dev-a1/" not in central_dir.paths.devices_acl.read_text()
+
+
+def test_a_site_brokers_devices_read_their_sites_uplink_state_and_are_told_their_site(
+    central_dir: CentralDir, tmp_path: Path
+) -> None:
+    """At site a's broker a device may read ``sites/a/bridge`` (nothing else of a site) and its
+    agent.toml says ``site = "a"``; at central neither."""
+    topics = Topics()
+    g = device_grants(topics, "dev-a1", "a")
+    assert allowed(g, "read", topics.site("a", "bridge"))
+    for t in (topics.site("a", "status"), topics.site("b", "bridge")):
+        assert not allowed(g, "read", t), t
+    assert not allowed(g, "write", topics.site("a", "bridge"))
+    assert not allowed(device_grants(topics, "dev-a1"), "read", topics.site("a", "bridge"))
+
+    central_dir.add_site("a")
+    central_dir.add_device("central-1")
+    block = central_dir.paths.devices_acl.read_text().split("user central-1\n")[1].split("\nuser ")[0]
+    assert "/sites/" not in block
+    assert "site =" not in (central_dir.paths.device_dir("central-1") / "agent.toml").read_text()
+
+    # the site's folder, set up as docs/sites.md says: the bundle copied in, devices added,
+    # then `broker --upstream` records the site (ensure(uplink_site=...))
+    site = SecureDir(tmp_path / "north")
+    site.ensure()
+    shutil.copytree(central_dir.site_dir("a"), site.root / "uplink")
+    bundle = site.add_device("dev-a1")
+    assert 'site = "a"' in bundle.agent_toml
+    assert 'site = "a"' in (site.paths.device_dir("dev-a1") / "agent.toml").read_text()
+    block = site.paths.devices_acl.read_text().split("user dev-a1\n")[1].split("\nuser ")[0]
+    assert f"topic read {B}/sites/a/bridge" in block
+    shutil.rmtree(site.root / "uplink")  # --uplink elsewhere: the recorded name counts
+    site.ensure(uplink_site="a")
+    assert site.load().uplink_site == "a"
+    assert f"topic read {B}/sites/a/bridge" in site.paths.devices_acl.read_text()
+    with pytest.raises(BadInputError, match="site 'a'"):
+        site.ensure(uplink_site="b")
+    doc = json.loads(json.dumps(site.load().to_json()))
+    assert Registry.from_json(doc).uplink_site == "a"
 
 
 def test_renewing_or_removing_a_site_revokes_both_certificates(central_dir: CentralDir) -> None:
