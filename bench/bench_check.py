@@ -15,7 +15,7 @@ vectors) ``--repeat`` times each way, alternating:
 
 CPU is process CPU time (user + system), so other jobs on the machine change it less than
 wall time; the ratio forked / in-process is what to compare across runs. This is the price
-of the isolation a real agent keeps (docs/scale.md, "What an activation costs"): a model that
+of the isolation a real agent keeps (docs/scale.md, "Kept on purpose"): a model that
 crashes the runtime kills the child, not the agent.
 """
 
