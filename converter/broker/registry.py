@@ -248,8 +248,16 @@ class Registry:
                 Revocation(int(r["serial"], 16), str(r["device_id"]), str(r["revoked"]))
                 for r in doc["revoked"]
             ),
-            uplink_site=doc.get("uplink_site"),
+            uplink_site=_site_name_or_none(doc.get("uplink_site")),
         )
+
+
+def _site_name_or_none(value: Any) -> str | None:
+    """A recorded site name, checked: it becomes a level of an ACL topic."""
+    if value is None:
+        return None
+    check_site_name(str(value))
+    return str(value)
 
 
 def check_device_id(device_id: str) -> None:

@@ -168,6 +168,8 @@ def test_a_site_brokers_devices_read_their_sites_uplink_state_and_are_told_their
         site.ensure(uplink_site="b")
     doc = json.loads(json.dumps(site.load().to_json()))
     assert Registry.from_json(doc).uplink_site == "a"
+    with pytest.raises(BadInputError, match="site name"):  # a level of an ACL topic
+        Registry.from_json({**doc, "uplink_site": "a/#"})
 
 
 def test_renewing_or_removing_a_site_revokes_both_certificates(central_dir: CentralDir) -> None:
