@@ -12,8 +12,9 @@ Guarantees:
   own status go up, each at QoS 1, and no topic goes both ways (no loop);
 * ``cleansession true``: with a persistent session, every connect attempt during
   an outage queued one more copy of every retained device state at central
-  (18 per device for a 60 s outage, measured); the price is that events and
-  metrics published while the uplink is down never reach central.
+  (18 per device for a 60 s outage, measured); the price is that what reaches the
+  site while the uplink is down never reaches central, so agents hold their events
+  and metrics meanwhile (:mod:`agent.telemetry.uplink`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ arrives with no gap in its numbering, and the events too."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from agent.telemetry.uplink import SiteUplink
 from tests.support.harness import AgentProcess, FleetWatcher, PersistentSubscriber, must, queued_metrics
+from tests.support.sites import wait_until
 
 TOPICS = Topics()
 BRIDGE = TOPICS.site("s1", "bridge")
@@ -88,13 +88,6 @@ def pending(state_dir: Path) -> tuple[int, int | None]:
     return rows, oldest
 
 
-def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
     broker: Any, tmp_path: Path, digits_int8: Any
 ) -> None:
@@ -134,7 +127,8 @@ def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
 
         say(b"1")
         watch.wait_for(lambda: bool(watch.events_of("pi-u", "activated")), 30, "the held events")
-        metrics.collect(lambda docs: max(d["seq"] for d in docs) > oldest + n, 30, got)
+        metrics.collect(lambda docs: max(d["seq"] for d in docs) > oldest + n, 60, got)
+        assert max(d["seq"] for _, d in got) > oldest + n, "the held metrics never arrived"
         wait_until(lambda: pending(agent.state_dir)[0] <= 1, 30, "the queue drained")
     finally:
         agent.stop()
