@@ -43,12 +43,13 @@ from agent.errors import (
 )
 from agent.logs import event_level
 from agent.logs import fields as log_fields
-from agent.mqtt.client import RETAINED_READ_QOS, ConnectionSettings, MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, MqttClient
 from agent.mqtt.network import SharedNetwork
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from agent.reasons import PERMANENT, Reason
 from agent.service.config import AgentConfig
+from agent.service.connection import connection_settings
 from agent.service.memory import release_free_memory
 from agent.service.sdnotify import Notifier, status_line
 from agent.service.work import RefreshOutcome, Work, coalesce, retry_after
@@ -70,23 +71,6 @@ from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
 from agent.telemetry.uplink import SiteUplink
 
 logger = logging.getLogger(__name__)
-
-
-def connection_settings(cfg: AgentConfig, will_payload: bytes) -> ConnectionSettings:
-    addr = cfg.broker_address
-    return ConnectionSettings(
-        host=addr.host,
-        port=addr.port,
-        client_id=cfg.device_id,
-        tls=addr.tls,
-        ca_file=str(cfg.credential_path(cfg.ca_file)) if cfg.ca_file else None,
-        cert_file=str(cfg.credential_path(cfg.cert_file)) if cfg.cert_file else None,
-        key_file=str(cfg.credential_path(cfg.key_file)) if cfg.key_file else None,
-        username=addr.username or cfg.username or None,
-        password=cfg.password(),
-        will_topic=Topics(cfg.topic_prefix).state(cfg.device_id),
-        will_payload=will_payload,
-    )
 
 
 class Agent:

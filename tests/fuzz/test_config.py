@@ -148,7 +148,7 @@ def check_loaded(cfg: AgentConfig) -> None:
         assert 0 <= port <= 65535
     with contextlib.suppress(ConfigError):
         cfg.password()
-    from agent.service.daemon import connection_settings
+    from agent.service.connection import connection_settings
 
     with contextlib.suppress(ConfigError):  # TLS file names go through $CREDENTIALS_DIRECTORY
         connection_settings(cfg, b"")
