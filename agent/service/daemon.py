@@ -173,7 +173,7 @@ class Agent:
         )
         self.metrics_queue = MetricsQueue.in_state_dir(cfg.state_dir, max_rows=cfg.metrics_queue_max_rows)
         # behind a site broker, what it is told about its uplink holds metrics and events
-        self.uplink = SiteUplink(self.client, on_up=lambda: self.sender.wake())
+        self.uplink = SiteUplink(self.client, site=cfg.site, on_up=lambda: self.sender.wake())
         # woken when a message is queued and on each connect; its own look every 30 s is a
         # safety net (every 1 s it cost 0.3-2 ms per second per idle agent, 100 agents on
         # this 2-core VM: 3-20 % of a core, issue 11)
@@ -187,6 +187,7 @@ class Agent:
             agent_version=__version__,
             boot=self.boot_id,
             on_queued=self.sender.wake,
+            uplink=self.uplink.report,
         )
         self._notifier = notifier if notifier is not None else Notifier()
 

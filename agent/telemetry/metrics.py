@@ -355,8 +355,9 @@ def build_metrics_payload(
     queue: dict[str, int],
     agent_version: str = "",
     boot: str = "",
+    uplink: dict[str, Any] | None = None,
 ) -> bytes:
-    """The JSON published on ``.../metrics`` (pure)."""
+    """The JSON published on ``.../metrics`` (pure); ``uplink`` only for a device of a site."""
     doc = {
         "v": PAYLOAD_VERSION,
         "device_id": device_id,
@@ -370,6 +371,8 @@ def build_metrics_payload(
         "api": api,
         "queue": queue,
     }
+    if uplink is not None:
+        doc["uplink"] = uplink
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -388,6 +391,7 @@ class MetricsReporter:
         agent_version: str = "",
         boot: str = "",
         on_queued: Callable[[], None] | None = None,
+        uplink: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self.device_id = device_id
         self.boot = boot
@@ -398,6 +402,7 @@ class MetricsReporter:
         self._wall = wall_clock
         self.agent_version = agent_version
         self._on_queued = on_queued
+        self._uplink = uplink
 
     def report_once(self) -> int | None:
         """Queue one message; its ``seq``, or None when the queue could not be written
@@ -406,6 +411,7 @@ class MetricsReporter:
         models, interval = self.recorder.reports()
         device = self.probe.sample()
         api = self.recorder.counters.snapshot()
+        uplink = self._uplink()
 
         def build(seq: int, pending: int, dropped_total: int) -> bytes:
             return build_metrics_payload(
@@ -419,6 +425,7 @@ class MetricsReporter:
                 queue={"pending": pending, "dropped_total": dropped_total},
                 agent_version=self.agent_version,
                 boot=self.boot,
+                uplink=uplink,
             )
 
         try:

@@ -18,6 +18,10 @@ Guarantees, while the last word read is ``0``:
   agent restart loses the held ones.
 
 No ``site``, no word read yet, or a cleared message: the uplink counts as up.
+
+:meth:`SiteUplink.report` is what the device's metrics say of it (``uplink`` in
+docs/protocol.md 6.4): the site, the last word, outages seen and events held or
+dropped since the agent started.
 What the device publishes between the link's loss and the ``0`` reaching it is
 lost: Mosquitto notices a reset link at once, a silent one after 1.5x the
 bridge's keep-alive (15 s by default).
@@ -29,6 +33,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from agent.errors import TransportError
 from agent.mqtt.transport import Message, Publisher
@@ -45,10 +50,12 @@ class SiteUplink:
         self,
         publisher: Publisher,
         *,
+        site: str = "",
         on_up: Callable[[], None] = lambda: None,
         max_held: int = MAX_HELD_EVENTS,
     ) -> None:
         self._publisher = publisher
+        self.site = site
         self._on_up = on_up
         self._lock = threading.Lock()
         self._up = True
@@ -62,6 +69,19 @@ class SiteUplink:
 
     def may_send(self) -> bool:
         return self._up
+
+    def report(self) -> dict[str, Any] | None:
+        """The ``uplink`` of a metrics message; None for a device without a site."""
+        if not self.site:
+            return None
+        with self._lock:
+            return {
+                "site": self.site,
+                "up": self._up,
+                "outages": self.outages,
+                "events_held": len(self._held),
+                "events_dropped": self.events_dropped,
+            }
 
     def send_event(self, topic: str, payload: bytes) -> None:
         """Publish now, or hold until the uplink is back."""

@@ -56,6 +56,18 @@ def test_events_wait_while_down_and_go_in_order_before_newer_ones() -> None:
     assert rec.sent == [b"1", b"3", b"4", b"5", b"6"] and ups == [1] and uplink.outages == 1
 
 
+def test_the_report_says_the_site_the_word_and_what_was_held_or_dropped() -> None:
+    assert SiteUplink(Recorder()).report() is None  # a device without a site says nothing
+    uplink = SiteUplink(Recorder(), site="s1", max_held=2)
+    assert uplink.report() == {"site": "s1", "up": True, "outages": 0, "events_held": 0, "events_dropped": 0}
+    uplink.handle(word(b"0"))
+    for e in (b"a", b"b", b"c"):
+        uplink.send_event("e", e)
+    assert uplink.report() == {"site": "s1", "up": False, "outages": 1, "events_held": 2, "events_dropped": 1}
+    uplink.handle(word(b"1"))
+    assert uplink.report() == {"site": "s1", "up": True, "outages": 1, "events_held": 0, "events_dropped": 1}
+
+
 def test_unknown_words_are_ignored_and_a_cleared_message_means_up() -> None:
     rec = Recorder()
     uplink = SiteUplink(rec)
@@ -143,3 +155,12 @@ def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
     assert "verified" in kinds and kinds.index("verified") < kinds.index("activated"), kinds
     seqs = [e["seq"] for e in watch.events_of("pi-u")]
     assert seqs == sorted(seqs), "held events were sent out of order"
+    # each message says what the device knew of its uplink when it was made
+    by_seq = {d["seq"]: d["uplink"] for _, d in got}
+    held = [by_seq[s] for s in range(oldest, oldest + n)]
+    assert all(u["site"] == "s1" for u in by_seq.values())
+    assert all(u["up"] for s, u in by_seq.items() if s < oldest), "a message sent while down"
+    assert not any(u["up"] for u in held) and all(u["outages"] == 1 for u in held)
+    assert max(u["events_held"] for u in held) >= 1, "no held message counted the held events"
+    last = by_seq[max(by_seq)]
+    assert last["up"] and last["outages"] == 1 and last["events_held"] == 0, last
