@@ -40,6 +40,8 @@ tests:
         values: '0x9'
       - series: 'litefleet_device_metrics_queue_dropped_total{{device="pi-a"}}'
         values: '0 0 5 9'
+      - series: 'litefleet_device_uplink_events_dropped_total{{device="pi-b",site="b"}}'
+        values: '0 0 0 0x3 40'
       - series: 'litefleet_repo_metadata_expiry_timestamp_seconds{{role="timestamp"}}'
         values: '172800x10'
       - series: 'litefleet_repo_metadata_expiry_timestamp_seconds{{role="root"}}'
@@ -92,6 +94,19 @@ tests:
               description: >-
                 The device was cut off from the broker long enough to fill its on-disk queue
                 (metrics_queue_max_rows) and now drops the oldest metrics.
+      - eval_time: 5m
+        alertname: LitefleetSiteUplinkEventsDropped
+        exp_alerts: []
+      - eval_time: 7m
+        alertname: LitefleetSiteUplinkEventsDropped
+        exp_alerts:
+          - exp_labels: {{severity: warning, device: pi-b, site: b}}
+            exp_annotations:
+              summary: "pi-b dropped events while site b was cut off"
+              description: >-
+                The site's uplink to central was down long enough for the device to hold more
+                than 1,000 events; the oldest are gone (its metrics wait on disk, its
+                retained state is current). See docs/sites.md, Outages.
       # the timestamp expires at 2 days after the epoch: within 3 days from the start
       - eval_time: 1m
         alertname: LitefleetTimestampExpiresSoon

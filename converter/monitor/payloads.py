@@ -104,6 +104,11 @@ class MetricsSample:
     uptime_s: float | None = None
     queue_pending: int | None = None
     queue_dropped_total: int | None = None
+    # a device of a site (docs/sites.md): its site, and since its agent started the
+    # outages of the site's uplink it saw and the events it held and dropped
+    uplink_site: str | None = None
+    uplink_outages: int | None = None
+    uplink_events_dropped: int | None = None
     # (channel, status class, count): ("rest", "2xx", 5000)
     api: tuple[tuple[str, str, int], ...] = ()
 
@@ -301,6 +306,7 @@ def parse_metrics(device_id: str, payload: bytes) -> MetricsSample | Malformed:
             if count is not None:
                 api.append((str(channel)[:32], str(cls)[:8], count))
     queue = _dict(doc.get("queue"))
+    uplink = _dict(doc.get("uplink"))
     rss = _count(dev.get("rss_bytes"))
     return MetricsSample(
         device_id=device_id,
@@ -322,6 +328,9 @@ def parse_metrics(device_id: str, payload: bytes) -> MetricsSample | Malformed:
         uptime_s=_num(dev.get("uptime_s")),
         queue_pending=_count(queue.get("pending")),
         queue_dropped_total=_count(queue.get("dropped_total")),
+        uplink_site=_text(uplink.get("site"), 32),
+        uplink_outages=_count(uplink.get("outages")),
+        uplink_events_dropped=_count(uplink.get("events_dropped")),
         api=tuple(api),
     )
 

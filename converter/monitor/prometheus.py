@@ -129,6 +129,16 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
         "Metrics messages the device dropped because its offline queue was full.",
     ),
     (
+        "litefleet_device_uplink_outages_total",
+        "counter",
+        "Outages of its site's uplink the device saw since its agent started (metrics and events held).",
+    ),
+    (
+        "litefleet_device_uplink_events_dropped_total",
+        "counter",
+        "Events the device dropped while its site's uplink was down (more than it holds in memory).",
+    ),
+    (
         "litefleet_device_api_responses_total",
         "counter",
         "Inference API answers of the agent by channel (rest, mqtt) and status class.",
@@ -312,6 +322,10 @@ def _device_samples(fam: dict[str, _Family], d: DeviceView, histograms: bool) ->
         return
     fam["litefleet_device_metrics_timestamp_seconds"].add(labels, m.ts)
     fam["litefleet_device_metrics_queue_dropped_total"].add(labels, m.queue_dropped_total)
+    if m.uplink_site is not None:
+        site = (*labels, ("site", m.uplink_site))
+        fam["litefleet_device_uplink_outages_total"].add(site, m.uplink_outages)
+        fam["litefleet_device_uplink_events_dropped_total"].add(site, m.uplink_events_dropped)
     for channel, cls, n in m.api:
         fam["litefleet_device_api_responses_total"].add((*labels, ("channel", channel), ("class", cls)), n)
     if d.current:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from agent.serving.stats import ModelStats
 from agent.telemetry.metrics import build_metrics_payload, model_report
@@ -25,6 +26,7 @@ def agent_payload(
     seq: int = 7,
     ts: float = 1_800_000_000.5,
     latencies_ns: tuple[int, ...] = (400_000, 500_000, 2_000_000),
+    uplink: dict[str, Any] | None = None,
     **device: object,
 ) -> bytes:
     """A metrics message exactly as the agent builds one."""
@@ -57,6 +59,7 @@ def agent_payload(
         api={"rest": {"2xx": 3, "4xx": 1}},
         queue={"pending": 2, "dropped_total": 5},
         agent_version="0.1.0",
+        uplink=uplink,
     )
 
 

@@ -340,6 +340,24 @@ def test_real_values_appear() -> None:
     assert lean["litefleet_model_latency_seconds"] == fam["litefleet_model_latency_seconds"]
 
 
+def test_a_site_devices_uplink_counters_are_exported_with_its_site() -> None:
+    uplink = {"site": "b", "up": True, "outages": 2, "events_held": 0, "events_dropped": 17}
+    m = parse_metrics("pi-1", agent_payload(uplink=uplink))
+    assert isinstance(m, MetricsSample)
+    assert (m.uplink_site, m.uplink_outages, m.uplink_events_dropped) == ("b", 2, 17)
+    live = FleetLive(started=1.0)
+    live.apply([(received(m), False), (received(parse_metrics("pi-2", agent_payload("pi-2"))), False)])
+    text = render(live.snapshot(1001.0))
+    fam = check_exposition(text)
+    got = series(text)
+    assert value(got, "litefleet_device_uplink_outages_total", device="pi-1", site="b") == 2
+    assert value(got, "litefleet_device_uplink_events_dropped_total", device="pi-1", site="b") == 17
+    # a device without a site has no such series
+    assert len(fam["litefleet_device_uplink_outages_total"]) == 1
+    bad = parse_metrics("pi-3", agent_payload("pi-3", uplink={"site": ["b"], "outages": -1}))
+    assert isinstance(bad, MetricsSample) and bad.uplink_site is None and bad.uplink_outages is None
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=2**40), min_size=1, max_size=60))
 def test_rebucketing_is_exact_at_every_bound(latencies_ns: list[int]) -> None:
