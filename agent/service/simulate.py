@@ -81,6 +81,20 @@ RAMP_PATIENCE_S = 60.0
 TICK_S = 5.0
 
 
+class _ReadySignal(Notifier):
+    """Says nothing to systemd (there is no unit per simulated device); wakes the start-up
+    ramp when its device becomes ready."""
+
+    def __init__(self, became_ready: threading.Condition) -> None:
+        super().__init__(env={})
+        self._became_ready = became_ready
+
+    def ready(self, status: str | None = None) -> bool:
+        with self._became_ready:  # ready_at is set: the ramp sees it once it holds the lock
+            self._became_ready.notify_all()
+        return super().ready(status)
+
+
 @dataclass(frozen=True)
 class SimulatedDevice:
     agent: Agent
@@ -106,6 +120,7 @@ class SimulatedFleet:
         self.cpu_gate = threading.Semaphore(max(1, os.cpu_count() or 1))
         self.started_at = 0.0
         self._ramp_gave_up = False
+        self._became_ready = threading.Condition()
 
     def config_of(self, device_id: str) -> AgentConfig:
         return with_overrides(
@@ -125,7 +140,7 @@ class SimulatedFleet:
             try:
                 agent = Agent(
                     self.config_of(device_id),
-                    notifier=Notifier(env={}),  # says nothing: no unit per simulated device
+                    notifier=_ReadySignal(self._became_ready),
                     network=self.network,
                     isolate_checks=False,
                     cpu_gate=self.cpu_gate,
@@ -145,18 +160,22 @@ class SimulatedFleet:
     def _ramp(self, starting: list[Agent]) -> list[Agent]:
         """Wait while ``STARTING_AT_ONCE`` devices are starting; the ones still starting."""
         progress_at = time.monotonic()
-        while True:
-            left = [a for a in starting if a.ready_at is None]
-            if len(left) < len(starting):
-                progress_at = time.monotonic()
-            starting = left
-            if len(starting) < STARTING_AT_ONCE or self._ramp_gave_up:
-                return starting
-            if time.monotonic() - progress_at > RAMP_PATIENCE_S:
-                logger.warning("no device became ready in %g s: starting the rest at once", RAMP_PATIENCE_S)
-                self._ramp_gave_up = True
-                return starting
-            time.sleep(0.05)
+        with self._became_ready:
+            while True:
+                left = [a for a in starting if a.ready_at is None]
+                if len(left) < len(starting):
+                    progress_at = time.monotonic()
+                starting = left
+                if len(starting) < STARTING_AT_ONCE or self._ramp_gave_up:
+                    return starting
+                patience = RAMP_PATIENCE_S - (time.monotonic() - progress_at)
+                if patience <= 0:
+                    logger.warning(
+                        "no device became ready in %g s: starting the rest at once", RAMP_PATIENCE_S
+                    )
+                    self._ramp_gave_up = True
+                    return starting
+                self._became_ready.wait(patience)
 
     def ready(self) -> int:
         """How many devices told systemd READY (connected, first refresh done)."""
