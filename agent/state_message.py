@@ -74,8 +74,10 @@ def state_document(
     agent_version: str,
     boot: str,
     ts: float,
+    site: str = "",
 ) -> dict[str, Any]:
-    """The state message. ``models``: name -> ``{"version", "sha256", "trial"}`` of every
+    """The state message (``site``: the site broker the device uses, docs/sites.md; null
+    for a device of the central one). ``models``: name -> ``{"version", "sha256", "trial"}`` of every
     active model; ``snapshots``: name -> statistics of the runners serving now."""
     name = standing_model(models)
     figures = served(name, snapshots)
@@ -88,6 +90,7 @@ def state_document(
         "error": error,
         "models": dict(models),
         "groups": list(groups),
+        "site": site or None,
         "repo_version": repo_version,
         "agent_version": agent_version,
         "boot": boot,

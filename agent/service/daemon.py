@@ -229,6 +229,7 @@ class Agent:
             agent_version=__version__,
             boot=self.boot_id,
             ts=time.time(),
+            site=self.cfg.site,
         )
         return json.dumps(doc).encode()
 

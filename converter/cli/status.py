@@ -4,6 +4,9 @@ With ``--metrics S`` it also waits up to S seconds for each online device's
 next metrics message and shows the latency of its last interval, throughput,
 CPU, temperature and memory (the retained state has p50 and the inference
 count since the model was loaded).
+
+A fleet with site brokers (docs/sites.md) gets a SITE column (``-`` for a device
+of the central broker); ``--site NAME`` shows only that site's devices.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--timeout", type=finite_float, default=5.0, help="seconds to wait for the broker")
     p.add_argument(
+        "--site", metavar="NAME", help="only the devices of this site broker (as their states say)"
+    )
+    p.add_argument(
         "--metrics",
         type=partial(finite_float, allow_zero=True),
         default=0.0,
@@ -53,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     client, topics = connect(args, "status", timeout_s=args.timeout)
     try:
         rows = collect_states(client, topics, timeout_s=args.timeout)
+        if args.site is not None:
+            rows = [r for r in rows if r.get("site") == args.site]
         for line in expiry_lines(collect_expiry(client, topics, timeout_s=args.timeout)):
             say(f"litefleet: warning: {line}")
         if args.metrics > 0:
@@ -67,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
         client.stop()
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    elif not rows and args.site is not None:
+        sys.stdout.write(f"no device of site {args.site} has reported yet\n")
     else:
-        sys.stdout.write(status_table(rows, METRICS_COLUMNS if args.metrics > 0 else TABLE_COLUMNS))
+        columns = with_site(rows, METRICS_COLUMNS if args.metrics > 0 else TABLE_COLUMNS)
+        sys.stdout.write(status_table(rows, columns))
     return 0
 
 
@@ -80,6 +91,14 @@ def expiry_lines(expires: dict[str, datetime], now: datetime | None = None) -> l
         extra = " (with --root-keys DIR if its root keys are offline)" if w.role == "root" else ""
         lines.append(f"{w.describe()}: run `litefleet repo resign DIR --broker ...`{extra} on the host")
     return lines
+
+
+def with_site(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> tuple[str, ...]:
+    """``columns`` with ``site`` after ``groups`` when any device is behind a site broker."""
+    if not any(r.get("site") for r in rows):
+        return tuple(columns)
+    at = list(columns).index("groups") + 1
+    return (*columns[:at], "site", *columns[at:])
 
 
 def say(line: str) -> None:

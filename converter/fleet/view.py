@@ -83,6 +83,7 @@ def state_row(state: StateRecord) -> dict[str, Any]:
             m.name: {"version": m.version, "sha256": m.sha256, "trial": m.trial} for m in state.models
         },
         "groups": list(state.groups),
+        "site": state.site,
         "repo_version": state.repo_version,
         "agent_version": state.agent_version,
         "boot": state.boot,

@@ -153,6 +153,7 @@ class StateRecord:
     inferences: int | None = None
     latency_ms_p50: float | None = None
     groups: tuple[str, ...] = ()
+    site: str | None = None  # the site broker it uses (docs/sites.md); None: central's
     repo_version: int | None = None
     models: tuple[InstalledModel, ...] = ()
     raw_json: str = field(default="{}", compare=False)
@@ -389,6 +390,7 @@ def parse_state(device_id: str, payload: bytes) -> StateRecord | StateCleared | 
         inferences=_count(doc.get("inferences")),
         latency_ms_p50=_num(doc.get("latency_ms_p50")),
         groups=tuple(str(g)[:64] for g in groups if isinstance(g, str)) if isinstance(groups, list) else (),
+        site=_text(doc.get("site"), 32) if isinstance(doc.get("site"), str) else None,
         repo_version=_count(doc.get("repo_version")),
         models=tuple(installed),
         raw_json=json.dumps(doc, separators=(",", ":"), sort_keys=True)[:MAX_EVENT_JSON_CHARS],
@@ -410,7 +412,7 @@ def parse_message(leaf: str, device_id: str, payload: bytes) -> Parsed:
 # -- decisions --------------------------------------------------------------------------
 def after_will(known: StateRecord | None, will: StateRecord) -> StateRecord:
     """The device's state once its will arrived: offline (the will's status, time and boot),
-    with the model, versions, groups and figures ``known`` from its last full state, since
+    with the model, versions, groups, site and figures ``known`` from its last full state, since
     the will does not say them (docs/protocol.md 6.1). ``known`` None, or a will itself:
     the will as it is. A state that is not a will replaces what was known."""
     if not will.will or known is None or known.device_id != will.device_id:

@@ -189,6 +189,7 @@ def received(fleet: Sites, devices: list[str], version: int) -> int:
 
 def test_two_sites(fleet: Sites, models: list[Path]) -> None:
     check_each_byte_crosses_each_bridge_once(fleet, models[0])
+    check_central_status_shows_each_devices_site(fleet)
     check_inference_from_central_reaches_a_site_device(fleet)
     check_a_site_cut_off_during_a_rollout_catches_up(fleet, models[1], models[2])
     check_a_site_broker_sigkill_keeps_what_was_retained(fleet)
@@ -215,6 +216,17 @@ def check_each_byte_crosses_each_bridge_once(fleet: Sites, model: Path) -> None:
         assert devices >= len(SITES[name]) * size, report
         assert devices >= 4 * bridge, report  # once per site, not once per device
         assert st["sessions"] == 1, st  # no reconnect re-sent the repository meanwhile
+
+
+def check_central_status_shows_each_devices_site(fleet: Sites) -> None:
+    """Each device's state says its site (its agent.toml's ``site``, written by ``device add``
+    at the site): ``litefleet status`` at central shows it and ``--site`` picks one site."""
+    rows = json.loads(must("status", "--secure", str(fleet.central.dir.root), "--json"))
+    sites = {r["device_id"]: r["site"] for r in rows}
+    assert sites == {d: name for name, devices in SITES.items() for d in devices}, sites
+    only_b = json.loads(must("status", "--secure", str(fleet.central.dir.root), "--json", "--site", "b"))
+    assert sorted(r["device_id"] for r in only_b) == sorted(SITES["b"])
+    assert all(r["online"] and r["version"] == "1" for r in only_b), only_b
 
 
 def check_inference_from_central_reaches_a_site_device(fleet: Sites) -> None:

@@ -116,3 +116,33 @@ def test_status_lists_a_thousand_devices_on_a_stock_broker(stock_broker) -> None
     for _ in range(2):
         rows = json.loads(must("status", "--broker", stock_broker.url, "--json"))
         assert [r["device_id"] for r in rows] == ids
+
+
+def test_a_fleet_with_sites_gets_a_site_column_and_a_filter(broker) -> None:
+    """Devices behind site brokers say their site in their state (docs/sites.md): ``status``
+    shows it (``-`` for a device of the central broker) and ``--site NAME`` keeps that site's."""
+    publish_many(
+        broker.port,
+        [
+            ("litefleet/v1/devices/pi-a1/state", state_payload(device_id="pi-a1", site="a")),
+            ("litefleet/v1/devices/pi-b1/state", state_payload(device_id="pi-b1", site="b")),
+            ("litefleet/v1/devices/pi-c/state", state_payload(device_id="pi-c")),
+        ],
+        retain=True,
+    )
+    rows = json.loads(must("status", "--broker", broker.url, "--json"))
+    assert {r["device_id"]: r["site"] for r in rows} == {"pi-a1": "a", "pi-b1": "b", "pi-c": None}
+    table = must("status", "--broker", broker.url).splitlines()
+    head = table[0].split()
+    assert head[head.index("GROUPS") + 1] == "SITE"
+    assert {ln.split()[0]: ln.split()[head.index("SITE")] for ln in table[1:]} == {
+        "pi-a1": "a",
+        "pi-b1": "b",
+        "pi-c": "-",
+    }
+    only_b = json.loads(must("status", "--broker", broker.url, "--json", "--site", "b"))
+    assert [r["device_id"] for r in only_b] == ["pi-b1"]
+    assert (
+        must("status", "--broker", broker.url, "--site", "x").strip()
+        == "no device of site x has reported yet"
+    )
