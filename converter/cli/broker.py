@@ -138,6 +138,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="longest wait between the bridge's reconnect attempts (default 10)",
     )
     site.add_argument(
+        "--uplink-keepalive-s",
+        type=int,
+        default=15,
+        metavar="S",
+        help="the bridge's MQTT keep-alive: a silent uplink is noticed after 1.5x this "
+        "(5-30; devices send again what they sent in the 60 s before; default 15)",
+    )
+    site.add_argument(
         "--watchdog-s",
         type=float,
         default=5.0,
@@ -263,6 +271,11 @@ def site_settings(args: argparse.Namespace, secure: SecureDir) -> SiteSettings:
 
     if not 1 <= args.uplink_retry_max_s <= 3600:
         raise BadInputError("--uplink-retry-max-s must be between 1 and 3600")
+    if not 5 <= args.uplink_keepalive_s <= 30:
+        raise BadInputError(
+            "--uplink-keepalive-s must be between 5 and 30 (a device sends again what it sent "
+            "in the 60 s before it learns of an outage: 1.5x the keep-alive must fit)"
+        )
     if not (args.watchdog_s == 0 or 0.5 <= args.watchdog_s <= 3600):
         raise BadInputError("--watchdog-s must be 0 (off) or between 0.5 and 3600")
     return SiteSettings(
@@ -271,6 +284,7 @@ def site_settings(args: argparse.Namespace, secure: SecureDir) -> SiteSettings:
         upstream_port=addr.port,
         uplink=paths,
         retry_max_s=args.uplink_retry_max_s,
+        keepalive_s=args.uplink_keepalive_s,
         watchdog_s=args.watchdog_s,
     )
 

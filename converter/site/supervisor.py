@@ -19,7 +19,14 @@ Guarantees:
 * the status (:func:`status_document`) is written to ``DATA/site-status.json``
   when it changes (at most once per tick) and published retained on
   ``<prefix>/v1/sites/<name>/status`` every ``status_interval_s``; the bridge
-  carries it to central.
+  carries it to central;
+* the link's state is published retained on the site broker as
+  ``<prefix>/v1/sites/<name>/bridge`` (``1``/``0``, Mosquitto's own notification
+  topic) within a tick of the relay seeing it change. Mosquitto says ``0`` there
+  itself only when the bridge's connection breaks (its will); when the bridge's own
+  keep-alive ends a silent link it disconnects cleanly and says nothing, and the
+  site's devices, which hold their metrics and events on a ``0``
+  (:mod:`agent.telemetry.uplink`), would never learn of the outage.
 
 Thread ownership: the main thread calls :meth:`start`, :meth:`poll` and
 :meth:`stop`, and is the only one that starts or kills Mosquitto (so
@@ -165,6 +172,7 @@ class SiteSupervisor:
         self._lock = threading.Lock()
         self._facts = SupervisorFacts()
         self._prune = _PruneState()
+        self._said_link: bool | None = None  # the last link word published on .../bridge
         self._restart_times: list[float] = []
         self._threads: list[threading.Thread] = []
         self._last_file: dict[str, Any] | None = None
@@ -284,6 +292,7 @@ class SiteSupervisor:
                 self._session.clear()
                 self._prune.pending_since = now
             link = self.relay.counters()
+            self._say_link(link.link_up)
             if link.link_up and self._prune_due(link, now):
                 self._run_prune(now)
             doc = self.status()
@@ -349,6 +358,19 @@ class SiteSupervisor:
             logger.warning("status file not written: %s", exc)
             return
         self._last_file = same
+
+    def _say_link(self, up: bool) -> None:
+        """Publish the link's word when it changed (or was never said to this broker)."""
+        if up == self._said_link or not self._site_client.connected:
+            return
+        try:
+            self._site_client.publish(
+                self.topics.site(self.settings.site, "bridge"), b"1" if up else b"0", qos=1, retain=True
+            )
+        except TransportError as exc:
+            logger.debug("link state not published: %s", exc)
+            return
+        self._said_link = up
 
     def _publish_status(self, doc: dict[str, Any]) -> None:
         try:

@@ -179,6 +179,19 @@ def test_bad_site_flags_are_one_line_errors_and_create_nothing(tmp_path: Path, c
             ],
             "--watchdog-s",
         ),
+        (
+            [
+                "--secure",
+                str(new),
+                "--upstream",
+                "mqtts://localhost:1",
+                "--uplink",
+                str(bundle),
+                "--uplink-keepalive-s",
+                "60",
+            ],
+            "--uplink-keepalive-s must be between 5 and 30",
+        ),
     ]
     for args, message in cases:
         r = cli("broker", *args)
