@@ -19,6 +19,13 @@ Guarantees:
   the device is worth most after a long outage), and ``dropped_total`` (also
   kept in the file) grows by their number; every message carries the
   ``dropped_total`` of the moment it was built, so the collector sees the gap.
+- **Acknowledged but kept, for a site's device.** With ``keep_acked_s`` (a device
+  behind a site broker, :mod:`agent.telemetry.uplink`) an acknowledged message is
+  kept that long, marked, and :meth:`MetricsQueue.rewind` makes every kept one
+  pending again: the site broker acknowledges what its bridge may still lose, and
+  the device sends those again when it learns that the uplink was down (consumers
+  drop the repeats, as above). Kept messages are not ``pending``; the bound counts
+  them, and drops them first without counting them as dropped.
 - **Survives restarts and crashes.** Commits are atomic; WAL with
   ``synchronous=NORMAL`` survives a crash of the agent, and a power cut may
   lose at most the last messages before the previous checkpoint, never the
@@ -55,7 +62,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
     topic TEXT NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    -- NULL while waiting; acknowledged and kept (keep_acked_s): when, on this run's
+    -- monotonic clock (the next run sends such rows again)
+    acked_at REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('last_seq', 0), ('dropped_total', 0);
@@ -87,11 +97,20 @@ class MetricsQueue:
     """The queue file. Thread-safe: one connection behind a lock; publishing
     and waiting for acknowledgements happen outside the lock."""
 
-    def __init__(self, path: Path, *, max_rows: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_rows: int,
+        keep_acked_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.path = path
         self.max_rows = max_rows
+        self.keep_acked_s = keep_acked_s
+        self._clock = clock
         self._lock = threading.Lock()
         try:
             self._db = self._open()
@@ -112,8 +131,8 @@ class MetricsQueue:
             raise StorageError(f"cannot open the metrics queue {path}: {exc}") from exc
 
     @classmethod
-    def in_state_dir(cls, state_dir: Path, *, max_rows: int) -> MetricsQueue:
-        return cls(state_dir / FILE_NAME, max_rows=max_rows)
+    def in_state_dir(cls, state_dir: Path, *, max_rows: int, keep_acked_s: float = 0.0) -> MetricsQueue:
+        return cls(state_dir / FILE_NAME, max_rows=max_rows, keep_acked_s=keep_acked_s)
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +141,11 @@ class MetricsQueue:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+            if "acked_at" not in columns:  # a queue file of an agent before sites
+                db.execute("ALTER TABLE outbox ADD COLUMN acked_at REAL")
+            # kept-acknowledged rows of an earlier run: their clock is gone, send them again
+            db.execute("UPDATE outbox SET acked_at = NULL WHERE acked_at IS NOT NULL")
             db.execute("SELECT count(*) FROM outbox").fetchone()
         except sqlite3.Error:
             db.close()
@@ -143,7 +167,8 @@ class MetricsQueue:
                 try:
                     last = self._meta("last_seq")
                     dropped = self._meta("dropped_total")
-                    pending = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+                    pending = self._pending()
+                    rows = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
                     seq = last + 1
                     payload = build(seq, pending, dropped)
                     db.execute(
@@ -151,13 +176,20 @@ class MetricsQueue:
                         (seq, ts, topic, payload),
                     )
                     db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
-                    excess = pending + 1 - self.max_rows
+                    excess = rows + 1 - self.max_rows
                     if excess > 0:
-                        db.execute(
-                            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
-                            (excess,),
+                        # the oldest go first: kept acknowledged ones are older than any
+                        # waiting one (acknowledgements come in seq order); only waiting
+                        # ones count as dropped
+                        oldest = "SELECT seq FROM outbox ORDER BY seq LIMIT ?"
+                        lost = int(
+                            db.execute(
+                                f"SELECT count(*) FROM outbox WHERE acked_at IS NULL AND seq IN ({oldest})",
+                                (excess,),
+                            ).fetchone()[0]
                         )
-                        db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_total'", (excess,))
+                        db.execute(f"DELETE FROM outbox WHERE seq IN ({oldest})", (excess,))
+                        db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_total'", (lost,))
                         logger.debug("metrics queue full: dropped the %d oldest", excess)
                     db.execute("COMMIT")
                 except BaseException:
@@ -170,31 +202,61 @@ class MetricsQueue:
     def _meta(self, key: str) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
 
+    def _pending(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL").fetchone()[0])
+
     # -- reading ----------------------------------------------------------------
     def peek(self, limit: int) -> list[QueuedMessage]:
         """The oldest ``limit`` messages, oldest first."""
         with self._lock:
             try:
                 rows = self._db.execute(
-                    "SELECT seq, ts, topic, payload FROM outbox ORDER BY seq LIMIT ?", (limit,)
+                    "SELECT seq, ts, topic, payload FROM outbox WHERE acked_at IS NULL ORDER BY seq LIMIT ?",
+                    (limit,),
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot read the metrics queue {self.path}: {exc}") from exc
         return [QueuedMessage(int(s), float(t), str(tp), bytes(p)) for s, t, tp, p in rows]
 
     def ack(self, through_seq: int) -> int:
-        """Delete every message up to ``through_seq``; how many went."""
+        """Every message up to ``through_seq`` is acknowledged: deleted, or with
+        ``keep_acked_s`` marked and kept that long; how many were waiting."""
+        with self._lock:
+            db = self._db
+            try:
+                if self.keep_acked_s <= 0:
+                    return int(db.execute("DELETE FROM outbox WHERE seq <= ?", (through_seq,)).rowcount)
+                now = self._clock()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = db.execute(
+                        "UPDATE outbox SET acked_at = ? WHERE seq <= ? AND acked_at IS NULL",
+                        (now, through_seq),
+                    )
+                    db.execute("DELETE FROM outbox WHERE acked_at < ?", (now - self.keep_acked_s,))
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot write the metrics queue {self.path}: {exc}") from exc
+            return int(cur.rowcount)
+
+    def rewind(self) -> int:
+        """Make every kept acknowledged message (of the last ``keep_acked_s``) wait again;
+        how many. The next drain sends them first, in order."""
         with self._lock:
             try:
-                cur = self._db.execute("DELETE FROM outbox WHERE seq <= ?", (through_seq,))
+                now = self._clock()
+                self._db.execute("DELETE FROM outbox WHERE acked_at < ?", (now - self.keep_acked_s,))
+                cur = self._db.execute("UPDATE outbox SET acked_at = NULL WHERE acked_at IS NOT NULL")
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot write the metrics queue {self.path}: {exc}") from exc
             return int(cur.rowcount)
 
     def stats(self) -> QueueStats:
         with self._lock:
-            pending = int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
-            return QueueStats(pending, self._meta("dropped_total"), self._meta("last_seq"))
+            return QueueStats(self._pending(), self._meta("dropped_total"), self._meta("last_seq"))
 
     # -- sending ----------------------------------------------------------------
     def drain(
@@ -247,7 +309,9 @@ class QueueSender:
     also looks by itself every ``idle_s`` seconds, and waits ``retry_s``
     after a failed drain. While ``may_send()`` is false (a site's uplink is
     down: :mod:`agent.telemetry.uplink`) it drains nothing; wake it when that
-    changes.
+    changes. :meth:`rewind` asks it to make the kept acknowledged messages wait
+    again (:meth:`MetricsQueue.rewind`): it does so between two drains, so that
+    no acknowledgement of a drain under way lands after it.
     """
 
     def __init__(
@@ -269,6 +333,7 @@ class QueueSender:
         self.idle_s = idle_s
         self.retry_s = retry_s
         self._wake = threading.Event()
+        self._rewind = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_result: DrainResult | None = None
@@ -279,6 +344,10 @@ class QueueSender:
             self._thread.start()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def rewind(self) -> None:
+        self._rewind.set()
         self._wake.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -292,6 +361,10 @@ class QueueSender:
         while not self._stop.is_set():
             self._wake.clear()
             try:
+                if self._rewind.is_set():
+                    self._rewind.clear()
+                    again = self.queue.rewind()
+                    logger.info("metrics sender: %d acknowledged messages will go again", again)
                 result = self.queue.drain(
                     self.publisher,
                     window=self.window,

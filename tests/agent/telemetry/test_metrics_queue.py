@@ -53,6 +53,63 @@ def test_full_queue_drops_the_oldest_and_says_so(tmp_path: Path) -> None:
     assert q.stats().dropped_total == 4
 
 
+def test_a_sites_device_keeps_what_was_acknowledged_and_sends_it_again_on_rewind(tmp_path: Path) -> None:
+    """keep_acked_s (a device behind a site broker): acknowledged messages stay that long,
+    not pending, and rewind() makes them wait again, oldest first, before the newer ones."""
+    now = [1000.0]
+    q = MetricsQueue(tmp_path / "q.sqlite3", max_rows=100, keep_acked_s=60.0, clock=lambda: now[0])
+    for i in range(4):
+        q.append(TOPIC, body, ts=float(i))
+    assert q.ack(2) == 2
+    assert seqs(q) == [3, 4] and q.stats().pending == 2
+    now[0] += 30.0
+    assert q.ack(3) == 1  # 1 and 2 were acknowledged 30 s ago: kept
+    assert q.append(TOPIC, body, ts=9.0) == 5
+    assert json.loads(q.peek(10)[-1].payload)["pending"] == 1  # kept ones are not pending
+    now[0] += 40.0  # 1 and 2 are now 70 s old: gone with the next write; 3 is 40 s old
+    assert q.rewind() == 1
+    assert seqs(q) == [3, 4, 5] and q.stats().pending == 3
+    assert q.rewind() == 0  # nothing kept any more
+    first = q.peek(1)[0].payload
+    q.ack(5)
+    assert q.rewind() == 3 and q.peek(1)[0].payload == first  # the very bytes again
+
+
+def test_kept_messages_go_first_when_full_and_do_not_count_as_dropped(tmp_path: Path) -> None:
+    q = MetricsQueue(tmp_path / "q.sqlite3", max_rows=4, keep_acked_s=60.0)
+    for i in range(3):
+        q.append(TOPIC, body, ts=float(i))
+    q.ack(3)
+    for i in range(3):
+        q.append(TOPIC, body, ts=10.0 + i)
+    assert q.stats().dropped_total == 0  # two kept ones made room, nothing waiting was lost
+    assert q.rewind() == 1 and seqs(q) == [3, 4, 5, 6]
+    q.append(TOPIC, body, ts=20.0)
+    assert q.stats().dropped_total == 1 and seqs(q) == [4, 5, 6, 7]
+
+
+def test_a_queue_file_from_before_sites_is_upgraded_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "q.sqlite3"
+    with sqlite3.connect(path) as db:  # the schema of the agent before keep_acked_s
+        db.executescript(
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, topic TEXT NOT NULL, "
+            "payload BLOB NOT NULL);"
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+            "INSERT INTO meta VALUES ('last_seq', 7), ('dropped_total', 2);"
+            "INSERT INTO outbox VALUES (7, 1.0, 't', x'7b7d');"
+        )
+    db.close()
+    q = MetricsQueue(path, max_rows=10, keep_acked_s=60.0)
+    assert seqs(q) == [7] and q.stats().dropped_total == 2
+    assert q.append(TOPIC, body, ts=2.0) == 8
+    q.ack(8)
+    q.close()
+    q = MetricsQueue(path, max_rows=10, keep_acked_s=60.0)  # kept rows of the last run wait again
+    assert seqs(q) == [7, 8]
+
+
 def test_a_failed_build_leaves_nothing_behind(tmp_path: Path) -> None:
     q = MetricsQueue(tmp_path / "q.sqlite3", max_rows=5)
 
