@@ -68,7 +68,7 @@ from agent.state_message import (
 )
 from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporter
 from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
-from agent.telemetry.uplink import SiteUplink
+from agent.telemetry.uplink import RESEND_S, SiteUplink
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +171,14 @@ class Agent:
         self.infer = InferWorker(
             self.registry, self.client, counters=self.counters, max_payload_bytes=cfg.http_max_body_bytes
         )
-        self.metrics_queue = MetricsQueue.in_state_dir(cfg.state_dir, max_rows=cfg.metrics_queue_max_rows)
-        # behind a site broker, what it is told about its uplink holds metrics and events
-        self.uplink = SiteUplink(self.client, site=cfg.site, on_up=lambda: self.sender.wake())
+        # behind a site broker, what it is told about its uplink holds metrics and events, and
+        # what the broker acknowledged just before an outage goes again (telemetry/uplink.py)
+        self.metrics_queue = MetricsQueue.in_state_dir(
+            cfg.state_dir, max_rows=cfg.metrics_queue_max_rows, keep_acked_s=RESEND_S if cfg.site else 0.0
+        )
+        self.uplink = SiteUplink(
+            self.client, site=cfg.site, on_up=lambda: self.sender.wake(), on_down=lambda: self.sender.rewind()
+        )
         # woken when a message is queued and on each connect; its own look every 30 s is a
         # safety net (every 1 s it cost 0.3-2 ms per second per idle agent, 100 agents on
         # this 2-core VM: 3-20 % of a core, issue 11)

@@ -184,10 +184,11 @@ class AgentProcess:
 
 def queued_metrics(state_dir: Path) -> tuple[int, int | None, int]:
     """An agent's on-disk metrics queue, read beside the running agent: (messages waiting,
-    the oldest one's seq, the last seq given)."""
+    the oldest one's seq, the last seq given). Acknowledged messages a site's device keeps
+    (to send again after an outage) are not waiting."""
     path = state_dir / "metrics-queue.sqlite3"
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
-        rows, oldest = db.execute("SELECT COUNT(*), MIN(seq) FROM outbox").fetchone()
+        rows, oldest = db.execute("SELECT COUNT(*), MIN(seq) FROM outbox WHERE acked_at IS NULL").fetchone()
         (last,) = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
     return int(rows), oldest, int(last)
 

@@ -68,6 +68,36 @@ def test_the_report_says_the_site_the_word_and_what_was_held_or_dropped() -> Non
     assert uplink.report() == {"site": "s1", "up": True, "outages": 1, "events_held": 0, "events_dropped": 1}
 
 
+def test_events_sent_just_before_the_0_go_again_first() -> None:
+    """What the site broker acknowledged in the resend_s before the 0 may have been dropped
+    by its cut bridge: held again, in order, before what was held meanwhile."""
+    rec, now, downs = Recorder(), [100.0], []
+    uplink = SiteUplink(rec, site="s1", resend_s=60.0, clock=lambda: now[0], on_down=lambda: downs.append(1))
+    uplink.send_event("e", b"old")
+    now[0] += 61.0
+    uplink.send_event("e", b"a")
+    uplink.send_event("e", b"b")
+    uplink.handle(word(b"0"))
+    assert downs == [1]
+    uplink.send_event("e", b"c")
+    assert rec.sent == [b"old", b"a", b"b"] and uplink.report()["events_held"] == 3
+    uplink.handle(word(b"1"))
+    assert rec.sent == [b"old", b"a", b"b", b"a", b"b", b"c"]
+    now[0] += 1.0
+    uplink.handle(word(b"0"))  # the uplink flaps: what went out on the 1 may be lost again
+    uplink.handle(word(b"1"))
+    assert rec.sent[6:] == [b"a", b"b", b"c"]
+    now[0] += 61.0
+    uplink.handle(word(b"0"))
+    uplink.handle(word(b"1"))
+    assert rec.sent[9:] == [], "events older than resend_s went again"
+    no_site = SiteUplink(Recorder(), on_down=lambda: downs.append(2))
+    no_site.send_event("e", b"x")
+    no_site.handle(word(b"0"))
+    no_site.handle(word(b"1"))
+    assert downs == [1, 1, 1, 2] and no_site.report() is None
+
+
 def test_unknown_words_are_ignored_and_a_cleared_message_means_up() -> None:
     rec = Recorder()
     uplink = SiteUplink(rec)
@@ -122,11 +152,15 @@ def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
         agent.start()
         metrics.collect(lambda docs: len(docs) >= 2, 30, got)
         assert len(got) >= 2, "no metrics while the uplink was up"
+        before = {d["seq"]: d for _, d in got}  # acknowledged by the "site broker" before the 0
 
         say(b"0")
         wait_until(lambda: "site uplink down" in agent.log(), 30, "the agent to read the 0")
+        down_from = queued_metrics(agent.state_dir)[2] + 1  # built after the 0 was read
+        metrics.collect(lambda docs: False, 2.0, got)  # a window sent before the 0 lands
+        sent_before_down = len(got)
         # metrics go on being made, and stay on disk
-        wait_until(lambda: pending(agent.state_dir)[0] >= 4, 60, "4 metrics held on disk")
+        wait_until(lambda: queued_metrics(agent.state_dir)[2] >= down_from + 3, 60, "4 metrics held")
         # events too: a push while down is taken (its state is retained, not held) but its
         # events wait
         must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
@@ -134,8 +168,11 @@ def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
         metrics.collect(lambda docs: False, 1.0, got)
         n, oldest = pending(agent.state_dir)
         assert n >= 4 and oldest is not None
-        assert max(d["seq"] for _, d in got) < oldest, "a held metric was sent while down"
+        late = [d["seq"] for _, d in got[sent_before_down:]]
+        assert not late, f"sent while down: {late}"
         assert watch.events_of("pi-u", "activated") == [], "an event was sent while down"
+        # what the site broker acknowledged in the minute before the 0 waits again, with the rest
+        assert oldest <= min(before), (oldest, sorted(before))
 
         say(b"1")
         watch.wait_for(lambda: bool(watch.events_of("pi-u", "activated")), 30, "the held events")
@@ -155,11 +192,16 @@ def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
     assert "verified" in kinds and kinds.index("verified") < kinds.index("activated"), kinds
     seqs = [e["seq"] for e in watch.events_of("pi-u")]
     assert seqs == sorted(seqs), "held events were sent out of order"
+    # what the site broker had acknowledged in the minute before the 0 went again (its cut
+    # bridge may have dropped it): the same messages, a second time
+    for seq, doc in before.items():
+        again = [d for _, d in got if d["seq"] == seq]
+        assert len(again) >= 2 and all(d == doc for d in again), f"metrics seq {seq} did not go again"
     # each message says what the device knew of its uplink when it was made
     by_seq = {d["seq"]: d["uplink"] for _, d in got}
-    held = [by_seq[s] for s in range(oldest, oldest + n)]
+    held = [by_seq[s] for s in range(down_from, oldest + n)]
     assert all(u["site"] == "s1" for u in by_seq.values())
-    assert all(u["up"] for s, u in by_seq.items() if s < oldest), "a message sent while down"
+    assert all(by_seq[s]["up"] for s in before), "a message made while down was sent before"
     assert not any(u["up"] for u in held) and all(u["outages"] == 1 for u in held)
     assert max(u["events_held"] for u in held) >= 1, "no held message counted the held events"
     last = by_seq[max(by_seq)]
