@@ -12,6 +12,8 @@ cuts. In order, on one fleet:
     activate the newest version and its retained repository equals central's, clears
     included; the metrics its devices made while cut off (held on disk once the site broker
     told them, agent/telemetry/uplink.py) all reach central, none missing;
+(b') a site whose uplink goes silent (nothing reset: only the bridge's keep-alive notices)
+    loses no metrics either: what its devices sent before they learned of it goes again;
 (c) a site broker SIGKILLed after its autosave (uplink down, so the restarted broker can
     only serve what its own persistence file holds) keeps every retained message; one
     SIGKILLed inside the autosave window, mid-push, ends up with central's repository and
@@ -27,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +59,7 @@ MODEL_MB = 0.75  # 3 chunks of 256 KiB, plus golden vectors
 BRIDGE_BOUND = 1.2
 WAIT_S = 90.0
 METRICS_S = 2.0  # a metrics message every so often from every agent
+KEEPALIVE_S = 5  # the bridges' keep-alive: a silent link is noticed after 1.5x this
 
 
 @dataclass
@@ -137,7 +141,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     world = Sites(central, proxies, sites, repo, watch, tap, metrics)
     try:
         for s in sites.values():
-            s.start()
+            s.start("--uplink-keepalive-s", str(KEEPALIVE_S))
         for s in sites.values():
             s.wait_status(lambda st: st["link"] == "up", 30, "link up")
         for name, devices in SITES.items():
@@ -192,6 +196,7 @@ def test_two_sites(fleet: Sites, models: list[Path]) -> None:
     check_central_status_shows_each_devices_site(fleet)
     check_inference_from_central_reaches_a_site_device(fleet)
     check_a_site_cut_off_during_a_rollout_catches_up(fleet, models[1], models[2])
+    check_a_silent_uplink_loses_no_metrics(fleet)
     check_a_site_broker_sigkill_keeps_what_was_retained(fleet)
     check_a_sigkill_inside_the_autosave_window_is_made_good(fleet, models[3])
 
@@ -279,9 +284,9 @@ def check_a_site_cut_off_during_a_rollout_catches_up(fleet: Sites, m2: Path, m3:
     for d in SITES["b"]:
         assert fleet.agents[d].state_file()["models"]["dense"]["active"]["version"] == 1
     # metrics went on being made, and wait on disk
-    for d in SITES["b"]:
-        sd = fleet.agents[d].state_dir
-        wait_until(lambda sd=sd: queued_metrics(sd)[0] >= 2, 60, f"{d} to hold 2 metrics messages")
+    for d in SITES["b"]:  # (by the seq given: messages waiting from before the 0 do not count)
+        sd, n = fleet.agents[d].state_dir, held_after[d] + 2
+        wait_until(lambda sd=sd, n=n: queued_metrics(sd)[2] >= n, 60, f"{d} to hold 2 metrics messages")
     made = {d: queued_metrics(fleet.agents[d].state_dir)[2] for d in SITES["b"]}
     fleet.restore("b")
     st = b.wait_status(lambda s: s["link"] == "up" and s["prunes"] > prunes, WAIT_S, "reconnect and prune")
@@ -293,6 +298,36 @@ def check_a_site_cut_off_during_a_rollout_catches_up(fleet: Sites, m2: Path, m3:
         assert len(want) >= 2
         try:
             wait_until(lambda d=d, want=want: want <= fleet.metrics_seqs(d), WAIT_S, f"{d}'s held metrics")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: missing {sorted(want - fleet.metrics_seqs(d))}") from None
+
+
+def check_a_silent_uplink_loses_no_metrics(fleet: Sites) -> None:
+    """A link that goes silent (nothing reset) is noticed only after 1.5x the bridge's
+    keep-alive: what site a's devices sent meanwhile, their site broker acknowledged and its
+    cut bridge dropped. Once they read the 0 they send again what the broker acknowledged in
+    the minute before (agent/telemetry/uplink.py): central ends with every metrics message
+    they made, none missing (repeats are dropped by seq)."""
+    a, devices = fleet.sites["a"], SITES["a"]
+    downs = {d: fleet.agents[d].log().count("site uplink down") for d in devices}
+    had = {d: max(fleet.metrics_seqs(d)) for d in devices}  # central has these already
+    fleet.proxies["a"].stall = True
+    t0 = time.monotonic()
+    a.wait_status(lambda s: s["link"] == "down", 60, "the silent link noticed")
+    noticed_s = time.monotonic() - t0
+    for d in devices:
+        log = fleet.agents[d].log
+        wait_until(lambda log=log, n=downs[d]: log().count("site uplink down") > n, 60, f"{d} to read the 0")
+    made = {d: queued_metrics(fleet.agents[d].state_dir)[2] for d in devices}
+    fleet.proxies["a"].stall = False
+    fleet.proxies["a"].cut()  # what is left of the silent connections
+    a.wait_status(lambda s: s["link"] == "up", WAIT_S, "link up again")
+    print(f"site a: the silent link was noticed after {noticed_s:.1f} s (keep-alive {KEEPALIVE_S} s)")
+    for d in devices:
+        want = set(range(had[d], made[d] + 1))
+        assert len(want) >= 3, (d, had[d], made[d])  # messages were made in the silent window
+        try:
+            wait_until(lambda d=d, want=want: want <= fleet.metrics_seqs(d), WAIT_S, f"{d}'s metrics")
         except AssertionError as exc:
             raise AssertionError(f"{exc}: missing {sorted(want - fleet.metrics_seqs(d))}") from None
 

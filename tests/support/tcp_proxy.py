@@ -11,6 +11,8 @@ each accepted connection to the upstream port. While it runs, a test can:
 * ``cut()``: drop every open connection at once (a network drop);
 * ``refuse``: refuse new connections (the network stays down);
 * ``mute_down``: drop what the upstream sends meanwhile (a PUBACK that never arrives);
+* ``stall``: drop what either side sends meanwhile, connections left open (a link that
+  goes silent: only keep-alives notice it);
 * ``bytes_down``: count what went to clients.
 """
 
@@ -32,6 +34,7 @@ class FaultProxy:
         self.slice_bytes: int | None = None
         self.refuse = False
         self.mute_down = False
+        self.stall = False
         self.bytes_down = 0
         self.bytes_up = 0
         self.connections = 0
@@ -85,7 +88,7 @@ class FaultProxy:
                 if self.slice_bytes:
                     n = self.slice_bytes
                     pieces = [data[i : i + n] for i in range(0, len(data), n)]
-                if downstream and self.mute_down:
+                if (downstream and self.mute_down) or self.stall:
                     continue
                 for piece in pieces:
                     if self.delay_s:
