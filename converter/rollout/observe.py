@@ -13,7 +13,10 @@ process (``boot``) reported before without this version (it was loaded since), e
 its first message (what came before is unknown and not counted). A group of counters that
 goes down (requests, the shadow's, a histogram) was reset: the version was loaded again
 in the same process (a rollback and a return), the shadow started again, or an agent
-without a ``boot`` restarted; the step is then the new value.
+without a ``boot`` restarted; the step is then the new value. A message whose ``seq`` is
+not above the last one of its (device, boot) is a repeat (a QoS 1 redelivery, or what a
+site's device sends again after an outage, older than what arrived before it) and is
+dropped: differenced, it would look like a reset and count its whole history again.
 
 Guarantees:
 
@@ -214,6 +217,7 @@ class FleetObserver:
         # device -> its series keys (boot, version), in the order first seen
         self._keys: dict[str, list[tuple[str, str]]] = {}
         self._boots: set[tuple[str, str]] = set()
+        self._last_seq: dict[tuple[str, str], int] = {}  # (device, boot) -> newest seq folded in
         self._seen_events: set[tuple[str, str, int | None, float]] = set()
         self.bad_events: list[str] = []
         self.ignored: Counter[str] = Counter()
@@ -255,6 +259,9 @@ class FleetObserver:
 
     def on_metrics(self, sample: MetricsSample) -> None:
         boot = sample.boot or ""
+        if sample.seq <= self._last_seq.get((sample.device_id, boot), -1):
+            return  # a repeat (docs/protocol.md 6.4)
+        self._last_seq[(sample.device_id, boot)] = sample.seq
         mine = [m for m in sample.models if m.name == self.model]
         junk = False
         for entry in mine:

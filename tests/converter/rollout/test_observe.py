@@ -49,6 +49,27 @@ def test_window_counts_only_what_happened_since_it_started() -> None:
     assert ev.control.outputs_n == 40
 
 
+def test_a_message_sent_again_after_newer_ones_counts_for_nothing() -> None:
+    """A site's device sends again, after an outage, what its site broker acknowledged in the
+    minute before (agent/telemetry/uplink.py): older cumulative counters arrive after newer
+    ones. They are repeats (seq not above the last one seen), not a counter reset."""
+    rng = random.Random(3)
+    dev = FakeDevice("dev-a", MODEL, "3")
+    obs = FleetObserver(MODEL, 4, 3, "all")
+    feed_state(obs, dev)
+    dev.counters("3").serve(100, Behaviour(), rng, 0, None)
+    obs.on_metrics(metrics(dev))
+    obs.start_window()
+    sent = []
+    for _ in range(3):
+        dev.counters("3").serve(40, Behaviour(), rng, 0, None)
+        sent.append(metrics(dev))
+    for m in [*sent[:2], *sent[:2], sent[2]]:  # 2, 3, then 2 and 3 again, then 4
+        obs.on_metrics(m)
+    ev, devices = obs.evidence(Rollout("all", 1), None)
+    assert devices["control"] == 1 and ev.control.ok == 120, ev.control.ok
+
+
 def test_a_version_loaded_after_the_last_message_counts_from_zero() -> None:
     rng = random.Random(2)
     dev = FakeDevice("dev-a", MODEL, "3")
