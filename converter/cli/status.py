@@ -6,7 +6,8 @@ CPU, temperature and memory (the retained state has p50 and the inference
 count since the model was loaded).
 
 A fleet with site brokers (docs/sites.md) gets a SITE column (``-`` for a device
-of the central broker); ``--site NAME`` shows only that site's devices.
+of the central broker); ``--site NAME`` shows only that site's devices. A site whose
+uplink is down gets a warning on stderr: its devices' rows are their last states.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from converter.fleet.view import (
     TABLE_COLUMNS,
     collect_expiry,
     collect_metrics,
+    collect_sites,
     collect_states,
     merge_metrics,
 )
+from converter.monitor.sites import SiteView
 from converter.repo.expiry import expiry_warnings
 
 # a cell longer than this (an error message) is cut
@@ -62,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
         if args.site is not None:
             rows = [r for r in rows if r.get("site") == args.site]
         for line in expiry_lines(collect_expiry(client, topics, timeout_s=args.timeout)):
+            say(f"litefleet: warning: {line}")
+        sites = collect_sites(client, topics, timeout_s=args.timeout)
+        if args.site is not None:
+            sites = {name: view for name, view in sites.items() if name == args.site}
+        for line in site_lines(sites, rows):
             say(f"litefleet: warning: {line}")
         if args.metrics > 0:
             online = [r["device_id"] for r in rows if r.get("online")]
@@ -99,6 +107,20 @@ def with_site(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> tuple[s
         return tuple(columns)
     at = list(columns).index("groups") + 1
     return (*columns[:at], "site", *columns[at:])
+
+
+def site_lines(sites: dict[str, SiteView], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A line per site whose uplink to this broker is down: its devices' rows are the last
+    states that crossed it (they may say online)."""
+    lines = []
+    for name, view in sorted(sites.items()):
+        if view.link_up is False:
+            n = sum(1 for r in rows if r.get("site") == name)
+            lines.append(
+                f"site {name}'s uplink to this broker is down: the rows of its {n} device(s) are "
+                "their last states from before (docs/sites.md, Outages)"
+            )
+    return lines
 
 
 def say(line: str) -> None:

@@ -14,6 +14,8 @@ Guarantees:
   previous row (or none), an empty one (a removed device) removes it;
 * rows are plain JSON values; ``litefleet status`` (:mod:`converter.cli.status`)
   prints them as a table or as JSON;
+* :func:`collect_sites` reads each site broker's retained link word and status (for
+  ``status``'s warning about sites cut off: their devices' rows are their last states);
 * :func:`collect_expiry` reads the signed expiry of the newest retained metadata of
   each role (for ``status``'s warning; nothing is trusted from it), and
   :func:`clear_state` deletes a removed device's retained state.
@@ -42,6 +44,7 @@ from converter.monitor.payloads import (
     shown_model,
 )
 from converter.monitor.repo_expiry import metadata_role, signed_expiry
+from converter.monitor.sites import SiteView, apply_site_message
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +209,33 @@ def clear_state(client: MqttClient, topics: Topics, device_id: str, timeout_s: f
     if not client.publish(topic, b"", qos=1, retain=True).wait(timeout_s):
         raise TransportError(f"the broker did not acknowledge clearing {topic}")
     return True
+
+
+def collect_sites(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -> dict[str, SiteView]:
+    """name -> what the broker's retained ``sites/<name>/bridge`` and ``.../status`` say
+    (docs/sites.md); malformed ones are left out."""
+    views: dict[str, SiteView] = {}
+    lock = threading.Lock()
+    head = f"{topics.base}/sites/"
+
+    def handle(msg: Message) -> None:  # paho thread
+        name, _, leaf = msg.topic.removeprefix(head).partition("/")
+        if not msg.topic.startswith(head) or not name or leaf not in ("bridge", "status"):
+            return
+        with lock:
+            got = apply_site_message(views.get(name), name, leaf, msg.payload)
+            if got is None:
+                views.pop(name, None)
+            elif not isinstance(got, Malformed):
+                views[name] = got
+
+    client.subscribe(topics.sites_filter, handle, qos=RETAINED_READ_QOS)
+    client.sync()
+    if not client.wait_synced(timeout_s):
+        raise TransportError("the broker did not answer the sites subscription")
+    client.unsubscribe(topics.sites_filter)
+    with lock:
+        return dict(views)
 
 
 def collect_expiry(client: MqttClient, topics: Topics, timeout_s: float = 5.0) -> dict[str, datetime]:

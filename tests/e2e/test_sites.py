@@ -39,7 +39,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.protocol import Topics
-from tests.support.harness import AgentProcess, FleetWatcher, must, queued_metrics
+from tests.support.harness import AgentProcess, FleetWatcher, litefleet, must, queued_metrics
 from tests.support.secure import Client
 from tests.support.sites import Central, SiteBroker, dense_models, retained, start_central, wait_until
 from tests.support.tcp_proxy import FaultProxy
@@ -226,7 +226,9 @@ def check_each_byte_crosses_each_bridge_once(fleet: Sites, model: Path) -> None:
 def check_central_status_shows_each_devices_site(fleet: Sites) -> None:
     """Each device's state says its site (its agent.toml's ``site``, written by ``device add``
     at the site): ``litefleet status`` at central shows it and ``--site`` picks one site."""
-    rows = json.loads(must("status", "--secure", str(fleet.central.dir.root), "--json"))
+    code, out, err = litefleet("status", "--secure", str(fleet.central.dir.root), "--json")
+    assert code == 0 and "uplink" not in err, err  # both sites are up
+    rows = json.loads(out)
     sites = {r["device_id"]: r["site"] for r in rows}
     assert sites == {d: name for name, devices in SITES.items() for d in devices}, sites
     only_b = json.loads(must("status", "--secure", str(fleet.central.dir.root), "--json", "--site", "b"))
@@ -265,6 +267,9 @@ def check_a_site_cut_off_during_a_rollout_catches_up(fleet: Sites, m2: Path, m3:
     v1 = fleet.central_view()
     fleet.cut("b")
     prunes = b.status()["prunes"]
+    # central's status says that site b's rows are old (the bridge's will: its word is 0)
+    code, _, err = litefleet("status", "--secure", str(fleet.central.dir.root), "--site", "b")
+    assert code == 0 and "site b's uplink to this broker is down" in err and "5 device(s)" in err, err
     # each device of b reads its site broker's "0" and holds its metrics from then on; a
     # message made between the cut and that moment may be lost (docs/sites.md, "Outages")
     for d in SITES["b"]:

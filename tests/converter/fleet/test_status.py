@@ -146,3 +146,28 @@ def test_a_fleet_with_sites_gets_a_site_column_and_a_filter(broker) -> None:
         must("status", "--broker", broker.url, "--site", "x").strip()
         == "no device of site x has reported yet"
     )
+
+
+def test_a_site_whose_uplink_is_down_is_named_with_its_device_count(broker) -> None:
+    """At central, a cut-off site's devices keep their last retained states (they may say
+    online): status warns, from the site's retained link word (the bridge's will: 0)."""
+    publish_many(
+        broker.port,
+        [
+            ("litefleet/v1/devices/pi-a1/state", state_payload(device_id="pi-a1", site="a")),
+            ("litefleet/v1/devices/pi-b1/state", state_payload(device_id="pi-b1", site="b")),
+            ("litefleet/v1/devices/pi-b2/state", state_payload(device_id="pi-b2", site="b")),
+            ("litefleet/v1/sites/a/bridge", b"1"),
+            ("litefleet/v1/sites/b/bridge", b"0"),
+        ],
+        retain=True,
+    )
+    code, out, err = litefleet("status", "--broker", broker.url)
+    assert code == 0 and "pi-b2" in out
+    warnings = [ln for ln in err.splitlines() if "uplink" in ln]
+    assert warnings == [
+        "litefleet: warning: site b's uplink to this broker is down: the rows of its 2 device(s) "
+        "are their last states from before (docs/sites.md, Outages)"
+    ], err
+    _, _, only_a = litefleet("status", "--broker", broker.url, "--site", "a")
+    assert "uplink" not in only_a, only_a
