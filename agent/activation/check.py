@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -215,6 +216,7 @@ def check_isolated(
     """
     if not hasattr(os, "fork"):
         return None
+    _libc()  # in the agent, once: the children inherit it
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
     try:
@@ -268,15 +270,27 @@ def check_isolated(
     raise ModelRejectedError(reason, str(result.get("message", "")))
 
 
+@functools.cache
+def _libc() -> Any:
+    """The C library's handle, or None; loaded in the agent before its first fork, so that
+    each check child does not load it again (0.3-0.5 ms of a child's CPU)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except (OSError, AttributeError):
+        return None
+
+
 def _die_with_parent(parent: int, wall_s: float) -> None:
     """In the child: end with the agent, and after ``wall_s`` in any case. A child that
     hangs without using CPU (a deadlock) is never ended by RLIMIT_CPU; if the agent is
     killed meanwhile (SIGKILL, OOM, the watchdog), nothing else would end it."""
     signal.alarm(int(wall_s) + 1)  # SIGALRM's default action ends the process
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
     if os.getppid() != parent:  # the agent died before prctl took effect
         os._exit(71)
 
