@@ -22,7 +22,8 @@ Guarantees:
   carries it to central;
 * the link's state is published retained on the site broker as
   ``<prefix>/v1/sites/<name>/bridge`` (``1``/``0``, Mosquitto's own notification
-  topic) within a tick of the relay seeing it change. Mosquitto says ``0`` there
+  topic) within a tick of the relay seeing it change, and again after Mosquitto was
+  restarted (its persistence file may hold an older word). Mosquitto says ``0`` there
   itself only when the bridge's connection breaks (its will); when the bridge's own
   keep-alive ends a silent link it disconnects cleanly and says nothing, and the
   site's devices, which hold their metrics and events on a ``0``
@@ -233,6 +234,7 @@ class SiteSupervisor:
         self.broker.kill()
         self.broker.start()
         self.watchdog.reset()
+        self._said_link = None  # its persistence file may hold an older word: say it again
         with self._lock:
             self._facts = replace(
                 self._facts,
