@@ -38,12 +38,13 @@ publisher is connected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,44 +161,50 @@ class MetricsQueue:
     def append(self, topic: str, build: Builder, *, ts: float) -> int:
         """Build and store the next message in one transaction; return its seq.
         Drops the oldest messages beyond ``max_rows``. Raises StorageError."""
+        with self._writing() as db:
+            last = self._meta("last_seq")
+            dropped = self._meta("dropped_total")
+            pending = self._pending()
+            rows = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+            seq = last + 1
+            payload = build(seq, pending, dropped)
+            db.execute(
+                "INSERT INTO outbox (seq, ts, topic, payload) VALUES (?, ?, ?, ?)",
+                (seq, ts, topic, payload),
+            )
+            db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
+            excess = rows + 1 - self.max_rows
+            if excess > 0:
+                # the oldest go first: kept acknowledged ones are older than any waiting
+                # one (acknowledgements come in seq order); only waiting ones count as dropped
+                oldest = "SELECT seq FROM outbox ORDER BY seq LIMIT ?"
+                lost = int(
+                    db.execute(
+                        f"SELECT count(*) FROM outbox WHERE acked_at IS NULL AND seq IN ({oldest})",
+                        (excess,),
+                    ).fetchone()[0]
+                )
+                db.execute(f"DELETE FROM outbox WHERE seq IN ({oldest})", (excess,))
+                db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_total'", (lost,))
+                logger.debug("metrics queue full: dropped the %d oldest", excess)
+        return seq
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock: committed, or rolled back on any error
+        (an SQLite one raises StorageError)."""
         with self._lock:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    last = self._meta("last_seq")
-                    dropped = self._meta("dropped_total")
-                    pending = self._pending()
-                    rows = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
-                    seq = last + 1
-                    payload = build(seq, pending, dropped)
-                    db.execute(
-                        "INSERT INTO outbox (seq, ts, topic, payload) VALUES (?, ?, ?, ?)",
-                        (seq, ts, topic, payload),
-                    )
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (seq,))
-                    excess = rows + 1 - self.max_rows
-                    if excess > 0:
-                        # the oldest go first: kept acknowledged ones are older than any
-                        # waiting one (acknowledgements come in seq order); only waiting
-                        # ones count as dropped
-                        oldest = "SELECT seq FROM outbox ORDER BY seq LIMIT ?"
-                        lost = int(
-                            db.execute(
-                                f"SELECT count(*) FROM outbox WHERE acked_at IS NULL AND seq IN ({oldest})",
-                                (excess,),
-                            ).fetchone()[0]
-                        )
-                        db.execute(f"DELETE FROM outbox WHERE seq IN ({oldest})", (excess,))
-                        db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_total'", (lost,))
-                        logger.debug("metrics queue full: dropped the %d oldest", excess)
+                    yield db
                     db.execute("COMMIT")
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot write the metrics queue {self.path}: {exc}") from exc
-            return seq
 
     def _meta(self, key: str) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
@@ -221,38 +228,22 @@ class MetricsQueue:
     def ack(self, through_seq: int) -> int:
         """Every message up to ``through_seq`` is acknowledged: deleted, or with
         ``keep_acked_s`` marked and kept that long; how many were waiting."""
-        with self._lock:
-            db = self._db
-            try:
-                if self.keep_acked_s <= 0:
-                    return int(db.execute("DELETE FROM outbox WHERE seq <= ?", (through_seq,)).rowcount)
-                now = self._clock()
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    cur = db.execute(
-                        "UPDATE outbox SET acked_at = ? WHERE seq <= ? AND acked_at IS NULL",
-                        (now, through_seq),
-                    )
-                    db.execute("DELETE FROM outbox WHERE acked_at < ?", (now - self.keep_acked_s,))
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot write the metrics queue {self.path}: {exc}") from exc
+        with self._writing() as db:
+            if self.keep_acked_s <= 0:
+                return int(db.execute("DELETE FROM outbox WHERE seq <= ?", (through_seq,)).rowcount)
+            now = self._clock()
+            cur = db.execute(
+                "UPDATE outbox SET acked_at = ? WHERE seq <= ? AND acked_at IS NULL", (now, through_seq)
+            )
+            db.execute("DELETE FROM outbox WHERE acked_at < ?", (now - self.keep_acked_s,))
             return int(cur.rowcount)
 
     def rewind(self) -> int:
         """Make every kept acknowledged message (of the last ``keep_acked_s``) wait again;
         how many. The next drain sends them first, in order."""
-        with self._lock:
-            try:
-                now = self._clock()
-                self._db.execute("DELETE FROM outbox WHERE acked_at < ?", (now - self.keep_acked_s,))
-                cur = self._db.execute("UPDATE outbox SET acked_at = NULL WHERE acked_at IS NOT NULL")
-            except sqlite3.Error as exc:
-                raise StorageError(f"cannot write the metrics queue {self.path}: {exc}") from exc
-            return int(cur.rowcount)
+        with self._writing() as db:
+            db.execute("DELETE FROM outbox WHERE acked_at < ?", (self._clock() - self.keep_acked_s,))
+            return int(db.execute("UPDATE outbox SET acked_at = NULL WHERE acked_at IS NOT NULL").rowcount)
 
     def stats(self) -> QueueStats:
         with self._lock:

@@ -141,6 +141,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_bad_site_flags_are_one_line_errors_and_create_nothing(tmp_path: Path, central: Central) -> None:
     bundle = central.dir.site_dir("a")
     new = tmp_path / "new-site"
+    site = ["--secure", str(new), "--upstream", "mqtts://localhost:1", "--uplink", str(bundle)]
     cases = [
         (["--upstream", "mqtts://localhost:1"], "only apply with --secure"),
         (
@@ -153,45 +154,9 @@ def test_bad_site_flags_are_one_line_errors_and_create_nothing(tmp_path: Path, c
         ),
         (["--secure", str(new), "--upstream", "mqtts://localhost:1"], "not a site uplink bundle"),
         (["--secure", str(new), "--uplink", str(bundle)], "only applies with --upstream"),
-        (
-            [
-                "--secure",
-                str(new),
-                "--upstream",
-                "mqtts://localhost:1",
-                "--uplink",
-                str(bundle),
-                "--prefix",
-                "x",
-            ],
-            "topic prefix",
-        ),
-        (
-            [
-                "--secure",
-                str(new),
-                "--upstream",
-                "mqtts://localhost:1",
-                "--uplink",
-                str(bundle),
-                "--watchdog-s",
-                "0.1",
-            ],
-            "--watchdog-s",
-        ),
-        (
-            [
-                "--secure",
-                str(new),
-                "--upstream",
-                "mqtts://localhost:1",
-                "--uplink",
-                str(bundle),
-                "--uplink-keepalive-s",
-                "60",
-            ],
-            "--uplink-keepalive-s must be between 5 and 30",
-        ),
+        ([*site, "--prefix", "x"], "topic prefix"),
+        ([*site, "--watchdog-s", "0.1"], "--watchdog-s"),
+        ([*site, "--uplink-keepalive-s", "60"], "--uplink-keepalive-s must be between 5 and 30"),
     ]
     for args, message in cases:
         r = cli("broker", *args)
