@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install (or remove) litefleet's host side as systemd services: the broker, the monitor,
-# the rollout service and a timer that re-signs the repository's metadata before it expires.
+# the rollout service and a timer that re-signs the repository's metadata before it expires;
+# or, with --upstream, a site host: the site broker alone, bridged to central (docs/sites.md).
 # `install-host.sh --help` prints the usage; docs/systemd.md ("The host side") says more.
 set -eu
 
@@ -10,6 +11,7 @@ LITEFLEET=""
 RUN_USER=${SUDO_USER:-}
 SECURE_DIR=""
 REPO_DIR=""
+UPSTREAM=""
 BIND=127.0.0.1
 BROKER_ARGS=""
 MONITOR_DB=""
@@ -28,6 +30,7 @@ bad() { printf 'litefleet install-host: error: %s\n' "$*" >&2; exit 2; }
 usage() {
     cat <<'EOF'
 Usage: sudo install-host.sh --secure-dir DIR --repo DIR [OPTIONS]
+       sudo install-host.sh --secure-dir DIR --upstream mqtts://CENTRAL:PORT [OPTIONS]
        sudo install-host.sh --uninstall
 
 Installs litefleet's host side as systemd services, run as the operator's user:
@@ -37,10 +40,14 @@ Installs litefleet's host side as systemd services, run as the operator's user:
   litefleet-resign.timer     litefleet repo resign REPO, daily (timestamp.json expires in 14 days)
 Every systemd/litefleet-*.service and *.timer template beside this script is installed
 (litefleet-agent.service aside, it is the device's): a new template is picked up as it is.
+With --upstream the host is a site's: only litefleet-broker.service, as a site broker
+(`litefleet broker --secure DIR --upstream URL`); no repository, monitor, rollout or timer.
 Running it again rewrites the units with the new options and restarts what runs.
 
   --secure-dir DIR     the broker's folder (`litefleet broker --secure DIR` makes it on first start)
   --repo DIR           the model repository (`litefleet repo init DIR`)
+  --upstream URL       a site host: central's mqtts://HOST:PORT; DIR/uplink must hold the bundle
+                       `litefleet site add NAME` wrote at central (docs/sites.md)
   --user USER          who the services run as: the owner of DIR and REPO (default: $SUDO_USER)
   --litefleet PATH     the litefleet command (default: the one on PATH)
   --bind ADDR          the broker's listen address (default 127.0.0.1; 0.0.0.0 for devices on the LAN)
@@ -63,6 +70,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --secure-dir) need "$@"; SECURE_DIR=$2; shift 2 ;;
         --repo) need "$@"; REPO_DIR=$2; shift 2 ;;
+        --upstream) need "$@"; UPSTREAM=$2; shift 2 ;;
         --user) need "$@"; RUN_USER=$2; shift 2 ;;
         --litefleet) need "$@"; LITEFLEET=$2; shift 2 ;;
         --bind) need "$@"; BIND=$2; shift 2 ;;
@@ -100,11 +108,19 @@ fi
 
 # -- check every input before anything changes -----------------------------------------------
 [ -n "$SECURE_DIR" ] || bad "give --secure-dir DIR (the broker's folder)"
-[ -n "$REPO_DIR" ] || bad "give --repo DIR (the model repository)"
-for d in "$SECURE_DIR" "$REPO_DIR"; do
-    case "$d" in /*) ;; *) bad "$d: give absolute paths (the services do not run in this folder)" ;; esac
-done
-[ -f "$R$REPO_DIR/repo.json" ] || bad "$REPO_DIR is not a litefleet repository (litefleet repo init $REPO_DIR)"
+case "$SECURE_DIR" in /*) ;; *) bad "$SECURE_DIR: give absolute paths (the services do not run in this folder)" ;; esac
+if [ -n "$UPSTREAM" ]; then
+    # a site host: its broker alone, bridged up; the repository and its services stay at central
+    case "$UPSTREAM" in mqtts://?*:[0-9]*) ;; *) bad "--upstream $UPSTREAM: give mqtts://HOST:PORT (central's device-certificate listener)" ;; esac
+    [ -z "$REPO_DIR" ] || bad "--repo: a site host has no repository (--upstream installs the site broker alone)"
+    [ -f "$R$SECURE_DIR/uplink/site.json" ] || bad "$SECURE_DIR/uplink/site.json is missing: copy the folder 'litefleet site add NAME' wrote at central (CENTRAL/sites/NAME) to $SECURE_DIR/uplink first"
+    OWNED=$SECURE_DIR
+else
+    [ -n "$REPO_DIR" ] || bad "give --repo DIR (the model repository)"
+    case "$REPO_DIR" in /*) ;; *) bad "$REPO_DIR: give absolute paths (the services do not run in this folder)" ;; esac
+    [ -f "$R$REPO_DIR/repo.json" ] || bad "$REPO_DIR is not a litefleet repository (litefleet repo init $REPO_DIR)"
+    OWNED=$REPO_DIR
+fi
 [ -n "$MONITOR_DB" ] || MONITOR_DB=$(dirname "$SECURE_DIR")/monitor/litefleet-monitor.db
 case "$MONITOR_DB" in /*) ;; *) bad "--monitor-db: give an absolute path" ;; esac
 if [ -z "$LITEFLEET" ]; then
@@ -115,10 +131,16 @@ case "$LITEFLEET" in /*) ;; *) bad "--litefleet: give an absolute path" ;; esac
 [ -n "$RUN_USER" ] || bad "give --user USER (the services run as the owner of the repository's keys, not root)"
 if [ -z "$R" ]; then
     getent passwd "$RUN_USER" >/dev/null 2>&1 || bad "no user $RUN_USER"
-    [ "$(stat -c %U "$REPO_DIR")" = "$RUN_USER" ] || bad "$REPO_DIR belongs to $(stat -c %U "$REPO_DIR"), not $RUN_USER"
+    [ "$(stat -c %U "$OWNED")" = "$RUN_USER" ] || bad "$OWNED belongs to $(stat -c %U "$OWNED"), not $RUN_USER"
 fi
-TEMPLATES=$(ls "$HERE"/litefleet-*.service "$HERE"/litefleet-*.timer 2>/dev/null | grep -v '/litefleet-agent\.service$' || true)
-[ -n "$TEMPLATES" ] || die "no litefleet-*.service templates beside $0"
+if [ -n "$UPSTREAM" ]; then
+    [ -f "$HERE/litefleet-broker.service" ] || die "no litefleet-broker.service template beside $0"
+    TEMPLATES=$HERE/litefleet-broker.service
+    BROKER_ARGS="--upstream $UPSTREAM${BROKER_ARGS:+ $BROKER_ARGS}"
+else
+    TEMPLATES=$(ls "$HERE"/litefleet-*.service "$HERE"/litefleet-*.timer 2>/dev/null | grep -v '/litefleet-agent\.service$' || true)
+    [ -n "$TEMPLATES" ] || die "no litefleet-*.service templates beside $0"
+fi
 KNOWN='@LITEFLEET@ @USER@ @SECURE_DIR@ @REPO_DIR@ @BIND@ @BROKER_ARGS@ @MONITOR_DB@ @MONITOR_DIR@ @PROMETHEUS@ @HTTP@ @RESIGN_CALENDAR@ @DOCS@'
 for t in $TEMPLATES; do
     for field in $(grep -o '@[A-Z_]*@' "$t" | sort -u); do
@@ -130,6 +152,7 @@ done
 MONITOR_DIR=$(dirname "$MONITOR_DB")
 # the units may write only there (ReadWritePaths=), so both must exist, the user's
 for d in "$SECURE_DIR" "$MONITOR_DIR"; do
+    if [ -n "$UPSTREAM" ] && [ "$d" = "$MONITOR_DIR" ]; then continue; fi  # no monitor at a site
     if [ ! -d "$R$d" ]; then
         mkdir -p "$R$d"
         chmod 0700 "$R$d"
@@ -137,7 +160,7 @@ for d in "$SECURE_DIR" "$MONITOR_DIR"; do
     fi
 done
 mkdir -p "$R/etc/systemd/system" "$R$(dirname "$INSTALLED_LIST")" "$R$DOCS"
-for doc in systemd.md monitor.md rollouts.md security.md; do
+for doc in systemd.md monitor.md rollouts.md security.md sites.md; do
     if [ -f "$HERE/../docs/$doc" ]; then install -m 0644 "$HERE/../docs/$doc" "$R$DOCS/$doc"; fi
 done
 esc() { printf '%s' "$1" | sed 's/[#&\\]/\\&/g'; }
@@ -163,6 +186,15 @@ for t in $TEMPLATES; do
     fi
     echo "$unit" >> "$R$INSTALLED_LIST.tmp"
 done
+# units an earlier run installed that this one does not (a central host made a site's): gone
+if [ -f "$R$INSTALLED_LIST" ]; then
+    while read -r unit; do
+        grep -qFx "$unit" "$R$INSTALLED_LIST.tmp" && continue
+        systemctl_ disable --now "$unit" 2>/dev/null || true
+        rm -f "$R/etc/systemd/system/$unit"
+        say "removed $unit (not part of this host any more)"
+    done < "$R$INSTALLED_LIST"
+fi
 mv "$R$INSTALLED_LIST.tmp" "$R$INSTALLED_LIST"
 systemctl_ daemon-reload
 

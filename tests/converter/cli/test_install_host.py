@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
 from converter.cli.main import build_parser
-from tests.support.host_units import INSTALL_HOST, SECURE_DIR, render_host_units, unit_settings
+from tests.support.host_units import (
+    INSTALL_HOST,
+    LITEFLEET_PATH,
+    SECURE_DIR,
+    render_host_units,
+    unit_settings,
+)
 
 
 def test_help_lists_every_option_and_every_unit() -> None:
@@ -44,3 +51,69 @@ def test_a_missing_http_value_is_bad_usage(tmp_path: Path) -> None:
     )
     assert out.returncode == 2 and "--http needs a value" in out.stderr
     assert not (tmp_path / "etc").exists()
+
+
+def stage(root: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """install-host.sh under ``root`` with the paths render_host_units uses."""
+    return subprocess.run(
+        [
+            *("sh", str(INSTALL_HOST), "--root", str(root), "--no-systemctl", "--user", "alice"),
+            *("--litefleet", LITEFLEET_PATH, "--secure-dir", SECURE_DIR, *options),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_site_host_gets_the_site_broker_alone(tmp_path: Path) -> None:
+    """--upstream: only the broker unit, as a site broker; a host that was central's loses
+    central's other units; what a site host cannot have is refused before any change."""
+    from converter.broker.sites import CentralDir
+
+    root = tmp_path / "root"
+    central_units = render_host_units(root)
+    assert len(central_units) > 1
+    url = "mqtts://hub.example.com:8883"
+    # the uplink bundle is not there yet: refused, nothing touched
+    out = stage(root, "--upstream", url)
+    assert out.returncode == 2 and "uplink/site.json is missing" in out.stderr, out.stderr
+    assert sorted(p.name for p in (root / "etc/systemd/system").iterdir()) == sorted(central_units)
+    central = CentralDir(tmp_path / "central")
+    central.ensure()
+    central.add_site("north")
+    shutil.copytree(central.site_dir("north"), root / SECURE_DIR.lstrip("/") / "uplink")
+    for bad, said in (
+        (["--upstream", url, "--repo", "/srv/repo"], "a site host has no repository"),
+        (["--upstream", "mqtt://hub.example.com:1883"], "give mqtts://HOST:PORT"),
+        (["--upstream", "mqtts://hub.example.com"], "give mqtts://HOST:PORT"),
+    ):
+        out = stage(root, *bad)
+        assert out.returncode == 2 and said in out.stderr, (bad, out.stderr)
+    out = stage(root, "--upstream", url, "--bind", "0.0.0.0", "--broker-args", "--uplink-keepalive-s 10")
+    assert out.returncode == 0, out.stderr
+    units = {p.name: p for p in (root / "etc/systemd/system").iterdir()}
+    assert list(units) == ["litefleet-broker.service"]
+    for gone in set(central_units) - set(units):
+        assert f"removed {gone} (not part of this host any more)" in out.stdout, out.stdout
+    assert (root / "etc/litefleet-host/units").read_text().split() == ["litefleet-broker.service"]
+    assert (root / "usr/local/share/doc/litefleet/sites.md").is_file()
+    settings = unit_settings(units["litefleet-broker.service"])
+    args = build_parser().parse_args(shlex.split(settings["ExecStart"][0])[1:])
+    assert (args.upstream, str(args.secure), args.bind, args.uplink_keepalive_s) == (
+        url,
+        SECURE_DIR,
+        "0.0.0.0",
+        10,
+    )
+    assert settings["ReadWritePaths"] == [SECURE_DIR]
+    again = stage(root, "--upstream", url, "--bind", "0.0.0.0", "--broker-args", "--uplink-keepalive-s 10")
+    assert "litefleet-broker.service unchanged" in again.stdout and "removed" not in again.stdout
+    gone = subprocess.run(
+        ["sh", str(INSTALL_HOST), "--root", str(root), "--no-systemctl", "--uninstall"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "removed litefleet-broker.service" in gone.stdout
+    assert not (root / "etc/systemd/system/litefleet-broker.service").exists()
