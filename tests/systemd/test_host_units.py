@@ -8,13 +8,22 @@ would run the litefleet it converts and pushes with. Debian's Mosquitto is in th
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.protocol import Topics
+from converter.broker.secure import SecureDir
+from tests.support.harness import AgentProcess, FleetWatcher, must
+from tests.support.secure import Client, connect
+
+from .device import SecureBrokerCli
 from .machine import Machine
 from .specs import REPO_ROOT
 
@@ -65,6 +74,8 @@ GATES_OFF = [
     )
 ]
 BROKER_FLAGS = ["--repo", "/srv/fleet/repo", "--secure", "/srv/fleet/broker"]
+SITE_DIR = "/srv/site/broker"
+TOPICS = Topics()
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +290,136 @@ def test_a_second_run_says_unchanged_and_uninstall_keeps_the_data(host: Machine,
         assert m.show(unit, "LoadState")["LoadState"] == "not-found"
     assert m.run(["test", "-f", "/srv/fleet/broker/ca.pem"], check=False).returncode == 0
     assert m.run(["test", "-f", "/srv/fleet/repo/repo.json"], check=False).returncode == 0
+
+
+def latest(client: Client, topic: str) -> bytes | None:
+    with client.new_message:
+        got = [m.payload for m in client.messages if m.topic == topic]
+    return got[-1] if got else None
+
+
+def wait_latest(client: Client, topic: str, payload: bytes, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    with client.new_message:
+        while True:
+            got = [m.payload for m in client.messages if m.topic == topic]
+            if got and got[-1] == payload:
+                return
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out after {timeout_s:g} s waiting for {what}: {topic} said {got[-5:]}"
+            client.new_message.wait(left)
+
+
+def test_the_same_host_made_a_site_host_bridges_its_devices_to_central(
+    host: Machine, tmp_path: Path, digits_int8: Any
+) -> None:
+    """docs/sites.md as an operator does it, the site broker under the real systemd: central
+    (``litefleet broker --secure``, ``site add``, ``device add --site``) on this side of the
+    link; the machine (in file order central's host until the test before uninstalled it) becomes site
+    north's host by ``install-host.sh --upstream`` (the uplink bundle copied in, the site's own
+    ``device add``); a real agent with the site's bundle pulls through the bridge, across a
+    restart of the unit; stopping the unit tells central the site's uplink is down."""
+    m = host
+    central_dir = tmp_path / "central"
+    central = SecureBrokerCli(central_dir, m.link.host_ip, tmp_path / "central.log")
+    central.start()
+    agent: AgentProcess | None = None
+    watch: FleetWatcher | None = None
+    tap: Client | None = None
+    try:
+        must("site", "add", "north", "--secure", str(central_dir))
+        must("device", "add", "pi-n1", "--site", "north", "--secure", str(central_dir))
+        repo = tmp_path / "repo"
+        must("repo", "init", str(repo))
+        # the bundle `site add` wrote, copied to the site host as SITE_DIR/uplink (0700)
+        m.run(["install", "-d", "-o", "fleetop", "-g", "fleetop", "-m", "0700", "/srv/site", SITE_DIR])
+        shutil.copytree(central_dir / "sites" / "north", m.path(f"{SITE_DIR}/uplink"))
+        m.run(["chown", "-R", "fleetop:fleetop", f"{SITE_DIR}/uplink"])
+        m.run(["chmod", "0700", f"{SITE_DIR}/uplink"])
+        as_operator(m, "device", "add", "pi-n1", "--secure", SITE_DIR, "--bundle", "/srv/site/pi-n1")
+        bundle = m.path("/srv/site/pi-n1")
+        said = tomllib.loads((bundle / "agent.toml").read_text())
+        assert said["site"] == "north", said  # device add knew the folder is site north's
+        site_port = int(str(said["broker"]).rsplit(":", 1)[1])
+        upstream = f"mqtts://{m.link.host_ip}:{SecureDir(central_dir).load().ports.cert}"
+        out = m.run(
+            [
+                *INSTALL_HOST[:2],
+                "--litefleet",
+                LITEFLEET,
+                "--user",
+                "fleetop",
+                "--secure-dir",
+                SITE_DIR,
+                "--upstream",
+                upstream,
+                "--bind",
+                "0.0.0.0",
+                "--broker-args",
+                f"--san {m.link.guest_ip}",
+            ],
+            timeout=300,
+        ).stdout
+        assert "litefleet-broker.service installed" in out and "running: litefleet-broker.service" in out, out
+        for gone in (*UNITS[1:], "litefleet-resign.timer"):
+            assert m.run(["test", "-e", f"/etc/systemd/system/{gone}"], check=False).returncode == 1, gone
+        unit = "litefleet-broker.service"
+        first = m.wait_unit(unit, lambda p: p["ActiveState"] == "active", 60, "active")
+        # central hears the bridge: its retained word for site north is 1
+        settings = SecureDir(central_dir).host_client_settings()
+        tap = connect(
+            settings["port"],
+            ca=Path(settings["ca_file"]),
+            username=settings["username"],
+            password=settings["password"],
+            client_id=f"{settings['client_id_prefix']}t-site",
+            host=settings["host"],
+        )
+        word = TOPICS.site("north", "bridge")
+        tap.subscribe(word)
+        wait_latest(tap, word, b"1", 60, "site north's bridge up")
+        # the site broker and its Mosquitto run as the operator, in the unit's cgroup
+        users = m.run(["ps", "-o", "user=", "-C", "mosquitto"]).stdout.split()
+        assert users == ["fleetop"], users
+        # a device at the site: a real agent on this side of the link with the site's bundle
+        creds = bundle / "credentials"
+        agent = AgentProcess(
+            tmp_path,
+            "pi-n1",
+            f"mqtts://{m.link.guest_ip}:{site_port}",
+            repo / "root.json",
+            site="north",
+            ca_file=str(creds / "ca.pem"),
+            cert_file=str(creds / "client.pem"),
+            key_file=str(creds / "client.key"),
+        )
+        agent.start()
+        watch = FleetWatcher(secure_dir=central_dir)
+        push = ["--repo", str(repo), "--name", "digits", "--secure-dir", str(central_dir)]
+        must("push", str(digits_int8.tflite), "--version", "1", *push)
+        watch.wait_active("pi-n1", "digits", 1, timeout_s=120)
+        assert watch.states["pi-n1"]["site"] == "north", watch.states["pi-n1"]
+        # restarted (a new process): the bridge and the device come back, the next push lands
+        m.systemctl("restart", unit)
+        m.wait_unit(
+            unit,
+            lambda p: p["ActiveState"] == "active" and p["MainPID"] not in ("0", first["MainPID"]),
+            60,
+            "restarted",
+        )
+        must("push", str(digits_int8.tflite), "--version", "2", *push)
+        watch.wait_active("pi-n1", "digits", 2, timeout_s=120)
+        wait_latest(tap, word, b"1", 60, "site north's bridge up after the restart")
+        # stopped: nothing of it left running, and central learns the uplink is down
+        m.systemctl("stop", unit)
+        assert m.run(["pgrep", "-c", "mosquitto"], check=False).stdout.strip() == "0"
+        wait_latest(tap, word, b"0", 60, "site north's bridge down")
+        m.run(["sh", f"{REPO_ROOT}/systemd/install-host.sh", "--uninstall"])
+        assert m.show(unit, "LoadState")["LoadState"] == "not-found"
+    finally:
+        if agent is not None:
+            agent.kill()
+        for c in (watch, tap):
+            if c is not None:
+                c.close()
+        central.stop()
