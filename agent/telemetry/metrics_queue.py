@@ -25,7 +25,10 @@ Guarantees:
   pending again: the site broker acknowledges what its bridge may still lose, and
   the device sends those again when it learns that the uplink was down (consumers
   drop the repeats, as above). Kept messages are not ``pending``; the bound counts
-  them, and drops them first without counting them as dropped.
+  them, and drops them first without counting them as dropped. Their time is the
+  machine's monotonic clock, one per boot: the next run of the agent in the same boot
+  (``clock_id``, the kernel's boot id) keeps them as they were; after a reboot, or
+  where the boot is unknown, they wait again (sent once more: repeats, never a loss).
 - **Survives restarts and crashes.** Commits are atomic; WAL with
   ``synchronous=NORMAL`` survives a crash of the agent, and a power cut may
   lose at most the last messages before the previous checkpoint, never the
@@ -39,6 +42,7 @@ publisher is connected.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sqlite3
@@ -64,13 +68,29 @@ CREATE TABLE IF NOT EXISTS outbox (
     ts REAL NOT NULL,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
-    -- NULL while waiting; acknowledged and kept (keep_acked_s): when, on this run's
-    -- monotonic clock (the next run sends such rows again)
+    -- NULL while waiting; acknowledged and kept (keep_acked_s): when, on the monotonic
+    -- clock of meta's clock_id (a run on another clock sends such rows again)
     acked_at REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('last_seq', 0), ('dropped_total', 0);
 """
+
+
+def machine_boot_id() -> str | None:
+    """This boot of the machine (Linux's boot id), or None: ``time.monotonic`` is one
+    clock for every process of a boot, and starts again with the next."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _clock_key(clock_id: str | None) -> int:
+    """``clock_id`` as meta's integer (0: unknown, never equal to another)."""
+    if not clock_id:
+        return 0
+    return int(hashlib.sha256(clock_id.encode()).hexdigest()[:15], 16) or 1
 
 
 @dataclass(frozen=True)
@@ -105,13 +125,17 @@ class MetricsQueue:
         max_rows: int,
         keep_acked_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        clock_id: str | None = None,
     ) -> None:
+        """``clock_id`` names ``clock``'s epoch (:func:`machine_boot_id` for the default
+        clock): kept acknowledged rows of a run on the same one stay kept; None: unknown."""
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.path = path
         self.max_rows = max_rows
         self.keep_acked_s = keep_acked_s
         self._clock = clock
+        self._clock_key = _clock_key(clock_id)
         self._lock = threading.Lock()
         try:
             self._db = self._open()
@@ -133,7 +157,9 @@ class MetricsQueue:
 
     @classmethod
     def in_state_dir(cls, state_dir: Path, *, max_rows: int, keep_acked_s: float = 0.0) -> MetricsQueue:
-        return cls(state_dir / FILE_NAME, max_rows=max_rows, keep_acked_s=keep_acked_s)
+        return cls(
+            state_dir / FILE_NAME, max_rows=max_rows, keep_acked_s=keep_acked_s, clock_id=machine_boot_id()
+        )
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,8 +171,12 @@ class MetricsQueue:
             columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
             if "acked_at" not in columns:  # a queue file of an agent before sites
                 db.execute("ALTER TABLE outbox ADD COLUMN acked_at REAL")
-            # kept-acknowledged rows of an earlier run: their clock is gone, send them again
-            db.execute("UPDATE outbox SET acked_at = NULL WHERE acked_at IS NOT NULL")
+            # kept acknowledged rows of an earlier run on another clock (a reboot): their
+            # times mean nothing here, so they wait again
+            row = db.execute("SELECT value FROM meta WHERE key = 'clock_id'").fetchone()
+            if not self._clock_key or row is None or int(row[0]) != self._clock_key:
+                db.execute("UPDATE outbox SET acked_at = NULL WHERE acked_at IS NOT NULL")
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_id', ?)", (self._clock_key,))
             db.execute("SELECT count(*) FROM outbox").fetchone()
         except sqlite3.Error:
             db.close()

@@ -110,6 +110,33 @@ def test_a_queue_file_from_before_sites_is_upgraded_in_place(tmp_path: Path) -> 
     assert seqs(q) == [7, 8]
 
 
+def test_kept_messages_survive_a_restart_on_the_same_clock_only(tmp_path: Path) -> None:
+    """The agent's next run in the same boot (one monotonic clock) keeps what the last run
+    kept, with its times; after a reboot (another clock) those wait again."""
+    path = tmp_path / "q.sqlite3"
+    now = [100.0]
+    q = MetricsQueue(path, max_rows=10, keep_acked_s=60.0, clock=lambda: now[0], clock_id="boot-1")
+    for i in range(3):
+        q.append(TOPIC, body, ts=float(i))
+    q.ack(2)
+    q.close()
+    now[0] = 130.0
+    q = MetricsQueue(path, max_rows=10, keep_acked_s=60.0, clock=lambda: now[0], clock_id="boot-1")
+    assert seqs(q) == [3] and q.stats().pending == 1  # 1 and 2 stay kept, not sent again
+    q.ack(3)
+    now[0] = 170.0  # 1 and 2 were acknowledged 70 s ago, 3 only 40 s ago
+    assert q.rewind() == 1 and seqs(q) == [3]
+    q.ack(3)
+    q.close()
+    q = MetricsQueue(path, max_rows=10, keep_acked_s=60.0, clock=lambda: now[0], clock_id="boot-2")
+    assert seqs(q) == [3]  # another boot: kept ones wait again
+    q.ack(3)
+    assert seqs(q) == []
+    q.close()
+    q = MetricsQueue(path, max_rows=10, keep_acked_s=60.0, clock=lambda: now[0])
+    assert seqs(q) == [3]  # the clock unknown: the same
+
+
 def test_a_failed_build_leaves_nothing_behind(tmp_path: Path) -> None:
     q = MetricsQueue(tmp_path / "q.sqlite3", max_rows=5)
 
