@@ -63,12 +63,13 @@ def rollout_panels(snap: FleetSnapshot, r: StoreReader) -> list[RolloutPanel]:
 
 
 def _histories(
-    snap: FleetSnapshot, r: StoreReader, since: float, only: str | None
+    snap: FleetSnapshot, r: StoreReader, since: float, only: str | None, among: set[str] | None = None
 ) -> tuple[list[DeviceHistory], int]:
     pairs = r.charted_models(since, 1_000_000, device_id=only)
     by_device: dict[str, list[str]] = {}
     for device_id, model in pairs:
-        by_device.setdefault(device_id, []).append(model)
+        if among is None or device_id in among:
+            by_device.setdefault(device_id, []).append(model)
     ids = sorted(by_device)
     out = [
         DeviceHistory(
@@ -85,13 +86,18 @@ def _histories(
 def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -> str:
     hours = window_hours(query)
     only = query.get("device", [None])[0]
+    site = None if only else query.get("site", [None])[0]  # one device wins over one site
     since = now - hours * 3600
     snap = source.snapshot()
     devices = [d for d in snap.devices if only is None or d.device_id == only]
+    among = None
+    if site is not None:
+        devices = [d for d in devices if d.state is not None and d.state.site == site]
+        among = {d.device_id for d in devices}
     with source.store.reader() as r:
-        histories, omitted = _histories(snap, r, since, only)
-        panels = rollout_panels(snap, r) if only is None else []
-        events = r.recent_events(RECENT_EVENTS, device_id=only)
+        histories, omitted = _histories(snap, r, since, only, among)
+        panels = rollout_panels(snap, r) if only is None and site is None else []
+        events = r.recent_events(RECENT_EVENTS, device_id=only, device_ids=among)
     return render_page(
         devices=devices,
         charts=device_rows(histories, since, now, now),
@@ -100,8 +106,9 @@ def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -
         window_s=hours * 3600,
         charts_omitted=omitted,
         only_device=only,
+        only_site=site,
         rollouts=rollouts_section(panels, now),
-        sites=snap.sites if only is None else (),
+        sites=snap.sites,
         repo_expiry=snap.repo_expiry,
         broker_connected=snap.stats.broker_connected,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 
 
@@ -136,9 +137,18 @@ class StoreReader:
             )
         return [(str(r[0]), str(r[1])) for r in cur]
 
-    def recent_events(self, limit: int, *, device_id: str | None = None) -> list[StoredEvent]:
-        """The ``limit`` newest events, newest first; only ``device_id``'s when given."""
+    def recent_events(
+        self, limit: int, *, device_id: str | None = None, device_ids: Collection[str] | None = None
+    ) -> list[StoredEvent]:
+        """The ``limit`` newest events, newest first; only ``device_id``'s, or only those of
+        ``device_ids`` (a site's devices), when given."""
         where, params = ("WHERE device_id = ? ", (device_id,)) if device_id is not None else ("", ())
+        if device_id is None and device_ids is not None:
+            # one parameter however many (SQLite caps the number of parameters)
+            where, params = (
+                "WHERE device_id IN (SELECT value FROM json_each(?)) ",
+                (json.dumps(sorted(device_ids)),),
+            )
         cur = self._db.execute(
             "SELECT device_id, ts, event, model, version, reason, message FROM events "
             f"{where}ORDER BY ts DESC, id DESC LIMIT ?",

@@ -85,6 +85,8 @@ FLEET_HEADERS = (
 )
 # the columns of figures that describe the device now (FLEET_HEADERS[4:12])
 NOW_COLUMNS = 8
+# inserted after "device" when any device shown is at a site (docs/sites.md)
+SITE_HEADER = "site"
 
 
 def age(now: float, ts: float | None) -> str:
@@ -140,14 +142,35 @@ def last_report(d: DeviceView, now: float) -> str:
     return f"{head} · last metrics {age(now, m.ts)}: " + ", ".join(parts)
 
 
-def fleet_rows(devices: Sequence[DeviceView], now: float) -> list[list[Cell]]:
+def with_site_column(devices: Sequence[DeviceView]) -> bool:
+    return any(d.state is not None and d.state.site for d in devices)
+
+
+def site_cell(d: DeviceView, sites: Mapping[str, SiteView]) -> Cell:
+    """The device's site; when that site's uplink to this broker is down, said so: what
+    the row shows is then the last the bridge carried before the cut."""
+    site = d.state.site if d.state is not None else None
+    if not site:
+        return Cell("-")
+    view = sites.get(site)
+    if view is not None and view.link_up is False:
+        return Cell(f"{site} · uplink down", "offline")
+    return Cell(site)
+
+
+def fleet_rows(
+    devices: Sequence[DeviceView], now: float, sites: Mapping[str, SiteView] | None = None
+) -> list[list[Cell]]:
     """The table's cells per device (text not yet escaped); a device that is not online
-    gets one grey cell over the columns of current figures."""
+    gets one grey cell over the columns of current figures. A site column after the
+    device's id when any device is at a site (``sites``: name -> view, for their links)."""
     rows = []
+    site_column = with_site_column(devices)
     for d in devices:
         st, m = d.state, d.metrics
         head = [
             Cell(d.device_id),
+            *([site_cell(d, sites or {})] if site_column else []),
             Cell(d.health, d.health),
             Cell((st.status if st else None) or "-"),
             Cell(f"{st.model} v{st.version}" if st and st.model else "-"),
@@ -181,13 +204,19 @@ def _cell(c: Cell) -> str:
     return f"<td{attrs}>{e(c.text)}</td>"
 
 
-def fleet_table(devices: Sequence[DeviceView], now: float) -> str:
+def fleet_table(
+    devices: Sequence[DeviceView], now: float, sites: Sequence[SiteView] = (), only_site: str | None = None
+) -> str:
     if not devices:
+        if only_site:
+            return f"<p>No device of site {html.escape(only_site)} has reported yet.</p>"
         return "<p>No device has reported yet.</p>"
-    out = [
-        '<table class="fleet"><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in FLEET_HEADERS) + "</tr>"
-    ]
-    for d, row in zip(devices, fleet_rows(devices, now), strict=True):
+    headers = list(FLEET_HEADERS)
+    if with_site_column(devices):
+        headers.insert(1, SITE_HEADER)
+    out = ['<table class="fleet"><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"]
+    by_name = {s.name: s for s in sites}
+    for d, row in zip(devices, fleet_rows(devices, now, by_name), strict=True):
         link = f'<td><a href="?device={quote(d.device_id, safe="")}">{html.escape(d.device_id)}</a></td>'
         out.append(f'<tr data-device="{html.escape(d.device_id)}" data-health="{html.escape(d.health)}">')
         out.append(link + "".join(_cell(c) for c in row[1:]) + "</tr>")
@@ -230,7 +259,8 @@ def sites_table(sites: Sequence[SiteView], now: float) -> str:
             else "-"
         )
         out.append(
-            f'<tr data-site="{e(s.name)}"><td>{e(s.name)}</td><td class="{link[0]}">{link[1]}</td>'
+            f'<tr data-site="{e(s.name)}"><td><a href="?site={quote(s.name, safe="")}">{e(s.name)}</a></td>'
+            f'<td class="{link[0]}">{link[1]}</td>'
             f'<td>{e(s.upstream or "-")}</td><td>{e(age(now, s.ts))}</td><td class="num">{mb}</td>'
             f'<td class="num">{_fmt(s.sessions)}</td><td class="num">{_fmt(s.failures)}</td>'
             f'<td class="num">{_fmt(s.broker_restarts)}</td><td class="err">{e(s.last_error or "")}</td></tr>'
@@ -281,12 +311,14 @@ def render_page(
     refresh_s: int = 15,
     charts_omitted: int = 0,
     only_device: str | None = None,
+    only_site: str | None = None,
     rollouts: str = "",
     sites: Sequence[SiteView] = (),
     repo_expiry: Mapping[str, float] | None = None,
     broker_connected: bool | None = None,
 ) -> str:
-    """The page; ``only_device`` when it shows one device (links keep it). ``charts`` are
+    """The page; ``only_device`` when it shows one device, ``only_site`` one site's devices
+    (links keep either; ``sites``: every site, for the devices' links). ``charts`` are
     the device rows (:func:`converter.monitor.device_charts.device_rows`), ``rollouts``
     the rollout section (:func:`converter.monitor.rollout_section.rollouts_section`)."""
     e = html.escape
@@ -309,11 +341,17 @@ def render_page(
             "nothing new arrives, and devices shown online may not be.</div>"
         )
     out.append(rollouts)
-    out += ["<h2>Devices</h2>", fleet_table(devices, now), sites_table(sites, now)]
+    shown = [s for s in sites if only_site in (None, s.name)]
+    out += [
+        f"<h2>Devices of site {e(only_site)}</h2>" if only_site else "<h2>Devices</h2>",
+        fleet_table(devices, now, sites, only_site),
+        "" if only_device else sites_table(shown, now),
+    ]
     hours = window_s / 3600
     keep = f"&amp;device={quote(only_device, safe='')}" if only_device else ""
+    keep += f"&amp;site={quote(only_site, safe='')}" if only_site else ""
     links = " · ".join(f'<a href="?hours={h}{keep}">{h} h</a>' for h in (1, 6, 24))
-    if only_device:
+    if only_device or only_site:
         links += ' · <a href="?">whole fleet</a>'
     out.append(f"<h2>History, last {hours:g} h (UTC; {links})</h2>")
     if charts:

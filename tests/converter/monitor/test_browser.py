@@ -180,9 +180,12 @@ def test_the_page_in_a_real_browser(broker: Any, tmp_path: Path) -> None:
         ),
         (f"{B}/devices/pi-2/state", state_payload(device_id="pi-2")),
         (f"{B}/devices/pi-3/state", state_payload(device_id="pi-3", online=False, ts=now - 1200)),
-        (f"{B}/devices/pi-4/state", state_payload(device_id="pi-4")),
+        (f"{B}/devices/pi-4/state", state_payload(device_id="pi-4", site="north")),
+        (f"{B}/devices/pi-5/state", state_payload(device_id="pi-5", site="south")),
         (f"{B}/repo/metadata/timestamp.json", json.dumps({"signed": {"expires": expires}}).encode()),
         (f"{B}/sites/north/status", json.dumps(site).encode()),
+        (f"{B}/sites/north/bridge", b"1"),
+        (f"{B}/sites/south/bridge", b"0"),  # south's uplink is down (the bridge's will)
     ]
     publish_many(broker.port, retained, retain=True)
     proc, page_url, prom_url = start_monitor(broker, tmp_path / "monitor.db")
@@ -206,6 +209,7 @@ def test_the_page_in_a_real_browser(broker: Any, tmp_path: Path) -> None:
         )
 
         dom_text = run_chromium(page_url + "/", "--dump-dom", proxy=proxy)
+        south_text = run_chromium(page_url + "/?site=south", "--dump-dom", proxy=proxy)
         shot = tmp_path / "monitor-page.png"
         run_chromium(page_url + "/", f"--screenshot={shot}", "--window-size=1400,2600", "--hide-scrollbars",
                      proxy=proxy)  # fmt: skip
@@ -218,6 +222,14 @@ def test_the_page_in_a_real_browser(broker: Any, tmp_path: Path) -> None:
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
     dom = Dom()
     dom.feed(dom_text)
+
+    # devices at sites: a site column, and south's device says its site's uplink is down
+    assert dom.rows["pi-4"][1] == ("", "north") and dom.rows["pi-2"][1] == ("", "-")
+    assert dom.rows["pi-5"][1] == ("offline", "south · uplink down")
+    south = Dom()
+    south.feed(south_text)
+    assert list(south.rows) == ["pi-5"] and "Devices of site south" in south_text
+    assert 'href="?site=north"' in dom_text
 
     # the offline device: marked offline; its last figures in one grey cell with their age,
     # none in the columns of current figures

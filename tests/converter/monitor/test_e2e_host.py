@@ -126,7 +126,10 @@ def test_rollouts_sites_expiry_and_events_over_a_real_broker(broker: Any, tmp_pa
             assert r.version_event_devices("digits", "4") == {"rolled_back": 1, "activated": 1}
         page = mon.get("/")
         assert 'data-model="digits" data-state="baking"' in page and "rolled_back on 1 device" in page
-        assert '<tr data-site="north"><td>north</td><td class="offline">down</td>' in page
+        assert (
+            '<tr data-site="north"><td><a href="?site=north">north</a></td><td class="offline">down</td>'
+            in page
+        )
         body = mon.get("/metrics")
         # the controller clears the record: the rollout leaves the view, its history stays
         publish_one(broker.port, f"{B}/rollouts/digits", b"", retain=True)

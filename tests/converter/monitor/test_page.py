@@ -21,6 +21,7 @@ from converter.monitor.live import DeviceView, FleetLive
 from converter.monitor.page import (
     FLEET_HEADERS,
     NOW_COLUMNS,
+    SITE_HEADER,
     expiry_line,
     fleet_rows,
     render_page,
@@ -272,6 +273,46 @@ def test_rollout_panel_shows_versions_waves_gates_and_events() -> None:
     quiet = parse_rollout("digits", json.dumps({**RECORD, "state": "baking", "updated": NOW - 900}).encode())
     assert isinstance(quiet, RolloutView)
     assert "is it running?" in rollouts_section([RolloutPanel(quiet, {})], NOW)
+
+
+def test_devices_at_sites_get_a_site_column_and_a_cut_site_is_said() -> None:
+    """A site column once any device is at a site; a device whose site's uplink is down says
+    so (its row is what crossed the bridge before the cut); the sites table links to a page
+    of one site's devices."""
+    live = FleetLive(started=NOW - 7200)
+    for device_id, site in (("pi-c", None), ("pi-n", "north"), ("pi-s", "south")):
+        state = parse_state(device_id, state_payload(device_id=device_id, site=site))
+        sample = parse_metrics(device_id, agent_payload(device_id, seq=1, ts=NOW - 5))
+        live.apply([(Received(state, NOW - 5), False), (Received(sample, NOW - 5), False)])
+    for name, word in (("north", b"1"), ("south", b"0")):
+        live.apply_site(name, "bridge", word)
+    snap = live.snapshot(NOW)
+    page = render_page(devices=snap.devices, charts=[], events=[], now=NOW, window_s=3600, sites=snap.sites)
+    headers = re.findall(r"<th>([^<]*)</th>", page.split('<table class="fleet">')[1].split("</tr>")[0])
+    assert headers[:3] == ["device", SITE_HEADER, "health"] and len(headers) == len(FLEET_HEADERS) + 1
+    rows = {
+        d.device_id: row
+        for d, row in zip(
+            snap.devices, fleet_rows(snap.devices, NOW, {s.name: s for s in snap.sites}), strict=True
+        )
+    }
+    assert rows["pi-c"][1].text == "-" and rows["pi-n"][1].text == "north"
+    assert (rows["pi-s"][1].text, rows["pi-s"][1].cls) == ("south · uplink down", "offline")
+    assert '<td class="offline">south · uplink down</td>' in page
+    assert '<a href="?site=south">south</a>' in page
+    # one site's page: its devices and its site row only, links keep the site
+    north = [d for d in snap.devices if d.state is not None and d.state.site == "north"]
+    one = render_page(
+        devices=north, charts=[], events=[], now=NOW, window_s=3600, sites=snap.sites, only_site="north"
+    )
+    assert "<h2>Devices of site north</h2>" in one and 'data-device="pi-n"' in one
+    assert 'data-site="north"' in one and 'data-site="south"' not in one
+    assert "?hours=6&amp;site=north" in one and '<a href="?">whole fleet</a>' in one
+    empty = render_page(devices=[], charts=[], events=[], now=NOW, window_s=3600, only_site="west")
+    assert "No device of site west has reported yet." in empty
+    # no device at a site: no site column
+    central = render_page(devices=snap.devices[:1], charts=[], events=[], now=NOW, window_s=3600)
+    assert f"<th>{SITE_HEADER}</th>" not in central
 
 
 def test_sites_table_and_expiry_line() -> None:

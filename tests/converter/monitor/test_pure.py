@@ -482,6 +482,11 @@ def test_store_filters_one_device_in_sql(tmp_path: Path) -> None:
             assert (ev.device_id, ev.ts) == ("pi-quiet", 10.0)
             assert len(r.recent_events(50, device_id="pi-1")) == 43
             assert [e.ts for e in r.recent_events(2, device_id="pi-1")] == [395.0, 388.0]
+            # a site's devices (?site=NAME): only theirs, the newest first, however few
+            among = r.recent_events(50, device_ids={"pi-quiet", "pi-2"})
+            assert {e.device_id for e in among} == {"pi-quiet", "pi-2"} and len(among) == 44
+            assert among[0].ts > among[-1].ts and among[-1].device_id == "pi-quiet"
+            assert r.recent_events(50, device_ids=set()) == []
             assert ("pi-quiet", "digits") not in r.charted_models(0.0, 3)
             assert r.charted_models(0.0, 3, device_id="pi-quiet") == [("pi-quiet", "digits")]
             assert r.charted_models(0.0, 3, device_id="pi-none") == []
