@@ -20,9 +20,11 @@ import pytest
 
 from agent.protocol import Topics
 from converter.broker.secure import SecureDir
-from tests.support.harness import AgentProcess, FleetWatcher, must
+from tests.support.harness import FleetWatcher, must
 from tests.support.secure import Client, connect
 
+from .device import INSTALL as AGENT_INSTALL
+from .device import UNIT as AGENT_UNIT
 from .device import SecureBrokerCli
 from .machine import Machine
 from .specs import REPO_ROOT
@@ -75,6 +77,7 @@ GATES_OFF = [
 ]
 BROKER_FLAGS = ["--repo", "/srv/fleet/repo", "--secure", "/srv/fleet/broker"]
 SITE_DIR = "/srv/site/broker"
+DEVICE = "pi-n1"
 TOPICS = Topics()
 
 
@@ -313,53 +316,41 @@ def wait_latest(client: Client, topic: str, payload: bytes, timeout_s: float, wh
 def test_the_same_host_made_a_site_host_bridges_its_devices_to_central(
     host: Machine, tmp_path: Path, digits_int8: Any
 ) -> None:
-    """docs/sites.md as an operator does it, the site broker under the real systemd: central
-    (``litefleet broker --secure``, ``site add``, ``device add --site``) on this side of the
-    link; the machine (in file order central's host until the test before uninstalled it) becomes site
-    north's host by ``install-host.sh --upstream`` (the uplink bundle copied in, the site's own
-    ``device add``); a real agent with the site's bundle pulls through the bridge, across a
-    restart of the unit; stopping the unit tells central the site's uplink is down."""
+    """docs/sites.md as an operator does it, under the real systemd: central (``litefleet
+    broker --secure``, ``site add``, ``device add --site``) on this side of the link; the
+    machine (in file order central's host until the test before uninstalled it) becomes site
+    north's host by ``install-host.sh --upstream`` (the uplink bundle copied in) and one of
+    its devices by ``install.sh --credentials`` with the bundle of the site's own ``device
+    add`` (which says ``site = "north"``). A push made at central reaches the agent through
+    the site broker's bridge, again after ``systemctl restart`` of the site broker; stopping
+    the site broker tells central the site's uplink is down."""
     m = host
     central_dir = tmp_path / "central"
     central = SecureBrokerCli(central_dir, m.link.host_ip, tmp_path / "central.log")
     central.start()
-    agent: AgentProcess | None = None
     watch: FleetWatcher | None = None
     tap: Client | None = None
     try:
         must("site", "add", "north", "--secure", str(central_dir))
-        must("device", "add", "pi-n1", "--site", "north", "--secure", str(central_dir))
+        must("device", "add", DEVICE, "--site", "north", "--secure", str(central_dir))
         repo = tmp_path / "repo"
         must("repo", "init", str(repo))
-        # the bundle `site add` wrote, copied to the site host as SITE_DIR/uplink (0700)
+        # the bundle `site add` wrote, copied to the site host as SITE_DIR/uplink (0700),
+        # and the repository's root for the device's bundle
         m.run(["install", "-d", "-o", "fleetop", "-g", "fleetop", "-m", "0700", "/srv/site", SITE_DIR])
         shutil.copytree(central_dir / "sites" / "north", m.path(f"{SITE_DIR}/uplink"))
-        m.run(["chown", "-R", "fleetop:fleetop", f"{SITE_DIR}/uplink"])
+        shutil.copyfile(repo / "root.json", m.path("/srv/site/root.json"))
+        m.run(["chown", "-R", "fleetop:fleetop", f"{SITE_DIR}/uplink", "/srv/site/root.json"])
         m.run(["chmod", "0700", f"{SITE_DIR}/uplink"])
-        as_operator(m, "device", "add", "pi-n1", "--secure", SITE_DIR, "--bundle", "/srv/site/pi-n1")
-        bundle = m.path("/srv/site/pi-n1")
-        said = tomllib.loads((bundle / "agent.toml").read_text())
-        assert said["site"] == "north", said  # device add knew the folder is site north's
-        site_port = int(str(said["broker"]).rsplit(":", 1)[1])
+        bundle = f"/srv/site/{DEVICE}"
+        as_operator(m, "device", "add", DEVICE, "--secure", SITE_DIR, "--bundle", bundle,
+                    "--trusted-root", "/srv/site/root.json")  # fmt: skip
         upstream = f"mqtts://{m.link.host_ip}:{SecureDir(central_dir).load().ports.cert}"
         out = m.run(
-            [
-                *INSTALL_HOST[:2],
-                "--litefleet",
-                LITEFLEET,
-                "--user",
-                "fleetop",
-                "--secure-dir",
-                SITE_DIR,
-                "--upstream",
-                upstream,
-                "--bind",
-                "0.0.0.0",
-                "--broker-args",
-                f"--san {m.link.guest_ip}",
-            ],
+            [*INSTALL_HOST[:2], "--litefleet", LITEFLEET, "--user", "fleetop", "--secure-dir", SITE_DIR,
+             "--upstream", upstream, "--bind", "0.0.0.0"],
             timeout=300,
-        ).stdout
+        ).stdout  # fmt: skip
         assert "litefleet-broker.service installed" in out and "running: litefleet-broker.service" in out, out
         for gone in (*UNITS[1:], "litefleet-resign.timer"):
             assert m.run(["test", "-e", f"/etc/systemd/system/{gone}"], check=False).returncode == 1, gone
@@ -378,28 +369,19 @@ def test_the_same_host_made_a_site_host_bridges_its_devices_to_central(
         word = TOPICS.site("north", "bridge")
         tap.subscribe(word)
         wait_latest(tap, word, b"1", 60, "site north's bridge up")
-        # the site broker and its Mosquitto run as the operator, in the unit's cgroup
-        users = m.run(["ps", "-o", "user=", "-C", "mosquitto"]).stdout.split()
-        assert users == ["fleetop"], users
-        # a device at the site: a real agent on this side of the link with the site's bundle
-        creds = bundle / "credentials"
-        agent = AgentProcess(
-            tmp_path,
-            "pi-n1",
-            f"mqtts://{m.link.guest_ip}:{site_port}",
-            repo / "root.json",
-            site="north",
-            ca_file=str(creds / "ca.pem"),
-            cert_file=str(creds / "client.pem"),
-            key_file=str(creds / "client.key"),
-        )
-        agent.start()
+        # the site broker's Mosquitto runs as the operator, in the unit's cgroup
+        assert m.run(["ps", "-o", "user=", "-C", "mosquitto"]).stdout.split() == ["fleetop"]
+        # the device: install.sh carries the bundle's site into agent.toml
+        installed = m.run(["sh", AGENT_INSTALL, "--credentials", bundle], timeout=900).stdout
+        said = tomllib.loads(m.run(["cat", "/etc/litefleet/agent.toml"]).stdout)
+        assert said["site"] == "north" and said["broker"].startswith("mqtts://localhost:"), (said, installed)
+        m.wait_unit(AGENT_UNIT, lambda p: p["ActiveState"] == "active", 120, "the agent active")
         watch = FleetWatcher(secure_dir=central_dir)
         push = ["--repo", str(repo), "--name", "digits", "--secure-dir", str(central_dir)]
         must("push", str(digits_int8.tflite), "--version", "1", *push)
-        watch.wait_active("pi-n1", "digits", 1, timeout_s=120)
-        assert watch.states["pi-n1"]["site"] == "north", watch.states["pi-n1"]
-        # restarted (a new process): the bridge and the device come back, the next push lands
+        watch.wait_active(DEVICE, "digits", 1, timeout_s=120)
+        assert watch.states[DEVICE]["site"] == "north", watch.states[DEVICE]
+        # the site broker restarted (a new process): bridge and device come back, the next push lands
         m.systemctl("restart", unit)
         m.wait_unit(
             unit,
@@ -408,17 +390,16 @@ def test_the_same_host_made_a_site_host_bridges_its_devices_to_central(
             "restarted",
         )
         must("push", str(digits_int8.tflite), "--version", "2", *push)
-        watch.wait_active("pi-n1", "digits", 2, timeout_s=120)
+        watch.wait_active(DEVICE, "digits", 2, timeout_s=120)
         wait_latest(tap, word, b"1", 60, "site north's bridge up after the restart")
-        # stopped: nothing of it left running, and central learns the uplink is down
+        # stopped: no Mosquitto left running, and central learns that the uplink is down
         m.systemctl("stop", unit)
         assert m.run(["pgrep", "-c", "mosquitto"], check=False).stdout.strip() == "0"
         wait_latest(tap, word, b"0", 60, "site north's bridge down")
+        m.run(["sh", AGENT_INSTALL, "--uninstall", "--purge"], timeout=300)
         m.run(["sh", f"{REPO_ROOT}/systemd/install-host.sh", "--uninstall"])
         assert m.show(unit, "LoadState")["LoadState"] == "not-found"
     finally:
-        if agent is not None:
-            agent.kill()
         for c in (watch, tap):
             if c is not None:
                 c.close()
