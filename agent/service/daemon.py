@@ -68,6 +68,7 @@ from agent.state_message import (
 )
 from agent.telemetry.metrics import DeviceProbe, MetricsRecorder, MetricsReporter
 from agent.telemetry.metrics_queue import MetricsQueue, QueueSender
+from agent.telemetry.uplink import FILE_NAME as UPLINK_FILE
 from agent.telemetry.uplink import RESEND_S, SiteUplink
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,11 @@ class Agent:
             cfg.state_dir, max_rows=cfg.metrics_queue_max_rows, keep_acked_s=RESEND_S if cfg.site else 0.0
         )
         self.uplink = SiteUplink(
-            self.client, site=cfg.site, on_up=lambda: self.sender.wake(), on_down=lambda: self.sender.rewind()
+            self.client,
+            site=cfg.site,
+            on_up=lambda: self.sender.wake(),
+            on_down=lambda: self.sender.rewind(),
+            path=cfg.state_dir / UPLINK_FILE if cfg.site else None,
         )
         # woken when a message is queued and on each connect; its own look every 30 s is a
         # safety net (every 1 s it cost 0.3-2 ms per second per idle agent, 100 agents on
@@ -198,8 +203,8 @@ class Agent:
 
     # -- events and state ------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
-        """Publish an event (best effort: not queued while offline; held in memory while a
-        site's uplink is down, :mod:`agent.telemetry.uplink`)."""
+        """Publish an event (best effort: not queued while offline; held while a site's
+        uplink is down, :mod:`agent.telemetry.uplink`)."""
         self._event_seq += 1
         payload = {
             "ts": round(time.time(), 3),

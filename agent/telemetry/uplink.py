@@ -14,8 +14,11 @@ Guarantees, while the last word read is ``0``:
   numbered and bounded, as while the device is offline, and go when it reads ``1``;
 * events are held in memory, in order, at most ``max_held`` (the oldest dropped
   first, counted in :attr:`SiteUplink.events_dropped`) and published, in order and
-  before any newer event, when it reads ``1``. Events are best effort as before: an
-  agent restart loses the held ones.
+  before any newer event, when it reads ``1``. With ``path`` (the agent's state
+  folder) they are also written to a file at each change (atomically replaced, not
+  fsynced: a power cut may lose the newest), so an agent restart keeps them: the next
+  run holds its own behind them until its site broker's first word, and sends them
+  all, in order, once that word is ``1``.
 
 No ``site``, no word read yet, or a cleared message: the uplink counts as up.
 
@@ -27,8 +30,10 @@ session dropped it. Mosquitto notices a reset link at once, a silent one only af
 what its site broker acknowledged in the ``RESEND_S`` (60 s) before the ``0``: metrics
 kept on disk that long (``keep_acked_s`` and ``rewind`` of
 :class:`agent.telemetry.metrics_queue.MetricsQueue`, asked for through ``on_down``),
-events in memory. Some of them reached central before the cut: consumers drop the
-repeats (``seq``; ``boot`` and ``seq`` for events), as after any QoS 1 redelivery.
+events in memory (and in the file: the next run in the same boot of the machine keeps
+their times, the monotonic clock's; after a reboot they are held at once, to go again).
+Some of them reached central before the cut: consumers drop the repeats (``seq``;
+``boot`` and ``seq`` for events), as after any QoS 1 redelivery.
 
 :meth:`SiteUplink.report` is what the device's metrics say of it (``uplink`` in
 docs/protocol.md 6.4): the site, the last word, outages seen and events held or
@@ -37,19 +42,25 @@ dropped since the agent started.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from agent.errors import TransportError
 from agent.mqtt.transport import Message, Publisher
+from agent.telemetry.metrics_queue import machine_boot_id
 
 logger = logging.getLogger(__name__)
 
 MAX_HELD_EVENTS = 1000
+FILE_NAME = "uplink-events.json"
 # sent again after a "0": what the site broker acknowledged this long before it. Covers
 # 1.5x the bridge's keep-alive (at most 30 s) plus the notification's trip, with margin
 RESEND_S = 60.0
@@ -68,7 +79,11 @@ class SiteUplink:
         max_held: int = MAX_HELD_EVENTS,
         resend_s: float = RESEND_S,
         clock: Callable[[], float] = time.monotonic,
+        path: Path | None = None,
+        clock_id: str | None = None,
     ) -> None:
+        """``path``: the file that keeps held and recent events across restarts (None:
+        memory only); ``clock_id`` names ``clock``'s epoch (the boot id for the default)."""
         self._publisher = publisher
         self.site = site
         self._on_up = on_up
@@ -82,6 +97,11 @@ class SiteUplink:
         self._held: deque[tuple[str, bytes]] = deque(maxlen=max_held)
         self.events_dropped = 0
         self.outages = 0
+        self._word_read = False  # until then an earlier run's held events wait
+        self._path = path
+        self._clock_id = clock_id if clock_id is not None or path is None else machine_boot_id()
+        if path is not None:
+            self._load(path)
 
     @property
     def up(self) -> bool:
@@ -104,13 +124,19 @@ class SiteUplink:
             }
 
     def send_event(self, topic: str, payload: bytes) -> None:
-        """Publish now, or hold until the uplink is back."""
+        """Publish now (after what is still held: an earlier run's), or hold until the
+        uplink is back."""
         with self._lock:
-            if self._up:
-                self._publisher.publish(topic, payload, qos=1)
-                self._remember(topic, payload)
-                return
-            self._hold(topic, payload)
+            try:
+                if self._up and self._held and self._word_read:
+                    self._send_held()  # an earlier run's: they go first
+                if self._up and not self._held:
+                    self._publisher.publish(topic, payload, qos=1)
+                    self._remember(topic, payload)
+                else:  # down, or an earlier run's wait for the first word
+                    self._hold(topic, payload)
+            finally:
+                self._save()
 
     def _remember(self, topic: str, payload: bytes) -> None:
         """Under the lock: an event the site broker took, kept resend_s (a device of a site)."""
@@ -133,7 +159,8 @@ class SiteUplink:
             return
         up = word != b"0"
         with self._lock:
-            if up == self._up:
+            self._word_read = True
+            if up == self._up and not (up and self._held):  # held at up: an earlier run's
                 return
             self._up = up
             if up:
@@ -141,6 +168,7 @@ class SiteUplink:
             else:
                 self.outages += 1
                 again = self._hold_recent()
+            self._save()
         if not up:
             logger.warning(
                 "site uplink down (%s): holding metrics and events; %d events of the last %g s go again",
@@ -182,3 +210,42 @@ class SiteUplink:
             self._remember(topic, payload)
             sent += 1
         return sent
+
+    # -- the file ---------------------------------------------------------------------------
+    def _save(self) -> None:
+        """Under the lock: held and recent events to the file (replaced atomically)."""
+        if self._path is None:
+            return
+        doc = {
+            "clock_id": self._clock_id,
+            "held": [[t, p.decode("utf-8", "replace")] for t, p in self._held],
+            "recent": [[w, t, p.decode("utf-8", "replace")] for w, t, p in self._recent],
+        }
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self._path)
+        except OSError as exc:  # events are best effort: the agent goes on
+            logger.warning("cannot keep held events in %s: %s", self._path, exc)
+
+    def _load(self, path: Path) -> None:
+        """An earlier run's events: held ones stay held; recent ones keep their times on the
+        same clock, else they are held at once (sent again: repeats, never a loss)."""
+        try:
+            doc = json.loads(path.read_text())
+            held = [(str(t), str(p).encode()) for t, p in doc["held"]]
+            recent = [(float(w), str(t), str(p).encode()) for w, t, p in doc["recent"]]
+            same_clock = bool(self._clock_id) and doc.get("clock_id") == self._clock_id
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring unreadable held events in %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return
+        for topic, payload in ([] if same_clock else [(t, p) for _, t, p in recent]) + held:
+            self._hold(topic, payload)
+        if same_clock:
+            self._recent.extend(recent)
+        if self._held:
+            logger.info("%d events an earlier run held wait for the site's uplink", len(self._held))

@@ -8,6 +8,7 @@ arrives with no gap in its numbering, and the events too."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,55 @@ def test_held_events_wait_for_the_next_word_when_the_broker_is_gone_at_up() -> N
     assert rec.sent == [b"a", b"b"] and uplink.up
 
 
+def test_held_events_survive_an_agent_restart_and_go_first(tmp_path: Path) -> None:
+    """With a file: what one run held, the next sends once its site broker says 1, before
+    anything of its own; what it had sent in the last resend_s keeps its time on the same
+    clock (the same boot), and is held at once on another (a reboot)."""
+    path, now = tmp_path / "uplink-events.json", [100.0]
+
+    def run(rec: Recorder, clock_id: str = "boot-1") -> SiteUplink:
+        return SiteUplink(rec, site="s1", clock=lambda: now[0], path=path, clock_id=clock_id)
+
+    first = run(Recorder())
+    first.send_event("e", b"sent")
+    first.handle(word(b"0"))
+    first.send_event("e", b"held-1")
+    first.send_event("e", b"held-2")
+    rec = Recorder()
+    second = run(rec)  # the agent restarted while the uplink was down
+    assert second.report()["events_held"] == 3  # type: ignore[index]
+    second.handle(word(b"0"))
+    second.send_event("e", b"mine")  # still down: after the others
+    second.handle(word(b"1"))
+    assert rec.sent == [b"sent", b"held-1", b"held-2", b"mine"]
+    # restarted while up, 30 s after sending: the last minute's events keep their times
+    now[0] += 30.0
+    rec = Recorder()
+    third = run(rec)
+    third.handle(word(b"1"))  # the retained word at start: nothing held, nothing sent
+    assert rec.sent == [] and third.report()["events_held"] == 0  # type: ignore[index]
+    third.handle(word(b"0"))  # 30 s after they went: inside the minute, so they go again
+    third.handle(word(b"1"))
+    assert rec.sent == [b"sent", b"held-1", b"held-2", b"mine"]
+    now[0] += 61.0
+    third.send_event("e", b"new")
+    third.handle(word(b"0"))
+    third.handle(word(b"1"))
+    assert rec.sent[4:] == [b"new", b"new"]  # only what was within the minute went again
+    # a reboot: the clock's times mean nothing, so the recent ones are held at once
+    rec = Recorder()
+    rebooted = run(rec, clock_id="boot-2")
+    rebooted.send_event("e", b"after")  # behind them, until the site broker's first word
+    assert rec.sent == []
+    rebooted.handle(word(b"1"))
+    rebooted.send_event("e", b"later")
+    assert rec.sent == [b"new", b"after", b"later"]
+    # an unreadable file is set aside with a warning, not a failure
+    path.write_text("{not json")
+    assert run(Recorder()).report()["events_held"] == 0  # type: ignore[index]
+    assert not path.exists()
+
+
 def pending(state_dir: Path) -> tuple[int, int | None]:
     """Rows in the agent's on-disk metrics queue, and the oldest one's seq."""
     rows, oldest, _ = queued_metrics(state_dir)
@@ -173,6 +223,18 @@ def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
         assert watch.events_of("pi-u", "activated") == [], "an event was sent while down"
         # what the site broker acknowledged in the minute before the 0 waits again, with the rest
         assert oldest <= min(before), (oldest, sorted(before))
+        # the agent restarts while the uplink is down: the held events are in its state
+        # folder, its metrics in the queue; the new run reads the retained 0 and holds on
+        held_by_first = json.loads((agent.state_dir / "uplink-events.json").read_text())["held"]
+        assert held_by_first, "no event held on disk"
+        agent.stop()
+        first_run_last = queued_metrics(agent.state_dir)[2]
+        agent.start()
+        wait_until(lambda: agent.log().count("site uplink down") >= 2, 60, "the new run to read the 0")
+        assert "events an earlier run held wait" in agent.log()
+        metrics.collect(lambda docs: False, 1.0, got)
+        assert watch.events_of("pi-u", "activated") == [], "an event was sent while down"
+        n, oldest = pending(agent.state_dir)
 
         say(b"1")
         watch.wait_for(lambda: bool(watch.events_of("pi-u", "activated")), 30, "the held events")
@@ -190,8 +252,11 @@ def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
     assert seen == list(range(seen[0], seen[-1] + 1)), f"lost: {set(range(seen[0], seen[-1])) - set(seen)}"
     kinds = [e["event"] for e in watch.events_of("pi-u")]
     assert "verified" in kinds and kinds.index("verified") < kinds.index("activated"), kinds
-    seqs = [e["seq"] for e in watch.events_of("pi-u")]
-    assert seqs == sorted(seqs), "held events were sent out of order"
+    boots = [e["boot"] for e in watch.events_of("pi-u")]
+    assert len(set(boots)) <= 2 and boots == sorted(boots, key=boots.index), "the runs' events interleaved"
+    for boot in set(boots):
+        seqs = [e["seq"] for e in watch.events_of("pi-u") if e["boot"] == boot]
+        assert seqs == sorted(seqs), "held events were sent out of order"
     # what the site broker had acknowledged in the minute before the 0 went again (its cut
     # bridge may have dropped it): the same messages, a second time
     for seq, doc in before.items():
@@ -199,7 +264,7 @@ def test_a_device_holds_metrics_and_events_while_its_site_uplink_is_down(
         assert len(again) >= 2 and all(d == doc for d in again), f"metrics seq {seq} did not go again"
     # each message says what the device knew of its uplink when it was made
     by_seq = {d["seq"]: d["uplink"] for _, d in got}
-    held = [by_seq[s] for s in range(down_from, oldest + n)]
+    held = [by_seq[s] for s in range(down_from, first_run_last + 1)]  # the first run's, while down
     assert all(u["site"] == "s1" for u in by_seq.values())
     assert all(by_seq[s]["up"] for s in before), "a message made while down was sent before"
     assert not any(u["up"] for u in held) and all(u["outages"] == 1 for u in held)
