@@ -86,7 +86,7 @@ def _histories(
 def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -> str:
     hours = window_hours(query)
     only = query.get("device", [None])[0]
-    site = None if only else query.get("site", [None])[0]  # one device wins over one site
+    site = None if only else query.get("site", [None])[0] or None  # one device wins over one site
     since = now - hours * 3600
     snap = source.snapshot()
     devices = [d for d in snap.devices if only is None or d.device_id == only]
