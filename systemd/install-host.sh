@@ -96,6 +96,7 @@ systemctl_() { if [ "$DO_SYSTEMCTL" = 1 ]; then systemctl "$@"; fi; }
 if [ "$UNINSTALL" = 1 ]; then
     [ -f "$R$INSTALLED_LIST" ] || { say "no host units are installed"; exit 0; }
     while read -r unit; do
+        [ -n "$unit" ] || continue
         systemctl_ disable --now "$unit" 2>/dev/null || true
         rm -f "$R/etc/systemd/system/$unit"
         say "removed $unit"
@@ -114,6 +115,9 @@ if [ -n "$UPSTREAM" ]; then
     case "$UPSTREAM" in mqtts://?*:[0-9]*) ;; *) bad "--upstream $UPSTREAM: give mqtts://HOST:PORT (central's device-certificate listener)" ;; esac
     [ -z "$REPO_DIR" ] || bad "--repo: a site host has no repository (--upstream installs the site broker alone)"
     [ -f "$R$SECURE_DIR/uplink/site.json" ] || bad "$SECURE_DIR/uplink/site.json is missing: copy the folder 'litefleet site add NAME' wrote at central (CENTRAL/sites/NAME) to $SECURE_DIR/uplink first"
+    if [ -z "$R" ] && [ -n "$RUN_USER" ] && [ -n "$(find "$SECURE_DIR/uplink" ! -user "$RUN_USER" -print -quit)" ]; then
+        bad "$SECURE_DIR/uplink holds files $RUN_USER does not own (the broker runs as $RUN_USER): chown -R $RUN_USER $SECURE_DIR/uplink"
+    fi
     OWNED=$SECURE_DIR
 else
     [ -n "$REPO_DIR" ] || bad "give --repo DIR (the model repository)"
@@ -189,6 +193,7 @@ done
 # units an earlier run installed that this one does not (a central host made a site's): gone
 if [ -f "$R$INSTALLED_LIST" ]; then
     while read -r unit; do
+        [ -n "$unit" ] || continue
         grep -qFx "$unit" "$R$INSTALLED_LIST.tmp" && continue
         systemctl_ disable --now "$unit" 2>/dev/null || true
         rm -f "$R/etc/systemd/system/$unit"
@@ -211,7 +216,10 @@ done
 if [ "$DO_SYSTEMCTL" = 0 ]; then
     say "installed (systemd left alone: --no-systemctl)"
 elif [ -n "$STARTED" ]; then
-    say "running:$STARTED (systemctl list-timers 'litefleet-*' shows the next re-sign)"
+    case "$STARTED" in
+        *.timer*) say "running:$STARTED (systemctl list-timers 'litefleet-*' shows the next re-sign)" ;;
+        *) say "running:$STARTED" ;;
+    esac
 else
     say "installed and enabled, not started (--no-start)"
 fi

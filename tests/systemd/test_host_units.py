@@ -345,15 +345,25 @@ def test_the_same_host_made_a_site_host_bridges_its_devices_to_central(
         bundle = f"/srv/site/{DEVICE}"
         as_operator(m, "device", "add", DEVICE, "--secure", SITE_DIR, "--bundle", bundle,
                     "--trusted-root", "/srv/site/root.json")  # fmt: skip
+        # the machine runs central's units again (the test before uninstalled them) ...
+        assert "running: litefleet-broker.service" in m.run(INSTALL_HOST, timeout=300).stdout
+        m.wait_unit("litefleet-monitor.service", lambda p: p["ActiveState"] == "active", 60, "active")
+        # ... and is made the site's host: central's other units go
         upstream = f"mqtts://{m.link.host_ip}:{SecureDir(central_dir).load().ports.cert}"
         out = m.run(
             [*INSTALL_HOST[:2], "--litefleet", LITEFLEET, "--user", "fleetop", "--secure-dir", SITE_DIR,
              "--upstream", upstream, "--bind", "0.0.0.0"],
             timeout=300,
         ).stdout  # fmt: skip
-        assert "litefleet-broker.service installed" in out and "running: litefleet-broker.service" in out, out
-        for gone in (*UNITS[1:], "litefleet-resign.timer"):
-            assert m.run(["test", "-e", f"/etc/systemd/system/{gone}"], check=False).returncode == 1, gone
+        assert "litefleet-broker.service updated" in out, out
+        assert out.splitlines()[-1] == "litefleet install-host: running: litefleet-broker.service", out
+        for gone in (*UNITS[1:], "litefleet-resign.service", "litefleet-resign.timer"):
+            assert f"removed {gone} (not part of this host any more)" in out, out
+            assert m.show(gone, "LoadState", "ActiveState") == {
+                "LoadState": "not-found",
+                "ActiveState": "inactive",
+            }
+        assert m.run(["pgrep", "-f", "litefleet monitor"], check=False).returncode == 1
         unit = "litefleet-broker.service"
         first = m.wait_unit(unit, lambda p: p["ActiveState"] == "active", 60, "active")
         # central hears the bridge: its retained word for site north is 1
