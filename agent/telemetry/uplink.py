@@ -15,10 +15,11 @@ Guarantees, while the last word read is ``0``:
 * events are held in memory, in order, at most ``max_held`` (the oldest dropped
   first, counted in :attr:`SiteUplink.events_dropped`) and published, in order and
   before any newer event, when it reads ``1``. With ``path`` (the agent's state
-  folder) they are also written to a file at each change (atomically replaced, not
-  fsynced: a power cut may lose the newest), so an agent restart keeps them: the next
-  run holds its own behind them until its site broker's first word, and sends them
-  all, in order, once that word is ``1``.
+  folder) they are also written to a file at each change (replaced atomically, and
+  fsynced while anything is held), so an agent restart keeps them: the next run holds
+  its own behind them until its site broker's first word (at most ``FIRST_WORD_S``:
+  a word that never comes, a site broker that does not say it, must not keep them
+  forever), and sends them all, in order, once that word is ``1``.
 
 No ``site``, no word read yet, or a cleared message: the uplink counts as up.
 
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 MAX_HELD_EVENTS = 1000
 FILE_NAME = "uplink-events.json"
+# how long an earlier run's held events wait for the site broker's first word
+FIRST_WORD_S = 30.0
 # sent again after a "0": what the site broker acknowledged this long before it. Covers
 # 1.5x the bridge's keep-alive (at most 30 s) plus the notification's trip, with margin
 RESEND_S = 60.0
@@ -97,7 +100,8 @@ class SiteUplink:
         self._held: deque[tuple[str, bytes]] = deque(maxlen=max_held)
         self.events_dropped = 0
         self.outages = 0
-        self._word_read = False  # until then an earlier run's held events wait
+        self._word_read = False  # until then (or FIRST_WORD_S) an earlier run's held events wait
+        self._started = clock()
         self._path = path
         self._clock_id = clock_id if clock_id is not None or path is None else machine_boot_id()
         if path is not None:
@@ -128,7 +132,8 @@ class SiteUplink:
         uplink is back."""
         with self._lock:
             try:
-                if self._up and self._held and self._word_read:
+                waited = self._clock() - self._started >= FIRST_WORD_S
+                if self._up and self._held and (self._word_read or waited):
                     self._send_held()  # an earlier run's: they go first
                 if self._up and not self._held:
                     self._publisher.publish(topic, payload, qos=1)
@@ -223,7 +228,11 @@ class SiteUplink:
         }
         tmp = self._path.with_name(self._path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(doc))
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(doc))
+                if self._held:  # what only this file has: on disk before the rename
+                    fh.flush()
+                    os.fsync(fh.fileno())
             os.replace(tmp, self._path)
         except OSError as exc:  # events are best effort: the agent goes on
             logger.warning("cannot keep held events in %s: %s", self._path, exc)
@@ -239,9 +248,10 @@ class SiteUplink:
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("ignoring unreadable held events in %s: %s", path, exc)
+            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+            logger.warning("held events in %s are unreadable (%s); moved to %s", path, exc, aside.name)
             with contextlib.suppress(OSError):
-                path.unlink()
+                os.replace(path, aside)
             return
         for topic, payload in ([] if same_clock else [(t, p) for _, t, p in recent]) + held:
             self._hold(topic, payload)

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.errors import TransportError
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
-from agent.telemetry.uplink import SiteUplink
+from agent.telemetry.uplink import FIRST_WORD_S, SiteUplink
 from tests.support.harness import AgentProcess, FleetWatcher, PersistentSubscriber, must, queued_metrics
 from tests.support.sites import wait_until
 
@@ -168,10 +168,20 @@ def test_held_events_survive_an_agent_restart_and_go_first(tmp_path: Path) -> No
     rebooted.handle(word(b"1"))
     rebooted.send_event("e", b"later")
     assert rec.sent == [b"new", b"after", b"later"]
-    # an unreadable file is set aside with a warning, not a failure
+    # no first word (a site broker that never says it): they wait FIRST_WORD_S, no longer
+    rebooted.handle(word(b"0"))
+    rebooted.send_event("e", b"x")
+    rec = Recorder()
+    silent = run(rec, clock_id="boot-2")
+    silent.send_event("e", b"y")
+    assert rec.sent == []
+    now[0] += FIRST_WORD_S
+    silent.send_event("e", b"z")
+    assert rec.sent[-3:] == [b"x", b"y", b"z"]
+    # an unreadable file is moved aside with a warning, not a failure
     path.write_text("{not json")
     assert run(Recorder()).report()["events_held"] == 0  # type: ignore[index]
-    assert not path.exists()
+    assert not path.exists() and len(list(tmp_path.glob("uplink-events.json.unreadable-*"))) == 1
 
 
 def pending(state_dir: Path) -> tuple[int, int | None]:
