@@ -176,7 +176,10 @@ class MetricsQueue:
             row = db.execute("SELECT value FROM meta WHERE key = 'clock_id'").fetchone()
             if not self._clock_key or row is None or int(row[0]) != self._clock_key:
                 db.execute("UPDATE outbox SET acked_at = NULL WHERE acked_at IS NOT NULL")
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_id', ?)", (self._clock_key,))
+            if self._clock_key:  # a program that does not know the clock leaves it be
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_id', ?)", (self._clock_key,)
+                )
             db.execute("SELECT count(*) FROM outbox").fetchone()
         except sqlite3.Error:
             db.close()
