@@ -92,7 +92,7 @@ def build_page(source: MonitorSource, query: dict[str, list[str]], now: float) -
     devices = [d for d in snap.devices if only is None or d.device_id == only]
     among = None
     if site is not None:
-        devices = [d for d in devices if d.state is not None and d.state.site == site]
+        devices = [d for d in devices if d.site == site]
         among = {d.device_id for d in devices}
     with source.store.reader() as r:
         histories, omitted = _histories(snap, r, since, only, among)

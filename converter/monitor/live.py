@@ -64,6 +64,14 @@ class DeviceView:
         """Whether the figures of its newest metrics message describe the device now."""
         return self.health == "online"
 
+    @property
+    def site(self) -> str | None:
+        """Its site as its state says, else as its newest metrics do (a device whose
+        state has not crossed yet); None: central's, or not known."""
+        if self.state is not None and self.state.site:
+            return self.state.site
+        return self.metrics.uplink_site if self.metrics is not None else None
+
 
 @dataclass(frozen=True)
 class CollectorStats:

@@ -143,13 +143,13 @@ def last_report(d: DeviceView, now: float) -> str:
 
 
 def with_site_column(devices: Sequence[DeviceView]) -> bool:
-    return any(d.state is not None and d.state.site for d in devices)
+    return any(d.site for d in devices)
 
 
 def site_cell(d: DeviceView, sites: Mapping[str, SiteView]) -> Cell:
     """The device's site; when that site's uplink to this broker is down, said so: what
     the row shows is then the last the bridge carried before the cut."""
-    site = d.state.site if d.state is not None else None
+    site = d.site
     if not site:
         return Cell("-")
     view = sites.get(site)

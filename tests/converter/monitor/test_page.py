@@ -284,6 +284,11 @@ def test_devices_at_sites_get_a_site_column_and_a_cut_site_is_said() -> None:
         state = parse_state(device_id, state_payload(device_id=device_id, site=site))
         sample = parse_metrics(device_id, agent_payload(device_id, seq=1, ts=NOW - 5))
         live.apply([(Received(state, NOW - 5), False), (Received(sample, NOW - 5), False)])
+    # a device whose state does not say its site (not crossed yet): its metrics do
+    uplink = {"site": "north", "up": True, "outages": 0, "events_held": 0, "events_dropped": 0}
+    state = parse_state("pi-m", state_payload(device_id="pi-m"))
+    sample = parse_metrics("pi-m", agent_payload("pi-m", seq=1, ts=NOW - 5, uplink=uplink))
+    live.apply([(Received(state, NOW - 5), False), (Received(sample, NOW - 5), False)])
     for name, word in (("north", b"1"), ("south", b"0")):
         live.apply_site(name, "bridge", word)
     snap = live.snapshot(NOW)
@@ -296,12 +301,13 @@ def test_devices_at_sites_get_a_site_column_and_a_cut_site_is_said() -> None:
             snap.devices, fleet_rows(snap.devices, NOW, {s.name: s for s in snap.sites}), strict=True
         )
     }
-    assert rows["pi-c"][1].text == "-" and rows["pi-n"][1].text == "north"
+    assert rows["pi-c"][1].text == "-" and rows["pi-n"][1].text == rows["pi-m"][1].text == "north"
     assert (rows["pi-s"][1].text, rows["pi-s"][1].cls) == ("south · uplink down", "offline")
     assert '<td class="offline">south · uplink down</td>' in page
     assert '<a href="?site=south">south</a>' in page
     # one site's page: its devices and its site row only, links keep the site
-    north = [d for d in snap.devices if d.state is not None and d.state.site == "north"]
+    north = [d for d in snap.devices if d.site == "north"]
+    assert [d.device_id for d in north] == ["pi-m", "pi-n"]
     one = render_page(
         devices=north, charts=[], events=[], now=NOW, window_s=3600, sites=snap.sites, only_site="north"
     )
