@@ -340,6 +340,12 @@ def test_the_same_host_made_a_site_host_bridges_its_devices_to_central(
         m.run(["install", "-d", "-o", "fleetop", "-g", "fleetop", "-m", "0700", "/srv/site", SITE_DIR])
         shutil.copytree(central_dir / "sites" / "north", m.path(f"{SITE_DIR}/uplink"))
         shutil.copyfile(repo / "root.json", m.path("/srv/site/root.json"))
+        upstream = f"mqtts://{m.link.host_ip}:{SecureDir(central_dir).load().ports.cert}"
+        site_host = [*INSTALL_HOST[:2], "--litefleet", LITEFLEET, "--user", "fleetop",
+                     "--secure-dir", SITE_DIR, "--upstream", upstream, "--bind", "0.0.0.0"]  # fmt: skip
+        # copied as root: the service user could not read its keys, so it is refused up front
+        refused = m.run(site_host, check=False)
+        assert refused.returncode == 2 and "chown -R fleetop" in refused.stderr, refused.stderr
         m.run(["chown", "-R", "fleetop:fleetop", f"{SITE_DIR}/uplink", "/srv/site/root.json"])
         m.run(["chmod", "0700", f"{SITE_DIR}/uplink"])
         bundle = f"/srv/site/{DEVICE}"
@@ -349,12 +355,7 @@ def test_the_same_host_made_a_site_host_bridges_its_devices_to_central(
         assert "running: litefleet-broker.service" in m.run(INSTALL_HOST, timeout=300).stdout
         m.wait_unit("litefleet-monitor.service", lambda p: p["ActiveState"] == "active", 60, "active")
         # ... and is made the site's host: central's other units go
-        upstream = f"mqtts://{m.link.host_ip}:{SecureDir(central_dir).load().ports.cert}"
-        out = m.run(
-            [*INSTALL_HOST[:2], "--litefleet", LITEFLEET, "--user", "fleetop", "--secure-dir", SITE_DIR,
-             "--upstream", upstream, "--bind", "0.0.0.0"],
-            timeout=300,
-        ).stdout  # fmt: skip
+        out = m.run(site_host, timeout=300).stdout
         assert "litefleet-broker.service updated" in out, out
         assert out.splitlines()[-1] == "litefleet install-host: running: litefleet-broker.service", out
         for gone in (*UNITS[1:], "litefleet-resign.service", "litefleet-resign.timer"):
