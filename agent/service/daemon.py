@@ -182,7 +182,7 @@ class Agent:
             site=cfg.site,
             on_up=lambda: self.sender.wake(),
             on_down=lambda: self.sender.rewind(),
-            path=cfg.state_dir / UPLINK_FILE if cfg.site else None,
+            path=cfg.state_dir / UPLINK_FILE,
         )
         # woken when a message is queued and on each connect; its own look every 30 s is a
         # safety net (every 1 s it cost 0.3-2 ms per second per idle agent, 100 agents on
@@ -203,8 +203,8 @@ class Agent:
 
     # -- events and state ------------------------------------------------------------
     def event(self, kind: str, **fields: Any) -> None:
-        """Publish an event (best effort: not queued while offline; held while a site's
-        uplink is down, :mod:`agent.telemetry.uplink`)."""
+        """Publish an event, or hold it while not connected or while a site's uplink is
+        down (:mod:`agent.telemetry.uplink`)."""
         self._event_seq += 1
         payload = {
             "ts": round(time.time(), 3),
@@ -276,6 +276,7 @@ class Agent:
         if self._shutting_down:
             return
         self.publish_state()
+        self.uplink.on_connected()  # events made while not connected (start-up's too)
         self._work.put(Work.WAKE)  # readiness may be due now: don't wait for the next tick
         self.sender.wake()  # replay what was queued while offline
 

@@ -23,6 +23,11 @@ Guarantees, while the last word read is ``0``:
 
 No ``site``, no word read yet, or a cleared message: the uplink counts as up.
 
+Any device, with a site or not: an event made while it is not connected (the
+publisher raises :class:`agent.errors.TransportError`; a rollback decided at
+start-up comes before the first connection) is held the same way and goes, in
+order, from :meth:`SiteUplink.on_connected`.
+
 What the device published between the link's loss and the ``0`` reaching it went
 to a bridge that was already cut: the site broker acknowledged it, its clean bridge
 session dropped it. Mosquitto notices a reset link at once, a silent one only after
@@ -128,20 +133,42 @@ class SiteUplink:
             }
 
     def send_event(self, topic: str, payload: bytes) -> None:
-        """Publish now (after what is still held: an earlier run's), or hold until the
-        uplink is back."""
+        """Publish now, after whatever is still held; or hold it: while the uplink is down,
+        while the device is not connected (until :meth:`on_connected`), and while an
+        earlier run's held events wait for the site broker's first word."""
         with self._lock:
             try:
-                waited = self._clock() - self._started >= FIRST_WORD_S
-                if self._up and self._held and (self._word_read or waited):
-                    self._send_held()  # an earlier run's: they go first
+                if self._may_flush():
+                    self._send_held()
                 if self._up and not self._held:
-                    self._publisher.publish(topic, payload, qos=1)
-                    self._remember(topic, payload)
-                else:  # down, or an earlier run's wait for the first word
+                    try:
+                        self._publisher.publish(topic, payload, qos=1)
+                    except TransportError:  # not connected: the next connection sends it
+                        self._hold(topic, payload)
+                    else:
+                        self._remember(topic, payload)
+                else:
                     self._hold(topic, payload)
             finally:
                 self._save()
+
+    def on_connected(self) -> None:
+        """A new connection to the broker (paho's network thread): what was held while
+        not connected goes, in order (an agent's start-up events among them: a rollback
+        after a crash loop is decided before the first connection)."""
+        with self._lock:
+            if self._may_flush():
+                self._send_held()
+                self._save()
+
+    def _may_flush(self) -> bool:
+        """Under the lock: whether what is held may go now. A device of a site waits for
+        its site broker's first word (at most FIRST_WORD_S) before an earlier run's."""
+        if not (self._up and self._held):
+            return False
+        if not self.site or self._word_read:
+            return True
+        return self._clock() - self._started >= FIRST_WORD_S
 
     def _remember(self, topic: str, payload: bytes) -> None:
         """Under the lock: an event the site broker took, kept resend_s (a device of a site)."""
@@ -165,7 +192,8 @@ class SiteUplink:
         up = word != b"0"
         with self._lock:
             self._word_read = True
-            if up == self._up and not (up and self._held):  # held at up: an earlier run's
+            changed = up != self._up
+            if not changed and not (up and self._held):  # held at up: not sent yet
                 return
             self._up = up
             if up:
@@ -183,8 +211,9 @@ class SiteUplink:
             )
             self._on_down()
             return
-        if sent is not None:
-            logger.info("site uplink up again: %d held events sent, metrics resume", sent)
+        if changed:
+            held = f"{sent} held events sent" if sent is not None else "held events wait for the connection"
+            logger.info("site uplink up again: %s, metrics resume", held)
             self._on_up()
 
     def _hold_recent(self) -> int:
@@ -201,15 +230,15 @@ class SiteUplink:
 
     def _send_held(self) -> int | None:
         """Under the lock, so that no newer event goes first: send what is held, in order; how
-        many, or None when the broker went away meanwhile (the rest waits for the next 1)."""
+        many, or None when the broker went away meanwhile (the rest waits for the next
+        connection)."""
         sent = 0
         while self._held:
             topic, payload = self._held[0]
             try:
                 self._publisher.publish(topic, payload, qos=1)
             except TransportError as exc:
-                logger.info("site uplink up but %d events still held: %s", len(self._held), exc)
-                self._up = False
+                logger.info("%d events still held: %s", len(self._held), exc)
                 return None
             self._held.popleft()
             self._remember(topic, payload)

@@ -166,3 +166,46 @@ def test_sigkill_at_random_points_fifty_times(
         agent.stop()
         watch.close()
         proxy.close()
+
+
+def test_a_crash_loop_rollback_is_reported_though_decided_before_connecting(
+    broker, tmp_path: Path, digits_int8
+) -> None:
+    """An agent that ends uncleanly while a version is on trial rolls it back at a start-up,
+    before its first connection: that rolled_back event (the rollout controller aborts on
+    it, docs/rollouts.md) must still reach the broker once the agent connects."""
+    repo = tmp_path / "repo"
+    must("repo", "init", str(repo))
+    agent = AgentProcess(
+        tmp_path,
+        "pi-cl",
+        broker.url,
+        repo / "root.json",
+        probation_s=3600.0,
+        probation_inferences=1_000_000,
+        max_crash_restarts=2,
+    )
+    watch = FleetWatcher(broker.port)
+    try:
+        agent.start()
+        must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "digits", "--broker", broker.url)
+        watch.wait_active("pi-cl", "digits", 1, timeout_s=60)
+        for _ in range(3):  # three unclean ends on trial: the third start rolls it back
+            boot = watch.states["pi-cl"]["boot"]
+            agent.kill()
+            agent.start()
+            watch.wait_for(
+                lambda boot=boot: (
+                    (watch.states.get("pi-cl") or {}).get("boot") not in (None, boot)
+                    and watch.states["pi-cl"]["online"] is True
+                ),
+                60,
+                "the agent back online",
+            )
+        watch.wait_for(lambda: bool(watch.events_of("pi-cl", "rolled_back")), 30, "the rolled_back event")
+        (ev,) = watch.events_of("pi-cl", "rolled_back")
+        assert (ev["reason"], ev["version"], ev["model"]) == ("crash_loop", 1, "digits"), ev
+        assert ev["boot"] == watch.states["pi-cl"]["boot"]  # the start-up that decided it
+    finally:
+        agent.stop()
+        watch.close()

@@ -111,18 +111,40 @@ def test_unknown_words_are_ignored_and_a_cleared_message_means_up() -> None:
     assert uplink.up
 
 
-def test_held_events_wait_for_the_next_word_when_the_broker_is_gone_at_up() -> None:
+def test_held_events_wait_for_the_next_connection_when_the_broker_is_gone_at_up() -> None:
     rec = Recorder()
-    uplink = SiteUplink(rec)
+    uplink = SiteUplink(rec, site="s1")
     uplink.handle(word(b"0"))
     uplink.send_event("e", b"a")
     uplink.send_event("e", b"b")
     rec.connected = False
     uplink.handle(word(b"1"))  # the device lost its site broker at that moment
-    assert rec.sent == [] and not uplink.up
+    uplink.send_event("e", b"c")  # behind them
+    assert rec.sent == [] and uplink.up and uplink.report()["events_held"] == 3  # type: ignore[index]
     rec.connected = True
-    uplink.handle(word(b"1"))  # the retained word again, after the reconnect
-    assert rec.sent == [b"a", b"b"] and uplink.up
+    uplink.on_connected()
+    assert rec.sent == [b"a", b"b", b"c"] and uplink.up
+
+
+def test_events_made_while_not_connected_go_at_the_next_connection() -> None:
+    """Any device (no site too): an event made before the first connection (a rollback
+    decided at start-up) or while the connection is down waits, in order, and goes first
+    once connected; bounded like the site's held events."""
+    rec = Recorder()
+    rec.connected = False
+    uplink = SiteUplink(rec, max_held=3)
+    for e in (b"rolled_back", b"a", b"b", b"c"):
+        uplink.send_event("e", e)
+    assert rec.sent == [] and uplink.events_dropped == 1
+    rec.connected = True
+    uplink.send_event("e", b"d")  # connected before the callback ran: still in order
+    assert rec.sent == [b"a", b"b", b"c", b"d"]
+    rec.connected = False
+    uplink.send_event("e", b"e")
+    rec.connected = True
+    uplink.on_connected()
+    uplink.on_connected()  # nothing twice
+    assert rec.sent == [b"a", b"b", b"c", b"d", b"e"] and uplink.up
 
 
 def test_held_events_survive_an_agent_restart_and_go_first(tmp_path: Path) -> None:
