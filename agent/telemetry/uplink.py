@@ -108,6 +108,7 @@ class SiteUplink:
         self._word_read = False  # until then (or FIRST_WORD_S) an earlier run's held events wait
         self._started = clock()
         self._path = path
+        self._saved: str | None = None  # the file's text as last written
         self._clock_id = clock_id if clock_id is not None or path is None else machine_boot_id()
         if path is not None:
             self._load(path)
@@ -255,14 +256,18 @@ class SiteUplink:
             "held": [[t, p.decode("utf-8", "replace")] for t, p in self._held],
             "recent": [[w, t, p.decode("utf-8", "replace")] for w, t, p in self._recent],
         }
+        text = json.dumps(doc)
+        if text == self._saved:  # a device without a site, connected: nothing to keep, no write
+            return
         tmp = self._path.with_name(self._path.name + ".tmp")
         try:
             with open(tmp, "w") as fh:
-                fh.write(json.dumps(doc))
+                fh.write(text)
                 if self._held:  # what only this file has: on disk before the rename
                     fh.flush()
                     os.fsync(fh.fileno())
             os.replace(tmp, self._path)
+            self._saved = text
         except OSError as exc:  # events are best effort: the agent goes on
             logger.warning("cannot keep held events in %s: %s", self._path, exc)
 

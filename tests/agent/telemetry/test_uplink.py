@@ -9,10 +9,12 @@ arrives with no gap in its numbering, and the events too."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.errors import TransportError
@@ -145,6 +147,30 @@ def test_events_made_while_not_connected_go_at_the_next_connection() -> None:
     uplink.on_connected()
     uplink.on_connected()  # nothing twice
     assert rec.sent == [b"a", b"b", b"c", b"d", b"e"] and uplink.up
+
+
+def test_a_connected_device_without_a_site_does_not_rewrite_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing held, nothing recent (no site): the file stays as it was, one write per run."""
+    import agent.telemetry.uplink as uplink_module
+
+    writes: list[str] = []
+    real_replace = os.replace
+
+    def counted(src: Any, dst: Any) -> None:
+        writes.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(uplink_module.os, "replace", counted)
+    path, rec = tmp_path / "uplink-events.json", Recorder()
+    uplink = SiteUplink(rec, path=path, clock_id="boot-1")
+    for e in (b"a", b"b", b"c", b"d"):
+        uplink.send_event("e", e)
+    assert writes == [str(path)] and rec.sent == [b"a", b"b", b"c", b"d"]
+    rec.connected = False
+    uplink.send_event("e", b"held")  # now it has something to keep
+    assert len(writes) == 2 and b"held" in path.read_bytes()
 
 
 def test_held_events_survive_an_agent_restart_and_go_first(tmp_path: Path) -> None:
