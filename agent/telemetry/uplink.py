@@ -12,7 +12,7 @@ Guarantees, while the last word read is ``0``:
 * the metrics queue is not drained (:meth:`SiteUplink.may_send` for
   :class:`agent.telemetry.metrics_queue.QueueSender`): metrics stay on disk,
   numbered and bounded, as while the device is offline, and go when it reads ``1``;
-* events are held in memory, in order, at most ``max_held`` (the oldest dropped
+* events are held, in order, at most ``max_held`` (the oldest dropped
   first, counted in :attr:`SiteUplink.events_dropped`) and published, in order and
   before any newer event, when it reads ``1``. With ``path`` (the agent's state
   folder) they are also written to a file at each change (replaced atomically, and
