@@ -292,4 +292,4 @@ class SiteUplink:
         if same_clock:
             self._recent.extend(recent)
         if self._held:
-            logger.info("%d events an earlier run held wait for the site's uplink", len(self._held))
+            logger.info("%d events an earlier run held wait to be sent", len(self._held))
