@@ -50,7 +50,7 @@ from agent.protocol import Topics
 from agent.reasons import PERMANENT, Reason
 from agent.service.config import AgentConfig
 from agent.service.connection import connection_settings
-from agent.service.memory import release_free_memory
+from agent.service.memory import release_free_memory, tune_allocator
 from agent.service.sdnotify import Notifier, status_line
 from agent.service.work import RefreshOutcome, Work, coalesce, retry_after
 from agent.serving.mqtt_requests import InferWorker
@@ -94,6 +94,7 @@ class Agent:
         candidate checks in-process, as where no child process can be forked, its CPU-heavy steps
         taken under a gate the devices of the process share, a longer idle wait)."""
         self._cpu_gate = cpu_gate or contextlib.nullcontext()
+        tune_allocator()  # the download's chunk-sized buffers stay in the heap (memory.py)
         self.cfg = cfg
         self.topics = Topics(cfg.topic_prefix)
         self.registry = ModelRegistry()
