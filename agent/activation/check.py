@@ -12,6 +12,12 @@ process cannot be forked (an embedded interpreter) it returns None and the
 caller checks in-process, guarded by the ``checking`` mark in the state file.
 ``python -m agent.activation.check --model M [--card C] [--golden G]`` runs the
 same checks from a shell.
+
+Where the device's configuration asks for it (``check_isolation = "restart"``,
+:class:`Isolation`), the agent checks in its own process instead, on a thread that
+:func:`check_bounded` watches: no fork, so about half the CPU of a small model's
+activation, but a model that crashes the runtime takes the agent with it, and the
+agent's restart (systemd's ``Restart=``) rejects it by the ``checking`` mark.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import numpy as np
 
@@ -42,6 +50,20 @@ logger = logging.getLogger(__name__)
 
 MAX_GOLDEN_SAMPLES = 64
 CHECK_TIMEOUT_S = 300.0
+
+T = TypeVar("T")
+
+
+class Isolation(StrEnum):
+    """Where a candidate's checks run (``check_isolation`` in agent.toml: docs/agent-api.md)."""
+
+    # a forked child: a crash or a hang in the runtime kills the child, never the agent
+    FORK = "fork"
+    # the agent itself, on a thread bounded by check_bounded(): a crash kills the agent and its
+    # restart rejects the model (the ``checking`` mark); a check past its bound ends the agent
+    RESTART = "restart"
+    # the caller's thread, unbounded: the fleet simulator (agent.service.simulate)
+    NONE = "none"
 
 
 class RunnerSource(Protocol):
@@ -268,6 +290,62 @@ def check_isolated(
     if reason is None:  # the child said something no check says: it did not finish its work
         raise ModelRejectedError(Reason.CRASHED, f"the check process answered {data[:200]!r}")
     raise ModelRejectedError(reason, str(result.get("message", "")))
+
+
+def check_bounded(
+    check: Callable[[], T],
+    *,
+    cpu_s: float,
+    on_stuck: Callable[[str], NoReturn],
+    tick: Callable[[], None] | None = None,
+) -> T:
+    """Run ``check()`` on a thread of this process and return what it returns (or raise
+    what it raises), calling ``tick()`` at least once a second meanwhile.
+
+    Bounds as :func:`check_isolated`'s child has them: ``cpu_s`` of the thread's CPU time
+    (a model that never returns from ``invoke``), twice that plus 10 s of wall-clock time
+    (a deadlock). A thread stuck in native code cannot be stopped, so past either bound
+    ``on_stuck(why)`` is called, and it must not return: the agent ends itself, and its
+    supervisor's restart rejects the model (the ``checking`` mark, saved before this)."""
+    done: dict[str, Any] = {}
+    clock: list[int] = []
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            clock.append(time.pthread_getcpuclockid(threading.get_ident()))
+        try:
+            done["value"] = check()
+        except BaseException as exc:  # handed to the caller as it is
+            done["error"] = exc
+
+    worker = threading.Thread(target=run, name="model-check", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 2 * cpu_s + 10
+    while True:
+        worker.join(1.0)
+        if not worker.is_alive():
+            break
+        if tick is not None:
+            tick()
+        used = _thread_cpu_s(clock)
+        if used > cpu_s:
+            on_stuck(f"used more than {cpu_s:g} s of CPU time (it never returned)")
+        if time.monotonic() > deadline:
+            on_stuck(f"took more than {2 * cpu_s + 10:g} s")
+    if "error" in done:
+        raise done["error"]
+    value: T = done["value"]
+    return value
+
+
+def _thread_cpu_s(clock: list[int]) -> float:
+    """CPU seconds of the check thread so far (0 where the platform cannot tell)."""
+    if not clock:
+        return 0.0
+    try:
+        return time.clock_gettime(clock[0])
+    except OSError:  # the thread has just ended
+        return 0.0
 
 
 @functools.cache

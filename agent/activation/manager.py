@@ -10,13 +10,21 @@ never a gap. All methods run on the daemon's main thread.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from agent.activation import decisions as act
-from agent.activation.check import check_isolated, file_identity, load_checked, load_unchecked
+from agent.activation.check import (
+    Isolation,
+    check_bounded,
+    check_isolated,
+    file_identity,
+    load_checked,
+    load_unchecked,
+)
 from agent.activation.shadowing import ShadowManager
 from agent.activation.store import ModelStore, StateFile
 from agent.errors import ModelRejectedError, StorageError
@@ -26,6 +34,10 @@ from agent.serving.inference import ModelRunner
 from agent.serving.registry import ActiveModel, ModelRegistry
 
 logger = logging.getLogger(__name__)
+
+# the agent's exit status when a check it ran itself is stuck past its bounds (EX_SOFTWARE):
+# a failure, so systemd's Restart=on-failure starts it again, and that start rejects the model
+EXIT_STUCK_CHECK = 70
 
 EventFn = Callable[..., None]
 
@@ -54,12 +66,13 @@ class ModelManager:
         max_crash_restarts: int = 2,
         probation_inferences: int = 20,
         probation_s: float = 60.0,
-        isolate_checks: bool = True,
+        isolation: Isolation = Isolation.FORK,
         check_timeout_s: float = 120.0,
         event: EventFn | None = None,
         clock: Callable[[], float] = time.monotonic,
         tick: Callable[[], None] | None = None,
         shadows: ShadowManager | None = None,
+        on_stuck: Callable[[str], NoReturn] | None = None,
     ) -> None:
         self.store = store
         self.state_file = state_file
@@ -69,7 +82,8 @@ class ModelManager:
         self.max_crash_restarts = max_crash_restarts
         self.probation_inferences = probation_inferences
         self.probation_s = probation_s
-        self.isolate_checks = isolate_checks
+        self.isolation = isolation
+        self._on_stuck = on_stuck or _exit_stuck
         self.check_timeout_s = check_timeout_s
         self._event = event or (lambda kind, **kw: None)
         self._clock = clock
@@ -86,7 +100,11 @@ class ModelManager:
         self.state_file.save(state)
         self.state = state
 
-    def _load_runner(self, name: str, inst: act.Installed) -> ModelRunner:
+    def _load_runner(self, name: str, inst: act.Installed, *, verified: bool = False) -> ModelRunner:
+        """Load and check an installed version. ``verified``: its file was checked against
+        the signed SHA-256 moments ago (a candidate just downloaded), so the card is compared
+        with that hash instead of hashing the file again (a start-up hashes it: the disk may
+        have changed it since)."""
         files = self.store.files(name, inst.version)
         runner = load_checked(
             files["model"],
@@ -96,6 +114,7 @@ class ModelManager:
             runtime=self.runtime,
             name=name,
             version=str(inst.version),
+            model_sha256=inst.sha256 if verified else None,
         )
         runner.stats.reset()  # the golden self-checks are not traffic
         return runner
@@ -181,7 +200,7 @@ class ModelManager:
         try:
             passed = None
             identity = None
-            if self.isolate_checks:
+            if self.isolation is Isolation.FORK:
                 identity = file_identity(files["model"])
                 passed = check_isolated(
                     files["model"],
@@ -208,8 +227,17 @@ class ModelManager:
                     name=name,
                     version=str(inst.version),
                 )
+            elif self.isolation is Isolation.RESTART:
+                runner = check_bounded(
+                    lambda: self._load_runner(name, inst, verified=True),
+                    cpu_s=self.check_timeout_s,
+                    on_stuck=self._on_stuck,
+                    tick=self._tick,
+                )
             else:
-                runner = self._load_runner(name, inst)
+                # in-process (NONE, or no fork here): the download verified the file moments
+                # ago; a file that changed after the child passed it is hashed and checked anew
+                runner = self._load_runner(name, inst, verified=passed is None)
         except ModelRejectedError as exc:
             self._refuse(name, inst, exc.reason, str(exc))
             return False
@@ -317,6 +345,15 @@ class ModelManager:
                 "trial": ms.trial_starts is not None,
             }
         return out
+
+
+def _exit_stuck(why: str) -> NoReturn:
+    """A check running in the agent is stuck in the runtime (check_isolation = "restart"):
+    end the agent, as a crash would. The state file names the candidate (``checking``), so
+    the restart rejects it and serves the version before it."""
+    logger.critical("the candidate's check %s; the agent ends so that its restart rejects the model", why)
+    logging.shutdown()
+    os._exit(EXIT_STUCK_CHECK)
 
 
 def _counters(runner: ModelRunner) -> tuple[int, int]:

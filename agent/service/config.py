@@ -29,6 +29,9 @@ from agent.logs import FORMATS as LOG_FORMATS
 from agent.protocol import SITE_NAME_RE
 from agent.serving.runtime import RUNTIME_CHOICES
 
+# agent.activation.check.Isolation's values a device may choose (its "none" is the simulator's)
+ISOLATION_CHOICES = ("fork", "restart")
+
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GROUP_RE = DEVICE_ID_RE
 TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
@@ -105,6 +108,10 @@ class AgentConfig:
     # CPU seconds a candidate's checks may take (load and golden vectors, in a
     # child process); a model that never returns is killed after this
     check_timeout_s: float = 120.0
+    # where those checks run: "fork" (a child process: a model that crashes the runtime
+    # kills the child) or "restart" (the agent itself: half the CPU of a small model's
+    # activation, but such a model kills the agent, and its restart rejects it)
+    check_isolation: str = "fork"
     # start-ups in a row that may end before a new model is marked good
     max_crash_restarts: int = 2
     # the on-disk metrics queue used while the broker is unreachable
@@ -267,6 +274,10 @@ def _check_names(cfg: AgentConfig) -> None:
         parse_host_port(cfg.http)
     if cfg.runtime not in RUNTIME_CHOICES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {cfg.runtime!r}")
+    if cfg.check_isolation not in ISOLATION_CHOICES:
+        raise ConfigError(
+            f"check_isolation must be {' or '.join(ISOLATION_CHOICES)}, got {cfg.check_isolation!r}"
+        )
 
 
 def _check_numbers(cfg: AgentConfig) -> None:

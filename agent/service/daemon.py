@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from agent import __version__
+from agent.activation.check import Isolation
 from agent.activation.manager import ModelManager
 from agent.activation.shadowing import ShadowManager
 from agent.activation.store import ModelStore, StateFile
@@ -144,7 +145,7 @@ class Agent:
             probation_inferences=cfg.probation_inferences,
             probation_s=cfg.probation_s,
             check_timeout_s=cfg.check_timeout_s,
-            isolate_checks=isolate_checks,
+            isolation=Isolation(cfg.check_isolation) if isolate_checks else Isolation.NONE,
             event=self.event,
             clock=clock,
             tick=self._tick,  # a candidate's check may take seconds: the loop is alive meanwhile

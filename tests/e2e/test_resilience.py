@@ -209,3 +209,44 @@ def test_a_crash_loop_rollback_is_reported_though_decided_before_connecting(
     finally:
         agent.stop()
         watch.close()
+
+
+def test_restart_isolation_a_model_that_hangs_the_agent_is_rejected_by_its_restart(
+    broker, tmp_path: Path, digits_int8
+) -> None:
+    """check_isolation = "restart": the agent checks candidates itself (no child). A model
+    that never returns holds the check past check_timeout_s of CPU; the agent then ends with
+    status 70 (a failure: systemd's Restart=on-failure starts it again), and that start
+    rejects the model, reports it, and serves the version before it."""
+    from tests.support.models import _never_returning_model
+
+    hang = tmp_path / "hang" / "hang.tflite"
+    hang.parent.mkdir()
+    _never_returning_model(hang)
+    repo = tmp_path / "repo"
+    must("repo", "init", str(repo))
+    agent = AgentProcess(
+        tmp_path, "pi-rs", broker.url, repo / "root.json", check_isolation="restart", check_timeout_s=2.0
+    )
+    watch = FleetWatcher(broker.port)
+    try:
+        agent.start()
+        must("push", str(digits_int8.tflite), "--repo", str(repo), "--name", "m", "--broker", broker.url)
+        watch.wait_active("pi-rs", "m", 1, timeout_s=60)
+        must("push", str(hang), "--repo", str(repo), "--name", "m", "--broker", broker.url, "--no-check-data")
+        assert agent.proc is not None
+        code = agent.proc.wait(120)
+        assert code == 70, agent.log()[-2000:]
+        assert "the candidate's check used more than 2 s of CPU time" in agent.log()
+        assert agent.state_file()["models"]["m"]["checking"]["version"] == 2
+        agent.proc = None
+        agent.start()  # what the unit's Restart=on-failure does
+        ev = watch.wait_event("pi-rs", "rejected", timeout_s=60, version=2)
+        assert ev["reason"] == "crashed", ev
+        watch.wait_for(lambda: watch.active("pi-rs") == ("m", "1"), 30, "version 1 serving again")
+        assert agent.alive()
+        state = agent.state_file()["models"]["m"]
+        assert state["checking"] is None and [r["version"] for r in state["rejected"]] == [2]
+    finally:
+        agent.stop()
+        watch.close()

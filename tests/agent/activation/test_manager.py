@@ -11,11 +11,14 @@ import hashlib
 import io
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from agent.activation.check import Isolation
 from agent.activation.decisions import Installed
 from agent.activation.manager import ModelManager
 from agent.activation.store import ModelStore, StateFile
@@ -185,14 +188,14 @@ def test_a_damaged_active_model_falls_back_at_start(fleet: Fleet) -> None:
 def test_in_process_check_marks_the_candidate_first(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a child process, the state file names the candidate while it is checked,
     so a crash during the check rejects it at the next start."""
-    m = fleet.new_manager(isolate_checks=False)
+    m = fleet.new_manager(isolation=Isolation.NONE)
     m.start()
     seen: list[object] = []
     real = m._load_runner
 
-    def spy(name: str, inst: Installed):  # type: ignore[no-untyped-def]
+    def spy(name: str, inst: Installed, **kw: bool):  # type: ignore[no-untyped-def]
         seen.append(StateFile(fleet.root / "state.json").load().get(name).checking)
-        return real(name, inst)
+        return real(name, inst, **kw)
 
     monkeypatch.setattr(m, "_load_runner", spy)
     m.consider(fleet.candidate(1))
@@ -225,3 +228,88 @@ def test_a_model_replaced_after_its_isolated_check_is_checked_again(
     assert swapped and fleet.kinds() == ["rejected"]
     assert fleet.events[0][1]["reason"] == "golden"
     assert "gather" not in fleet.registry.names()
+
+
+class _Stuck(Exception):
+    """Stands for the agent's exit in the tests below (on_stuck must not return)."""
+
+
+def _stuck(why: str):  # type: ignore[no-untyped-def]
+    raise _Stuck(why)
+
+
+def test_restart_isolation_checks_in_the_agent_on_a_bounded_thread(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check_isolation = "restart": no child; the state file names the candidate while a
+    thread of the agent checks it, and the very runner it checked serves."""
+    m = fleet.new_manager(isolation=Isolation.RESTART, on_stuck=_stuck)
+    m.start()
+    seen: list[tuple[str, object]] = []
+    real = m._load_runner
+
+    def spy(name: str, inst: Installed, **kw: bool):  # type: ignore[no-untyped-def]
+        mark = StateFile(fleet.root / "state.json").load().get(name).checking
+        seen.append((threading.current_thread().name, mark))
+        return real(name, inst, **kw)
+
+    monkeypatch.setattr(m, "_load_runner", spy)
+    monkeypatch.setattr(
+        "agent.activation.manager.check_isolated",
+        lambda *a, **k: pytest.fail("restart isolation forked a check child"),
+    )
+    assert m.consider(fleet.candidate(1))
+    assert [name for name, _ in seen] == ["model-check"]
+    mark = seen[0][1]
+    assert isinstance(mark, Installed) and mark.version == 1
+    assert StateFile(fleet.root / "state.json").load().get("gather").checking is None
+    assert fleet.serve(2)[0][0] == 20.0
+    assert fleet.kinds() == ["activated"]
+
+
+def test_restart_isolation_refuses_a_candidate_that_fails_its_golden_vectors(fleet: Fleet) -> None:
+    m = fleet.new_manager(isolation=Isolation.RESTART, on_stuck=_stuck)
+    m.start()
+    assert m.consider(fleet.candidate(1))
+    bad = fleet.candidate(2)
+    golden = bad.files["golden"]
+    golden.chmod(0o600)
+    golden.write_bytes(golden_for(0))  # version 1's outputs: version 2 answers 100 more
+    assert not m.consider(bad)
+    assert fleet.kinds()[-1] == "rejected" and fleet.events[-1][1]["reason"] == "golden"
+    state = StateFile(fleet.root / "state.json").load().get("gather")
+    assert state.checking is None and state.active is not None and state.active.version == 1
+    assert fleet.serve(2)[0][0] == 20.0  # version 1 serves on
+
+
+def test_a_check_stuck_in_the_agent_ends_it_and_the_restart_rejects_the_model(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that never returns (here: Python spinning; in life, a model's endless loop in
+    the runtime) is past its CPU bound: the agent must end (on_stuck), with the candidate
+    named in the state file, so that the next start rejects it and serves the version before."""
+    m = fleet.new_manager(isolation=Isolation.RESTART, on_stuck=_stuck, check_timeout_s=0.5)
+    m.start()
+    assert m.consider(fleet.candidate(1))
+    release = threading.Event()
+
+    def spin(name: str, inst: Installed, **kw: bool):  # type: ignore[no-untyped-def]
+        give_up = time.monotonic() + 60  # a broken bound fails the test instead of hanging it
+        while not release.is_set() and time.monotonic() < give_up:
+            pass
+        raise RuntimeError("the check was never found stuck")
+
+    monkeypatch.setattr(m, "_load_runner", spin)
+    try:
+        with pytest.raises(_Stuck, match=r"more than 0.5 s of CPU time"):
+            m.consider(fleet.candidate(2))
+    finally:
+        release.set()
+    mark = StateFile(fleet.root / "state.json").load().get("gather").checking
+    assert mark is not None and mark.version == 2
+    fleet.events.clear()
+    restarted = fleet.new_manager(isolation=Isolation.RESTART, on_stuck=_stuck)
+    restarted.start()
+    assert fleet.kinds() == ["rejected"] and fleet.events[0][1]["reason"] == "crashed"
+    assert fleet.events[0][1]["version"] == 2
+    assert fleet.serve(2)[0][0] == 20.0

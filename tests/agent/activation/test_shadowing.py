@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.activation.check import Isolation
 from agent.activation.decisions import Candidate, DeviceState, Installed, ModelState
 from agent.activation.manager import ModelManager
 from agent.activation.shadowing import ShadowManager, ShadowPlan, plan_shadow
@@ -159,7 +160,7 @@ def test_an_activation_or_a_rollback_ends_the_shadow(tmp_path: Path, tiny: TinyM
         store=dev.store,
         state_file=StateFile(tmp_path / "state.json"),
         registry=dev.registry,
-        isolate_checks=False,
+        isolation=Isolation.NONE,
         shadows=dev.shadows,
     )
     manager.consider(Candidate(release(1), dev.inst(1), dev.store.files("m", 1)))

@@ -55,6 +55,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("shadow_max_bytes = -1\n", "shadow_max_bytes must not be negative"),
         ("shadow_max_bytes = '64M'\n", "shadow_max_bytes.*expected an integer"),
         ("shadow_max_bytes = 1.5\n", "shadow_max_bytes.*expected an integer"),
+        ("check_isolation = 'none'\n", "check_isolation must be fork or restart, got 'none'"),
     ],
 )
 def test_bad_values_are_one_clear_error(tmp_path: Path, extra: str, message: str) -> None:
