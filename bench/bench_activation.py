@@ -441,6 +441,7 @@ def run_fleet(
         adir = work / f"agents-{n}"
         adir.mkdir()
         names = list(trees)
+        isolation = dict(item.split("=", 1) for item in args.check_isolation.split(",") if item)
         for i in range(n):
             tree = names[i % len(names)]
             probed = len(groups[tree]) < args.probe
@@ -455,6 +456,7 @@ def run_fleet(
                 refresh_interval_s=3600.0,
                 probation_s=3600.0,
                 probation_inferences=1000000,
+                **({"check_isolation": isolation[tree]} if tree in isolation else {}),
             )
             a.tree = tree
             env = {"LF_PROBE_OUT": str(probe_dir), "PYTHONPATH": str(trees[tree])}
@@ -638,6 +640,12 @@ def main() -> int:
         "--trees",
         default="this=this",
         help="NAME=REV|DIR,...: agents run these source trees round-robin in one fleet (A/B in one run)",
+    )
+    ap.add_argument(
+        "--check-isolation",
+        default="",
+        help="NAME=fork|restart,...: the agents of tree NAME get this check_isolation "
+        "(e.g. --trees fork=this,restart=this --check-isolation restart=restart)",
     )
     ap.add_argument("--probe", type=int, default=0, help="run K agents per tree under bench.agent_probe")
     ap.add_argument("--cprofile", action="store_true")
