@@ -138,7 +138,10 @@ class ModelManager:
     def start(self) -> None:
         """Load the state file, apply crash-loop decisions, load every active model."""
         state = self.state_file.load()
-        clean = state.clean_stop
+        # an end while a candidate was checked in the agent (check_isolation = "restart") is
+        # put down to that candidate, which is rejected below: the versions on trial are not
+        # charged a crash for it (a check that hung ends the agent on purpose)
+        clean = state.clean_stop or any(ms.checking is not None for ms in state.models.values())
         # from here on a crash must count: the mark goes with this start's first save
         state = replace(state, clean_stop=False)
         for name in sorted(state.models):

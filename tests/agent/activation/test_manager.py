@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.activation import decisions as act
 from agent.activation.check import Isolation
 from agent.activation.decisions import Installed
 from agent.activation.manager import ModelManager
@@ -312,4 +313,27 @@ def test_a_check_stuck_in_the_agent_ends_it_and_the_restart_rejects_the_model(
     restarted.start()
     assert fleet.kinds() == ["rejected"] and fleet.events[0][1]["reason"] == "crashed"
     assert fleet.events[0][1]["version"] == 2
+    assert fleet.serve(2)[0][0] == 20.0
+
+
+def test_an_end_during_an_in_process_check_is_the_candidates_not_the_trials(fleet: Fleet) -> None:
+    """Three agent ends in a row, each while a candidate of another model was checked in the
+    agent (restart isolation): each candidate is rejected, and the version on trial is not
+    charged a crash for any of them (three would have rolled it back as a crash loop)."""
+    m = fleet.manager
+    m.start()
+    assert m.consider(fleet.candidate(1))  # on trial from here on
+    sha = hashlib.sha256(fleet.models[0].read_bytes()).hexdigest()
+    for version in (1, 2, 3):
+        state = StateFile(fleet.root / "state.json")
+        doc = state.load()
+        other = act.begin_check(doc.get("other"), Installed(version, sha))
+        state.save(doc.with_model("other", other))  # the agent died checking "other" v<version>
+        fleet.events.clear()
+        m = fleet.new_manager()
+        m.start()
+        assert [(k, f["model"], f["reason"]) for k, f in fleet.events] == [("rejected", "other", "crashed")]
+        gather = m.state.get("gather")
+        assert gather.active is not None and gather.active.version == 1
+        assert gather.trial_starts == 0, gather
     assert fleet.serve(2)[0][0] == 20.0
