@@ -163,6 +163,57 @@ def test_a_hung_agent_is_killed_by_the_watchdog_and_restarted(device: Device, di
     np.testing.assert_array_equal(device.predict(x), want)
 
 
+# -- check 4b: check_isolation = "restart": a model that hangs its check costs one restart --------
+def test_restart_isolation_a_model_that_hangs_its_check_costs_one_restart(
+    device: Device, digits_int8: Any, tmp_path: Path
+) -> None:
+    """With the agent checking candidates itself, a model that never returns holds the check
+    past check_timeout_s: the agent ends (status 70), Restart=on-failure starts it again, and
+    that start rejects the model, reports it, and serves what served before."""
+    from tests.support.harness import must
+    from tests.support.models import _never_returning_model
+
+    m = device.machine
+    if m.spec.emulated:
+        pytest.skip("shown on amd64: the same unit and agent code, without qemu-user's slow start")
+    conf = "/etc/litefleet/agent.toml"
+    hang = tmp_path / "hang.tflite"
+    _never_returning_model(hang)
+    m.sh(f"cp -p {conf} /root/agent.toml.good")
+    m.sh(f"printf 'check_isolation = \"restart\"\\ncheck_timeout_s = 3.0\\n' >> {conf}")
+    try:
+        # each start counts toward StartLimitBurst= (the checks above made several): this
+        # check's own restart and the one the hang costs must not meet the limit
+        m.systemctl("reset-failed", UNIT, check=False)
+        m.systemctl("restart", UNIT, timeout=300)
+        before = device.wait_active(60)
+        cursor = m.cursor()
+        must(
+            "push",
+            str(hang),
+            "--repo",
+            str(device.repo),
+            "--name",
+            "hang",
+            "--no-check-data",
+            *device.broker_args(),
+        )
+        after = device.wait_active(3 + RESTART_S + 120, other_than_pid=before["MainPID"])
+        assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+        assert device.watcher is not None
+        ev = device.watcher.wait_event(DEVICE_ID, "rejected", timeout_s=120, model="hang")
+        assert ev["reason"] == "crashed" and ev["version"] == 1, ev
+        log = journal_since(device, cursor)
+        assert "the candidate's check used more than 3 s of CPU time" in log, log
+        assert "status=70/SOFTWARE" in log, log
+        x, want = golden(digits_int8)
+        np.testing.assert_array_equal(device.predict(x), want)  # digits v1 serves on
+    finally:
+        m.sh(f"mv /root/agent.toml.good {conf}")
+        m.systemctl("restart", UNIT, timeout=300)
+    device.wait_active(60)
+
+
 # -- check 5: a crash loop ends in the start limit, one clear line per attempt -------------------
 def _hung_before_exec(log: str) -> int:
     """Start attempts whose process timed out still named ``systemd``: PID 1's child hung
