@@ -75,10 +75,12 @@ def state_document(
     boot: str,
     ts: float,
     site: str = "",
+    refused: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The state message (``site``: the site broker the device uses, docs/sites.md; null
     for a device of the central one). ``models``: name -> ``{"version", "sha256", "trial"}`` of every
-    active model; ``snapshots``: name -> statistics of the runners serving now."""
+    active model; ``snapshots``: name -> statistics of the runners serving now; ``refused``:
+    name -> ``{"version", "reason"}`` of the newest release refused, newer than the active one."""
     name = standing_model(models)
     figures = served(name, snapshots)
     return {
@@ -89,6 +91,7 @@ def state_document(
         "status": status if online else DeviceStatus.OFFLINE,
         "error": error,
         "models": dict(models),
+        "refused": dict(refused or {}),
         "groups": list(groups),
         "site": site or None,
         "repo_version": repo_version,

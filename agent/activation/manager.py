@@ -336,6 +336,20 @@ class ModelManager:
         if removed:
             logger.debug("removed %s", ", ".join(removed))
 
+    def refusals(self) -> dict[str, dict[str, Any]]:
+        """name -> {version, reason} of the newest release this device refused (rejected or
+        rolled back) when it is newer than what the device runs: why it is not on the
+        version the repository offers, which outlives the state's ``error`` (that clears at
+        the next good refresh). Shown in the state message (docs/protocol.md 6.1)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, ms in sorted(self.state.models.items()):
+            if not ms.rejected:
+                continue
+            last = max(ms.rejected, key=lambda r: r.version)
+            if ms.active is None or last.version > ms.active.version:
+                out[name] = {"version": last.version, "reason": last.reason}
+        return out
+
     def summary(self) -> dict[str, Any]:
         """name -> {version, status} for the state topic."""
         out: dict[str, Any] = {}

@@ -242,6 +242,7 @@ class Agent:
             boot=self.boot_id,
             ts=time.time(),
             site=self.cfg.site,
+            refused=self.manager.refusals(),
         )
         return json.dumps(doc).encode()
 

@@ -163,6 +163,7 @@ def status_table(rows: list[dict[str, Any]], columns: Sequence[str] = TABLE_COLU
     if not rows:
         return "no devices have reported yet\n"
     table = format_table([c.upper() for c in columns], ([_shown(r, c) for c in columns] for r in rows))
+    table += "".join(line + "\n" for line in refusal_lines(rows))
     wills = sum(1 for r in rows if r.get("last_will"))
     if wills:
         table += (
@@ -170,3 +171,24 @@ def status_table(rows: list[dict[str, Any]], columns: Sequence[str] = TABLE_COLU
             "no model for them; `litefleet monitor` shows the last known one\n"
         )
     return table
+
+
+MAX_REFUSAL_LINES = 20
+
+
+def refusal_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A line per model a device refused a newer version of (its state's ``refused``): the
+    state's ``error`` clears at its next good refresh, this stays while it runs the older one."""
+    lines = []
+    for r in rows:
+        running = r.get("models") or {}
+        for name, refusal in sorted((r.get("refused") or {}).items()):
+            on = running.get(name)
+            now = f"runs v{on['version']}" if on else "runs no version of it"
+            lines.append(
+                f"{r['device_id']} refused {name} v{refusal['version']} ({refusal['reason']}) and {now}"
+            )
+    if len(lines) > MAX_REFUSAL_LINES:
+        more = len(lines) - MAX_REFUSAL_LINES + 1
+        lines = [*lines[: MAX_REFUSAL_LINES - 1], f"and {more} more refusals (--json lists them all)"]
+    return lines

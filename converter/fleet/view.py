@@ -85,6 +85,8 @@ def state_row(state: StateRecord) -> dict[str, Any]:
         "models": {
             m.name: {"version": m.version, "sha256": m.sha256, "trial": m.trial} for m in state.models
         },
+        # why it is not on a newer version it was offered (docs/protocol.md 6.1)
+        "refused": {r.name: {"version": r.version, "reason": r.reason} for r in state.refused},
         "groups": list(state.groups),
         "site": state.site,
         "repo_version": state.repo_version,

@@ -33,6 +33,8 @@ from converter.monitor.sketches import OutputSketch, ShadowCounts, parse_outputs
 MAX_PAYLOAD_BYTES = 256 * 1024
 # the raw JSON of an event kept in the database
 MAX_EVENT_JSON_CHARS = 8192
+# a state's ``refused`` entries read (one per model name the device has)
+MAX_REFUSALS = 64
 # the flags of the agent's ``device.throttled``, in bit order
 THROTTLE_FLAGS = tuple(THROTTLE_BITS[bit] for bit in sorted(THROTTLE_BITS))
 # a device is "stale" when nothing arrived for this many metrics intervals
@@ -138,6 +140,16 @@ class InstalledModel:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """The newest release of a model a device refused, newer than what it runs (6.1's
+    ``refused``)."""
+
+    name: str
+    version: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class StateRecord:
     """A device's retained state (``docs/protocol.md`` 6.1)."""
 
@@ -156,6 +168,7 @@ class StateRecord:
     site: str | None = None  # the site broker it uses (docs/sites.md); None: central's
     repo_version: int | None = None
     models: tuple[InstalledModel, ...] = ()
+    refused: tuple[Refusal, ...] = ()
     raw_json: str = field(default="{}", compare=False)
     # the device's will (docs/protocol.md 6.1: offline, no ``models`` key): it says the
     # device is gone, not which model it ran; :func:`after_will` keeps what was known
@@ -376,6 +389,12 @@ def parse_state(device_id: str, payload: bytes) -> StateRecord | StateCleared | 
                     str(name)[:64], version, _text(info.get("sha256"), 64), info.get("trial") is True
                 )
             )
+    refused: list[Refusal] = []
+    for name, info in sorted(_dict(doc.get("refused")).items())[:MAX_REFUSALS]:
+        info = _dict(info)
+        refused_version, reason = _count(info.get("version")), _text(info.get("reason"), 32)
+        if refused_version is not None and reason is not None:
+            refused.append(Refusal(str(name)[:64], refused_version, reason))
     groups = doc.get("groups")
     return StateRecord(
         device_id=device_id,
@@ -393,6 +412,7 @@ def parse_state(device_id: str, payload: bytes) -> StateRecord | StateCleared | 
         site=_text(doc.get("site"), 32) if isinstance(doc.get("site"), str) else None,
         repo_version=_count(doc.get("repo_version")),
         models=tuple(installed),
+        refused=tuple(refused),
         raw_json=json.dumps(doc, separators=(",", ":"), sort_keys=True)[:MAX_EVENT_JSON_CHARS],
         will=doc.get("online") is not True and "models" not in doc,
     )

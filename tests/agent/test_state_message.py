@@ -51,6 +51,9 @@ def test_the_document_and_its_wire_words() -> None:
     assert (wire["model"], wire["version"], wire["status"]) == ("a", "3", "serving")
     assert wire["latency_ms_p50"] is None and wire["inferences"] == 1 and wire["ts"] == 1.235
     assert wire["site"] is None  # a device of the central broker
+    assert wire["refused"] == {}
+    refused = {"a": {"version": 4, "reason": "crash_loop"}}
+    assert json.loads(json.dumps(state_document(**_args(doc), refused=refused)))["refused"] == refused
     assert json.loads(json.dumps(state_document(**_args(doc), site="b")))["site"] == "b"
     offline = json.loads(json.dumps(state_document(**{**_args(doc), "online": False})))
     assert offline["status"] == "offline" and offline["online"] is False

@@ -206,6 +206,13 @@ def test_a_crash_loop_rollback_is_reported_though_decided_before_connecting(
         (ev,) = watch.events_of("pi-cl", "rolled_back")
         assert (ev["reason"], ev["version"], ev["model"]) == ("crash_loop", 1, "digits"), ev
         assert ev["boot"] == watch.states["pi-cl"]["boot"]  # the start-up that decided it
+        # the state says it too, after its error has cleared: why the device runs nothing
+        watch.wait_for(
+            lambda: (watch.states.get("pi-cl") or {}).get("error") is None, 60, "the error cleared"
+        )
+        assert watch.states["pi-cl"]["refused"] == {"digits": {"version": 1, "reason": "crash_loop"}}
+        table = must("status", "--broker", broker.url)
+        assert "pi-cl refused digits v1 (crash_loop) and runs no version of it" in table, table
     finally:
         agent.stop()
         watch.close()

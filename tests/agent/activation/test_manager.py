@@ -26,6 +26,7 @@ from agent.activation.store import ModelStore, StateFile
 from agent.delivery.updater import Candidate
 from agent.errors import InferenceError
 from agent.protocol import ModelRelease, Rollout
+from agent.reasons import Reason
 from agent.serving.registry import ModelRegistry
 
 _BUILD = r"""
@@ -337,3 +338,21 @@ def test_an_end_during_an_in_process_check_is_the_candidates_not_the_trials(flee
         assert gather.active is not None and gather.active.version == 1
         assert gather.trial_starts == 0, gather
     assert fleet.serve(2)[0][0] == 20.0
+
+
+def test_refusals_name_the_newest_refused_release_newer_than_the_active_one(fleet: Fleet) -> None:
+    """What the state message's ``refused`` says: why the device is not on the newest
+    version, for as long as that holds; a newer activation ends it."""
+    m = fleet.manager
+    m.start()
+    assert m.refusals() == {}
+    assert m.consider(fleet.candidate(1))
+    bad = fleet.candidate(2)
+    bad.files["golden"].chmod(0o600)
+    bad.files["golden"].write_bytes(golden_for(0))  # version 2 answers 100 more
+    assert not m.consider(bad)
+    assert m.refusals() == {"gather": {"version": 2, "reason": "golden"}}
+    assert m.consider(fleet.candidate(3))  # newer than the refusal: nothing to explain
+    assert m.refusals() == {}
+    m.roll_back("gather", Reason.INFERENCE_ERRORS, "errors in its first uses")
+    assert m.refusals() == {"gather": {"version": 3, "reason": "inference_errors"}}

@@ -33,6 +33,27 @@ def test_merge_metrics_takes_the_fresh_figures() -> None:
     assert "LATENCY_MS_P99" in table.splitlines()[0] and "12.40" in table
 
 
+def test_a_refused_newer_version_is_said_under_the_table_and_kept_in_json() -> None:
+    """After a rollback the state's error clears at the next good refresh; ``refused`` is
+    what still tells an operator why the device runs an older version."""
+    refused = {
+        "digits": {"version": 4, "reason": "crash_loop"},
+        "kws": {"version": 2, "reason": "golden"},
+        "junk": {"version": "two", "reason": "golden"},  # not a version: left out
+    }
+    rows = []
+    for dev, doc in (("pi-1", {"refused": refused}), ("pi-2", {})):
+        state = parse_state(dev, state_payload(device_id=dev, **doc))
+        assert isinstance(state, StateRecord)
+        rows.append(state_row(state))
+    assert rows[0]["refused"] == {k: v for k, v in refused.items() if k != "junk"}
+    assert rows[1]["refused"] == {}  # an agent before refused, or nothing to say
+    lines = status_table(rows).splitlines()
+    assert "pi-1 refused digits v4 (crash_loop) and runs v3" in lines
+    assert "pi-1 refused kws v2 (golden) and runs no version of it" in lines
+    assert not any("pi-2 refused" in line for line in lines)
+
+
 def test_status_with_metrics_against_a_broker(broker, tmp_path: Path) -> None:
     publish_many(
         broker.port,
