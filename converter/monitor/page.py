@@ -27,7 +27,7 @@ from urllib.parse import quote
 from converter.monitor.charts import format_ms
 from converter.monitor.history import StoredEvent
 from converter.monitor.live import DeviceView
-from converter.monitor.payloads import MetricsSample, shown_model
+from converter.monitor.payloads import MetricsSample, StateRecord, shown_model
 from converter.monitor.sites import SiteView
 
 # the timestamp role is re-signed most often; below this, say so (status warns the same)
@@ -158,6 +158,16 @@ def site_cell(d: DeviceView, sites: Mapping[str, SiteView]) -> Cell:
     return Cell(site)
 
 
+def problem_text(st: StateRecord | None) -> str:
+    """The error cell: the state's error, else the newer releases the device refused (its
+    error clears at its next good refresh; ``refused`` says why it still runs an older one)."""
+    if st is None:
+        return ""
+    if st.error:
+        return st.error
+    return "; ".join(f"refused {r.name} v{r.version} ({r.reason})" for r in st.refused)
+
+
 def fleet_rows(
     devices: Sequence[DeviceView], now: float, sites: Mapping[str, SiteView] | None = None
 ) -> list[list[Cell]]:
@@ -175,7 +185,7 @@ def fleet_rows(
             Cell((st.status if st else None) or "-"),
             Cell(f"{st.model} v{st.version}" if st and st.model else "-"),
         ]
-        tail = [Cell(age(now, d.last_seen)), Cell((st.error if st else None) or "", "err")]
+        tail = [Cell(age(now, d.last_seen)), Cell(problem_text(st), "err")]
         if not d.current:
             rows.append([*head, Cell(last_report(d, now), "was", NOW_COLUMNS), *tail])
             continue

@@ -178,7 +178,10 @@ def test_the_page_in_a_real_browser(broker: Any, tmp_path: Path) -> None:
             f"{B}/devices/pi-1/state",
             state_payload(device_id="pi-1", version="4", models={"digits": {"version": 4}}),
         ),
-        (f"{B}/devices/pi-2/state", state_payload(device_id="pi-2")),
+        (  # runs v3 and refused v4: its error has cleared, the refusal stays
+            f"{B}/devices/pi-2/state",
+            state_payload(device_id="pi-2", refused={"digits": {"version": 4, "reason": "golden"}}),
+        ),
         (f"{B}/devices/pi-3/state", state_payload(device_id="pi-3", online=False, ts=now - 1200)),
         (f"{B}/devices/pi-4/state", state_payload(device_id="pi-4", site="north")),
         (f"{B}/devices/pi-5/state", state_payload(device_id="pi-5", site="south")),
@@ -240,6 +243,7 @@ def test_the_page_in_a_real_browser(broker: Any, tmp_path: Path) -> None:
     assert not [text for cls, text in off if cls == "num"]
     on = dom.rows["pi-2"]
     assert ("online", "online") in on and len([t for c, t in on if c == "num"]) == 7
+    assert on[-1] == ("err", "refused digits v4 (golden)") and dom.rows["pi-4"][-1] == ("err", "")
     # its charts end in a grey "offline" span; the others' do not
     pi3 = [c for c in dom.charts if c.get("data-device") == "pi-3"]
     assert len(pi3) == 4 and all(c.get("shaded") for c in pi3)
