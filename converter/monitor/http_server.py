@@ -73,6 +73,8 @@ def device_json(d: DeviceView) -> dict[str, Any]:
         "version": st.version if st else None,
         "status": st.status if st else None,
         "error": st.error if st else None,
+        # the newer releases it refused (docs/protocol.md 6.1), as ``status --json`` has them
+        "refused": {r.name: {"version": r.version, "reason": r.reason} for r in st.refused} if st else {},
         # offline by its will: model and version are the last known ones
         "last_will": bool(st and st.will),
         "latency_ms_p50": first.p50_ms if first else (st.latency_ms_p50 if st else None),

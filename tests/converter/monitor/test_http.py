@@ -20,7 +20,10 @@ from tests.support.payloads import state_payload
 def monitor(broker: Any, tmp_path: Path) -> Iterator[RunningMonitor]:
     with running_monitor(broker.port, tmp_path / "mon.sqlite3") as mon:
         publish_one(
-            broker.port, "litefleet/v1/devices/pi-h/state", state_payload(device_id="pi-h"), retain=True
+            broker.port,
+            "litefleet/v1/devices/pi-h/state",
+            state_payload(device_id="pi-h", refused={"digits": {"version": 4, "reason": "crash_loop"}}),
+            retain=True,
         )
         assert wait_until(lambda: mon.received("state") >= 1, 10)
         yield mon
@@ -49,6 +52,7 @@ def test_every_route_answers(monitor: RunningMonitor) -> None:
     status, headers, body = fetch(monitor, "GET", "/api/devices")
     assert status == 200 and headers["content-type"] == "application/json"
     assert [d["device_id"] for d in json.loads(body)] == ["pi-h"]
+    assert json.loads(body)[0]["refused"] == {"digits": {"version": 4, "reason": "crash_loop"}}
     assert fetch(monitor, "GET", "/healthz")[::2] == (200, b'{"status": "ok"}')
     assert headers["cache-control"] == "no-store" and headers["server"].startswith("litefleet-monitor")
 
