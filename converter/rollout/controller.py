@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import LitefleetError, StorageError, TransportError
-from agent.mqtt.client import MqttClient
+from agent.mqtt.client import RETAINED_READ_QOS, MqttClient
 from agent.mqtt.transport import Message
 from agent.protocol import Topics
 from converter.crash_points import crash_point
@@ -82,11 +82,16 @@ class MessageFeed:
         self.topics = topics
         self._queue: queue.Queue[tuple[str, str, bytes]] = queue.Queue(max_pending)
         self.dropped = 0
+        # states at RETAINED_READ_QOS (0): retained, the newest is the one that counts, and
+        # a reconnect's re-subscribe brings them all again. At QoS 1 Mosquitto sent only an
+        # in-flight window of them before the sync barrier that says "every device known"
+        # (docs/protocol.md 3.3): 50 of 150 (tests/converter/rollout/test_cli.py), and fewer
+        # when events the session kept took the slots first: a rollout of 20 real agents
+        # knew 13 and refused its first wave (a CI run).
         # events at QoS 1: a persistent session keeps them while the controller is away;
         # metrics at QoS 0: cumulative counters, the next message makes up for a lost one
-        client.subscribe_many(
-            [topics.devices_filter("state"), topics.devices_filter("events")], self._handle, 1
-        )
+        client.subscribe(topics.devices_filter("state"), self._handle, RETAINED_READ_QOS)
+        client.subscribe(topics.devices_filter("events"), self._handle, 1)
         client.subscribe(topics.devices_filter("metrics"), self._handle, 0)
 
     def _handle(self, msg: Message) -> None:  # paho thread: only queue it
