@@ -216,16 +216,18 @@ class Fleet:
         started = time.monotonic()
         deadline = started + timeout_s
         peak_kb = 0
-        while True:
+        cpu_s: float | None = None
+        while proc.returncode is None:  # Popen's kill() and poll() may have reaped it already
             peak_kb = max(peak_kb, vm_hwm_kb(proc.pid))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                cpu_s = round(usage.ru_utime + usage.ru_stime, 2)
                 break
             if time.monotonic() > deadline:
                 proc.kill()
                 raise AssertionError(f"{what}: the controller did not finish in {timeout_s} s")
             time.sleep(0.2)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         *files, launched = self.outputs.pop(proc.pid)
         for f in files:
             f.seek(0)
@@ -236,7 +238,7 @@ class Fleet:
             {
                 "run": what,
                 "wall_s": round(time.monotonic() - launched, 1),
-                "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                "cpu_s": cpu_s,
                 # VmHWM while it ran (ru_maxrss of a child counts the forked test process too)
                 "peak_rss_mb": round(peak_kb / 1024, 1) if peak_kb else None,
                 "exit": proc.returncode,
@@ -432,8 +434,8 @@ def test_a_controller_killed_mid_rollout_and_resumed_reaches_the_same_end(
     # a loaded machine slows all of it
     deadline = time.monotonic() + 480
     rec = None
-    while time.monotonic() < deadline:  # after the first promotion, while wave 2 bakes
-        rec = store.load(MODEL)
+    while time.monotonic() < deadline and proc.poll() is None:  # after the first promotion,
+        rec = store.load(MODEL)  # while wave 2 bakes (a controller that ended never gets there)
         if rec is not None and earlier is not None and rec.started == earlier.started:
             rec = None  # this rollout has not written its record yet
         elif rec is not None and ((rec.wave == 1 and rec.state is RolloutState.BAKING) or rec.state.terminal):
