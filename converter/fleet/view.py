@@ -41,6 +41,7 @@ from converter.monitor.payloads import (
     is_newer,
     parse_metrics,
     parse_state,
+    refused_json,
     shown_model,
 )
 from converter.monitor.repo_expiry import metadata_role, signed_expiry
@@ -86,7 +87,7 @@ def state_row(state: StateRecord) -> dict[str, Any]:
             m.name: {"version": m.version, "sha256": m.sha256, "trial": m.trial} for m in state.models
         },
         # why it is not on a newer version it was offered (docs/protocol.md 6.1)
-        "refused": {r.name: {"version": r.version, "reason": r.reason} for r in state.refused},
+        "refused": refused_json(state.refused),
         "groups": list(state.groups),
         "site": state.site,
         "repo_version": state.repo_version,

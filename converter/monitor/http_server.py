@@ -37,7 +37,7 @@ from agent.http_routes import Reply, Request, RoutedHandler, RouteTable, route
 from converter.errors import BadInputError
 from converter.monitor.dashboard import MonitorSource, build_page
 from converter.monitor.live import DeviceView
-from converter.monitor.payloads import shown_model
+from converter.monitor.payloads import refused_json, shown_model
 from converter.monitor.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from converter.monitor.prometheus import render as render_prometheus
 from converter.monitor.rollouts import RolloutView
@@ -74,7 +74,7 @@ def device_json(d: DeviceView) -> dict[str, Any]:
         "status": st.status if st else None,
         "error": st.error if st else None,
         # the newer releases it refused (docs/protocol.md 6.1), as ``status --json`` has them
-        "refused": {r.name: {"version": r.version, "reason": r.reason} for r in st.refused} if st else {},
+        "refused": refused_json(st.refused) if st else {},
         # offline by its will: model and version are the last known ones
         "last_will": bool(st and st.will),
         "latency_ms_p50": first.p50_ms if first else (st.latency_ms_p50 if st else None),

@@ -149,6 +149,11 @@ class Refusal:
     reason: str
 
 
+def refused_json(refused: tuple[Refusal, ...]) -> dict[str, dict[str, Any]]:
+    """A state's refusals as 6.1 writes them: name -> ``{"version", "reason"}``."""
+    return {r.name: {"version": r.version, "reason": r.reason} for r in refused}
+
+
 @dataclass(frozen=True)
 class StateRecord:
     """A device's retained state (``docs/protocol.md`` 6.1)."""

@@ -71,10 +71,17 @@ class Setup:
         return litefleet("rollout", *args, "--repo", str(self.repo), *extra)
 
     def start(self, tag: str, *args: str) -> tuple[int, str, str]:
+        return self.with_model("start", tag, *args)
+
+    def plan(self, tag: str, *args: str) -> tuple[int, str, str]:
+        return self.with_model("plan", tag, *args)
+
+    def with_model(self, command: str, tag: str, *args: str) -> tuple[int, str, str]:
+        """``litefleet rollout COMMAND`` of a new model file named ``tag``, on this broker."""
         model = model_file(self.tmp / tag, tag)
         return litefleet(
             "rollout",
-            "start",
+            command,
             str(model),
             "--repo",
             str(self.repo),
@@ -197,19 +204,7 @@ def test_every_retained_state_is_a_known_device_beyond_the_in_flight_window(setu
     ids = [f"dev-{i:03d}" for i in range(150)]
     states = [(f"litefleet/v1/devices/{d}/state", state_payload(device_id=d)) for d in ids]
     publish_many(setup.broker.port, [(t, p, True) for t, p in states])
-    code, out, err = litefleet(
-        "rollout",
-        "plan",
-        str(model_file(setup.tmp / "v2", "v2")),
-        "--repo",
-        str(setup.repo),
-        "--name",
-        MODEL,
-        "--no-check-data",
-        "--broker",
-        setup.broker.url,
-        "--json",
-    )
+    code, out, err = setup.plan("v2", "--json")
     assert code == 0, err
     assert json.loads(out)["known_devices"] == len(ids)
 
@@ -217,21 +212,7 @@ def test_every_retained_state_is_a_known_device_beyond_the_in_flight_window(setu
 def test_plan_names_the_devices_of_each_wave(setup: Setup, fleet_of: Any) -> None:
     _, ids = fleet_of(10, lambda v: Behaviour())
     first = pct_selecting(ids, 2)
-    code, out, err = litefleet(
-        "rollout",
-        "plan",
-        str(model_file(setup.tmp / "v2", "v2")),
-        "--repo",
-        str(setup.repo),
-        "--name",
-        MODEL,
-        "--no-check-data",
-        "--broker",
-        setup.broker.url,
-        "--waves",
-        f"{first},100",
-        "--json",
-    )
+    code, out, err = setup.plan("v2", "--waves", f"{first},100", "--json")
     assert code == 0, err
     doc = json.loads(out)
     assert (doc["version"], doc["previous"], doc["known_devices"]) == (2, 1, 10)
