@@ -106,13 +106,14 @@ setup_test_tools() {
   setup_packages qemu-aarch64-static=qemu-user-static \
     /usr/share/keyrings/debian-archive-keyring.gpg=debian-archive-keyring \
     faketime=faketime \
+    runsv=runit \
     promtool=prometheus \
     chromium=chromium \
     systemd-nspawn=systemd-container mmdebstrap=mmdebstrap arch-test=arch-test
-  # only promtool is wanted: where the package (or its recommended node exporter)
-  # started a service, stop it and keep it off
+  # only promtool and runsv are wanted: where a package (prometheus, its recommended node
+  # exporter, runit's runsvdir) started a service, stop it and keep it off
   local unit
-  for unit in prometheus prometheus-node-exporter; do
+  for unit in prometheus prometheus-node-exporter runit; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$unit" 2>/dev/null; then
       $(sudo_if_needed) systemctl disable --now "$unit" >/dev/null 2>&1 || true
     fi
