@@ -31,6 +31,7 @@ from converter.fleet.view import (
     collect_states,
     merge_metrics,
 )
+from converter.monitor.payloads import Refusal
 from converter.monitor.sites import SiteView
 from converter.repo.expiry import expiry_warnings
 
@@ -185,9 +186,8 @@ def refusal_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         for name, refusal in sorted((r.get("refused") or {}).items()):
             on = running.get(name)
             now = f"runs v{on['version']}" if on else "runs no version of it"
-            lines.append(
-                f"{r['device_id']} refused {name} v{refusal['version']} ({refusal['reason']}) and {now}"
-            )
+            said = Refusal(name, refusal["version"], refusal["reason"])
+            lines.append(f"{r['device_id']} {said} and {now}")
     if len(lines) > MAX_REFUSAL_LINES:
         more = len(lines) - MAX_REFUSAL_LINES + 1
         lines = [*lines[: MAX_REFUSAL_LINES - 1], f"and {more} more refusals (--json lists them all)"]

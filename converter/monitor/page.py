@@ -165,7 +165,7 @@ def problem_text(st: StateRecord | None) -> str:
         return ""
     if st.error:
         return st.error
-    return "; ".join(f"refused {r.name} v{r.version} ({r.reason})" for r in st.refused)
+    return "; ".join(map(str, st.refused))
 
 
 def fleet_rows(

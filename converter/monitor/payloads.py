@@ -148,6 +148,10 @@ class Refusal:
     version: int
     reason: str
 
+    def __str__(self) -> str:
+        """How the monitor's page and ``litefleet status`` word it."""
+        return f"refused {self.name} v{self.version} ({self.reason})"
+
 
 def refused_json(refused: tuple[Refusal, ...]) -> dict[str, dict[str, Any]]:
     """A state's refusals as 6.1 writes them: name -> ``{"version", "reason"}``."""
