@@ -172,6 +172,8 @@ tests:
         values: '_x5 1x60'
       - series: 'litefleet_device_events_total{{device="pi-c",event="rejected",reason="golden"}}'
         values: '_x5 1x60'
+      - series: 'litefleet_model_refused{{device="pi-c",model="digits",version="4",reason="golden"}}'
+        values: '_x5 1x80'
     alert_rule_test:
       - eval_time: 4m
         alertname: LitefleetModelRolledBack
@@ -201,6 +203,20 @@ tests:
       - eval_time: 40m
         alertname: LitefleetModelRolledBack
         exp_alerts: []
+      # still behind after an hour: this one stays
+      - eval_time: 60m
+        alertname: LitefleetModelStillRefused
+        exp_alerts: []
+      - eval_time: 70m
+        alertname: LitefleetModelStillRefused
+        exp_alerts:
+          - exp_labels: {{severity: warning, device: pi-c, model: digits, version: "4", reason: golden}}
+            exp_annotations:
+              summary: pi-c refused digits v4 (golden) and still runs an older one
+              description: >-
+                The rejected or rolled-back alert went quiet 30 minutes after the refusal; the
+                device is still behind. It never takes a release it refused: push a fixed
+                version (a new one), or keep the fleet on the version it runs.
 
   # a long way from expiry: quiet; past it: the critical one, for each role
   - interval: 1d

@@ -148,6 +148,12 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
         "gauge",
         "Always 1 per installed model version (from the retained state); sha256 and trial as labels.",
     ),
+    (
+        "litefleet_model_refused",
+        "gauge",
+        "Always 1 per model whose newest release the device refused (rejected or rolled back) while"
+        " it runs an older one or none (the retained state's refused); gone once it runs a newer one.",
+    ),
     ("litefleet_model_active", "gauge", "1 if the model version serves, 0 if it was just replaced."),
     (
         "litefleet_model_requests_total",
@@ -315,6 +321,9 @@ def _device_samples(fam: dict[str, _Family], d: DeviceView, histograms: bool) ->
                 ),
                 1,
             )
+        for r in st.refused:
+            refused = (*labels, ("model", r.name), ("version", str(r.version)), ("reason", r.reason))
+            fam["litefleet_model_refused"].add(refused, 1)
     fam["litefleet_device_stale"].add(labels, d.health == "stale")
     fam["litefleet_device_last_seen_timestamp_seconds"].add(labels, d.last_seen)
     m: MetricsSample | None = d.metrics

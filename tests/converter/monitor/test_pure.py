@@ -321,6 +321,23 @@ def test_real_values_appear() -> None:
     assert value(got, "litefleet_device_disk_total_bytes", device="pi-1") == 31914983424
     info = {"device": "pi-1", "model": "digits", "version": "3", "sha256": "ab" * 32, "trial": "false"}
     assert value(got, "litefleet_model_info", **info) == 1
+    assert fam["litefleet_model_refused"] == []  # it refused nothing
+    live.apply(
+        [
+            (
+                received(
+                    parse_state("pi-1", state_payload(refused={"digits": {"version": 4, "reason": "golden"}}))
+                ),
+                False,
+            )
+        ]
+    )
+    refused = series(render(live.snapshot(1002.0)))
+    assert (
+        value(refused, "litefleet_model_refused", device="pi-1", model="digits", version="4", reason="golden")
+        == 1
+    )
+    assert value(refused, "litefleet_model_info", **info) == 1  # and still runs v3
     hist = "litefleet_model_inference_duration_seconds"
     assert value(got, hist + "_bucket", **lbl, le="+Inf") == 3
     # 0.4 ms and 0.5 ms lie below 2**19 ns = 0.524288 ms; 2 ms below 2**21 ns
