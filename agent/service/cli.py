@@ -132,7 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         static={"device_id": cfg.device_id},
     )
     from agent.service.daemon import Agent, install_signal_handlers
+    from agent.service.preflight import supervision_warning
     from agent.service.sdnotify import Notifier
+
+    if advice := supervision_warning(cfg):
+        logging.getLogger("agent.service").warning("%s", advice)
 
     try:
         agent = Agent(cfg, notifier=Notifier(unset_environment=True))

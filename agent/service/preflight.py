@@ -20,6 +20,10 @@ Guarantees:
   client will load them, and any :class:`ssl.SSLError` or :class:`OSError`
   becomes that one line: no traceback from :mod:`ssl`, ever;
 * nothing is written and nothing connects.
+
+:func:`supervision_warning` is advice, not a refusal: ``check_isolation = "restart"``
+leans on whatever restarts the agent when it ends (docs/protocol.md 7.2), and an agent
+started from a terminal has nothing; ``run`` logs it at start-up.
 """
 
 from __future__ import annotations
@@ -100,3 +104,32 @@ def check_files(cfg: AgentConfig, env: Mapping[str, str] | None = None) -> None:
         check_tls(files)
     if "password_file" in files and not files["password_file"].read_text(errors="replace").strip():
         raise ConfigError(f"password_file {files['password_file']}: is empty")
+
+
+def restarted_by(env: Mapping[str, str] | None = None, parent_comm: str | None = None) -> str | None:
+    """What starts this process again when it ends: ``"systemd"`` (a unit: systemd sets
+    ``INVOCATION_ID``), ``"runit"`` (the parent is ``runsv``: termux-services), or None.
+    ``parent_comm``: the parent's command name (read from /proc when not given)."""
+    env = os.environ if env is None else env
+    if env.get("INVOCATION_ID"):
+        return "systemd"
+    if parent_comm is None:
+        try:
+            parent_comm = Path(f"/proc/{os.getppid()}/comm").read_text().strip()
+        except OSError:
+            return None
+    return "runit" if parent_comm == "runsv" else None
+
+
+def supervision_warning(
+    cfg: AgentConfig, env: Mapping[str, str] | None = None, parent_comm: str | None = None
+) -> str | None:
+    """A line for the log when ``cfg`` asks for restart isolation and nothing seems to
+    restart the agent (a unit without ``Restart=`` is not noticed)."""
+    if cfg.check_isolation != "restart" or restarted_by(env, parent_comm) is not None:
+        return None
+    return (
+        'check_isolation = "restart", but this agent is neither a systemd service nor under '
+        "runit, so nothing seems to start it again when it ends: a model that crashes or hangs "
+        'its check would leave the device serving nothing. Use "fork" (the default) here.'
+    )

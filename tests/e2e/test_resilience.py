@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -246,6 +247,8 @@ def test_restart_isolation_a_model_that_hangs_the_agent_is_rejected_by_its_resta
         assert code == 70, agent.log()[-2000:]
         assert "the candidate's check used more than 2 s of CPU time" in agent.log()
         assert agent.state_file()["models"]["m"]["checking"]["version"] == 2
+        if not os.environ.get("INVOCATION_ID"):  # not a systemd service, not under runit: said at start
+            assert "nothing seems to start it again" in agent.log()
         agent.proc = None
         agent.start()  # what the unit's Restart=on-failure does
         ev = watch.wait_event("pi-rs", "rejected", timeout_s=60, version=2)

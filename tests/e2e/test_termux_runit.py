@@ -150,6 +150,7 @@ def test_runit_restarts_an_agent_a_model_hung_and_the_restart_rejects_the_model(
         text = log.read_text(errors="replace")  # the agent's output, through log/run and svlogd
         assert "the candidate's check used more than 2 s of CPU time" in text, text[-3000:]
         assert "the agent stopped while checking this model" in text, text[-3000:]
+        assert "nothing seems to start it again" not in text  # it knows runsv restarts it
         state = json.loads((prefix / "var/lib/litefleet/state.json").read_text())["models"]["m"]
         assert state["checking"] is None and [r["version"] for r in state["rejected"]] == [2]
         assert state["active"]["version"] == 1

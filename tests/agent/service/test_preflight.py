@@ -176,3 +176,29 @@ def test_credentials_directory_is_looked_in_and_named(setup: dict[str, Path], tm
     (creds / "litefleet_client.key").unlink()
     for result in both(config, cwd=tmp_path, env=env):
         assert_one_line(result, "key_file", "litefleet_client.key", f"$CREDENTIALS_DIRECTORY ({creds})")
+
+
+def test_restart_isolation_without_a_supervisor_is_warned_about(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """check_isolation = "restart" relies on a restart; an agent started by hand gets a warning,
+    one under systemd (INVOCATION_ID) or runit (its parent is runsv) does not, and fork never."""
+    from agent.service.config import load_config
+    from agent.service.preflight import restarted_by, supervision_warning
+
+    base = {
+        "device_id": "pi-w",
+        "broker": "mqtt://127.0.0.1:1",
+        "state_dir": str(tmp_path / "state"),
+        "trusted_root": str(setup["root"]),
+    }
+    restart = load_config(None, {**base, "check_isolation": "restart"})
+    fork = load_config(None, base)
+    assert restarted_by({"INVOCATION_ID": "0f3c"}, "bash") == "systemd"
+    assert restarted_by({}, "runsv") == "runit"
+    assert restarted_by({}, "bash") is None
+    advice = supervision_warning(restart, {}, "bash")
+    assert advice is not None and 'Use "fork"' in advice
+    assert supervision_warning(restart, {"INVOCATION_ID": "0f3c"}, "bash") is None
+    assert supervision_warning(restart, {}, "runsv") is None
+    assert supervision_warning(fork, {}, "bash") is None
