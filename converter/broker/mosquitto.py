@@ -44,6 +44,7 @@ def find_mosquitto() -> str:
 
 LOWEST_PICKED_PORT = 10000
 _picker = random.Random()
+_given: set[int] = set()  # every port free_port handed out in this process
 
 
 def ephemeral_ports() -> tuple[int, int]:
@@ -63,16 +64,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     outgoing connection: between the pick and the bind of the process it was picked for,
     any connection on the machine could take it ("Address already in use", seen once for
     one of 20 agents' REST ports in tests/e2e/test_rollout.py). Below the range only
-    another explicit bind can."""
+    another explicit bind can.
+
+    A port is handed out once per process: 20 ports picked before the first of them is
+    bound could otherwise hold the same one twice (about 1 % for 25 picks in 22,768 ports;
+    seen in a CI run, again as an agent's REST port "already in use")."""
     low, _ = ephemeral_ports()
-    if low - LOWEST_PICKED_PORT >= 1000:
+    if low - LOWEST_PICKED_PORT - len(_given) >= 1000:
         for _ in range(100):
             port = _picker.randrange(LOWEST_PICKED_PORT, low)
+            if port in _given:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
                     s.bind((host, port))
                 except OSError:
                     continue
+                _given.add(port)
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

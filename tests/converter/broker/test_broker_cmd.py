@@ -378,3 +378,23 @@ def test_free_ports_come_from_below_the_ephemeral_range() -> None:
     assert len(set(ports)) > 40, ports  # spread, so two pickers seldom meet
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[0]))  # free indeed
+
+
+def test_a_port_is_handed_out_once_though_nothing_bound_it_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ports picked for 20 agents before any of them binds: a picker that draws the same
+    number twice must not give that port twice (it did: an agent's REST port "in use")."""
+    import random
+
+    from converter.broker import mosquitto
+
+    drawn = random.Random(7)
+    first = free_port()
+    picks = iter([first, first, first])
+
+    class Picker:
+        def randrange(self, low: int, high: int) -> int:
+            return next(picks, None) or drawn.randrange(low, high)
+
+    monkeypatch.setattr(mosquitto, "_picker", Picker())
+    again = [free_port() for _ in range(3)]
+    assert first not in again and len(set(again)) == 3, (first, again)
