@@ -322,21 +322,11 @@ def test_real_values_appear() -> None:
     info = {"device": "pi-1", "model": "digits", "version": "3", "sha256": "ab" * 32, "trial": "false"}
     assert value(got, "litefleet_model_info", **info) == 1
     assert fam["litefleet_model_refused"] == []  # it refused nothing
-    live.apply(
-        [
-            (
-                received(
-                    parse_state("pi-1", state_payload(refused={"digits": {"version": 4, "reason": "golden"}}))
-                ),
-                False,
-            )
-        ]
-    )
+    behind = state_payload(refused={"digits": {"version": 4, "reason": "golden"}})
+    live.apply([(received(parse_state("pi-1", behind)), False)])
     refused = series(render(live.snapshot(1002.0)))
-    assert (
-        value(refused, "litefleet_model_refused", device="pi-1", model="digits", version="4", reason="golden")
-        == 1
-    )
+    v4 = {"device": "pi-1", "model": "digits", "version": "4", "reason": "golden"}
+    assert value(refused, "litefleet_model_refused", **v4) == 1
     assert value(refused, "litefleet_model_info", **info) == 1  # and still runs v3
     hist = "litefleet_model_inference_duration_seconds"
     assert value(got, hist + "_bucket", **lbl, le="+Inf") == 3
