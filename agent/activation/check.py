@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 MAX_GOLDEN_SAMPLES = 64
 CHECK_TIMEOUT_S = 300.0
+STALL_S = 15.0  # a check child with no CPU time for this long is stuck (check_isolated)
 
 T = TypeVar("T")
 
@@ -235,43 +236,35 @@ def check_isolated(
     ``tick()`` is called at least once a second while the child runs: the caller is
     healthy while it waits for a bounded check (the agent feeds systemd's watchdog).
     ``model_sha256``: as for :func:`load_checked`.
+
+    A child that gets no CPU time at all for ``STALL_S`` before it answers is stuck, not
+    checking: the fork copied a lock that another thread of the agent held at that
+    instant, and no thread of the child will ever release it (seen with a preloaded
+    library, in ``pthread_cond_init`` as the child recreated Python's GIL). That is no
+    verdict on the model, so it is killed and the check runs once more in a new child,
+    which has the bounds above (a model that hangs without using CPU is still ended by
+    the wall-clock bound, and rejected).
     """
     if not hasattr(os, "fork"):
         return None
     _libc()  # in the agent, once: the children inherit it
-    read_fd, write_fd = os.pipe()
-    parent = os.getpid()
+    args = (model, card, golden, threads, runtime, model_sha256)
     try:
-        pid = os.fork()
-    except OSError as exc:
-        os.close(read_fd)
-        os.close(write_fd)
-        logger.info("cannot fork a check process here (%s); checking in-process", exc)
+        outcome = _fork_check(args, timeout_s, tick, stall_s=STALL_S)
+    except _Stalled:
+        logger.warning(
+            "the check process used no CPU for %g s (stuck on a lock the fork copied); "
+            "checking once more in a new one",
+            STALL_S,
+        )
+        outcome = _fork_check(args, timeout_s, tick, stall_s=None)
+    if outcome is None:
         return None
-    if pid == 0:  # the child: check, report on the pipe, leave without cleanup
-        code = 0
-        try:
-            os.close(read_fd)
-            _die_with_parent(parent, 2 * timeout_s + 10)
-            _limit_cpu(max(1, int(timeout_s)))
-            result = _child_check(model, card, golden, threads, runtime, model_sha256)
-            os.write(write_fd, json.dumps(result).encode()[:65536])
-        except BaseException:
-            code = 70
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    try:
-        data = _read_all(read_fd, 2 * timeout_s + 10, tick)
-    finally:
-        os.close(read_fd)
+    data, status = outcome
     if data is None:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
         raise ModelRejectedError(
             Reason.TIMEOUT, f"checking the model took more than {2 * timeout_s + 10:g} s"
         )
-    _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status)).name
         why = (
@@ -290,6 +283,88 @@ def check_isolated(
     if reason is None:  # the child said something no check says: it did not finish its work
         raise ModelRejectedError(Reason.CRASHED, f"the check process answered {data[:200]!r}")
     raise ModelRejectedError(reason, str(result.get("message", "")))
+
+
+class _Stalled(Exception):
+    """The check child got no CPU time for ``STALL_S`` (it was killed and reaped)."""
+
+
+def _fork_check(
+    args: tuple[Path, Path | None, Path | None, int, str, str | None],
+    timeout_s: float,
+    tick: Callable[[], None] | None,
+    *,
+    stall_s: float | None,
+) -> tuple[bytes | None, int] | None:
+    """Fork a child that checks ``args`` (:func:`_child_check`'s) and wait for it: (its
+    answer, or None when the wall-clock bound passed and it was killed; its wait status),
+    or None when no child can be forked. Raises :class:`_Stalled` (``stall_s`` given)."""
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        logger.info("cannot fork a check process here (%s); checking in-process", exc)
+        return None
+    if pid == 0:  # the child: check, report on the pipe, leave without cleanup
+        code = 0
+        try:
+            os.close(read_fd)
+            _die_with_parent(parent, 2 * timeout_s + 10)
+            _limit_cpu(max(1, int(timeout_s)))
+            result = _child_check(*args)
+            os.write(write_fd, json.dumps(result).encode()[:65536])
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    stuck = _CpuWatch(pid, stall_s).stuck if stall_s is not None else None
+    try:
+        data = _read_all(read_fd, 2 * timeout_s + 10, tick, stuck)
+    except _Stalled:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(read_fd)
+    if data is None:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return data, status
+
+
+class _CpuWatch:
+    """A process's CPU time as the kernel counts it (/proc); :meth:`stuck` once it has not
+    moved for ``stall_s``. Where /proc cannot tell, never stuck."""
+
+    def __init__(self, pid: int, stall_s: float) -> None:
+        self.pid = pid
+        self.stall_s = stall_s
+        self.used: int | None = None
+        self.since = time.monotonic()
+
+    def cpu(self) -> int | None:
+        try:  # nanoseconds on the CPU; else utime + stime in clock ticks
+            return int(Path(f"/proc/{self.pid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stuck(self) -> bool:
+        used, now = self.cpu(), time.monotonic()
+        if used is None:
+            return False
+        if used != self.used:
+            self.used, self.since = used, now
+            return False
+        return now - self.since >= self.stall_s
 
 
 def check_bounded(
@@ -373,8 +448,14 @@ def _die_with_parent(parent: int, wall_s: float) -> None:
         os._exit(71)
 
 
-def _read_all(fd: int, timeout_s: float, tick: Callable[[], None] | None = None) -> bytes | None:
-    """Everything until EOF, or None when ``timeout_s`` passes first; ``tick()`` each second."""
+def _read_all(
+    fd: int,
+    timeout_s: float,
+    tick: Callable[[], None] | None = None,
+    stuck: Callable[[], bool] | None = None,
+) -> bytes | None:
+    """Everything until EOF, or None when ``timeout_s`` passes first; ``tick()`` each
+    second, and :class:`_Stalled` raised when ``stuck()`` says so before EOF."""
     import select
 
     deadline = time.monotonic() + timeout_s
@@ -385,6 +466,8 @@ def _read_all(fd: int, timeout_s: float, tick: Callable[[], None] | None = None)
             return None
         if tick is not None:
             tick()
+        if stuck is not None and stuck():
+            raise _Stalled
         ready, _, _ = select.select([fd], [], [], min(left, 1.0))
         if not ready:
             continue

@@ -55,3 +55,57 @@ def test_the_card_is_compared_with_the_signed_hash_when_given(
     with pytest.raises(ModelRejectedError) as exc:
         load_checked(model, wrong, None)
     assert exc.value.reason == "card"
+
+
+def test_a_child_stuck_without_cpu_is_no_verdict_and_a_new_one_checks(
+    tmp_path: Path,
+    gather_models: list[Path],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fork copies a lock another thread of the agent holds at that instant, and the
+    child blocks on it for good (seen: libfaketime's lock in pthread_cond_init as the child
+    recreated the GIL; the model was then rejected as a timeout and never tried again). A
+    child with no CPU time for STALL_S is killed and a new one checks: the model passes."""
+    import logging
+    import os
+    import threading
+
+    from agent.activation import check
+
+    model = gather_models[0]
+    first = tmp_path / "first-child"
+    real = check._child_check
+
+    def first_blocks(*args):  # type: ignore[no-untyped-def]
+        if not first.exists():
+            first.write_text(str(os.getpid()))
+            threading.Event().wait()  # blocked on a lock, using no CPU
+        return real(*args)
+
+    monkeypatch.setattr(check, "_child_check", first_blocks)
+    monkeypatch.setattr(check, "STALL_S", 1.0)
+    with caplog.at_level(logging.WARNING, logger="agent.activation.check"):
+        assert check_isolated(model, None, None, threads=1, runtime="auto", timeout_s=30)
+    assert "used no CPU for 1 s" in caplog.text
+    assert not Path(f"/proc/{first.read_text()}").exists()  # killed and reaped
+
+
+def test_a_second_stuck_child_is_bounded_as_before_and_rejected(
+    gather_models: list[Path],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checked once more, not forever: a model whose check hangs without using CPU in every
+    child is ended by the wall-clock bound (2 x timeout + 10 s) and rejected."""
+    import threading
+    import time
+
+    from agent.activation import check
+
+    monkeypatch.setattr(check, "_child_check", lambda *a: threading.Event().wait())
+    monkeypatch.setattr(check, "STALL_S", 1.0)
+    started = time.monotonic()
+    with pytest.raises(ModelRejectedError) as exc:
+        check_isolated(gather_models[0], None, None, threads=1, runtime="auto", timeout_s=1)
+    assert exc.value.reason == "timeout" and "more than 12 s" in str(exc.value)
+    assert time.monotonic() - started >= 12
