@@ -24,11 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent.service.test_android import SERVICE, TERMUX, documented_config
 from tests.support.harness import REPO_ROOT, FleetWatcher, must, write_agent_config
-
-SERVICE = REPO_ROOT / "android" / "termux-services" / "litefleet-agent"
-DOC = REPO_ROOT / "docs" / "android.md"
-TERMUX = "/data/data/com.termux/files/usr"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("runsv") is None, reason="runit is not installed (scripts/setup.sh installs it)"
@@ -59,11 +56,9 @@ def termux_prefix(tmp_path: Path) -> Path:
     return prefix
 
 
-def documented_config(prefix: Path, **overrides: object) -> Path:
-    block = re.search(r"```toml\n(.*?)```", DOC.read_text(), re.S)
-    assert block, "docs/android.md lost its agent.toml example"
-    keys = tomllib.loads(block.group(1).replace(TERMUX, str(prefix)))
-    keys.update(overrides)
+def write_documented_config(prefix: Path, **overrides: object) -> Path:
+    """docs/android.md's agent.toml under ``prefix``, with ``overrides``."""
+    keys = {**tomllib.loads(documented_config(prefix)), **overrides}
     return write_agent_config(prefix / "etc/litefleet/agent.toml", **keys)
 
 
@@ -129,7 +124,7 @@ def test_runit_restarts_an_agent_a_model_hung_and_the_restart_rejects_the_model(
     must("repo", "init", str(repo))
     prefix = termux_prefix(tmp_path)
     shutil.copy(repo / "root.json", prefix / "etc/litefleet/root.json")
-    documented_config(
+    write_documented_config(
         prefix,
         device_id="phone-rs",
         broker=broker.url,

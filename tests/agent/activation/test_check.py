@@ -75,18 +75,25 @@ def test_a_child_stuck_without_cpu_is_no_verdict_and_a_new_one_checks(
 
     model = gather_models[0]
     first = tmp_path / "first-child"
-    real = check._child_check
+    real_check, real_fork = check._child_check, check._fork_check
+    attempts: list[float | None] = []  # each child inherits the list as it was at its fork
+
+    def fork_check(*args, stall_s):  # type: ignore[no-untyped-def]
+        attempts.append(stall_s)
+        return real_fork(*args, stall_s=stall_s)
 
     def first_blocks(*args):  # type: ignore[no-untyped-def]
-        if not first.exists():
+        if len(attempts) == 1:  # the first attempt's child, however late it is scheduled
             first.write_text(str(os.getpid()))
             threading.Event().wait()  # blocked on a lock, using no CPU
-        return real(*args)
+        return real_check(*args)
 
+    monkeypatch.setattr(check, "_fork_check", fork_check)
     monkeypatch.setattr(check, "_child_check", first_blocks)
     monkeypatch.setattr(check, "STALL_S", 1.0)
     with caplog.at_level(logging.WARNING, logger="agent.activation.check"):
         assert check_isolated(model, None, None, threads=1, runtime="auto", timeout_s=30)
+    assert attempts == [1.0, None]  # the new child has the usual bounds, no stall watch
     assert "used no CPU for 1 s" in caplog.text
     assert not Path(f"/proc/{first.read_text()}").exists()  # killed and reaped
 
